@@ -1,0 +1,169 @@
+"""Editing and analysing the graph.
+
+:class:`GraphEditor` is a typed facade over onnx-graphsurgeon: tensors know
+their producers and consumers, removals keep the graph's interface intact, and
+:meth:`GraphEditor.commit` ends every edit with ``cleanup().toposort()``.
+:func:`to_networkx` gives a read-only view for analyses (dominators, groups).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from optc.ir.model import Model
+
+Node = gs.Node
+Tensor = gs.Tensor
+Constant = gs.Constant
+Variable = gs.Variable
+
+
+class GraphEditor:
+    """Edit a model through onnx-graphsurgeon, then :meth:`commit` a new :class:`Model`."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.graph: gs.Graph = gs.import_onnx(model.proto)
+        self._fresh = 0
+
+    # --- queries -----------------------------------------------------------------
+    @property
+    def nodes(self) -> list[gs.Node]:
+        return self.graph.nodes
+
+    def tensors(self) -> dict[str, gs.Tensor]:
+        return self.graph.tensors()
+
+    def tensor(self, name: str) -> gs.Tensor | None:
+        return self.graph.tensors().get(name)
+
+    @staticmethod
+    def producer(tensor: gs.Tensor) -> gs.Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    @staticmethod
+    def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+        return list(tensor.outputs)
+
+    @staticmethod
+    def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+        """The value of a constant tensor (an initializer), else None."""
+        return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+    def is_graph_output(self, tensor: gs.Tensor) -> bool:
+        return any(t is tensor for t in self.graph.outputs)
+
+    def is_graph_input(self, tensor: gs.Tensor) -> bool:
+        return any(t is tensor for t in self.graph.inputs)
+
+    # --- edits -------------------------------------------------------------------
+    def fresh_name(self, stem: str) -> str:
+        taken = self.graph.tensors().keys() | {n.name for n in self.graph.nodes}
+        while True:
+            self._fresh += 1
+            name = f"{stem}__optc{self._fresh}"
+            if name not in taken:
+                return name
+
+    def add_constant(self, stem: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.fresh_name(stem), np.ascontiguousarray(values))
+
+    def add_node(
+        self,
+        op: str,
+        inputs: Sequence[gs.Tensor],
+        outputs: Sequence[gs.Tensor] | None = None,
+        attrs: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> gs.Node:
+        outs = list(outputs) if outputs is not None else [gs.Variable(self.fresh_name(op))]
+        node = gs.Node(op=op, name=name or self.fresh_name(op), attrs=attrs or {}, inputs=list(inputs), outputs=outs)
+        self.graph.nodes.append(node)
+        return node
+
+    def replace_uses(self, old: gs.Tensor, new: gs.Tensor) -> None:
+        """Point every consumer (and graph output slot) of ``old`` at ``new``."""
+        for consumer in list(old.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is old:
+                    consumer.inputs[i] = new
+        self.graph.outputs = [new if t is old else t for t in self.graph.outputs]
+
+    def bypass(self, node: gs.Node, input_index: int = 0) -> bool:
+        """Remove a node whose output equals one of its inputs.
+
+        When the output is a graph output, the graph keeps its output name: the
+        input tensor takes the output's name instead. Returns False (and edits
+        nothing) when that is impossible (the input is itself a graph input or
+        output, or a constant).
+        """
+        src, dst = node.inputs[input_index], node.outputs[0]
+        if self.is_graph_output(dst):
+            if self.is_graph_input(src) or self.is_graph_output(src) or isinstance(src, gs.Constant):
+                return False
+            name, dtype, shape = dst.name, dst.dtype, dst.shape
+            self.replace_uses(dst, src)
+            src.name = name
+            src.dtype = dtype or src.dtype
+            src.shape = shape if shape is not None else src.shape
+        else:
+            self.replace_uses(dst, src)
+        node.outputs.clear()
+        node.inputs.clear()
+        return True
+
+    def commit(self) -> Model:
+        """Clean up, sort and export; model-level fields of the original are kept."""
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        old = self.model.proto
+        proto.ir_version = old.ir_version
+        del proto.opset_import[:]
+        proto.opset_import.extend(old.opset_import)
+        for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            setattr(proto, field, getattr(old, field))
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(old.metadata_props)
+        return Model(proto, self.model.source, list(self.model.notes))
+
+
+def to_networkx(model: Model) -> nx.MultiDiGraph:
+    """Nodes of the main graph keyed by name; an edge per tensor flowing between them.
+
+    Node attributes: ``op`` and ``proto`` (the NodeProto). Edge attribute: ``tensor``.
+    Graph inputs and initializers are not nodes; see :func:`tensor_sources`.
+    """
+    g = nx.MultiDiGraph()
+    producer: dict[str, str] = {}
+    for node in model.graph.node:
+        g.add_node(node.name, op=node.op_type, proto=node)
+        for out in node.output:
+            if out:
+                producer[out] = node.name
+    for node in model.graph.node:
+        for name in node.input:
+            if name in producer:
+                g.add_edge(producer[name], node.name, tensor=name)
+    return g
+
+
+def consumers_by_tensor(model: Model) -> dict[str, list[onnx.NodeProto]]:
+    """For each tensor name, the nodes of the main graph that read it."""
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                uses.setdefault(name, []).append(node)
+    return uses
+
+
+def producers_by_tensor(model: Model) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output if o}
+
+
+def node_names(nodes: Iterable[gs.Node]) -> list[str]:
+    return [n.name for n in nodes]

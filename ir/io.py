@@ -1,0 +1,135 @@
+"""Loading and saving models: safe external data, no whole-model copies, atomic writes."""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from optc.errors import ModelLoadError, OptcError
+from optc.ir.constants import lift_constant_nodes, name_unnamed_nodes
+from optc.ir.external_data import check_location, validate_external_data
+from optc.ir.model import EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_SAVE_ABOVE_BYTES, Model
+from optc.ir.validate import run_checker, validate_structure
+from optc.ir.weights import DetachedTensor, detached_weights, mark_external_location
+
+logger = logging.getLogger(__name__)
+
+# External payloads are aligned so that runtimes can mmap them.
+_ALIGN = 4096
+
+
+def load_model(path: str | os.PathLike[str], *, lift_constants: bool = True, check: bool = True) -> Model:
+    """Load an ONNX file (and its external data), refusing anything malformed or unsafe.
+
+    Args:
+        path: the ``.onnx`` file. External data must lie inside its folder.
+        lift_constants: move weights held in ``Constant`` nodes into initializers.
+        check: run the structural checks and onnx's checker.
+
+    Raises:
+        ModelLoadError: with a one-line message naming the file and the problem.
+    """
+    path = Path(path)
+    try:
+        return _load(path, lift_constants=lift_constants, check=check)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def _load(path: Path, *, lift_constants: bool, check: bool) -> Model:
+    if not path.exists():
+        raise ModelLoadError("no such file")
+    if path.is_dir():
+        raise ModelLoadError("is a folder, not an .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError("the file is empty")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"not a valid ONNX model (truncated or not an ONNX protobuf): {type(exc).__name__}") from exc
+    if check:
+        validate_structure(proto)
+    if validate_external_data(proto.graph, path.parent):
+        try:
+            onnx.load_external_data_for_model(proto, str(path.parent))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot read external data: {exc}") from exc
+    model = Model(proto, path)
+    if check:
+        run_checker(proto)
+    named = name_unnamed_nodes(model)
+    if named:
+        model.notes.append(f"named {named} unnamed nodes")
+    if lift_constants:
+        lifted = lift_constant_nodes(model)
+        if lifted:
+            model.notes.append(f"lifted {lifted} Constant nodes into initializers")
+    return model
+
+
+def save_model(model: Model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> list[Path]:
+    """Write ``model`` to ``path`` atomically (temporary file, then rename).
+
+    Args:
+        external_data: store tensors of 1 KiB and more in ``<name>.data`` beside the
+            model; by default only when the weights would not fit a protobuf.
+
+    Returns:
+        The files written.
+    """
+    path = Path(path)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    use_external = external_data if external_data is not None else model.weight_bytes() > EXTERNAL_SAVE_ABOVE_BYTES
+    token = uuid.uuid4().hex[:8]
+    tmp_model = folder / f".{path.name}.{token}.tmp"
+    written = [path]
+    try:
+        if use_external:
+            data_name = path.name + ".data"
+            check_location(data_name, folder, tensor="*", must_exist=False)
+            tmp_data = folder / f".{data_name}.{token}.tmp"
+            _write_with_external_data(model.proto, tmp_model, tmp_data, data_name)
+            # The data goes first: a model file never names data that is not there.
+            os.replace(tmp_data, folder / data_name)
+            written.append(folder / data_name)
+        else:
+            try:
+                payload = model.proto.SerializeToString()
+            except ValueError as exc:  # protobuf refuses > 2 GiB
+                raise OptcError("the model is too large for one protobuf; save it with external data") from exc
+            _write_file(tmp_model, payload)
+        os.replace(tmp_model, path)
+    finally:
+        for stale in folder.glob(f".*.{token}.tmp"):
+            stale.unlink(missing_ok=True)
+    return written
+
+
+def _write_with_external_data(proto: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:
+    with open(data_path, "wb") as data:
+
+        def write_payload(tensor: onnx.TensorProto, item: DetachedTensor) -> None:
+            pad = (-data.tell()) % _ALIGN
+            data.write(b"\0" * pad)
+            raw = item.raw_bytes()
+            offset = data.tell()
+            data.write(raw)
+            mark_external_location(tensor, location, offset, len(raw))
+
+        with detached_weights(proto, EXTERNAL_DATA_THRESHOLD_BYTES, write_payload):
+            skeleton = proto.SerializeToString()
+        data.flush()
+        os.fsync(data.fileno())
+    _write_file(model_path, skeleton)
+
+
+def _write_file(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())

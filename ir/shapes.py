@@ -1,0 +1,125 @@
+"""Shape inference and input-shape freezing.
+
+Inference runs on a skeleton of the model (weights detached), so it costs
+little memory and works past protobuf's 2 GiB limit. Declared output shapes
+are not trusted: they are cleared before inference, compared with what was
+inferred, and replaced (with a note) where the two disagree.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import onnx
+
+from optc.errors import ConfigError
+from optc.ir.model import Model, spec_from_value_info
+from optc.ir.weights import skeleton_copy
+
+logger = logging.getLogger(__name__)
+
+Dim = int | str | None
+
+
+@dataclass
+class ShapeReport:
+    """What shape inference found: tensors typed, and declared shapes it contradicted."""
+
+    typed: int = 0
+    untyped: list[str] = field(default_factory=list)
+    output_mismatches: list[str] = field(default_factory=list)
+
+
+def infer_shapes(model: Model) -> ShapeReport:
+    """Infer every intermediate shape (symbolic dims kept) into ``model.graph.value_info``."""
+    skeleton = skeleton_copy(model.proto)
+    declared = {o.name: spec_from_value_info(o).shape for o in model.graph.output}
+    del skeleton.graph.value_info[:]
+    for out in skeleton.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        logger.warning("shape inference failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+        return ShapeReport(untyped=["<inference failed>"])
+
+    report = ShapeReport()
+    graph = model.graph
+    del graph.value_info[:]
+    graph.value_info.extend(inferred.graph.value_info)
+    report.typed = len(inferred.graph.value_info)
+    for out, new in zip(graph.output, inferred.graph.output):
+        inferred_shape = spec_from_value_info(new).shape
+        old = declared.get(out.name)
+        if inferred_shape is None:
+            continue
+        if old is not None and not _compatible(old, inferred_shape):
+            msg = f"output '{out.name}' is declared {_fmt(old)} but infers to {_fmt(inferred_shape)}; using the inferred shape"
+            report.output_mismatches.append(msg)
+            logger.warning(msg)
+            out.type.tensor_type.shape.CopyFrom(new.type.tensor_type.shape)
+        elif old is None:
+            out.type.tensor_type.shape.CopyFrom(new.type.tensor_type.shape)
+    known = {vi.name for vi in graph.value_info} | {o.name for o in graph.output} | {i.name for i in graph.input}
+    known |= {t.name for t in graph.initializer}
+    report.untyped = [o for n in graph.node for o in n.output if o and o not in known]
+    if report.output_mismatches:
+        model.notes.extend(report.output_mismatches)
+    return report
+
+
+def _compatible(declared: tuple[Dim, ...], inferred: tuple[Dim, ...]) -> bool:
+    if len(declared) != len(inferred):
+        return False
+    return all(not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(declared, inferred))
+
+
+def _fmt(shape: tuple[Dim, ...]) -> str:
+    return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+_SHAPE_RE = re.compile(r"^(?P<name>[^=]+)=(?P<dims>\d+(?:[x,]\d+)*)$")
+
+
+def parse_shape_spec(spec: str) -> tuple[str, tuple[int, ...]]:
+    """Parse ``name=1x3x224x224`` (or ``name=1,3,224,224``)."""
+    m = _SHAPE_RE.match(spec.strip())
+    if not m:
+        raise ConfigError(f"bad input shape '{spec}': expected NAME=DxDx..., for example input=1x3x224x224")
+    dims = tuple(int(d) for d in re.split(r"[x,]", m.group("dims")))
+    if any(d <= 0 for d in dims):
+        raise ConfigError(f"bad input shape '{spec}': dimensions must be positive")
+    return m.group("name"), dims
+
+
+def freeze_input_shapes(model: Model, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Fix the dims of graph inputs. Returns True when anything changed.
+
+    Raises:
+        ConfigError: unknown input, wrong rank, or a fixed dim contradicted.
+    """
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in model.initializer_names}
+    changed = False
+    for name, dims in shapes.items():
+        vi = inputs.get(name)
+        if vi is None:
+            raise ConfigError(f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs) or '(none)'}")
+        current = spec_from_value_info(vi).shape
+        if current is not None and len(current) != len(dims):
+            raise ConfigError(f"--input-shape {name}: rank {len(dims)} given, the model declares rank {len(current)} {_fmt(current)}")
+        if current is not None:
+            for i, (have, want) in enumerate(zip(current, dims)):
+                if isinstance(have, int) and have != want:
+                    raise ConfigError(f"--input-shape {name}: dim {i} is fixed to {have} in the model, {want} given")
+        if current == dims:
+            continue
+        # Symbolic dims held elsewhere (value_info, outputs) are stale now.
+        del model.graph.value_info[:]
+        shape = vi.type.tensor_type.shape
+        shape.Clear()
+        for d in dims:
+            shape.dim.add().dim_value = d
+        changed = True
+    return changed
