@@ -44,6 +44,11 @@ class TensorSpec:
         return f"{self.name}: {self.dtype} [{dims}]"
 
 
+def numpy_dtype(onnx_type: int) -> np.dtype:
+    """The numpy dtype of an ONNX TensorProto element type."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
+
+
 def spec_from_value_info(vi: onnx.ValueInfoProto) -> TensorSpec:
     t = vi.type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type) if t.elem_type else None

@@ -1,8 +1,10 @@
 """Model statistics: parameters, bytes, MACs, weight sparsity, op histogram.
 
 MACs are counted for the ops that dominate inference cost (Conv, ConvTranspose,
-Gemm, MatMul) from inferred shapes; a node whose shapes are not known is
-listed under ``macs_unknown`` rather than counted as zero silently.
+Gemm, MatMul) from inferred shapes, with symbolic dims (batch, sequence)
+counted as 1; freeze shapes with --input-shape for other sizes. A node whose
+shapes are not known is listed under ``macs_unknown`` rather than counted as
+zero silently.
 """
 from __future__ import annotations
 
@@ -113,9 +115,10 @@ def _compute_weights(graph: onnx.GraphProto) -> set[str]:
 
 
 def _static(shape) -> tuple[int, ...] | None:
-    if shape is None or not all(isinstance(d, int) for d in shape):
+    """Concrete dims; symbolic dims (batch, sequence) count as 1 so MACs are per sample."""
+    if shape is None or any(d is None for d in shape):
         return None
-    return tuple(shape)
+    return tuple(d if isinstance(d, int) else 1 for d in shape)
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:

@@ -429,6 +429,9 @@ def export_onnx(model, example, path: Path) -> str:
         external_data=False,
     )
     prog.save(str(path), external_data=False)
+    # Note: with torch 2.13 / onnx 1.23 the down-conversion to opset 17 can fail
+    # (ReduceL2 axes); the exporter then keeps opset 18.  The report records the
+    # opset actually written.
     return "dynamo (torch.onnx.export dynamo=True)"
 
 
@@ -579,7 +582,8 @@ def main(argv=None) -> int:
                    "wheel_sha256": wheel_sha, "model_safetensors_sha256": st_sha,
                    "hf_model": "sentence-transformers/all-MiniLM-L6-v2"},
         "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-        "exporter": exporter, "opset": OPSET, "parameters": nparams,
+        "exporter": exporter, "opset_requested": OPSET,
+        "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}, "parameters": nparams,
         "unused_checkpoint_tensors": unused,
         "inputs": inputs, "outputs": outputs, "op_histogram": hist, "node_count": len(m.graph.node),
         "calibration": {"sentences": len(SENTENCES), "seq_len": args.seq_len,
@@ -600,6 +604,7 @@ def main(argv=None) -> int:
     (out / "minilm.json").write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"\ninputs : {inputs}\noutputs: {outputs}")
+    print(f"opset  : {[(o.domain or 'ai.onnx', o.version) for o in m.opset_import]}")
     print(f"nodes  : {len(m.graph.node)}  ops: {hist}")
     print(f"max |ort - torch| calib ({input_ids.shape}): {max_diff:.3e}")
     print(f"max |ort - torch| batch 3, seq 20: {max_diff_dyn:.3e}; seq20 vs seq{args.seq_len}: {pad_diff:.3e}")

@@ -195,6 +195,25 @@ def build_model():
     return MnistCNN()
 
 
+def augment(xb, g, bg: float):
+    """Per-sample random affine: rotate +-10 deg, scale 0.9..1.1, shift +-2 px."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    n = xb.shape[0]
+    u = torch.rand(n, 4, generator=g) * 2 - 1
+    ang = u[:, 0] * (10 * math.pi / 180)
+    sc = 1 + 0.1 * u[:, 1]
+    tx, ty = u[:, 2] * (2 / 14), u[:, 3] * (2 / 14)
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(xb.shape), align_corners=False)
+    # sample the image minus its background so that zero padding means "black"
+    return F.grid_sample(xb - bg, grid, align_corners=False, padding_mode="zeros") + bg
+
+
 def train(model, x_tr: np.ndarray, y_tr: np.ndarray, epochs: int, log=print):
     import torch
     import torch.nn.functional as F
@@ -205,8 +224,8 @@ def train(model, x_tr: np.ndarray, y_tr: np.ndarray, epochs: int, log=print):
     bg = float((0.0 - MEAN) / STD)  # normalised value of a black pixel
     bs = 64
     steps_per_epoch = (len(x) + bs - 1) // bs
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, epochs=epochs,
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, epochs=epochs,
                                                 steps_per_epoch=steps_per_epoch)
     for ep in range(epochs):
         model.train()
@@ -215,17 +234,14 @@ def train(model, x_tr: np.ndarray, y_tr: np.ndarray, epochs: int, log=print):
         for s in range(steps_per_epoch):
             ib = perm[s * bs:(s + 1) * bs]
             xb, yb = x[ib], y[ib]
-            # augmentation: random translation by up to 2 px (pad with background, crop)
-            padded = F.pad(xb, (2, 2, 2, 2), value=bg)
-            dx, dy = torch.randint(0, 5, (2,), generator=g).tolist()
-            xb = padded[:, :, dy:dy + 28, dx:dx + 28]
+            xb = augment(xb, g, bg)
             out = model(xb)
             loss = F.cross_entropy(out, yb, label_smoothing=0.05)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(yb)
+            loss_sum += loss.item() * len(yb)
             correct += int((out.argmax(1) == yb).sum())
             tot += len(yb)
         log(f"epoch {ep + 1:2d}/{epochs}  loss {loss_sum / tot:.4f}  train acc {correct / tot:.4f}")

@@ -1,0 +1,114 @@
+"""What a pass is: a small class with a frozen, typed config, registered by name.
+
+Contract (checked by :class:`~optc.passes.manager.PassManager` under
+``--verify-each``):
+
+* ``run`` never mutates the model it is given; it returns a new :class:`Model`
+  when it changes something and the *same object* when it does not.
+* ``PassResult.modified`` is honest: False means byte-identical.
+* A pass that skips something says which node and why (``PassResult.skipped``).
+* Passes keep no state between runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from optc.errors import ConfigError
+from optc.ir.model import Model
+
+
+class Requirement(enum.Enum):
+    """Something a pass needs before it runs; the manager provides or checks it."""
+
+    SHAPES = "inferred shapes"  # provided: the manager runs shape inference
+    STATIC_SHAPES = "static input shapes"  # checked: give --input-shape
+    CALIBRATION = "calibration data"  # checked: give --calib
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """This pass takes no options."""
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    """A config field with its documentation (shown by ``optc passes --describe``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PassResult:
+    model: Model
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # "node: reason"
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+class Pass(Generic[ConfigT]):
+    """Base of every pass. Subclasses set ``config_class`` and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = NoOptions
+    requires: ClassVar[frozenset[Requirement]] = frozenset()
+    # Exact passes keep outputs equal (checked to 1e-5 by --verify-each);
+    # lossy ones declare so and are held to their own budget.
+    exact: ClassVar[bool] = True
+
+    def __init__(self, config: ConfigT | None = None):
+        self.config: ConfigT = config if config is not None else self.config_class()
+
+    def run(self, model: Model, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe_config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+
+    def __repr__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.describe_config().items())
+        return f"{self.name}:{opts}" if opts else self.name
+
+
+@dataclass
+class PassContext:
+    """What a pipeline run shares between passes (read-only for passes)."""
+
+    calibration: Any = None  # optc.passes.calibration.CalibrationSet
+    seed: int = 0
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(name: str):
+    """Class decorator: make a pass available by ``name`` to pipelines and the CLI."""
+
+    def wrap(cls: type[Pass]) -> type[Pass]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"pass name '{name}' registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def pass_class(name: str) -> type[Pass]:
+    passes = registered_passes()
+    if name not in passes:
+        raise ConfigError(f"unknown pass '{name}'; valid passes: {', '.join(passes)}")
+    return passes[name]
+
+
+def _load_builtin_passes() -> None:
+    # Importing the modules runs their @register_pass decorators.
+    from optc.passes import builtin  # noqa: F401

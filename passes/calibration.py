@@ -1,0 +1,170 @@
+"""Calibration data: one abstraction for every data-driven pass.
+
+A :class:`CalibrationSet` is an ``.npz`` file (arrays keyed by input name,
+leading axis = samples) or a folder of such files. It is validated against the
+model's inputs up front (names, dtypes, ranks, fixed dims) and read one file at
+a time, so a large set never sits in memory at once.
+
+:func:`capture_activations` runs the model in onnxruntime with intermediate
+tensors exposed and hands each batch's values to a reducer, a few tensors at a
+time, so statistics are streamed rather than every activation kept.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from optc.errors import ConfigError
+from optc.ir.model import Model, TensorSpec
+from optc.ir.session import make_session
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Validated calibration inputs for one model."""
+
+    files: tuple[Path, ...]
+    inputs: tuple[TensorSpec, ...]
+    num_samples: int
+
+    @classmethod
+    def from_path(cls, path: str | Path, model: Model) -> "CalibrationSet":
+        """Open ``path`` (an ``.npz`` or a folder of them) and validate it against ``model``.
+
+        Raises:
+            ConfigError: naming the file, the input and what is wrong.
+        """
+        path = Path(path)
+        if path.is_dir():
+            files = tuple(sorted(path.glob("*.npz")))
+            if not files:
+                raise ConfigError(f"calibration folder {path} holds no .npz files")
+        elif path.is_file():
+            files = (path,)
+        else:
+            raise ConfigError(f"calibration data {path}: no such file or folder")
+        specs = tuple(model.inputs)
+        total = sum(_validate_file(f, specs) for f in files)
+        return cls(files, specs, total)
+
+    def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed)."""
+        for f in self.files:
+            with np.load(f, allow_pickle=False) as data:
+                arrays = {s.name: data[s.name] for s in self.inputs}
+            n = len(next(iter(arrays.values())))
+            size = self._batch_size(batch_size)
+            stop = n - n % size if self._fixed_batch() else n
+            for start in range(0, stop, size):
+                yield {k: np.ascontiguousarray(v[start : start + size]) for k, v in arrays.items()}
+
+    def take(self, count: int) -> dict[str, np.ndarray]:
+        """The first ``count`` samples as one feed (or the fixed batch size when the model has one)."""
+        size = self._batch_size(count)
+        return next(self.batches(size))
+
+    def _fixed_batch(self) -> int | None:
+        dims = {s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int)}
+        return dims.pop() if len(dims) == 1 else None
+
+    def _batch_size(self, wanted: int) -> int:
+        return self._fixed_batch() or max(1, min(wanted, self.num_samples))
+
+
+def _validate_file(path: Path, specs: Sequence[TensorSpec]) -> int:
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"calibration file {path.name}: not an .npz archive")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"calibration file {path.name}: cannot read: {exc}") from exc
+    with data:
+        keys = set(data.files)
+        names = [s.name for s in specs]
+        if not keys:
+            raise ConfigError(f"calibration file {path.name}: empty archive; expected arrays named {', '.join(names)}")
+        missing = [n for n in names if n not in keys]
+        extra = sorted(keys - set(names))
+        if missing:
+            hint = f" (it has {', '.join(sorted(keys))})" if keys else ""
+            raise ConfigError(f"calibration file {path.name}: no array for model input '{missing[0]}'{hint}; expected {', '.join(names)}")
+        if extra:
+            raise ConfigError(f"calibration file {path.name}: array '{extra[0]}' is not a model input; inputs are {', '.join(names)}")
+        counts = set()
+        for spec in specs:
+            arr = data[spec.name]
+            _check_array(path.name, spec, arr)
+            counts.add(arr.shape[0])
+        if len(counts) != 1:
+            raise ConfigError(f"calibration file {path.name}: inputs have different sample counts {sorted(counts)}")
+        count = counts.pop()
+        if count == 0:
+            raise ConfigError(f"calibration file {path.name}: zero samples")
+        return count
+
+
+def _check_array(file: str, spec: TensorSpec, arr: np.ndarray) -> None:
+    where = f"calibration file {file}, input '{spec.name}'"
+    if spec.dtype is not None and arr.dtype != spec.dtype:
+        raise ConfigError(f"{where}: dtype {arr.dtype}, the model expects {spec.dtype}")
+    if spec.shape is None:
+        return
+    if arr.ndim != len(spec.shape):
+        raise ConfigError(
+            f"{where}: rank {arr.ndim} (shape {list(arr.shape)}), the model expects rank {len(spec.shape)} "
+            f"[samples, {', '.join(str(d) for d in spec.shape[1:])}]"
+        )
+    for axis, (want, have) in enumerate(zip(spec.shape[1:], arr.shape[1:]), start=1):
+        if isinstance(want, int) and want != have:
+            raise ConfigError(f"{where}: shape {list(arr.shape)} has {have} on axis {axis}, the model expects {want}")
+
+
+Reducer = Callable[[str, np.ndarray], None]
+
+
+def capture_activations(
+    model: Model,
+    calibration: CalibrationSet,
+    tensors: Sequence[str],
+    reduce: Reducer,
+    *,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    max_bytes_per_run: int = 256 << 20,
+    tensor_bytes: dict[str, int] | None = None,
+) -> None:
+    """Stream the values of ``tensors`` over the calibration set into ``reduce``.
+
+    Tensors are captured in groups whose estimated size per batch stays under
+    ``max_bytes_per_run`` (``tensor_bytes`` gives per-sample sizes when known);
+    each group re-runs the model, trading time for bounded memory.
+    """
+    groups = _group_by_size(list(tensors), tensor_bytes or {}, max_bytes_per_run // max(batch_size, 1))
+    for group in groups:
+        session = make_session(model, extra_outputs=group)
+        for i, feed in enumerate(calibration.batches(batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            for name, value in zip(group, session.run(group, feed)):
+                reduce(name, value)
+        del session
+
+
+def _group_by_size(names: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name in names:
+        size = sizes.get(name, 0)
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        groups.append(current)
+    return groups
