@@ -36,6 +36,16 @@ def constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return numpy_helper.from_array(make(attr)) if make else None
 
 
+def count_constant_weights(model: Model) -> int:
+    """Constant nodes of the main graph holding more than one element (weights, not scalars)."""
+    count = 0
+    for node in model.graph.node:
+        tensor = constant_node_tensor(node)
+        if tensor is not None and int(np.prod(tensor.dims, dtype=np.int64)) > 1:
+            count += 1
+    return count
+
+
 def lift_constant_nodes(model: Model) -> int:
     """Turn the main graph's ``Constant`` nodes into initializers. Returns how many."""
     graph = model.graph

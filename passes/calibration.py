@@ -32,7 +32,7 @@ class CalibrationSet:
     num_samples: int
 
     @classmethod
-    def from_path(cls, path: str | Path, model: Model) -> "CalibrationSet":
+    def from_path(cls, path: str | Path, model: Model, *, extra_keys: frozenset[str] = frozenset(), kind: str = "calibration") -> "CalibrationSet":
         """Open ``path`` (an ``.npz`` or a folder of them) and validate it against ``model``.
 
         Raises:
@@ -42,13 +42,13 @@ class CalibrationSet:
         if path.is_dir():
             files = tuple(sorted(path.glob("*.npz")))
             if not files:
-                raise ConfigError(f"calibration folder {path} holds no .npz files")
+                raise ConfigError(f"{kind} folder {path} holds no .npz files")
         elif path.is_file():
             files = (path,)
         else:
-            raise ConfigError(f"calibration data {path}: no such file or folder")
+            raise ConfigError(f"{kind} data {path}: no such file or folder")
         specs = tuple(model.inputs)
-        total = sum(_validate_file(f, specs) for f in files)
+        total = sum(_validate_file(f, specs, extra_keys, kind) for f in files)
         return cls(files, specs, total)
 
     def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
@@ -75,40 +75,40 @@ class CalibrationSet:
         return self._fixed_batch() or max(1, min(wanted, self.num_samples))
 
 
-def _validate_file(path: Path, specs: Sequence[TensorSpec]) -> int:
+def _validate_file(path: Path, specs: Sequence[TensorSpec], extra_keys: frozenset[str], kind: str) -> int:
     if not zipfile.is_zipfile(path):
-        raise ConfigError(f"calibration file {path.name}: not an .npz archive")
+        raise ConfigError(f"{kind} file {path.name}: not an .npz archive")
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"calibration file {path.name}: cannot read: {exc}") from exc
+        raise ConfigError(f"{kind} file {path.name}: cannot read: {exc}") from exc
     with data:
         keys = set(data.files)
         names = [s.name for s in specs]
         if not keys:
-            raise ConfigError(f"calibration file {path.name}: empty archive; expected arrays named {', '.join(names)}")
+            raise ConfigError(f"{kind} file {path.name}: empty archive; expected arrays named {', '.join(names)}")
         missing = [n for n in names if n not in keys]
-        extra = sorted(keys - set(names))
+        extra = sorted(keys - set(names) - extra_keys)
         if missing:
             hint = f" (it has {', '.join(sorted(keys))})" if keys else ""
-            raise ConfigError(f"calibration file {path.name}: no array for model input '{missing[0]}'{hint}; expected {', '.join(names)}")
+            raise ConfigError(f"{kind} file {path.name}: no array for model input '{missing[0]}'{hint}; expected {', '.join(names)}")
         if extra:
-            raise ConfigError(f"calibration file {path.name}: array '{extra[0]}' is not a model input; inputs are {', '.join(names)}")
+            raise ConfigError(f"{kind} file {path.name}: array '{extra[0]}' is not a model input; inputs are {', '.join(names)}")
         counts = set()
         for spec in specs:
             arr = data[spec.name]
-            _check_array(path.name, spec, arr)
+            _check_array(f"{kind} file {path.name}", spec, arr)
             counts.add(arr.shape[0])
         if len(counts) != 1:
-            raise ConfigError(f"calibration file {path.name}: inputs have different sample counts {sorted(counts)}")
+            raise ConfigError(f"{kind} file {path.name}: inputs have different sample counts {sorted(counts)}")
         count = counts.pop()
         if count == 0:
-            raise ConfigError(f"calibration file {path.name}: zero samples")
+            raise ConfigError(f"{kind} file {path.name}: zero samples")
         return count
 
 
 def _check_array(file: str, spec: TensorSpec, arr: np.ndarray) -> None:
-    where = f"calibration file {file}, input '{spec.name}'"
+    where = f"{file}, input '{spec.name}'"
     if spec.dtype is not None and arr.dtype != spec.dtype:
         raise ConfigError(f"{where}: dtype {arr.dtype}, the model expects {spec.dtype}")
     if spec.shape is None:

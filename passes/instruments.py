@@ -4,7 +4,8 @@
   onnxruntime on sample inputs compared with the previous stage (max abs/rel
   error, cosine). It also enforces the pass contract: the input model is not
   mutated, and a pass that reports no change left the model byte-identical.
-* :class:`TimePasses` (``--time-passes``): wall time per pass, logged as it goes.
+* :class:`TimePasses` (``--time-passes``): wall time per pass, logged as it goes
+  (the CLI also adds a time column to its table).
 * :class:`DumpAfter` (``--dump-after NAME``): the model after the named passes.
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ class TimePasses(Instrument):
     """Log each pass's wall time as the pipeline runs (the records keep it too)."""
 
     def after_pass(self, p: Pass, before: Model, result: PassResult, record: PassRecord, ctx: PassContext) -> None:
-        logger.warning("time: %-22s %8.3f s  %s", p.name, record.seconds, "modified" if result.modified else "no change")
+        logger.info("time: %-22s %8.3f s  %s", p.name, record.seconds, "modified" if result.modified else "no change")
 
 
 class DumpAfter(Instrument):

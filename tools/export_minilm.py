@@ -40,7 +40,6 @@ import collections
 import hashlib
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -441,11 +440,12 @@ def op_histogram(model) -> dict[str, int]:
 
 
 def io_desc(vis) -> list[dict]:
+    import onnx
+
     out = []
     for v in vis:
         t = v.type.tensor_type
         dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        import onnx
         out.append({"name": v.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type), "shape": dims})
     return out
 

@@ -30,7 +30,9 @@ Variants written for each model (weights identical across variants):
 
 * ``<model>_bn.onnx``        legacy exporter, ``training=TrainingMode.PRESERVE``,
                              ``do_constant_folding=False``: BatchNormalization
-                             kept as separate nodes (not fused into Conv).
+                             kept as separate nodes (not fused into Conv), shape
+                             arithmetic left unfolded.  For the transformer (no
+                             BN) the same settings give ``transformer_nofold.onnx``.
 * ``<model>.onnx``           legacy exporter, default settings (EVAL mode,
                              constant folding: BN folded into Conv), static shapes.
 * ``<model>_dynbatch.onnx``  like ``<model>.onnx`` but with a dynamic batch axis
@@ -277,8 +279,10 @@ def main(argv=None) -> int:
             y = model(x)
         np.savez(out / f"{name}_io.npz", input=x.numpy(), output=y.numpy())
 
+        has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        nofold_suffix = "bn" if has_bn else "nofold"
         variants = [
-            (f"{name}_bn.onnx", "legacy, TrainingMode.PRESERVE, no constant folding",
+            (f"{name}_{nofold_suffix}.onnx", "legacy, TrainingMode.PRESERVE, no constant folding",
              lambda p: export_legacy(model, x, p, in_name, out_name, preserve_bn=True), False),
             (f"{name}.onnx", "legacy, default (EVAL, constant folding)",
              lambda p: export_legacy(model, x, p, in_name, out_name), False),
@@ -354,8 +358,9 @@ def write_readme(out: Path, rows) -> None:
         "",
         "## Variants",
         "",
-        "* `<model>_bn.onnx`: legacy exporter, `training=TrainingMode.PRESERVE`, `do_constant_folding=False` "
-        "-> BatchNormalization nodes kept separate (not fused into Conv); shape arithmetic left unfolded.",
+        "* `<model>_bn.onnx` (CNNs) / `transformer_nofold.onnx`: legacy exporter, `training=TrainingMode.PRESERVE`, "
+        "`do_constant_folding=False` -> BatchNormalization nodes kept separate (inference form, `training_mode=0`; "
+        "not fused into Conv) and constant shape arithmetic (Constant->Unsqueeze->Concat->Reshape) left unfolded.",
         "* `<model>.onnx`: legacy exporter, defaults (EVAL, constant folding) -> BN fused into Conv, static shapes.",
         "* `<model>_dynbatch.onnx`: as `<model>.onnx` with a dynamic batch axis named `batch` -> "
         "Shape/Gather/Unsqueeze/Concat/Reshape chains stay in the graph.",

@@ -1,0 +1,169 @@
+"""The ``optc`` command line: argument parsing and rendering only.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr, no
+traceback unless --debug), 1 internal error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from optc import __version__
+from optc.errors import OptcError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+class OptcGroup(click.Group):
+    """Turns optc errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except OptcError as exc:
+            if debug:
+                raise
+            click.echo(f"optc: error: {_one_line(exc)}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("optc: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # a bug: say so, keep it to one line
+            if debug:
+                raise
+            click.echo(f"optc: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+@click.group(cls=OptcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="optc")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+def cli(debug: bool, verbose: bool) -> None:
+    """optc: compress ONNX models with graph-rewriting passes, then compile them."""
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path), help="Output folder (model.onnx, report.json).")
+@click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="A pass to run, in order; repeatable. See `optc passes`.")
+@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path), help="A YAML or TOML file listing the passes.")
+@click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name, samples first) or a folder of them.")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with the inputs and a 'label' array: accuracy before/after.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...", help="Freeze an input's dynamic dims; repeatable.")
+@click.option("--target", type=click.Choice(["none"]), default="none", show_default=True, help="Compile target (passes only for now).")
+@click.option("--verify-each", is_flag=True, help="Check the model and compare with onnxruntime after every pass.")
+@click.option("--time-passes", is_flag=True, help="Show the wall time of each pass.")
+@click.option("--dump-after", multiple=True, metavar="PASS", help="Save the model after this pass (or 'all') into OUTDIR/dumps.")
+@click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
+@click.option("--external-data/--no-external-data", default=None, help="Store weights beside the model (default: only above 1.8 GB).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
+    """Run a pass pipeline on MODEL and write the result to OUTDIR."""
+    from optc.cli.render import ProgressInstrument, render_compile_report
+    from optc.driver import CompileOptions, build_pipeline, compile_model
+
+    opts = CompileOptions(
+        model=model,
+        outdir=outdir,
+        passes=tuple(passes),
+        pipeline_file=pipeline_file,
+        calib=calib,
+        eval_data=eval_data,
+        input_shapes=tuple(input_shapes),
+        target=target,
+        verify_each=verify_each,
+        time_passes=time_passes,
+        dump_after=tuple(dump_after),
+        measure_latency=not no_latency,
+        external_data=external_data,
+    )
+    err = Console(stderr=True)
+    instruments = []
+    if err.is_terminal and not as_json:
+        instruments.append(ProgressInstrument(err, len(build_pipeline(opts.passes, opts.pipeline_file))))
+    result = compile_model(opts, instruments)
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2, default=str))
+        return
+    out = Console(width=max(Console().width, 120))
+    render_compile_report(result.report, out, show_time=time_passes)
+    out.print(f"wrote {', '.join(str(f) for f in result.files)}")
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...", help="Freeze an input's dynamic dims; repeatable.")
+@click.option("--no-tvm", is_flag=True, help="Skip asking TVM's frontend which ops it can import.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def inspect_cmd(model: Path, input_shapes, no_tvm: bool, as_json: bool) -> None:
+    """Show MODEL's interface, opsets, ops, size, MACs and what blocks compilation."""
+    from optc.cli.render import render_inspect
+    from optc.driver import inspect_model
+
+    info = inspect_model(model, tuple(input_shapes), check_frontend=not no_tvm)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        render_inspect(info, Console(width=max(Console().width, 100)))
+
+
+@cli.command("passes")
+@click.option("--describe", "name", metavar="NAME", help="Show one pass in full.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def passes_cmd(name: str | None, as_json: bool) -> None:
+    """List the registered passes with their options."""
+    from optc.cli.render import render_passes
+    from optc.passes.base import pass_class, registered_passes
+    from optc.passes.options import option_docs
+    from optc.passes.pipeline import NAMED_PIPELINES
+
+    classes = {name: pass_class(name)} if name else registered_passes()
+    described = []
+    for pname, cls in classes.items():
+        doc = (cls.__doc__ or "").strip()
+        module_doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+        described.append({
+            "name": pname,
+            "summary": doc.splitlines()[0] if doc else "",
+            "doc": module_doc if name else "",
+            "exact": cls.exact,
+            "requires": [r.value for r in cls.requires],
+            "options": option_docs(cls.config_class),
+        })
+    if as_json:
+        click.echo(json.dumps({"passes": described, "pipelines": {k: list(v) for k, v in NAMED_PIPELINES.items()}}, indent=2, default=str))
+        return
+    console = Console()
+    render_passes(described, console)
+    if name:
+        console.print()
+        console.print(described[0]["doc"])
+    else:
+        for pipe, members in NAMED_PIPELINES.items():
+            console.print(f"[bold]{pipe}[/bold]  (pipeline) {' -> '.join(members)}")
+
+
+def main() -> None:
+    cli(prog_name="optc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""``optc compile`` as a library call: load, run the pipeline, measure, write atomically.
+
+Order matters for users' CI jobs: everything that can be checked without
+running a pass (pipeline names and options, output folder, model file, input
+shapes, calibration and evaluation data) is checked first, so bad input fails
+in a second with nothing written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from optc import __version__
+from optc.errors import ConfigError
+from optc.evaluation import LabelledSet, accuracy, fidelity, latency_ms
+from optc.ir.io import load_model, save_model
+from optc.ir.model import Model
+from optc.ir.session import sample_feeds
+from optc.ir.shapes import freeze_input_shapes, parse_shape_spec
+from optc.passes.base import Pass, PassContext
+from optc.passes.calibration import CalibrationSet
+from optc.passes.instruments import DumpAfter, TimePasses, VerifyEach
+from optc.passes.manager import Instrument, PassManager, PipelineResult
+from optc.passes.pipeline import CANONICALIZE, load_pipeline_file, parse_pass_specs
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "report.json"
+MODEL_NAME = "model.onnx"
+TARGETS = ("none",)  # the targets issue adds x86, arm and gpu
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    model: Path
+    outdir: Path
+    passes: tuple[str, ...] = ()
+    pipeline_file: Path | None = None
+    calib: Path | None = None
+    eval_data: Path | None = None
+    input_shapes: tuple[str, ...] = ()
+    target: str = "none"
+    verify_each: bool = False
+    time_passes: bool = False
+    dump_after: tuple[str, ...] = ()
+    measure_latency: bool = True
+    external_data: bool | None = None
+    seed: int = 0
+
+
+@dataclass
+class CompileResult:
+    report: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    pipeline: PipelineResult | None = None
+
+
+def build_pipeline(specs: Sequence[str], pipeline_file: Path | None) -> list[Pass]:
+    """Passes from ``--pipeline`` then ``--pass`` (canonicalisation when neither is given)."""
+    passes: list[Pass] = []
+    if pipeline_file is not None:
+        passes.extend(load_pipeline_file(pipeline_file))
+    passes.extend(parse_pass_specs(list(specs)))
+    return passes or parse_pass_specs(list(CANONICALIZE))
+
+
+def check_outdir(outdir: Path) -> None:
+    if outdir.exists() and not outdir.is_dir():
+        raise ConfigError(f"output {outdir} exists and is not a folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / REPORT_NAME).is_file():
+        raise ConfigError(f"output folder {outdir} is not empty and holds no optc output; refusing to overwrite it")
+
+
+def prepare_model(path: Path, shape_specs: Sequence[str]) -> Model:
+    shapes = dict(parse_shape_spec(s) for s in shape_specs)
+    model = load_model(path)
+    if shapes and freeze_input_shapes(model, shapes):
+        model.notes.append("froze input shapes: " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()))
+    return model
+
+
+def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] = ()) -> CompileResult:
+    if opts.target not in TARGETS:
+        raise ConfigError(f"unknown target '{opts.target}'; valid targets: {', '.join(TARGETS)}")
+    passes = build_pipeline(opts.passes, opts.pipeline_file)
+    names = {p.name for p in passes}
+    unknown_dumps = [n for n in opts.dump_after if n != "all" and n not in names]
+    if unknown_dumps:
+        raise ConfigError(f"--dump-after {unknown_dumps[0]}: not in the pipeline ({', '.join(p.name for p in passes)}, or 'all')")
+    check_outdir(opts.outdir)
+    model = prepare_model(opts.model, opts.input_shapes)
+    calib = CalibrationSet.from_path(opts.calib, model) if opts.calib else None
+    labelled = LabelledSet.from_path(opts.eval_data, model) if opts.eval_data else None
+    feeds = _sample_feeds(model, calib, labelled, opts.seed)
+    ctx = PassContext(calibration=calib, seed=opts.seed)
+    PassManager(passes).check_requirements(model, ctx)
+
+    opts.outdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = opts.outdir.parent / f".{opts.outdir.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    try:
+        instruments: list[Instrument] = list(extra_instruments)
+        if opts.verify_each:
+            instruments.append(VerifyEach(feeds))
+        if opts.time_passes:
+            instruments.append(TimePasses())
+        if opts.dump_after:
+            instruments.append(DumpAfter(set(opts.dump_after), staging / "dumps"))
+        original = model
+        result = PassManager(passes, instruments).run(model, ctx)
+        evaluation = _evaluate(original, result.model, feeds, labelled, opts.measure_latency)
+        files = save_model(result.model, staging / MODEL_NAME, external_data=opts.external_data)
+        report = _report(opts, passes, original, result, evaluation)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        _publish(staging, opts.outdir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = [opts.outdir / f.name for f in files] + [opts.outdir / REPORT_NAME]
+    return CompileResult(report, written, result)
+
+
+def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int):
+    """Inputs for --verify-each, fidelity and latency: real data when there is some."""
+    source = calib or (labelled.inputs if labelled else None)
+    if source is not None:
+        return source.take(8)
+    return sample_feeds(model, seed=seed)
+
+
+def _evaluate(original: Model, final: Model, feeds, labelled: LabelledSet | None, measure_latency: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"fidelity": fidelity(original, final, feeds), "fidelity_samples": int(len(next(iter(feeds.values()))))}
+    if labelled is not None:
+        before, after = accuracy(original, labelled), accuracy(final, labelled)
+        out["accuracy"] = {"samples": labelled.inputs.num_samples, "before": before, "after": after, "delta": after - before}
+    if measure_latency:
+        before_ms, after_ms = latency_ms(original, feeds), latency_ms(final, feeds)
+        out["latency_ms"] = {"before": before_ms, "after": after_ms, "speedup": before_ms / after_ms if after_ms else None, "runtime": "onnxruntime CPU"}
+    return out
+
+
+def _report(opts: CompileOptions, passes: Sequence[Pass], model: Model, result: PipelineResult, evaluation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "optc_version": __version__,
+        "model": {
+            "source": str(opts.model),
+            "opsets": model.opset_imports,
+            "inputs": [s.describe() for s in result.model.inputs],
+            "outputs": [s.describe() for s in result.model.outputs],
+        },
+        "notes": model.notes,
+        "target": opts.target,
+        "pipeline": [repr(p) for p in passes],
+        "passes": [r.to_dict() for r in result.records],
+        "before": result.initial.to_dict(),
+        "after": result.final.to_dict(),
+        "evaluation": evaluation,
+    }
+
+
+def _publish(staging: Path, outdir: Path) -> None:
+    """Swap the finished folder into place; an earlier output survives until then."""
+    if outdir.exists():
+        old = outdir.parent / f".{outdir.name}.{uuid.uuid4().hex[:8]}.old"
+        os.replace(outdir, old)
+        os.replace(staging, outdir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, outdir)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def inspect_model(path: Path, shape_specs: Sequence[str] = (), *, check_frontend: bool = True) -> dict[str, Any]:
+    """What ``optc inspect`` shows: interface, opsets, ops, size, MACs, blockers."""
+    from optc.ir.constants import count_constant_weights
+    from optc.ir.shapes import infer_shapes
+    from optc.ir.stats import compute_stats
+    from optc.targets.support import frontend_support
+
+    raw = load_model(path, lift_constants=False)
+    constant_weights = count_constant_weights(raw)
+    del raw
+    model = prepare_model(path, shape_specs)
+    shapes = infer_shapes(model)
+    stats = compute_stats(model)
+    dynamic = {s.name: [d for d in (s.shape or ()) if not isinstance(d, int)] for s in model.inputs if not s.is_static}
+    info: dict[str, Any] = {
+        "model": str(path),
+        "ir_version": model.proto.ir_version,
+        "producer": f"{model.proto.producer_name} {model.proto.producer_version}".strip(),
+        "opsets": model.opset_imports,
+        "inputs": [s.describe() for s in model.inputs],
+        "outputs": [s.describe() for s in model.outputs],
+        "dynamic_dims": dynamic,
+        "weights_in_constant_nodes": constant_weights,
+        "notes": model.notes,
+        "shape_mismatches": shapes.output_mismatches,
+        "stats": stats.to_dict(),
+    }
+    if check_frontend:
+        info["tvm_frontend"] = frontend_support(model).to_dict()
+    return info

@@ -1,0 +1,83 @@
+"""Measuring a model: accuracy on labelled data, fidelity to another model, latency.
+
+All three run in onnxruntime on the CPU. Labelled data is an ``.npz`` holding
+the model's inputs plus a ``label`` (or ``labels``) array of class indices;
+accuracy is top-1 over the last axis of the first output.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from optc.errors import ConfigError
+from optc.ir.model import Model
+from optc.ir.session import make_session
+from optc.passes.calibration import CalibrationSet
+from optc.passes.instruments import compare_outputs
+
+LABEL_KEYS = frozenset({"label", "labels"})
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    inputs: CalibrationSet
+    labels: np.ndarray
+
+    @classmethod
+    def from_path(cls, path: str | Path, model: Model) -> "LabelledSet":
+        data = CalibrationSet.from_path(path, model, extra_keys=LABEL_KEYS, kind="evaluation")
+        labels = []
+        for f in data.files:
+            with np.load(f, allow_pickle=False) as arrays:
+                key = next((k for k in LABEL_KEYS if k in arrays.files), None)
+                if key is None:
+                    raise ConfigError(f"evaluation file {f.name}: no 'label' array (class index per sample)")
+                lab = arrays[key]
+            if lab.ndim != 1 or lab.dtype.kind not in "iu":
+                raise ConfigError(f"evaluation file {f.name}: 'label' must be a 1-D integer array, got {lab.dtype} {list(lab.shape)}")
+            labels.append(lab)
+        joined = np.concatenate(labels)
+        if len(joined) != data.num_samples:
+            raise ConfigError(f"evaluation data: {len(joined)} labels for {data.num_samples} samples")
+        return cls(data, joined)
+
+
+def accuracy(model: Model, data: LabelledSet, batch_size: int = 64) -> float:
+    """Top-1 accuracy of the first output against the labels."""
+    session = make_session(model)
+    first = session.get_outputs()[0].name
+    correct = seen = 0
+    for feed in data.inputs.batches(batch_size):
+        logits = session.run([first], feed)[0]
+        n = len(logits)
+        correct += int((logits.reshape(n, -1).argmax(axis=-1) == data.labels[seen : seen + n]).sum())
+        seen += n
+    return correct / seen if seen else float("nan")
+
+
+def fidelity(reference: Model, candidate: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per output of ``reference``: max abs/rel error and cosine of ``candidate`` on ``feeds``."""
+    ref_session, cand_session = make_session(reference), make_session(candidate)
+    names = [o.name for o in ref_session.get_outputs()]
+    ref = dict(zip(names, ref_session.run(names, dict(feeds))))
+    got = dict(zip(names, cand_session.run(names, dict(feeds))))
+    return compare_outputs(ref, got)
+
+
+def latency_ms(model: Model, feeds: Mapping[str, np.ndarray], *, repeats: int = 30, budget_s: float = 3.0, threads: int | None = None) -> float:
+    """Median wall time of one run in milliseconds (after two warm-up runs)."""
+    session = make_session(model, threads=threads)
+    feeds = dict(feeds)
+    for _ in range(2):
+        session.run(None, feeds)
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats and (len(times) < 5 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))

@@ -1,0 +1,53 @@
+"""Which ops TVM's ONNX frontend can import, asked of TVM itself.
+
+TVM is imported lazily (it takes seconds): ``optc --help`` and the passes never
+load it. Without TVM installed the answer is "unknown", said as such.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from optc.ir.model import Model, iter_all_nodes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontendSupport:
+    available: bool
+    reason: str = ""
+    unsupported: dict[str, list[str]] = field(default_factory=dict)  # op -> node names
+
+    @property
+    def ok(self) -> bool:
+        return self.available and not self.unsupported
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checked": self.available, "reason": self.reason, "unsupported_ops": self.unsupported}
+
+    def message(self) -> str:
+        parts = [f"{op} ({', '.join(nodes[:3])}{', ...' if len(nodes) > 3 else ''})" for op, nodes in self.unsupported.items()]
+        return "TVM's ONNX frontend cannot import: " + "; ".join(parts)
+
+
+def tvm_convert_map() -> set[str] | None:
+    try:
+        from tvm.relax.frontend.onnx import onnx_frontend
+    except Exception as exc:  # ImportError, or a broken TVM install
+        logger.info("TVM not importable: %s", exc)
+        return None
+    return set(onnx_frontend._get_convert_map())
+
+
+def frontend_support(model: Model) -> FrontendSupport:
+    ops = tvm_convert_map()
+    if ops is None:
+        return FrontendSupport(False, "apache-tvm is not installed (pip install 'optc[tvm]')")
+    unsupported: dict[str, list[str]] = {}
+    for node in iter_all_nodes(model.graph):
+        if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in ops:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            unsupported.setdefault(key, []).append(node.name or node.op_type)
+    return FrontendSupport(True, "", unsupported)
