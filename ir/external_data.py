@@ -51,13 +51,13 @@ def check_location(location: str, base_dir: Path, *, tensor: str, must_exist: bo
     return target
 
 
-def validate_external_data(graph: onnx.GraphProto, base_dir: Path) -> int:
+def validate_external_data(graph: onnx.GraphProto, base_dir: Path) -> list[tuple[onnx.TensorProto, Path, int, int]]:
     """Check every external tensor of ``graph`` before any byte is read.
 
     Returns:
-        The number of tensors stored externally.
+        (tensor, file, offset, length) for each tensor stored externally.
     """
-    count = 0
+    found = []
     for t in external_tensors(graph):
         info = external_info(t)
         path = check_location(info.get("location", ""), base_dir, tensor=t.name, must_exist=True)
@@ -72,5 +72,24 @@ def validate_external_data(graph: onnx.GraphProto, base_dir: Path) -> int:
                 f"tensor '{t.name}': external data range [{offset}, {offset + length}) is beyond the end of "
                 f"'{info['location']}' ({size} bytes)"
             )
-        count += 1
-    return count
+        found.append((t, path, offset, length))
+    return found
+
+
+def load_external_data(graph: onnx.GraphProto, base_dir: Path) -> int:
+    """Validate, then read every external payload into its tensor. Returns how many.
+
+    optc reads the bytes itself (onnx refuses every symlink, even one that stays
+    inside the folder; containment is what matters and is checked above).
+    """
+    entries = validate_external_data(graph, base_dir)
+    for tensor, path, offset, length in entries:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            payload = f.read(length)
+        if len(payload) != length:
+            raise ModelLoadError(f"tensor '{tensor.name}': external data file ended early")
+        tensor.raw_data = payload
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return len(entries)

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 
 from optc.errors import ModelLoadError, OptcError
 from optc.ir.constants import lift_constant_nodes, name_unnamed_nodes
-from optc.ir.external_data import check_location, validate_external_data
+from optc.ir.external_data import check_location, load_external_data
 from optc.ir.model import EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_SAVE_ABOVE_BYTES, Model
 from optc.ir.validate import run_checker, validate_structure
 from optc.ir.weights import DetachedTensor, detached_weights, mark_external_location
@@ -53,11 +53,10 @@ def _load(path: Path, *, lift_constants: bool, check: bool) -> Model:
         raise ModelLoadError(f"not a valid ONNX model (truncated or not an ONNX protobuf): {type(exc).__name__}") from exc
     if check:
         validate_structure(proto)
-    if validate_external_data(proto.graph, path.parent):
-        try:
-            onnx.load_external_data_for_model(proto, str(path.parent))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"cannot read external data: {exc}") from exc
+    try:
+        load_external_data(proto.graph, path.parent)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read external data: {exc}") from exc
     model = Model(proto, path)
     if check:
         run_checker(proto)

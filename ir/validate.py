@@ -27,7 +27,7 @@ def validate_structure(proto: onnx.ModelProto) -> None:
         raise ModelLoadError("not an ONNX model (no IR version or no graph)")
     graph = proto.graph
     if len(graph.output) == 0:
-        raise ModelLoadError("the graph has no outputs")
+        raise ModelLoadError("the graph is empty (no outputs)" if len(graph.node) == 0 else "the graph has no outputs")
     _check_opset(proto)
     produced = _check_single_assignment(graph)
     _check_dangling(graph, produced)

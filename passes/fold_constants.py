@@ -45,7 +45,8 @@ def quiet_graphsurgeon() -> Iterator[None]:
 
 
 def node_signature(graph: gs.Graph) -> list[tuple]:
-    return [(n.name, n.op, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs)) for n in graph.nodes]
+    """Nodes with their wiring, order-free: toposort may reorder without changing anything."""
+    return sorted((n.name, n.op, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs)) for n in graph.nodes)
 
 
 @register_pass("fold-constants")

@@ -1,0 +1,62 @@
+"""Shared helpers for optc's tests: tiny model builders and onnxruntime references."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "tests" / "models"
+SAMPLE = MODELS / "sample"
+BAD = MODELS / "bad"
+TORCH_MODELS = MODELS / "torch"
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17, ir_version=8) -> onnx.ModelProto:
+    """A model from helper-made nodes; inputs/outputs are (name, shape) or ValueInfoProtos."""
+
+    def vi(x, elem=TensorProto.FLOAT):
+        if isinstance(x, onnx.ValueInfoProto):
+            return x
+        name, shape = x
+        return helper.make_tensor_value_info(name, elem, shape)
+
+    inits = [t if isinstance(t, onnx.TensorProto) else numpy_helper.from_array(np.asarray(t[1]), t[0]) for t in initializers]
+    graph = helper.make_graph(list(nodes), "test", [vi(i) for i in inputs], [vi(o) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds, atol=1e-5, rtol=1e-5) -> None:
+    ra, rb = ort_run(a, feeds), ort_run(b, feeds)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        np.testing.assert_allclose(rb[k], ra[k], atol=atol, rtol=rtol, err_msg=k)
+
+
+def rand(*shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def load_tool(name: str):
+    """Import a script from tools/ (not a package) by path."""
+    path = ROOT / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"optc_tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

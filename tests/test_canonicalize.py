@@ -1,0 +1,248 @@
+"""The canonicalisation passes, each on hand-built graphs: structure, onnxruntime
+equality (1e-5), checker, honest ``modified``."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_same_outputs, make_model, rand
+from onnx import TensorProto, helper
+
+from optc.ir import infer_shapes, load_model
+from optc.passes import PassContext, make_pass
+
+
+def run_pass(name: str, proto: onnx.ModelProto, save, **options):
+    model = load_model(save(proto))
+    infer_shapes(model)
+    before = model.proto.SerializeToString()
+    result = make_pass(name, options).run(model, PassContext())
+    assert model.proto.SerializeToString() == before, "the pass mutated its input"
+    if result.modified:
+        onnx.checker.check_model(result.model.proto, full_check=True)
+    else:
+        assert result.model is model
+    return model, result
+
+
+def ops(model) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+# --- fold-batchnorm -------------------------------------------------------------
+
+def _bn_inputs(c, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        ("gamma", rng.uniform(0.5, 2, c).astype(np.float32)),
+        ("beta", rng.standard_normal(c).astype(np.float32)),
+        ("mean", rng.standard_normal(c).astype(np.float32)),
+        ("var", rng.uniform(0.1, 3, c).astype(np.float32)),
+    ]
+
+
+@pytest.mark.parametrize("group,bias", [(1, True), (1, False), (2, True)])
+def test_fold_batchnorm_into_conv(save, group, bias):
+    inputs = ["x", "W", "B"] if bias else ["x", "W"]
+    proto = make_model(
+        [
+            helper.make_node("Conv", inputs, ["c"], pads=[1, 1, 1, 1], group=group, name="conv"),
+            helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], epsilon=1e-3, name="bn"),
+        ],
+        [("x", [2, 4, 8, 8])],
+        [("y", [2, 6, 8, 8])],
+        [("W", rand(6, 4 // group, 3, 3)), ("B", rand(6, seed=3))] + _bn_inputs(6),
+    )
+    model, result = run_pass("fold-batchnorm", proto, save)
+    assert result.modified and result.stats == {"folded": 1}
+    assert ops(result.model) == ["Conv"]
+    assert result.model.graph.node[0].output[0] == "y"
+    assert_same_outputs(proto, result.model.proto, {"x": rand(2, 4, 8, 8, seed=9)})
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_fold_batchnorm_into_conv_transpose(save, group):
+    proto = make_model(
+        [
+            helper.make_node("ConvTranspose", ["x", "W"], ["c"], strides=[2, 2], group=group, name="deconv"),
+            helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn"),
+        ],
+        [("x", [1, 4, 5, 5])],
+        [("y", [1, 6, 10, 10])],
+        [("W", rand(4, 6 // group, 2, 2))] + _bn_inputs(6),
+    )
+    _, result = run_pass("fold-batchnorm", proto, save)
+    assert ops(result.model) == ["ConvTranspose"]
+    assert_same_outputs(proto, result.model.proto, {"x": rand(1, 4, 5, 5, seed=4)})
+
+
+@pytest.mark.parametrize("trans_b,beta", [(0, 1.0), (1, 0.5)])
+def test_fold_batchnorm_into_gemm(save, trans_b, beta):
+    w = rand(5, 3) if trans_b else rand(3, 5)
+    proto = make_model(
+        [
+            helper.make_node("Gemm", ["x", "W", "C"], ["g"], transB=trans_b, alpha=2.0, beta=beta, name="gemm"),
+            helper.make_node("BatchNormalization", ["g", "gamma", "beta", "mean", "var"], ["y"], name="bn"),
+        ],
+        [("x", [4, 3])],
+        [("y", [4, 5])],
+        [("W", w), ("C", rand(5, seed=5))] + _bn_inputs(5),
+    )
+    _, result = run_pass("fold-batchnorm", proto, save)
+    assert ops(result.model) == ["Gemm"]
+    assert_same_outputs(proto, result.model.proto, {"x": rand(4, 3, seed=6)})
+
+
+def test_fold_batchnorm_leaves_shared_conv_output_and_reports_why(save):
+    proto = make_model(
+        [
+            helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+            helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+            helper.make_node("Add", ["b", "c"], ["y"], name="add"),
+        ],
+        [("x", [1, 2, 4, 4])],
+        [("y", [1, 3, 4, 4])],
+        [("W", rand(3, 2, 1, 1))] + _bn_inputs(3),
+    )
+    model, result = run_pass("fold-batchnorm", proto, save)
+    assert not result.modified
+    assert result.skipped == ["bn: output of 'conv' has other uses"]
+
+
+def test_fold_batchnorm_does_not_change_a_shared_weight(save):
+    proto = make_model(
+        [
+            helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+            helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
+            helper.make_node("Conv", ["x", "W"], ["d"], name="conv2"),
+            helper.make_node("Add", ["b", "d"], ["y"], name="add"),
+        ],
+        [("x", [1, 2, 4, 4])],
+        [("y", [1, 3, 4, 4])],
+        [("W", rand(3, 2, 1, 1))] + _bn_inputs(3),
+    )
+    _, result = run_pass("fold-batchnorm", proto, save)
+    assert ops(result.model) == ["Conv", "Conv", "Add"]
+    assert_same_outputs(proto, result.model.proto, {"x": rand(1, 2, 4, 4, seed=7)})
+
+
+# --- remove-identity ------------------------------------------------------------
+
+def test_remove_identity_dropout_noop_reshape_transpose_cast(save):
+    proto = make_model(
+        [
+            helper.make_node("Identity", ["x"], ["a"], name="id"),
+            helper.make_node("Dropout", ["a"], ["b"], name="drop"),
+            helper.make_node("Reshape", ["b", "same"], ["c"], name="reshape_noop"),
+            helper.make_node("Transpose", ["c"], ["d"], perm=[0, 1, 2], name="t_noop"),
+            helper.make_node("Cast", ["d"], ["e"], to=TensorProto.FLOAT, name="cast_noop"),
+            helper.make_node("Reshape", ["e", "flat"], ["f"], name="reshape_real"),
+            helper.make_node("Identity", ["f"], ["y"], name="id_out"),
+        ],
+        [("x", [2, 3, 4])],
+        [("y", [2, 12])],
+        [("same", np.array([0, 3, -1], np.int64)), ("flat", np.array([2, 12], np.int64))],
+    )
+    _, result = run_pass("remove-identity", proto, save)
+    assert result.stats["removed"] == {"Identity": 2, "Dropout": 1, "Reshape": 1, "Transpose": 1, "Cast": 1}
+    assert ops(result.model) == ["Reshape"]
+    assert [o.name for o in result.model.graph.output] == ["y"]
+    assert_same_outputs(proto, result.model.proto, {"x": rand(2, 3, 4)}, atol=0, rtol=0)
+
+
+def test_remove_identity_keeps_input_to_output_identity_and_used_mask(save):
+    proto = make_model(
+        [
+            helper.make_node("Identity", ["x"], ["y"], name="passthrough"),
+            helper.make_node("Dropout", ["x"], ["d", "mask"], name="drop"),
+            helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT, name="cast"),
+            helper.make_node("Add", ["d", "m"], ["z"], name="add"),
+        ],
+        [("x", [3])],
+        [("y", [3]), ("z", [3])],
+    )
+    _, result = run_pass("remove-identity", proto, save)
+    assert not result.modified
+    assert sorted(result.skipped) == [
+        "drop: its mask output is used",
+        "passthrough: connects a graph input or constant straight to a graph output",
+    ]
+
+
+# --- fold-constants -------------------------------------------------------------
+
+def test_fold_constants_folds_shape_chain_once_shapes_are_static(save):
+    # The Shape -> Gather -> Concat -> Reshape chain of a dynamic-batch export.
+    proto = make_model(
+        [
+            helper.make_node("Shape", ["x"], ["s"], name="shape"),
+            helper.make_node("Gather", ["s", "zero"], ["n"], axis=0, name="gather"),
+            helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsq"),
+            helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0, name="concat"),
+            helper.make_node("Reshape", ["x", "target"], ["r"], name="reshape"),
+            helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0], name="t_w"),
+            helper.make_node("MatMul", ["r", "Wt"], ["y"], name="mm"),
+        ],
+        [("x", [2, 3, 4])],
+        [("y", [2, 5])],
+        [("zero", np.array(0, np.int64)), ("axes", np.array([0], np.int64)), ("minus1", np.array([-1], np.int64)), ("W", rand(5, 12))],
+    )
+    _, result = run_pass("fold-constants", proto, save)
+    assert result.modified
+    assert ops(result.model) == ["Reshape", "MatMul"]
+    assert_same_outputs(proto, result.model.proto, {"x": rand(2, 3, 4)}, atol=0, rtol=0)
+
+
+def test_fold_constants_leaves_dynamic_shapes_and_random_ops(save):
+    proto = make_model(
+        [
+            helper.make_node("Shape", ["x"], ["s"], name="shape"),
+            helper.make_node("ConstantOfShape", ["s"], ["z"], name="zeros"),
+            helper.make_node("RandomUniform", [], ["r"], shape=[3], name="rand"),
+            helper.make_node("Add", ["x", "z"], ["y0"], name="add"),
+            helper.make_node("Add", ["y0", "r"], ["y"], name="add2"),
+        ],
+        [("x", ["N", 3])],
+        [("y", ["N", 3])],
+    )
+    _, result = run_pass("fold-constants", proto, save)
+    assert not result.modified
+
+
+def test_fold_constants_respects_max_bytes(save):
+    proto = make_model(
+        [helper.make_node("Tile", ["W", "reps"], ["big"], name="tile"), helper.make_node("Add", ["x", "big"], ["y"], name="add")],
+        [("x", [64, 64])],
+        [("y", [64, 64])],
+        [("W", rand(1, 64)), ("reps", np.array([64, 1], np.int64))],
+    )
+    _, small = run_pass("fold-constants", proto, save, max_bytes=1024)
+    assert not small.modified
+    _, big = run_pass("fold-constants", proto, save)
+    assert ops(big.model) == ["Add"]
+
+
+# --- eliminate-dead-code --------------------------------------------------------
+
+def test_eliminate_dead_code(save):
+    proto = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["y"], name="live"),
+            helper.make_node("MatMul", ["x", "W"], ["dead"], name="dead"),
+        ],
+        [("x", [2, 2])],
+        [("y", [2, 2])],
+        [("W", rand(2, 2)), ("unused", rand(3))],
+    )
+    _, result = run_pass("eliminate-dead-code", proto, save)
+    assert result.stats == {"nodes_removed": 1, "initializers_removed": 2}
+    assert ops(result.model) == ["Relu"] and len(result.model.graph.initializer) == 0
+    assert [i.name for i in result.model.graph.input] == ["x"]
+    assert_same_outputs(proto, result.model.proto, {"x": rand(2, 2)}, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code"])
+def test_no_change_means_byte_identical(save, name):
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [2])], [("y", [2])])
+    model, result = run_pass(name, proto, save)
+    assert not result.modified and result.model is model
