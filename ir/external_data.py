@@ -41,7 +41,7 @@ def check_location(location: str, base_dir: Path, *, tensor: str, must_exist: bo
         raise ModelLoadError(f"tensor '{tensor}': external data location '{location}' is absolute; only paths inside the model folder are allowed")
     parts = PurePosixPath(location.replace("\\", "/")).parts
     if ".." in parts:
-        raise ModelLoadError(f"tensor '{tensor}': external data location '{location}' contains '..'; only paths inside the model folder are allowed")
+        raise ModelLoadError(f"tensor '{tensor}': external data location '{location}' contains '..' and may point outside the model folder; only paths inside it are allowed")
     base = base_dir.resolve()
     target = (base / location).resolve()
     if target != base and base not in target.parents:

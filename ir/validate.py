@@ -62,7 +62,7 @@ def _check_single_assignment(graph: onnx.GraphProto) -> set[str]:
                 continue
             if out in produced:
                 raise ModelLoadError(
-                    f"tensor '{out}' is produced twice (by {produced[out]} and node '{node.name or node.op_type}')"
+                    f"duplicate tensor name: '{out}' is produced twice (by {produced[out]} and node '{node.name or node.op_type}')"
                 )
             produced[out] = f"node '{node.name or node.op_type}'"
     return set(produced)

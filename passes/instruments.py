@@ -124,4 +124,4 @@ class DumpAfter(Instrument):
         if p.name in self.names or "all" in self.names:
             path = self.folder / f"{self._index:02d}-{p.name}.onnx"
             save_model(result.model, path)
-            logger.warning("dumped %s", path)
+            logger.info("dumped %s", path)

@@ -1,0 +1,163 @@
+"""The CLI through click's runner and as a real subprocess; the bad-input corpus."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import BAD, SAMPLE, load_tool, ort_run
+
+from optc.cli.main import cli
+
+MODEL_CASES = [c for c in json.loads((BAD / "cases.json").read_text()) if c["kind"] == "model"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+
+
+def test_compile_sample_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--calib", SAMPLE / "calib.npz", "--eval", SAMPLE / "test.npz", "--verify-each", "--time-passes", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    assert json.loads((out / "report.json").read_text())["passes"] == report["passes"]
+    assert [p["pass"] for p in report["passes"]] == ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code"]
+    assert report["after"]["op_histogram"].get("BatchNormalization") is None
+    acc = report["evaluation"]["accuracy"]
+    assert acc["samples"] == 1000 and acc["before"] > 0.95 and abs(acc["delta"]) < 1e-9
+    assert all(m["max_abs"] < 1e-4 for m in report["evaluation"]["fidelity"].values())
+    assert report["evaluation"]["latency_ms"]["after"] > 0
+    # The written model runs and equals the original in onnxruntime.
+    x = np.load(SAMPLE / "test.npz")["input"][:16]
+    ref = ort_run(onnx.load(str(SAMPLE / "mnist_cnn.onnx")), {"input": x})["logits"]
+    got = ort_run(onnx.load(str(out / "model.onnx")), {"input": x})["logits"]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_human_table_and_rerun_replaces_output(tmp_path):
+    out = tmp_path / "out"
+    first = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--no-latency", "--pass", "fold-batchnorm")
+    assert first.exit_code == 0
+    assert "fold-batchnorm" in first.output and "folded=6" in first.output
+    second = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--no-latency", "--pass", "remove-identity")
+    assert second.exit_code == 0
+    assert json.loads((out / "report.json").read_text())["pipeline"] == ["remove-identity"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_pipeline_file_and_dump_after(tmp_path):
+    pipe = tmp_path / "pipe.toml"
+    pipe.write_text('[[passes]]\nname = "fold-batchnorm"\n[[passes]]\nname = "remove-identity"\n')
+    out = tmp_path / "out"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--pipeline", pipe, "--dump-after", "fold-batchnorm", "--no-latency")
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (out / "dumps").iterdir()] == ["01-fold-batchnorm.onnx"]
+
+
+def test_inspect_json():
+    res = invoke("inspect", SAMPLE / "mnist_cnn.onnx", "--json", "--no-tvm")
+    assert res.exit_code == 0
+    info = json.loads(res.output)
+    assert info["inputs"] == ["input: float32 [batchx1x28x28]"]
+    assert info["stats"]["op_histogram"]["Conv"] == 6
+    assert info["stats"]["macs"] > 0 and info["dynamic_dims"] == {"input": ["batch"]}
+
+
+def test_inspect_counts_constant_weights(tmp_path):
+    from helpers import make_model
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32))
+    proto = make_model([helper.make_node("Constant", [], ["W"], value=w, name="c"), helper.make_node("MatMul", ["x", "W"], ["y"], name="m")], [("x", [1, 3])], [("y", [1, 3])])
+    onnx.save_model(proto, str(tmp_path / "m.onnx"))
+    info = json.loads(invoke("inspect", tmp_path / "m.onnx", "--json", "--no-tvm").output)
+    assert info["weights_in_constant_nodes"] == 1 and info["stats"]["params"] == 9
+
+
+def test_passes_listing():
+    res = invoke("passes")
+    assert res.exit_code == 0
+    for name in ("fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code", "canonicalize"):
+        assert name in res.output
+    described = json.loads(invoke("passes", "--describe", "fold-constants", "--json").output)["passes"][0]
+    assert [o["name"] for o in described["options"]] == ["max_bytes", "fold_shapes"]
+    assert "Shape" in described["doc"]
+
+
+def _assert_clean_failure(res, out, expect):
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("optc: error:") and "Traceback" not in res.output
+    assert expect.lower() in lines[0].lower()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c["file"] for c in MODEL_CASES])
+def test_bad_model_corpus(tmp_path, case):
+    out = tmp_path / "out"
+    res = invoke("compile", BAD / case["file"], "-o", out)
+    # The file name is in the message; match the expectation on the rest.
+    _assert_clean_failure(res, out, "")
+    message = res.output.lower().replace(str(BAD / case["file"]).lower(), "<file>")
+    assert case["expect"].lower() in message, message
+
+
+def test_symlink_escape_via_cli(tmp_path):
+    path = load_tool("make_bad_models").make_symlink_escape(tmp_path / "m")
+    out = tmp_path / "out"
+    _assert_clean_failure(invoke("compile", path, "-o", out), out, "outside the model folder")
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--pass", "no-such-pass"], "unknown pass 'no-such-pass'; valid passes:"),
+        (["--pass", "fold-constants:nope=1"], "valid options: max_bytes, fold_shapes"),
+        (["--calib", str(BAD / "bad_calib" / "wrong_dtype.npz")], "dtype"),
+        (["--input-shape", "input=1x3x28x28"], "dim 1 is fixed to 1"),
+        (["--input-shape", "nope=1x1x28x28"], "inputs are: input"),
+        (["--dump-after", "prune"], "not in the pipeline"),
+        (["--pipeline", "/nonexistent.yaml"], "no such file"),
+        (["--eval", str(SAMPLE / "calib.npz")], "no 'label' array"),
+    ],
+)
+def test_bad_options(tmp_path, args, expect):
+    out = tmp_path / "out"
+    calib = ["--calib", str(SAMPLE / "calib.npz")] if "--calib" not in args else []
+    _assert_clean_failure(invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, *calib, *args), out, expect)
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out)
+    assert res.exit_code == 2 and "refusing to overwrite" in res.output
+    assert (out / "precious.txt").read_text() == "keep"
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert invoke("compile", SAMPLE / "mnist_cnn.onnx").exit_code == 2  # no -o
+    assert invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / "o", "--target", "tpu").exit_code == 2
+
+
+@pytest.mark.slow
+def test_real_subprocess(tmp_path):
+    exe = shutil.which("optc") or os.path.join(os.path.dirname(sys.executable), "optc")
+    out = tmp_path / "out"
+    ok = subprocess.run([exe, "compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out), "--no-latency"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (out / "model.onnx").is_file()
+    bad = subprocess.run([exe, "compile", str(BAD / "truncated.onnx"), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    debug = subprocess.run([exe, "--debug", "compile", str(BAD / "truncated.onnx"), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
