@@ -56,6 +56,7 @@ class Config:
 
 BERT_BASE = Config("bert-base", layers=12, hidden=768, heads=12, ffn=3072)
 BERT_2G = Config("bert-2g", layers=18, hidden=1536, heads=16, ffn=6144, external=True)
+CONFIGS = {c.name: c for c in (BERT_BASE, BERT_2G)}
 
 
 # --------------------------------------------------------------------------- building
@@ -249,6 +250,15 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _vm_hwm() -> int:
+    """Peak RSS of this process's own address space (not inherited across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def worker_pipeline(src: str, dst: str) -> dict:
     """load -> canonicalize -> save, as optc/driver.py does (the loaded model stays referenced)."""
     from optc.ir import load_model, save_model
@@ -256,12 +266,12 @@ def worker_pipeline(src: str, dst: str) -> dict:
     from optc.passes.pipeline import parse_pass_specs
 
     passes = parse_pass_specs(["canonicalize"])
-    out: dict = {"baseline_rss": _maxrss(), "baseline_rss_now": _rss_now(), "stages": {}}
+    out: dict = {"baseline_rss": _maxrss(), "baseline_rss_now": _rss_now(), "baseline_hwm": _vm_hwm(), "stages": {}}
 
     def stage(name: str, fn):
         t0 = time.perf_counter()
         value = fn()
-        out["stages"][name] = {"s": time.perf_counter() - t0, "maxrss": _maxrss(), "rss_after": _rss_now()}
+        out["stages"][name] = {"s": time.perf_counter() - t0, "maxrss": _maxrss(), "hwm": _vm_hwm(), "rss_after": _rss_now()}
         return value
 
     model = stage("load", lambda: load_model(src))
@@ -273,6 +283,7 @@ def worker_pipeline(src: str, dst: str) -> dict:
     files = stage("save", lambda: save_model(result.model, dst))
     out["files"] = [(str(p), p.stat().st_size) for p in files]
     out["peak_rss"] = _maxrss()
+    out["peak_hwm"] = _vm_hwm()
     return out
 
 
@@ -321,7 +332,9 @@ def worker_verify(src: str, dst: str, compare: bool) -> dict:
 def _worker_main(argv: list[str]) -> int:
     kind, src, dst = argv[0], argv[1], argv[2]
     try:
-        if kind == "pipeline":
+        if kind == "build":
+            res = {"weight_bytes": build_bert(CONFIGS[dst], Path(src))}
+        elif kind == "pipeline":
             res = worker_pipeline(src, dst)
         else:
             res = worker_verify(src, dst, compare=kind == "verify-compare")
@@ -364,7 +377,12 @@ def run_case(cfg: Config, workdir: Path) -> dict:
     dst = folder / "out" / "model.onnx"
     print(f"[{cfg.name}] building ({cfg.layers} layers, hidden {cfg.hidden}, {'external data' if cfg.external else 'single file'}) ...", flush=True)
     t0 = time.perf_counter()
-    weight_bytes = build_bert(cfg, src)
+    # Built in a subprocess too: the parent stays small, and a child's ru_maxrss
+    # starts from the parent's RSS at fork (Linux counts it across exec).
+    built = _run_worker("build", src, cfg.name)
+    if not built["ok"]:
+        raise RuntimeError(f"building {cfg.name} failed: {built['error']}\n{built.get('traceback', '')}")
+    weight_bytes = built["weight_bytes"]
     print(f"[{cfg.name}] built {weight_bytes / 1e9:.3f} GB of weights in {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"[{cfg.name}] load -> canonicalize -> save in a fresh process ...", flush=True)
     res = _run_worker("pipeline", src, dst)
@@ -414,7 +432,8 @@ def print_report(results: list[dict]) -> None:
             print(f"  pipeline FAILED: {r['error']}")
             continue
         wb = r["weight_bytes"]
-        print(f"  baseline RSS after imports: {r['baseline_rss'] / GIB:.2f} GiB")
+        print(f"  baseline RSS after imports: {r['baseline_rss'] / GIB:.2f} GiB (ru_maxrss; RSS now {r['baseline_rss_now'] / GIB:.2f} GiB); "
+              f"peak cross-check: VmHWM {r['peak_hwm'] / GIB:.2f} GiB")
         for name, st in r["stages"].items():
             print(f"  after {name:<6}: {st['s']:7.2f}s  peak so far {st['maxrss'] / GIB:6.2f} GiB "
                   f"({(st['maxrss'] - r['baseline_rss']) / wb:.2f}x weights)  RSS now {st['rss_after'] / GIB:6.2f} GiB "

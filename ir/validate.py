@@ -13,11 +13,11 @@ import networkx as nx
 import onnx
 
 from optc.errors import ModelLoadError
+from optc.ir.opset import check_upgradable
 from optc.ir.weights import PLACEHOLDER_LOCATION, skeleton_copy
 
-# The version converter and the frontends we target handle opset 7 and up;
-# older files predate broadcasting rules every pass relies on.
-MIN_OPSET = 7
+# Older models load when onnx's version converter can upgrade them (checked in ir/opset.py).
+MIN_OPSET = 1
 MAX_OPSET = onnx.defs.onnx_opset_version()
 
 
@@ -45,7 +45,8 @@ def _check_opset(proto: onnx.ModelProto) -> None:
     if version > MAX_OPSET:
         raise ModelLoadError(f"unsupported opset {version}: this onnx supports opsets {MIN_OPSET}..{MAX_OPSET}")
     if version < MIN_OPSET:
-        raise ModelLoadError(f"unsupported opset {version}: optc needs opset {MIN_OPSET} or newer (upgrade the export)")
+        raise ModelLoadError(f"unsupported opset {version}")
+    check_upgradable(proto)
 
 
 def _check_single_assignment(graph: onnx.GraphProto) -> set[str]:
