@@ -53,12 +53,12 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     table = Table(title="optc passes", title_justify="left")
     table.add_column("pass", no_wrap=True)
     table.add_column("changed")
-    for col in ("params", "bytes", "MACs", "nodes"):
+    for col in ("params", "bytes", "MACs/sample", "nodes"):
         table.add_column(col, justify="right", no_wrap=True)
     if show_time:
         table.add_column("time", justify="right", no_wrap=True)
     table.add_column("max |Δ| vs previous", no_wrap=True)
-    table.add_column("what it did")
+    table.add_column("what it did", overflow="fold", min_width=24)
     before = report["before"]
     table.add_row("(input)", "", human_count(before["params"]), human_bytes(before["param_bytes"]), human_count(before["macs"]), str(before["nodes"]), *([""] if show_time else []), "", "")
     for rec in report["passes"]:
