@@ -269,6 +269,7 @@ def worker_pipeline(src: str, dst: str) -> dict:
     out: dict = {"baseline_rss": _maxrss(), "baseline_rss_now": _rss_now(), "baseline_hwm": _vm_hwm(), "stages": {}}
 
     def stage(name: str, fn):
+        print(f"@@STAGE@@ {name}", flush=True)  # the parent names the stage if the worker dies
         t0 = time.perf_counter()
         value = fn()
         out["stages"][name] = {"s": time.perf_counter() - t0, "maxrss": _maxrss(), "hwm": _vm_hwm(), "rss_after": _rss_now()}
@@ -345,20 +346,53 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
-def _run_worker(kind: str, src: Path, dst: Path) -> dict:
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 16 * GIB
+
+
+def _proc_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _run_worker(kind: str, src: Path, dst: Path | str, rss_cap: int | None = None) -> dict:
+    """Run a worker; kill it (and say in which stage) if its RSS passes ``rss_cap``."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, str(src), str(dst)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines()[::-1]:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        seen, capped = 0, False
+        while proc.poll() is None:
+            rss = _proc_rss(proc.pid)
+            seen = max(seen, rss)
+            if rss_cap and rss > rss_cap:
+                proc.kill()
+                capped = True
+                proc.wait()
+                break
+            time.sleep(0.05)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    for line in stdout.splitlines()[::-1]:
         if line.startswith("@@RESULT@@"):
             res = json.loads(line[len("@@RESULT@@"):])
-            if proc.stderr.strip():
-                res["stderr"] = proc.stderr.strip()[-4000:]
+            if stderr.strip():
+                res["stderr"] = stderr.strip()[-4000:]
             return res
-    return {
-        "ok": False,
-        "error": f"worker exited with status {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else ""),
-        "traceback": proc.stderr[-8000:],
-    }
+    stages = [line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("@@STAGE@@ ")]
+    where = f" during stage '{stages[-1]}'" if stages else ""
+    if capped:
+        error = f"killed by the benchmark: RSS passed the cap of {rss_cap / GIB:.1f} GiB{where}"
+    else:
+        error = f"worker exited with status {proc.returncode}{where}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
+    return {"ok": False, "error": error, "traceback": stderr[-8000:], "peak_rss": seen, "stages_started": stages}
 
 
 # --------------------------------------------------------------------------- driver
@@ -368,7 +402,7 @@ def _fmt_s(stages: dict, name: str) -> str:
     return f"{stages[name]['s']:.2f}" if name in stages else "-"
 
 
-def run_case(cfg: Config, workdir: Path) -> dict:
+def run_case(cfg: Config, workdir: Path, rss_cap: int | None) -> dict:
     folder = workdir / cfg.name
     if folder.exists():
         shutil.rmtree(folder)
@@ -385,14 +419,14 @@ def run_case(cfg: Config, workdir: Path) -> dict:
     weight_bytes = built["weight_bytes"]
     print(f"[{cfg.name}] built {weight_bytes / 1e9:.3f} GB of weights in {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"[{cfg.name}] load -> canonicalize -> save in a fresh process ...", flush=True)
-    res = _run_worker("pipeline", src, dst)
+    res = _run_worker("pipeline", src, dst, rss_cap)
     res["config"] = cfg
     res["built_weight_bytes"] = weight_bytes
     if not res["ok"]:
         print(f"[{cfg.name}] FAILED: {res['error']}\n{res.get('traceback', '')}", flush=True)
         return res
     print(f"[{cfg.name}] verifying the saved model in a fresh process ...", flush=True)
-    res["verify"] = _run_worker("verify-compare" if cfg.name == BERT_BASE.name else "verify", src, dst)
+    res["verify"] = _run_worker("verify-compare" if cfg.name == BERT_BASE.name else "verify", src, dst, rss_cap)
     if not res["verify"]["ok"]:
         print(f"[{cfg.name}] VERIFY FAILED: {res['verify']['error']}\n{res['verify'].get('traceback', '')}", flush=True)
     return res
@@ -464,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-large", action="store_true", help="skip the model over 2 GB")
     parser.add_argument("--workdir", type=Path, help="where models are written (kept); default: a temporary folder, deleted at the end")
+    parser.add_argument("--rss-cap-gib", type=float, help="kill a worker whose RSS passes this (default: 85%% of available memory)")
     args = parser.parse_args(argv)
+    rss_cap = int((args.rss_cap_gib * GIB) if args.rss_cap_gib else 0.85 * _mem_available())
+    print(f"RSS cap per worker: {rss_cap / GIB:.1f} GiB")
 
     temp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="optc-ir-scale-")) if temp else args.workdir
@@ -479,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 if free < LARGE_MIN_FREE_BYTES:
                     print(f"[{cfg.name}] skipped: {free / 1e9:.1f} GB free in {workdir}, need {LARGE_MIN_FREE_BYTES / 1e9:.0f} GB")
                     continue
-            res = run_case(cfg, workdir)
+            res = run_case(cfg, workdir, rss_cap)
             results.append(res)
             failed |= not res["ok"] or not res.get("verify", {}).get("ok", False)
             cmp = res.get("verify", {}).get("compare", {})

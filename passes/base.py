@@ -55,6 +55,8 @@ class Pass(Generic[ConfigT]):
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = NoOptions
     requires: ClassVar[frozenset[Requirement]] = frozenset()
+    # The manager upgrades older models (onnx's version converter) before the pass runs.
+    min_opset: ClassVar[int] = 0
     # Exact passes keep outputs equal (checked to 1e-5 by --verify-each);
     # lossy ones declare so and are held to their own budget.
     exact: ClassVar[bool] = True

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from optc.errors import ConfigError, OptcError, PassError
 from optc.ir.model import Model
+from optc.ir.opset import upgrade_opset
 from optc.ir.shapes import infer_shapes
 from optc.ir.stats import ModelStats, compute_stats
 from optc.passes.base import Pass, PassContext, PassResult, Requirement
@@ -100,6 +101,11 @@ class PassManager:
             inst.before_pipeline(model, ctx)
         records: list[PassRecord] = []
         for index, p in enumerate(self.passes):
+            if p.min_opset and model.opset < p.min_opset:
+                # A functional upgrade: earlier stages (and VerifyEach's reference) are untouched.
+                model = model.copy()
+                upgrade_opset(model, p.min_opset)
+                infer_shapes(model)
             for inst in self.instruments:
                 inst.before_pass(p, model, ctx)
             start = time.perf_counter()

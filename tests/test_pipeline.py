@@ -202,3 +202,33 @@ def test_records_and_dump_after(save, tmp_path):
     assert [p.name for p in dumps.iterdir()] == ["03-remove-identity.onnx"]
     assert result.final.params == 0 and result.initial.params == 4
     np.testing.assert_equal(len(result.records), 4)
+
+
+@register_pass("test-needs-opset-13")
+class _NeedsOpset13(Pass):
+    min_opset = 13
+
+    def run(self, model, ctx):
+        assert model.opset >= 13
+        return PassResult(model, modified=False)
+
+
+def test_manager_upgrades_old_opsets_for_passes_that_need_it(save):
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [2, 3])], [("y", [2, 3])], opset=11)
+    model = load_model(save(proto))
+    result = PassManager(parse_pass_specs(["test-needs-opset-13"]), [VerifyEach(sample_feeds(model))]).run(model)
+    assert result.model.opset == 13 and model.opset == 11
+    assert "upgraded opset to 13" in result.model.notes
+
+
+def test_networkx_view(save):
+    from optc.ir import to_networkx
+
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["a"], name="r"), helper.make_node("Neg", ["a"], ["b"], name="n"), helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+        [("x", [2])],
+        [("y", [2])],
+    )
+    g = to_networkx(load_model(save(proto)))
+    assert sorted(g.edges(data="tensor")) == [("n", "add", "b"), ("r", "add", "a"), ("r", "n", "a")]
+    assert g.nodes["add"]["op"] == "Add"
