@@ -1,4 +1,18 @@
-"""Imports every built-in pass module so that their @register_pass decorators run."""
+"""Imports every pass module of this package so that their @register_pass decorators run.
+
+Discovery (rather than a hand-kept list) lets each pass live in its own module
+without a shared file to edit.
+"""
 from __future__ import annotations
 
-from optc.passes import eliminate_dead_code, fold_batchnorm, fold_constants, remove_identity  # noqa: F401
+import importlib
+import pkgutil
+
+import optc.passes as _package
+
+# Framework modules hold no passes; everything else in the package may.
+_FRAMEWORK = {"base", "builtin", "calibration", "instruments", "manager", "options", "pipeline", "layers"}
+
+for _info in pkgutil.iter_modules(_package.__path__):
+    if _info.name not in _FRAMEWORK and not _info.name.startswith("_"):
+        importlib.import_module(f"optc.passes.{_info.name}")
