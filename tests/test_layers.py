@@ -1,0 +1,66 @@
+"""The shared linear-layer view: im2col rows reproduce the layer, Grams stream correctly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import make_model, ort_run, rand
+from onnx import helper
+
+from optc.ir import infer_shapes, load_model
+from optc.passes import CalibrationSet
+from optc.passes.layers import find_linear_layers, input_grams, input_rows, matrix_to_weight, weight_matrix
+
+
+@pytest.mark.parametrize(
+    "attrs,cin,group",
+    [
+        ({"pads": [1, 1, 1, 1]}, 4, 1),
+        ({"strides": [2, 2], "pads": [0, 1, 1, 0]}, 4, 1),
+        ({"dilations": [2, 2], "pads": [2, 2, 2, 2]}, 4, 1),
+        ({"pads": [1, 1, 1, 1], "group": 2}, 4, 2),
+        ({"auto_pad": "SAME_UPPER", "strides": [2, 2]}, 4, 1),
+        ({"pads": [1, 1, 1, 1], "group": 4}, 4, 4),  # depthwise
+    ],
+)
+def test_conv_rows_reproduce_the_convolution(save, attrs, cin, group):
+    w = rand(8, cin // group, 3, 3)
+    proto = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="conv", **attrs)], [("x", [2, cin, 7, 7])], [("y", ["n", "c", "h", "w"])], [("W", w)])
+    model = load_model(save(proto))
+    infer_shapes(model)
+    (layer,), _ = find_linear_layers(model)
+    x = rand(2, cin, 7, 7, seed=1)
+    y = ort_run(proto, {"x": x})["y"]
+    rows = input_rows(layer, x)  # (g, n*ho*wo, d)
+    m = weight_matrix(layer, w).reshape(group, 8 // group, -1)
+    out = np.einsum("god,grd->gro", m, rows)  # (g, rows, out_per_group)
+    n, _, ho, wo = y.shape
+    got = out.reshape(group, n, ho, wo, 8 // group).transpose(1, 0, 4, 2, 3).reshape(y.shape)
+    np.testing.assert_allclose(got, y, atol=1e-4)
+    np.testing.assert_array_equal(matrix_to_weight(layer, weight_matrix(layer, w)), w)
+
+
+def test_gemm_and_matmul_views(save):
+    proto = make_model(
+        [helper.make_node("Gemm", ["x", "G"], ["h"], transB=1, name="gemm"), helper.make_node("MatMul", ["h", "M"], ["y"], name="mm")],
+        [("x", [3, 4])],
+        [("y", [3, 2])],
+        [("G", rand(5, 4)), ("M", rand(5, 2))],
+    )
+    model = load_model(save(proto))
+    layers, skipped = find_linear_layers(model, exclude=())
+    assert [(l.node, l.out_features, l.in_features) for l in layers] == [("gemm", 5, 4), ("mm", 2, 5)]
+    assert skipped == []
+    assert find_linear_layers(model, exclude=("MatMul",))[1] == ["mm: excluded"]
+
+
+def test_input_grams_match_a_direct_computation(save, tmp_path):
+    proto = make_model([helper.make_node("MatMul", ["x", "M"], ["y"], name="mm")], [("x", ["N", 3])], [("y", ["N", 2])], [("M", rand(3, 2))])
+    model = load_model(save(proto))
+    x = rand(10, 3, seed=4)
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = CalibrationSet.from_path(tmp_path / "c.npz", model)
+    layers, _ = find_linear_layers(model)
+    gram = input_grams(model, calib, layers, batch_size=4)["mm"]
+    assert gram.rows == 10
+    np.testing.assert_allclose(gram.gram[0], x.astype(np.float64).T @ x, rtol=1e-6)
+    np.testing.assert_allclose(gram.mean[0], x.mean(axis=0), rtol=1e-6)
