@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -m "not gpu and not tvm"
+PYTEST_ARGS ?= -m "not gpu"
 
 .PHONY: demo test setup setup-test clean
 
@@ -18,7 +18,7 @@ setup: $(BIN)/python
 # torch (CPU build, from this machine's disk) is a test-tool dependency only:
 # it exports the MiniLM sentence model the real-model tests run on.
 setup-test: $(BIN)/python
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,tvm]"
 	$(BIN)/pip install -q torch==2.13.0 || echo "torch not installable: tests that need it will skip"
 
 demo: setup

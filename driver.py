@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = "report.json"
 MODEL_NAME = "model.onnx"
-TARGETS = ("none",)  # the targets issue adds x86, arm and gpu
+TARGETS = ("none", "x86", "arm", "gpu")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class CompileOptions:
     measure_latency: bool = True
     external_data: bool | None = None
     seed: int = 0
+    cpu: str | None = None  # x86: LLVM CPU name instead of the host's
+    arch: str | None = None  # gpu: CUDA arch such as sm_80
 
 
 @dataclass
@@ -94,7 +96,12 @@ def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] 
     if unknown_dumps:
         raise ConfigError(f"--dump-after {unknown_dumps[0]}: not in the pipeline ({', '.join(p.name for p in passes)}, or 'all')")
     check_outdir(opts.outdir)
+    spec = _target_spec(opts)
     model = prepare_model(opts.model, opts.input_shapes)
+    if spec is not None:
+        dynamic = [s.describe() for s in model.inputs if not s.is_static]
+        if dynamic:
+            raise ConfigError(f"--target {opts.target} needs static input shapes; freeze them with --input-shape ({'; '.join(dynamic)})")
     calib = CalibrationSet.from_path(opts.calib, model) if opts.calib else None
     labelled = LabelledSet.from_path(opts.eval_data, model) if opts.eval_data else None
     feeds = _sample_feeds(model, calib, labelled, opts.seed)
@@ -117,13 +124,42 @@ def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] 
         evaluation = _evaluate(original, result.model, feeds, labelled, opts.measure_latency)
         files = save_model(result.model, staging / MODEL_NAME, external_data=opts.external_data)
         report = _report(opts, passes, original, result, evaluation)
+        if spec is not None:
+            report["target"] = _compile_target(result.model, spec, staging)
+            files.append(staging / "model.so")
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+        if spec is not None:
+            from optc.targets.artifact import write_manifest
+
+            write_manifest(staging, result.model, spec)
+            files.append(staging / "manifest.json")
         _publish(staging, opts.outdir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     written = [opts.outdir / f.name for f in files] + [opts.outdir / REPORT_NAME]
     return CompileResult(report, written, result)
+
+
+def _target_spec(opts: CompileOptions):
+    if opts.target == "none":
+        return None
+    from optc.targets.spec import make_target
+
+    return make_target(opts.target, cpu=opts.cpu, arch=opts.arch)
+
+
+def _compile_target(model: Model, spec, staging: Path) -> dict[str, Any]:
+    """Build and export the TVM library; returns the report's target section."""
+    import time
+
+    from optc.targets.build import build, export
+
+    start = time.perf_counter()
+    executable = build(model, spec)
+    built = time.perf_counter()
+    export(executable, staging / "model.so", spec)
+    return {**spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built, "tuned": False}
 
 
 def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int):
@@ -155,7 +191,7 @@ def _report(opts: CompileOptions, passes: Sequence[Pass], model: Model, result: 
             "outputs": [s.describe() for s in result.model.outputs],
         },
         "notes": model.notes,
-        "target": opts.target,
+        "target": {"name": opts.target},
         "pipeline": [repr(p) for p in passes],
         "passes": [r.to_dict() for r in result.records],
         "before": result.initial.to_dict(),

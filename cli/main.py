@@ -68,14 +68,16 @@ def cli(debug: bool, verbose: bool) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name, samples first) or a folder of them.")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with the inputs and a 'label' array: accuracy before/after.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...", help="Freeze an input's dynamic dims; repeatable.")
-@click.option("--target", type=click.Choice(["none"]), default="none", show_default=True, help="Compile target (passes only for now).")
+@click.option("--target", type=click.Choice(["none", "x86", "arm", "gpu"]), default="none", show_default=True, help="Compile with TVM for this target (none: passes only).")
+@click.option("--cpu", help="x86: LLVM CPU name (default: this machine's).")
+@click.option("--arch", help="gpu: CUDA arch, e.g. sm_80 (default) or sm_90.")
 @click.option("--verify-each", is_flag=True, help="Check the model and compare with onnxruntime after every pass.")
 @click.option("--time-passes", is_flag=True, help="Show the wall time of each pass.")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Save the model after this pass (or 'all') into OUTDIR/dumps.")
 @click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights beside the model (default: only above 1.8 GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
+def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
     """Run a pass pipeline on MODEL and write the result to OUTDIR."""
     from optc.cli.render import ProgressInstrument, render_compile_report
     from optc.driver import CompileOptions, build_pipeline, compile_model
@@ -89,6 +91,8 @@ def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_da
         eval_data=eval_data,
         input_shapes=tuple(input_shapes),
         target=target,
+        cpu=cpu,
+        arch=arch,
         verify_each=verify_each,
         time_passes=time_passes,
         dump_after=tuple(dump_after),
@@ -159,6 +163,53 @@ def passes_cmd(name: str | None, as_json: bool) -> None:
     else:
         for pipe, members in NAMED_PIPELINES.items():
             console.print(f"[bold]{pipe}[/bold]  (pipeline) {' -> '.join(members)}")
+
+
+@cli.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input array; repeatable.")
+@click.option("--output", type=click.Path(path_type=Path), help="Write the outputs to this .npz.")
+def run_cmd(artifact: Path, inputs, output: Path | None) -> None:
+    """Run a compiled ARTIFACT folder (its hashes are checked before it is loaded)."""
+    import numpy as np
+
+    from optc.errors import ConfigError
+    from optc.targets.artifact import load_artifact
+
+    feeds = {}
+    for item in inputs:
+        name, eq, file = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--input {item}: expected NAME=FILE.npy")
+        try:
+            feeds[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--input {item}: cannot read {file}: {exc}") from exc
+    outputs = load_artifact(artifact).run(feeds)
+    if output is not None:
+        tmp = output.with_name(f".{output.name}.tmp.npz")
+        np.savez(tmp, **outputs)
+        tmp.replace(output)
+    for name, value in outputs.items():
+        click.echo(f"{name}: {value.dtype} {list(value.shape)} first values {np.round(value.ravel()[:5], 5).tolist()}")
+
+
+@cli.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--repeats", default=50, show_default=True, help="Timed runs of each.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def bench_cmd(artifact: Path, repeats: int, as_json: bool) -> None:
+    """Median latency of ARTIFACT and of onnxruntime on its model.onnx, same inputs."""
+    from optc.targets.bench import bench_artifact
+
+    result = bench_artifact(artifact, repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(
+            f"tvm {result['tvm_ms']:.3f} ms, onnxruntime {result['ort_ms']:.3f} ms (median of {result['repeats']}), "
+            f"ratio tvm/ort {result['ratio']:.2f}; max |Δ| {result['max_abs_diff']:.2e}"
+        )
 
 
 def main() -> None:

@@ -1,0 +1,112 @@
+"""ONNX -> Relax -> a TVM executable for a target spec.
+
+The model arrives canonicalised with frozen input shapes (TVM's ONNX frontend
+rejects Reshape targets computed at run time; shape folding removes them).
+Unsupported ops are found before any compilation by asking the frontend's own
+converter table. GPU modules get dlight's default schedules; CPU modules use
+TVM's default pipeline (untuned: see the targets issue for MetaSchedule).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from optc.errors import TargetError
+from optc.ir.model import Model
+from optc.targets.spec import TargetSpec
+from optc.targets.support import frontend_support
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """TVM's C++ logging writes warnings straight to fd 2 (one per function on export);
+    keep them for --debug (logged) and out of the user's terminal otherwise."""
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                logger.debug("TVM native log:\n%s", text)
+
+
+def check_compilable(model: Model) -> None:
+    """Fail before any work when TVM cannot take the model, naming ops and nodes."""
+    dynamic = [s.describe() for s in model.inputs if not s.is_static]
+    if dynamic:
+        raise TargetError(f"TVM needs static input shapes; freeze them with --input-shape ({'; '.join(dynamic)})")
+    support = frontend_support(model)
+    if not support.available:
+        raise TargetError(support.reason)
+    if support.unsupported:
+        raise TargetError(support.message())
+
+
+def to_relax(model: Model) -> Any:
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        return from_onnx(model.proto, keep_params_in_input=False)
+    except Exception as exc:  # the frontend raises many kinds
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TargetError(f"TVM's ONNX frontend failed: {type(exc).__name__}: {first}") from exc
+
+
+def tvm_target(spec: TargetSpec) -> Any:
+    import tvm
+
+    if spec.host is not None:
+        return tvm.target.Target(spec.target, host=spec.host)
+    return tvm.target.Target(spec.target)
+
+
+def build(model: Model, spec: TargetSpec) -> Any:
+    """Compile ``model`` for ``spec``; returns a ``tvm.runtime.Executable``."""
+    import tvm
+    from tvm import relax
+
+    check_compilable(model)
+    mod = to_relax(model)
+    target = tvm_target(spec)
+    try:
+        with quiet_native_stderr():
+            if spec.device == "cuda":
+                from tvm.s_tir import dlight as dl
+
+                with target:
+                    mod = relax.get_pipeline("zero")(mod)
+                    mod = dl.ApplyDefaultSchedule(
+                        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+                    )(mod)
+            return tvm.compile(mod, target=target)
+    except TargetError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TargetError(f"TVM compilation for {spec.name} failed: {type(exc).__name__}: {first}") from exc
+
+
+def export(executable: Any, path: Path, spec: TargetSpec) -> None:
+    """Write the shared library (cross-linked for ARM)."""
+    import shutil
+
+    kwargs: dict[str, Any] = {}
+    if spec.cross_compiler:
+        if shutil.which(spec.cross_compiler) is None:
+            raise TargetError(f"{spec.name} needs the cross compiler '{spec.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")
+        import tvm.support
+
+        kwargs["fcompile"] = tvm.support.cc.cross_compiler(spec.cross_compiler)
+    with quiet_native_stderr():
+        executable.export_library(str(path), **kwargs)

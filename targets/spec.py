@@ -1,0 +1,68 @@
+"""Compile targets as frozen specs that yield TVM target dicts.
+
+TVM 0.27 only accepts targets as JSON dicts. Specs are plain data so that the
+CLI, reports and manifests can name them without importing TVM; the TVM
+objects are made in :mod:`optc.targets.build`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from optc.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to compile for.
+
+    Attributes:
+        name: ``x86``, ``arm`` or ``gpu``.
+        target: the TVM target dict (``tvm.target.Target(target)``).
+        host: the host target dict for device targets (GPU), else None.
+        device: the TVM device kind the artifact runs on (``cpu`` or ``cuda``).
+        cross_compiler: the C++ driver that links the shared library when it is
+            not for this machine (``aarch64-linux-gnu-g++`` for ARM).
+    """
+
+    name: str
+    target: dict[str, Any]
+    host: dict[str, Any] | None = None
+    device: str = "cpu"
+    cross_compiler: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "target": self.target, "host": self.host, "device": self.device, "cross_compiler": self.cross_compiler}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (e.g. ``znver3``), asked of TVM's LLVM."""
+    from tvm.target import codegen
+
+    return str(codegen.llvm_get_system_cpu())
+
+
+def make_target(name: str, *, cpu: str | None = None, arch: str | None = None, arm_dotprod: bool = False, cores: int | None = None) -> TargetSpec:
+    """Build a spec. ``cpu`` overrides host detection (x86); ``arch`` is the CUDA arch (gpu)."""
+    cores = cores or _cores()
+    if name == "x86":
+        return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu or host_cpu(), "num-cores": cores})
+    if name == "arm":
+        mattr = ["+neon"] + (["+v8.2a", "+dotprod"] if arm_dotprod else [])
+        return TargetSpec(
+            "arm",
+            {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr, "num-cores": cores},
+            cross_compiler="aarch64-linux-gnu-g++",
+        )
+    if name == "gpu":
+        arch = arch or "sm_80"
+        if not arch.startswith("sm_"):
+            raise ConfigError(f"--arch {arch}: expected a CUDA arch such as sm_80 or sm_90")
+        return TargetSpec("gpu", {"kind": "cuda", "arch": arch}, host={"kind": "llvm", "num-cores": cores}, device="cuda")
+    raise ConfigError(f"unknown target '{name}'; valid targets: none, x86, arm, gpu")

@@ -1,0 +1,111 @@
+"""TVM targets: compile, artifact integrity, run against onnxruntime (real TVM, no mocks)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import SAMPLE, make_model, ort_run, rand
+from onnx import helper
+
+from optc.cli.main import cli
+from optc.errors import ConfigError, TargetError
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def x86_artifact(tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "sample"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_x86_artifact_matches_onnxruntime(x86_artifact, tmp_path):
+    from optc.targets.artifact import load_artifact
+
+    manifest = json.loads((x86_artifact / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "model.so", "report.json"}
+    assert manifest["target"]["name"] == "x86" and manifest["inputs"][0]["shape"] == [1, 1, 28, 28]
+    artifact = load_artifact(x86_artifact)
+    data = np.load(SAMPLE / "test.npz")
+    reference = onnx.load(str(SAMPLE / "mnist_cnn.onnx"))
+    correct = 0
+    for i in range(20):
+        x = data["input"][i : i + 1]
+        got = artifact.run({"input": x})["logits"]
+        np.testing.assert_allclose(got, ort_run(reference, {"input": x})["logits"], atol=1e-4, rtol=1e-4)
+        correct += int(got.argmax() == data["label"][i])
+    assert correct >= 18
+    np.save(tmp_path / "x.npy", data["input"][:1])
+    res = invoke("run", x86_artifact, "--input", f"input={tmp_path / 'x.npy'}", "--output", tmp_path / "y.npz")
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "y.npz")["logits"].shape == (1, 10)
+
+
+def test_tampered_library_is_refused(x86_artifact, tmp_path):
+    import shutil
+
+    from optc.targets.artifact import load_artifact
+
+    copy = tmp_path / "copy"
+    shutil.copytree(x86_artifact, copy)
+    lib = copy / "model.so"
+    data = bytearray(lib.read_bytes())
+    data[-1] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="does not match its SHA-256"):
+        load_artifact(copy)
+    res = invoke("run", copy)
+    assert res.exit_code == 2 and "refusing to load" in res.output
+
+
+def test_run_rejects_wrong_inputs(x86_artifact, tmp_path):
+    np.save(tmp_path / "bad.npy", np.zeros((2, 1, 28, 28), np.float32))
+    res = invoke("run", x86_artifact, "--input", f"input={tmp_path / 'bad.npy'}")
+    assert res.exit_code == 2 and "the artifact takes float32 [1, 1, 28, 28]" in res.output
+
+
+def test_bench_reports_both(x86_artifact):
+    from optc.targets.bench import bench_artifact
+
+    result = bench_artifact(x86_artifact, repeats=5)
+    assert result["tvm_ms"] > 0 and result["ort_ms"] > 0 and result["max_abs_diff"] < 1e-4
+
+
+def test_dynamic_shapes_refused_before_work(tmp_path):
+    out = tmp_path / "o"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--target", "x86")
+    assert res.exit_code == 2 and "needs static input shapes" in res.output and not out.exists()
+
+
+def test_unsupported_ops_listed_before_compilation(save):
+    from optc.ir import load_model
+    from optc.targets.build import check_compilable
+
+    proto = make_model(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=2, name="lstm1")],
+        [("x", [1, 1, 3])],
+        [("y", [1, 1, 1, 2])],
+        [("W", rand(1, 8, 3)), ("R", rand(1, 8, 2))],
+    )
+    with pytest.raises(TargetError, match=r"cannot import: LSTM \(lstm1\)"):
+        check_compilable(load_model(save(proto)))
+
+
+@pytest.mark.slow
+def test_gpu_library_is_produced_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "gpu", "--arch", "sm_80", "--no-latency")
+    assert res.exit_code == 0, res.output
+    assert (out / "model.so").stat().st_size > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["device"] == "cuda" and manifest["target"]["target"]["arch"] == "sm_80"
