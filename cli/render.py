@@ -37,16 +37,22 @@ def _drift(record: dict[str, Any]) -> str:
     return f"{worst:.1e} cos {cos:.6f}"
 
 
-def _describe_stats(stats: dict[str, Any], prefix: str = "") -> str:
+def _describe_stats(stats: dict[str, Any]) -> str:
+    """Top-level scalar figures and small counters; per-layer detail stays in report.json."""
     parts = []
     for key, value in stats.items():
         if isinstance(value, dict):
-            inner = _describe_stats(value, f"{prefix}{key}.")
-            if inner:
-                parts.append(inner)
-        elif value not in (0, None, [], ""):
-            parts.append(f"{prefix}{key}={value}")
+            if len(value) <= 4 and all(isinstance(v, (int, float)) for v in value.values()):
+                parts.extend(f"{key}.{k}={_fmt(v)}" for k, v in value.items() if v)
+        elif isinstance(value, (bool, int, float, str)) and not isinstance(value, bool) and value not in (0, ""):
+            parts.append(f"{key}={_fmt(value)}")
+        elif isinstance(value, bool):
+            parts.append(f"{key}={value}")
     return ", ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def render_compile_report(report: dict[str, Any], console: Console, *, show_time: bool) -> None:

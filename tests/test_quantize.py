@@ -1,0 +1,249 @@
+"""quantize: calibrators on synthetic distributions, QDQ structure and axes, accuracy
+budgets against onnxruntime fp32, bias correction / GPTQ measurably helping, fallback."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import SAMPLE, make_model, ort_run, rand
+from onnx import helper
+
+from optc.errors import ConfigError
+from optc.ir import infer_shapes, load_model
+from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
+from optc.passes.calibrators import HistogramCalibrator, MinMaxCalibrator, StreamingHistogram, expected_sq_error
+from optc.passes.qdq import activation_params, fake_quantize
+
+# --- calibrators -------------------------------------------------------------------
+
+
+def _outlier_data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(200_000)
+    x[:5] = [40.0, -35.0, 50.0, 38.0, -45.0]  # rare outliers
+    return x.astype(np.float32)
+
+
+def test_histogram_merging_is_order_independent():
+    x = _outlier_data()
+    one, parts = StreamingHistogram(1024), StreamingHistogram(1024)
+    one.update(x)
+    for chunk in np.array_split(x[::-1], 7):  # small values first: forces doublings later
+        parts.update(chunk)
+    assert one.radius == parts.radius
+    np.testing.assert_array_equal(one.counts, parts.counts)
+    assert one.counts.sum() + one.zeros == x.size
+
+
+def test_minmax_is_exact_and_contains_zero():
+    cal = MinMaxCalibrator()
+    for chunk in np.array_split(np.linspace(0.5, 3.0, 100), 4):
+        cal.update(chunk)
+    assert cal.range() == (0.0, 3.0)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibrators_clip_outliers(method):
+    cal = HistogramCalibrator(method, percentile=99.99, unsigned=True)
+    for chunk in np.array_split(_outlier_data(), 5):
+        cal.update(chunk)
+    lo, hi = cal.range()
+    assert -10 < lo < -2 and 2 < hi < 10, (lo, hi)  # outliers near +-40 clipped away
+
+
+def test_percentile_matches_numpy():
+    x = _outlier_data(1)
+    cal = HistogramCalibrator("percentile", percentile=99.9, bins=8192)
+    cal.update(x)
+    lo, hi = cal.range()
+    assert abs(hi - np.percentile(x, 99.9)) < 0.05 and abs(lo - np.percentile(x, 0.1)) < 0.05
+
+
+def test_mse_minimises_the_quantisation_error_it_claims_to():
+    # Heavy tails (Laplace): clipping trades a little tail error for finer steps.
+    # (Far outliers of N(0,1), as above, cost more clipped than kept: mse keeps them.)
+    x = np.random.default_rng(2).laplace(size=100_000).astype(np.float32)
+    cal = HistogramCalibrator("mse")
+    cal.update(x)
+    lo, hi = cal.range()
+
+    def real_mse(a, b):
+        p = activation_params(a, b)
+        return float(np.mean((fake_quantize(x.astype(np.float64), p) - x) ** 2))
+
+    chosen = real_mse(lo, hi)
+    full = real_mse(float(x.min()), float(x.max()))
+    assert chosen < 0.9 * full
+    # Within a few percent of the best range on a fine grid of the same family.
+    grid = [real_mse(x.min() * t, x.max() * t) for t in np.linspace(0.01, 1, 100)]
+    assert chosen <= 1.05 * min(grid)
+    # The histogram estimate agrees with the measured error.
+    assert expected_sq_error(cal.hist, lo, hi) == pytest.approx(chosen, rel=0.1)
+
+
+def test_entropy_keeps_a_one_sided_background_value():
+    # A normalised image: most pixels at the black level -0.42, strokes up to 2.8.
+    rng = np.random.default_rng(0)
+    x = np.full(100_000, -0.4242, np.float32)
+    x[:20_000] = rng.uniform(-0.42, 2.8, 20_000)
+    cal = HistogramCalibrator("entropy")
+    cal.update(x)
+    lo, hi = cal.range()
+    assert lo <= -0.42 and hi > 2.0
+
+
+# --- the pass ----------------------------------------------------------------------
+
+
+def _calib(tmp_path, model, n=64, seed=0, **arrays):
+    rng = np.random.default_rng(seed)
+    feeds = arrays or {s.name: rng.standard_normal((n, *s.shape[1:])).astype(np.float32) for s in model.inputs}
+    np.savez(tmp_path / "calib.npz", **feeds)
+    return CalibrationSet.from_path(tmp_path / "calib.npz", model)
+
+
+def _run(save, tmp_path, proto, calib_arrays=None, **options):
+    model = load_model(save(proto))
+    infer_shapes(model)
+    before = model.proto.SerializeToString()
+    calib = _calib(tmp_path, model, **(calib_arrays or {}))
+    result = PassManager([make_pass("quantize", options)]).run(model, PassContext(calibration=calib))
+    assert model.proto.SerializeToString() == before, "the pass mutated its input"
+    onnx.checker.check_model(result.model.proto, full_check=True)
+    return result.model, result.records[0]
+
+
+def _conv_gemm_model(opset=17):
+    return make_model(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+            helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "G", "C"], ["g"], transB=0, name="gemm"),
+            helper.make_node("MatMul", ["g", "M"], ["y"], name="mm"),
+        ],
+        [("x", ["N", 3, 8, 8])],
+        [("y", ["N", 4])],
+        [("W", rand(8, 3, 3, 3)), ("B", rand(8, seed=1)), ("G", rand(8, 6, seed=2)), ("C", rand(6, seed=3)), ("M", rand(6, 4, seed=4))],
+        opset=opset,
+    )
+
+
+def _dq_axis(model, weight_consumer):
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == weight_consumer)
+    dq = producers[node.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    return next((a.i for a in dq.attribute if a.name == "axis"), 1), model.initializer_array(dq.input[0])
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_qdq_structure_axes_and_error_budget(save, tmp_path, calibrator):
+    proto = _conv_gemm_model()
+    q, record = _run(save, tmp_path, proto, calibrator=calibrator)
+    hist = q.op_histogram()
+    assert hist["QuantizeLinear"] == 3 and hist["DequantizeLinear"] == 3 + 3 + 2  # acts, weights, int32 biases
+    assert _dq_axis(q, "conv")[0] == 0 and _dq_axis(q, "gemm")[0] == 1 and _dq_axis(q, "mm")[0] == 1
+    w_conv = _dq_axis(q, "conv")[1]
+    assert w_conv.dtype == np.int8 and w_conv.shape == (8, 3, 3, 3) and np.abs(w_conv).max() <= 127
+    bias_dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and q.initializer_array(n.input[0]).dtype == np.int32)
+    assert bias_dq is not None
+    x = rand(16, 3, 8, 8, seed=7)
+    ref, got = ort_run(proto, {"x": x})["y"], ort_run(q.proto, {"x": x})["y"]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()  # declared budget: 5 % of range
+    stats = record.stats
+    assert stats["quantized"] == 3 and all(l["weight_sqnr_db"] > 30 for l in stats["layers"].values())
+    assert stats["weight_bytes_after"] < stats["weight_bytes_before"]
+
+
+def test_include_exclude_and_float_bias(save, tmp_path):
+    q, record = _run(save, tmp_path, _conv_gemm_model(), exclude=("mm",), bias="float")
+    assert record.stats["quantized"] == 2 and "mm: excluded" in record.skipped
+    assert next(n for n in q.graph.node if n.name == "mm").input[1] == "M"
+    assert not any(q.initializer_array(t.name).dtype == np.int32 for t in q.graph.initializer)
+    q2, record2 = _run(save, tmp_path, _conv_gemm_model(), include=("Conv",))
+    assert record2.stats["quantized"] == 1 and q2.op_histogram()["QuantizeLinear"] == 1
+
+
+def test_opset_11_is_upgraded(save, tmp_path):
+    proto = _conv_gemm_model(opset=11)
+    q, _ = _run(save, tmp_path, proto)
+    assert q.opset >= 13
+    x = rand(4, 3, 8, 8, seed=1)
+    ref = ort_run(proto, {"x": x})["y"]
+    assert np.abs(ort_run(q.proto, {"x": x})["y"] - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def _biased_gemm():
+    # Inputs far from zero mean: weight rounding then shifts every output by (M' - M) E[x].
+    w = rand(64, 32, seed=5) * 0.05
+    return make_model([helper.make_node("Gemm", ["x", "W", "C"], ["y"], transB=1, name="fc")], [("x", ["N", 64])], [("y", ["N", 32])], [("W", w.T.copy()), ("C", np.zeros(32, np.float32))])
+
+
+def test_bias_correction_removes_the_mean_shift(save, tmp_path):
+    rng = np.random.default_rng(0)
+    x = (4.0 + 0.1 * rng.standard_normal((256, 64))).astype(np.float32)
+    proto = _biased_gemm()
+    errors = {}
+    for flag in (False, True):
+        q, _ = _run(save, tmp_path, proto, {"x": x}, bias_correction=flag, reduce_range=True, calibrator="minmax")
+        diff = ort_run(q.proto, {"x": x})["y"] - ort_run(proto, {"x": x})["y"]
+        errors[flag] = float(np.abs(diff.mean(axis=0)).mean())
+    assert errors[True] < 0.3 * errors[False], errors
+
+
+def test_gptq_reduces_output_error(save, tmp_path):
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((512, 8))
+    x = (base @ rng.standard_normal((8, 64)) + 0.05 * rng.standard_normal((512, 64))).astype(np.float32)  # correlated inputs
+    proto = make_model([helper.make_node("MatMul", ["x", "M"], ["y"], name="mm")], [("x", ["N", 64])], [("y", ["N", 16])], [("M", rand(64, 16, seed=2))])
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        q, _ = _run(save, tmp_path, proto, {"x": x}, rounding=rounding, reduce_range=True, calibrator="minmax", bias_correction=False)
+        diff = ort_run(q.proto, {"x": x})["y"] - ort_run(proto, {"x": x})["y"]
+        errors[rounding] = float(np.mean(diff**2))
+    assert errors["gptq"] < 0.8 * errors["nearest"], errors
+
+
+def test_max_drop_keeps_sensitive_layers_float(save, tmp_path):
+    q, record = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-7, eval_samples=32)
+    stats = record.stats
+    assert set(stats["sensitivity"]) == {"conv", "gemm", "mm"}
+    assert stats["float"], "a near-zero budget must send layers back to float"
+    most = max(stats["sensitivity"], key=stats["sensitivity"].get)
+    assert most in stats["float"]
+    assert any("kept float" in s for s in record.skipped)
+
+
+def test_too_few_samples_is_a_clear_error(save, tmp_path):
+    model = load_model(save(_conv_gemm_model()))
+    np.savez(tmp_path / "few.npz", x=rand(3, 3, 8, 8))
+    calib = CalibrationSet.from_path(tmp_path / "few.npz", model)
+    with pytest.raises(ConfigError, match="at least"):
+        PassManager([make_pass("quantize")]).run(model, PassContext(calibration=calib))
+
+
+def test_missing_calibration_is_a_clear_error(save):
+    model = load_model(save(_conv_gemm_model()))
+    with pytest.raises(ConfigError, match="calib"):
+        PassManager([make_pass("quantize")]).run(model, PassContext())
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ConfigError, match="percentile"):
+        make_pass("quantize", {"percentile": "30"})
+    with pytest.raises(ConfigError, match="calibrator"):
+        make_pass("quantize", {"calibrator": "kl"})
+
+
+@pytest.mark.slow
+def test_mnist_cnn_keeps_accuracy():
+    model = load_model(SAMPLE / "mnist_cnn.onnx")
+    calib = CalibrationSet.from_path(SAMPLE / "calib.npz", model)
+    passes = [make_pass("fold-batchnorm"), make_pass("quantize", {"calibrator": "percentile"})]
+    q = PassManager(passes).run(model, PassContext(calibration=calib)).model
+    onnx.checker.check_model(q.proto, full_check=True)
+    test = np.load(SAMPLE / "test.npz")
+    logits = ort_run(q.proto, {"input": test["input"]})[q.outputs[0].name]
+    assert (logits.argmax(1) == test["label"]).mean() >= 0.975  # fp32: 0.980
