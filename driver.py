@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from optc import __version__
 from optc.errors import ConfigError
-from optc.evaluation import LabelledSet, accuracy, fidelity, latency_ms
+from optc.evaluation import LabelledSet, accuracy, latency_ms
 from optc.ir.io import load_model, save_model
 from optc.ir.model import Model
 from optc.ir.session import sample_feeds
@@ -119,11 +119,18 @@ def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] 
             instruments.append(TimePasses())
         if opts.dump_after:
             instruments.append(DumpAfter(set(opts.dump_after), staging / "dumps"))
-        original = model
-        result = PassManager(passes, instruments).run(model, ctx)
-        evaluation = _evaluate(original, result.model, feeds, labelled, opts.measure_latency)
+        # Measure the input model now and let it go: holding it through the
+        # pipeline would cost one more copy of the weights (see benchmarks/ir_scale.py).
+        baseline = _measure(model, feeds, labelled, opts.measure_latency)
+        source = {"opsets": model.opset_imports, "notes": list(model.notes)}
+        holder = [model]
+        del model
+        result = PassManager(passes, instruments).run(holder.pop(), ctx)
+        evaluation = _compare(
+            baseline, _measure(result.model, feeds, labelled, opts.measure_latency), labelled.inputs.num_samples if labelled else 0
+        )
         files = save_model(result.model, staging / MODEL_NAME, external_data=opts.external_data)
-        report = _report(opts, passes, original, result, evaluation)
+        report = _report(opts, passes, source, result, evaluation)
         if spec is not None:
             report["target"] = _compile_target(result.model, spec, staging)
             files.append(staging / "model.so")
@@ -170,27 +177,50 @@ def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: Labelled
     return sample_feeds(model, seed=seed)
 
 
-def _evaluate(original: Model, final: Model, feeds, labelled: LabelledSet | None, measure_latency: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"fidelity": fidelity(original, final, feeds), "fidelity_samples": int(len(next(iter(feeds.values()))))}
-    if labelled is not None:
-        before, after = accuracy(original, labelled), accuracy(final, labelled)
-        out["accuracy"] = {"samples": labelled.inputs.num_samples, "before": before, "after": after, "delta": after - before}
-    if measure_latency:
-        before_ms, after_ms = latency_ms(original, feeds), latency_ms(final, feeds)
-        out["latency_ms"] = {"before": before_ms, "after": after_ms, "speedup": before_ms / after_ms if after_ms else None, "runtime": "onnxruntime CPU"}
+@dataclass
+class _Measurement:
+    outputs: dict[str, Any]
+    accuracy: float | None
+    latency_ms: float | None
+
+
+def _measure(model: Model, feeds, labelled: LabelledSet | None, measure_latency: bool) -> _Measurement:
+    from optc.ir.session import run
+
+    return _Measurement(
+        outputs=run(model, feeds),
+        accuracy=accuracy(model, labelled) if labelled is not None else None,
+        latency_ms=latency_ms(model, feeds) if measure_latency else None,
+    )
+
+
+def _compare(before: _Measurement, after: _Measurement, samples_labelled: int = 0) -> dict[str, Any]:
+    from optc.passes.instruments import compare_outputs
+
+    samples = len(next(iter(before.outputs.values()))) if before.outputs else 0
+    out: dict[str, Any] = {"fidelity": compare_outputs(before.outputs, after.outputs), "fidelity_samples": samples}
+    if before.accuracy is not None and after.accuracy is not None:
+        out["accuracy"] = {"samples": samples_labelled, "before": before.accuracy, "after": after.accuracy, "delta": after.accuracy - before.accuracy}
+    if before.latency_ms is not None and after.latency_ms is not None:
+        out["latency_ms"] = {
+            "before": before.latency_ms,
+            "after": after.latency_ms,
+            "speedup": before.latency_ms / after.latency_ms if after.latency_ms else None,
+            "runtime": "onnxruntime CPU",
+        }
     return out
 
 
-def _report(opts: CompileOptions, passes: Sequence[Pass], model: Model, result: PipelineResult, evaluation: dict[str, Any]) -> dict[str, Any]:
+def _report(opts: CompileOptions, passes: Sequence[Pass], source: dict[str, Any], result: PipelineResult, evaluation: dict[str, Any]) -> dict[str, Any]:
     return {
         "optc_version": __version__,
         "model": {
             "source": str(opts.model),
-            "opsets": model.opset_imports,
+            "opsets": source["opsets"],
             "inputs": [s.describe() for s in result.model.inputs],
             "outputs": [s.describe() for s in result.model.outputs],
         },
-        "notes": model.notes,
+        "notes": source["notes"] + [n for n in result.model.notes if n not in source["notes"]],
         "target": {"name": opts.target},
         "pipeline": [repr(p) for p in passes],
         "passes": [r.to_dict() for r in result.records],

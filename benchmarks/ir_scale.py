@@ -15,10 +15,22 @@ saved model's onnxruntime output is compared with the original's.
 
 Usage::
 
-    python benchmarks/ir_scale.py [--skip-large] [--workdir DIR]
+    python benchmarks/ir_scale.py [--skip-large] [--workdir DIR] [--drop-input] [--rss-cap-gib N]
 
 Not a pytest module: run it directly. The goal printed beside each peak is
-peak RSS above baseline <= 2.5x the model's weight bytes.
+peak RSS above baseline (the RSS after imports) <= 2.5x the model's weight
+bytes; exceeding it is reported, not an error (the exit status is 1 only when
+a stage fails, a saved model does not load back, or outputs differ). By
+default the loaded model stays referenced while the passes run and the result
+is saved, as in ``optc/driver.py``; ``--drop-input`` measures the pipeline
+holding the only reference. A worker whose RSS passes ``--rss-cap-gib``
+(default 85% of available memory) is killed and reported with its stage, so
+that a regression cannot take the machine down. The large case is skipped
+when less than 8 GB of disk is free.
+
+Every model is built in a subprocess too: on Linux a child's ``ru_maxrss``
+starts from its parent's RSS at fork, so a parent that had built a model
+would inflate every measurement.
 """
 from __future__ import annotations
 
@@ -116,12 +128,12 @@ class _Builder:
     def const(self, name: str, value, dtype) -> str:
         return self.init(name, self.np.asarray(value, dtype=dtype))
 
-    def node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> list[str] | str:
+    def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
         import onnx
 
-        outs = [self.name(op.lower()) for _ in range(n_out)]
-        self.nodes.append(onnx.helper.make_node(op, inputs, outs, name=self.name(op), **attrs))
-        return outs[0] if n_out == 1 else outs
+        output = output or self.name(op.lower())
+        self.nodes.append(onnx.helper.make_node(op, inputs, [output], name=self.name(op), **attrs))
+        return output
 
 
 def build_bert(cfg: Config, path: Path) -> int:
@@ -203,19 +215,10 @@ def build_bert(cfg: Config, path: Path) -> int:
             down = linear(gelu, f"{p}.output.dense", cfg.ffn, h)
             x = layer_norm(b.node("Add", [down, x]), f"{p}.output.LayerNorm")
 
-        last = b.node("Identity", [x])  # exporters leave these; remove-identity drops it
+        # Exporters leave Identity nodes before outputs; remove-identity drops this one.
+        last = b.node("Identity", [x], output="last_hidden_state")
         first_tok = b.node("Gather", [last, idx0], axis=1)
-        pooled = b.node("Tanh", [linear(first_tok, "pooler.dense", h, h)])
-        b.nodes[-1].output[0] = "pooler_output"
-        # Name the encoder output.
-        for n in b.nodes:
-            for j, name in enumerate(n.input):
-                if name == last:
-                    n.input[j] = "last_hidden_state"
-        for n in b.nodes:
-            if n.output and n.output[0] == last:
-                n.output[0] = "last_hidden_state"
-        del pooled
+        b.node("Tanh", [linear(first_tok, "pooler.dense", h, h)], output="pooler_output")
 
         graph = onnx.helper.make_graph(
             b.nodes,
@@ -259,8 +262,13 @@ def _vm_hwm() -> int:
     return 0
 
 
-def worker_pipeline(src: str, dst: str) -> dict:
-    """load -> canonicalize -> save, as optc/driver.py does (the loaded model stays referenced)."""
+def worker_pipeline(src: str, dst: str, drop_input: bool = False) -> dict:
+    """load -> canonicalize -> save.
+
+    By default the loaded model stays referenced during the passes and the save,
+    as in optc/driver.py (which keeps it to evaluate against); with
+    ``drop_input`` the pipeline holds the only reference.
+    """
     from optc.ir import load_model, save_model
     from optc.passes.manager import PassManager
     from optc.passes.pipeline import parse_pass_specs
@@ -273,11 +281,13 @@ def worker_pipeline(src: str, dst: str) -> dict:
         t0 = time.perf_counter()
         value = fn()
         out["stages"][name] = {"s": time.perf_counter() - t0, "maxrss": _maxrss(), "hwm": _vm_hwm(), "rss_after": _rss_now()}
+        print("@@DONE@@ " + json.dumps({"name": name, **out["stages"][name], "baseline_rss": out["baseline_rss"]}), flush=True)
         return value
 
-    model = stage("load", lambda: load_model(src))
-    out["weight_bytes"] = model.weight_bytes()
-    result = stage("passes", lambda: PassManager(passes).run(model))
+    box = [stage("load", lambda: load_model(src))]
+    out["weight_bytes"] = box[0].weight_bytes()
+    model = None if drop_input else box[0]
+    result = stage("passes", lambda: PassManager(passes).run(box.pop()))
     out["records"] = [
         {"pass": r.name, "modified": r.modified, "s": round(r.seconds, 3), "stats": r.stats} for r in result.records
     ]
@@ -285,6 +295,7 @@ def worker_pipeline(src: str, dst: str) -> dict:
     out["files"] = [(str(p), p.stat().st_size) for p in files]
     out["peak_rss"] = _maxrss()
     out["peak_hwm"] = _vm_hwm()
+    del model
     return out
 
 
@@ -335,8 +346,8 @@ def _worker_main(argv: list[str]) -> int:
     try:
         if kind == "build":
             res = {"weight_bytes": build_bert(CONFIGS[dst], Path(src))}
-        elif kind == "pipeline":
-            res = worker_pipeline(src, dst)
+        elif kind in ("pipeline", "pipeline-drop-input"):
+            res = worker_pipeline(src, dst, drop_input=kind == "pipeline-drop-input")
         else:
             res = worker_verify(src, dst, compare=kind == "verify-compare")
         res["ok"] = True
@@ -380,19 +391,25 @@ def _run_worker(kind: str, src: Path, dst: Path | str, rss_cap: int | None = Non
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
+    stages = [line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("@@STAGE@@ ")]
+    done = [json.loads(line.split(" ", 1)[1]) for line in stdout.splitlines() if line.startswith("@@DONE@@ ")]
+    partial = {d.pop("name"): d for d in done}
+    base = next(iter(partial.values()))["baseline_rss"] if partial else None
+    where = f" during stage '{stages[-1]}'" if stages else ""
     for line in stdout.splitlines()[::-1]:
         if line.startswith("@@RESULT@@"):
             res = json.loads(line[len("@@RESULT@@"):])
             if stderr.strip():
                 res["stderr"] = stderr.strip()[-4000:]
+            if not res["ok"]:
+                res.update(stages=partial, baseline_rss=base, error=res["error"] + where)
             return res
-    stages = [line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("@@STAGE@@ ")]
-    where = f" during stage '{stages[-1]}'" if stages else ""
     if capped:
         error = f"killed by the benchmark: RSS passed the cap of {rss_cap / GIB:.1f} GiB{where}"
     else:
         error = f"worker exited with status {proc.returncode}{where}" + (" (killed: out of memory?)" if proc.returncode < 0 else "")
-    return {"ok": False, "error": error, "traceback": stderr[-8000:], "peak_rss": seen, "stages_started": stages}
+    return {"ok": False, "error": error, "traceback": stderr[-8000:], "peak_rss": seen, "capped": capped,
+            "stages": partial, "baseline_rss": base, "stages_started": stages}
 
 
 # --------------------------------------------------------------------------- driver
@@ -402,7 +419,7 @@ def _fmt_s(stages: dict, name: str) -> str:
     return f"{stages[name]['s']:.2f}" if name in stages else "-"
 
 
-def run_case(cfg: Config, workdir: Path, rss_cap: int | None) -> dict:
+def run_case(cfg: Config, workdir: Path, rss_cap: int | None, drop_input: bool = False) -> dict:
     folder = workdir / cfg.name
     if folder.exists():
         shutil.rmtree(folder)
@@ -419,7 +436,7 @@ def run_case(cfg: Config, workdir: Path, rss_cap: int | None) -> dict:
     weight_bytes = built["weight_bytes"]
     print(f"[{cfg.name}] built {weight_bytes / 1e9:.3f} GB of weights in {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"[{cfg.name}] load -> canonicalize -> save in a fresh process ...", flush=True)
-    res = _run_worker("pipeline", src, dst, rss_cap)
+    res = _run_worker("pipeline-drop-input" if drop_input else "pipeline", src, dst, rss_cap)
     res["config"] = cfg
     res["built_weight_bytes"] = weight_bytes
     if not res["ok"]:
@@ -440,10 +457,15 @@ def print_report(results: list[dict]) -> None:
         wb = r.get("weight_bytes", r["built_weight_bytes"])
         stages = r.get("stages", {})
         peak = r.get("peak_rss")
-        base = r.get("baseline_rss", 0)
+        base = r.get("baseline_rss")
         if peak is None or not r["ok"]:
+            more = ">" if r.get("capped") else ""
+            net = f"{more}{(peak - base) / wb:.2f}x" if peak is not None and base is not None else "-"
             rows.append([cfg.name, f"{wb:,}", _fmt_s(stages, "load"), _fmt_s(stages, "passes"), _fmt_s(stages, "save"),
-                         "-" if peak is None else f"{peak / GIB:.2f}", "-", "-", "-", f"<= {GOAL_RATIO}x", "FAILED"])
+                         "-" if peak is None else f"{more}{peak / GIB:.2f}",
+                         f"{more}{(peak - base) / GIB:.2f}" if peak is not None and base is not None else "-",
+                         "-" if peak is None else f"{more}{peak / wb:.2f}x", net, f"<= {GOAL_RATIO}x",
+                         "KILLED" if r.get("capped") else "FAILED"])
             continue
         ratio_net = (peak - base) / wb
         verdict = "ok" if ratio_net <= GOAL_RATIO else "OVER GOAL"
@@ -462,10 +484,14 @@ def print_report(results: list[dict]) -> None:
     for r in results:
         cfg = r["config"]
         print(f"{cfg.name}:")
+        wb = r.get("weight_bytes", r["built_weight_bytes"])
         if not r["ok"]:
             print(f"  pipeline FAILED: {r['error']}")
+            for name, st in r.get("stages", {}).items():
+                print(f"  after {name:<6}: {st['s']:7.2f}s  peak so far {st['maxrss'] / GIB:6.2f} GiB "
+                      f"({(st['maxrss'] - st['baseline_rss']) / wb:.2f}x weights)  RSS now {st['rss_after'] / GIB:6.2f} GiB "
+                      f"({(st['rss_after'] - st['baseline_rss']) / wb:.2f}x weights)")
             continue
-        wb = r["weight_bytes"]
         print(f"  baseline RSS after imports: {r['baseline_rss'] / GIB:.2f} GiB (ru_maxrss; RSS now {r['baseline_rss_now'] / GIB:.2f} GiB); "
               f"peak cross-check: VmHWM {r['peak_hwm'] / GIB:.2f} GiB")
         for name, st in r["stages"].items():
@@ -498,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-large", action="store_true", help="skip the model over 2 GB")
     parser.add_argument("--workdir", type=Path, help="where models are written (kept); default: a temporary folder, deleted at the end")
+    parser.add_argument("--drop-input", action="store_true",
+                        help="let the pipeline hold the only reference to the loaded model (optc/driver.py keeps it)")
     parser.add_argument("--rss-cap-gib", type=float, help="kill a worker whose RSS passes this (default: 85%% of available memory)")
     args = parser.parse_args(argv)
     rss_cap = int((args.rss_cap_gib * GIB) if args.rss_cap_gib else 0.85 * _mem_available())
@@ -516,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 if free < LARGE_MIN_FREE_BYTES:
                     print(f"[{cfg.name}] skipped: {free / 1e9:.1f} GB free in {workdir}, need {LARGE_MIN_FREE_BYTES / 1e9:.0f} GB")
                     continue
-            res = run_case(cfg, workdir, rss_cap)
+            res = run_case(cfg, workdir, rss_cap, args.drop_input)
             results.append(res)
             failed |= not res["ok"] or not res.get("verify", {}).get("ok", False)
             cmp = res.get("verify", {}).get("compare", {})

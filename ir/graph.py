@@ -7,12 +7,13 @@ their producers and consumers, removals keep the graph's interface intact, and
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from optc.ir.model import Model
 
@@ -117,9 +118,29 @@ class GraphEditor:
         return True
 
     def commit(self) -> Model:
-        """Clean up, sort and export; model-level fields of the original are kept."""
+        """Clean up, sort and export; model-level fields of the original are kept.
+
+        Untouched weights are still the original TensorProtos (gs LazyValues).
+        gs's exporter would copy each twice (make_graph, then make_model), so
+        they are exported as stubs and copied once, straight into the new model.
+        """
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        lazy: dict[str, Any] = {}
+        for tensor in self.graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues:
+                source = tensor._values.tensor
+                stub = onnx.TensorProto(name=source.name, data_type=source.data_type, dims=source.dims)
+                lazy[tensor.name] = (tensor, tensor._values)
+                tensor._values = LazyValues(stub)
+        try:
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        finally:
+            for tensor, values in lazy.values():
+                tensor._values = values
+        for init in proto.graph.initializer:
+            if init.name in lazy:
+                init.CopyFrom(lazy[init.name][1].tensor)
+                init.name = lazy[init.name][0].name
         old = self.model.proto
         proto.ir_version = old.ir_version
         del proto.opset_import[:]
@@ -163,7 +184,3 @@ def consumers_by_tensor(model: Model) -> dict[str, list[onnx.NodeProto]]:
 
 def producers_by_tensor(model: Model) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output if o}
-
-
-def node_names(nodes: Iterable[gs.Node]) -> list[str]:
-    return [n.name for n in nodes]

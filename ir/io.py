@@ -8,18 +8,20 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from optc.errors import ModelLoadError, OptcError
 from optc.ir.constants import lift_constant_nodes, name_unnamed_nodes
 from optc.ir.external_data import check_location, load_external_data
-from optc.ir.model import EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_SAVE_ABOVE_BYTES, Model
+from optc.ir.model import EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_SAVE_ABOVE_BYTES, PROTOBUF_LIMIT_BYTES, Model, tensor_nbytes
 from optc.ir.validate import run_checker, validate_structure
-from optc.ir.weights import DetachedTensor, detached_weights, mark_external_location
+from optc.ir.weights import mark_external_location, skeleton_copy, skeleton_without_initializers
 
 logger = logging.getLogger(__name__)
 
 # External payloads are aligned so that runtimes can mmap them.
 _ALIGN = 4096
+_STREAM_BATCH_BYTES = 16 << 20
 
 
 def load_model(path: str | os.PathLike[str], *, lift_constants: bool = True, check: bool = True) -> Model:
@@ -97,11 +99,9 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external_data: boo
             os.replace(tmp_data, folder / data_name)
             written.append(folder / data_name)
         else:
-            try:
-                payload = model.proto.SerializeToString()
-            except ValueError as exc:  # protobuf refuses > 2 GiB
-                raise OptcError("the model is too large for one protobuf; save it with external data") from exc
-            _write_file(tmp_model, payload)
+            if model.weight_bytes() > PROTOBUF_LIMIT_BYTES:
+                raise OptcError("the model is too large for one protobuf; save it with external data")
+            _write_streamed(model.proto, tmp_model)
         os.replace(tmp_model, path)
     finally:
         for stale in folder.glob(f".*.{token}.tmp"):
@@ -112,19 +112,37 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external_data: boo
 def _write_with_external_data(proto: onnx.ModelProto, model_path: Path, data_path: Path, location: str) -> None:
     with open(data_path, "wb") as data:
 
-        def write_payload(tensor: onnx.TensorProto, item: DetachedTensor) -> None:
-            pad = (-data.tell()) % _ALIGN
-            data.write(b"\0" * pad)
-            raw = item.raw_bytes()
+        def write_payload(src: onnx.TensorProto, stub: onnx.TensorProto) -> None:
+            data.write(b"\0" * ((-data.tell()) % _ALIGN))
+            raw = src.raw_data if src.HasField("raw_data") else numpy_helper.to_array(src).tobytes()
             offset = data.tell()
             data.write(raw)
-            mark_external_location(tensor, location, offset, len(raw))
+            mark_external_location(stub, location, offset, len(raw))
 
-        with detached_weights(proto, EXTERNAL_DATA_THRESHOLD_BYTES, write_payload):
-            skeleton = proto.SerializeToString()
+        skeleton = skeleton_copy(proto, EXTERNAL_DATA_THRESHOLD_BYTES, write_payload).SerializeToString()
         data.flush()
         os.fsync(data.fileno())
     _write_file(model_path, skeleton)
+
+
+def _write_streamed(proto: onnx.ModelProto, path: Path) -> None:
+    """Serialise without a whole-model byte string: the graph without its
+    initializers, then the initializers in batches, each as its own
+    ``ModelProto{graph{initializer: [...]}}`` record. Protobuf merges repeated
+    occurrences of a message field, so the file parses to the same model."""
+    with open(path, "wb") as f:
+        f.write(skeleton_without_initializers(proto).SerializeToString())
+        batch, size = onnx.ModelProto(), 0
+        for tensor in proto.graph.initializer:
+            batch.graph.initializer.add().CopyFrom(tensor)
+            size += tensor_nbytes(tensor)
+            if size >= _STREAM_BATCH_BYTES:
+                f.write(batch.SerializeToString())
+                batch, size = onnx.ModelProto(), 0
+        if len(batch.graph.initializer):
+            f.write(batch.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_file(path: Path, payload: bytes) -> None:

@@ -1,107 +1,32 @@
-"""Detaching weight payloads from a model for a moment.
+"""Skeletons: a model's graph without its weight payloads.
 
-Whole-model protobuf copies are what make large models run out of memory (and
-protobuf refuses to serialise more than 2 GiB). Checking, shape inference and
-saving only need the graph, so the payloads of large tensors are moved out of
-the protobuf, the small remainder is copied or serialised, and the payloads
-are put back exactly as they were (same field, same bytes).
+Checking, shape inference and saving with external data only need the graph.
+A skeleton is built field by field into a new protobuf, so the source model
+is never touched: with protobuf's upb backend, clearing and re-setting a
+payload in place does not free the arena memory it used, so every
+detach/restore cycle would grow the process by the model's size.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
-from optc.ir.model import iter_all_tensors, tensor_nbytes
+from optc.ir.model import tensor_nbytes
 
-_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+_DATA_FIELDS = frozenset({"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"})
 # Integer tensors this small are kept: shape inference's data propagation
 # reads Reshape targets and similar constants.
 _KEEP_INT_BELOW_BYTES = 65536
 PLACEHOLDER_LOCATION = "optc-detached-weights"
 
+_A = onnx.AttributeProto
+_HEAVY_ATTRS = {_A.TENSOR, _A.SPARSE_TENSOR, _A.GRAPH, _A.GRAPHS, _A.TENSORS, _A.SPARSE_TENSORS}
 
-@dataclass
-class DetachedTensor:
-    tensor: onnx.TensorProto
-    field: str
-    payload: object
-    location: int | None  # None: the field was unset (proto2 keeps set-to-default apart)
-
-    def array(self) -> np.ndarray:
-        """The tensor's value, read from the stashed payload."""
-        probe = onnx.TensorProto()
-        probe.data_type = self.tensor.data_type
-        probe.dims.extend(self.tensor.dims)
-        if self.field == "raw_data":
-            probe.raw_data = self.payload  # type: ignore[assignment]
-        else:
-            getattr(probe, self.field).extend(self.payload)  # type: ignore[arg-type]
-        return numpy_helper.to_array(probe)
-
-    def raw_bytes(self) -> bytes:
-        if self.field == "raw_data":
-            return self.payload  # type: ignore[return-value]
-        return self.array().tobytes()
-
-
-def _should_detach(t: onnx.TensorProto, threshold: int) -> bool:
-    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
-        return False
-    nbytes = tensor_nbytes(t)
-    if nbytes < threshold:
-        return False
-    if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and nbytes < _KEEP_INT_BELOW_BYTES:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def detached_weights(
-    proto: onnx.ModelProto,
-    threshold: int = 1024,
-    mark_external: Callable[[onnx.TensorProto, DetachedTensor], None] | None = None,
-) -> Iterator[list[DetachedTensor]]:
-    """Move large tensor payloads out of ``proto`` for the duration of the block.
-
-    Inside the block each detached tensor is marked as external data (by
-    ``mark_external`` if given, else with a placeholder location), so that the
-    checker and shape inference accept it. On exit every payload is restored
-    into the field it came from.
-    """
-    stash: list[DetachedTensor] = []
-    try:
-        for t in iter_all_tensors(proto.graph):
-            if not _should_detach(t, threshold):
-                continue
-            field = next((f for f in _DATA_FIELDS if f != "string_data" and _has_data(t, f)), None)
-            if field is None:
-                continue
-            payload = t.raw_data if field == "raw_data" else list(getattr(t, field))
-            item = DetachedTensor(t, field, payload, t.data_location if t.HasField("data_location") else None)
-            t.ClearField(field)
-            stash.append(item)
-            if mark_external is not None:
-                mark_external(t, item)
-            else:
-                mark_external_location(t, PLACEHOLDER_LOCATION)
-        yield stash
-    finally:
-        for item in stash:
-            t = item.tensor
-            t.ClearField("external_data")
-            if item.location is None:
-                t.ClearField("data_location")
-            else:
-                t.data_location = item.location
-            if item.field == "raw_data":
-                t.raw_data = item.payload  # type: ignore[assignment]
-            else:
-                getattr(t, item.field).extend(item.payload)  # type: ignore[arg-type]
+# Called for each detached tensor with (source, stub); the stub has every field but the data.
+OnDetach = Callable[[onnx.TensorProto, onnx.TensorProto], None]
 
 
 def mark_external_location(t: onnx.TensorProto, location: str, offset: int | None = None, length: int | None = None) -> None:
@@ -114,15 +39,95 @@ def mark_external_location(t: onnx.TensorProto, location: str, offset: int | Non
     t.data_location = onnx.TensorProto.EXTERNAL
 
 
-def _has_data(t: onnx.TensorProto, field: str) -> bool:
-    if field == "raw_data":
-        return t.HasField("raw_data")
-    return len(getattr(t, field)) > 0
+def _should_detach(t: onnx.TensorProto, threshold: int) -> bool:
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+        return False
+    nbytes = tensor_nbytes(t)
+    if nbytes < threshold:
+        return False
+    if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and nbytes < _KEEP_INT_BELOW_BYTES:
+        return False
+    return any(t.HasField(f) if f == "raw_data" else len(getattr(t, f)) > 0 for f in _DATA_FIELDS - {"string_data"})
 
 
-def skeleton_copy(proto: onnx.ModelProto, threshold: int = 1024) -> onnx.ModelProto:
-    """A copy of ``proto`` whose large tensors are placeholders (graph only)."""
+def _copy_fields(src: Message, dst: Message, skip: frozenset[str] | set[str] | tuple[str, ...] = ()) -> None:
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _tensor(src: onnx.TensorProto, dst: onnx.TensorProto, threshold: int, on_detach: OnDetach | None) -> None:
+    if not _should_detach(src, threshold):
+        dst.CopyFrom(src)
+        return
+    _copy_fields(src, dst, skip=_DATA_FIELDS | {"external_data", "data_location"})
+    if on_detach is None:
+        mark_external_location(dst, PLACEHOLDER_LOCATION)
+    else:
+        on_detach(src, dst)
+
+
+def _sparse(src: onnx.SparseTensorProto, dst: onnx.SparseTensorProto, threshold: int, on_detach: OnDetach | None) -> None:
+    _copy_fields(src, dst, skip=("values", "indices"))
+    _tensor(src.values, dst.values, threshold, on_detach)
+    _tensor(src.indices, dst.indices, threshold, on_detach)
+
+
+def _graph(src: onnx.GraphProto, dst: onnx.GraphProto, threshold: int, on_detach: OnDetach | None) -> None:
+    _copy_fields(src, dst, skip=("node", "initializer", "sparse_initializer"))
+    for t in src.initializer:
+        _tensor(t, dst.initializer.add(), threshold, on_detach)
+    for sp in src.sparse_initializer:
+        _sparse(sp, dst.sparse_initializer.add(), threshold, on_detach)
+    for node in src.node:
+        out = dst.node.add()
+        if not any(a.type in _HEAVY_ATTRS for a in node.attribute):
+            out.CopyFrom(node)
+            continue
+        _copy_fields(node, out, skip=("attribute",))
+        for a in node.attribute:
+            da = out.attribute.add()
+            if a.type not in _HEAVY_ATTRS:
+                da.CopyFrom(a)
+                continue
+            _copy_fields(a, da, skip=("t", "g", "graphs", "tensors", "sparse_tensor", "sparse_tensors"))
+            if a.HasField("t"):
+                _tensor(a.t, da.t, threshold, on_detach)
+            if a.HasField("g"):
+                _graph(a.g, da.g, threshold, on_detach)
+            for g in a.graphs:
+                _graph(g, da.graphs.add(), threshold, on_detach)
+            for t in a.tensors:
+                _tensor(t, da.tensors.add(), threshold, on_detach)
+            if a.HasField("sparse_tensor"):
+                _sparse(a.sparse_tensor, da.sparse_tensor, threshold, on_detach)
+            for s in a.sparse_tensors:
+                _sparse(s, da.sparse_tensors.add(), threshold, on_detach)
+
+
+def skeleton_copy(proto: onnx.ModelProto, threshold: int = 1024, on_detach: OnDetach | None = None) -> onnx.ModelProto:
+    """A new model holding ``proto``'s graph with large payloads left out.
+
+    Each left-out tensor keeps its name, type and dims and points at external
+    data: a placeholder location, or whatever ``on_detach`` sets (saving uses
+    it to write the payload and record offset and length).
+    """
     skeleton = onnx.ModelProto()
-    with detached_weights(proto, threshold):
-        skeleton.CopyFrom(proto)
+    _copy_fields(proto, skeleton, skip=("graph",))
+    if proto.HasField("graph"):
+        _graph(proto.graph, skeleton.graph, threshold, on_detach)
+    return skeleton
+
+
+def skeleton_without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Everything but the main graph's initializers (for streamed saving)."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(proto, skeleton, skip=("graph",))
+    _copy_fields(proto.graph, skeleton.graph, skip=("initializer",))
     return skeleton

@@ -9,6 +9,7 @@ something other than an :class:`OptcError` is reported as a
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,10 @@ class PassManager:
             except Exception as exc:  # a bug in a pass: say which, and what ran before
                 ran = ", ".join(q.name for q in self.passes[:index]) or "none"
                 raise PassError(f"{type(exc).__name__}: {exc} (passes run before: {ran})", pass_name=p.name) from exc
+            finally:
+                # onnx-graphsurgeon graphs are reference cycles holding the previous
+                # model's tensors; collect them now rather than when gc gets round to it.
+                gc.collect()
             seconds = time.perf_counter() - start
             if result.modified:
                 # Shapes are kept fresh after every change: stats need them, and

@@ -59,6 +59,7 @@ def test_save_is_atomic_on_failure(save, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("optc.ir.io._write_file", boom)
+    monkeypatch.setattr("optc.ir.io._write_streamed", boom)
     with pytest.raises(OSError):
         save_model(model, out)
     assert out.read_bytes() == before
