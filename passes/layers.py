@@ -228,7 +228,7 @@ class _Accumulator:
             if acc is None:
                 g, _, d = rows.shape
                 acc = self.grams[layer.node] = InputGram(np.zeros((g, d, d)), np.zeros((g, d)))
-            acc.gram += np.einsum("grd,gre->gde", rows, rows)
+            acc.gram += np.matmul(rows.transpose(0, 2, 1), rows)
             acc.total += rows.sum(axis=1)
             acc.rows += rows.shape[1]
 
