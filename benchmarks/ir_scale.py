@@ -15,15 +15,15 @@ saved model's onnxruntime output is compared with the original's.
 
 Usage::
 
-    python benchmarks/ir_scale.py [--skip-large] [--workdir DIR] [--drop-input] [--rss-cap-gib N]
+    python benchmarks/ir_scale.py [--skip-large] [--workdir DIR] [--keep-input] [--rss-cap-gib N]
 
 Not a pytest module: run it directly. The goal printed beside each peak is
 peak RSS above baseline (the RSS after imports) <= 2.5x the model's weight
 bytes; exceeding it is reported, not an error (the exit status is 1 only when
 a stage fails, a saved model does not load back, or outputs differ). By
-default the loaded model stays referenced while the passes run and the result
-is saved, as in ``optc/driver.py``; ``--drop-input`` measures the pipeline
-holding the only reference. A worker whose RSS passes ``--rss-cap-gib``
+default the pipeline holds the only reference to the loaded model, as in
+``optc/driver.py`` (which measures the input first, then lets it go);
+``--keep-input`` keeps it referenced throughout. A worker whose RSS passes ``--rss-cap-gib``
 (default 85% of available memory) is killed and reported with its stage, so
 that a regression cannot take the machine down. The large case is skipped
 when less than 8 GB of disk is free.
@@ -524,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-large", action="store_true", help="skip the model over 2 GB")
     parser.add_argument("--workdir", type=Path, help="where models are written (kept); default: a temporary folder, deleted at the end")
-    parser.add_argument("--drop-input", action="store_true",
-                        help="let the pipeline hold the only reference to the loaded model (optc/driver.py keeps it)")
+    parser.add_argument("--keep-input", action="store_true",
+                        help="keep the loaded model referenced during passes and save (optc/driver.py lets it go)")
     parser.add_argument("--rss-cap-gib", type=float, help="kill a worker whose RSS passes this (default: 85%% of available memory)")
     args = parser.parse_args(argv)
     rss_cap = int((args.rss_cap_gib * GIB) if args.rss_cap_gib else 0.85 * _mem_available())
@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 if free < LARGE_MIN_FREE_BYTES:
                     print(f"[{cfg.name}] skipped: {free / 1e9:.1f} GB free in {workdir}, need {LARGE_MIN_FREE_BYTES / 1e9:.0f} GB")
                     continue
-            res = run_case(cfg, workdir, rss_cap, args.drop_input)
+            res = run_case(cfg, workdir, rss_cap, not args.keep_input)
             results.append(res)
             failed |= not res["ok"] or not res.get("verify", {}).get("ok", False)
             cmp = res.get("verify", {}).get("compare", {})
