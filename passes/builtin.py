@@ -10,8 +10,8 @@ import pkgutil
 
 import optc.passes as _package
 
-# Framework modules hold no passes; everything else in the package may.
-_FRAMEWORK = {"base", "builtin", "calibration", "instruments", "manager", "options", "pipeline", "layers"}
+# Framework and numerical modules hold no passes; every other module may.
+_FRAMEWORK = {"base", "builtin", "calibration", "instruments", "manager", "options", "pipeline", "layers", "lowrank", "sparsity_patterns", "calibrators", "qdq"}
 
 for _info in pkgutil.iter_modules(_package.__path__):
     if _info.name not in _FRAMEWORK and not _info.name.startswith("_"):

@@ -1,0 +1,207 @@
+"""distill: the low-rank fit (exact on rank-r weights, whitening beats plain SVD on
+the data objective, closed-form errors), the rewrites vs onnxruntime, budgets,
+checker validity and the honest ``modified``."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import SAMPLE, make_model, ort_run, rand
+from onnx import helper
+
+from optc.ir import infer_shapes, load_model
+from optc.passes import CalibrationSet, PassContext, make_pass
+from optc.passes.lowrank import data_error, fit_low_rank
+
+
+def _low_rank(out, inp, r, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((out, r)) @ rng.standard_normal((r, inp))
+
+
+def _correlated(rows, d, seed=0):
+    """Rows with a strongly anisotropic covariance (like real activations)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((d, d)) * np.logspace(0, -2, d)[None, :]
+    return rng.standard_normal((rows, d)) @ mix.T + 0.5 * rng.standard_normal(d)
+
+
+# --- numerical kernel ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])  # both sides of the eigen-decomposition
+@pytest.mark.parametrize("whiten", [True, False])
+def test_true_rank_weight_is_reproduced(whiten, shape):
+    m = _low_rank(*shape, 3)
+    x = _correlated(200, shape[1])
+    h = x.T @ x / len(x)
+    spec = fit_low_rank(m, h, whiten=whiten)
+    assert spec.smallest_rank(1e-9) == 3
+    left, right = spec.factors(3)
+    np.testing.assert_allclose(left @ right, m, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(10, 16), (16, 10)])
+@pytest.mark.parametrize("whiten", [True, False])
+def test_closed_form_error_matches_direct(whiten, shape):
+    m = np.random.default_rng(1).standard_normal(shape)
+    x = _correlated(300, shape[1], seed=2)
+    h = x.T @ x / len(x)
+    spec = fit_low_rank(m, h, whiten=whiten, damp=0.01)
+    for r in (1, 4, 9, 10):
+        left, right = spec.factors(r)
+        direct = data_error(m, left @ right, h) / data_error(m, 0 * m, h)
+        assert spec.relative_error(r) == pytest.approx(direct, rel=1e-6, abs=1e-12)
+
+
+def test_whitening_beats_plain_svd_on_the_data():
+    m = np.random.default_rng(3).standard_normal((24, 32))
+    x = _correlated(500, 32, seed=4)
+    h = x.T @ x / len(x)
+    white, plain = fit_low_rank(m, h, whiten=True, damp=1e-6), fit_low_rank(m, h, whiten=False)
+    for r in range(1, 24):
+        assert white.relative_error(r) <= plain.relative_error(r) + 1e-12
+    assert white.relative_error(8) < 0.5 * plain.relative_error(8)
+    wide = fit_low_rank(m.T[:, :20], h[:20, :20], whiten=True, damp=1e-6)  # out > in
+    plain_wide = fit_low_rank(m.T[:, :20], h[:20, :20], whiten=False)
+    assert all(wide.relative_error(r) <= plain_wide.relative_error(r) + 1e-12 for r in range(1, 20))
+
+
+# --- the pass -------------------------------------------------------------------------
+
+
+def run_distill(proto, save, calib: dict, **options):
+    path = save(proto)
+    model = load_model(path)
+    infer_shapes(model)
+    np.savez(path.with_name("calib.npz"), **calib)
+    calibration = CalibrationSet.from_path(path.with_name("calib.npz"), model)
+    before = model.proto.SerializeToString()
+    result = make_pass("distill", options).run(model, PassContext(calibration=calibration))
+    assert model.proto.SerializeToString() == before, "the pass mutated its input"
+    if result.modified:
+        onnx.checker.check_model(result.model.proto, full_check=True)
+    else:
+        assert result.model is model
+    return model, result
+
+
+def ops(model) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def _mlp(w1, w2, bias):
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+            helper.make_node("Add", ["h", "b"], ["hb"], name="add"),
+            helper.make_node("Relu", ["hb"], ["a"], name="relu"),
+            helper.make_node("Gemm", ["a", "W2"], ["y"], transB=1, alpha=0.5, name="gemm"),
+        ],
+        [("x", ["N", w1.shape[0]])],
+        [("y", ["N", w2.shape[0]])],
+        [("W1", w1), ("b", bias), ("W2", w2)],
+    )
+
+
+def test_true_rank_layers_are_replaced_exactly(save):
+    w1 = _low_rank(32, 24, 4, seed=5).astype(np.float32)  # (in, out)
+    w2 = _low_rank(16, 24, 3, seed=6).astype(np.float32)  # transB: (out, in)
+    proto = _mlp(w1, w2, rand(24, seed=7))
+    x = _correlated(64, 32, seed=8).astype(np.float32)
+    _, result = run_distill(proto, save, {"x": x}, budget=1e-8)
+    assert result.modified
+    assert ops(result.model) == ["MatMul", "MatMul", "Add", "Relu", "MatMul", "Gemm"]
+    ranks = {l["node"]: l["rank"] for l in result.stats["layers"]}
+    assert ranks == {"mm1": 4, "gemm": 3}
+    assert result.stats["params_removed"] == (32 * 24 - 4 * 56) + (24 * 16 - 3 * 40)
+    xt = _correlated(10, 32, seed=9).astype(np.float32)
+    ref, got = ort_run(proto, {"x": xt})["y"], ort_run(result.model.proto, {"x": xt})["y"]
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-4)
+    assert result.stats["global"]["mean_cosine"] > 1 - 1e-9
+
+
+def test_budget_that_cannot_be_met_replaces_nothing(save):
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((32, 24)).astype(np.float32), rng.standard_normal((16, 24)).astype(np.float32)
+    proto = _mlp(w1, w2, rand(24, seed=1))
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    model, result = run_distill(proto, save, {"x": x}, budget=1e-4, min_reduction=0.2)
+    assert not result.modified and result.model is model
+    assert any(s.startswith("mm1: rank") and "does not reduce params" in s for s in result.skipped)
+    assert any(s.startswith("gemm: rank") for s in result.skipped)
+
+
+def test_budget_respected_and_measured(save):
+    w1 = rand(32, 24, seed=2)
+    proto = make_model([helper.make_node("MatMul", ["x", "W1"], ["y"], name="mm1")], [("x", ["N", 32])], [("y", ["N", 24])], [("W1", w1)])
+    x = _correlated(256, 32, seed=3).astype(np.float32)
+    _, result = run_distill(proto, save, {"x": x}, budget=0.02)
+    (layer,) = result.stats["layers"]
+    assert layer["rel_error"] <= 0.02 and layer["rank"] < 24 * 32 / 56
+    y, yr = ort_run(proto, {"x": x})["y"].astype(np.float64), ort_run(result.model.proto, {"x": x})["y"].astype(np.float64)
+    measured = ((y - yr) ** 2).sum() / (y**2).sum()
+    assert measured == pytest.approx(layer["rel_error"], rel=1e-3, abs=1e-6)
+
+
+def test_conv_student_matches_onnxruntime(save):
+    rng = np.random.default_rng(4)
+    # A conv whose im2col weight has rank 5: the student is exact.
+    w = _low_rank(16, 8 * 9, 5, seed=4).reshape(16, 8, 3, 3).astype(np.float32)
+    proto = make_model(
+        [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv")],
+        [("x", ["N", 8, 9, 9])],
+        [("y", ["N", 16, 5, 5])],
+        [("W", w), ("B", rand(16, seed=5))],
+    )
+    x = rng.standard_normal((12, 8, 9, 9)).astype(np.float32)
+    _, result = run_distill(proto, save, {"x": x}, budget=1e-8)
+    assert ops(result.model) == ["Conv", "Conv"]
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert sorted(shapes.values()) == [[5, 8, 3, 3], [16], [16, 5, 1, 1]]
+    np.testing.assert_allclose(ort_run(result.model.proto, {"x": x[:3]})["y"], ort_run(proto, {"x": x[:3]})["y"], atol=1e-3)
+
+
+def test_refusals_are_explained(save):
+    proto = make_model(
+        [
+            helper.make_node("Conv", ["x", "Wd"], ["d"], group=4, pads=[1, 1, 1, 1], name="dw"),
+            helper.make_node("Conv", ["d", "Wp"], ["y"], name="tiny"),
+        ],
+        [("x", ["N", 4, 6, 6])],
+        [("y", ["N", 1, 6, 6])],
+        [("Wd", rand(4, 1, 3, 3)), ("Wp", rand(1, 4, 1, 1))],
+    )
+    _, result = run_distill(proto, save, {"x": rand(4, 4, 6, 6)}, exclude=("nothing",))
+    assert not result.modified
+    assert "dw: grouped convolution (group=4)" in result.skipped
+    assert any(s.startswith("tiny: too small") for s in result.skipped)
+
+
+def test_target_reduction_and_global_backoff(save):
+    rng = np.random.default_rng(6)
+    w1, w2 = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((16, 32)).astype(np.float32)
+    proto = _mlp(w1, w2, rand(32, seed=1))
+    x = _correlated(128, 32, seed=7).astype(np.float32)
+    _, result = run_distill(proto, save, {"x": x}, target_reduction=0.3)
+    assert result.modified
+    removed = result.stats["params_removed"] / result.stats["candidate_params"]
+    assert removed >= 0.3
+    # A global budget tighter than what the layers give backs them off, and says so.
+    _, strict = run_distill(proto, save, {"x": x}, target_reduction=0.3, global_budget=1e-9, max_backoff=3)
+    assert not strict.modified
+    assert any("backed off" in s for s in strict.skipped)
+
+
+@pytest.mark.slow
+def test_sample_cnn_compiles_within_budget(save, tmp_path):
+    model = load_model(SAMPLE / "mnist_cnn.onnx")
+    infer_shapes(model)
+    calib = CalibrationSet.from_path(SAMPLE / "calib.npz", model)
+    options = {"budget": 0.02, "min_reduction": 0.05, "min_cosine": 0.995}
+    result = make_pass("distill", options).run(model, PassContext(calibration=calib))
+    assert result.modified
+    onnx.checker.check_model(result.model.proto, full_check=True)
+    assert result.stats["global"]["mean_cosine"] >= 0.995
+    assert result.stats["macs_removed"] > 0
+    assert any("backed off" in s for s in result.skipped)  # 2 % per layer compounds past the global budget
