@@ -54,6 +54,10 @@ class CompileOptions:
     seed: int = 0
     cpu: str | None = None  # x86: LLVM CPU name instead of the host's
     arch: str | None = None  # gpu: CUDA arch such as sm_80
+    tune_trials: int = 0  # MetaSchedule trials per task missing from the database
+    tuning_db: Path | None = None  # default: the user cache folder
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
 
 
 @dataclass
@@ -90,6 +94,10 @@ def prepare_model(path: Path, shape_specs: Sequence[str]) -> Model:
 def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] = ()) -> CompileResult:
     if opts.target not in TARGETS:
         raise ConfigError(f"unknown target '{opts.target}'; valid targets: {', '.join(TARGETS)}")
+    if opts.tune_trials < 0:
+        raise ConfigError("--tune-trials must be 0 or more")
+    if bool(opts.rpc_tracker) != bool(opts.rpc_key):
+        raise ConfigError("--rpc-tracker and --rpc-key go together")
     passes = build_pipeline(opts.passes, opts.pipeline_file)
     names = {p.name for p in passes}
     unknown_dumps = [n for n in opts.dump_after if n != "all" and n not in names]
@@ -132,7 +140,7 @@ def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] 
         files = save_model(result.model, staging / MODEL_NAME, external_data=opts.external_data)
         report = _report(opts, passes, source, result, evaluation)
         if spec is not None:
-            report["target"] = _compile_target(result.model, spec, staging)
+            report["target"] = _compile_target(result.model, spec, staging, opts)
             files.append(staging / "model.so")
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         if spec is not None:
@@ -156,17 +164,20 @@ def _target_spec(opts: CompileOptions):
     return make_target(opts.target, cpu=opts.cpu, arch=opts.arch)
 
 
-def _compile_target(model: Model, spec, staging: Path) -> dict[str, Any]:
+def _compile_target(model: Model, spec, staging: Path, opts: CompileOptions) -> dict[str, Any]:
     """Build and export the TVM library; returns the report's target section."""
     import time
 
     from optc.targets.build import build, export
 
+    from optc.targets.tuning import TuneOptions, default_tuning_db
+
+    tune = TuneOptions(opts.tune_trials, opts.tuning_db or default_tuning_db(), opts.rpc_tracker, opts.rpc_key, opts.seed)
     start = time.perf_counter()
-    executable = build(model, spec)
+    executable, tuning = build(model, spec, tune)
     built = time.perf_counter()
     export(executable, staging / "model.so", spec)
-    return {**spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built, "tuned": False}
+    return {**spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built, "tuning": {**tuning, "db": str(tune.db_dir)}}
 
 
 def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int):

@@ -71,13 +71,17 @@ def cli(debug: bool, verbose: bool) -> None:
 @click.option("--target", type=click.Choice(["none", "x86", "arm", "gpu"]), default="none", show_default=True, help="Compile with TVM for this target (none: passes only).")
 @click.option("--cpu", help="x86: LLVM CPU name (default: this machine's).")
 @click.option("--arch", help="gpu: CUDA arch, e.g. sm_80 (default) or sm_90.")
+@click.option("--tune-trials", default=0, show_default=True, help="MetaSchedule trials per task the tuning database lacks (x86/arm); 0 compiles with what the database holds.")
+@click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning database folder (default: ~/.cache/optc/tuning).")
+@click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure tuning candidates on boards registered with this TVM RPC tracker.")
+@click.option("--rpc-key", metavar="KEY", help="Device key of the boards at the RPC tracker.")
 @click.option("--verify-each", is_flag=True, help="Check the model and compare with onnxruntime after every pass.")
 @click.option("--time-passes", is_flag=True, help="Show the wall time of each pass.")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Save the model after this pass (or 'all') into OUTDIR/dumps.")
 @click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights beside the model (default: only above 1.8 GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
+def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
     """Run a pass pipeline on MODEL and write the result to OUTDIR."""
     from optc.cli.render import ProgressInstrument, render_compile_report
     from optc.driver import CompileOptions, build_pipeline, compile_model
@@ -93,6 +97,10 @@ def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_da
         target=target,
         cpu=cpu,
         arch=arch,
+        tune_trials=tune_trials,
+        tuning_db=tuning_db,
+        rpc_tracker=rpc_tracker,
+        rpc_key=rpc_key,
         verify_each=verify_each,
         time_passes=time_passes,
         dump_after=tuple(dump_after),

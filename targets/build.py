@@ -19,6 +19,7 @@ from optc.errors import TargetError
 from optc.ir.model import Model
 from optc.targets.spec import TargetSpec
 from optc.targets.support import frontend_support
+from optc.targets.tuning import TuneOptions, tune_and_compile
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,13 @@ def tvm_target(spec: TargetSpec) -> Any:
     return tvm.target.Target(spec.target)
 
 
-def build(model: Model, spec: TargetSpec) -> Any:
-    """Compile ``model`` for ``spec``; returns a ``tvm.runtime.Executable``."""
+def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None) -> tuple[Any, dict[str, Any]]:
+    """Compile ``model`` for ``spec``; returns a ``tvm.runtime.Executable`` and a tuning summary.
+
+    CPU targets compile through the tuning database (``tune``): tasks missing
+    from it are tuned with MetaSchedule when ``tune.trials_per_task > 0``;
+    functions without records get default schedules.
+    """
     import tvm
     from tvm import relax
 
@@ -81,6 +87,9 @@ def build(model: Model, spec: TargetSpec) -> Any:
     target = tvm_target(spec)
     try:
         with quiet_native_stderr():
+            if spec.device == "cpu" and tune is not None:
+                executable, report = tune_and_compile(mod, target, tune)
+                return executable, report.to_dict()
             if spec.device == "cuda":
                 from tvm.s_tir import dlight as dl
 
@@ -89,7 +98,7 @@ def build(model: Model, spec: TargetSpec) -> Any:
                     mod = dl.ApplyDefaultSchedule(
                         dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
                     )(mod)
-            return tvm.compile(mod, target=target)
+            return tvm.compile(mod, target=target), {"tasks": None, "tuned": [], "reused_from_db": []}
     except TargetError:
         raise
     except Exception as exc:

@@ -24,7 +24,8 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def x86_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "sample"
-    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency")
+    db = tmp_path_factory.mktemp("db")
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", db)
     assert res.exit_code == 0, res.output
     return out
 
@@ -109,3 +110,67 @@ def test_gpu_library_is_produced_without_a_gpu(tmp_path):
     assert (out / "model.so").stat().st_size > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["device"] == "cuda" and manifest["target"]["target"]["arch"] == "sm_80"
+
+
+def _mlp_file(tmp_path):
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")],
+        [("x", [4, 64])],
+        [("y", [4, 32])],
+        [("W", rand(64, 32))],
+    )
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(proto, str(path))
+    return path, proto
+
+
+@pytest.mark.slow
+def test_tuning_database_is_reused(tmp_path):
+    from optc.targets.artifact import load_artifact
+
+    path, proto = _mlp_file(tmp_path)
+    db = tmp_path / "db"
+    first = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "4", "--tuning-db", db, "--json", "--no-latency")
+    assert first.exit_code == 0, first.output
+    tuning = json.loads(first.stdout)["target"]["tuning"]
+    assert tuning["tasks"] >= 1 and len(tuning["tuned"]) == tuning["tasks"] and tuning["reused_from_db"] == []
+    assert (db / "records.json").stat().st_size > 0
+    second = invoke("compile", path, "-o", tmp_path / "b", "--target", "x86", "--tune-trials", "4", "--tuning-db", db, "--json", "--no-latency")
+    again = json.loads(second.stdout)["target"]["tuning"]
+    assert again["tuned"] == [] and sorted(again["reused_from_db"]) == sorted(tuning["tuned"])
+    x = rand(4, 64, seed=3)
+    got = load_artifact(tmp_path / "b").run({"x": x})["y"]
+    np.testing.assert_allclose(got, ort_run(proto, {"x": x})["y"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(3)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(free_port()), "--tracker", f"127.0.0.1:{port}", "--key", "optc-test"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+        time.sleep(5)
+        path, proto = _mlp_file(tmp_path)
+        res = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "2", "--tuning-db", tmp_path / "db",
+                     "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "optc-test", "--json", "--no-latency")
+        assert res.exit_code == 0, res.output
+        tuning = json.loads(res.stdout)["target"]["tuning"]
+        assert tuning["tuned"] and (tmp_path / "db" / "records.json").stat().st_size > 0
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
