@@ -67,8 +67,23 @@ def _runner(opts: TuneOptions) -> Any:
     host, _, port = opts.rpc_tracker.rpartition(":")
     if not host or not port.isdigit() or not opts.rpc_key:
         raise TargetError("--rpc-tracker needs HOST:PORT and --rpc-key KEY")
+    check_tracker(host, int(port), opts.rpc_key)
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=opts.rpc_key, session_timeout_sec=120)
     return ms.runner.RPCRunner(rpc_config=config)
+
+
+def check_tracker(host: str, port: int, key: str) -> None:
+    """Fail before tuning when the tracker is unreachable or has no board under ``key``
+    (MetaSchedule would otherwise record every candidate as failed)."""
+    from tvm import rpc
+
+    try:
+        summary = rpc.connect_tracker(host, port).summary()
+    except (RuntimeError, OSError) as exc:
+        raise TargetError(f"cannot reach the RPC tracker at {host}:{port}: {exc}") from exc
+    keys = {k for k in summary.get("queue_info", {})}
+    if key not in keys:
+        raise TargetError(f"the RPC tracker at {host}:{port} has no board with key '{key}' (keys: {', '.join(sorted(keys)) or 'none'})")
 
 
 def _cost_model() -> str:

@@ -144,6 +144,7 @@ def test_tuning_database_is_reused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.rpc
 def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
     import socket
     import subprocess
@@ -155,15 +156,32 @@ def test_tuning_through_a_loopback_rpc_tracker(tmp_path):
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
+    from tvm import rpc
+
+    from optc.targets.tuning import check_tracker
+
+    def wait_for(condition, what, timeout=90.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if condition():
+                    return
+            except (RuntimeError, OSError, TargetError):
+                pass
+            time.sleep(1)
+        pytest.fail(f"{what} did not come up in {timeout:.0f} s")
+
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        time.sleep(3)
+        wait_for(lambda: rpc.connect_tracker("127.0.0.1", port).summary() is not None, "the RPC tracker")
+        with pytest.raises(TargetError, match="no board with key 'optc-test'"):
+            check_tracker("127.0.0.1", port, "optc-test")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(free_port()), "--tracker", f"127.0.0.1:{port}", "--key", "optc-test"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
-        time.sleep(5)
+        wait_for(lambda: check_tracker("127.0.0.1", port, "optc-test") is None, "the RPC server")
         path, proto = _mlp_file(tmp_path)
         res = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "2", "--tuning-db", tmp_path / "db",
                      "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "optc-test", "--json", "--no-latency")
