@@ -1,4 +1,4 @@
-"""Measuring a model: accuracy on labelled data, fidelity to another model, latency.
+"""Measuring a model: accuracy on labelled data and latency (fidelity: instruments.compare_outputs).
 
 All three run in onnxruntime on the CPU. Labelled data is an ``.npz`` holding
 the model's inputs plus a ``label`` (or ``labels``) array of class indices;
@@ -17,7 +17,6 @@ from optc.errors import ConfigError
 from optc.ir.model import Model
 from optc.ir.session import make_session
 from optc.passes.calibration import CalibrationSet
-from optc.passes.instruments import compare_outputs
 
 LABEL_KEYS = frozenset({"label", "labels"})
 
@@ -57,15 +56,6 @@ def accuracy(model: Model, data: LabelledSet, batch_size: int = 64) -> float:
         correct += int((logits.reshape(n, -1).argmax(axis=-1) == data.labels[seen : seen + n]).sum())
         seen += n
     return correct / seen if seen else float("nan")
-
-
-def fidelity(reference: Model, candidate: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per output of ``reference``: max abs/rel error and cosine of ``candidate`` on ``feeds``."""
-    ref_session, cand_session = make_session(reference), make_session(candidate)
-    names = [o.name for o in ref_session.get_outputs()]
-    ref = dict(zip(names, ref_session.run(names, dict(feeds))))
-    got = dict(zip(names, cand_session.run(names, dict(feeds))))
-    return compare_outputs(ref, got)
 
 
 def latency_ms(model: Model, feeds: Mapping[str, np.ndarray], *, repeats: int = 30, budget_s: float = 3.0, threads: int | None = None) -> float:

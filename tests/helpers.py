@@ -60,3 +60,22 @@ def load_tool(name: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_checked(name: str, model, ctx=None, **options):
+    """Run one pass the way every rewrite test does: the input must stay untouched,
+    a change must pass the full checker, and "no change" must return the same model."""
+    from optc.passes import PassContext, make_pass
+
+    before = model.proto.SerializeToString()
+    result = make_pass(name, options).run(model, ctx or PassContext())
+    assert model.proto.SerializeToString() == before, "the pass mutated its input"
+    if result.modified:
+        onnx.checker.check_model(result.model.proto, full_check=True)
+    else:
+        assert result.model is model
+    return result
+
+
+def ops(model) -> list[str]:
+    return [n.op_type for n in model.graph.node]

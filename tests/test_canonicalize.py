@@ -5,28 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, make_model, rand
+from helpers import assert_same_outputs, make_model, ops, rand, run_checked
 from onnx import TensorProto, helper
 
 from optc.ir import infer_shapes, load_model
-from optc.passes import PassContext, make_pass
 
 
 def run_pass(name: str, proto: onnx.ModelProto, save, **options):
     model = load_model(save(proto))
     infer_shapes(model)
-    before = model.proto.SerializeToString()
-    result = make_pass(name, options).run(model, PassContext())
-    assert model.proto.SerializeToString() == before, "the pass mutated its input"
-    if result.modified:
-        onnx.checker.check_model(result.model.proto, full_check=True)
-    else:
-        assert result.model is model
-    return model, result
-
-
-def ops(model) -> list[str]:
-    return [n.op_type for n in model.graph.node]
+    return model, run_checked(name, model, **options)
 
 
 # --- fold-batchnorm -------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import SAMPLE, make_model, ort_run, rand
+from helpers import SAMPLE, make_model, ops, ort_run, rand, run_checked
 from onnx import helper
 
 from optc.ir import infer_shapes, load_model
@@ -76,18 +76,7 @@ def run_distill(proto, save, calib: dict, **options):
     infer_shapes(model)
     np.savez(path.with_name("calib.npz"), **calib)
     calibration = CalibrationSet.from_path(path.with_name("calib.npz"), model)
-    before = model.proto.SerializeToString()
-    result = make_pass("distill", options).run(model, PassContext(calibration=calibration))
-    assert model.proto.SerializeToString() == before, "the pass mutated its input"
-    if result.modified:
-        onnx.checker.check_model(result.model.proto, full_check=True)
-    else:
-        assert result.model is model
-    return model, result
-
-
-def ops(model) -> list[str]:
-    return [n.op_type for n in model.graph.node]
+    return model, run_checked("distill", model, PassContext(calibration=calibration), **options)
 
 
 def _mlp(w1, w2, bias):
