@@ -8,6 +8,12 @@ a time, so a large set never sits in memory at once.
 :func:`capture_activations` runs the model in onnxruntime with intermediate
 tensors exposed and hands each batch's values to a reducer, a few tensors at a
 time, so statistics are streamed rather than every activation kept.
+
+Padded token batches: when the model has a token mask input (``attention_mask``
+by default, 0 marking padding), activations shaped ``[batch, seq, features]``
+are reduced over the real tokens only. Padding rows are computed but thrown
+away by the model itself (masked attention, masked pooling); fitting weights or
+ranges to them spends the calibration budget on values that never matter.
 """
 from __future__ import annotations
 
@@ -30,10 +36,23 @@ class CalibrationSet:
     files: tuple[Path, ...]
     inputs: tuple[TensorSpec, ...]
     num_samples: int
+    token_mask: str | None = None
 
     @classmethod
-    def from_path(cls, path: str | Path, model: Model, *, extra_keys: frozenset[str] = frozenset(), kind: str = "calibration") -> "CalibrationSet":
+    def from_path(
+        cls,
+        path: str | Path,
+        model: Model,
+        *,
+        extra_keys: frozenset[str] = frozenset(),
+        kind: str = "calibration",
+        token_mask: str | None = "auto",
+    ) -> "CalibrationSet":
         """Open ``path`` (an ``.npz`` or a folder of them) and validate it against ``model``.
+
+        ``token_mask`` names the model input whose zeros mark padded tokens;
+        ``"auto"`` picks an integer or bool rank-2 input named ``attention_mask``
+        (the name every transformer exporter uses), ``None`` turns masking off.
 
         Raises:
             ConfigError: naming the file, the input and what is wrong.
@@ -49,7 +68,7 @@ class CalibrationSet:
             raise ConfigError(f"{kind} data {path}: no such file or folder")
         specs = tuple(model.inputs)
         total = sum(_validate_file(f, specs, extra_keys, kind) for f in files)
-        return cls(files, specs, total)
+        return cls(files, specs, total, _token_mask(specs, token_mask))
 
     def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed)."""
@@ -73,6 +92,35 @@ class CalibrationSet:
 
     def _batch_size(self, wanted: int) -> int:
         return self._fixed_batch() or max(1, min(wanted, self.num_samples))
+
+
+def _token_mask(specs: Sequence[TensorSpec], wanted: str | None) -> str | None:
+    if wanted is None:
+        return None
+    by_name = {s.name: s for s in specs}
+    if wanted == "auto":
+        spec = by_name.get("attention_mask")
+        ok = spec is not None and spec.shape is not None and len(spec.shape) == 2
+        ok = ok and spec.dtype is not None and (np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_)
+        return spec.name if ok else None
+    spec = by_name.get(wanted)
+    if spec is None:
+        raise ConfigError(f"token mask '{wanted}' is not a model input; inputs are {', '.join(by_name)}")
+    if spec.shape is not None and len(spec.shape) != 2:
+        raise ConfigError(f"token mask '{wanted}' has rank {len(spec.shape)}; a token mask is [batch, seq]")
+    return wanted
+
+
+def real_tokens(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """``value`` without its padded token rows when it is ``[batch, seq, features]`` under ``mask``.
+
+    Anything else (convolution maps, attention scores, tensors of another
+    batch/seq layout) is returned unchanged: only a tensor whose two leading
+    dims are exactly the mask's is known to be per-token.
+    """
+    if mask is None or value.ndim != 3 or value.shape[:2] != mask.shape:
+        return value
+    return value[mask.astype(bool)][None]
 
 
 def _validate_file(path: Path, specs: Sequence[TensorSpec], extra_keys: frozenset[str], kind: str) -> int:
@@ -136,21 +184,26 @@ def capture_activations(
     max_batches: int | None = None,
     max_bytes_per_run: int = 256 << 20,
     tensor_bytes: dict[str, int] | None = None,
+    drop_padding: bool = True,
 ) -> None:
     """Stream the values of ``tensors`` over the calibration set into ``reduce``.
 
     Tensors are captured in groups whose estimated size per batch stays under
     ``max_bytes_per_run`` (``tensor_bytes`` gives per-sample sizes when known);
-    each group re-runs the model, trading time for bounded memory.
+    each group re-runs the model, trading time for bounded memory. With a token
+    mask, per-token tensors reach ``reduce`` as ``[1, real_tokens, features]``
+    (see :func:`real_tokens`) unless ``drop_padding`` is off.
     """
+    mask_name = calibration.token_mask if drop_padding else None
     groups = _group_by_size(list(tensors), tensor_bytes or {}, max_bytes_per_run // max(batch_size, 1))
     for group in groups:
         session = make_session(model, extra_outputs=group)
         for i, feed in enumerate(calibration.batches(batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
+            mask = feed[mask_name] if mask_name else None
             for name, value in zip(group, session.run(group, feed)):
-                reduce(name, value)
+                reduce(name, real_tokens(value, mask))
         del session
 
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from helpers import BAD, SAMPLE, make_model, rand
-from onnx import helper
+from onnx import TensorProto, helper
 
 from optc.errors import ConfigError
 from optc.ir import infer_shapes, load_model
@@ -68,3 +68,36 @@ def test_capture_activations_streams_in_groups():
     assert set(sums) == set(convs)
     assert all(counts[c] == 100 for c in convs)
     assert all(v > 0 for v in sums.values())
+
+
+def _token_model(save):
+    """ids [b, s] float features, attention_mask [b, s] int64; y = x * 2 per token."""
+    nodes = [helper.make_node("Mul", ["x", "two"], ["y"], name="m")]
+    two = helper.make_tensor("two", 1, [1], [2.0])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", 3])
+    return load_model(save(make_model(nodes, [("x", ["b", 3, 2]), mask], [("y", ["b", 3, 2])], [two])))
+
+
+def test_padding_rows_are_dropped_under_the_token_mask(tmp_path, save):
+    model = _token_model(save)
+    x = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=np.int64)
+    np.savez(tmp_path / "c.npz", x=x, attention_mask=mask)
+    seen = []
+    calib = CalibrationSet.from_path(tmp_path / "c.npz", model)
+    assert calib.token_mask == "attention_mask"
+    capture_activations(model, calib, ["y"], lambda n, v: seen.append(v))
+    np.testing.assert_array_equal(seen[0], (x[mask.astype(bool)] * 2)[None])
+    # Masking off: every row, padded or not.
+    seen.clear()
+    capture_activations(model, CalibrationSet.from_path(tmp_path / "c.npz", model, token_mask=None), ["y"], lambda n, v: seen.append(v))
+    np.testing.assert_array_equal(seen[0], x * 2)
+
+
+def test_a_token_mask_must_be_a_rank_2_model_input(tmp_path, save):
+    model = _token_model(save)
+    np.savez(tmp_path / "c.npz", x=np.zeros((1, 3, 2), np.float32), attention_mask=np.ones((1, 3), np.int64))
+    with pytest.raises(ConfigError, match="not a model input"):
+        CalibrationSet.from_path(tmp_path / "c.npz", model, token_mask="mask")
+    with pytest.raises(ConfigError, match="rank 3"):
+        CalibrationSet.from_path(tmp_path / "c.npz", model, token_mask="x")
