@@ -83,6 +83,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None) -> tu
     from tvm import relax
 
     check_compilable(model)
+    spec.check_toolchain()
     mod = to_relax(model)
     target = tvm_target(spec)
     try:

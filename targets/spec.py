@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from optc.errors import ConfigError
+from optc.errors import ConfigError, TargetError
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,13 @@ class TargetSpec:
     device: str = "cpu"
     cross_compiler: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def check_toolchain(self) -> None:
+        """Fail before any compilation when the cross linker is not installed."""
+        import shutil
+
+        if self.cross_compiler and shutil.which(self.cross_compiler) is None:
+            raise TargetError(f"--target {self.name} needs the cross compiler '{self.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "host": self.host, "device": self.device, "cross_compiler": self.cross_compiler}

@@ -1,0 +1,112 @@
+"""ARM (aarch64) artifacts: cross-compiled here, run under qemu-user, compared with onnxruntime on x86.
+
+The emulated run uses the runner root built by ``tools/make_arm_root.py``
+(TVM's aarch64 runtime from the pinned wheels plus a small C++ Relax VM
+runner, cached in ``~/.cache/optc/arm64-root``). Without the cross compiler,
+qemu or that root these tests skip and say which is missing; CI does not
+install them (no apt there).
+
+Tolerance: 1e-4 absolute and relative on float32 logits. The aarch64 code
+fuses multiply-adds differently from onnxruntime's x86 kernels, so results are
+not bit-equal; the sample CNN differs by about 1e-6 and its argmax never.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import SAMPLE, load_tool, make_model, ort_run, rand
+from onnx import helper
+
+from optc.cli.main import cli
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+ATOL = RTOL = 1e-4
+EM_AARCH64 = 183  # ELF e_machine
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def arm_root():
+    tool = load_tool("make_arm_root")
+    reason = tool.unusable_reason()
+    if reason:
+        pytest.skip(f"ARM check under qemu not possible here: {reason}")
+    return tool
+
+
+def compile_arm(model_path, out, db, *shape_args):
+    res = invoke("compile", model_path, "-o", out, *shape_args, "--target", "arm", "--tune-trials", "0", "--tuning-db", db, "--no-latency", "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+@pytest.mark.slow
+def test_arm_sample_cnn_under_qemu_matches_onnxruntime(arm_root, tmp_path):
+    out = tmp_path / "arm"
+    report = compile_arm(SAMPLE / "mnist_cnn.onnx", out, tmp_path / "db", "--input-shape", "input=8x1x28x28")
+    assert report["target"]["name"] == "arm" and report["target"]["target"]["mtriple"] == "aarch64-linux-gnu"
+    library = (out / "model.so").read_bytes()
+    assert library[:4] == b"\x7fELF" and int.from_bytes(library[18:20], "little") == EM_AARCH64
+
+    data = np.load(SAMPLE / "test.npz")
+    x, labels = data["input"][:8], data["label"][:8]
+    run = arm_root.run_artifact(out, {"input": x}, repeats=2)
+    expected = ort_run(onnx.load(str(SAMPLE / "mnist_cnn.onnx")), {"input": x})["logits"]
+    got = run.outputs["logits"]
+    assert got.shape == (8, 10) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
+    assert (got.argmax(1) == expected.argmax(1)).all() and (got.argmax(1) == labels).sum() >= 7
+    assert len(run.run_ms) == 2 and all(ms > 0 for ms in run.run_ms)
+
+
+@pytest.mark.slow
+def test_arm_two_outputs_under_qemu(arm_root, tmp_path):
+    """A model with two outputs comes back as a tuple from the VM; both must match."""
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")],
+        [("x", [4, 64])],
+        [("h", [4, 32]), ("y", [4, 32])],
+        [("W", rand(64, 32))],
+    )
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(proto, str(path))
+    compile_arm(path, tmp_path / "arm", tmp_path / "db")
+    x = rand(4, 64, seed=5)
+    run = arm_root.run_artifact(tmp_path / "arm", {"x": x})
+    expected = ort_run(proto, {"x": x})
+    for name in ("h", "y"):
+        np.testing.assert_allclose(run.outputs[name], expected[name], atol=ATOL, rtol=RTOL)
+    assert (run.outputs["y"] >= 0).all() and (run.outputs["h"] < 0).any()
+
+
+@pytest.mark.slow
+def test_tampered_arm_library_is_not_run(arm_root, tmp_path):
+    from optc.errors import ConfigError
+
+    out = tmp_path / "arm"
+    compile_arm(SAMPLE / "mnist_cnn.onnx", out, tmp_path / "db", "--input-shape", "input=1x1x28x28")
+    res = invoke("run", out)
+    assert res.exit_code == 2 and "this artifact is for aarch64" in res.output
+    lib = out / "model.so"
+    data = bytearray(lib.read_bytes())
+    data[-1] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="does not match its SHA-256"):
+        arm_root.run_artifact(out, {"input": np.zeros((1, 1, 28, 28), np.float32)})
+
+
+def test_arm_without_cross_compiler_fails_before_compiling(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no aarch64-linux-gnu-g++
+    out = tmp_path / "arm"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "arm", "--no-latency", "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 2 and not out.exists()
+    assert "needs the cross compiler 'aarch64-linux-gnu-g++'" in res.output and len(res.output.strip().splitlines()) == 1
