@@ -47,6 +47,7 @@ from optc.passes.qdq import (
     sqnr_db,
     weight_scales,
 )
+from optc.passes.smoothquant import SmoothQuantConfig, smooth_model, smoothing_stats
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = option((), "node names or op types kept in float")
     bias: Literal["int32", "float"] = option("int32", "bias as int32 (scale s_x*s_w) or left float")
     bias_correction: bool = option(True, "fold the mean output shift of weight rounding into the bias")
+    smoothquant: float | None = option(None, "SmoothQuant alpha for MatMul/Gemm inputs before quantizing (None: off; 0.5 is the paper's default)")
     rounding: Literal["nearest", "gptq"] = option("nearest", "weight rounding: nearest or GPTQ with the input Hessian")
     max_drop: float | None = option(None, "fidelity budget on calibration data; most sensitive layers fall back to float")
     metric: Literal["cosine", "top1"] = option("cosine", "fidelity: 1-cosine of outputs, or 1-top1 agreement of the first output")
@@ -83,6 +85,8 @@ class QuantizeConfig:
             raise ValueError(f"bins must be >= 256 and divisible by 4, got {self.bins}")
         if self.max_drop is not None and not 0.0 <= self.max_drop < 1.0:
             raise ValueError(f"max_drop must be in [0, 1), got {self.max_drop}")
+        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
+            raise ValueError(f"smoothquant (alpha) must be in [0, 1], got {self.smoothquant}")
         if self.eval_samples < 1 or self.batch_size < 1:
             raise ValueError("eval_samples and batch_size must be positive")
 
@@ -117,6 +121,14 @@ class Quantize(Pass[QuantizeConfig]):
         layers, skipped = self._select(model)
         if not layers:
             return PassResult(model, modified=False, stats={"quantized": 0}, skipped=skipped)
+        stats: dict[str, Any] = {}
+        reference = model
+        if cfg.smoothquant is not None:
+            sq = SmoothQuantConfig(alpha=cfg.smoothquant, batch_size=cfg.batch_size, max_batches=cfg.max_batches)
+            model, smoothings, placed, _ = smooth_model(model, calib, sq, only={l.node for l in layers})
+            stats.update(smoothing_stats(smoothings, placed))
+            if smoothings:
+                layers, skipped = self._select(model)
         tensors = sorted({l.input for l in layers})
         acts = self._calibrate(model, calib, tensors)
         hessians = means = None
@@ -130,13 +142,12 @@ class Quantize(Pass[QuantizeConfig]):
         if cfg.bias_correction:
             skipped += [f"{l.node}: no bias to correct (MatMul)" for l in layers if l.op == "MatMul"]
 
-        stats: dict[str, Any] = {}
         float_nodes: dict[str, str] = {}
         result = write_qdq(model, plans, acts, cfg, set())
         if cfg.max_drop is not None or cfg.sensitivity:
-            result, float_nodes, search = self._fallback(model, result, plans, acts, calib)
+            result, float_nodes, search = self._fallback(reference, model, result, plans, acts, calib)
             stats.update(search)
-        stats.update(summarise(model, result, plans, acts, float_nodes))
+        stats.update(summarise(reference, result, plans, acts, float_nodes))
         skipped += [f"{n}: kept float ({why})" for n, why in float_nodes.items()]
         return PassResult(result, modified=True, stats=stats, skipped=skipped)
 
@@ -173,10 +184,11 @@ class Quantize(Pass[QuantizeConfig]):
             out[t] = activation_params(lo, hi, unsigned=unsigned, symmetric=cfg.symmetric_activations)
         return out
 
-    def _fallback(self, model, quantized, plans, acts, calib):
+    def _fallback(self, original, model, quantized, plans, acts, calib):
+        """Sensitivity of each layer and the float fallback search; ``model`` is the (smoothed) base the plans apply to."""
         cfg = self.config
         feeds = calib.take(cfg.eval_samples)
-        reference = _outputs(model, feeds)
+        reference = _outputs(original, feeds)
         drop = lambda m: fidelity_drop(reference, _outputs(m, feeds), cfg.metric)  # noqa: E731
         start = time.perf_counter()
         full_drop = drop(quantized)
