@@ -17,7 +17,8 @@
    into its bias (``reconstruct=lstsq``, He et al. 2017). ``mean`` only folds
    the means; ``none`` only slices. A channel that is constant on the
    calibration data (for instance an all-zero filter, whatever BatchNorm and
-   activation follow) is removed exactly by either of the first two.
+   activation follow) is removed exactly by either of the first two, unless
+   the consumer zero-pads it (at the borders it is then not constant).
 """
 from __future__ import annotations
 

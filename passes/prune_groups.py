@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from networkx.utils import UnionFind
 
 from optc.ir.model import Model, numpy_dtype
@@ -45,6 +46,7 @@ PASS_THROUGH = frozenset({
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Resize", "Upsample",
 })
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu"})
+REDUCTIONS = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"})
 # Inputs of these ops that are per-channel parameters (sliced with the channels).
 CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 
@@ -214,6 +216,8 @@ class _Walker:
             self.concat(node)
         elif op in ("Flatten", "Reshape"):
             self.flatten(node)
+        elif op in REDUCTIONS:
+            self.reduce(node)
         else:
             self.freeze_inputs(node, f"consumed by {op} '{node.name}'")
 
@@ -420,6 +424,23 @@ class _Walker:
         if node.op_type == "Reshape":
             self.reshapes.append(ReshapeFix(node.name, layout))
         self.set_out(node, 1, layout)
+
+    def reduce(self, node: onnx.NodeProto) -> None:
+        """A reduction over other axes (a mean over H, W) keeps the channels; over the channel axis it does not."""
+        data = self.chan.get(node.input[0])
+        if data is None:
+            return
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.inits.get(node.input[1]) and onnx.numpy_helper.to_array(self.inits[node.input[1]]).tolist()
+        if not axes:
+            return self.freeze(data.layout, f"{node.op_type} '{node.name}' reduces all axes or non-constant axes")
+        axes = sorted(a % data.rank for a in axes)
+        if data.axis in axes:
+            return self.freeze(data.layout, f"{node.op_type} '{node.name}' reduces the channel axis")
+        axis = data.axis if attrs.get("keepdims", 1) else data.axis - sum(a < data.axis for a in axes)
+        self.set_out(node, axis, data.layout)
 
     # --- result -----------------------------------------------------------------
     def groups(self) -> ChannelGraph:

@@ -4,13 +4,18 @@ When channels feeding a layer are removed (channel pruning, a narrower MLP),
 the layer can still reproduce most of its original output from the columns that
 remain: with calibration inputs X (rows) and weight W (out x in), solve
 
-    min over W_K, b   || X W^T  -  (X_K W_K^T + 1 b^T) ||^2  +  ridge
+    min over W_K, b   || X W^T  -  (X_K W_K^T + 1 b^T) ||^2  +  lam ||W_K - W[:, K]||^2
 
 The normal equations only need the Gram matrix of the *original* input
 (``G = X^T X``, ``s = X^T 1``, ``n`` rows), which :func:`optc.passes.layers.input_grams`
 already streams: ``[G_KK s_K; s_K^T n] [W_K^T; b^T] = [G_K: W^T; s^T W^T]``.
 The bias row is what folds the mean contribution of the removed channels back
 in (He et al., 2017); without it only the kept columns are rescaled.
+
+The ridge pulls towards the *original* weights, not towards zero: when the
+removed columns are constant or dead the original weights plus a bias shift
+already fit exactly, and the ridge then costs nothing (a zero-pulling ridge
+would shrink every weight a little). The bias is not penalised.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def refit_columns(gram: InputGram, w: np.ndarray, keep: np.ndarray, *, group: in
     """Refit ``w`` (``out x in`` matrix) to the columns ``keep`` of its input.
 
     ``ridge`` is relative to the mean diagonal of the Gram so that it means the
-    same thing for any activation scale. Errors are computed in closed form from
+    same thing for any activation scale; it pulls towards ``w[:, keep]``. Errors are computed in closed form from
     the same Gram, so reporting them costs no extra pass over the data.
     """
     g = gram.gram[group] / max(gram.rows, 1)
@@ -52,7 +57,9 @@ def refit_columns(gram: InputGram, w: np.ndarray, keep: np.ndarray, *, group: in
     if not bias:
         a, rhs = a[:k, :k], rhs[:k]
     lam = ridge * max(float(np.mean(np.diag(g))), 1e-12)
-    a_reg = a + lam * np.eye(len(a))
+    a_reg = a.copy()
+    a_reg[np.arange(k), np.arange(k)] += lam
+    rhs[:k] += lam * w[:, keep].T
     try:
         sol = np.linalg.solve(a_reg, rhs)
     except np.linalg.LinAlgError:

@@ -1,0 +1,353 @@
+"""prune-channels: each coupling case on a hand-built graph, exact removal of dead channels,
+refit beating plain slicing, the frozen cases and their reasons, and real exported CNNs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import SAMPLE, TORCH_MODELS, make_model, ort_run, rand, run_checked
+from onnx import helper, numpy_helper
+
+from optc.errors import ConfigError
+from optc.ir import infer_shapes, load_model
+from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
+from optc.passes.options import build_config
+from optc.passes.prune_channels import PruneChannelsConfig
+from optc.passes.prune_groups import analyse_channels
+
+
+def init(name, value):
+    return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+
+def conv(name, x, w, y, bias=None, **attrs):
+    inputs = [x, w] + ([bias] if bias else [])
+    return helper.make_node("Conv", inputs, [y], name=name, pads=attrs.pop("pads", [1, 1, 1, 1]), **attrs)
+
+
+def prepare(tmp_path, save, proto, samples=64, seed=1, mask_zero=None):
+    """Load ``proto``, infer shapes, and write a calibration set of random inputs."""
+    model = load_model(save(proto))
+    infer_shapes(model)
+    feeds = {}
+    for spec in model.inputs:
+        shape = [samples] + [d if isinstance(d, int) else 4 for d in spec.shape[1:]]
+        feeds[spec.name] = np.abs(rand(*shape, seed=seed)) if mask_zero is None else rand(*shape, seed=seed)
+    np.savez(tmp_path / "calib.npz", **feeds)
+    ctx = PassContext(calibration=CalibrationSet.from_path(tmp_path / "calib.npz", model))
+    # A model with a fixed batch is compared on one batch of the same data.
+    fixed = {s.name: s.shape[0] for s in model.inputs if isinstance(s.shape[0], int)}
+    return model, ctx, {k: v[: fixed.get(k, len(v))] for k, v in feeds.items()}
+
+
+def rel_error(a, b) -> float:
+    return float(np.sum((a - b) ** 2) / np.sum(a**2))
+
+
+def outputs(model, feeds):
+    return ort_run(model.proto, feeds)
+
+
+def weight_shape(model, node_name, index=1):
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return tuple(model.initializer(node.input[index]).dims)
+
+
+# --- coupling cases ----------------------------------------------------------------------
+
+
+def residual_model(dead=()):
+    """conv1 -> relu -> conv2 ; add(conv1, conv2) -> relu -> conv3 (-> output)."""
+    w1 = rand(8, 3, 3, 3, seed=2)
+    b1 = rand(8, seed=3)
+    w2 = rand(8, 8, 3, 3, seed=4) * 0.2
+    w2[list(dead)] = 0
+    b2 = rand(8, seed=5)
+    b2[list(dead)] = 0
+    w1[list(dead)] = 0
+    b1[list(dead)] = 0
+    nodes = [
+        conv("conv1", "x", "w1", "c1", "b1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv("conv2", "r1", "w2", "c2", "b2"),
+        helper.make_node("Add", ["c1", "c2"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        conv("conv3", "r2", "w3", "y", "b3"),
+    ]
+    inits = [init("w1", w1), init("b1", b1), init("w2", w2), init("b2", b2), init("w3", rand(4, 8, 3, 3, seed=6)), init("b3", rand(4, seed=7))]
+    return make_model(nodes, [("x", ["n", 3, 6, 6])], [("y", ["n", 4, 6, 6])], inits)
+
+
+def test_residual_add_joins_both_branches_into_one_group(tmp_path, save):
+    model, ctx, feeds = prepare(tmp_path, save, residual_model())
+    graph = analyse_channels(model)
+    prunable = [g for g in graph.groups if g.prunable]
+    assert [sorted(s.node for s in g.sources) for g in prunable] == [["conv1", "conv2"]]
+    # The last conv feeds the graph output: left whole, with the reason.
+    frozen = next(g for g in graph.groups if g.sources and g.sources[0].node == "conv3")
+    assert "graph output" in frozen.frozen[0]
+    result = run_checked("prune-channels", model, ctx, ratio=0.25)
+    new = result.model
+    assert weight_shape(new, "conv1") == (6, 3, 3, 3)
+    assert weight_shape(new, "conv2") == (6, 6, 3, 3)
+    assert weight_shape(new, "conv3") == (4, 6, 3, 3)
+    assert result.stats["channels_removed"] == 2
+    assert any("conv3" in s and "graph output" in s for s in result.skipped)
+    assert rel_error(outputs(model, feeds)["y"], outputs(new, feeds)["y"]) < 0.05
+
+
+@pytest.mark.parametrize("reconstruct", ["lstsq", "mean"])
+def test_dead_channels_are_removed_exactly(tmp_path, save, reconstruct):
+    # Channels 1 and 5 are zero in both branches: after the residual add and
+    # the ReLU they are constant (zero), so removing them changes nothing.
+    model, ctx, feeds = prepare(tmp_path, save, residual_model(dead=(1, 5)))
+    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1", reconstruct=reconstruct)
+    assert weight_shape(result.model, "conv3") == (4, 6, 3, 3)
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+
+
+def test_dead_channels_behind_batchnorm_fold_into_the_consumer_bias(tmp_path, save):
+    # A zero filter followed by BatchNorm gives a constant beta-shifted channel,
+    # not zero: exactness needs its mean folded into the next layer's bias.
+    # (Only without zero padding in the consumer: at the borders a padded
+    # constant channel is not constant any more, and no bias can stand in.)
+    w1 = rand(6, 2, 3, 3, seed=1)
+    w1[[0, 3]] = 0
+    bn = [init("g", rand(6, seed=2)), init("be", rand(6, seed=3) + 1), init("mu", rand(6, seed=4)), init("var", np.abs(rand(6, seed=5)) + 0.5)]
+    nodes = [
+        conv("conv1", "x", "w1", "c1"),
+        helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        conv("conv2", "r", "w2", "y", pads=[0, 0, 0, 0]),
+    ]
+    proto = make_model(nodes, [("x", ["n", 2, 5, 5])], [("y", ["n", 3, 3, 3])], [init("w1", w1), *bn, init("w2", rand(3, 6, 3, 3, seed=6))])
+    model, ctx, feeds = prepare(tmp_path, save, proto)
+    # The plain slice is wrong (the constant channel's contribution is lost)...
+    plain = run_checked("prune-channels", model, ctx, ratio=0.34, criterion="l1", reconstruct="none")
+    assert rel_error(outputs(model, feeds)["y"], outputs(plain.model, feeds)["y"]) > 1e-3
+    # ...the mean fold is exact, and the BatchNorm parameters were sliced with the channels.
+    result = run_checked("prune-channels", model, ctx, ratio=0.34, criterion="l1", reconstruct="mean")
+    assert weight_shape(result.model, "bn") == (4,) and weight_shape(result.model, "bn", 4) == (4,)
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+    # conv2 had no bias: one was added to carry the fold.
+    assert len(next(n for n in result.model.graph.node if n.name == "conv2").input) == 3
+
+
+def test_concat_maps_indices_without_coupling(tmp_path, save):
+    wa, wb = rand(4, 3, 3, 3, seed=1), rand(6, 3, 3, 3, seed=2)
+    wa[2] = 0
+    wb[[0, 4]] = 0
+    nodes = [
+        conv("conva", "x", "wa", "a"),
+        conv("convb", "x", "wb", "b"),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+        helper.make_node("Relu", ["cat"], ["r"], name="relu"),
+        conv("convc", "r", "wc", "y"),
+    ]
+    proto = make_model(nodes, [("x", ["n", 3, 5, 5])], [("y", ["n", 2, 5, 5])], [init("wa", wa), init("wb", wb), init("wc", rand(2, 10, 3, 3, seed=3))])
+    model, ctx, feeds = prepare(tmp_path, save, proto)
+    graph = analyse_channels(model)
+    assert sorted(len(g.sources) for g in graph.groups if g.prunable) == [1, 1]  # two independent groups
+    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1")
+    assert weight_shape(result.model, "conva") == (3, 3, 3, 3)
+    assert weight_shape(result.model, "convb") == (5, 3, 3, 3)  # floor(0.25 * 6) = 1 removed
+    assert weight_shape(result.model, "convc") == (2, 8, 3, 3)
+    # Removed: a[2] and b[0] (both dead): the concat's columns were mapped exactly.
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+
+
+def test_depthwise_conv_ties_input_and_output_channels(tmp_path, save):
+    w1 = rand(8, 3, 1, 1, seed=1)
+    w1[[1, 6]] = 0
+    nodes = [
+        conv("conv1", "x", "w1", "c1", pads=[0, 0, 0, 0]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv("dw", "r1", "wd", "d", "bd", group=8),
+        helper.make_node("Relu", ["d"], ["r2"], name="relu2"),
+        conv("pw", "r2", "wp", "y", pads=[0, 0, 0, 0]),
+    ]
+    inits = [init("w1", w1), init("wd", rand(8, 1, 3, 3, seed=2)), init("bd", rand(8, seed=3)), init("wp", rand(5, 8, 1, 1, seed=4))]
+    proto = make_model(nodes, [("x", ["n", 3, 5, 5])], [("y", ["n", 5, 5, 5])], inits)
+    model, ctx, feeds = prepare(tmp_path, save, proto)
+    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1")
+    dw = next(n for n in result.model.graph.node if n.name == "dw")
+    assert weight_shape(result.model, "dw") == (6, 1, 3, 3)
+    assert next(a.i for a in dw.attribute if a.name == "group") == 6
+    assert weight_shape(result.model, "pw") == (5, 6, 1, 1)
+    # The dead channels carry relu(bias) through the depthwise conv: a constant, folded into pw.
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+
+
+def test_grouped_conv_is_left_whole_with_a_reason(tmp_path, save):
+    nodes = [
+        conv("conv1", "x", "w1", "c1"),
+        conv("gconv", "c1", "wg", "g", group=2),
+        conv("conv3", "g", "w3", "y"),
+    ]
+    inits = [init("w1", rand(8, 3, 3, 3)), init("wg", rand(8, 4, 3, 3)), init("w3", rand(2, 8, 3, 3))]
+    model, ctx, _ = prepare(tmp_path, save, make_model(nodes, [("x", ["n", 3, 4, 4])], [("y", ["n", 2, 4, 4])], inits))
+    result = run_checked("prune-channels", model, ctx, ratio=0.5)
+    assert not result.modified
+    assert any("conv1" in s and "grouped convolution" in s for s in result.skipped)
+    assert any("gconv" in s and "grouped convolution" in s for s in result.skipped)
+
+
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
+def test_flatten_into_gemm_maps_a_channel_to_a_block_of_features(tmp_path, save, flatten):
+    w1 = rand(4, 2, 3, 3, seed=1)
+    w1[3] = 0
+    flat = (
+        helper.make_node("Flatten", ["r"], ["f"], name="flat", axis=1)
+        if flatten == "Flatten"
+        else helper.make_node("Reshape", ["r", "shape"], ["f"], name="flat")
+    )
+    nodes = [
+        conv("conv1", "x", "w1", "c1", pads=[0, 0, 0, 0]),
+        helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+        flat,
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    inits = [init("w1", w1), init("wf", rand(3, 4 * 9, seed=2)), init("bf", rand(3, seed=3)), numpy_helper.from_array(np.array([2, 36], np.int64), "shape")]
+    model, ctx, feeds = prepare(tmp_path, save, make_model(nodes, [("x", [2, 2, 5, 5])], [("y", [2, 3])], inits), samples=64)
+    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1")
+    assert weight_shape(result.model, "conv1") == (3, 2, 3, 3)
+    assert weight_shape(result.model, "fc") == (3, 27)  # 9 features per channel went with channel 3
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+
+
+def transformer_block(hidden=16, width=64, dead=()):
+    """LayerNorm -> MatMul+bias -> GELU (erf form, as exporters write it) -> MatMul+bias -> residual add."""
+    w1 = rand(hidden, width, seed=1) * 0.3
+    b1 = rand(width, seed=2) * 0.1
+    w1[:, list(dead)] = 0
+    b1[list(dead)] = 0
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "ln_g", "ln_b"], ["h"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["h", "w1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["b1", "m1"], ["a1"], name="fc1_bias"),
+        helper.make_node("Div", ["a1", "sqrt2"], ["d"], name="gelu_div"),
+        helper.make_node("Erf", ["d"], ["e"], name="gelu_erf"),
+        helper.make_node("Add", ["e", "one"], ["e1"], name="gelu_add"),
+        helper.make_node("Mul", ["a1", "e1"], ["g"], name="gelu_mul"),
+        helper.make_node("Mul", ["g", "half"], ["g2"], name="gelu_half"),
+        helper.make_node("MatMul", ["g2", "w2"], ["m2"], name="fc2"),
+        helper.make_node("Add", ["m2", "b2"], ["a2"], name="fc2_bias"),
+        helper.make_node("Add", ["a2", "h"], ["y"], name="residual"),
+    ]
+    inits = [
+        init("ln_g", np.ones(hidden)), init("ln_b", np.zeros(hidden)), init("w1", w1), init("b1", b1),
+        init("sqrt2", [np.sqrt(2)]), init("one", [1.0]), init("half", [0.5]),
+        init("w2", rand(width, hidden, seed=3) * 0.3), init("b2", rand(hidden, seed=4) * 0.1),
+    ]
+    return make_model(nodes, [("x", ["b", 5, hidden])], [("y", ["b", 5, hidden])], inits)
+
+
+def test_transformer_mlp_width_is_one_group(tmp_path, save):
+    model, ctx, feeds = prepare(tmp_path, save, transformer_block(), mask_zero=False)
+    graph = analyse_channels(model)
+    assert [[s.node for s in g.sources] for g in graph.groups if g.prunable] == [["fc1"]]
+    # fc2's output joins the residual stream (a LayerNorm output): left whole.
+    assert any("fc2" in s for s in run_checked("prune-channels", model, ctx, ratio=0.25).skipped)
+    result = run_checked("prune-channels", model, ctx, ratio=0.25)
+    assert weight_shape(result.model, "fc1") == (16, 48)
+    assert weight_shape(result.model, "fc1_bias", 0) == (48,)
+    assert weight_shape(result.model, "fc2") == (48, 16)
+    assert rel_error(outputs(model, feeds)["y"], outputs(result.model, feeds)["y"]) < 0.02
+
+
+def test_dead_mlp_units_are_removed_exactly(tmp_path, save):
+    model, ctx, feeds = prepare(tmp_path, save, transformer_block(dead=range(0, 64, 4)), mask_zero=False)
+    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l2")
+    assert weight_shape(result.model, "fc2") == (48, 16)
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+
+
+# --- choice and reconstruction ---------------------------------------------------------------
+
+
+def test_refit_beats_plain_slicing_and_thinet_beats_norms(tmp_path, save):
+    model, ctx, feeds = prepare(tmp_path, save, transformer_block(width=96), mask_zero=False)
+    ref = outputs(model, feeds)["y"]
+    err = {}
+    for criterion, reconstruct in [("l1", "none"), ("l1", "lstsq"), ("thinet", "none"), ("thinet", "lstsq")]:
+        result = run_checked("prune-channels", model, ctx, ratio=0.5, criterion=criterion, reconstruct=reconstruct)
+        err[criterion, reconstruct] = rel_error(ref, outputs(result.model, feeds)["y"])
+    assert err["l1", "lstsq"] < err["l1", "none"]
+    assert err["thinet", "lstsq"] < err["thinet", "none"]
+    assert err["thinet", "none"] < err["l1", "none"]
+
+
+def test_bn_criterion_removes_the_smallest_gammas(tmp_path, save):
+    gamma = np.array([1.0, 0.01, 2.0, 0.02, 1.5, 0.5], np.float32)
+    bn = [init("g", gamma), init("be", np.zeros(6)), init("mu", np.zeros(6)), init("var", np.ones(6))]
+    nodes = [
+        conv("conv1", "x", "w1", "c1"),
+        helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["b"], name="bn"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        conv("conv2", "r", "w2", "y"),
+    ]
+    proto = make_model(nodes, [("x", ["n", 2, 4, 4])], [("y", ["n", 3, 4, 4])], [init("w1", rand(6, 2, 3, 3)), *bn, init("w2", rand(3, 6, 3, 3))])
+    model, ctx, _ = prepare(tmp_path, save, proto)
+    result = run_checked("prune-channels", model, ctx, ratio=0.34, criterion="bn", reconstruct="none")
+    kept = result.model.initializer_array(next(n for n in result.model.graph.node if n.name == "bn").input[1])
+    np.testing.assert_array_equal(kept, gamma[[0, 2, 4, 5]])
+    assert result.stats["groups"][0]["criterion"] == "bn"
+
+
+def test_round_to_and_global_allocation(tmp_path, save):
+    model = load_model(SAMPLE / "mnist_cnn.onnx")
+    ctx = PassContext(calibration=CalibrationSet.from_path(SAMPLE / "calib.npz", model))
+    model = PassManager([make_pass("fold-batchnorm", {})]).run(model, ctx).model
+    infer_shapes(model)
+    result = run_checked("prune-channels", model, ctx, ratio=0.3, round_to=8)
+    assert all(g["channels_after"] % 8 == 0 for g in result.stats["groups"])
+    result = run_checked("prune-channels", model, ctx, ratio=0.3, allocation="global")
+    total = sum(g["channels_before"] for g in result.stats["groups"])
+    removed = result.stats["channels_removed"]
+    assert removed > 0 and {g["channels_after"] for g in result.stats["groups"]} != {round(g["channels_before"] * 0.7) for g in result.stats["groups"]}
+    assert removed <= 0.3 * 208 + 1 and total <= 208
+
+
+# --- contract and errors ------------------------------------------------------------------
+
+
+def test_ratio_zero_and_nothing_prunable_change_nothing(tmp_path, save):
+    model, ctx, _ = prepare(tmp_path, save, residual_model())
+    assert not run_checked("prune-channels", model, ctx, ratio=0.0).modified
+    assert not run_checked("prune-channels", model, ctx, ratio=0.5, exclude=("conv1",)).modified
+
+
+def test_weight_only_pruning_needs_no_calibration(tmp_path, save):
+    model, _, feeds = prepare(tmp_path, save, residual_model(dead=(0, 2)))
+    result = run_checked("prune-channels", model, PassContext(), ratio=0.25, criterion="l1", reconstruct="none")
+    # Dead and followed by ReLU with zero bias: exact even without data.
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+    manager = PassManager([make_pass("prune-channels", {"ratio": "0.3"})])
+    with pytest.raises(ConfigError, match="calibration"):
+        manager.run(model, PassContext())
+
+
+@pytest.mark.parametrize("values,field", [({"ratio": "1"}, "ratio"), ({"round_to": "0"}, "round_to"), ({"criterion": "taylor"}, "criterion"), ({"max_group_ratio": "1"}, "max_group_ratio")])
+def test_config_errors_name_the_field(values, field):
+    with pytest.raises(ConfigError, match=field):
+        build_config("prune-channels", PruneChannelsConfig, values)
+
+
+# --- real exports ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "mobilenetv2_bn"])
+def test_torch_cnns_prune_to_valid_smaller_models(tmp_path, name):
+    model = load_model(TORCH_MODELS / f"{name}.onnx")
+    io = np.load(TORCH_MODELS / f"{name.split('_')[0]}_io.npz")
+    inputs = {s.name: io[s.name] for s in model.inputs}
+    np.savez(tmp_path / "calib.npz", **{k: rand(16, *v.shape[1:], seed=9) for k, v in inputs.items()})
+    ctx = PassContext(calibration=CalibrationSet.from_path(tmp_path / "calib.npz", model))
+    manager = PassManager([make_pass("fold-batchnorm", {}), make_pass("prune-channels", {"ratio": "0.25"})])
+    result = manager.run(model, ctx)
+    assert result.final.params < 0.85 * result.initial.params
+    assert result.final.macs < 0.85 * result.initial.macs
+    got = ort_run(result.model.proto, inputs)
+    ref = ort_run(model.proto, inputs)
+    for k in ref:
+        a, b = ref[k].ravel(), got[k].ravel()
+        assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.9, k
