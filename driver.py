@@ -55,6 +55,7 @@ class CompileOptions:
     cpu: str | None = None  # x86: LLVM CPU name instead of the host's
     arch: str | None = None  # gpu: CUDA arch such as sm_80
     tune_trials: int = 0  # MetaSchedule trials per task missing from the database
+    int8_lowering: bool = True  # QDQ regions -> integer conv2d/matmul (targets/int8_lowering.py)
     tuning_db: Path | None = None  # default: the user cache folder
     rpc_tracker: str | None = None
     rpc_key: str | None = None
@@ -174,10 +175,11 @@ def _compile_target(model: Model, spec, staging: Path, opts: CompileOptions) -> 
 
     tune = TuneOptions(opts.tune_trials, opts.tuning_db or default_tuning_db(), opts.rpc_tracker, opts.rpc_key, opts.seed)
     start = time.perf_counter()
-    executable, tuning = build(model, spec, tune)
+    executable, tuning = build(model, spec, tune, int8=opts.int8_lowering)
+    int8 = tuning.pop("int8", None)
     built = time.perf_counter()
     export(executable, staging / "model.so", spec)
-    return {**spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built, "tuning": {**tuning, "db": str(tune.db_dir)}}
+    return {**spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built, "tuning": {**tuning, "db": str(tune.db_dir)}, "int8": int8}
 
 
 def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int):

@@ -75,13 +75,14 @@ def cli(debug: bool, verbose: bool) -> None:
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning database folder (default: ~/.cache/optc/tuning).")
 @click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure tuning candidates on boards registered with this TVM RPC tracker.")
 @click.option("--rpc-key", metavar="KEY", help="Device key of the boards at the RPC tracker.")
+@click.option("--int8-lowering/--no-int8-lowering", default=True, show_default=True, help="Compile int8 QDQ regions to integer conv2d/matmul (int32 accumulation) instead of float.")
 @click.option("--verify-each", is_flag=True, help="Check the model and compare with onnxruntime after every pass.")
 @click.option("--time-passes", is_flag=True, help="Show the wall time of each pass.")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Save the model after this pass (or 'all') into OUTDIR/dumps.")
 @click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights beside the model (default: only above 1.8 GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
+def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
     """Run a pass pipeline on MODEL and write the result to OUTDIR."""
     from optc.cli.render import ProgressInstrument, render_compile_report
     from optc.driver import CompileOptions, build_pipeline, compile_model
@@ -101,6 +102,7 @@ def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_da
         tuning_db=tuning_db,
         rpc_tracker=rpc_tracker,
         rpc_key=rpc_key,
+        int8_lowering=int8_lowering,
         verify_each=verify_each,
         time_passes=time_passes,
         dump_after=tuple(dump_after),

@@ -91,6 +91,12 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     if "latency_ms" in ev:
         lat = ev["latency_ms"]
         lines.append(f"latency (onnxruntime CPU, median): {lat['before']:.3f} ms -> {lat['after']:.3f} ms (x{lat['speedup']:.2f})")
+    int8 = (report.get("target") or {}).get("int8")
+    if int8 and int8.get("enabled"):
+        line = f"int8 (TVM): {int8['lowered']} regions lowered to integer kernels"
+        if int8["left_float"]:
+            line += f"; {len(int8['left_float'])} left in float: " + "; ".join(f"{r['node']} ({r['reason']})" for r in int8["left_float"])
+        lines.append(line)
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     for line in lines:

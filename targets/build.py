@@ -72,8 +72,12 @@ def tvm_target(spec: TargetSpec) -> Any:
     return tvm.target.Target(spec.target)
 
 
-def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None) -> tuple[Any, dict[str, Any]]:
+def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, int8: bool = True) -> tuple[Any, dict[str, Any]]:
     """Compile ``model`` for ``spec``; returns a ``tvm.runtime.Executable`` and a tuning summary.
+
+    With ``int8`` the QDQ regions are lowered to integer kernels first
+    (:mod:`optc.targets.int8_lowering`); the summary's ``"int8"`` entry says
+    which regions were lowered and which stayed float, and why.
 
     CPU targets compile through the tuning database (``tune``): tasks missing
     from it are tuned with MetaSchedule when ``tune.trials_per_task > 0``;
@@ -85,12 +89,18 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None) -> tu
     check_compilable(model)
     spec.check_toolchain()
     mod = to_relax(model)
+    int8_summary: dict[str, Any] = {"enabled": False}
+    if int8:
+        from optc.targets.int8_lowering import lower_int8, weight_owners
+
+        mod, int8_report = lower_int8(mod, weight_owners(model))
+        int8_summary = int8_report.to_dict()
     target = tvm_target(spec)
     try:
         with quiet_native_stderr():
             if spec.device == "cpu" and tune is not None:
                 executable, report = tune_and_compile(mod, target, tune)
-                return executable, report.to_dict()
+                return executable, {**report.to_dict(), "int8": int8_summary}
             if spec.device == "cuda":
                 from tvm.s_tir import dlight as dl
 
@@ -99,7 +109,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None) -> tu
                     mod = dl.ApplyDefaultSchedule(
                         dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
                     )(mod)
-            return tvm.compile(mod, target=target), {"tasks": None, "tuned": [], "reused_from_db": []}
+            return tvm.compile(mod, target=target), {"tasks": None, "tuned": [], "reused_from_db": [], "int8": int8_summary}
     except TargetError:
         raise
     except Exception as exc:

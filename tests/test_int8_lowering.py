@@ -1,0 +1,296 @@
+"""int8 lowering: QDQ regions from optc's quantize pass become integer conv2d/matmul in
+Relax (int8 inputs, int32 accumulation), compiled untuned with real TVM and compared
+with onnxruntime running the same QDQ model without graph optimisations.
+
+Tolerance, "one quantisation step of the output": the outputs here are floats
+produced by a lowered layer, so one step is what one input element moving by one
+quantisation step does to an output, ``s_x * max|W|`` of the last layer. The
+lowered sum is exact, so differences come only from an intermediate value that
+rounds to the neighbouring step (float32 sums in onnxruntime vs exact integers here).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import SAMPLE, make_model, ort_run, rand
+from onnx import helper, numpy_helper
+
+from optc.errors import TargetError
+from optc.ir import infer_shapes, load_model
+from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+X86 = {"kind": "llvm", "mcpu": "core-avx2", "num-cores": 2}
+
+
+# --- models -------------------------------------------------------------------------
+
+
+def _conv_model():
+    """Conv (pad, bias) -> Relu -> depthwise Conv (stride 2) -> Relu -> 1x1 Conv (no bias, no padding)."""
+    return make_model(
+        [
+            helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+            helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+            helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], group=8, name="dw"),
+            helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+            helper.make_node("Conv", ["r2", "W3"], ["y"], name="pw"),
+        ],
+        [("x", [1, 3, 12, 12])],
+        [("y", [1, 6, 6, 6])],
+        [("W1", rand(8, 3, 3, 3)), ("B1", rand(8, seed=1)), ("W2", rand(8, 1, 3, 3, seed=2)), ("B2", rand(8, seed=3)), ("W3", rand(6, 8, 1, 1, seed=4))],
+    )
+
+
+def _gemm_model():
+    """Gemm (transB=1, bias) -> Relu -> MatMul on a 3-D activation -> Gemm (transB=0, bias)."""
+    return make_model(
+        [
+            helper.make_node("Gemm", ["x", "G1", "C1"], ["g1"], transB=1, name="gemm_t"),
+            helper.make_node("Relu", ["g1"], ["r1"], name="relu"),
+            helper.make_node("Reshape", ["r1", "shape"], ["r3"], name="to3d"),
+            helper.make_node("MatMul", ["r3", "M"], ["m"], name="matmul"),
+            helper.make_node("Reshape", ["m", "shape2"], ["m2"], name="to2d"),
+            helper.make_node("Gemm", ["m2", "G2", "C2"], ["y"], transB=0, name="gemm_n"),
+        ],
+        [("x", [4, 32])],
+        [("y", [4, 5])],
+        [
+            ("G1", rand(24, 32)),
+            ("C1", rand(24, seed=1)),
+            ("shape", np.array([2, 2, 24], np.int64)),
+            ("M", rand(24, 16, seed=2)),
+            ("shape2", np.array([4, 16], np.int64)),
+            ("G2", rand(16, 5, seed=3)),
+            ("C2", rand(5, seed=4)),
+        ],
+    )
+
+
+def _quantize(save, tmp_path, proto, **options):
+    model = load_model(save(proto))
+    infer_shapes(model)
+    rng = np.random.default_rng(0)
+    feeds = {s.name: rng.standard_normal((64, *s.shape[1:])).astype(np.float32) for s in model.inputs}
+    np.savez(tmp_path / "calib.npz", **feeds)
+    calib = CalibrationSet.from_path(tmp_path / "calib.npz", model)
+    return PassManager([make_pass("quantize", options)]).run(model, PassContext(calibration=calib)).model
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _lower(model):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from optc.targets.int8_lowering import lower_int8, weight_owners
+
+    mod = from_onnx(model.proto, keep_params_in_input=False)
+    return lower_int8(mod, weight_owners(model))
+
+
+def _compile(mod):
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(X86)), tvm.cpu())
+
+
+def _run(vm, x):
+    import tvm
+
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _calls(mod):
+    """(op name, argument dtypes, result dtype) of every call in main, in order."""
+    from tvm import relax
+
+    out = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and hasattr(value.op, "name"):
+                dtypes = [str(a.ty.dtype) if hasattr(a.ty, "dtype") else "" for a in value.args]
+                out.append((value.op.name, dtypes, str(value.ty.dtype)))
+    return out
+
+
+def _last_layer_step(model, output):
+    """``s_x * max|W|`` of the quantized layer producing ``output``: one input step's effect."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers[output]
+    x_dq, w_dq = producers[node.input[0]], producers[node.input[1]]
+    s_x = model.initializer_array(x_dq.input[1]).item()
+    w = model.initializer_array(w_dq.input[0]).astype(np.float64)
+    s_w = model.initializer_array(w_dq.input[1]).astype(np.float64)
+    axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return s_x * float(np.abs(w * s_w.reshape(shape)).max())
+
+
+# --- tests --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # uint8 asymmetric activations (zero point != 0 at the input: explicit pad), 7-bit weights
+        {"activation_type": "int8", "reduce_range": False},
+        {"symmetric_activations": True, "reduce_range": False, "bias": "float"},
+    ],
+    ids=["uint8", "int8", "int8-symmetric"],
+)
+def test_conv_regions_become_integer_convolutions(save, tmp_path, options):
+    q = _quantize(save, tmp_path, _conv_model(), **options)
+    mod, report = _lower(q)
+    assert report.to_dict()["lowered"] == 3 and not report.left_float
+    assert [r.name for r in report.lowered] == ["conv1", "dw", "pw"]
+    convs = [c for c in _calls(mod) if c[0] == "relax.nn.conv2d"]
+    assert len(convs) == 3
+    for _, (x_dtype, w_dtype), out in convs:
+        assert x_dtype in ("uint8", "int8") and w_dtype == "int8" and out == "int32"
+    # weights are no longer dequantized; only the float biases' int32 constants may be
+    weight_dq = [c for c in _calls(mod) if c[0] == "relax.dequantize" and c[2] == "float32" and c[1][0] == "int8"]
+    assert not weight_dq
+
+    vm = _compile(mod)
+    step = _last_layer_step(q, "y")
+    worst = 0.0
+    for seed in range(5):
+        x = rand(1, 3, 12, 12, seed=100 + seed)
+        got, ref = _run(vm, x), ort_run(q.proto, {"x": x})["y"]
+        worst = max(worst, float(np.abs(got - ref).max()))
+    assert worst <= step, f"max |diff| {worst:.3g} > one step {step:.3g}"
+
+
+def test_matmul_and_gemm_regions_become_integer_matmuls(save, tmp_path):
+    q = _quantize(save, tmp_path, _gemm_model(), reduce_range=False)
+    mod, report = _lower(q)
+    assert [r.name for r in report.lowered] == ["gemm_t", "matmul", "gemm_n"] and not report.left_float
+    matmuls = [c for c in _calls(mod) if c[0] == "relax.matmul"]
+    assert len(matmuls) == 3
+    for _, (x_dtype, w_dtype), out in matmuls:
+        assert x_dtype == "uint8" and w_dtype == "int8" and out == "int32"
+    assert not any(c[0] == "relax.permute_dims" for c in _calls(mod))  # Gemm transB=1: weight transposed at compile time
+
+    vm = _compile(mod)
+    step = _last_layer_step(q, "y")
+    worst = 0.0
+    for seed in range(5):
+        x = rand(4, 32, seed=200 + seed)
+        got, ref = _run(vm, x), ort_run(q.proto, {"x": x})["y"]
+        worst = max(worst, float(np.abs(got - ref).max()))
+    assert worst <= step, f"max |diff| {worst:.3g} > one step {step:.3g}"
+
+
+def test_unlowerable_region_stays_float_with_a_reason(save):
+    """Asymmetric weights (non-zero weight zero point) are not what the lowering handles."""
+    w_q = np.random.default_rng(0).integers(-100, 100, (4, 8)).astype(np.int8)
+    proto = make_model(
+        [
+            helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="qx"),
+            helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dqx"),
+            helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1, name="dqw"),
+            helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
+        ],
+        [("x", [2, 4])],
+        [("y", [2, 8])],
+        [
+            ("sx", np.array(0.02, np.float32)),
+            ("zx", np.array(128, np.uint8)),
+            ("wq", w_q),
+            ("sw", np.full(8, 0.01, np.float32)),
+            ("zw", np.full(8, 3, np.int8)),
+        ],
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    mod, report = _lower(load_model(save(proto)))
+    assert not report.lowered
+    assert report.to_dict()["left_float"] == [{"op": "matmul", "node": "mm", "reason": "weight zero point is not 0 (asymmetric weights)"}]
+    assert all(c[2] == "float32" for c in _calls(mod) if c[0] == "relax.matmul")
+    x = rand(2, 4)
+    np.testing.assert_allclose(_run(_compile(mod), x), ort_run(proto, {"x": x})["y"], atol=1e-5)
+
+
+def test_float_model_is_untouched():
+    from optc.targets.int8_lowering import lower_int8
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [("x", [2, 4])], [("y", [2, 3])], [("W", rand(4, 3))])
+    mod = from_onnx(proto, keep_params_in_input=False)
+    new, report = lower_int8(mod)
+    assert report.to_dict() == {"enabled": True, "lowered": 0, "lowered_regions": [], "left_float": [], "unquantized_ops": 1}
+    assert new.same_as(mod)
+
+
+@pytest.mark.slow
+def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path):
+    """The bundled CNN through the CLI: every region lowered, accuracy of the int8 artifact
+    vs the fp32 artifact on the 1,000 test samples, outputs vs onnxruntime within a step."""
+    import json
+
+    from click.testing import CliRunner
+
+    from optc.cli.main import cli
+    from optc.targets.artifact import load_artifact
+
+    db = tmp_path / "db"
+    common = ["--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", str(db)]
+    runner = CliRunner()
+    res = runner.invoke(
+        cli,
+        ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "int8"), "--pass", "canonicalize", "--pass", "quantize:reduce_range=false",
+         "--calib", str(SAMPLE / "calib.npz"), *common],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert "int8 (TVM): 8 regions lowered to integer kernels" in res.output
+    report = json.loads((tmp_path / "int8" / "report.json").read_text())
+    assert report["target"]["int8"]["lowered"] == 8 and report["target"]["int8"]["left_float"] == []
+    res = runner.invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "fp32"), *common], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+    int8, fp32 = load_artifact(tmp_path / "int8"), load_artifact(tmp_path / "fp32")
+    q = load_model(tmp_path / "int8" / "model.onnx")
+    test = np.load(SAMPLE / "test.npz")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(q.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    step = _last_layer_step(q, "logits")
+    correct = {"int8": 0, "fp32": 0}
+    worst = 0.0
+    for i in range(len(test["label"])):
+        x = test["input"][i : i + 1]
+        got = int8.run({"input": x})["logits"]
+        correct["int8"] += int(got.argmax() == test["label"][i])
+        correct["fp32"] += int(fp32.run({"input": x})["logits"].argmax() == test["label"][i])
+        if i < 200:
+            worst = max(worst, float(np.abs(got - session.run(["logits"], {"input": x})[0]).max()))
+    assert worst <= step, f"max |diff| vs onnxruntime {worst:.3g} > one step {step:.3g}"
+    n = len(test["label"])
+    assert correct["fp32"] / n >= 0.975 and correct["int8"] / n >= correct["fp32"] / n - 0.005, correct
+
+
+def test_no_int8_lowering_keeps_float(save, tmp_path):
+    from optc.targets.build import build
+    from optc.targets.spec import make_target
+
+    q = _quantize(save, tmp_path, _gemm_model(), reduce_range=False)
+    spec = make_target("x86", cpu="core-avx2")
+    _, summary = build(q, spec, None, int8=False)
+    assert summary["int8"] == {"enabled": False}
+    _, summary = build(q, spec, None)
+    assert summary["int8"]["lowered"] == 3
+
+
+def test_lowering_failure_is_a_target_error():
+    from optc.targets.int8_lowering import lower_int8
+
+    with pytest.raises(TargetError, match="int8 lowering failed.*--no-int8-lowering"):
+        lower_int8(object())
