@@ -47,6 +47,7 @@ from optc.passes.qdq import (
     sqnr_db,
     weight_scales,
 )
+from optc.passes.qdq_placement import Placement, place_qdq
 from optc.passes.smoothquant import SmoothQuantConfig, smooth_model, smoothing_stats
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class QuantizeConfig:
     op_types: tuple[str, ...] = option(("Conv", "Gemm", "MatMul"), "op types quantized")
     include: tuple[str, ...] = option((), "only these node names or op types (empty: all of op_types)")
     exclude: tuple[str, ...] = option((), "node names or op types kept in float")
+    int8_chains: bool = option(True, "also quantize Conv outputs and the Add/Concat/pooling between quantized layers, so runtimes chain int8 kernels")
     bias: Literal["int32", "float"] = option("int32", "bias as int32 (scale s_x*s_w) or left float")
     bias_correction: bool = option(True, "fold the mean output shift of weight rounding into the bias")
     smoothquant: float | None = option(None, "SmoothQuant alpha for MatMul/Gemm inputs before quantizing (None: off; 0.5 is the paper's default)")
@@ -129,8 +131,7 @@ class Quantize(Pass[QuantizeConfig]):
             stats.update(smoothing_stats(smoothings, placed))
             if smoothings:
                 layers, skipped = self._select(model)
-        tensors = sorted({l.input for l in layers})
-        acts = self._calibrate(model, calib, tensors)
+        acts = self._calibrate(model, calib, placement(model, layers, set(), cfg).tensors)
         hessians = means = None
         if cfg.rounding == "gptq":
             grams = input_grams(model, calib, layers, batch_size=cfg.batch_size, max_batches=cfg.max_batches, seed=ctx.seed)
@@ -148,6 +149,7 @@ class Quantize(Pass[QuantizeConfig]):
             result, float_nodes, search = self._fallback(reference, model, result, plans, acts, calib)
             stats.update(search)
         stats.update(summarise(reference, result, plans, acts, float_nodes))
+        stats["int8_chain_nodes"] = list(placement(model, layers, set(float_nodes), cfg).chain_nodes)
         skipped += [f"{n}: kept float ({why})" for n, why in float_nodes.items()]
         return PassResult(result, modified=True, stats=stats, skipped=skipped)
 
@@ -274,18 +276,17 @@ def write_qdq(model: Model, plans: dict[str, LayerQuant], acts: dict[str, Activa
     editor = GraphEditor(model)
     nodes = {n.name: n for n in editor.nodes}
     tensors = editor.tensors()
-    readers: dict[str, list] = {}
+    where = placement(model, [p.layer for p in plans.values()], float_nodes, cfg)
+    params = lambda t: acts[where.source(t)]  # noqa: E731
     for name, plan in plans.items():
         if name in float_nodes:
             continue
         node = nodes[name]
-        readers.setdefault(plan.layer.input, []).append(node)
         node.inputs[1] = dequantized_constant(editor, f"{name}_W", plan.q, plan.scale, plan.axis)
         if plan.bias is None:
             continue
         bias = plan.bias.astype(np.float32)
-        params = acts[plan.layer.input]
-        as_int = bias_int32(bias, params.scale, plan.scale) if cfg.bias == "int32" and _unit_gemm(node) else None
+        as_int = bias_int32(bias, params(plan.layer.input).scale, plan.scale) if cfg.bias == "int32" and _unit_gemm(node) else None
         if as_int is not None:
             new_bias = dequantized_constant(editor, f"{name}_B", as_int[0], as_int[1], 0)
         else:
@@ -294,9 +295,16 @@ def write_qdq(model: Model, plans: dict[str, LayerQuant], acts: dict[str, Activa
             node.inputs[2] = new_bias
         else:
             node.inputs.append(new_bias)
-    for tensor_name, consumers in readers.items():
-        insert_activation_qdq(editor, tensors[tensor_name], acts[tensor_name], consumers)
+    for tensor_name, names in where.readers.items():
+        tensor = tensors[tensor_name]
+        consumers = [n for n in editor.consumers(tensor) if names is None or n.name in names]
+        insert_activation_qdq(editor, tensor, params(tensor_name), consumers)
     return editor.commit()
+
+
+def placement(model: Model, layers: list[LinearLayer], float_nodes: set[str], cfg: QuantizeConfig) -> Placement:
+    quantized = [(l.node, l.op, l.input, l.output) for l in layers if l.node not in float_nodes]
+    return place_qdq(model, quantized, cfg.int8_chains)
 
 
 def _unit_gemm(node) -> bool:

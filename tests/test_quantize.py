@@ -138,12 +138,18 @@ def _dq_axis(model, weight_consumer):
     return next((a.i for a in dq.attribute if a.name == "axis"), 1), model.initializer_array(dq.input[0])
 
 
+def _quantized_tensors(model):
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
 @pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
 def test_qdq_structure_axes_and_error_budget(save, tmp_path, calibrator):
     proto = _conv_gemm_model()
     q, record = _run(save, tmp_path, proto, calibrator=calibrator)
     hist = q.op_histogram()
-    assert hist["QuantizeLinear"] == 3 and hist["DequantizeLinear"] == 3 + 3 + 2  # acts, weights, int32 biases
+    # Layer inputs x, f, g; with int8 chains also the Conv's output after its Relu and the pooled map.
+    assert _quantized_tensors(q) == {"x", "r", "p", "f", "g"}
+    assert hist["QuantizeLinear"] == 5 and hist["DequantizeLinear"] == 5 + 3 + 2  # acts, weights, int32 biases
     assert _dq_axis(q, "conv")[0] == 0 and _dq_axis(q, "gemm")[0] == 1 and _dq_axis(q, "mm")[0] == 1
     w_conv = _dq_axis(q, "conv")[1]
     assert w_conv.dtype == np.int8 and w_conv.shape == (8, 3, 3, 3) and np.abs(w_conv).max() <= 127
@@ -163,7 +169,9 @@ def test_include_exclude_and_float_bias(save, tmp_path):
     assert next(n for n in q.graph.node if n.name == "mm").input[1] == "M"
     assert not any(q.initializer_array(t.name).dtype == np.int32 for t in q.graph.initializer)
     q2, record2 = _run(save, tmp_path, _conv_gemm_model(), include=("Conv",))
-    assert record2.stats["quantized"] == 1 and q2.op_histogram()["QuantizeLinear"] == 1
+    assert record2.stats["quantized"] == 1 and _quantized_tensors(q2) == {"x", "r"}  # the pool leads to no int8 layer
+    q3, _ = _run(save, tmp_path, _conv_gemm_model(), include=("Conv",), int8_chains=False)
+    assert _quantized_tensors(q3) == {"x"}
 
 
 def test_opset_11_is_upgraded(save, tmp_path):
