@@ -1,26 +1,20 @@
-"""distill: replace linear subgraphs by smaller students fitted to the teacher's activations.
+"""distill: replace subgraphs by smaller students fitted to the teacher's activations.
 
-Students (rules: pattern + check + rewrite):
+Students (rules: pattern + check + rewrite), in order of precedence:
 
-* ``matmul``: ``x @ W`` (W constant, ``in x out``) -> ``(x @ A) @ B`` with
-  ``A = R^T`` (``in x r``) and ``B = L^T`` (``r x out``); a following bias Add
-  is untouched.
-* ``gemm``: ``alpha * x @ W' + beta * C`` -> ``MatMul(x, R^T)`` then the same
-  Gemm with weight ``L`` (layout kept, alpha/beta/C kept).
-* ``conv``: a ``k x k`` Conv (group 1) -> a ``k x k`` Conv with ``r`` output
-  channels (``R`` reshaped to ``r x cin x k x k``, same strides/pads/dilations,
-  no bias) then a 1x1 Conv with ``L`` and the original bias. This is exact
-  algebra on im2col rows: ``M x = L (R x)``, and ``R x`` over all receptive
-  fields is the first convolution.
+* ``mlp`` (:mod:`optc.passes.distill_mlp`): ``Linear -> elementwise -> Linear``
+  with fewer hidden units, the second layer refit by least squares.
+* ``matmul``, ``gemm``, ``conv`` (:mod:`optc.passes.distill_lowrank`): one
+  layer becomes two of rank ``r``, fitted whitened (SVD-LLM), ASVD or plain.
 
-``L R`` is fitted by :mod:`optc.passes.lowrank` (whitened or plain SVD) on the
-Gram of the layer input over the calibration set, so the relative data error
-``||(W - W_r) X||^2 / ||W X||^2`` of every rank is known in closed form. The
-rank is the smallest meeting ``budget``; with ``target_reduction`` a common
-budget is searched (bisection) so that the candidates lose that fraction of
-their parameters. A student must have at most ``(1 - min_reduction)`` of the
-teacher's parameters: ``r (in + out) <= (1 - min_reduction) in out`` (MACs
-scale the same way, as both stages see the same positions).
+A layer claimed by an ``mlp`` block is not offered to the low-rank rules.
+Every student is fitted on the Gram of its layer's input over the calibration
+set, so the relative data error of each width/rank is known in closed form
+(the subgraph output's ``||Y - Y_student||^2 / ||Y||^2``). The width/rank is the
+smallest meeting ``budget``; with ``target_reduction`` a common budget is
+searched (bisection) so that the candidates lose that fraction of their
+parameters. A student must remove at least ``min_reduction`` of the
+teacher's params (MACs scale the same way).
 
 Layer errors compound through the network, so the whole model is then run on
 the calibration data against the teacher; while the output relative MSE
@@ -30,35 +24,40 @@ replacements with the largest layer errors are backed off.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Literal, Mapping, Protocol
 
 import numpy as np
 
-from optc.ir.graph import GraphEditor, Node
+from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.ir.session import make_session
 from optc.ir.stats import compute_stats
 from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.calibration import CalibrationSet
-from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, weight_matrix
-from optc.passes.lowrank import LowRankSpectrum, fit_low_rank
+from optc.passes.distill_lowrank import RULES, low_rank_candidate
+from optc.passes.distill_mlp import match_mlp_blocks, mlp_candidate
+from optc.passes.layers import LinearLayer, find_linear_layers, input_grams
+from optc.passes.teacher import TeacherOutputs
 
 logger = logging.getLogger(__name__)
+
+STUDENTS = ("mlp", *RULES)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-    budget: float = option(0.05, "per-subgraph relative MSE ||(W-W_r)X||^2/||WX||^2 on calibration data")
+    budget: float = option(0.05, "per-subgraph relative MSE ||Y-Y_student||^2/||Y||^2 on calibration data")
     target_reduction: float | None = option(None, "fraction of candidate params to remove (replaces budget)")
     global_budget: float | None = option(None, "max relative MSE at the model outputs vs the teacher")
     min_cosine: float | None = option(None, "min mean per-sample cosine at the model outputs vs the teacher")
-    whiten: bool = option(True, "activation-aware (whitened, SVD-LLM) instead of plain SVD")
+    fit: Literal["whitened", "asvd", "plain"] = option("whitened", "low-rank fit: whitened (SVD-LLM), asvd (activation scaling) or plain SVD")
     damp: float = option(0.01, "whitening damping, relative to the mean input second moment")
-    min_reduction: float = option(0.1, "a student must remove at least this fraction of the layer's params")
+    alpha: float = option(0.5, "ASVD exponent on the per-channel activation RMS")
+    mlp_select: Literal["greedy", "magnitude"] = option("greedy", "how the mlp student picks hidden units")
+    min_reduction: float = option(0.1, "a student must remove at least this fraction of the subgraph's params")
     exclude: tuple[str, ...] = option((), "node names or op types left alone")
-    students: tuple[str, ...] = option(("matmul", "gemm", "conv"), "rules to apply")
+    students: tuple[str, ...] = option(("mlp", "matmul", "gemm", "conv"), "rules to apply")
     batch_size: int = option(16, "calibration batch size")
     max_batches: int | None = option(None, "calibration batches used (None: all)")
     max_backoff: int = option(8, "rounds of backing off layers to meet the global budget")
@@ -72,115 +71,40 @@ class DistillConfig:
             raise ValueError(f"min_reduction must be in [0, 1), got {self.min_reduction}")
         if self.damp < 0:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
-        unknown = set(self.students) - set(RULES)
+        if not 0 <= self.alpha <= 2:
+            raise ValueError(f"alpha must be in [0, 2], got {self.alpha}")
+        unknown = set(self.students) - set(STUDENTS)
         if unknown:
-            raise ValueError(f"students: unknown {sorted(unknown)}; valid: {', '.join(RULES)}")
+            raise ValueError(f"students: unknown {sorted(unknown)}; valid: {', '.join(STUDENTS)}")
 
 
-# --- rules -------------------------------------------------------------------------
+class Plan(Protocol):
+    """A chosen student (low-rank or narrower MLP)."""
 
-
-@dataclass(frozen=True)
-class LowRankPlan:
-    """A chosen student for one layer."""
-
-    layer: LinearLayer
-    rank: int
-    left: np.ndarray  # (out, r)
-    right: np.ndarray  # (r, in)
+    key: str
     rel_error: float
+    params_teacher: int
+    params_student: int
+
+    def report(self, macs: Mapping[str, float]) -> dict: ...
+
+    def apply(self, editor: GraphEditor, nodes: Mapping) -> None: ...
 
 
-@dataclass(frozen=True)
-class Rule:
-    """A student: which layers it matches, why it refuses one, and how it rewrites."""
+class Candidate(Protocol):
+    """A matched subgraph whose students of every size are known (one fit)."""
 
-    name: str
-    pattern: str  # op type of the teacher node (a LinearLayer with a constant weight)
-    check: Callable[[LinearLayer], str | None]  # reason for refusing, or None
-    rewrite: Callable[[GraphEditor, Node, LowRankPlan], None]
+    key: str
+    params: int
 
+    def plan(self, budget: float) -> Plan | str: ...
 
-def _check_matmul(layer: LinearLayer) -> str | None:
-    return None if len(layer.weight_shape) == 2 else f"weight of rank {len(layer.weight_shape)}"
-
-
-def _check_gemm(layer: LinearLayer) -> str | None:
-    return "transA=1 is not supported" if layer.trans_a else None
-
-
-def _check_conv(layer: LinearLayer) -> str | None:
-    if layer.group != 1:
-        return f"grouped convolution (group={layer.group})"
-    if len(layer.kernel) != 2:
-        return "only 2-D convolutions"
-    return None
-
-
-def _rewrite_matmul(editor: GraphEditor, node: Node, plan: LowRankPlan) -> None:
-    dtype = np.asarray(node.inputs[1].values).dtype
-    a = editor.add_constant(f"{node.name}_A", plan.right.T.astype(dtype))
-    b = editor.add_constant(f"{node.name}_B", plan.left.T.astype(dtype))
-    first = editor.add_node("MatMul", [node.inputs[0], a], name=editor.fresh_name(f"{node.name}_lowrank"))
-    # The teacher node becomes the second stage: it keeps its name and output tensor.
-    node.inputs[0] = first.outputs[0]
-    node.inputs[1] = b
-
-
-def _rewrite_gemm(editor: GraphEditor, node: Node, plan: LowRankPlan) -> None:
-    dtype = np.asarray(node.inputs[1].values).dtype
-    a = editor.add_constant(f"{node.name}_A", plan.right.T.astype(dtype))
-    second = plan.left if plan.layer.trans_b else plan.left.T
-    first = editor.add_node("MatMul", [node.inputs[0], a], name=editor.fresh_name(f"{node.name}_lowrank"))
-    node.inputs[0] = first.outputs[0]
-    node.inputs[1] = editor.add_constant(f"{node.name}_B", second.astype(dtype))
-
-
-def _rewrite_conv(editor: GraphEditor, node: Node, plan: LowRankPlan) -> None:
-    layer = plan.layer
-    dtype = np.asarray(node.inputs[1].values).dtype
-    cin = layer.weight_shape[1]
-    reduce_w = plan.right.reshape(plan.rank, cin, *layer.kernel).astype(dtype)
-    expand_w = plan.left.reshape(*plan.left.shape, 1, 1).astype(dtype)
-    attrs = {k: v for k, v in node.attrs.items() if k != "group"}
-    attrs["kernel_shape"] = list(layer.kernel)
-    first = editor.add_node("Conv", [node.inputs[0], editor.add_constant(f"{node.name}_reduce", reduce_w)], attrs=attrs,
-                            name=editor.fresh_name(f"{node.name}_lowrank"))
-    node.attrs = {"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "group": 1}
-    node.inputs[0] = first.outputs[0]
-    node.inputs[1] = editor.add_constant(f"{node.name}_expand", expand_w)
-
-
-RULES: dict[str, Rule] = {
-    r.name: r
-    for r in (
-        Rule("matmul", "MatMul", _check_matmul, _rewrite_matmul),
-        Rule("gemm", "Gemm", _check_gemm, _rewrite_gemm),
-        Rule("conv", "Conv", _check_conv, _rewrite_conv),
-    )
-}
-
-
-# --- the pass ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Candidate:
-    layer: LinearLayer
-    spectrum: LowRankSpectrum
-    max_rank: int  # largest rank that still removes min_reduction of the params
-
-    @property
-    def params(self) -> int:
-        return self.layer.in_features * self.layer.out_features
-
-    def student_params(self, rank: int) -> int:
-        return rank * (self.layer.in_features + self.layer.out_features)
+    def removed(self, budget: float) -> int: ...
 
 
 @register_pass("distill")
 class Distill(Pass[DistillConfig]):
-    """Replace linear layers by low-rank students fitted on calibration data (see module docstring)."""
+    """Replace subgraphs by smaller students fitted on calibration data (see module docstring)."""
 
     config_class = DistillConfig
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
@@ -193,14 +117,14 @@ class Distill(Pass[DistillConfig]):
         plans = self._choose(candidates, skipped)
         if not plans:
             return PassResult(model, modified=False, stats={"replaced": 0}, skipped=skipped)
+        reference = TeacherOutputs.capture(model, ctx.calibration, batch_size=cfg.batch_size, max_batches=cfg.max_batches, max_samples=None)
         student = apply_plans(model, list(plans.values()))
         if cfg.global_budget is not None or cfg.min_cosine is not None:
-            student, plans, fidelity = self._back_off(model, student, plans, candidates, ctx.calibration, skipped)
+            student, plans, fidelity = self._back_off(model, student, plans, candidates, reference, ctx.calibration, skipped)
             if not plans:
                 return PassResult(model, modified=False, stats={"replaced": 0, "global": fidelity}, skipped=skipped)
         else:
-            reference = teacher_outputs(model, ctx.calibration, cfg.batch_size, cfg.max_batches)
-            fidelity = output_fidelity(reference, student, ctx.calibration, cfg.batch_size, cfg.max_batches)
+            fidelity = output_fidelity(reference, student, ctx.calibration)
         stats = self._report(model, list(plans.values()), candidates, fidelity)
         return PassResult(student, modified=True, stats=stats, skipped=skipped)
 
@@ -209,9 +133,16 @@ class Distill(Pass[DistillConfig]):
         cfg = self.config
         layers, refused = find_linear_layers(model, exclude=cfg.exclude)
         skipped.extend(refused)
-        by_op = {RULES[s].pattern: RULES[s] for s in cfg.students}
+        blocks = []
+        if "mlp" in cfg.students:
+            blocks, near = match_mlp_blocks(model, layers)
+            skipped.extend(near)
+        claimed = {b.first.node for b in blocks} | {b.second.node for b in blocks}
+        by_op = {RULES[s].pattern: RULES[s] for s in cfg.students if s in RULES}
         matched: list[LinearLayer] = []
         for layer in layers:
+            if layer.node in claimed:
+                continue
             rule = by_op.get(layer.op)
             reason = f"no student rule for {layer.op}" if rule is None else rule.check(layer)
             if reason is None:
@@ -222,93 +153,84 @@ class Distill(Pass[DistillConfig]):
                 skipped.append(f"{layer.node}: {reason}")
             else:
                 matched.append(layer)
-        if not matched:
+        if not matched and not blocks:
             return []
-        grams = input_grams(model, ctx.calibration, matched, batch_size=cfg.batch_size, max_batches=cfg.max_batches, seed=ctx.seed)
+        fitted = matched + [b.second for b in blocks]
+        grams = input_grams(model, ctx.calibration, fitted, batch_size=cfg.batch_size, max_batches=cfg.max_batches, seed=ctx.seed)
         out: list[Candidate] = []
+        for block in blocks:
+            gram = grams.get(block.second.node)
+            if gram is None or gram.rows == 0:
+                skipped.append(f"{block.key}: mlp: hidden activation not seen on the calibration data")
+                continue
+            w2 = model.initializer_array(block.second.weight)
+            out.append(mlp_candidate(block, w2, gram, select=cfg.mlp_select, min_reduction=cfg.min_reduction))
         for layer in matched:
             gram = grams.get(layer.node)
             if gram is None or gram.rows == 0:
                 skipped.append(f"{layer.node}: input not seen on the calibration data")
                 continue
-            w = model.initializer_array(layer.weight)
-            m = weight_matrix(layer, w.astype(np.float64))
-            spectrum = fit_low_rank(m, gram.gram[0] / gram.rows, whiten=cfg.whiten, damp=cfg.damp)
-            d_in, d_out = layer.in_features, layer.out_features
-            max_rank = min(int(math.floor((1 - cfg.min_reduction) * d_in * d_out / (d_in + d_out))), spectrum.max_rank)
-            out.append(Candidate(layer, spectrum, max_rank))
+            out.append(low_rank_candidate(layer, model.initializer_array(layer.weight), gram, method=cfg.fit, damp=cfg.damp,
+                                          alpha=cfg.alpha, min_reduction=cfg.min_reduction))
         return out
 
-    def _choose(self, candidates: list[Candidate], skipped: list[str]) -> dict[str, LowRankPlan]:
+    def _choose(self, candidates: list[Candidate], skipped: list[str]) -> dict[str, Plan]:
         cfg = self.config
         budget = cfg.budget
         if cfg.target_reduction is not None:
             budget = budget_for_reduction(candidates, cfg.target_reduction)
-            logger.info("distill: common layer budget %.4g for %.0f%% reduction", budget, 100 * cfg.target_reduction)
-        plans: dict[str, LowRankPlan] = {}
+            logger.info("distill: common subgraph budget %.4g for %.0f%% reduction", budget, 100 * cfg.target_reduction)
+        plans: dict[str, Plan] = {}
         for cand in candidates:
-            plan = plan_for(cand, budget)
+            plan = cand.plan(budget)
             if isinstance(plan, str):
-                skipped.append(f"{cand.layer.node}: {plan}")
+                skipped.append(f"{cand.key}: {plan}")
             else:
-                plans[cand.layer.node] = plan
+                plans[cand.key] = plan
         return plans
 
-    def _back_off(self, teacher: Model, student: Model, plans: dict[str, LowRankPlan], candidates: list[Candidate],
-                  calib: CalibrationSet, skipped: list[str]):
-        """Tighten the worst layers' budgets (a higher rank) until the model outputs are within the global budget.
+    def _back_off(self, teacher: Model, student: Model, plans: dict[str, Plan], candidates: list[Candidate],
+                  reference: TeacherOutputs, calib: CalibrationSet, skipped: list[str]):
+        """Tighten the worst subgraphs' budgets (a larger student) until the model outputs are within the global budget.
 
         Each round quarters the budget of the worst quarter of the replaced
-        layers (by layer error); a layer whose tighter budget needs a rank that
-        no longer saves enough params is restored to the teacher's.
+        subgraphs (by their error); one whose tighter budget needs a student
+        that no longer saves enough params is restored to the teacher's.
         """
         cfg = self.config
-        by_node = {c.layer.node: c for c in candidates}
-        reference = teacher_outputs(teacher, calib, cfg.batch_size, cfg.max_batches)
+        by_key = {c.key: c for c in candidates}
         for round_ in range(cfg.max_backoff + 1):
-            fid = output_fidelity(reference, student, calib, cfg.batch_size, cfg.max_batches)
+            fid = output_fidelity(reference, student, calib)
             ok = (cfg.global_budget is None or fid["rel_mse"] <= cfg.global_budget) and (
                 cfg.min_cosine is None or fid["mean_cosine"] >= cfg.min_cosine
             )
-            logger.info("distill: round %d: %d layers, global rel MSE %.4g, cosine %.5f", round_, len(plans), fid["rel_mse"], fid["mean_cosine"])
+            logger.info("distill: round %d: %d subgraphs, global rel MSE %.4g, cosine %.5f", round_, len(plans), fid["rel_mse"], fid["mean_cosine"])
             if ok or not plans or round_ == cfg.max_backoff:
                 break
             worst = sorted(plans.values(), key=lambda p: p.rel_error, reverse=True)[: max(1, len(plans) // 4)]
             plans = dict(plans)
             for p in worst:
-                tighter = plan_for(by_node[p.layer.node], p.rel_error / 4)
+                tighter = by_key[p.key].plan(p.rel_error / 4)
                 if isinstance(tighter, str):
-                    del plans[p.layer.node]
-                    skipped.append(f"{p.layer.node}: backed off to the teacher (global rel MSE {fid['rel_mse']:.3g}, "
+                    del plans[p.key]
+                    skipped.append(f"{p.key}: backed off to the teacher (global rel MSE {fid['rel_mse']:.3g}, "
                                    f"cosine {fid['mean_cosine']:.5f}; {tighter})")
                 else:
-                    plans[p.layer.node] = tighter
+                    plans[p.key] = tighter
             student = apply_plans(teacher, list(plans.values())) if plans else teacher
         if not ok:
-            for node in plans:
-                skipped.append(f"{node}: backed off (global budget not met after {cfg.max_backoff} rounds)")
+            for key in plans:
+                skipped.append(f"{key}: backed off (global budget not met after {cfg.max_backoff} rounds)")
             return teacher, {}, fid
         return student, plans, fid
 
-    def _report(self, model: Model, plans: list[LowRankPlan], candidates: list[Candidate], fidelity: Mapping[str, float]) -> dict:
+    def _report(self, model: Model, plans: list[Plan], candidates: list[Candidate], fidelity: Mapping[str, float]) -> dict:
         macs = compute_stats(model).macs_per_node
-        layers = []
-        for p in plans:
-            d_in, d_out = p.layer.in_features, p.layer.out_features
-            ratio = p.rank * (d_in + d_out) / (d_in * d_out)
-            teacher_macs = int(macs.get(p.layer.node, 0))
-            layers.append({
-                "node": p.layer.node, "op": p.layer.op, "rank": p.rank, "full_rank": min(d_in, d_out),
-                "params_teacher": d_in * d_out, "params_student": p.rank * (d_in + d_out),
-                "macs_teacher": teacher_macs, "macs_student": int(round(teacher_macs * ratio)),
-                "rel_error": p.rel_error,
-            })
-        before = sum(l["params_teacher"] for l in layers)
-        after = sum(l["params_student"] for l in layers)
+        layers = [p.report(macs) for p in plans]
         return {
             "replaced": len(plans),
-            "whiten": self.config.whiten,
-            "params_removed": before - after,
+            "fit": self.config.fit,
+            "params_removed": sum(l["params_teacher"] - l["params_student"] for l in layers),
             "candidate_params": sum(c.params for c in candidates),
             "macs_removed": sum(l["macs_teacher"] - l["macs_student"] for l in layers),
             "layers": layers,
@@ -317,7 +239,7 @@ class Distill(Pass[DistillConfig]):
 
 
 def budget_for_reduction(candidates: list[Candidate], target: float) -> float:
-    """The smallest common layer budget under which the candidates lose ``target`` of their params.
+    """The smallest common budget under which the candidates lose ``target`` of their params.
 
     Removed params grow monotonically with the budget, so bisection on it (in
     log space) finds the threshold; if even the loosest budget cannot reach the
@@ -326,12 +248,7 @@ def budget_for_reduction(candidates: list[Candidate], target: float) -> float:
     total = sum(c.params for c in candidates)
 
     def removed(budget: float) -> int:
-        out = 0
-        for c in candidates:
-            r = c.spectrum.smallest_rank(budget)
-            if r <= c.max_rank:
-                out += c.params - c.student_params(r)
-        return out
+        return sum(c.removed(budget) for c in candidates)
 
     lo, hi = -12.0, 0.0  # log10 budget
     if removed(10**hi) < target * total:
@@ -345,49 +262,23 @@ def budget_for_reduction(candidates: list[Candidate], target: float) -> float:
     return 10**hi
 
 
-def apply_plans(model: Model, plans: list[LowRankPlan]) -> Model:
+def apply_plans(model: Model, plans: list[Plan]) -> Model:
     editor = GraphEditor(model)
     nodes = {n.name: n for n in editor.nodes}
     for plan in plans:
-        RULES[_rule_name(plan.layer.op)].rewrite(editor, nodes[plan.layer.node], plan)
+        plan.apply(editor, nodes)
     return editor.commit()
 
 
-def _rule_name(op: str) -> str:
-    return next(name for name, r in RULES.items() if r.pattern == op)
-
-
-def plan_for(cand: Candidate, budget: float) -> LowRankPlan | str:
-    """The smallest-rank student of ``cand`` within ``budget``, or why there is none."""
-    rank = cand.spectrum.smallest_rank(budget)
-    if rank > cand.max_rank:
-        return (f"rank {rank} needed for budget {budget:.3g} does not reduce params enough "
-                f"(max rank {cand.max_rank}; error at it {cand.spectrum.relative_error(cand.max_rank):.3g})")
-    left, right = cand.spectrum.factors(rank)
-    return LowRankPlan(cand.layer, rank, left, right, cand.spectrum.relative_error(rank))
-
-
-def teacher_outputs(teacher: Model, calib: CalibrationSet, batch_size: int, max_batches: int | None) -> list[list[np.ndarray]]:
-    """The teacher's float outputs per calibration batch (computed once, compared many times)."""
-    session = make_session(teacher)
-    names = [o.name for o in session.get_outputs()]
-    out = []
-    for i, feed in enumerate(calib.batches(batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        out.append(session.run(names, feed))
-    return out
-
-
-def output_fidelity(reference: list[list[np.ndarray]], student: Model, calib: CalibrationSet, batch_size: int,
-                    max_batches: int | None) -> dict[str, float]:
+def output_fidelity(reference: TeacherOutputs, student: Model, calib: CalibrationSet) -> dict[str, float]:
     """Relative MSE and mean per-sample cosine of the student's float outputs vs the teacher's."""
     session = make_session(student)
     names = [o.name for o in session.get_outputs()]
     err = ref = 0.0
     cosines: list[np.ndarray] = []
-    for feed, expected in zip(calib.batches(batch_size), reference):
-        for t, s in zip(expected, session.run(names, feed)):
+    for feed, expected in reference.with_feeds(calib):
+        for name, s in zip(names, session.run(names, feed)):
+            t = expected[name]
             if t.dtype.kind != "f":
                 continue
             t64 = t.astype(np.float64).reshape(len(t), -1)

@@ -15,7 +15,15 @@ Then ``(M - M_r) C = sum_{i>r} s_i u_i v_i^T``, so each dropped singular value
 adds exactly ``s_i^2`` to the damped objective: the truncation is optimal for
 the data, and exact whenever ``M`` has rank ``r`` (``M C`` then has rank r).
 
-Both cases share one closed form for the *undamped* data error of every rank
+*ASVD* (activation-aware SVD, Yuan et al. 2023) scales the input channels by
+their activation magnitude instead of whitening: ``C = diag(s)`` with
+``s_j = rms(x_j)^alpha`` (the RMS comes from the Gram's diagonal, which is what
+is streamed; the paper's mean ``|x_j|`` would need another pass). It weighs
+channels that carry large activations (outlier features) without modelling their
+correlations, so it sits between plain and whitened SVD; ``R = V_r^T C^-1``
+as above.
+
+All three share one closed form for the *undamped* data error of every rank
 at once. With ``M = sum_i L_i R_i`` (columns ``L_i = s_i u_i`` orthogonal):
 
     err(r) = sum_{i>r} s_i^2 * (R_i H R_i^T),
@@ -75,7 +83,17 @@ def whitening_factor(h: np.ndarray, damp: float) -> np.ndarray:
     raise np.linalg.LinAlgError("input covariance is not positive definite even after damping")
 
 
-def fit_low_rank(m: np.ndarray, h: np.ndarray, *, whiten: bool = True, damp: float = 0.01) -> LowRankSpectrum:
+METHODS = ("whitened", "asvd", "plain")
+
+
+def asvd_scale(h: np.ndarray, alpha: float) -> np.ndarray:
+    """ASVD's per-channel scale ``rms(x_j)^alpha``; dead channels get a small floor so ``C`` stays invertible."""
+    rms = np.sqrt(np.maximum(np.diag(h), 0.0))
+    floor = max(float(rms.mean()), 1e-12) * 1e-3
+    return np.maximum(rms, floor) ** alpha
+
+
+def fit_low_rank(m: np.ndarray, h: np.ndarray, *, method: str = "whitened", damp: float = 0.01, alpha: float = 0.5) -> LowRankSpectrum:
     """Decompose ``m`` (out x in) for truncation under the input second moment ``h`` (in x in, ``X X^T / rows``).
 
     Only the smaller side is decomposed, by a symmetric eigensolver (much
@@ -87,34 +105,48 @@ def fit_low_rank(m: np.ndarray, h: np.ndarray, *, whiten: bool = True, damp: flo
     * ``out > in``: eigenvectors ``V`` of ``(M C)^T (M C)``, then
       ``L = M C V`` and ``R = V^T C^-1`` (a triangular solve).
 
-    Plain SVD is the same with ``C = I``.
+    Plain SVD is the same with ``C = I``, ASVD with ``C = diag(s)``.
 
     Args:
         m: the layer's weight matrix.
         h: calibration second moment of the layer input (undamped).
-        whiten: SVD of ``m C`` (activation-aware) instead of ``m``.
+        method: ``"whitened"`` (SVD-LLM), ``"asvd"`` (activation-magnitude
+            scaling) or ``"plain"`` (weight SVD).
         damp: whitening damping, relative to the mean diagonal of ``h``.
+        alpha: ASVD's exponent on the channel magnitude.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     m = np.asarray(m, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
     h = (h + h.T) / 2
     d_out, d_in = m.shape
+    s = asvd_scale(h, alpha) if method == "asvd" else None
     if d_out <= d_in:
-        if whiten:
+        if method == "whitened":
             scale = max(float(np.mean(np.diag(h))), 1e-12)
             gram = (m @ h) @ m.T + damp * scale * (m @ m.T)
+        elif s is not None:
+            gram = (m * s**2) @ m.T
         else:
             gram = m @ m.T
         _, u = np.linalg.eigh((gram + gram.T) / 2)
         left = u[:, ::-1]
         right = left.T @ m
-    else:
-        c = whitening_factor(h, damp) if whiten else np.eye(d_in)
+    elif method == "whitened":
+        c = whitening_factor(h, damp)
         k = m @ c
         _, v = np.linalg.eigh(k.T @ k)
         v = v[:, ::-1]
         left = k @ v
-        right = np.linalg.solve(c.T, v).T if whiten else v.T
+        right = np.linalg.solve(c.T, v).T
+    else:
+        s = s if s is not None else np.ones(d_in)
+        k = m * s
+        _, v = np.linalg.eigh(k.T @ k)
+        v = v[:, ::-1]
+        left = k @ v
+        right = v.T / s
     # Columns of ``left`` are orthogonal, so err(r) = sum_{i>r} |L_i|^2 R_i H R_i^T.
     terms = np.maximum((left**2).sum(axis=0) * ((right @ h) * right).sum(axis=1), 0.0)
     error = np.concatenate([np.cumsum(terms[::-1])[::-1], [0.0]])

@@ -14,6 +14,9 @@ from optc.passes import CalibrationSet, PassContext, make_pass
 from optc.passes.lowrank import data_error, fit_low_rank
 
 
+LOW_RANK = ("matmul", "gemm", "conv")
+
+
 def _low_rank(out, inp, r, seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((out, r)) @ rng.standard_normal((r, inp))
@@ -30,24 +33,24 @@ def _correlated(rows, d, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12)])  # both sides of the eigen-decomposition
-@pytest.mark.parametrize("whiten", [True, False])
-def test_true_rank_weight_is_reproduced(whiten, shape):
+@pytest.mark.parametrize("method", ["whitened", "asvd", "plain"])
+def test_true_rank_weight_is_reproduced(method, shape):
     m = _low_rank(*shape, 3)
     x = _correlated(200, shape[1])
     h = x.T @ x / len(x)
-    spec = fit_low_rank(m, h, whiten=whiten)
+    spec = fit_low_rank(m, h, method=method)
     assert spec.smallest_rank(1e-9) == 3
     left, right = spec.factors(3)
     np.testing.assert_allclose(left @ right, m, atol=1e-8)
 
 
 @pytest.mark.parametrize("shape", [(10, 16), (16, 10)])
-@pytest.mark.parametrize("whiten", [True, False])
-def test_closed_form_error_matches_direct(whiten, shape):
+@pytest.mark.parametrize("method", ["whitened", "asvd", "plain"])
+def test_closed_form_error_matches_direct(method, shape):
     m = np.random.default_rng(1).standard_normal(shape)
     x = _correlated(300, shape[1], seed=2)
     h = x.T @ x / len(x)
-    spec = fit_low_rank(m, h, whiten=whiten, damp=0.01)
+    spec = fit_low_rank(m, h, method=method, damp=0.01)
     for r in (1, 4, 9, 10):
         left, right = spec.factors(r)
         direct = data_error(m, left @ right, h) / data_error(m, 0 * m, h)
@@ -58,12 +61,12 @@ def test_whitening_beats_plain_svd_on_the_data():
     m = np.random.default_rng(3).standard_normal((24, 32))
     x = _correlated(500, 32, seed=4)
     h = x.T @ x / len(x)
-    white, plain = fit_low_rank(m, h, whiten=True, damp=1e-6), fit_low_rank(m, h, whiten=False)
+    white, plain = fit_low_rank(m, h, method="whitened", damp=1e-6), fit_low_rank(m, h, method="plain")
     for r in range(1, 24):
         assert white.relative_error(r) <= plain.relative_error(r) + 1e-12
     assert white.relative_error(8) < 0.5 * plain.relative_error(8)
-    wide = fit_low_rank(m.T[:, :20], h[:20, :20], whiten=True, damp=1e-6)  # out > in
-    plain_wide = fit_low_rank(m.T[:, :20], h[:20, :20], whiten=False)
+    wide = fit_low_rank(m.T[:, :20], h[:20, :20], method="whitened", damp=1e-6)  # out > in
+    plain_wide = fit_low_rank(m.T[:, :20], h[:20, :20], method="plain")
     assert all(wide.relative_error(r) <= plain_wide.relative_error(r) + 1e-12 for r in range(1, 20))
 
 
@@ -98,7 +101,7 @@ def test_true_rank_layers_are_replaced_exactly(save):
     w2 = _low_rank(16, 24, 3, seed=6).astype(np.float32)  # transB: (out, in)
     proto = _mlp(w1, w2, rand(24, seed=7))
     x = _correlated(64, 32, seed=8).astype(np.float32)
-    _, result = run_distill(proto, save, {"x": x}, budget=1e-8)
+    _, result = run_distill(proto, save, {"x": x}, budget=1e-8, students=LOW_RANK)
     assert result.modified
     assert ops(result.model) == ["MatMul", "MatMul", "Add", "Relu", "MatMul", "Gemm"]
     ranks = {l["node"]: l["rank"] for l in result.stats["layers"]}
@@ -115,7 +118,7 @@ def test_budget_that_cannot_be_met_replaces_nothing(save):
     w1, w2 = rng.standard_normal((32, 24)).astype(np.float32), rng.standard_normal((16, 24)).astype(np.float32)
     proto = _mlp(w1, w2, rand(24, seed=1))
     x = rng.standard_normal((64, 32)).astype(np.float32)
-    model, result = run_distill(proto, save, {"x": x}, budget=1e-4, min_reduction=0.2)
+    model, result = run_distill(proto, save, {"x": x}, budget=1e-4, min_reduction=0.2, students=LOW_RANK)
     assert not result.modified and result.model is model
     assert any(s.startswith("mm1: rank") and "does not reduce params" in s for s in result.skipped)
     assert any(s.startswith("gemm: rank") for s in result.skipped)
@@ -172,12 +175,12 @@ def test_target_reduction_and_global_backoff(save):
     w1, w2 = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((16, 32)).astype(np.float32)
     proto = _mlp(w1, w2, rand(32, seed=1))
     x = _correlated(128, 32, seed=7).astype(np.float32)
-    _, result = run_distill(proto, save, {"x": x}, target_reduction=0.3)
+    _, result = run_distill(proto, save, {"x": x}, target_reduction=0.3, students=LOW_RANK)
     assert result.modified
     removed = result.stats["params_removed"] / result.stats["candidate_params"]
     assert removed >= 0.3
     # A global budget tighter than what the layers give backs them off, and says so.
-    _, strict = run_distill(proto, save, {"x": x}, target_reduction=0.3, global_budget=1e-9, max_backoff=3)
+    _, strict = run_distill(proto, save, {"x": x}, target_reduction=0.3, global_budget=1e-9, max_backoff=3, students=LOW_RANK)
     assert not strict.modified
     assert any("backed off" in s for s in strict.skipped)
 
