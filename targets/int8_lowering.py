@@ -159,6 +159,7 @@ def lower_int8(mod: Any, owners: Mapping[str, str] | None = None) -> tuple[Any, 
 
 def _make_lowering(relax: Any) -> type:
     """The mutator class, defined once TVM is imported (TVM is imported lazily)."""
+    import tvm
     from tvm.ir.expr import Constant  # relax constants in TVM 0.27's unified IR
 
     @relax.expr_functor.mutator
@@ -179,7 +180,7 @@ def _make_lowering(relax: Any) -> type:
             return self.builder_.get()
 
         def visit_call_(self, call: Any) -> Any:
-            name = getattr(call.op, "name", "")
+            name = self._op(call)
             if name == "relax.nn.conv2d":
                 lowered = self._region("conv2d", call, self._conv2d)
             elif name == "relax.matmul":
@@ -193,18 +194,25 @@ def _make_lowering(relax: Any) -> type:
         def _value(self, expr: Any) -> Any:
             return self.var2val.get(expr, expr) if isinstance(expr, relax.Var) else expr
 
-        def _is_dequantize(self, expr: Any) -> bool:
+        @staticmethod
+        def _op(value: Any) -> str:
+            """The operator name of a call to a Relax op, else '' (calls to functions, non-calls)."""
+            return str(value.op.name) if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else ""
+
+        def _dequantize_behind(self, expr: Any) -> Any:
+            """The ``dequantize`` call that ``expr`` is bound to, through one ``permute_dims``; else None."""
             value = self._value(expr)
-            if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.permute_dims":
+            if self._op(value) == "relax.permute_dims":
                 value = self._value(value.args[0])
-            return isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.dequantize"
+            return value if self._op(value) == "relax.dequantize" else None
 
         def _region(self, op: str, call: Any, lower: Any) -> Any:
             self.count += 1
-            if not any(self._is_dequantize(a) for a in call.args[:2]):
+            if not any(self._dequantize_behind(a) is not None for a in call.args[:2]):
                 self.report.float_ops += 1
                 return None
-            result = lower(call)
+            dtype = str(call.ty.dtype)
+            result = lower(call) if dtype == "float32" else f"computes in {dtype}, not float32"
             if isinstance(result, tuple):
                 expr, weight = result
                 self.report.regions.append(Region(op, self._name(op, call, weight), True))
@@ -221,16 +229,14 @@ def _make_lowering(relax: Any) -> type:
             return f"{op} #{self.count} -> {'x'.join(map(str, shape))}"
 
         def _weight_key(self, expr: Any) -> str | None:
-            value = self._value(expr)
-            if isinstance(value, relax.Call) and value.op.name == "relax.permute_dims":
-                value = self._value(value.args[0])
-            if isinstance(value, relax.Call) and value.op.name == "relax.dequantize" and isinstance(value.args[0], Constant):
+            value = self._dequantize_behind(expr)
+            if value is not None and isinstance(value.args[0], Constant):
                 return weight_digest(value.args[0].value.numpy())
             return None
 
         def _activation(self, expr: Any) -> _Activation | str:
             value = self._value(expr)
-            if not (isinstance(value, relax.Call) and value.op.name == "relax.dequantize"):
+            if self._op(value) != "relax.dequantize":
                 return "activation input is not a DequantizeLinear output"
             data, scale, zero = value.args
             dtype = str(data.ty.dtype)
@@ -243,8 +249,8 @@ def _make_lowering(relax: Any) -> type:
                 return "activation is quantised per channel (per-tensor needed)"
             return _Activation(data, float(s.reshape(())), int(z.reshape(())), dtype)
 
-        def _weight_dq(self, value: Any, out_axis: int) -> _Weight | str:
-            if not (isinstance(value, relax.Call) and value.op.name == "relax.dequantize"):
+        def _weight_dq(self, value: Any, out_axis: int, ndim: int) -> _Weight | str:
+            if self._op(value) != "relax.dequantize":
                 return "weight input is not a DequantizeLinear output"
             data, scale, zero = value.args
             if not isinstance(data, Constant):
@@ -252,6 +258,8 @@ def _make_lowering(relax: Any) -> type:
             q = data.value.numpy()
             if q.dtype != np.int8:
                 return f"weight is {q.dtype}, not int8"
+            if q.ndim != ndim:
+                return f"weight is {q.ndim}-D, not {ndim}-D"
             if not (isinstance(scale, Constant) and isinstance(zero, Constant)):
                 return "weight scale/zero point are not constants"
             s, z = scale.value.numpy().astype(np.float32), zero.value.numpy()
@@ -273,7 +281,7 @@ def _make_lowering(relax: Any) -> type:
             x = self._activation(call.args[0])
             if isinstance(x, str):
                 return x
-            w = self._weight_dq(self._value(call.args[1]), 0)
+            w = self._weight_dq(self._value(call.args[1]), 0, 4)
             if isinstance(w, str):
                 return w
             q = w.q.astype(np.int64)
@@ -307,27 +315,22 @@ def _make_lowering(relax: Any) -> type:
             return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w
 
         def _matmul(self, call: Any) -> tuple[Any, _Weight] | str:
-            if str(call.ty.dtype) != "float32":
-                return f"matmul computes in {call.ty.dtype}, not float32"
             x = self._activation(call.args[0])
             if isinstance(x, str):
                 return x
             value = self._value(call.args[1])
-            transposed = isinstance(value, relax.Call) and value.op.name == "relax.permute_dims"
-            if transposed:
+            if self._op(value) == "relax.permute_dims":
                 axes = value.attrs.axes
                 if axes is None or [int(a) for a in axes] != [1, 0]:
                     return "weight is permuted other than a 2-D transpose"
-                w = self._weight_dq(self._value(value.args[0]), 0)  # Gemm transB=1: (N, K), scales on N
+                w = self._weight_dq(self._value(value.args[0]), 0, 2)  # Gemm transB=1: (N, K), scales on N
                 if isinstance(w, str):
                     return w
                 w = _Weight(np.ascontiguousarray(w.q.T), w.scale, w.key)
             else:
-                w = self._weight_dq(value, 1)  # MatMul / Gemm transB=0: (K, N), scales on N
+                w = self._weight_dq(value, 1, 2)  # MatMul / Gemm transB=0: (K, N), scales on N
                 if isinstance(w, str):
                     return w
-            if w.q.ndim != 2:
-                return "weight is not 2-D"
             q = w.q.astype(np.int64)
             overflow = _overflow(x, np.abs(q).sum(axis=0))
             if overflow:
