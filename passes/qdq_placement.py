@@ -83,13 +83,17 @@ def place_qdq(model: Model, layers: Iterable[tuple[str, str, str, str]], chains:
 
     consumers = consumers_by_tensor(model)
     outputs = {o.name for o in model.graph.output}
+    floating = _floating(model)
     constants = model.initializer_names | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
 
     def follow(tensor: str, ops: tuple[str, ...]) -> list[str]:
         """``tensor`` and the tensors after it through single-reader nodes of ``ops``."""
         path = [tensor]
-        while tensor not in outputs and len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type in ops:
-            tensor = consumers[tensor][0].output[0]
+        while tensor not in outputs and len(consumers.get(tensor, [])) == 1:
+            node = consumers[tensor][0]
+            if node.op_type not in ops or node.input[0] != tensor:  # data input only, not a Reshape's shape
+                break
+            tensor = node.output[0]
             path.append(tensor)
         return path
 
@@ -109,7 +113,7 @@ def place_qdq(model: Model, layers: Iterable[tuple[str, str, str, str]], chains:
             if n.name in chain:
                 continue
             ins = [t for t in n.input if t]
-            if not ins or any(t in constants for t in ins):
+            if not ins or any(t in constants or not floating.get(t, True) for t in ins):
                 continue
             end = follow(n.output[0], ACTIVATIONS)[-1]
             reach = follow(end, ACTIVATIONS + SHAPE_ONLY)
@@ -135,3 +139,10 @@ def place_qdq(model: Model, layers: Iterable[tuple[str, str, str, str]], chains:
             if later in readers and later not in shared:
                 shared[later] = t
     return Placement({t: (None if r is None else frozenset(r)) for t, r in readers.items()}, tuple(chain), shared)
+
+
+def _floating(model: Model) -> dict[str, bool]:
+    """Whether each tensor with a known type is floating point (shape arithmetic is int64)."""
+    float_types = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+    infos = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    return {vi.name: vi.type.tensor_type.elem_type in float_types for vi in infos if vi.type.HasField("tensor_type")}

@@ -116,3 +116,32 @@ def test_transformer_residual_and_bias_adds_stay_float(save, tmp_path):
     ref, got = ort_run(proto, {"x": x[:8]})["y"], ort_run(q.proto, {"x": x[:8]})["y"]
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
     assert "MatMulIntegerToFloat" in _ort_kernels(q.proto, tmp_path)
+
+
+def test_shape_arithmetic_is_never_quantized(save, tmp_path):
+    # A dynamic flatten: Shape -> Slice/ReduceProd -> Concat (int64) -> Reshape's shape input -> Gemm.
+    # The Concat "reaches" the Gemm's input only through the Reshape's shape operand.
+    proto = make_model(
+        [
+            helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("Shape", ["r"], ["sh"], name="shape"),
+            helper.make_node("Slice", ["sh", "s0", "s1"], ["batch"], name="slice_batch"),
+            helper.make_node("Slice", ["sh", "s1", "s4"], ["rest"], name="slice_rest"),
+            helper.make_node("ReduceProd", ["rest"], ["features"], keepdims=1, name="prod"),
+            helper.make_node("Concat", ["batch", "features"], ["target"], axis=0, name="concat_shape"),
+            helper.make_node("Reshape", ["r", "target"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", "G"], ["y"], transB=1, name="fc"),
+        ],
+        [("x", ["N", 2, 4, 4])],
+        [("y", ["N", 5])],
+        [("W", 0.3 * rand(4, 2, 3, 3, seed=1)), ("B", 0.1 * rand(4, seed=2)), ("G", 0.2 * rand(5, 64, seed=3)),
+         ("s0", np.array([0], np.int64)), ("s1", np.array([1], np.int64)), ("s4", np.array([4], np.int64))],
+    )
+    x = rand(32, 2, 4, 4)
+    q, record = _quantize(save, tmp_path, proto, x)
+    assert "concat_shape" not in record.stats["int8_chain_nodes"]
+    assert {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"} == {"x", "r", "f"}
+    ref = ort_run(proto, {"x": x[:4]})["y"]
+    got = _default_session(q.proto, {"x": x[:4]})
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
