@@ -26,6 +26,7 @@ class Requirement(enum.Enum):
     SHAPES = "inferred shapes"  # provided: the manager runs shape inference
     STATIC_SHAPES = "static input shapes"  # checked: give --input-shape
     CALIBRATION = "calibration data"  # checked: give --calib
+    TEACHER = "the pipeline input's outputs on the calibration data"  # provided (needs --calib)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +65,10 @@ class Pass(Generic[ConfigT]):
     def __init__(self, config: ConfigT | None = None):
         self.config: ConfigT = config if config is not None else self.config_class()
 
+    def requirements(self) -> frozenset[Requirement]:
+        """What this configured instance needs (``requires`` lists the most any config needs)."""
+        return self.requires
+
     def run(self, model: Model, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -81,6 +86,9 @@ class PassContext:
 
     calibration: Any = None  # optc.passes.calibration.CalibrationSet
     seed: int = 0
+    # optc.passes.teacher.TeacherOutputs of the pipeline's input model; the
+    # manager fills it when a pass requires Requirement.TEACHER.
+    teacher: Any = None
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -9,6 +9,7 @@ something other than an :class:`OptcError` is reported as a
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -85,9 +86,9 @@ class PassManager:
     def check_requirements(self, model: Model, ctx: PassContext) -> None:
         """Fail before any work when a pass needs what the run does not have."""
         for p in self.passes:
-            if Requirement.CALIBRATION in p.requires and ctx.calibration is None:
+            if (Requirement.CALIBRATION in p.requirements() or Requirement.TEACHER in p.requirements()) and ctx.calibration is None:
                 raise ConfigError(f"pass '{p.name}' needs calibration data: give --calib FILE.npz")
-            if Requirement.STATIC_SHAPES in p.requires:
+            if Requirement.STATIC_SHAPES in p.requirements():
                 dynamic = [s.describe() for s in model.inputs if not s.is_static]
                 if dynamic:
                     raise ConfigError(f"pass '{p.name}' needs static input shapes; freeze with --input-shape ({'; '.join(dynamic)})")
@@ -96,6 +97,10 @@ class PassManager:
         ctx = ctx or PassContext()
         self.check_requirements(model, ctx)
         infer_shapes(model)
+        if ctx.teacher is None and any(Requirement.TEACHER in p.requirements() for p in self.passes):
+            from optc.passes.teacher import TeacherOutputs
+
+            ctx = dataclasses.replace(ctx, teacher=TeacherOutputs.capture(model, ctx.calibration))
         initial = compute_stats(model)
         current_stats = initial
         for inst in self.instruments:
