@@ -14,7 +14,8 @@ Affine quantisation ``q = clip(round(x / s) + z, qmin, qmax)``, ``x' = (q - z) s
 * GPTQ rounding (:func:`gptq_quantize`): columns of ``M`` (out x in) are rounded
   one at a time and the error of column ``i``, weighted by the inverse Hessian
   ``H^-1`` of the layer input (``H = E[x x^T]``), is pushed onto the columns not
-  yet rounded, minimising ``||M X - M' X||^2`` greedily (Frantar et al. 2022).
+  yet rounded, minimising ``||M X - M' X||^2`` greedily (Frantar et al. 2022);
+  the sweep is :func:`optc.passes.obs_solver.obs_sweep`, shared with SparseGPT pruning.
 
 Graph writing goes through :class:`optc.ir.graph.GraphEditor`: constants are new
 initializers, so shared weights are never changed under another node.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optc.ir.graph import Constant, GraphEditor, Node, Tensor, Variable
+from optc.passes.obs_solver import inverse_hessian_factor, obs_sweep
 
 INT32_MAX = 2**31 - 1
 
@@ -76,31 +78,35 @@ def round_weights(m: np.ndarray, scale: np.ndarray, *, reduce_range: bool = Fals
     return np.clip(np.round(m / scale[:, None]), -qmax, qmax).astype(np.int8)
 
 
-def gptq_quantize(m: np.ndarray, scale: np.ndarray, hessian: np.ndarray, *, reduce_range: bool = False, block: int = 128) -> np.ndarray:
-    """Integer weights for ``m`` (out x in) rounded column by column with error feedback through ``hessian``."""
+@dataclass
+class _RoundRule:
+    """GPTQ's column rule for :func:`optc.passes.obs_solver.obs_sweep`: round to the row's int grid."""
+
+    scale: np.ndarray  # (rows,), float64
+    qmax: int
+
+    def start_block(self, start: int, block: np.ndarray, diag: np.ndarray) -> None:
+        pass
+
+    def column(self, j: int, block: np.ndarray, diag: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(block[:, j] / self.scale), -self.qmax, self.qmax) * self.scale
+
+
+def gptq_quantize(m: np.ndarray, scale: np.ndarray, hessian: np.ndarray, *, reduce_range: bool = False, damp: float = 0.01, block: int = 128) -> np.ndarray:
+    """Integer weights for ``m`` (out x in) rounded column by column with error feedback through ``hessian``.
+
+    ``hessian`` is the undamped ``E[x x^T]``; ``damp * mean(diag)`` is added before factorising.
+    Input channels that never carry signal (zero diagonal) get zero weights.
+    """
     qmax = 63 if reduce_range else 127
     w = m.astype(np.float64).copy()
     h = hessian.astype(np.float64).copy()
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    # Upper Cholesky factor of H^-1: row i holds the update coefficients for the columns after i.
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
-    q = np.zeros_like(w)
-    s = scale.astype(np.float64)[:, None]
-    d = w.shape[1]
-    for start in range(0, d, block):
-        stop = min(start + block, d)
-        err_block = np.zeros((w.shape[0], stop - start))
-        for i in range(start, stop):
-            col = w[:, i]
-            qi = np.clip(np.round(col / s[:, 0]), -qmax, qmax)
-            q[:, i] = qi
-            err = (col - qi * s[:, 0]) / hinv[i, i]
-            w[:, i + 1 : stop] -= np.outer(err, hinv[i, i + 1 : stop])
-            err_block[:, i - start] = err
-        w[:, stop:] -= err_block @ hinv[start:stop, stop:]
-    return q.astype(np.int8)
+    s = scale.astype(np.float64)
+    swept = obs_sweep(w, inverse_hessian_factor(h, damp), _RoundRule(s, qmax), block_size=block)
+    return np.clip(np.round(swept / s[:, None]), -qmax, qmax).astype(np.int8)
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

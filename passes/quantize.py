@@ -135,7 +135,7 @@ class Quantize(Pass[QuantizeConfig]):
         hessians = means = None
         if cfg.rounding == "gptq":
             grams = input_grams(model, calib, layers, batch_size=cfg.batch_size, max_batches=cfg.max_batches, seed=ctx.seed)
-            hessians = {n: g.hessian(0.01) for n, g in grams.items()}
+            hessians = {n: g.hessian(0.0) for n, g in grams.items()}  # damped in gptq_quantize
             means = {n: g.mean for n, g in grams.items()}
         elif cfg.bias_correction:
             means = input_means(model, calib, layers, batch_size=cfg.batch_size, max_batches=cfg.max_batches)

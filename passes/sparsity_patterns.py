@@ -14,16 +14,11 @@ OBS saliency ``w^2 / [H^-1]_jj^2`` for reconstruction. Tile scores are sums.
 
 OBS reconstruction (Frantar & Alistarh, SparseGPT, 2023). For a row ``w`` the
 layer loss is ``(w - w') H (w - w')^T`` with ``H = X X^T`` (damped). Removing
-weight ``j`` and optimally re-fitting the others costs ``w_j^2 / [H^-1]_jj``
-and moves the remaining weights by ``-(w_j / [H^-1]_jj) H^-1_{j,:}``.
-Processing columns left to right, the inverse Hessian of the columns still to
-come is the trailing block of ``U^T U`` where ``U`` is the upper Cholesky
-factor of ``H^-1``; its row ``j`` (scaled by ``U_jj``) gives the update for
-column ``j``, so one factorisation serves all rows. The mask of a column block
-(``block_size`` columns) is chosen at its start from the weights updated so
-far; for N:M it is chosen at the start of each group of M columns. Updates
-inside a block are applied column by column, and the block's accumulated error
-is pushed to later columns in one matrix product (the "lazy batch" update).
+weight ``j`` and optimally re-fitting the others costs ``w_j^2 / [H^-1]_jj``;
+the column-by-column sweep that applies the re-fit is
+:func:`optc.passes.obs_solver.obs_sweep` (shared with GPTQ rounding). The mask
+of a column block (``block_size`` columns) is chosen at its start from the
+weights updated so far; for N:M it is chosen at the start of each group of M columns.
 """
 from __future__ import annotations
 
@@ -33,6 +28,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from optc.passes.obs_solver import inverse_hessian_factor, obs_sweep
 
 
 @dataclass(frozen=True)
@@ -160,28 +157,29 @@ def magnitude_prune(w: np.ndarray, pattern: SparsityPattern, count: int) -> np.n
     return out
 
 
-def inverse_hessian_factor(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), ``H`` symmetric PSD.
+@dataclass
+class _PruneRule:
+    """SparseGPT's column rule for :func:`optc.passes.obs_solver.obs_sweep`: zero the masked entries.
 
-    With ``J`` the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``
-    (upper triangular, positive diagonal, and ``U^T U = J L^-T L^-1 J = H^-1``):
-    one Cholesky and one triangular inverse instead of inverting ``H`` and
-    factorising the inverse. ``damp * mean(diag H)`` is added to the diagonal
-    first; it is raised tenfold (up to 1.0) while the matrix is not positive definite.
+    The mask of a block is chosen by OBS saliency ``w^2 / [H^-1]_jj^2`` when the
+    block starts (N:M: at the start of each group of ``M`` columns).
     """
-    h = np.asarray(h, dtype=np.float64)
-    scale = max(float(np.mean(np.diag(h))), 1e-12)
-    eye = np.eye(h.shape[0])
-    flipped = h[::-1, ::-1]
-    while True:
-        try:
-            lower = np.linalg.cholesky(flipped + damp * scale * eye)
-            break
-        except np.linalg.LinAlgError:
-            if damp >= 1.0:
-                raise
-            damp = max(damp * 10, 1e-6)
-    return np.ascontiguousarray(np.linalg.inv(lower)[::-1, ::-1])
+
+    pattern: SparsityPattern
+    counts: dict[int, int]  # block start -> units to prune in it
+    mask: np.ndarray = None  # type: ignore[assignment]
+
+    def start_block(self, start: int, block: np.ndarray, diag: np.ndarray) -> None:
+        self.mask = np.zeros(block.shape, dtype=bool)
+        if self.pattern.kind != "nm":
+            self.mask = prune_mask(block**2 / diag**2, self.pattern, self.counts[start])
+
+    def column(self, j: int, block: np.ndarray, diag: np.ndarray) -> np.ndarray:
+        step = self.pattern.column_step
+        if self.pattern.kind == "nm" and j % step == 0:
+            g = slice(j, min(j + step, block.shape[1]))
+            self.mask[:, g] = prune_mask(block[:, g] ** 2 / diag[g] ** 2, self.pattern)
+        return np.where(self.mask[:, j], 0.0, block[:, j])
 
 
 def obs_prune(
@@ -199,35 +197,14 @@ def obs_prune(
     column blocks in proportion to their sizes. Returns a float64 matrix whose
     pruned entries are exactly zero.
     """
-    w = np.array(w, dtype=np.float64)
-    rows, cols = w.shape
-    u = inverse_hessian_factor(h, damp)
+    rows, cols = np.shape(w)
     step = pattern.column_step
     block = max(step, (block_size // step) * step)
     starts = list(range(0, cols, block))
     widths = [min(block, cols - s) for s in starts]
     counts = split_count(count, [units((rows, wd), pattern) for wd in widths]) if pattern.kind != "nm" else [0] * len(starts)
-    for i1, width, k in zip(starts, widths, counts):
-        i2 = i1 + width
-        w1 = w[:, i1:i2].copy()
-        u1 = u[i1:i2, i1:i2]
-        d = np.diag(u1)
-        err = np.zeros_like(w1)
-        mask = np.zeros_like(w1, dtype=bool)
-        if pattern.kind != "nm":
-            mask = prune_mask(w1**2 / d**2, pattern, k)
-        for j in range(width):
-            if pattern.kind == "nm" and j % step == 0:
-                g = slice(j, min(j + step, width))
-                mask[:, g] = prune_mask(w1[:, g] ** 2 / d[g] ** 2, pattern)
-            q = np.where(mask[:, j], 0.0, w1[:, j])
-            e = (w1[:, j] - q) / d[j]
-            w1[:, j:] -= np.outer(e, u1[j, j:])
-            w1[:, j] = q
-            err[:, j] = e
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    return w
+    rule = _PruneRule(pattern, dict(zip(starts, counts)))
+    return obs_sweep(w, inverse_hessian_factor(h, damp), rule, block_size=block)
 
 
 def reconstruction_error(w: np.ndarray, w_new: np.ndarray, gram: np.ndarray) -> float:
