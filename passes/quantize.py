@@ -7,6 +7,15 @@ channel behind a ``DequantizeLinear`` (axis 0 for Conv and ``Gemm transB=1``,
 axis 1 for ``Gemm transB=0`` and MatMul's ``(in, out)`` weights) and the bias
 as int32 with scale ``s_x s_w`` (see :mod:`optc.passes.qdq`).
 
+Activation QDQ placement (:mod:`optc.passes.qdq_placement`): layer inputs, and
+with ``int8_chains`` (default) also Conv outputs and the Add/Concat/pooling
+between quantized layers, so onnxruntime fuses QLinearConv/QLinearAdd/QGemm
+back to back instead of running float Convs on weights dequantized every run.
+
+SmoothQuant (``smoothquant=alpha``, :mod:`optc.passes.smoothquant`) rescales
+MatMul/Gemm input channels into the weights first; the fidelity reference stays
+the unsmoothed model.
+
 Bias correction: rounding turns ``y = M x + b`` into ``y' = M' x + b``, whose
 mean differs by ``(M' - M) E[x]``; with ``E[x]`` the mean of the unfolded
 calibration input (:func:`optc.passes.layers.input_grams`), ``b' = b - (M' - M) E[x]``
@@ -131,7 +140,7 @@ class Quantize(Pass[QuantizeConfig]):
             stats.update(smoothing_stats(smoothings, placed))
             if smoothings:
                 layers, skipped = self._select(model)
-        acts = self._calibrate(model, calib, placement(model, layers, set(), cfg).tensors)
+        acts = self._calibrate(model, calib, placement(model, layers, set(), cfg).tensors)  # every tensor any trial may quantize
         hessians = means = None
         if cfg.rounding == "gptq":
             grams = input_grams(model, calib, layers, batch_size=cfg.batch_size, max_batches=cfg.max_batches, seed=ctx.seed)
