@@ -133,3 +133,16 @@ def test_bad_alpha_is_rejected():
         make_pass("smoothquant", {"alpha": "1.5"})
     with pytest.raises(ConfigError, match="smoothquant"):
         make_pass("quantize", {"smoothquant": "-0.1"})
+
+
+def test_fallback_runs_on_the_smoothed_model_and_scores_against_the_original(save, tmp_path):
+    proto, x = _ln_attention_inputs(), _tokens(64)
+    q, record = _run(save, tmp_path, proto, x, "quantize", smoothquant=0.5, max_drop=0.0, eval_samples=16)
+    stats = record.stats
+    assert set(stats["sensitivity"]) == {"mm_q", "mm_k"} and stats["float"]
+    most = max(stats["sensitivity"], key=stats["sensitivity"].get)
+    assert most in stats["float"]
+    # The reported drop is 1 - mean cosine of the kept model against the original float model.
+    ref, got = ort_run(proto, {"x": x[:16]})["y"].reshape(16, -1), ort_run(q.proto, {"x": x[:16]})["y"].reshape(16, -1)
+    cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert stats["drop"] == pytest.approx(1 - cos.mean(), abs=1e-6)
