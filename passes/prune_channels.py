@@ -98,14 +98,12 @@ class PruneChannels(Pass[PruneChannelsConfig]):
     """Remove whole channels, refitting consumers by least squares on calibration data (lossy)."""
 
     config_class = PruneChannelsConfig
+    # Calibration is needed unless reconstruct=none with a weight criterion (l1, l2, bn).
+    requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     exact = False
 
-    @property
-    def requires(self) -> frozenset[Requirement]:  # type: ignore[override]
-        needs = {Requirement.SHAPES}
-        if self.config.needs_calibration:
-            needs.add(Requirement.CALIBRATION)
-        return frozenset(needs)
+    def requirements(self) -> frozenset[Requirement]:
+        return self.requires if self.config.needs_calibration else frozenset({Requirement.SHAPES})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
