@@ -4,7 +4,9 @@ For each model the fp32 pipeline (canonicalize) and the int8 one (canonicalize +
 quantize, 8-bit weights) are compiled for x86 with optc's build (the int8 one
 with its QDQ regions lowered to integer kernels), optionally tuned with
 MetaSchedule (``--trials`` per task, database in ``--db``), and timed in
-alternation (fp32, int8, fp32, ...) so machine load hits both alike.
+alternation (fp32, int8, qdq_float, fp32, ...) so machine load hits all alike.
+``qdq_float`` is the same QDQ model compiled with ``int8=False``: what TVM's
+frontend makes of it on its own (fake quantisation, computed in float).
 
 * ``sample``: the bundled MNIST CNN, batch 1; accuracy on its 1,000 test samples.
 * ``convblock``: two 3x3 64->64 convolutions with ReLU on 1x64x56x56 (ResNet
@@ -88,7 +90,7 @@ def ort_session(model: Model) -> ort.InferenceSession:
     return ort.InferenceSession(model.proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def compile_vm(model: Model, trials: int, db: Path) -> tuple[object, dict, float]:
+def compile_vm(model: Model, trials: int, db: Path, *, int8: bool = True) -> tuple[object, dict, float]:
     import tvm
     from tvm import relax
 
@@ -97,7 +99,7 @@ def compile_vm(model: Model, trials: int, db: Path) -> tuple[object, dict, float
     from optc.targets.tuning import TuneOptions
 
     start = time.perf_counter()
-    executable, summary = build(model, make_target("x86"), TuneOptions(trials, db))
+    executable, summary = build(model, make_target("x86"), TuneOptions(trials, db), int8=int8)
     return relax.VirtualMachine(executable, tvm.cpu()), summary, time.perf_counter() - start
 
 
@@ -117,24 +119,26 @@ def bench(name: str, model: Model, calib: Path | None, labelled: Path | None, tr
         fp32, int8 = compress(model, calib, Path(tmp))
     vm32, s32, t32 = compile_vm(fp32, trials, db)
     vm8, s8, t8 = compile_vm(int8, trials, db)
+    vmq, sq, tq = compile_vm(int8, trials, db, int8=False)  # the QDQ model as TVM imports it: fake quantisation in float
     spec = fp32.inputs[0]
     rng = np.random.default_rng(1)
     x = np.load(labelled)[spec.name][:1] if labelled else rng.standard_normal(spec.shape).astype(np.float32)
     arg = [tvm.runtime.tensor(x)]
-    for vm in (vm32, vm8):
+    for vm in (vm32, vm8, vmq):
         timed(vm, arg, 2)
-    lat32, lat8 = [], []
-    for _ in range(repeats):  # alternate so load hits both alike
+    lat32, lat8, latq = [], [], []
+    for _ in range(repeats):  # alternate so load hits all alike
         lat32 += timed(vm32, arg, 1)
         lat8 += timed(vm8, arg, 1)
+        latq += timed(vmq, arg, 1)
     result = {
         "model": name,
         "trials_per_task": trials,
         "int8_regions_lowered": s8["int8"]["lowered"],
         "int8_left_float": s8["int8"]["left_float"],
-        "compile_s": {"fp32": round(t32, 1), "int8": round(t8, 1)},
-        "tasks": {"fp32": s32.get("tasks"), "int8": s8.get("tasks")},
-        "latency_ms_median": {"fp32": float(np.median(lat32)), "int8": float(np.median(lat8))},
+        "compile_s": {"fp32": round(t32, 1), "int8": round(t8, 1), "qdq_float": round(tq, 1)},
+        "tasks": {"fp32": s32.get("tasks"), "int8": s8.get("tasks"), "qdq_float": sq.get("tasks")},
+        "latency_ms_median": {"fp32": float(np.median(lat32)), "int8": float(np.median(lat8)), "qdq_float": float(np.median(latq))},
         "int8_over_fp32": float(np.median(lat8) / np.median(lat32)),
     }
     session = ort_session(int8)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import SAMPLE, make_model, ort_run, rand
+from helpers import SAMPLE, load_tool, make_model, ort_run, rand
 from onnx import helper, numpy_helper
 
 from optc.errors import TargetError
@@ -294,3 +294,36 @@ def test_lowering_failure_is_a_target_error():
 
     with pytest.raises(TargetError, match="int8 lowering failed.*--no-int8-lowering"):
         lower_int8(object())
+
+
+@pytest.mark.slow
+def test_int8_arm_artifact_under_qemu_matches_onnxruntime(tmp_path):
+    """Integer kernels cross-compiled for aarch64, run under qemu-user, against onnxruntime on x86."""
+    import json
+
+    from click.testing import CliRunner
+
+    from optc.cli.main import cli
+
+    tool = load_tool("make_arm_root")
+    reason = tool.unusable_reason()
+    if reason:
+        pytest.skip(f"ARM check under qemu not possible here: {reason}")
+    out = tmp_path / "arm"
+    res = CliRunner().invoke(
+        cli,
+        ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out), "--input-shape", "input=8x1x28x28", "--pass", "canonicalize",
+         "--pass", "quantize:reduce_range=false,batch_size=8", "--calib", str(SAMPLE / "calib.npz"),
+         "--target", "arm", "--tuning-db", str(tmp_path / "db"), "--no-latency", "--json"],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["target"]["name"] == "arm" and report["target"]["int8"]["lowered"] == 8
+    x = np.load(SAMPLE / "test.npz")["input"][:8]
+    got = tool.run_artifact(out, {"input": x}, repeats=1).outputs["logits"]
+    q = load_model(out / "model.onnx")
+    ref = ort_run(q.proto, {"input": x})["logits"]
+    step = _last_layer_step(q, "logits")
+    assert got.shape == (8, 10) and float(np.abs(got - ref).max()) <= step
+    assert (got.argmax(1) == ref.argmax(1)).all()
