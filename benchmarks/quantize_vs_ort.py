@@ -254,22 +254,42 @@ def _ddddocr_files(cache: Path) -> tuple[Path, list[str]] | None:
     return model, list(module.CHARSET_BETA)
 
 
+class _SeededSecrets:
+    """What ``captcha.image`` takes from :mod:`secrets`, drawn from a seeded generator instead,
+    so the same seed gives the same images on every run."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def randbelow(self, n: int) -> int:
+        return self.rng.randrange(n)
+
+    def randbits(self, k: int) -> int:
+        return self.rng.getrandbits(k)
+
+    def choice(self, seq):
+        return self.rng.choice(seq)
+
+
 def captcha_images(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """``count`` captcha-package images preprocessed as ddddocr does, and their labels."""
-    from captcha.image import ImageCaptcha
+    import captcha.image
     from PIL import Image
 
-    random.seed(seed)  # the captcha package draws its noise and warps from `random`
     rng = random.Random(seed)
-    generator = ImageCaptcha(width=160, height=60)
+    generator = captcha.image.ImageCaptcha(width=160, height=60)
+    system_secrets, captcha.image.secrets = captcha.image.secrets, _SeededSecrets(seed)
     images, labels = [], []
-    for _ in range(count):
-        text = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(4))
-        image = generator.generate_image(text)
-        width = int(image.size[0] * (64 / image.size[1]))
-        image = image.resize((width, 64), Image.LANCZOS).convert("L")
-        images.append(np.asarray(image, dtype=np.float32)[None] / 255.0)
-        labels.append(text)
+    try:
+        for _ in range(count):
+            text = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(4))
+            image = generator.generate_image(text)
+            width = int(image.size[0] * (64 / image.size[1]))
+            image = image.resize((width, 64), Image.LANCZOS).convert("L")
+            images.append(np.asarray(image, dtype=np.float32)[None] / 255.0)
+            labels.append(text)
+    finally:
+        captcha.image.secrets = system_secrets
     return np.stack(images), labels
 
 
