@@ -124,13 +124,15 @@ def test_budget_that_cannot_be_met_replaces_nothing(save):
     assert any(s.startswith("gemm: rank") for s in result.skipped)
 
 
-def test_budget_respected_and_measured(save):
+@pytest.mark.parametrize("fit, budget", [("whitened", 0.02), ("asvd", 0.3), ("plain", 0.3)])  # whitening sees the correlations
+def test_budget_respected_and_measured(save, fit, budget):
     w1 = rand(32, 24, seed=2)
     proto = make_model([helper.make_node("MatMul", ["x", "W1"], ["y"], name="mm1")], [("x", ["N", 32])], [("y", ["N", 24])], [("W1", w1)])
     x = _correlated(256, 32, seed=3).astype(np.float32)
-    _, result = run_distill(proto, save, {"x": x}, budget=0.02)
+    _, result = run_distill(proto, save, {"x": x}, budget=budget, fit=fit)
+    assert result.stats["fit"] == fit
     (layer,) = result.stats["layers"]
-    assert layer["rel_error"] <= 0.02 and layer["rank"] < 24 * 32 / 56
+    assert layer["rel_error"] <= budget and layer["rank"] < 24 * 32 / 56
     y, yr = ort_run(proto, {"x": x})["y"].astype(np.float64), ort_run(result.model.proto, {"x": x})["y"].astype(np.float64)
     measured = ((y - yr) ** 2).sum() / (y**2).sum()
     assert measured == pytest.approx(layer["rel_error"], rel=1e-3, abs=1e-6)
