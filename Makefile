@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -m "not gpu and not rpc"
+PYTEST_ARGS ?= -m "not gpu"
 
 .PHONY: demo test setup setup-test clean
 

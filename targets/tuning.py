@@ -8,11 +8,20 @@ record are tuned.
 
 The builder's default build function imports ``tvm.s_tir.tensor_intrin`` in
 every worker, which takes minutes here and makes every build time out (see
-shared/TVM_NOTES.md); :func:`fast_build` does the same build without it.
+shared/TVM_NOTES.md); :func:`fast_build` does the same build without it. The
+tuning process itself must import it (``TuneContext`` does):
+:func:`import_tensor_intrinsics` does so in seconds.
+
+With ``--rpc-tracker`` the candidates are measured on boards registered with
+a TVM RPC tracker (``python -m tvm.exec.rpc_tracker`` and ``rpc_server --tracker``).
+An RPC server runs arbitrary code for whoever reaches it: bind trackers and
+servers to loopback or a private device network.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
+import linecache
 import logging
 import os
 import sys
@@ -59,24 +68,39 @@ class TuneReport:
         return {"tasks": self.tasks, "tuned": self.tuned, "reused_from_db": self.reused, "trials_per_task": self.trials}
 
 
-def _runner(opts: TuneOptions) -> Any:
-    from tvm.s_tir import meta_schedule as ms
-
+def tracker_address(opts: TuneOptions) -> tuple[str, int] | None:
+    """``(host, port)`` of ``--rpc-tracker``, or None to measure on this machine."""
     if not opts.rpc_tracker:
-        return ms.runner.LocalRunner()
+        if opts.rpc_key:
+            raise TargetError("--rpc-key needs --rpc-tracker HOST:PORT")
+        return None
     host, _, port = opts.rpc_tracker.rpartition(":")
     if not host or not port.isdigit() or not opts.rpc_key:
         raise TargetError("--rpc-tracker needs HOST:PORT and --rpc-key KEY")
-    check_tracker(host, int(port), opts.rpc_key)
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=opts.rpc_key, session_timeout_sec=120)
+    return host, int(port)
+
+
+def _runner(opts: TuneOptions) -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    address = tracker_address(opts)
+    if address is None:
+        return ms.runner.LocalRunner()
+    config = ms.runner.RPCConfig(tracker_host=address[0], tracker_port=address[1], tracker_key=opts.rpc_key, session_timeout_sec=120)
     return ms.runner.RPCRunner(rpc_config=config)
 
 
 def check_tracker(host: str, port: int, key: str) -> None:
     """Fail before tuning when the tracker is unreachable or has no board under ``key``
     (MetaSchedule would otherwise record every candidate as failed)."""
+    import socket
+
     from tvm import rpc
 
+    try:  # TVM's client retries an unreachable address for 60 s; fail in seconds instead
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise TargetError(f"cannot reach the RPC tracker at {host}:{port}: {exc.strerror or exc}") from exc
     try:
         summary = rpc.connect_tracker(host, port).summary()
     except (RuntimeError, OSError) as exc:
@@ -120,6 +144,9 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
     """Tune the tasks the database lacks, then compile with every record it holds."""
     from tvm.s_tir import meta_schedule as ms
 
+    address = tracker_address(opts)
+    if address is not None and opts.trials_per_task > 0:
+        check_tracker(*address, opts.rpc_key)  # before any work
     opts.db_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(
         path_workload=str(opts.db_dir / "workloads.json"),
@@ -157,10 +184,76 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved_fd)
 
 
+def _linecache_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    """``inspect.stack()`` without its per-frame module scan (one source line per frame).
+
+    ``inspect.getframeinfo`` calls ``inspect.getmodule``, which walks every module
+    in ``sys.modules`` for every frame; TVMScript calls ``inspect.stack()`` once per
+    decorated function, and ``tvm.s_tir.tensor_intrin`` decorates hundreds.
+    """
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        line = linecache.getline(code.co_filename, frame.f_lineno, frame.f_globals)
+        frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, [line] if line else None, 0 if line else None))
+        frame = frame.f_back
+    return frames
+
+
+def import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (which ``TuneContext`` imports) in seconds, not minutes.
+
+    Measured here: 142 s on a loaded machine (57 s of CPU), 12 s with
+    :func:`_linecache_stack` standing in for ``inspect.stack`` during the import
+    only. TVMScript uses the stack for the source line above a decorator and
+    the frames' locals, which this keeps.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    saved = inspect.stack
+    inspect.stack = _linecache_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = saved
+
+
+def _tune_contexts(ms: Any, todo: list[Any], seed: int) -> tuple[list[Any], list[float]]:
+    """What ``relax_integration.extracted_tasks_to_tune_contexts`` does, with optc's loggers.
+
+    TVM's version configures logging globally (``logging.config.dictConfig``) on
+    every call and crashes with "'NoneType' object has no attribute 'format'"
+    once its logger holds a handler without a name, as pytest's capture
+    handlers are: a second tuning run in one process failed. Per-task logs go
+    to ``optc.targets.tuning.task.<name>`` instead; the application decides
+    where they end up.
+    """
+    contexts, weights = [], []
+    for task, rand_state in zip(todo, ms.utils.fork_seed(seed, n=len(todo))):
+        attrs = task.mod.attrs
+        if attrs is not None and attrs.get("tirx.is_scheduled", False):
+            logger.info("tuning: %s is already scheduled; not tuned", task.task_name)
+            continue
+        contexts.append(
+            ms.TuneContext(
+                mod=task.dispatched[0],
+                target=task.target,
+                space_generator="post-order-apply",
+                search_strategy="evolutionary",
+                task_name=task.task_name,
+                logger=logging.getLogger(f"{__name__}.task.{task.task_name[:100]}"),
+                rand_state=rand_state,
+                num_threads="physical",
+            ).clone()
+        )
+        weights.append(float(task.weight))
+    return contexts, weights
+
+
 def _tune(ms: Any, todo: list[Any], database: Any, opts: TuneOptions) -> None:
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=todo, work_dir=str(opts.db_dir / "logs"), seed=opts.seed
-    )
+    import_tensor_intrinsics()
+    contexts, weights = _tune_contexts(ms, todo, opts.seed)
     ms.tune.tune_tasks(
         tasks=contexts,
         task_weights=weights,
