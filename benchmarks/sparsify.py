@@ -1,138 +1,174 @@
-"""Sparsify benchmark: accuracy / fidelity vs sparsity, magnitude vs OBS, per pattern.
+"""Sparsify benchmark: accuracy / fidelity vs sparsity, magnitude vs OBS, per pattern and allocation, bytes on disk.
 
 * Sample CNN (``tests/models/sample``): top-1 accuracy on the real MNIST
   ``test.npz`` (1000 images), Hessians from ``calib.npz`` (500 images).
-* MiniLM sentence model (``.cache/minilm``): mean per-sentence cosine between
-  the sparsified and original embeddings on the 48 ``calib.npz`` sentences
-  (the same sentences give the Hessians: an in-sample fidelity).
+* MiniLM sentence model (``.cache/minilm``): Hessians from ``--fit-sentences``
+  English sentences (``benchmarks/minilm_text.py``; padded tokens are dropped
+  by the calibration set's attention mask), mean per-sentence cosine between
+  the sparsified and original embeddings on 256 held-out sentences of the same
+  text and on the 48 curated export sentences (other text entirely).
 
 The layers' input Grams depend on the model and calibration set only, so they
 are computed once per model and shared by every configuration
-(:meth:`Sparsify.run_with_grams`); the time column is the pass without them.
-Storage columns: raw weight bytes (dense ONNX, unchanged by sparsity) and the
-zlib-compressed weight bytes, both in MB. Latency is not reported: the weights
-stay dense and onnxruntime has no zero-skipping kernels for these ops.
+(:meth:`Sparsify.run_with_grams`); MiniLM's are cached in
+``.cache/minilm/grams_fit{N}.npz`` (minutes to stream). The time column is the
+pass without them. ``MB file`` is the saved ``model.onnx`` with the default
+``storage=packed`` (nonzeros + bitmask, see ``passes/sparsify_storage.py``); the
+dense file is on the first row. Latency is not reported: onnxruntime folds the
+packed weights back to dense ones at session start and has no zero-skipping
+kernels for these ops, so the gain is size only.
 
 Usage::
 
-    python benchmarks/sparsify.py [--full] [--skip-minilm]
-
-Not a pytest module: run it directly. ``--full`` adds 70 % and block:4x4 on
-MiniLM (about 5 more minutes on 2 cores).
+    python benchmarks/sparsify.py [--only cnn|minilm] [--fit-sentences 1024] [--minilm-configs quick|full]
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from optc.evaluation import LabelledSet, accuracy
-from optc.ir import load_model
+from optc.ir import infer_shapes, load_model, save_model
 from optc.ir.model import Model
 from optc.ir.session import make_session
 from optc.passes import CalibrationSet
-from optc.passes.layers import find_linear_layers, input_grams
+from optc.passes.layers import InputGram, find_linear_layers, input_grams
 from optc.passes.sparsify import Sparsify, SparsifyConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minilm_text import MINILM, text_calibration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "models" / "sample"
-MINILM = ROOT / ".cache" / "minilm"
+HELD_OUT = 256
 
-# (pattern, sparsity): N:M fixes its own level.
-SWEEP = [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("block:4x4", 0.5)]
-MINILM_QUICK = [("unstructured", 0.3), ("unstructured", 0.5), ("2:4", 0.5)]
+# (pattern, sparsity, method, allocation)
+CNN_CONFIGS = [
+    *[(p, s, m, "uniform") for p, s in [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.8), ("2:4", 0.5), ("block:4x4", 0.5)] for m in ("magnitude", "obs")],
+    *[("unstructured", s, "obs", a) for s in (0.5, 0.7, 0.8) for a in ("sensitivity", "owl")],
+]
+MINILM_CONFIGS = {
+    "quick": [
+        *[(p, s, m, "uniform") for p, s in [("unstructured", 0.5), ("2:4", 0.5)] for m in ("magnitude", "obs")],
+        *[("unstructured", 0.5, "obs", a) for a in ("sensitivity", "owl")],
+    ],
+    "full": [
+        *[(p, s, m, "uniform") for p, s in [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("4:8", 0.5), ("block:4x4", 0.5)] for m in ("magnitude", "obs")],
+        *[("unstructured", s, "obs", a) for s in (0.5, 0.7) for a in ("sensitivity", "owl")],
+    ],
+}
 
 
-def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     ref = reference.reshape(len(reference), -1).astype(np.float64)
     got = candidate.reshape(len(candidate), -1).astype(np.float64)
-    cos = (ref * got).sum(axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
-    return float(cos.mean())
+    return (ref * got).sum(axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
 
 
-def sweep(model: Model, calib: CalibrationSet, configs, score, score_name: str, measure_bytes: bool) -> list[dict]:
-    layers, _ = find_linear_layers(model)
-    start = time.perf_counter()
-    grams = input_grams(model, calib, layers, max_batches=32)
-    print(f"  input Grams of {len(layers)} layers: {time.perf_counter() - start:.1f} s")
-    base = score(model)
-    rows = [{"pattern": "dense", "method": "-", "sparsity": 0.0, score_name: base, "delta": 0.0, "err": 0.0, "time": 0.0}]
-    for pattern, level in configs:
-        for method in ("magnitude", "obs"):
-            cfg = SparsifyConfig(sparsity=level, pattern=pattern, method=method, measure_bytes=measure_bytes)
-            start = time.perf_counter()
-            result = Sparsify(cfg).run_with_grams(model, grams)
-            elapsed = time.perf_counter() - start
-            value = score(result.model)
-            errs = [layer["rel_error"] for layer in result.stats["layers"]]
-            rows.append({
-                "pattern": pattern, "method": method, "sparsity": result.stats["sparsity"], score_name: value,
-                "delta": value - base, "err": float(np.median(errs)), "time": elapsed,
-                "mb_dense": result.stats["bytes_dense"] / 1e6,
-                "mb_zlib_before": result.stats.get("bytes_compressed_before", float("nan")) / 1e6,
-                "mb_zlib": result.stats.get("bytes_compressed", float("nan")) / 1e6,
-            })
+def file_mb(model: Model) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, Path(tmp) / "model.onnx")
+        return sum(f.stat().st_size for f in Path(tmp).iterdir()) / 1e6
+
+
+def sweep(model: Model, grams: dict[str, InputGram], configs, scores, extra: dict | None = None) -> list[list[str]]:
+    """One row per configuration: level, scores, median layer error, pass time, file size."""
+    base = scores(model)
+    rows = [["dense", "-", "-", "0.000", *[f"{v:.4f}" for v in base], "-", "-", f"{file_mb(model):.2f}"]]
+    print(" | ".join(rows[-1]), flush=True)
+    for pattern, level, method, allocation in configs:
+        cfg = SparsifyConfig(sparsity=level, pattern=pattern, method=method, allocation=allocation, measure_bytes=False, **(extra or {}))
+        start = time.perf_counter()
+        result = Sparsify(cfg).run_with_grams(model, grams)
+        elapsed = time.perf_counter() - start
+        errs = [layer["rel_error"] for layer in result.stats["layers"]]
+        levels = [layer["sparsity"] for layer in result.stats["layers"]]
+        rows.append([
+            pattern, method, allocation, f"{result.stats['sparsity']:.3f} ({min(levels):.2f}-{max(levels):.2f})",
+            *[f"{v:.4f}" for v in scores(result.model)], f"{np.median(errs):.4f}", f"{elapsed:.0f}", f"{file_mb(result.model):.2f}",
+        ])
+        print(" | ".join(rows[-1]), flush=True)
     return rows
 
 
-def print_table(title: str, rows: list[dict], score_name: str, scale: float, unit: str) -> None:
-    print(f"\n{title}")
-    head = f"{'pattern':<13}{'method':<10}{'sparsity':>9}{score_name:>10}{'delta':>9}{'med err':>9}{'pass s':>8}{'MB dense':>10}{'MB zlib':>9}{'zlib dense':>11}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        size = f"{r['mb_dense']:>10.3f}{r['mb_zlib']:>9.3f}{r['mb_zlib_before']:>11.3f}" if "mb_dense" in r else ""
-        print(
-            f"{r['pattern']:<13}{r['method']:<10}{r['sparsity']:>9.3f}{r[score_name] * scale:>10.{unit}f}"
-            f"{r['delta'] * scale:>+9.{unit}f}{r['err']:>9.4f}{r['time']:>8.1f}{size}"
-        )
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def run_cnn() -> None:
+def run_cnn() -> str:
     model = load_model(SAMPLE / "mnist_cnn.onnx")
     calib = CalibrationSet.from_path(SAMPLE / "calib.npz", model)
     test = LabelledSet.from_path(SAMPLE / "test.npz", model)
-    print("sample CNN (MNIST)")
-    rows = sweep(model, calib, SWEEP, lambda m: accuracy(m, test), "acc %", measure_bytes=True)
-    print_table("sample CNN: top-1 accuracy (%) on test.npz; goals: 50% unstructured OBS within 0.5 pt, 2:4 within 1 pt", rows, "acc %", 100, "2")
+    layers, _ = find_linear_layers(model)
+    grams = input_grams(model, calib, layers, max_batches=32)
+    rows = sweep(model, grams, CNN_CONFIGS, lambda m: [100 * accuracy(m, test)])
+    rows = [r[:4] + [r[4][:-2]] + r[5:] for r in rows]  # accuracy in % with two decimals
+    header = ["pattern", "method", "allocation", "sparsity (layer range)", "top-1 %", "median layer err", "pass s", "MB file"]
+    return ("sample CNN: top-1 on the 1000 test images, Hessians from the 500 calibration images; "
+            "goals: 50% unstructured within 0.5 pt, 2:4 within 1 pt\n") + table(header, rows)
 
 
-def run_minilm(full: bool) -> None:
+def minilm_grams(model: Model, calib: CalibrationSet, fit: int) -> dict[str, InputGram]:
+    """The layers' input Grams on the first ``fit`` text sentences, cached on disk."""
+    path = MINILM / f"grams_fit{fit}.npz"
+    layers, _ = find_linear_layers(model)
+    if not path.is_file():
+        start = time.perf_counter()
+        grams = input_grams(model, calib, layers, max_batches=-(-fit // 16))
+        print(f"  input Grams of {len(layers)} layers on {fit} sentences: {time.perf_counter() - start:.0f} s", flush=True)
+        arrays = {}
+        for node, g in grams.items():
+            arrays.update({f"{node}|gram": g.gram, f"{node}|total": g.total, f"{node}|rows": np.array(g.rows)})
+        np.savez(path, **arrays)
+    data = np.load(path)
+    return {l.node: InputGram(data[f"{l.node}|gram"], data[f"{l.node}|total"], int(data[f"{l.node}|rows"])) for l in layers}
+
+
+def run_minilm(fit: int, configs: str) -> str:
+    text = np.load(text_calibration())
+    curated = dict(np.load(MINILM / "calib.npz"))
+    held = {k: text[k][fit : fit + HELD_OUT] for k in text.files}
     model = load_model(MINILM / "minilm.onnx")
-    calib = CalibrationSet.from_path(MINILM / "calib.npz", model)
-    feed = calib.take(calib.num_samples)
-    output = model.outputs[0].name
-    reference = make_session(model).run([output], feed)[0]
+    infer_shapes(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "fit.npz", **{k: text[k][:fit] for k in text.files})
+        calib = CalibrationSet.from_path(Path(tmp) / "fit.npz", model)
+        grams = minilm_grams(model, calib, fit)
+    teacher = make_session(model)
+    ref_held, ref_cur = teacher.run(None, held)[0], teacher.run(None, curated)[0]
 
-    def score(m: Model) -> float:
-        return mean_cosine(reference, make_session(m).run([output], feed)[0])
+    def scores(m: Model) -> list[float]:
+        s = make_session(m)
+        h, c = cosines(ref_held, s.run(None, held)[0]), cosines(ref_cur, s.run(None, curated)[0])
+        return [h.mean(), h.min(), c.mean()]
 
-    print("\nMiniLM sentence embeddings")
-    configs = SWEEP if full else MINILM_QUICK
-    rows = sweep(model, calib, configs, score, "cosine", measure_bytes=False)
-    # One compressed-size measurement (90 MB of weights: seconds of zlib per model).
-    cfg = SparsifyConfig(pattern="2:4", method="magnitude", measure_bytes=True)
-    stats = Sparsify(cfg).run_with_grams(model, input_grams(model, calib, Sparsify(cfg).select_layers(model)[0], max_batches=1)).stats
-    print_table("MiniLM: mean cosine to the original embeddings; goals: 50% unstructured OBS >= 0.99, 2:4 >= 0.98", rows, "cosine", 1, "4")
-    print(
-        f"MiniLM 2:4 storage: weights {stats['bytes_dense'] / 1e6:.1f} MB dense (unchanged), zlib {stats['bytes_compressed_before'] / 1e6:.1f} MB -> "
-        f"{stats['bytes_compressed'] / 1e6:.1f} MB; COO sparse initializers (int64 indices) would be {stats['bytes_coo_estimate'] / 1e6:.1f} MB, "
-        f"bitmap+values {stats['bytes_bitmap_estimate'] / 1e6:.1f} MB"
-    )
+    rows = sweep(model, grams, MINILM_CONFIGS[configs], scores)
+    tokens = int(text["attention_mask"][:fit].sum())
+    header = ["pattern", "method", "allocation", "sparsity (layer range)", "held-out cos", "(min)", "curated cos", "median layer err", "pass s", "MB file"]
+    return (f"MiniLM: Hessians from {fit} English sentences ({tokens:,} real tokens), cosine to the original embeddings on "
+            f"{len(held['input_ids'])} held-out sentences and the {len(curated['input_ids'])} curated ones; "
+            "goals: 50% unstructured >= 0.99, 2:4 >= 0.98\n") + table(header, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the whole sweep on MiniLM too")
-    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--only", choices=["cnn", "minilm"])
+    parser.add_argument("--fit-sentences", type=int, default=1024)
+    parser.add_argument("--minilm-configs", choices=sorted(MINILM_CONFIGS), default="quick")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    run_cnn()
-    if not args.skip_minilm and (MINILM / "minilm.onnx").exists():
-        run_minilm(args.full)
+    if args.only in (None, "cnn"):
+        print(run_cnn(), flush=True)
+    if args.only in (None, "minilm") and (MINILM / "minilm.onnx").exists():
+        print(run_minilm(args.fit_sentences, args.minilm_configs), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.layers import InputGram, LinearLayer, find_linear_layers, input_grams, matrix_to_weight, weight_matrix
+from optc.passes.sparsify_bias import add_to_bias
+from optc.passes.sparsify_allocation import layer_costs, owl_counts, sensitivity_counts, uniform_counts
+from optc.passes.sparsify_storage import pack_sparse_weights
 from optc.passes.sparsity_patterns import (
     SparsityPattern,
     magnitude_prune,
@@ -55,10 +58,19 @@ class SparsifyConfig:
     pattern: str = option("unstructured", "unstructured, N:M along the input dimension (2:4, 4:8) or block:RxC (block:4x4, block:1x4)")
     method: Literal["magnitude", "obs"] = option("obs", "magnitude: drop the smallest |w|; obs: SparseGPT selection and inverse-Hessian update")
     damp: float = option(0.01, "OBS damping added to the Hessian diagonal, as a fraction of its mean")
+    bias_correction: bool = option(True, "obs: fit on the centred input and fold (W - W') mean(x) into the layer's bias")
     block_size: int = option(128, "columns per OBS block (rounded to a multiple of M or the tile width)")
     exclude: tuple[str, ...] = option((), "node names or op types left dense")
     min_params: int = option(0, "layers with fewer weights than this are left dense")
     max_batches: int = option(32, "calibration batches (of 16) used for the Hessians")
+    allocation: Literal["uniform", "sensitivity", "owl"] = option(
+        "uniform", "per-layer levels: uniform, sensitivity (OBS error curves, least total relative error) or owl (outlier ratios); mean = sparsity"
+    )
+    max_shift: float = option(0.1, "sensitivity/owl: per-layer levels stay within sparsity +- max_shift")
+    owl_m: float = option(5.0, "owl: an outlier scores above owl_m times its layer's mean |w| * ||x||")
+    storage: Literal["dense", "packed"] = option(
+        "packed", "packed: sparse weights stored as nonzeros + bitmask, decoded by a constant subgraph (lossless); dense: plain initializers"
+    )
     measure_bytes: bool = option(True, "report zlib-compressed weight bytes (costs a compression of every weight)")
 
     def __post_init__(self) -> None:
@@ -73,6 +85,12 @@ class SparsifyConfig:
             raise ValueError(f"min_params must be >= 0, not {self.min_params}")
         if self.max_batches < 1:
             raise ValueError(f"max_batches must be >= 1, not {self.max_batches}")
+        if not 0.0 <= self.max_shift < 1.0:
+            raise ValueError(f"max_shift must be in [0, 1), not {self.max_shift}")
+        if self.owl_m <= 0:
+            raise ValueError(f"owl_m must be > 0, not {self.owl_m}")
+        if self.allocation != "uniform" and parse_pattern(self.pattern).kind == "nm":
+            raise ValueError(f"allocation={self.allocation} needs an unstructured or block pattern: N:M fixes every layer at 1-N/M")
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,7 @@ class SparseWeight:
     weight: np.ndarray
     zeros: int
     rel_error: float
+    bias_delta: np.ndarray | None = None  # (out,) added to the layer's output
 
 
 @register_pass("sparsify")
@@ -120,48 +139,94 @@ class Sparsify(Pass[SparsifyConfig]):
         """
         pattern = parse_pattern(self.config.pattern)
         layers, skipped = self.select_layers(model)
+        skipped = list(skipped)
         unchanged = PassResult(model, modified=False, stats={"layers": [], "pattern": str(pattern)}, skipped=skipped)
         if not layers or self._is_noop():
             return unchanged
-        plans = [self._plan(model, layer, grams[layer.node], pattern) for layer in layers]
+        counts = self._allocate(model, layers, grams, pattern)
+        plans = [self._plan(model, layer, grams[layer.node], pattern, count) for layer, count in zip(layers, counts)]
         plans = [p for p in plans if p.zeros > 0]
         if not plans:
             return unchanged
         editor = GraphEditor(model)
         nodes = {n.name: n for n in editor.nodes}
+        written = []
         for plan in plans:
-            nodes[plan.layer.node].inputs[1] = editor.add_constant(f"{plan.layer.weight}_sparse", plan.weight)
+            constant = editor.add_constant(f"{plan.layer.weight}_sparse", plan.weight)
+            nodes[plan.layer.node].inputs[1] = constant
+            written.append(constant.name)
+            if plan.bias_delta is not None:
+                add_to_bias(editor, nodes[plan.layer.node], plan.layer, plan.bias_delta.astype(plan.weight.dtype))
         new_model = editor.commit()
-        return PassResult(new_model, modified=True, stats=self._stats(model, new_model, plans, pattern), skipped=skipped)
+        stats = self._stats(model, new_model, plans, pattern)
+        if self.config.storage == "packed":
+            packed = pack_sparse_weights(new_model, written)
+            skipped += packed.skipped
+            stats["storage"] = packed.stats
+            new_model = packed.model
+        return PassResult(new_model, modified=True, stats=stats, skipped=skipped)
 
     def _is_noop(self) -> bool:
         return parse_pattern(self.config.pattern).kind != "nm" and self.config.sparsity == 0
 
-    def _plan(self, model: Model, layer: LinearLayer, gram: InputGram, pattern: SparsityPattern) -> SparseWeight:
-        cfg = self.config
+    def _matrices(self, model: Model, layer: LinearLayer, gram: InputGram) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The layer's weight and its per-group ``(out, in)`` float64 matrices."""
         w = model.initializer_array(layer.weight)
         matrix = weight_matrix(layer, w.astype(np.float64))
         groups = gram.gram.shape[0]
         per_group = matrix.shape[0] // groups
-        parts = [matrix[g * per_group : (g + 1) * per_group] for g in range(groups)]
-        shape = (per_group, matrix.shape[1])
-        total = 0 if pattern.kind == "nm" else int(round(cfg.sparsity * units(shape, pattern) * groups))
-        counts = split_count(total, [units(shape, pattern)] * groups)
-        hessians = gram.hessian(0.0) if cfg.method == "obs" else None  # damped inside obs_prune
+        return w, [matrix[g * per_group : (g + 1) * per_group] for g in range(groups)]
+
+    def _allocate(self, model: Model, layers: list[LinearLayer], grams: Mapping[str, InputGram], pattern: SparsityPattern) -> list[int]:
+        """Units to prune per layer (all groups together; 0 for N:M, whose level is fixed)."""
+        cfg = self.config
+        if pattern.kind == "nm":
+            return [0] * len(layers)
+        if cfg.allocation == "uniform":
+            sizes = [units(self._matrices(model, l, grams[l.node])[1][0].shape, pattern) * grams[l.node].gram.shape[0] for l in layers]
+            return uniform_counts(sizes, cfg.sparsity)
+        costs = [
+            layer_costs(l.node, self._matrices(model, l, grams[l.node])[1], self._objective(grams[l.node]), grams[l.node].rows, pattern, cfg.damp, cfg.owl_m)
+            for l in layers
+        ]
+        if cfg.allocation == "sensitivity":
+            return sensitivity_counts(costs, cfg.sparsity, cfg.max_shift)
+        return owl_counts(costs, cfg.sparsity, cfg.max_shift)
+
+    def _plan(self, model: Model, layer: LinearLayer, gram: InputGram, pattern: SparsityPattern, total: int) -> SparseWeight:
+        cfg = self.config
+        w, parts = self._matrices(model, layer, gram)
+        groups = len(parts)
+        counts = split_count(total, [units(parts[0].shape, pattern)] * groups)
+        objective = self._objective(gram)  # sum over rows of x x^T, centred when the bias absorbs the mean
         new_parts = []
         for g, (part, count) in enumerate(zip(parts, counts)):
             if cfg.method == "obs":
-                new_parts.append(obs_prune(part, hessians[g], pattern, count, damp=cfg.damp, block_size=cfg.block_size))
+                h = objective[g] / max(gram.rows, 1)  # damped inside obs_prune
+                new_parts.append(obs_prune(part, h, pattern, count, damp=cfg.damp, block_size=cfg.block_size))
             else:
                 new_parts.append(magnitude_prune(part, pattern, count))
         new_matrix = np.concatenate(new_parts, axis=0)
-        error = sum(output_energy(p - q, gram.gram[g]) for g, (p, q) in enumerate(zip(parts, new_parts)))
+        error = sum(output_energy(p - q, objective[g]) for g, (p, q) in enumerate(zip(parts, new_parts)))
         energy = sum(output_energy(p, gram.gram[g]) for g, p in enumerate(parts))
         new_w = matrix_to_weight(layer, new_matrix).astype(w.dtype)
         zeros = int(np.count_nonzero(new_w == 0) - np.count_nonzero(w == 0))
         rel = error / energy if energy > 0 else 0.0
+        delta = None
+        if self._corrects_bias():
+            delta = np.concatenate([(p - q) @ m for p, q, m in zip(parts, new_parts, gram.mean)])
         log.debug("%s: %d zeros, relative error %.3g", layer.node, zeros, rel)
-        return SparseWeight(layer, new_w, zeros, rel)
+        return SparseWeight(layer, new_w, zeros, rel, delta)
+
+    def _corrects_bias(self) -> bool:
+        return self.config.method == "obs" and self.config.bias_correction
+
+    def _objective(self, gram: InputGram) -> np.ndarray:
+        """``sum x x^T`` per group, or ``sum (x - mean)(x - mean)^T`` when the bias absorbs the mean error."""
+        if not self._corrects_bias():
+            return gram.gram
+        mean = gram.mean
+        return gram.gram - gram.rows * mean[:, :, None] * mean[:, None, :]
 
     def _stats(self, before: Model, after: Model, plans: list[SparseWeight], pattern: SparsityPattern) -> dict:
         per_layer = []

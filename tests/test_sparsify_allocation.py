@@ -1,0 +1,62 @@
+"""sparsify allocation: sensitivity (OBS error curves) and OWL levels meet the global target."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import rand
+
+from optc.errors import ConfigError
+from optc.passes.options import build_config
+from optc.passes.sparsify import SparsifyConfig
+from optc.passes.sparsify_allocation import LayerCosts, owl_counts, sensitivity_counts, uniform_counts
+from optc.passes.sparsity_patterns import parse_pattern
+from test_sparsify import _run, _small_cnn
+
+
+def _costs(scale: float, n: int, seed: int, outliers: float = 0.0) -> LayerCosts:
+    return LayerCosts(f"l{seed}", n, np.sort(np.random.default_rng(seed).exponential(scale, n)), outliers)
+
+
+def test_sensitivity_meets_the_total_and_minimises_the_estimate():
+    layers = [_costs(1e-4, 1000, 0), _costs(1e-3, 3000, 1), _costs(1e-2, 500, 2)]
+    counts = sensitivity_counts(layers, 0.5, 0.2)
+    assert sum(counts) == sum(uniform_counts(layers, 0.5))
+    for layer, count in zip(layers, counts):
+        assert 0.3 * layer.units - 1 <= count <= 0.7 * layer.units + 1
+    # Cheap layers absorb more zeros; the estimated total error is lower than any feasible move away.
+    assert counts[0] / 1000 > 0.5 > counts[2] / 500
+    estimate = lambda cs: sum(l.costs[:c].sum() for l, c in zip(layers, cs))
+    assert estimate(counts) < estimate(uniform_counts(layers, 0.5))
+    for a, b in [(0, 1), (1, 0), (1, 2), (2, 1), (0, 2)]:
+        moved = list(counts)
+        moved[a] += 10
+        moved[b] -= 10
+        if all(0.3 * l.units - 1 <= c <= 0.7 * l.units + 1 for l, c in zip(layers, moved)):
+            assert estimate(moved) >= estimate(counts)
+
+
+def test_owl_gives_outlier_layers_fewer_zeros_at_the_same_mean():
+    layers = [_costs(1, 1000, 0, outliers=0.01), _costs(1, 2000, 1, outliers=0.05), _costs(1, 1000, 2, outliers=0.03)]
+    counts = owl_counts(layers, 0.6, 0.1)
+    assert sum(counts) == sum(uniform_counts(layers, 0.6))
+    levels = [c / l.units for c, l in zip(counts, layers)]
+    assert levels[0] > levels[2] > levels[1]
+    assert max(levels) - min(levels) <= 0.2 + 1e-3
+
+
+def test_allocation_needs_a_free_level():
+    with pytest.raises(ConfigError, match="allocation"):
+        build_config("sparsify", SparsifyConfig, {"pattern": "2:4", "allocation": "sensitivity"})
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block:4x4"])
+def test_sensitivity_pass_keeps_the_level_and_lowers_the_total_error(tmp_path, save, pattern):
+    _, uniform, _ = _run(_small_cnn(), tmp_path, save, sparsity="0.6", pattern=pattern)
+    _, sens, x = _run(_small_cnn(), tmp_path, save, sparsity="0.6", pattern=pattern, allocation="sensitivity", max_shift="0.2")
+    # Same number of units (entries or tiles); edge tiles of the 5-row Gemm hold fewer entries.
+    slack = 0 if pattern == "unstructured" else 0.03 * uniform.stats["params_sparsified"]
+    assert sens.stats["nonzero_params"] == pytest.approx(uniform.stats["nonzero_params"], abs=slack)
+    levels = [layer["sparsity"] for layer in sens.stats["layers"]]
+    assert max(levels) - min(levels) > 0.05 and all(0.4 - 1e-6 <= s <= 0.8 + 1e-6 for s in levels)
+    total = lambda r: sum(layer["rel_error"] for layer in r.stats["layers"])
+    assert total(sens) < total(uniform)
