@@ -140,11 +140,26 @@ def _fused(mod: Any, target: Any) -> Any:
         return tvm.transform.Sequential(seq)(mod)
 
 
+def _foreign_triple(target: Any) -> str | None:
+    """The target's triple when this machine cannot run its code (an aarch64 target on x86)."""
+    import platform
+
+    triple = str(target.attrs.get("mtriple") or "")
+    if triple.startswith("aarch64") and platform.machine() not in ("aarch64", "arm64"):
+        return triple
+    return None
+
+
 def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, TuneReport]:
     """Tune the tasks the database lacks, then compile with every record it holds."""
     from tvm.s_tir import meta_schedule as ms
 
     address = tracker_address(opts)
+    if opts.trials_per_task > 0 and address is None and _foreign_triple(target):
+        raise TargetError(
+            f"tuning for {_foreign_triple(target)} measures candidates on such a board: add --rpc-tracker HOST:PORT "
+            "--rpc-key KEY, or compile with --tune-trials 0 (database records and default schedules)"
+        )
     if address is not None and opts.trials_per_task > 0:
         check_tracker(*address, opts.rpc_key)  # before any work
     opts.db_dir.mkdir(parents=True, exist_ok=True)

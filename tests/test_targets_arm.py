@@ -110,3 +110,16 @@ def test_arm_without_cross_compiler_fails_before_compiling(tmp_path, monkeypatch
     res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "arm", "--no-latency", "--tuning-db", tmp_path / "db")
     assert res.exit_code == 2 and not out.exists()
     assert "needs the cross compiler 'aarch64-linux-gnu-g++'" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_arm_tuning_without_a_board_is_refused(tmp_path):
+    """Candidates for aarch64 cannot be timed on this x86 machine: tuning needs an RPC board."""
+    import platform
+
+    if platform.machine() in ("aarch64", "arm64"):
+        pytest.skip("this machine is an ARM board")
+    out = tmp_path / "arm"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "arm",
+                 "--tune-trials", "4", "--no-latency", "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 2 and not out.exists() and len(res.output.strip().splitlines()) == 1
+    assert "tuning for aarch64-linux-gnu measures candidates on such a board: add --rpc-tracker" in res.output
