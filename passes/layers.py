@@ -18,8 +18,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from optc.ir.model import Model, numpy_dtype
+from optc.ir.session import make_session
 from optc.ir.stats import shape_map
-from optc.passes.calibration import CalibrationSet, capture_activations
+from optc.passes.calibration import CalibrationSet, capture_activations, real_tokens
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -254,3 +255,69 @@ def input_grams(
     acc = _Accumulator(by_tensor, max_rows_per_batch, np.random.default_rng(seed))
     capture_activations(model, calibration, list(by_tensor), acc, batch_size=batch_size, max_batches=max_batches)
     return acc.grams
+
+
+@dataclass
+class PairedMoments:
+    """Second moments of one layer's input in two models fed the same rows.
+
+    ``a`` is the input in the model being fitted (``d_a`` columns), ``b`` the
+    input of the same layer in a reference model (``d_b`` columns); rows are
+    aligned (same samples, same positions, same subsample).
+    """
+
+    aa: np.ndarray  # (d_a, d_a)
+    ab: np.ndarray  # (d_a, d_b)
+    bb: np.ndarray  # (d_b, d_b)
+    sum_a: np.ndarray
+    sum_b: np.ndarray
+    rows: int = 0
+
+
+def paired_moments(
+    model: Model,
+    layer: LinearLayer,
+    reference: Model,
+    reference_layer: LinearLayer,
+    calibration: CalibrationSet,
+    *,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    max_rows_per_batch: int = 4096,
+    seed: int = 0,
+) -> PairedMoments:
+    """Moments of ``layer``'s input in ``model`` against ``reference_layer``'s in ``reference``.
+
+    This is what a sequential refit needs: the target is the reference layer's
+    output on *its* input, the fit sees the input as the (already compressed)
+    model computes it, so upstream error is corrected instead of compounded.
+    Only groups of 1 (not grouped convolutions) are supported.
+    """
+    session_a = make_session(model, extra_outputs=[layer.input])
+    session_b = make_session(reference, extra_outputs=[reference_layer.input])
+    rng = np.random.default_rng(seed)
+    mask_name = calibration.token_mask
+    acc: PairedMoments | None = None
+    for i, feed in enumerate(calibration.batches(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        mask = feed[mask_name] if mask_name else None
+        (xa,) = session_a.run([layer.input], feed)
+        (xb,) = session_b.run([reference_layer.input], feed)
+        ra = input_rows(layer, real_tokens(xa, mask).astype(np.float64))[0]
+        rb = input_rows(reference_layer, real_tokens(xb, mask).astype(np.float64))[0]
+        if len(ra) > max_rows_per_batch:
+            keep = rng.choice(len(ra), max_rows_per_batch, replace=False)
+            ra, rb = ra[keep], rb[keep]
+        if acc is None:
+            da, db = ra.shape[1], rb.shape[1]
+            acc = PairedMoments(np.zeros((da, da)), np.zeros((da, db)), np.zeros((db, db)), np.zeros(da), np.zeros(db))
+        acc.aa += ra.T @ ra
+        acc.ab += ra.T @ rb
+        acc.bb += rb.T @ rb
+        acc.sum_a += ra.sum(axis=0)
+        acc.sum_b += rb.sum(axis=0)
+        acc.rows += len(ra)
+    if acc is None:
+        raise ValueError("calibration set yielded no batches")
+    return acc

@@ -19,8 +19,6 @@ norms divided by their mean so that members of a residual group weigh alike;
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 
@@ -28,17 +26,7 @@ from optc.ir.model import Model
 from optc.passes.layers import InputGram, LinearLayer, weight_matrix
 from optc.passes.prune_groups import ChannelGraph, ChannelGroup, Layout
 
-CRITERIA = ("l1", "l2", "bn", "activation", "thinet")
-NEEDS_GRAMS = frozenset({"activation", "thinet"})
-
-
-@dataclass(frozen=True)
-class ChannelBlocks:
-    """Where a group's channels sit in one consumer's weight columns."""
-
-    consumer: str
-    starts: tuple[int, ...]  # first column of channel 0, one per segment of the group
-    width: int  # columns per channel
+NEEDS_GRAMS = frozenset({"activation", "thinet", "forward"})
 
 
 def channel_blocks(graph: ChannelGraph, layout: Layout, group: int, unit: int) -> list[tuple[int, int]]:
@@ -55,12 +43,6 @@ def channel_blocks(graph: ChannelGraph, layout: Layout, group: int, unit: int) -
 def feature_unit(layer: LinearLayer) -> int:
     """Weight columns per input feature: kernel positions for a Conv, else 1."""
     return int(np.prod(layer.kernel)) if layer.op == "Conv" else 1
-
-
-def column_index(blocks: list[tuple[int, int]], channels: np.ndarray) -> np.ndarray:
-    """Columns of ``channels`` (sorted within each segment)."""
-    cols = [start + c * width + np.arange(width) for start, width in blocks for c in channels]
-    return np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
 
 
 def weight_scores(model: Model, nodes: dict[str, onnx.NodeProto], group: ChannelGroup, graph: ChannelGraph, criterion: str) -> tuple[np.ndarray, str]:

@@ -23,61 +23,75 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optc.passes.layers import InputGram
+from optc.passes.layers import InputGram, PairedMoments
 
 
 @dataclass(frozen=True)
 class Refit:
-    weight: np.ndarray  # (out, len(keep)) float64
+    weight: np.ndarray  # (out, k) float64
     bias_delta: np.ndarray  # (out,) float64: add to the layer's bias
     rel_error: float  # ||Y - Y_refit||^2 / ||Y||^2 on the calibration rows
-    rel_error_plain: float  # the same error when the removed columns are simply dropped
+    rel_error_plain: float  # the same error with the prior weights and no bias change
 
 
 def refit_columns(gram: InputGram, w: np.ndarray, keep: np.ndarray, *, group: int = 0, ridge: float = 1e-4, bias: bool = True) -> Refit:
     """Refit ``w`` (``out x in`` matrix) to the columns ``keep`` of its input.
 
     ``ridge`` is relative to the mean diagonal of the Gram so that it means the
-    same thing for any activation scale; it pulls towards ``w[:, keep]``. Errors are computed in closed form from
-    the same Gram, so reporting them costs no extra pass over the data.
+    same thing for any activation scale; it pulls towards ``w[:, keep]``.
+    Errors are computed in closed form from the same Gram, so reporting them
+    costs no extra pass over the data.
     """
-    g = gram.gram[group] / max(gram.rows, 1)
-    s = gram.total[group] / max(gram.rows, 1)
-    w = w.astype(np.float64)
+    n = max(gram.rows, 1)
+    g = gram.gram[group] / n
+    s = gram.total[group] / n
     keep = np.asarray(keep, dtype=np.int64)
-    k = len(keep)
-    # Augmented second-moment matrix of [X, 1] restricted to the kept columns.
-    a = np.empty((k + 1, k + 1))
-    a[:k, :k] = g[np.ix_(keep, keep)]
-    a[:k, k] = a[k, :k] = s[keep]
-    a[k, k] = 1.0
-    rhs = np.empty((k + 1, w.shape[0]))
-    rhs[:k] = g[keep] @ w.T
-    rhs[k] = s @ w.T
-    if not bias:
-        a, rhs = a[:k, :k], rhs[:k]
-    lam = ridge * max(float(np.mean(np.diag(g))), 1e-12)
-    a_reg = a.copy()
+    w = w.astype(np.float64)
+    return refit_from_moments(g[np.ix_(keep, keep)], s[keep], g[keep], s, g, w, w[:, keep], ridge=ridge, bias=bias)
+
+
+def refit_paired(moments: PairedMoments, w: np.ndarray, prior: np.ndarray, *, ridge: float = 1e-4, bias: bool = True) -> Refit:
+    """Refit so that the layer on the fitted model's input reproduces ``w`` on the reference input.
+
+    ``w`` (``out x d_ref``) is the reference layer's weight matrix, ``prior``
+    (``out x d_fit``) the weights the fitted model has now.
+    """
+    n = max(moments.rows, 1)
+    m = moments
+    return refit_from_moments(m.aa / n, m.sum_a / n, m.ab / n, m.sum_b / n, m.bb / n, w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias)
+
+
+def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool) -> Refit:
+    """Solve ``min E||x_b W^T - (x_a W'^T + b)||^2 + lam ||W' - prior||^2`` from per-row moments.
+
+    ``aa = E[x_a x_a^T]``, ``sa = E[x_a]``, ``ab = E[x_a x_b^T]``, ``sb = E[x_b]``,
+    ``bb = E[x_b x_b^T]``. Normal equations over ``z = [x_a, 1]``:
+    ``E[z z^T] [W'^T; b^T] = E[z x_b^T] W^T`` (plus the ridge on the weight rows).
+    """
+    k = len(sa)
+    zz = np.empty((k + 1, k + 1))
+    zz[:k, :k] = aa
+    zz[:k, k] = zz[k, :k] = sa
+    zz[k, k] = 1.0
+    zb = np.vstack([ab, sb[None]])  # E[z x_b^T]
+    rhs = zb @ w.T
+    lam = ridge * max(float(np.mean(np.diag(aa))) if k else 0.0, 1e-12)
+    size = k + 1 if bias else k
+    a_reg = zz[:size, :size].copy()
     a_reg[np.arange(k), np.arange(k)] += lam
-    rhs[:k] += lam * w[:, keep].T
+    b_reg = rhs[:size].copy()
+    b_reg[:k] += lam * prior.T
     try:
-        sol = np.linalg.solve(a_reg, rhs)
+        sol = np.linalg.solve(a_reg, b_reg)
     except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(a_reg, rhs, rcond=None)[0]
-    new_w = sol[:k].T
-    delta = sol[k] if bias else np.zeros(w.shape[0])
-    total = _energy(g, w)
-    return Refit(new_w, delta, _error(g, s, w, keep, new_w, delta) / total, _error(g, s, w, keep, w[:, keep], np.zeros(w.shape[0])) / total)
+        sol = np.linalg.lstsq(a_reg, b_reg, rcond=None)[0]
+    theta = np.vstack([sol, np.zeros((1, w.shape[0]))]) if not bias else sol
+    energy = max(float(np.einsum("oi,ij,oj->", w, bb, w)), 1e-30)
+    plain = np.vstack([prior.T, np.zeros((1, w.shape[0]))])
+    return Refit(theta[:k].T, theta[k], _error(theta, zz, zb, w, bb) / energy, _error(plain, zz, zb, w, bb) / energy)
 
 
-def _energy(g: np.ndarray, w: np.ndarray) -> float:
-    return max(float(np.einsum("oi,ij,oj->", w, g, w)), 1e-30)
-
-
-def _error(g: np.ndarray, s: np.ndarray, w: np.ndarray, keep: np.ndarray, w_k: np.ndarray, b: np.ndarray) -> float:
-    """Mean ||x W^T - (x_K W_K^T + b)||^2 over rows, expanded over the Gram."""
-    full = np.zeros_like(w)
-    full[:, keep] = w_k
-    d = w - full  # the error is x D^T - b
-    err = np.einsum("oi,ij,oj->", d, g, d) - 2.0 * float(b @ (d @ s)) + float(b @ b)
+def _error(theta: np.ndarray, zz: np.ndarray, zb: np.ndarray, w: np.ndarray, bb: np.ndarray) -> float:
+    """``E||x_b W^T - z theta||^2`` expanded over the moments."""
+    err = np.einsum("oi,ij,oj->", w, bb, w) - 2.0 * np.sum(theta * (zb @ w.T)) + np.sum(theta * (zz @ theta))
     return max(float(err), 0.0)

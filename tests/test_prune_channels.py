@@ -85,7 +85,7 @@ def test_residual_add_joins_both_branches_into_one_group(tmp_path, save):
     # The last conv feeds the graph output: left whole, with the reason.
     frozen = next(g for g in graph.groups if g.sources and g.sources[0].node == "conv3")
     assert "graph output" in frozen.frozen[0]
-    result = run_checked("prune-channels", model, ctx, ratio=0.25)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25)
     new = result.model
     assert weight_shape(new, "conv1") == (6, 3, 3, 3)
     assert weight_shape(new, "conv2") == (6, 6, 3, 3)
@@ -100,7 +100,7 @@ def test_dead_channels_are_removed_exactly(tmp_path, save, reconstruct):
     # Channels 1 and 5 are zero in both branches: after the residual add and
     # the ReLU they are constant (zero), so removing them changes nothing.
     model, ctx, feeds = prepare(tmp_path, save, residual_model(dead=(1, 5)))
-    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1", reconstruct=reconstruct)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l1", reconstruct=reconstruct)
     assert weight_shape(result.model, "conv3") == (4, 6, 3, 3)
     np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
 
@@ -122,10 +122,10 @@ def test_dead_channels_behind_batchnorm_fold_into_the_consumer_bias(tmp_path, sa
     proto = make_model(nodes, [("x", ["n", 2, 5, 5])], [("y", ["n", 3, 3, 3])], [init("w1", w1), *bn, init("w2", rand(3, 6, 3, 3, seed=6))])
     model, ctx, feeds = prepare(tmp_path, save, proto)
     # The plain slice is wrong (the constant channel's contribution is lost)...
-    plain = run_checked("prune-channels", model, ctx, ratio=0.34, criterion="l1", reconstruct="none")
+    plain = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.34, criterion="l1", reconstruct="none")
     assert rel_error(outputs(model, feeds)["y"], outputs(plain.model, feeds)["y"]) > 1e-3
     # ...the mean fold is exact, and the BatchNorm parameters were sliced with the channels.
-    result = run_checked("prune-channels", model, ctx, ratio=0.34, criterion="l1", reconstruct="mean")
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.34, criterion="l1", reconstruct="mean")
     assert weight_shape(result.model, "bn") == (4,) and weight_shape(result.model, "bn", 4) == (4,)
     np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
     # conv2 had no bias: one was added to carry the fold.
@@ -147,7 +147,7 @@ def test_concat_maps_indices_without_coupling(tmp_path, save):
     model, ctx, feeds = prepare(tmp_path, save, proto)
     graph = analyse_channels(model)
     assert sorted(len(g.sources) for g in graph.groups if g.prunable) == [1, 1]  # two independent groups
-    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1")
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l1")
     assert weight_shape(result.model, "conva") == (3, 3, 3, 3)
     assert weight_shape(result.model, "convb") == (5, 3, 3, 3)  # floor(0.25 * 6) = 1 removed
     assert weight_shape(result.model, "convc") == (2, 8, 3, 3)
@@ -168,7 +168,7 @@ def test_depthwise_conv_ties_input_and_output_channels(tmp_path, save):
     inits = [init("w1", w1), init("wd", rand(8, 1, 3, 3, seed=2)), init("bd", rand(8, seed=3)), init("wp", rand(5, 8, 1, 1, seed=4))]
     proto = make_model(nodes, [("x", ["n", 3, 5, 5])], [("y", ["n", 5, 5, 5])], inits)
     model, ctx, feeds = prepare(tmp_path, save, proto)
-    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1")
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l1")
     dw = next(n for n in result.model.graph.node if n.name == "dw")
     assert weight_shape(result.model, "dw") == (6, 1, 3, 3)
     assert next(a.i for a in dw.attribute if a.name == "group") == 6
@@ -185,7 +185,7 @@ def test_grouped_conv_is_left_whole_with_a_reason(tmp_path, save):
     ]
     inits = [init("w1", rand(8, 3, 3, 3)), init("wg", rand(8, 4, 3, 3)), init("w3", rand(2, 8, 3, 3))]
     model, ctx, _ = prepare(tmp_path, save, make_model(nodes, [("x", ["n", 3, 4, 4])], [("y", ["n", 2, 4, 4])], inits))
-    result = run_checked("prune-channels", model, ctx, ratio=0.5)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5)
     assert not result.modified
     assert any("conv1" in s and "grouped convolution" in s for s in result.skipped)
     assert any("gconv" in s and "grouped convolution" in s for s in result.skipped)
@@ -208,7 +208,7 @@ def test_flatten_into_gemm_maps_a_channel_to_a_block_of_features(tmp_path, save,
     ]
     inits = [init("w1", w1), init("wf", rand(3, 4 * 9, seed=2)), init("bf", rand(3, seed=3)), numpy_helper.from_array(np.array([2, 36], np.int64), "shape")]
     model, ctx, feeds = prepare(tmp_path, save, make_model(nodes, [("x", [2, 2, 5, 5])], [("y", [2, 3])], inits), samples=64)
-    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l1")
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l1")
     assert weight_shape(result.model, "conv1") == (3, 2, 3, 3)
     assert weight_shape(result.model, "fc") == (3, 27)  # 9 features per channel went with channel 3
     np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
@@ -246,8 +246,8 @@ def test_transformer_mlp_width_is_one_group(tmp_path, save):
     graph = analyse_channels(model)
     assert [[s.node for s in g.sources] for g in graph.groups if g.prunable] == [["fc1"]]
     # fc2's output joins the residual stream (a LayerNorm output): left whole.
-    assert any("fc2" in s for s in run_checked("prune-channels", model, ctx, ratio=0.25).skipped)
-    result = run_checked("prune-channels", model, ctx, ratio=0.25)
+    assert any("fc2" in s for s in run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25).skipped)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25)
     assert weight_shape(result.model, "fc1") == (16, 48)
     assert weight_shape(result.model, "fc1_bias", 0) == (48,)
     assert weight_shape(result.model, "fc2") == (48, 16)
@@ -256,7 +256,7 @@ def test_transformer_mlp_width_is_one_group(tmp_path, save):
 
 def test_dead_mlp_units_are_removed_exactly(tmp_path, save):
     model, ctx, feeds = prepare(tmp_path, save, transformer_block(dead=range(0, 64, 4)), mask_zero=False)
-    result = run_checked("prune-channels", model, ctx, ratio=0.25, criterion="l2")
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l2")
     assert weight_shape(result.model, "fc2") == (48, 16)
     np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
 
@@ -268,12 +268,35 @@ def test_refit_beats_plain_slicing_and_thinet_beats_norms(tmp_path, save):
     model, ctx, feeds = prepare(tmp_path, save, transformer_block(width=96), mask_zero=False)
     ref = outputs(model, feeds)["y"]
     err = {}
-    for criterion, reconstruct in [("l1", "none"), ("l1", "lstsq"), ("thinet", "none"), ("thinet", "lstsq")]:
-        result = run_checked("prune-channels", model, ctx, ratio=0.5, criterion=criterion, reconstruct=reconstruct)
+    for criterion, reconstruct in [("l1", "none"), ("l1", "lstsq"), ("thinet", "none"), ("thinet", "lstsq"), ("thinet", "sequential")]:
+        result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5, criterion=criterion, reconstruct=reconstruct)
         err[criterion, reconstruct] = rel_error(ref, outputs(result.model, feeds)["y"])
     assert err["l1", "lstsq"] < err["l1", "none"]
     assert err["thinet", "lstsq"] < err["thinet", "none"]
     assert err["thinet", "none"] < err["l1", "none"]
+    # One block: the sequential refit sees the same inputs, so it can only match the one-shot refit.
+    assert err["thinet", "sequential"] <= err["thinet", "lstsq"] * 1.01
+
+
+def test_sequential_refit_corrects_upstream_error(tmp_path, save):
+    """Two pruned layers in a row: refitting the second on the pruned first layer's output wins."""
+    nodes = [
+        conv("conv1", "x", "w1", "c1", "b1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv("conv2", "r1", "w2", "c2", "b2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        conv("conv3", "r2", "w3", "y", "b3"),
+    ]
+    inits = [init("w1", rand(16, 3, 3, 3, seed=1)), init("b1", rand(16, seed=2)), init("w2", rand(16, 16, 3, 3, seed=3) * 0.3),
+             init("b2", rand(16, seed=4)), init("w3", rand(4, 16, 3, 3, seed=5) * 0.3), init("b3", rand(4, seed=6))]
+    model, ctx, feeds = prepare(tmp_path, save, make_model(nodes, [("x", ["n", 3, 6, 6])], [("y", ["n", 4, 6, 6])], inits))
+    ref = outputs(model, feeds)["y"]
+    err = {}
+    for reconstruct in ("lstsq", "sequential"):
+        result = run_checked("prune-channels", model, ctx, ratio=0.5, reconstruct=reconstruct)
+        assert weight_shape(result.model, "conv2") == (8, 8, 3, 3)
+        err[reconstruct] = rel_error(ref, outputs(result.model, feeds)["y"])
+    assert err["sequential"] < err["lstsq"]
 
 
 def test_bn_criterion_removes_the_smallest_gammas(tmp_path, save):
@@ -287,7 +310,7 @@ def test_bn_criterion_removes_the_smallest_gammas(tmp_path, save):
     ]
     proto = make_model(nodes, [("x", ["n", 2, 4, 4])], [("y", ["n", 3, 4, 4])], [init("w1", rand(6, 2, 3, 3)), *bn, init("w2", rand(3, 6, 3, 3))])
     model, ctx, _ = prepare(tmp_path, save, proto)
-    result = run_checked("prune-channels", model, ctx, ratio=0.34, criterion="bn", reconstruct="none")
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.34, criterion="bn", reconstruct="none")
     kept = result.model.initializer_array(next(n for n in result.model.graph.node if n.name == "bn").input[1])
     np.testing.assert_array_equal(kept, gamma[[0, 2, 4, 5]])
     assert result.stats["groups"][0]["criterion"] == "bn"
@@ -300,7 +323,7 @@ def test_round_to_and_global_allocation(tmp_path, save):
     infer_shapes(model)
     result = run_checked("prune-channels", model, ctx, ratio=0.3, round_to=8)
     assert all(g["channels_after"] % 8 == 0 for g in result.stats["groups"])
-    result = run_checked("prune-channels", model, ctx, ratio=0.3, allocation="global")
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.3, allocation="global")
     total = sum(g["channels_before"] for g in result.stats["groups"])
     removed = result.stats["channels_removed"]
     assert removed > 0 and {g["channels_after"] for g in result.stats["groups"]} != {round(g["channels_before"] * 0.7) for g in result.stats["groups"]}
@@ -312,13 +335,13 @@ def test_round_to_and_global_allocation(tmp_path, save):
 
 def test_ratio_zero_and_nothing_prunable_change_nothing(tmp_path, save):
     model, ctx, _ = prepare(tmp_path, save, residual_model())
-    assert not run_checked("prune-channels", model, ctx, ratio=0.0).modified
-    assert not run_checked("prune-channels", model, ctx, ratio=0.5, exclude=("conv1",)).modified
+    assert not run_checked("prune-channels", model, ctx, round_to=1, ratio=0.0).modified
+    assert not run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5, exclude=("conv1",)).modified
 
 
 def test_weight_only_pruning_needs_no_calibration(tmp_path, save):
     model, _, feeds = prepare(tmp_path, save, residual_model(dead=(0, 2)))
-    result = run_checked("prune-channels", model, PassContext(), ratio=0.25, criterion="l1", reconstruct="none")
+    result = run_checked("prune-channels", model, PassContext(), round_to=1, ratio=0.25, criterion="l1", reconstruct="none")
     # Dead and followed by ReLU with zero bias: exact even without data.
     np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
     manager = PassManager([make_pass("prune-channels", {"ratio": "0.3"})])
@@ -342,7 +365,7 @@ def test_torch_cnns_prune_to_valid_smaller_models(tmp_path, name):
     inputs = {s.name: io[s.name] for s in model.inputs}
     np.savez(tmp_path / "calib.npz", **{k: rand(16, *v.shape[1:], seed=9) for k, v in inputs.items()})
     ctx = PassContext(calibration=CalibrationSet.from_path(tmp_path / "calib.npz", model))
-    manager = PassManager([make_pass("fold-batchnorm", {}), make_pass("prune-channels", {"ratio": "0.25"})])
+    manager = PassManager([make_pass("fold-batchnorm", {}), make_pass("prune-channels", {"ratio": "0.25", "round_to": "4"})])
     result = manager.run(model, ctx)
     assert result.final.params < 0.85 * result.initial.params
     assert result.final.macs < 0.85 * result.initial.macs

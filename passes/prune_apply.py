@@ -1,0 +1,201 @@
+"""Applying a channel-pruning plan: slicing, bias folds, and the least-squares refits.
+
+See :mod:`optc.passes.prune_channels` for what is removed and why. Two refits:
+
+* ``lstsq``: every consumer is refit to its original output from its original
+  input Gram (:func:`optc.passes.refit.refit_columns`): one calibration pass.
+* ``sequential``: the same, then each consumer in topological order is refit
+  again on its input *as the pruned model computes it* against its original
+  output (:func:`optc.passes.refit.refit_paired`), so each layer corrects the
+  error of the layers before it instead of compounding it (He et al. 2017);
+  one calibration pass per consumer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optc.ir.graph import GraphEditor
+from optc.ir.model import Model
+from optc.ir.shapes import infer_shapes
+from optc.passes.layers import find_linear_layers, matrix_to_weight, paired_moments, weight_matrix
+from optc.passes.prune_criteria import feature_unit
+from optc.passes.prune_groups import ChannelGraph, Layout
+from optc.passes.refit import refit_columns, refit_paired
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrunePlan:
+    """Channels kept per group (all of them for groups left whole) and the scores behind it."""
+
+    keep: dict[int, np.ndarray]
+    scores: dict[int, np.ndarray] = field(default_factory=dict)
+    criterion: dict[int, str] = field(default_factory=dict)
+
+
+def layout_keep(graph: ChannelGraph, plan: PrunePlan, layout: Layout) -> np.ndarray:
+    """Feature positions along a channelled axis that survive the plan."""
+    parts, offset = [], 0
+    for seg in layout:
+        kept = plan.keep[graph.space_group[seg.space]]
+        parts.append(offset + (kept[:, None] * seg.block + np.arange(seg.block)[None]).ravel())
+        offset += seg.length * seg.block
+    return np.concatenate(parts).astype(np.int64)
+
+
+def apply_plan(model, nodes, graph, plan, layers, grams, weights, cfg) -> tuple[Model, dict[str, tuple[float, float]], dict[str, np.ndarray]]:
+    """The pruned model, each refit consumer's (error, error without refit), and the bias deltas applied."""
+    new_values: dict[tuple[str, int], np.ndarray] = {}
+    bias_delta: dict[str, np.ndarray] = {}
+    errors: dict[str, tuple[float, float]] = {}
+    matrices: dict[str, np.ndarray] = {}  # consumers' refit weights, in the original layout
+    for consumer in graph.consumers:
+        layer = layers[consumer.node]
+        unit = feature_unit(layer)
+        kept_features = layout_keep(graph, plan, consumer.layout)
+        total = sum(s.length * s.block for s in consumer.layout)
+        if len(kept_features) == total:
+            continue
+        cols = (kept_features[:, None] * unit + np.arange(unit)[None]).ravel()
+        w = weight_matrix(layer, weights[consumer.node])
+        if cfg.reconstruct in ("lstsq", "sequential"):
+            fit = refit_columns(grams[consumer.node], w, cols, ridge=cfg.ridge)
+            new_w, delta = fit.weight, fit.bias_delta
+            errors[consumer.node] = (fit.rel_error, fit.rel_error_plain)
+        else:
+            new_w = w[:, cols]
+            removed = np.setdiff1d(np.arange(w.shape[1]), cols)
+            delta = w[:, removed] @ grams[consumer.node].mean[0][removed] if cfg.reconstruct == "mean" else np.zeros(w.shape[0])
+        shape = list(layer.weight_shape)
+        if layer.op == "Conv":
+            shape[1] = len(kept_features)
+        sliced = dataclasses.replace(layer, weight_shape=tuple(shape))
+        matrices[consumer.node] = matrix_to_weight(sliced, new_w)
+        if np.any(delta):
+            bias_delta[consumer.node] = delta
+    for group in graph.groups:
+        keep = plan.keep[group.id]
+        if len(keep) == group.size:
+            continue
+        for source in group.sources:
+            node = nodes[source.node]
+            w = matrices.get(source.node)
+            if w is None:
+                w = model.initializer_array(node.input[1]).astype(np.float64)
+            axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB")) else 1
+            matrices[source.node] = np.take(w, keep, axis=axis)
+            if len(node.input) > 2 and node.input[2]:
+                bias = model.initializer_array(node.input[2])
+                if bias.size == group.size:
+                    new_values[(source.node, 2)] = np.take(bias, keep, axis=bias.ndim - 1)
+            if source.node in bias_delta:
+                bias_delta[source.node] = bias_delta[source.node][keep]
+    for param in graph.params:
+        value = model.initializer_array(nodes[param.node].input[param.input_index])
+        kept = layout_keep(graph, plan, param.layout)
+        if len(kept) < value.shape[param.axis]:
+            new_values[(param.node, param.input_index)] = np.take(value, kept, axis=param.axis)
+    for name, w in matrices.items():
+        new_values[(name, 1)] = w.astype(model.initializer_array(nodes[name].input[1]).dtype)
+    return _edit(model, nodes, graph, plan, new_values, bias_delta), errors, bias_delta
+
+
+def _edit(model, nodes, graph, plan, new_values, bias_delta) -> Model:
+    editor = GraphEditor(model)
+    gs_nodes = {n.name: n for n in editor.nodes}
+    for (name, index), value in new_values.items():
+        node = gs_nodes[name]
+        node.inputs[index] = editor.add_constant(node.inputs[index].name, value)
+        if node.op == "Conv" and index == 1 and node.attrs.get("group", 1) > 1:
+            node.attrs["group"] = int(value.shape[0])  # a depthwise conv keeps one group per channel
+    for fix in graph.reshapes:
+        node = gs_nodes[fix.node]
+        target = np.array(editor.constant_value(node.inputs[1]), dtype=np.int64).copy()
+        target[1] = len(layout_keep(graph, plan, fix.layout))
+        node.inputs[1] = editor.add_constant(node.inputs[1].name, target)
+    for name, delta in bias_delta.items():
+        _add_bias(editor, gs_nodes[name], delta)
+    new_model = editor.commit()
+    # Shapes of every tensor on a pruned path changed: infer them afresh.
+    del new_model.graph.value_info[:]
+    infer_shapes(new_model)
+    return new_model
+
+
+def _add_bias(editor: GraphEditor, node, delta: np.ndarray) -> None:
+    """Add ``delta`` (one per output channel) to a layer's bias, creating one where needed."""
+    dtype = np.asarray(editor.constant_value(node.inputs[1])).dtype
+    if node.op in ("Conv", "Gemm"):
+        if len(node.inputs) > 2 and node.inputs[2] is not None and editor.constant_value(node.inputs[2]) is not None:
+            bias = editor.constant_value(node.inputs[2]).astype(np.float64)
+            beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+            new = (bias + (alpha / beta) * delta.reshape(bias.shape if bias.size == delta.size else -1)).astype(dtype)
+            node.inputs[2] = editor.add_constant(node.inputs[2].name, new)
+        else:
+            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+            if node.op == "Gemm":
+                node.attrs["beta"] = 1.0
+            while len(node.inputs) < 2:
+                node.inputs.append(None)
+            node.inputs.append(editor.add_constant(f"{node.name}_bias", (alpha * delta).astype(dtype)))
+        return
+    # MatMul: fold into the bias Add that follows (a per-feature constant), else add one.
+    out = node.outputs[0]
+    users = editor.consumers(out)
+    if len(users) == 1 and users[0].op == "Add" and not editor.is_graph_output(out):
+        add = users[0]
+        other = 1 if add.inputs[0] is out else 0
+        value = editor.constant_value(add.inputs[other])
+        if value is not None and value.shape[-1:] == delta.shape and value.size == delta.size:
+            add.inputs[other] = editor.add_constant(add.inputs[other].name, (value + delta.reshape(value.shape)).astype(value.dtype))
+            return
+    if editor.is_graph_output(out):
+        logger.warning("%s: bias correction of %d features not applied (its output is a graph output)", node.name, delta.size)
+        return
+    fresh = editor.add_node("Add", [out, editor.add_constant(f"{node.name}_bias", delta.astype(dtype))], name=editor.fresh_name(f"{node.name}_bias_add")).outputs[0]
+    fresh.dtype = out.dtype
+    for user in users:
+        for i, t in enumerate(user.inputs):
+            if t is out:
+                user.inputs[i] = fresh
+
+
+def _attr(node, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
+
+
+def refit_sequentially(original, pruned, graph, plan, layers, ctx_calibration, errors, bias_delta, cfg, seed: int = 0) -> Model:
+    """Refit each changed consumer, in graph order, on the pruned model's own input (see module docs)."""
+    nodes = {n.name: n for n in original.graph.node}
+    sources = {s.node: s for g in graph.groups for s in g.sources}
+    for consumer in graph.consumers:
+        if consumer.node not in errors:
+            continue  # its input lost nothing
+        current_layers = {layer.node: layer for layer in find_linear_layers(pruned)[0]}
+        layer_o, layer_p = layers[consumer.node], current_layers.get(consumer.node)
+        if layer_p is None or layer_p.group != 1:
+            continue
+        moments = paired_moments(pruned, layer_p, original, layer_o, ctx_calibration, max_batches=cfg.max_batches, seed=seed)
+        w_orig = weight_matrix(layer_o, original.initializer_array(nodes[consumer.node].input[1]).astype(np.float64))
+        source = sources.get(consumer.node)
+        rows = plan.keep[graph.space_group[source.space]] if source is not None else np.arange(w_orig.shape[0])
+        prior = weight_matrix(layer_p, pruned.initializer_array(layer_p.weight).astype(np.float64))
+        fit = refit_paired(moments, w_orig[rows], prior, ridge=cfg.ridge)
+        editor = GraphEditor(pruned)
+        node = next(n for n in editor.nodes if n.name == consumer.node)
+        dtype = np.asarray(editor.constant_value(node.inputs[1])).dtype
+        node.inputs[1] = editor.add_constant(node.inputs[1].name, matrix_to_weight(layer_p, fit.weight).astype(dtype))
+        # The bias already holds the first refit's delta: add the difference.
+        previous = bias_delta.get(consumer.node, np.zeros(len(rows)))
+        if np.any(fit.bias_delta - previous):
+            _add_bias(editor, node, fit.bias_delta - previous)
+        pruned = editor.commit()
+        errors[consumer.node] = (fit.rel_error, errors[consumer.node][1])
+    infer_shapes(pruned)
+    return pruned
