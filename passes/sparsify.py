@@ -34,7 +34,9 @@ from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.layers import InputGram, LinearLayer, find_linear_layers, input_grams, matrix_to_weight, weight_matrix
+from optc.passes.calibration import CalibrationSet
 from optc.passes.sparsify_bias import add_to_bias
+from optc.passes.sparsify_sequential import PairedGram, corrected_target, layer_depths, paired_error, paired_grams, split_stages
 from optc.passes.sparsify_allocation import layer_costs, owl_counts, sensitivity_counts, uniform_counts
 from optc.passes.sparsify_storage import pack_sparse_weights
 from optc.passes.sparsity_patterns import (
@@ -59,6 +61,7 @@ class SparsifyConfig:
     method: Literal["magnitude", "obs"] = option("obs", "magnitude: drop the smallest |w|; obs: SparseGPT selection and inverse-Hessian update")
     damp: float = option(0.01, "OBS damping added to the Hessian diagonal, as a fraction of its mean")
     bias_correction: bool = option(True, "obs: fit on the centred input and fold (W - W') mean(x) into the layer's bias")
+    stages: int = option(1, "obs: layers split by depth into this many stages, each fitted on the inputs of the model sparsified so far (2 calibration passes per extra stage)")
     block_size: int = option(128, "columns per OBS block (rounded to a multiple of M or the tile width)")
     exclude: tuple[str, ...] = option((), "node names or op types left dense")
     min_params: int = option(0, "layers with fewer weights than this are left dense")
@@ -85,6 +88,10 @@ class SparsifyConfig:
             raise ValueError(f"min_params must be >= 0, not {self.min_params}")
         if self.max_batches < 1:
             raise ValueError(f"max_batches must be >= 1, not {self.max_batches}")
+        if self.stages < 1:
+            raise ValueError(f"stages must be >= 1, not {self.stages}")
+        if self.stages > 1 and self.method != "obs":
+            raise ValueError("stages > 1 needs method=obs (magnitude pruning does not look at the inputs)")
         if not 0.0 <= self.max_shift < 1.0:
             raise ValueError(f"max_shift must be in [0, 1), not {self.max_shift}")
         if self.owl_m <= 0:
@@ -117,7 +124,7 @@ class Sparsify(Pass[SparsifyConfig]):
         if not layers or self._is_noop():
             return self.run_with_grams(model, {})
         grams = input_grams(model, ctx.calibration, layers, max_batches=self.config.max_batches, seed=ctx.seed)
-        return self.run_with_grams(model, grams)
+        return self.run_with_grams(model, grams, ctx.calibration, seed=ctx.seed)
 
     def select_layers(self, model: Model) -> tuple[list[LinearLayer], list[str]]:
         """The layers this config sparsifies, and ``"node: reason"`` for the others."""
@@ -131,23 +138,54 @@ class Sparsify(Pass[SparsifyConfig]):
                 chosen.append(layer)
         return chosen, skipped
 
-    def run_with_grams(self, model: Model, grams: Mapping[str, InputGram]) -> PassResult:
+    def run_with_grams(self, model: Model, grams: Mapping[str, InputGram], calibration: CalibrationSet | None = None, *, seed: int = 0) -> PassResult:
         """:meth:`run` with the layers' input Grams already computed (e.g. shared by several configs).
 
         ``grams`` must hold every layer :meth:`select_layers` returns; it is only
         read, so one calibration pass can serve a sweep of configurations.
+        ``calibration`` is needed only with ``stages > 1`` (later stages see the sparser model's inputs).
         """
-        pattern = parse_pattern(self.config.pattern)
+        cfg = self.config
+        pattern = parse_pattern(cfg.pattern)
         layers, skipped = self.select_layers(model)
         skipped = list(skipped)
         unchanged = PassResult(model, modified=False, stats={"layers": [], "pattern": str(pattern)}, skipped=skipped)
         if not layers or self._is_noop():
             return unchanged
-        counts = self._allocate(model, layers, grams, pattern)
-        plans = [self._plan(model, layer, grams[layer.node], pattern, count) for layer, count in zip(layers, counts)]
-        plans = [p for p in plans if p.zeros > 0]
+        count_of = dict(zip((l.node for l in layers), self._allocate(model, layers, grams, pattern)))
+        stages = [layers]
+        if cfg.stages > 1:
+            if calibration is None:
+                raise ValueError("stages > 1 needs the calibration set")
+            stages = split_stages(layer_depths(model, layers), layers, cfg.stages)
+        current, plans, written = model, [], []
+        for k, stage in enumerate(stages):
+            if k == 0:
+                stage_plans = [self._plan(model, l, grams[l.node], pattern, count_of[l.node]) for l in stage]
+            else:
+                found = {l.node: l for l in find_linear_layers(current)[0]}
+                paired = paired_grams(current, [found[l.node] for l in stage], model, stage, calibration, max_batches=cfg.max_batches, seed=seed)
+                stage_plans = [self._plan_paired(model, l, paired[l.node], pattern, count_of[l.node]) for l in stage]
+            stage_plans = [p for p in stage_plans if p.zeros > 0]
+            if stage_plans:
+                current, names = self._apply(current, stage_plans)
+                plans += stage_plans
+                written += names
+            log.debug("stage %d/%d: %d layers", k + 1, len(stages), len(stage_plans))
         if not plans:
             return unchanged
+        stats = self._stats(model, current, plans, pattern)
+        stats["stages"] = len(stages)
+        if cfg.storage == "packed":
+            packed = pack_sparse_weights(current, written)
+            skipped += packed.skipped
+            stats["storage"] = packed.stats
+            current = packed.model
+        return PassResult(current, modified=True, stats=stats, skipped=skipped)
+
+    @staticmethod
+    def _apply(model: Model, plans: list[SparseWeight]) -> tuple[Model, list[str]]:
+        """``model`` with the planned weights (and bias corrections); the new weights' initializer names."""
         editor = GraphEditor(model)
         nodes = {n.name: n for n in editor.nodes}
         written = []
@@ -157,23 +195,35 @@ class Sparsify(Pass[SparsifyConfig]):
             written.append(constant.name)
             if plan.bias_delta is not None:
                 add_to_bias(editor, nodes[plan.layer.node], plan.layer, plan.bias_delta.astype(plan.weight.dtype))
-        new_model = editor.commit()
-        stats = self._stats(model, new_model, plans, pattern)
-        if self.config.storage == "packed":
-            packed = pack_sparse_weights(new_model, written)
-            skipped += packed.skipped
-            stats["storage"] = packed.stats
-            new_model = packed.model
-        return PassResult(new_model, modified=True, stats=stats, skipped=skipped)
+        return editor.commit(), written
+
+    def _plan_paired(self, model: Model, layer: LinearLayer, pg: PairedGram, pattern: SparsityPattern, total: int) -> SparseWeight:
+        """A later stage: OBS on ``W*`` (see :mod:`optc.passes.sparsify_sequential`)."""
+        cfg = self.config
+        centred = self._corrects_bias()
+        w, parts = self._matrices(model, layer, pg.aa.shape[0])
+        counts = split_count(total, [units(parts[0].shape, pattern)] * len(parts))
+        new_parts, deltas, error, energy = [], [], 0.0, 0.0
+        for g, (part, count) in enumerate(zip(parts, counts)):
+            target, aa, means, _ = corrected_target(part, pg, g, cfg.damp, centred)
+            new = obs_prune(target, aa / max(pg.rows, 1), pattern, count, damp=cfg.damp, block_size=cfg.block_size)
+            new_parts.append(new)
+            deltas.append(part @ means[1] - new @ means[0])
+            error += paired_error(part, new, pg, g, centred)
+            energy += float(np.sum((part @ pg.bb[g]) * part))
+        new_w = matrix_to_weight(layer, np.concatenate(new_parts, axis=0)).astype(w.dtype)
+        zeros = int(np.count_nonzero(new_w == 0) - np.count_nonzero(w == 0))
+        rel = error / energy if energy > 0 else 0.0
+        return SparseWeight(layer, new_w, zeros, rel, np.concatenate(deltas) if centred else None)
 
     def _is_noop(self) -> bool:
         return parse_pattern(self.config.pattern).kind != "nm" and self.config.sparsity == 0
 
-    def _matrices(self, model: Model, layer: LinearLayer, gram: InputGram) -> tuple[np.ndarray, list[np.ndarray]]:
+    @staticmethod
+    def _matrices(model: Model, layer: LinearLayer, groups: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """The layer's weight and its per-group ``(out, in)`` float64 matrices."""
         w = model.initializer_array(layer.weight)
         matrix = weight_matrix(layer, w.astype(np.float64))
-        groups = gram.gram.shape[0]
         per_group = matrix.shape[0] // groups
         return w, [matrix[g * per_group : (g + 1) * per_group] for g in range(groups)]
 
@@ -183,10 +233,10 @@ class Sparsify(Pass[SparsifyConfig]):
         if pattern.kind == "nm":
             return [0] * len(layers)
         if cfg.allocation == "uniform":
-            sizes = [units(self._matrices(model, l, grams[l.node])[1][0].shape, pattern) * grams[l.node].gram.shape[0] for l in layers]
+            sizes = [units(self._matrices(model, l, grams[l.node].gram.shape[0])[1][0].shape, pattern) * grams[l.node].gram.shape[0] for l in layers]
             return uniform_counts(sizes, cfg.sparsity)
         costs = [
-            layer_costs(l.node, self._matrices(model, l, grams[l.node])[1], self._objective(grams[l.node]), grams[l.node].rows, pattern, cfg.damp, cfg.owl_m)
+            layer_costs(l.node, self._matrices(model, l, grams[l.node].gram.shape[0])[1], self._objective(grams[l.node]), grams[l.node].rows, pattern, cfg.damp, cfg.owl_m)
             for l in layers
         ]
         if cfg.allocation == "sensitivity":
@@ -195,7 +245,7 @@ class Sparsify(Pass[SparsifyConfig]):
 
     def _plan(self, model: Model, layer: LinearLayer, gram: InputGram, pattern: SparsityPattern, total: int) -> SparseWeight:
         cfg = self.config
-        w, parts = self._matrices(model, layer, gram)
+        w, parts = self._matrices(model, layer, gram.gram.shape[0])
         groups = len(parts)
         counts = split_count(total, [units(parts[0].shape, pattern)] * groups)
         objective = self._objective(gram)  # sum over rows of x x^T, centred when the bias absorbs the mean

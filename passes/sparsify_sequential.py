@@ -1,0 +1,151 @@
+"""Sequential sparsification (``sparsify:stages=k``): later layers are fitted on the inputs the sparser model computes.
+
+With one stage every layer's Hessian comes from the dense model, so the error
+of early layers reaches later ones uncorrected. With ``k`` stages the layers
+are split by depth (the number of sparsified layers on the longest path from
+the graph inputs to a layer's input), into ``k`` consecutive groups of depths.
+Stage 1 is fitted on the dense model's inputs; each later stage on the inputs
+``A`` of the model whose earlier stages are already sparse, against the dense
+model's outputs on its own inputs ``B`` (rows aligned: same samples, same
+positions). The layer objective becomes
+
+    ||W B - W' A||^2 = ||(W* - W') A||^2 + const,   W* = W (B A^T)(A A^T)^-1,
+
+so the OBS sweep runs unchanged on ``W*`` with the Hessian ``A A^T``: the
+upstream error is corrected, not compounded (the correction SparseGPT leaves
+out by targeting ``W A``). With bias correction both inputs are centred and
+the bias absorbs ``W mean(b) - W' mean(a)``. ``(A A^T)^-1`` is damped like the
+OBS Hessian. Each stage after the first costs two calibration passes (the
+partly sparse model and the dense one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from optc.ir.model import Model
+from optc.ir.session import make_session
+from optc.passes.calibration import CalibrationSet, real_tokens
+from optc.passes.layers import LinearLayer, input_rows
+
+
+def layer_depths(model: Model, layers: Sequence[LinearLayer]) -> dict[str, int]:
+    """Per layer node: how many of ``layers`` lie on the longest path from the graph inputs to its input."""
+    chosen = {l.node for l in layers}
+    depth: dict[str, int] = {}
+    result: dict[str, int] = {}
+    for node in model.graph.node:  # topologically sorted (an ONNX requirement)
+        d = max((depth.get(t, 0) for t in node.input if t), default=0)
+        if node.name in chosen:
+            result[node.name] = d
+            d += 1
+        for t in node.output:
+            depth[t] = d
+    return result
+
+
+def split_stages(depths: dict[str, int], layers: Sequence[LinearLayer], stages: int) -> list[list[LinearLayer]]:
+    """``layers`` in ``stages`` groups of consecutive depths (fewer when there are fewer depths)."""
+    levels = sorted(set(depths[l.node] for l in layers))
+    cuts = np.array_split(np.array(levels), min(stages, len(levels)))
+    index = {int(level): i for i, chunk in enumerate(cuts) for level in chunk}
+    groups: list[list[LinearLayer]] = [[] for _ in cuts]
+    for l in layers:
+        groups[index[depths[l.node]]].append(l)
+    return groups
+
+
+@dataclass
+class PairedGram:
+    """Per group: ``A A^T``, ``A B^T``, ``B B^T`` and the row sums of the sparser (``a``) and dense (``b``) inputs."""
+
+    aa: np.ndarray  # (groups, d, d)
+    ab: np.ndarray
+    bb: np.ndarray
+    sum_a: np.ndarray  # (groups, d)
+    sum_b: np.ndarray
+    rows: int = 0
+
+
+def paired_grams(
+    model: Model,
+    layers: Sequence[LinearLayer],
+    reference: Model,
+    reference_layers: Sequence[LinearLayer],
+    calibration: CalibrationSet,
+    *,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    max_rows_per_batch: int = 4096,
+    seed: int = 0,
+) -> dict[str, PairedGram]:
+    """:class:`PairedGram` of every layer (by node), from one run of each model per batch.
+
+    ``layers[i]`` in ``model`` and ``reference_layers[i]`` in ``reference`` are
+    the same layer (their input tensors may be named differently).
+    """
+    names_a = sorted({l.input for l in layers})
+    names_b = sorted({l.input for l in reference_layers})
+    session_a = make_session(model, extra_outputs=names_a)
+    session_b = make_session(reference, extra_outputs=names_b)
+    rng = np.random.default_rng(seed)
+    mask_name = calibration.token_mask
+    acc: dict[str, PairedGram] = {}
+    for i, feed in enumerate(calibration.batches(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        mask = feed[mask_name] if mask_name else None
+        values_a = dict(zip(names_a, session_a.run(names_a, feed)))
+        values_b = dict(zip(names_b, session_b.run(names_b, feed)))
+        keep = None
+        for la, lb in zip(layers, reference_layers):
+            ra = input_rows(la, real_tokens(values_a[la.input], mask).astype(np.float64))
+            rb = input_rows(lb, real_tokens(values_b[lb.input], mask).astype(np.float64))
+            if ra.shape[1] > max_rows_per_batch:
+                if keep is None or keep.max() >= ra.shape[1]:
+                    keep = rng.choice(ra.shape[1], max_rows_per_batch, replace=False)
+                ra, rb = ra[:, keep], rb[:, keep]
+            g = acc.get(la.node)
+            if g is None:
+                groups, _, d = ra.shape
+                g = acc[la.node] = PairedGram(*(np.zeros((groups, d, d)) for _ in range(3)), np.zeros((groups, d)), np.zeros((groups, d)))
+            at = ra.transpose(0, 2, 1)
+            g.aa += np.matmul(at, ra)
+            g.ab += np.matmul(at, rb)
+            g.bb += np.matmul(rb.transpose(0, 2, 1), rb)
+            g.sum_a += ra.sum(axis=1)
+            g.sum_b += rb.sum(axis=1)
+            g.rows += ra.shape[1]
+    return acc
+
+
+def corrected_target(w: np.ndarray, pg: PairedGram, group: int, damp: float, centred: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """For group ``group``: ``W*``, the objective sums ``A A^T`` (centred or not), and the means of ``a`` and ``b``; plus ``||W B||^2``.
+
+    ``W* = W (B A^T)(A A^T + damp)^-1`` minimises ``||W B - W* A||^2``.
+    """
+    n = max(pg.rows, 1)
+    mean_a, mean_b = pg.sum_a[group] / n, pg.sum_b[group] / n
+    aa, ab, bb = pg.aa[group], pg.ab[group], pg.bb[group]
+    if centred:
+        aa = aa - n * np.outer(mean_a, mean_a)
+        ab = ab - n * np.outer(mean_a, mean_b)
+        bb = bb - n * np.outer(mean_b, mean_b)
+    h = aa / n
+    h = h + damp * max(float(np.mean(np.diag(h))), 1e-12) * np.eye(len(h))
+    w_star = np.linalg.solve(h, (w @ ab.T / n).T).T  # W (ab)^T h^-1, h symmetric
+    return w_star, aa, np.stack([mean_a, mean_b]), float(np.sum((w @ bb) * w))
+
+
+def paired_error(w: np.ndarray, w_new: np.ndarray, pg: PairedGram, group: int, centred: bool) -> float:
+    """``||W B - W' A||^2`` (centred: with the bias correction applied)."""
+    n = max(pg.rows, 1)
+    aa, ab, bb = pg.aa[group], pg.ab[group], pg.bb[group]
+    if centred:
+        mean_a, mean_b = pg.sum_a[group] / n, pg.sum_b[group] / n
+        aa = aa - n * np.outer(mean_a, mean_a)
+        ab = ab - n * np.outer(mean_a, mean_b)
+        bb = bb - n * np.outer(mean_b, mean_b)
+    return float(np.sum((w @ bb) * w) - 2 * np.sum((w_new @ ab) * w) + np.sum((w_new @ aa) * w_new))
