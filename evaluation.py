@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -71,3 +71,27 @@ def latency_ms(model: Model, feeds: Mapping[str, np.ndarray], *, repeats: int = 
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000)
     return float(np.median(times))
+
+
+def interleaved_latency_ms(sessions: Sequence[Any], feeds: Mapping[str, np.ndarray], *, blocks: int = 5, runs: int = 40, warmup: int = 5) -> list[float]:
+    """Per session, the lowest of ``blocks`` medians of ``runs`` timed runs, in milliseconds.
+
+    For comparisons on a shared machine: the sessions (anything with
+    onnxruntime's ``run(None, feeds)``) take turns block by block, so a
+    neighbour's job slows them alike, and the lowest block median drops the
+    disturbed blocks. Ratios of the results are what to quote.
+    """
+    feeds = dict(feeds)
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feeds)
+    medians: list[list[float]] = [[] for _ in sessions]
+    for _ in range(blocks):
+        for s, block in zip(sessions, medians):
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                s.run(None, feeds)
+                times.append(time.perf_counter() - start)
+            block.append(float(np.median(times)))
+    return [1000 * min(m) for m in medians]

@@ -5,8 +5,8 @@
   weight criteria run after fold-batchnorm; ``bn`` runs on the unfolded model
   (it needs the BatchNorm scales) and the pass slices the BatchNorms.
   Latency: onnxruntime, one thread, batch 32, the pruned and the original
-  session timed alternately in the same loop (medians), so machine noise hits
-  both alike.
+  sessions taking turns in blocks (lowest block median,
+  :func:`optc.evaluation.interleaved_latency_ms`), so machine noise hits both alike.
 * MiniLM sentence model (``.cache/minilm``, made by ``tools/export_minilm.py``):
   FFN width pruned, fitted on ``--fit-sentences`` English sentences
   (:mod:`minilm_text`); mean (min) cosine of the sentence embeddings to the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.evaluation import LabelledSet, accuracy
+from optc.evaluation import LabelledSet, accuracy, interleaved_latency_ms
 from optc.ir import load_model
 from optc.ir.model import Model
 from optc.ir.session import make_session
@@ -43,21 +43,6 @@ MINILM = ROOT / ".cache" / "minilm"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 CRITERIA = ("l1", "l2", "bn", "activation", "thinet", "forward")
 REFITS = ("none", "lstsq", "sequential")
-
-
-def paired_latency(a: Model, b: Model, feeds: dict, rounds: int = 60) -> tuple[float, float]:
-    """Median ms of ``a`` and ``b``, run alternately (one thread each)."""
-    sa, sb = make_session(a, threads=1), make_session(b, threads=1)
-    for s in (sa, sb):
-        for _ in range(3):
-            s.run(None, feeds)
-    ta, tb = [], []
-    for _ in range(rounds):
-        for s, times in ((sa, ta), (sb, tb)):
-            start = time.perf_counter()
-            s.run(None, feeds)
-            times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(ta)), float(np.median(tb))
 
 
 def prune(model: Model, calib: CalibrationSet, fold: bool, **options):
@@ -87,7 +72,7 @@ def run_cnn(quick: bool) -> None:
                 acc = accuracy(result.model, test)
                 macs = 1 - result.final.macs / base_macs
                 params = 1 - result.final.params / result.initial.params
-                ms_orig, ms_new = paired_latency(folded, result.model, feeds) if reconstruct == "sequential" else (float("nan"),) * 2
+                ms_orig, ms_new = interleaved_latency_ms([make_session(folded, threads=1), make_session(result.model, threads=1)], feeds) if reconstruct == "sequential" else (float("nan"),) * 2
                 print(
                     f"{criterion:<11}{reconstruct:<11}{ratio:>6.2f}{macs * 100:>9.1f}{params * 100:>10.1f}{acc * 100:>8.2f}"
                     f"{(acc - base_acc) * 100:>+8.2f}{ms_orig:>9.3f}{ms_new:>10.3f}{ms_orig / ms_new:>9.2f}",

@@ -39,7 +39,6 @@ import argparse
 import importlib.util
 import logging
 import random
-import statistics
 import string
 import tempfile
 import time
@@ -51,6 +50,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from optc.evaluation import interleaved_latency_ms
 from optc.ir import load_model, save_model
 from optc.ir.opset import upgrade_opset
 from optc.passes import CalibrationSet, PassContext, PassManager, make_pass, parse_pass_specs
@@ -82,28 +82,6 @@ def session(path: Path, optimize: bool) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def latencies_ms(paths: list[Path], feeds: Feeds, blocks: int = 5, runs: int = 40) -> list[float]:
-    """Per model, the lowest of ``blocks`` medians of ``runs`` timed runs.
-
-    The machine is shared: models take turns block by block, so a neighbour's job
-    slows them alike, and the lowest block median drops the disturbed blocks.
-    """
-    sessions = [session(p, True) for p in paths]
-    for s in sessions:
-        for _ in range(5):
-            s.run(None, feeds)
-    medians: list[list[float]] = [[] for _ in paths]
-    for _ in range(blocks):
-        for s, m in zip(sessions, medians):
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                s.run(None, feeds)
-                times.append(time.perf_counter() - t)
-            m.append(statistics.median(times))
-    return [1000 * min(m) for m in medians]
-
-
 class Reader(CalibrationDataReader):
     def __init__(self, feeds: list[Feeds]):
         self.feeds = iter(feeds)
@@ -122,7 +100,7 @@ def run_optc(model, calib: CalibrationSet, specs: list[str]):
 
 
 def report(title: str, metric: str, rows: list[tuple[str, Path, float]], score: Score, latency_feeds: Feeds, note: str) -> None:
-    times = latencies_ms([path for _, path, _ in rows], latency_feeds)
+    times = interleaved_latency_ms([session(path, True) for _, path, _ in rows], latency_feeds)
     fp32_ms = times[0]
     print(f"\n## {title}\n")
     header = f"{'model':40s} {metric + ' default':>16s} {metric + ' no-opt':>15s} {'size B':>10s} {'lat ms':>8s} {'vs fp32':>7s} {'quant s':>7s}"
