@@ -183,6 +183,7 @@ def bench_model(key: str, work: Path, db: Path, trials: int, untuned: bool, bloc
         times.update(alternate(slow, 1, 3))
     result.update({f"{k}_ms": v for k, v in times.items()})
     result["ratio"] = times["tvm"] / times["ort"]
+    print(f"[{key}] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
     return result
 
 
