@@ -20,7 +20,10 @@ kernels for these ops, so the gain is size only.
 
 Usage::
 
-    python benchmarks/sparsify.py [--only cnn|minilm] [--fit-sentences 1024] [--minilm-configs quick|full]
+    python benchmarks/sparsify.py [--only cnn|minilm] [--fit-sentences 1024] [--minilm-configs quick|staged|full]
+
+``stages`` > 1 fits later layers on the sparser model's inputs (two calibration
+passes per extra stage: about 10 minutes per MiniLM configuration on 2 cores).
 """
 from __future__ import annotations
 
@@ -48,19 +51,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "models" / "sample"
 HELD_OUT = 256
 
-# (pattern, sparsity, method, allocation)
+# (pattern, sparsity, method, allocation, stages)
 CNN_CONFIGS = [
-    *[(p, s, m, "uniform") for p, s in [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.8), ("2:4", 0.5), ("block:4x4", 0.5)] for m in ("magnitude", "obs")],
-    *[("unstructured", s, "obs", a) for s in (0.5, 0.7, 0.8) for a in ("sensitivity", "owl")],
+    *[(p, s, m, "uniform", 1) for p, s in [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.8), ("2:4", 0.5), ("block:4x4", 0.5)] for m in ("magnitude", "obs")],
+    *[("unstructured", s, "obs", a, 1) for s in (0.5, 0.7, 0.8) for a in ("sensitivity", "owl")],
+    *[(p, s, "obs", a, 4) for p, s, a in [("unstructured", 0.5, "uniform"), ("unstructured", 0.5, "sensitivity"), ("unstructured", 0.7, "sensitivity"), ("2:4", 0.5, "uniform"), ("block:4x4", 0.5, "uniform")]],
 ]
 MINILM_CONFIGS = {
     "quick": [
-        *[(p, s, m, "uniform") for p, s in [("unstructured", 0.5), ("2:4", 0.5)] for m in ("magnitude", "obs")],
-        *[("unstructured", 0.5, "obs", a) for a in ("sensitivity", "owl")],
+        *[(p, s, m, "uniform", 1) for p, s in [("unstructured", 0.5), ("2:4", 0.5)] for m in ("magnitude", "obs")],
+        *[("unstructured", 0.5, "obs", a, 1) for a in ("sensitivity", "owl")],
+    ],
+    "staged": [
+        *[(p, s, "obs", a, 6) for p, s, a in [("unstructured", 0.5, "uniform"), ("unstructured", 0.5, "sensitivity"), ("2:4", 0.5, "uniform")]],
     ],
     "full": [
-        *[(p, s, m, "uniform") for p, s in [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("4:8", 0.5), ("block:4x4", 0.5)] for m in ("magnitude", "obs")],
-        *[("unstructured", s, "obs", a) for s in (0.5, 0.7) for a in ("sensitivity", "owl")],
+        *[(p, s, m, "uniform", 1) for p, s in [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("4:8", 0.5), ("block:4x4", 0.5)] for m in ("magnitude", "obs")],
+        *[("unstructured", s, "obs", a, 1) for s in (0.5, 0.7) for a in ("sensitivity", "owl")],
     ],
 }
 
@@ -77,20 +84,20 @@ def file_mb(model: Model) -> float:
         return sum(f.stat().st_size for f in Path(tmp).iterdir()) / 1e6
 
 
-def sweep(model: Model, grams: dict[str, InputGram], configs, scores, extra: dict | None = None) -> list[list[str]]:
+def sweep(model: Model, grams: dict[str, InputGram], calib: CalibrationSet, configs, scores, max_batches: int) -> list[list[str]]:
     """One row per configuration: level, scores, median layer error, pass time, file size."""
     base = scores(model)
-    rows = [["dense", "-", "-", "0.000", *[f"{v:.4f}" for v in base], "-", "-", f"{file_mb(model):.2f}"]]
+    rows = [["dense", "-", "-", "-", "0.000", *[f"{v:.4f}" for v in base], "-", "-", f"{file_mb(model):.2f}"]]
     print(" | ".join(rows[-1]), flush=True)
-    for pattern, level, method, allocation in configs:
-        cfg = SparsifyConfig(sparsity=level, pattern=pattern, method=method, allocation=allocation, measure_bytes=False, **(extra or {}))
+    for pattern, level, method, allocation, stages in configs:
+        cfg = SparsifyConfig(sparsity=level, pattern=pattern, method=method, allocation=allocation, stages=stages, max_batches=max_batches, measure_bytes=False)
         start = time.perf_counter()
-        result = Sparsify(cfg).run_with_grams(model, grams)
+        result = Sparsify(cfg).run_with_grams(model, grams, calib)
         elapsed = time.perf_counter() - start
         errs = [layer["rel_error"] for layer in result.stats["layers"]]
         levels = [layer["sparsity"] for layer in result.stats["layers"]]
         rows.append([
-            pattern, method, allocation, f"{result.stats['sparsity']:.3f} ({min(levels):.2f}-{max(levels):.2f})",
+            pattern, method, allocation, str(stages), f"{result.stats['sparsity']:.3f} ({min(levels):.2f}-{max(levels):.2f})",
             *[f"{v:.4f}" for v in scores(result.model)], f"{np.median(errs):.4f}", f"{elapsed:.0f}", f"{file_mb(result.model):.2f}",
         ])
         print(" | ".join(rows[-1]), flush=True)
@@ -109,9 +116,9 @@ def run_cnn() -> str:
     test = LabelledSet.from_path(SAMPLE / "test.npz", model)
     layers, _ = find_linear_layers(model)
     grams = input_grams(model, calib, layers, max_batches=32)
-    rows = sweep(model, grams, CNN_CONFIGS, lambda m: [100 * accuracy(m, test)])
-    rows = [r[:4] + [r[4][:-2]] + r[5:] for r in rows]  # accuracy in % with two decimals
-    header = ["pattern", "method", "allocation", "sparsity (layer range)", "top-1 %", "median layer err", "pass s", "MB file"]
+    rows = sweep(model, grams, calib, CNN_CONFIGS, lambda m: [100 * accuracy(m, test)], max_batches=32)
+    rows = [r[:5] + [r[5][:-2]] + r[6:] for r in rows]  # accuracy in % with two decimals
+    header = ["pattern", "method", "allocation", "stages", "sparsity (layer range)", "top-1 %", "median layer err", "pass s", "MB file"]
     return ("sample CNN: top-1 on the 1000 test images, Hessians from the 500 calibration images; "
             "goals: 50% unstructured within 0.5 pt, 2:4 within 1 pt\n") + table(header, rows)
 
@@ -138,10 +145,10 @@ def run_minilm(fit: int, configs: str) -> str:
     held = {k: text[k][fit : fit + HELD_OUT] for k in text.files}
     model = load_model(MINILM / "minilm.onnx")
     infer_shapes(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        np.savez(Path(tmp) / "fit.npz", **{k: text[k][:fit] for k in text.files})
-        calib = CalibrationSet.from_path(Path(tmp) / "fit.npz", model)
-        grams = minilm_grams(model, calib, fit)
+    tmp = tempfile.TemporaryDirectory()
+    np.savez(Path(tmp.name) / "fit.npz", **{k: text[k][:fit] for k in text.files})
+    calib = CalibrationSet.from_path(Path(tmp.name) / "fit.npz", model)
+    grams = minilm_grams(model, calib, fit)
     teacher = make_session(model)
     ref_held, ref_cur = teacher.run(None, held)[0], teacher.run(None, curated)[0]
 
@@ -150,9 +157,10 @@ def run_minilm(fit: int, configs: str) -> str:
         h, c = cosines(ref_held, s.run(None, held)[0]), cosines(ref_cur, s.run(None, curated)[0])
         return [h.mean(), h.min(), c.mean()]
 
-    rows = sweep(model, grams, MINILM_CONFIGS[configs], scores)
+    rows = sweep(model, grams, calib, MINILM_CONFIGS[configs], scores, max_batches=-(-fit // 16))
+    tmp.cleanup()
     tokens = int(text["attention_mask"][:fit].sum())
-    header = ["pattern", "method", "allocation", "sparsity (layer range)", "held-out cos", "(min)", "curated cos", "median layer err", "pass s", "MB file"]
+    header = ["pattern", "method", "allocation", "stages", "sparsity (layer range)", "held-out cos", "(min)", "curated cos", "median layer err", "pass s", "MB file"]
     return (f"MiniLM: Hessians from {fit} English sentences ({tokens:,} real tokens), cosine to the original embeddings on "
             f"{len(held['input_ids'])} held-out sentences and the {len(curated['input_ids'])} curated ones; "
             "goals: 50% unstructured >= 0.99, 2:4 >= 0.98\n") + table(header, rows)
