@@ -307,9 +307,7 @@ def bench_ddddocr(tmp: Path, cache: Path, count: int) -> None:
     model = load_model(model_path)
     upgrade_opset(model, 13)  # per-channel DequantizeLinear; onnxruntime's tool needs it too
     calib = CalibrationSet.from_path(tmp / "dddd_calib.npz", model)
-    # canonicalize without fold-constants, which fails on this graph (KeyError '' in
-    # GraphEditor.commit after onnx-graphsurgeon folds around the LSTM's empty optional input).
-    canonical = run_optc(model, calib, ["fold-batchnorm", "remove-identity", "eliminate-dead-code"])
+    canonical = run_optc(model, calib, ["canonicalize"])
     save_model(canonical, tmp / "dddd_fp32.onnx")
     rows: list[tuple[str, Path, float]] = [("fp32", tmp / "dddd_fp32.onnx", 0.0)]
     variants = {

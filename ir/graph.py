@@ -30,6 +30,7 @@ class GraphEditor:
         self.model = model
         self.graph: gs.Graph = gs.import_onnx(model.proto)
         self._fresh = 0
+        _detach_tensor_attributes(self.graph)
 
     # --- queries -----------------------------------------------------------------
     @property
@@ -71,7 +72,10 @@ class GraphEditor:
                 return name
 
     def add_constant(self, stem: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.fresh_name(stem), np.ascontiguousarray(values))
+        """A new initializer holding ``values``, with its shape kept (0-d stays 0-d)."""
+        # Not np.ascontiguousarray: it returns at least 1-d, and onnxruntime's QDQ
+        # fusions need scalar (0-d) scales and zero points.
+        return gs.Constant(self.fresh_name(stem), np.asarray(values, order="C"))
 
     def add_node(
         self,
@@ -123,6 +127,8 @@ class GraphEditor:
         Untouched weights are still the original TensorProtos (gs LazyValues).
         gs's exporter would copy each twice (make_graph, then make_model), so
         they are exported as stubs and copied once, straight into the new model.
+        A source TensorProto's own name is not the tensor's: the ``value`` of a
+        ``Constant`` node that gs folded is usually unnamed (``""``).
         """
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         lazy: dict[str, Any] = {}
@@ -138,9 +144,11 @@ class GraphEditor:
             for tensor, values in lazy.values():
                 tensor._values = values
         for init in proto.graph.initializer:
-            if init.name in lazy:
-                init.CopyFrom(lazy[init.name][1].tensor)
-                init.name = lazy[init.name][0].name
+            entry = lazy.get(init.name)
+            if entry is not None:
+                tensor, values = entry
+                init.CopyFrom(values.tensor)
+                init.name = tensor.name
         old = self.model.proto
         proto.ir_version = old.ir_version
         del proto.opset_import[:]
@@ -150,6 +158,33 @@ class GraphEditor:
         del proto.metadata_props[:]
         proto.metadata_props.extend(old.metadata_props)
         return Model(proto, self.model.source, list(self.model.notes))
+
+
+def _detach_tensor_attributes(graph: gs.Graph) -> None:
+    """Give tensor-valued node attributes (``Constant``'s and ``ConstantOfShape``'s
+    ``value``...) their own TensorProto, so that no edit reaches the source model.
+
+    gs imports them as views of the model's AttributeProtos, and its exporter (run
+    by :meth:`GraphEditor.commit`, and by gs's folder on each subgraph it evaluates)
+    sets each proto's name in place: to the gs tensor's name, or to the output's
+    name once a ``Constant`` node is folded into a tensor. Only protos whose name
+    would change are copied: in practice unnamed attribute values, which are small
+    (loading lifts the weights held in ``Constant`` nodes into initializers).
+    """
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            for value in attr if isinstance(attr, list) else [attr]:
+                if isinstance(value, gs.Graph):
+                    _detach_tensor_attributes(value)
+                elif isinstance(value, gs.Constant) and type(value._values) is LazyValues:
+                    source = value._values.tensor
+                    names = {value.name}
+                    if node.op == "Constant":
+                        names |= {t.name for t in node.outputs}
+                    if not source.HasField("name") or names != {source.name}:
+                        copy = onnx.TensorProto()
+                        copy.CopyFrom(source)
+                        value._values = LazyValues(copy)
 
 
 def to_networkx(model: Model) -> nx.MultiDiGraph:

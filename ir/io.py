@@ -30,7 +30,8 @@ def load_model(path: str | os.PathLike[str], *, lift_constants: bool = True, che
     Args:
         path: the ``.onnx`` file. External data must lie inside its folder.
         lift_constants: move weights held in ``Constant`` nodes into initializers.
-        check: run the structural checks and onnx's checker.
+        check: run the structural checks, onnx's checker and strict shape inference
+            (inconsistent shapes, such as a Concat of rank-2 and rank-3 tensors, are refused).
 
     Raises:
         ModelLoadError: with a one-line message naming the file and the problem.

@@ -2,10 +2,14 @@
 
 They run before onnx's checker so that the common ways a file can be broken
 (no graph, cycles, dangling inputs, a tensor produced twice, an opset out of
-range) get a message that names the problem and the nodes involved.
+range) get a message that names the problem and the nodes involved. After the
+checker, strict shape inference rejects graphs no runtime can execute (a Concat
+of tensors of different ranks), naming the node; declared shapes that merely
+disagree with inference are tolerated.
 """
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -123,7 +127,12 @@ def _toposort_or_fail_on_cycle(graph: onnx.GraphProto) -> None:
 
 def run_checker(proto: onnx.ModelProto) -> None:
     """onnx's checker on the graph alone: weight payloads are replaced by
-    placeholders, so no whole-model copy is made and the 2 GiB limit does not apply."""
+    placeholders, so no whole-model copy is made and the 2 GiB limit does not apply.
+
+    Then strict shape inference (what ``full_check`` adds), keeping only errors that
+    make the graph impossible to run (a Concat of rank-2 and rank-3 tensors, a MatMul
+    of mismatched dims); see :func:`_check_shape_consistency`.
+    """
     skeleton = skeleton_copy(proto)
     with tempfile.TemporaryDirectory(prefix="optc-check-") as tmp:
         # The checker insists that external locations name a regular file.
@@ -135,3 +144,37 @@ def run_checker(proto: onnx.ModelProto) -> None:
         except onnx.checker.ValidationError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"fails the ONNX checker: {first}") from exc
+    _check_shape_consistency(skeleton)
+
+
+# ``(op_type:Concat, node name: cat): [ShapeInferenceError] All inputs to Concat must have same rank...``
+_NODE_ERROR = re.compile(r"\(op_type:(?P<op>[^,]*), node name: (?P<node>.*?)\): \[\w+\] (?P<message>.*)")
+# A node's inferred type or shape disagreeing with a declared one (graph outputs,
+# value_info) is a wrong annotation, not a wrong graph: onnxruntime warns and runs.
+_ANNOTATION_CONFLICTS = ("existing shape differ", "differs from existing elem type")
+
+
+def _check_shape_consistency(skeleton: onnx.ModelProto) -> None:
+    """Raise :class:`ModelLoadError` naming the first node whose inputs strict
+    shape inference finds inconsistent.
+
+    ``skeleton`` is a copy without large payloads (shape inference reads only
+    small constant inputs such as Reshape's shape); its declared intermediate and
+    output shapes are dropped here, so that a wrong annotation neither rejects the
+    model nor propagates into a false error downstream. Remaining conflicts with declared
+    shapes and types (in subgraphs) are tolerated, and so is an error that names no
+    node: only inconsistencies attributable to a node reject.
+    """
+    del skeleton.graph.value_info[:]
+    for out in skeleton.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        for line in str(exc).splitlines():
+            found = _NODE_ERROR.search(line)
+            if found is None or any(c in found["message"] for c in _ANNOTATION_CONFLICTS):
+                continue
+            node = f"node '{found['node']}' ({found['op']})" if found["node"] else f"a {found['op']} node"
+            raise ModelLoadError(f"fails ONNX shape inference at {node}: {found['message'].strip()}") from exc

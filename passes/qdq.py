@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optc.ir.graph import Constant, GraphEditor, Node, Tensor, Variable
+from optc.ir.graph import GraphEditor, Node, Tensor, Variable
 from optc.passes.obs_solver import inverse_hessian_factor, obs_sweep
 
 INT32_MAX = 2**31 - 1
@@ -121,8 +121,8 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 
 def insert_activation_qdq(editor: GraphEditor, tensor: Tensor, params: ActivationParams, consumers: list[Node]) -> Tensor:
     """``tensor -> QuantizeLinear -> DequantizeLinear``, read by ``consumers`` in place of ``tensor``."""
-    scale = _scalar(editor, f"{tensor.name}_scale", np.array(params.scale, dtype=np.float32))
-    zero = _scalar(editor, f"{tensor.name}_zero_point", np.array(params.zero_point, dtype=params.dtype))
+    scale = editor.add_constant(f"{tensor.name}_scale", np.array(params.scale, dtype=np.float32))
+    zero = editor.add_constant(f"{tensor.name}_zero_point", np.array(params.zero_point, dtype=params.dtype))
     quantized = Variable(editor.fresh_name(f"{tensor.name}_quantized"), dtype=params.dtype, shape=tensor.shape)
     dequantized = Variable(editor.fresh_name(f"{tensor.name}_dequantized"), dtype=np.float32, shape=tensor.shape)
     editor.add_node("QuantizeLinear", [tensor, scale, zero], [quantized], name=editor.fresh_name(f"{tensor.name}_QuantizeLinear"))
@@ -134,13 +134,6 @@ def insert_activation_qdq(editor: GraphEditor, tensor: Tensor, params: Activatio
     return dequantized
 
 
-def _scalar(editor: GraphEditor, stem: str, value: np.ndarray) -> Tensor:
-    """A 0-d constant. (``GraphEditor.add_constant`` goes through ``np.ascontiguousarray``,
-    which makes 0-d arrays 1-d; onnxruntime's QLinearAdd/QLinearConcat fusions then fail
-    type inference: "Scale and Zero-point must be a scalar".)"""
-    return Constant(editor.fresh_name(stem), value.reshape(()))
-
-
 def dequantized_constant(editor: GraphEditor, stem: str, q: np.ndarray, scale: np.ndarray, axis: int | None) -> Tensor:
     """An integer initializer behind a DequantizeLinear (per-axis when ``axis`` is given)."""
     values = editor.add_constant(f"{stem}_quantized", q)
@@ -148,8 +141,8 @@ def dequantized_constant(editor: GraphEditor, stem: str, q: np.ndarray, scale: n
         s = editor.add_constant(f"{stem}_scale", scale.astype(np.float32))
         zero = editor.add_constant(f"{stem}_zero_point", np.zeros(scale.shape, dtype=q.dtype))
     else:
-        s = _scalar(editor, f"{stem}_scale", np.array(scale.ravel()[0], dtype=np.float32))
-        zero = _scalar(editor, f"{stem}_zero_point", np.zeros((), dtype=q.dtype))
+        s = editor.add_constant(f"{stem}_scale", np.array(scale.ravel()[0], dtype=np.float32))
+        zero = editor.add_constant(f"{stem}_zero_point", np.zeros((), dtype=q.dtype))
     out = Variable(editor.fresh_name(f"{stem}_dequantized"), dtype=np.float32, shape=list(q.shape))
     attrs = {"axis": axis} if axis is not None else {}
     editor.add_node("DequantizeLinear", [values, s, zero], [out], attrs=attrs, name=editor.fresh_name(f"{stem}_DequantizeLinear"))

@@ -152,3 +152,48 @@ def test_subgraph_outer_scope_reads_are_not_dangling(save):
 def test_good_tiny_loads():
     model = load_model(BAD / "good_tiny.onnx")
     assert isinstance(model, Model) and model.opset == 17
+
+
+def _concat(b_shape: list[int]) -> onnx.ModelProto:
+    return make_model(
+        [helper.make_node("Concat", ["a", "b"], ["y"], axis=0, name="cat")],
+        [("a", [2, 3]), ("b", b_shape)],
+        [("y", ["n", 3])],
+    )
+
+
+@pytest.mark.parametrize(
+    "proto,expect",
+    [
+        (_concat([2, 3, 4]), "node 'cat' (Concat): All inputs to Concat must have same rank"),
+        (
+            make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [("x", [2, 3])], [("y", [2, 4])], [("W", rand(5, 4))]),
+            "node 'mm' (MatMul): Incompatible dimensions",
+        ),
+    ],
+    ids=["concat-rank", "matmul-dims"],
+)
+def test_inconsistent_shapes_refused_at_load(save, proto, expect):
+    path = save(proto)
+    with pytest.raises(ModelLoadError, match="fails ONNX shape inference at " + expect.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_model(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    load_model(path, check=False)  # the check is what refuses it
+
+
+def test_wrong_declared_shapes_still_load(save):
+    """Declared shapes that disagree with inference are annotations onnxruntime
+    overrides with a warning, not inconsistencies; they must not reject the model,
+    nor make a consistent node downstream look inconsistent."""
+    proto = make_model(
+        [
+            helper.make_node("Relu", ["x"], ["h"], name="relu"),
+            helper.make_node("Concat", ["h", "x"], ["y"], axis=0, name="cat"),
+        ],
+        [("x", [2, 3])],
+        [("y", [5, 7])],  # really [4, 3]
+    )
+    proto.graph.value_info.append(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, [2, 3, 4]))  # really [2, 3]
+    model = load_model(save(proto))
+    x = rand(2, 3)
+    np.testing.assert_array_equal(ort_run(model.proto, {"x": x})["y"], np.concatenate([np.maximum(x, 0), x]))
