@@ -263,12 +263,12 @@ class PairedMoments:
 
     ``a`` is the input in the model being fitted (``d_a`` columns), ``b`` the
     input of the same layer in a reference model (``d_b`` columns); rows are
-    aligned (same samples, same positions, same subsample).
+    aligned (same samples, same positions, same subsample). ``E[b b^T]`` is the
+    reference layer's own input Gram, which the caller has already.
     """
 
     aa: np.ndarray  # (d_a, d_a)
     ab: np.ndarray  # (d_a, d_b)
-    bb: np.ndarray  # (d_b, d_b)
     sum_a: np.ndarray
     sum_b: np.ndarray
     rows: int = 0
@@ -311,10 +311,9 @@ def paired_moments(
             ra, rb = ra[keep], rb[keep]
         if acc is None:
             da, db = ra.shape[1], rb.shape[1]
-            acc = PairedMoments(np.zeros((da, da)), np.zeros((da, db)), np.zeros((db, db)), np.zeros(da), np.zeros(db))
+            acc = PairedMoments(np.zeros((da, da)), np.zeros((da, db)), np.zeros(da), np.zeros(db))
         acc.aa += ra.T @ ra
         acc.ab += ra.T @ rb
-        acc.bb += rb.T @ rb
         acc.sum_a += ra.sum(axis=0)
         acc.sum_b += rb.sum(axis=0)
         acc.rows += len(ra)

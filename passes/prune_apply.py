@@ -170,7 +170,7 @@ def _attr(node, name: str) -> int:
     return next((a.i for a in node.attribute if a.name == name), 0)
 
 
-def refit_sequentially(original, pruned, graph, plan, layers, ctx_calibration, errors, bias_delta, cfg, seed: int = 0) -> Model:
+def refit_sequentially(original, pruned, graph, plan, layers, grams, ctx_calibration, errors, bias_delta, cfg, seed: int = 0) -> Model:
     """Refit each changed consumer, in graph order, on the pruned model's own input (see module docs)."""
     nodes = {n.name: n for n in original.graph.node}
     sources = {s.node: s for g in graph.groups for s in g.sources}
@@ -181,12 +181,13 @@ def refit_sequentially(original, pruned, graph, plan, layers, ctx_calibration, e
         layer_o, layer_p = layers[consumer.node], current_layers.get(consumer.node)
         if layer_p is None or layer_p.group != 1:
             continue
-        moments = paired_moments(pruned, layer_p, original, layer_o, ctx_calibration, max_batches=cfg.max_batches, seed=seed)
+        # 1024 rows a batch: the fit has at most a few thousand columns, and each consumer costs a pass.
+        moments = paired_moments(pruned, layer_p, original, layer_o, ctx_calibration, max_batches=cfg.max_batches, max_rows_per_batch=1024, seed=seed)
         w_orig = weight_matrix(layer_o, original.initializer_array(nodes[consumer.node].input[1]).astype(np.float64))
         source = sources.get(consumer.node)
         rows = plan.keep[graph.space_group[source.space]] if source is not None else np.arange(w_orig.shape[0])
         prior = weight_matrix(layer_p, pruned.initializer_array(layer_p.weight).astype(np.float64))
-        fit = refit_paired(moments, w_orig[rows], prior, ridge=cfg.ridge)
+        fit = refit_paired(moments, grams[consumer.node], w_orig[rows], prior, ridge=cfg.ridge)
         editor = GraphEditor(pruned)
         node = next(n for n in editor.nodes if n.name == consumer.node)
         dtype = np.asarray(editor.constant_value(node.inputs[1])).dtype

@@ -128,7 +128,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
             return unchanged
         new_model, errors, deltas = apply_plan(model, nodes, graph, plan, layers_by_node, grams, weights, cfg)
         if cfg.reconstruct == "sequential":
-            new_model = refit_sequentially(model, new_model, graph, plan, layers_by_node, ctx.calibration, errors, deltas, cfg, seed=ctx.seed)
+            new_model = refit_sequentially(model, new_model, graph, plan, layers_by_node, grams, ctx.calibration, errors, deltas, cfg, seed=ctx.seed)
         return PassResult(new_model, modified=True, stats=self._stats(graph, pruned, plan, errors), skipped=skipped)
 
     # --- choosing ---------------------------------------------------------------

@@ -50,15 +50,17 @@ def refit_columns(gram: InputGram, w: np.ndarray, keep: np.ndarray, *, group: in
     return refit_from_moments(g[np.ix_(keep, keep)], s[keep], g[keep], s, g, w, w[:, keep], ridge=ridge, bias=bias)
 
 
-def refit_paired(moments: PairedMoments, w: np.ndarray, prior: np.ndarray, *, ridge: float = 1e-4, bias: bool = True) -> Refit:
+def refit_paired(moments: PairedMoments, reference: InputGram, w: np.ndarray, prior: np.ndarray, *, ridge: float = 1e-4, bias: bool = True) -> Refit:
     """Refit so that the layer on the fitted model's input reproduces ``w`` on the reference input.
 
     ``w`` (``out x d_ref``) is the reference layer's weight matrix, ``prior``
-    (``out x d_fit``) the weights the fitted model has now.
+    (``out x d_fit``) the weights the fitted model has now, ``reference`` the
+    reference input's Gram (for the error's normalisation).
     """
     n = max(moments.rows, 1)
     m = moments
-    return refit_from_moments(m.aa / n, m.sum_a / n, m.ab / n, m.sum_b / n, m.bb / n, w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias)
+    bb = reference.gram[0] / max(reference.rows, 1)
+    return refit_from_moments(m.aa / n, m.sum_a / n, m.ab / n, m.sum_b / n, bb, w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias)
 
 
 def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool) -> Refit:
