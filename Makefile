@@ -24,6 +24,7 @@ setup-test: $(BIN)/python
 demo: setup
 	rm -rf out/sample
 	$(BIN)/optc compile tests/models/sample/mnist_cnn.onnx -o out/sample \
+		--pass canonicalize --pass prune-channels:ratio=0.3 --pass quantize \
 		--calib tests/models/sample/calib.npz --eval tests/models/sample/test.npz \
 		--verify-each --time-passes
 
