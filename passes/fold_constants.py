@@ -64,7 +64,10 @@ class FoldConstants(Pass[FoldConstantsConfig]):
             graph.toposort()
             graph.fold_constants(
                 fold_shapes=self.config.fold_shapes,
-                partitioning="basic",
+                # "basic" retries a subgraph onnxruntime fails on unchanged until the
+                # recursion limit (minutes, or out of memory, with large weights);
+                # "recursive" drops a node per retry, so retries are bounded.
+                partitioning="recursive",
                 error_ok=True,
                 size_threshold=self.config.max_bytes,
                 should_exclude_node=lambda n: n.op in NONDETERMINISTIC_OPS,
