@@ -90,6 +90,17 @@ class GraphEditor:
         self.graph.nodes.append(node)
         return node
 
+    def add_after(self, node: gs.Node, op: str, value: np.ndarray, stem: str) -> gs.Node:
+        """Insert ``op(node's output, value)`` (e.g. a bias ``Add``) right after ``node``.
+
+        The new node's output takes over the old output tensor, so its name, its
+        consumers and its place among the graph outputs stay as they were.
+        """
+        out = node.outputs[0]
+        pre = gs.Variable(self.fresh_name(f"{node.name}_pre_{op.lower()}"), dtype=out.dtype, shape=out.shape)
+        node.outputs[0] = pre
+        return self.add_node(op, [pre, self.add_constant(stem, value)], outputs=[out], name=self.fresh_name(f"{stem}_{op.lower()}"))
+
     def replace_uses(self, old: gs.Tensor, new: gs.Tensor) -> None:
         """Point every consumer (and graph output slot) of ``old`` at ``new``."""
         for consumer in list(old.outputs):

@@ -39,7 +39,7 @@ from typing import Literal
 
 import numpy as np
 
-from optc.ir.graph import GraphEditor, Variable, consumers_by_tensor, producers_by_tensor
+from optc.ir.graph import GraphEditor, consumers_by_tensor, producers_by_tensor
 from optc.ir.model import Model
 from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.calibration import capture_activations
@@ -269,8 +269,4 @@ def _write_head(editor: GraphEditor, nodes: dict, head: Head, weight: np.ndarray
         new = bias.reshape(shape) if math.prod(shape) == len(bias) else bias
         add.inputs[head.bias_add[1]] = editor.add_constant(f"{add.name}_kd", new.astype(dtype))
         return
-    out = node.outputs[0]
-    pre = Variable(editor.fresh_name(f"{node.name}_unbiased"), dtype=out.dtype, shape=out.shape)
-    node.outputs[0] = pre
-    editor.add_node("Add", [pre, editor.add_constant(f"{node.name}_kd_bias", bias.astype(dtype))], outputs=[out],
-                    name=editor.fresh_name(f"{node.name}_kd_bias_add"))
+    editor.add_after(node, "Add", bias.astype(dtype), f"{node.name}_kd_bias")

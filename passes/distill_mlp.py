@@ -382,8 +382,4 @@ def _fold_bias(editor: GraphEditor, nodes: Mapping[str, Node], plan: MlpPlan, se
         bias = np.asarray(add.inputs[index].values)
         add.inputs[index] = editor.add_constant(f"{name}_bias", (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
         return
-    out = second.outputs[0]
-    pre = Variable(editor.fresh_name(f"{second.name}_unbiased"), dtype=out.dtype, shape=out.shape)
-    second.outputs[0] = pre
-    editor.add_node("Add", [pre, editor.add_constant(f"{second.name}_bias", delta.astype(dtype))], outputs=[out],
-                    name=editor.fresh_name(f"{second.name}_bias_add"))
+    editor.add_after(second, "Add", delta.astype(dtype), f"{second.name}_bias")

@@ -148,22 +148,14 @@ def _add_bias(editor: GraphEditor, node, delta: np.ndarray) -> None:
     # MatMul: fold into the bias Add that follows (a per-feature constant), else add one.
     out = node.outputs[0]
     users = editor.consumers(out)
-    if len(users) == 1 and users[0].op == "Add" and not editor.is_graph_output(out):
+    if len(users) == 1 and users[0].op == "Add" and not editor.is_graph_output(out):  # fold into it
         add = users[0]
         other = 1 if add.inputs[0] is out else 0
         value = editor.constant_value(add.inputs[other])
         if value is not None and value.shape[-1:] == delta.shape and value.size == delta.size:
             add.inputs[other] = editor.add_constant(add.inputs[other].name, (value + delta.reshape(value.shape)).astype(value.dtype))
             return
-    if editor.is_graph_output(out):
-        logger.warning("%s: bias correction of %d features not applied (its output is a graph output)", node.name, delta.size)
-        return
-    fresh = editor.add_node("Add", [out, editor.add_constant(f"{node.name}_bias", delta.astype(dtype))], name=editor.fresh_name(f"{node.name}_bias_add")).outputs[0]
-    fresh.dtype = out.dtype
-    for user in users:
-        for i, t in enumerate(user.inputs):
-            if t is out:
-                user.inputs[i] = fresh
+    editor.add_after(node, "Add", delta.astype(dtype), f"{node.name}_bias")
 
 
 def _attr(node, name: str) -> int:

@@ -79,3 +79,16 @@ def run_checked(name: str, model, ctx=None, **options):
 
 def ops(model) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def mlp_file(tmp_path):
+    """A MatMul -> Relu model (x [4, 64] -> y [4, 32]) saved to ``tmp_path``; returns (path, proto)."""
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")],
+        [("x", [4, 64])],
+        [("y", [4, 32])],
+        [("W", rand(64, 32))],
+    )
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(proto, str(path))
+    return path, proto

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import make_model, ort_run, rand
+from helpers import make_model, mlp_file, ort_run, rand
 from onnx import helper
 
 from optc.cli.main import cli
@@ -116,14 +116,7 @@ def loopback_tracker(tmp_path):
 
 def test_tuning_through_a_loopback_rpc_tracker(loopback_tracker, tmp_path):
     port, server = loopback_tracker
-    proto = make_model(
-        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")],
-        [("x", [4, 64])],
-        [("y", [4, 32])],
-        [("W", rand(64, 32))],
-    )
-    path = tmp_path / "mlp.onnx"
-    onnx.save_model(proto, str(path))
+    path, proto = mlp_file(tmp_path)
     db = tmp_path / "db"
     res = CliRunner().invoke(cli, list(map(str, [
         "compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "2", "--tuning-db", db,

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import SAMPLE, make_model, ort_run, rand
+from helpers import SAMPLE, make_model, mlp_file, ort_run, rand
 from onnx import helper
 
 from optc.cli.main import cli
@@ -112,23 +112,11 @@ def test_gpu_library_is_produced_without_a_gpu(tmp_path):
     assert manifest["target"]["device"] == "cuda" and manifest["target"]["target"]["arch"] == "sm_80"
 
 
-def _mlp_file(tmp_path):
-    proto = make_model(
-        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")],
-        [("x", [4, 64])],
-        [("y", [4, 32])],
-        [("W", rand(64, 32))],
-    )
-    path = tmp_path / "mlp.onnx"
-    onnx.save_model(proto, str(path))
-    return path, proto
-
-
 @pytest.mark.slow
 def test_tuning_database_is_reused(tmp_path):
     from optc.targets.artifact import load_artifact
 
-    path, proto = _mlp_file(tmp_path)
+    path, proto = mlp_file(tmp_path)
     db = tmp_path / "db"
     first = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "4", "--tuning-db", db, "--json", "--no-latency")
     assert first.exit_code == 0, first.output
