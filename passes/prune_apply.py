@@ -21,6 +21,7 @@ import numpy as np
 from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.ir.shapes import infer_shapes
+from optc.passes.bias_fold import add_to_bias
 from optc.passes.layers import find_linear_layers, matrix_to_weight, paired_moments, weight_matrix
 from optc.passes.prune_criteria import feature_unit
 from optc.passes.prune_groups import ChannelGraph, Layout
@@ -119,43 +120,12 @@ def _edit(model, nodes, graph, plan, new_values, bias_delta) -> Model:
         target[1] = len(layout_keep(graph, plan, fix.layout))
         node.inputs[1] = editor.add_constant(node.inputs[1].name, target)
     for name, delta in bias_delta.items():
-        _add_bias(editor, gs_nodes[name], delta)
+        add_to_bias(editor, gs_nodes[name], delta)
     new_model = editor.commit()
     # Shapes of every tensor on a pruned path changed: infer them afresh.
     del new_model.graph.value_info[:]
     infer_shapes(new_model)
     return new_model
-
-
-def _add_bias(editor: GraphEditor, node, delta: np.ndarray) -> None:
-    """Add ``delta`` (one per output channel) to a layer's bias, creating one where needed."""
-    dtype = np.asarray(editor.constant_value(node.inputs[1])).dtype
-    if node.op in ("Conv", "Gemm"):
-        if len(node.inputs) > 2 and node.inputs[2] is not None and editor.constant_value(node.inputs[2]) is not None:
-            bias = editor.constant_value(node.inputs[2]).astype(np.float64)
-            beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-            new = (bias + (alpha / beta) * delta.reshape(bias.shape if bias.size == delta.size else -1)).astype(dtype)
-            node.inputs[2] = editor.add_constant(node.inputs[2].name, new)
-        else:
-            alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-            if node.op == "Gemm":
-                node.attrs["beta"] = 1.0
-            while len(node.inputs) < 2:
-                node.inputs.append(None)
-            node.inputs.append(editor.add_constant(f"{node.name}_bias", (alpha * delta).astype(dtype)))
-        return
-    # MatMul: fold into the bias Add that follows (a per-feature constant), else add one.
-    out = node.outputs[0]
-    users = editor.consumers(out)
-    if len(users) == 1 and users[0].op == "Add" and not editor.is_graph_output(out):  # fold into it
-        add = users[0]
-        other = 1 if add.inputs[0] is out else 0
-        value = editor.constant_value(add.inputs[other])
-        if value is not None and value.shape[-1:] == delta.shape and value.size == delta.size:
-            add.inputs[other] = editor.add_constant(add.inputs[other].name, (value + delta.reshape(value.shape)).astype(value.dtype))
-            return
-    editor.add_after(node, "Add", delta.astype(dtype), f"{node.name}_bias")
 
 
 def _attr(node, name: str) -> int:
@@ -187,7 +157,7 @@ def refit_sequentially(original, pruned, graph, plan, layers, grams, ctx_calibra
         # The bias already holds the first refit's delta: add the difference.
         previous = bias_delta.get(consumer.node, np.zeros(len(rows)))
         if np.any(fit.bias_delta - previous):
-            _add_bias(editor, node, fit.bias_delta - previous)
+            add_to_bias(editor, node, fit.bias_delta - previous)
         pruned = editor.commit()
         errors[consumer.node] = (fit.rel_error, errors[consumer.node][1])
     infer_shapes(pruned)

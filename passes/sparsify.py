@@ -15,7 +15,7 @@ Reconstruction options (``method=obs``):
 
 * ``bias_correction`` (default on): the sweep runs on the centred Gram
   ``G - rows * m m^T`` (``m`` the input mean) and ``(W - W') m`` is added to the
-  layer's bias (:mod:`optc.passes.sparsify_bias`), so the mean output shift
+  layer's bias (:mod:`optc.passes.bias_fold`), so the mean output shift
   costs nothing.
 * ``stages=k``: later layers are fitted on the inputs of the model sparsified
   so far, against the dense outputs (:mod:`optc.passes.sparsify_sequential`).
@@ -49,7 +49,7 @@ from optc.ir.model import Model
 from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.layers import InputGram, LinearLayer, find_linear_layers, input_grams, matrix_to_weight, weight_matrix
 from optc.passes.calibration import CalibrationSet
-from optc.passes.sparsify_bias import add_to_bias
+from optc.passes.bias_fold import add_to_bias
 from optc.passes.sparsify_sequential import PairedGram, corrected_target, layer_depths, paired_error, paired_grams, split_stages
 from optc.passes.sparsify_allocation import layer_costs, owl_counts, sensitivity_counts, uniform_counts
 from optc.passes.sparsify_storage import pack_sparse_weights
@@ -208,7 +208,7 @@ class Sparsify(Pass[SparsifyConfig]):
             nodes[plan.layer.node].inputs[1] = constant
             written.append(constant.name)
             if plan.bias_delta is not None:
-                add_to_bias(editor, nodes[plan.layer.node], plan.layer, plan.bias_delta.astype(plan.weight.dtype))
+                add_to_bias(editor, nodes[plan.layer.node], plan.bias_delta)
         return editor.commit(), written
 
     def _plan_paired(self, model: Model, layer: LinearLayer, pg: PairedGram, pattern: SparsityPattern, total: int) -> SparseWeight:
