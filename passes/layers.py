@@ -258,65 +258,72 @@ def input_grams(
 
 
 @dataclass
-class PairedMoments:
-    """Second moments of one layer's input in two models fed the same rows.
+class PairedGram:
+    """Per group: ``A A^T``, ``A B^T``, ``B B^T`` and the row sums of the fitted (``a``) and reference (``b``) inputs."""
 
-    ``a`` is the input in the model being fitted (``d_a`` columns), ``b`` the
-    input of the same layer in a reference model (``d_b`` columns); rows are
-    aligned (same samples, same positions, same subsample). ``E[b b^T]`` is the
-    reference layer's own input Gram, which the caller has already.
-    """
-
-    aa: np.ndarray  # (d_a, d_a)
-    ab: np.ndarray  # (d_a, d_b)
-    sum_a: np.ndarray
+    aa: np.ndarray  # (groups, d, d)
+    ab: np.ndarray
+    bb: np.ndarray
+    sum_a: np.ndarray  # (groups, d)
     sum_b: np.ndarray
     rows: int = 0
 
 
-def paired_moments(
+def paired_grams(
     model: Model,
-    layer: LinearLayer,
+    layers: Sequence[LinearLayer],
     reference: Model,
-    reference_layer: LinearLayer,
+    reference_layers: Sequence[LinearLayer],
     calibration: CalibrationSet,
     *,
     batch_size: int = 16,
     max_batches: int | None = None,
     max_rows_per_batch: int = 4096,
     seed: int = 0,
-) -> PairedMoments:
-    """Moments of ``layer``'s input in ``model`` against ``reference_layer``'s in ``reference``.
+) -> dict[str, PairedGram]:
+    """:class:`PairedGram` of every layer (by node), from one run of each model per batch.
 
-    This is what a sequential refit needs: the target is the reference layer's
-    output on *its* input, the fit sees the input as the (already compressed)
-    model computes it, so upstream error is corrected instead of compounded.
-    Only groups of 1 (not grouped convolutions) are supported.
+    ``layers[i]`` in ``model`` and ``reference_layers[i]`` in ``reference`` are
+    the same layer (their input tensors may be named differently). This is
+    what a sequential fit needs: the target is the reference layer's output on
+    *its* input, the fit sees the input as the (already compressed) model
+    computes it, so upstream error is corrected instead of compounded. Rows are
+    aligned: same samples, same positions, same subsample.
     """
-    session_a = make_session(model, extra_outputs=[layer.input])
-    session_b = make_session(reference, extra_outputs=[reference_layer.input])
+    names_a = sorted({l.input for l in layers})
+    names_b = sorted({l.input for l in reference_layers})
+    session_a = make_session(model, extra_outputs=names_a)
+    session_b = make_session(reference, extra_outputs=names_b)
     rng = np.random.default_rng(seed)
     mask_name = calibration.token_mask
-    acc: PairedMoments | None = None
+    acc: dict[str, PairedGram] = {}
     for i, feed in enumerate(calibration.batches(batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         mask = feed[mask_name] if mask_name else None
-        (xa,) = session_a.run([layer.input], feed)
-        (xb,) = session_b.run([reference_layer.input], feed)
-        ra = input_rows(layer, real_tokens(xa, mask).astype(np.float64))[0]
-        rb = input_rows(reference_layer, real_tokens(xb, mask).astype(np.float64))[0]
-        if len(ra) > max_rows_per_batch:
-            keep = rng.choice(len(ra), max_rows_per_batch, replace=False)
-            ra, rb = ra[keep], rb[keep]
-        if acc is None:
-            da, db = ra.shape[1], rb.shape[1]
-            acc = PairedMoments(np.zeros((da, da)), np.zeros((da, db)), np.zeros(da), np.zeros(db))
-        acc.aa += ra.T @ ra
-        acc.ab += ra.T @ rb
-        acc.sum_a += ra.sum(axis=0)
-        acc.sum_b += rb.sum(axis=0)
-        acc.rows += len(ra)
-    if acc is None:
-        raise ValueError("calibration set yielded no batches")
+        values_a = dict(zip(names_a, session_a.run(names_a, feed)))
+        values_b = dict(zip(names_b, session_b.run(names_b, feed)))
+        keep: dict[int, np.ndarray] = {}  # one subsample per row count, shared by the layers that have it
+        for la, lb in zip(layers, reference_layers):
+            ra = input_rows(la, real_tokens(values_a[la.input], mask).astype(np.float64))
+            rb = input_rows(lb, real_tokens(values_b[lb.input], mask).astype(np.float64))
+            rows = ra.shape[1]
+            if rows > max_rows_per_batch:
+                if rows not in keep:
+                    keep[rows] = rng.choice(rows, max_rows_per_batch, replace=False)
+                ra, rb = ra[:, keep[rows]], rb[:, keep[rows]]
+            g = acc.get(la.node)
+            if g is None:
+                # The two inputs may differ in width (a pruned layer reads fewer columns).
+                groups, da, db = ra.shape[0], ra.shape[2], rb.shape[2]
+                g = acc[la.node] = PairedGram(
+                    np.zeros((groups, da, da)), np.zeros((groups, da, db)), np.zeros((groups, db, db)), np.zeros((groups, da)), np.zeros((groups, db))
+                )
+            at = ra.transpose(0, 2, 1)
+            g.aa += np.matmul(at, ra)
+            g.ab += np.matmul(at, rb)
+            g.bb += np.matmul(rb.transpose(0, 2, 1), rb)
+            g.sum_a += ra.sum(axis=1)
+            g.sum_b += rb.sum(axis=1)
+            g.rows += ra.shape[1]
     return acc

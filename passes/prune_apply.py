@@ -22,7 +22,7 @@ from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.ir.shapes import infer_shapes
 from optc.passes.bias_fold import add_to_bias
-from optc.passes.layers import find_linear_layers, matrix_to_weight, paired_moments, weight_matrix
+from optc.passes.layers import find_linear_layers, matrix_to_weight, paired_grams, weight_matrix
 from optc.passes.prune_criteria import feature_unit
 from optc.passes.prune_groups import ChannelGraph, Layout
 from optc.passes.refit import refit_columns, refit_paired
@@ -132,24 +132,26 @@ def _attr(node, name: str) -> int:
     return next((a.i for a in node.attribute if a.name == name), 0)
 
 
-def refit_sequentially(original, pruned, graph, plan, layers, grams, ctx_calibration, errors, bias_delta, cfg, seed: int = 0) -> Model:
+def refit_sequentially(original, pruned, graph, plan, layers, ctx_calibration, errors, bias_delta, cfg, seed: int = 0) -> Model:
     """Refit each changed consumer, in graph order, on the pruned model's own input (see module docs)."""
     nodes = {n.name: n for n in original.graph.node}
     sources = {s.node: s for g in graph.groups for s in g.sources}
+    # Each consumer is edited once, in graph order: the layers not yet refit keep
+    # the input tensors and weight names they have in the model pruned so far.
+    current_layers = {layer.node: layer for layer in find_linear_layers(pruned)[0]}
     for consumer in graph.consumers:
         if consumer.node not in errors:
             continue  # its input lost nothing
-        current_layers = {layer.node: layer for layer in find_linear_layers(pruned)[0]}
         layer_o, layer_p = layers[consumer.node], current_layers.get(consumer.node)
         if layer_p is None or layer_p.group != 1:
             continue
         # 1024 rows a batch: the fit has at most a few thousand columns, and each consumer costs a pass.
-        moments = paired_moments(pruned, layer_p, original, layer_o, ctx_calibration, max_batches=cfg.max_batches, max_rows_per_batch=1024, seed=seed)
+        pg = paired_grams(pruned, [layer_p], original, [layer_o], ctx_calibration, max_batches=cfg.max_batches, max_rows_per_batch=1024, seed=seed)[layer_p.node]
         w_orig = weight_matrix(layer_o, original.initializer_array(nodes[consumer.node].input[1]).astype(np.float64))
         source = sources.get(consumer.node)
         rows = plan.keep[graph.space_group[source.space]] if source is not None else np.arange(w_orig.shape[0])
         prior = weight_matrix(layer_p, pruned.initializer_array(layer_p.weight).astype(np.float64))
-        fit = refit_paired(moments, grams[consumer.node], w_orig[rows], prior, ridge=cfg.ridge)
+        fit = refit_paired(pg, w_orig[rows], prior, ridge=cfg.ridge)
         editor = GraphEditor(pruned)
         node = next(n for n in editor.nodes if n.name == consumer.node)
         dtype = np.asarray(editor.constant_value(node.inputs[1])).dtype

@@ -128,7 +128,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
             return unchanged
         new_model, errors, deltas = apply_plan(model, nodes, graph, plan, layers_by_node, grams, weights, cfg)
         if cfg.reconstruct == "sequential":
-            new_model = refit_sequentially(model, new_model, graph, plan, layers_by_node, grams, ctx.calibration, errors, deltas, cfg, seed=ctx.seed)
+            new_model = refit_sequentially(model, new_model, graph, plan, layers_by_node, ctx.calibration, errors, deltas, cfg, seed=ctx.seed)
         return PassResult(new_model, modified=True, stats=self._stats(graph, pruned, plan, errors), skipped=skipped)
 
     # --- choosing ---------------------------------------------------------------
@@ -190,7 +190,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
             keep = plan.keep[g.id]
             removed = np.setdiff1d(np.arange(g.size), keep)
             scores = plan.scores.get(g.id)
-            readers = [c.node for c in graph.consumers if any(graph.space_group[s.space] == g.id for s in c.layout)]
+            readers = [c.node for c in graph.readers(g.id)]
             entry = {
                 "group": g.name,
                 "channels_before": g.size,
@@ -218,7 +218,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
 
 def _single_reader(graph: ChannelGraph, group: ChannelGroup, layers) -> str | None:
     """The one consumer reading ``group`` as its whole input, one column per channel, if that is the case."""
-    readers = [c for c in graph.consumers if any(graph.space_group[s.space] == group.id for s in c.layout)]
+    readers = graph.readers(group.id)
     if len(readers) != 1 or len(readers[0].layout) != 1 or readers[0].layout[0].block != 1:
         return None
     layer = layers[readers[0].node]
@@ -230,8 +230,8 @@ def _placeholder(group: ChannelGroup) -> bool:
 
 
 def _touches(graph: ChannelGraph, group: ChannelGroup, bad: dict[str, str], skipped: list[str]) -> bool:
-    for consumer in graph.consumers:
-        if consumer.node in bad and any(graph.space_group[s.space] == group.id for s in consumer.layout):
+    for consumer in graph.readers(group.id):
+        if consumer.node in bad:
             skipped.append(f"{group.name}: feeds '{consumer.node}' ({bad[consumer.node]})")
             return True
     return False

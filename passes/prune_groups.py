@@ -137,8 +137,9 @@ class ChannelGraph:
     consumers: list[Consumer]
     reshapes: list[ReshapeFix]
 
-    def group_of(self, space: int) -> ChannelGroup:
-        return self.groups[self.space_group[space]]
+    def readers(self, group: int) -> list[Consumer]:
+        """The consumers whose input holds channels of ``group``."""
+        return [c for c in self.consumers if any(self.space_group[s.space] == group for s in c.layout)]
 
 
 def analyse_channels(model: Model, protect: frozenset[str] = frozenset()) -> ChannelGraph:

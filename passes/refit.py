@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optc.passes.layers import InputGram, PairedMoments
+from optc.passes.layers import InputGram, PairedGram
 
 
 @dataclass(frozen=True)
@@ -50,17 +50,17 @@ def refit_columns(gram: InputGram, w: np.ndarray, keep: np.ndarray, *, group: in
     return refit_from_moments(g[np.ix_(keep, keep)], s[keep], g[keep], s, g, w, w[:, keep], ridge=ridge, bias=bias)
 
 
-def refit_paired(moments: PairedMoments, reference: InputGram, w: np.ndarray, prior: np.ndarray, *, ridge: float = 1e-4, bias: bool = True) -> Refit:
-    """Refit so that the layer on the fitted model's input reproduces ``w`` on the reference input.
+def refit_paired(pg: PairedGram, w: np.ndarray, prior: np.ndarray, *, group: int = 0, ridge: float = 1e-4, bias: bool = True) -> Refit:
+    """Refit so that the layer on the fitted model's input (``a``) reproduces ``w`` on the reference input (``b``).
 
     ``w`` (``out x d_ref``) is the reference layer's weight matrix, ``prior``
-    (``out x d_fit``) the weights the fitted model has now, ``reference`` the
-    reference input's Gram (for the error's normalisation).
+    (``out x d_fit``) the weights the fitted model has now.
     """
-    n = max(moments.rows, 1)
-    m = moments
-    bb = reference.gram[0] / max(reference.rows, 1)
-    return refit_from_moments(m.aa / n, m.sum_a / n, m.ab / n, m.sum_b / n, bb, w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias)
+    n = max(pg.rows, 1)
+    return refit_from_moments(
+        pg.aa[group] / n, pg.sum_a[group] / n, pg.ab[group] / n, pg.sum_b[group] / n, pg.bb[group] / n,
+        w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias,
+    )
 
 
 def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool) -> Refit:

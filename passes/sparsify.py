@@ -47,10 +47,10 @@ import numpy as np
 from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass
-from optc.passes.layers import InputGram, LinearLayer, find_linear_layers, input_grams, matrix_to_weight, weight_matrix
+from optc.passes.layers import InputGram, LinearLayer, PairedGram, find_linear_layers, input_grams, matrix_to_weight, paired_grams, weight_matrix
 from optc.passes.calibration import CalibrationSet
 from optc.passes.bias_fold import add_to_bias
-from optc.passes.sparsify_sequential import PairedGram, corrected_target, layer_depths, paired_error, paired_grams, split_stages
+from optc.passes.sparsify_sequential import corrected_target, layer_depths, paired_error, split_stages
 from optc.passes.sparsify_allocation import layer_costs, owl_counts, sensitivity_counts, uniform_counts
 from optc.passes.sparsify_storage import pack_sparse_weights
 from optc.passes.sparsity_patterns import (

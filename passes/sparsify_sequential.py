@@ -25,15 +25,12 @@ MiniLM 50 %, 6 stages: held-out cosine 0.940 -> 0.909), so it is off by default.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from optc.ir.model import Model
-from optc.ir.session import make_session
-from optc.passes.calibration import CalibrationSet, real_tokens
-from optc.passes.layers import LinearLayer, input_rows
+from optc.passes.layers import LinearLayer, PairedGram
 
 
 def layer_depths(model: Model, layers: Sequence[LinearLayer]) -> dict[str, int]:
@@ -60,71 +57,6 @@ def split_stages(depths: dict[str, int], layers: Sequence[LinearLayer], stages: 
     for l in layers:
         groups[index[depths[l.node]]].append(l)
     return groups
-
-
-@dataclass
-class PairedGram:
-    """Per group: ``A A^T``, ``A B^T``, ``B B^T`` and the row sums of the sparser (``a``) and dense (``b``) inputs."""
-
-    aa: np.ndarray  # (groups, d, d)
-    ab: np.ndarray
-    bb: np.ndarray
-    sum_a: np.ndarray  # (groups, d)
-    sum_b: np.ndarray
-    rows: int = 0
-
-
-def paired_grams(
-    model: Model,
-    layers: Sequence[LinearLayer],
-    reference: Model,
-    reference_layers: Sequence[LinearLayer],
-    calibration: CalibrationSet,
-    *,
-    batch_size: int = 16,
-    max_batches: int | None = None,
-    max_rows_per_batch: int = 4096,
-    seed: int = 0,
-) -> dict[str, PairedGram]:
-    """:class:`PairedGram` of every layer (by node), from one run of each model per batch.
-
-    ``layers[i]`` in ``model`` and ``reference_layers[i]`` in ``reference`` are
-    the same layer (their input tensors may be named differently).
-    """
-    names_a = sorted({l.input for l in layers})
-    names_b = sorted({l.input for l in reference_layers})
-    session_a = make_session(model, extra_outputs=names_a)
-    session_b = make_session(reference, extra_outputs=names_b)
-    rng = np.random.default_rng(seed)
-    mask_name = calibration.token_mask
-    acc: dict[str, PairedGram] = {}
-    for i, feed in enumerate(calibration.batches(batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        mask = feed[mask_name] if mask_name else None
-        values_a = dict(zip(names_a, session_a.run(names_a, feed)))
-        values_b = dict(zip(names_b, session_b.run(names_b, feed)))
-        keep: dict[int, np.ndarray] = {}  # one subsample per row count, shared by the layers that have it
-        for la, lb in zip(layers, reference_layers):
-            ra = input_rows(la, real_tokens(values_a[la.input], mask).astype(np.float64))
-            rb = input_rows(lb, real_tokens(values_b[lb.input], mask).astype(np.float64))
-            rows = ra.shape[1]
-            if rows > max_rows_per_batch:
-                if rows not in keep:
-                    keep[rows] = rng.choice(rows, max_rows_per_batch, replace=False)
-                ra, rb = ra[:, keep[rows]], rb[:, keep[rows]]
-            g = acc.get(la.node)
-            if g is None:
-                groups, _, d = ra.shape
-                g = acc[la.node] = PairedGram(*(np.zeros((groups, d, d)) for _ in range(3)), np.zeros((groups, d)), np.zeros((groups, d)))
-            at = ra.transpose(0, 2, 1)
-            g.aa += np.matmul(at, ra)
-            g.ab += np.matmul(at, rb)
-            g.bb += np.matmul(rb.transpose(0, 2, 1), rb)
-            g.sum_a += ra.sum(axis=1)
-            g.sum_b += rb.sum(axis=1)
-            g.rows += ra.shape[1]
-    return acc
 
 
 def corrected_target(w: np.ndarray, pg: PairedGram, group: int, damp: float, centred: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
