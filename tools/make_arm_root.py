@@ -39,7 +39,6 @@ finds nothing). The test ``tests/test_targets_arm.py`` imports this file for
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from optc.targets.artifact import sha256
 
 CXX = "aarch64-linux-gnu-g++"
 QEMU = ("qemu-aarch64-static", "qemu-aarch64")
@@ -83,14 +84,6 @@ def default_root() -> Path:
     return Path(base) / "optc" / "arm64-root"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def qemu() -> str | None:
     """The qemu-user binary for aarch64, if installed."""
     return next((shutil.which(name) for name in QEMU if shutil.which(name)), None)
@@ -99,7 +92,7 @@ def qemu() -> str | None:
 def _expected_stamp() -> dict[str, object]:
     return {
         "wheels": {name: {"version": v, "sha256": h} for name, (v, h) in WHEELS.items()},
-        "runner_sha256": _sha256(RUNNER_SOURCE),
+        "runner_sha256": sha256(RUNNER_SOURCE),
     }
 
 
@@ -141,7 +134,7 @@ def _fetch_wheels(dest: Path, wheel_dir: Path | None) -> dict[str, Path]:
         candidates = [p for p in sorted(wheel_dir.glob(f"{stem}*.whl")) if "aarch64" in p.name]
         if not candidates:
             raise ArmRootError(f"no aarch64 wheel of {name}=={version} in {wheel_dir}")
-        if _sha256(candidates[0]) != digest:
+        if sha256(candidates[0]) != digest:
             raise ArmRootError(f"{candidates[0].name}: SHA-256 differs from the pinned one")
         found[name] = candidates[0]
     return found
