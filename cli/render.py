@@ -6,8 +6,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from optc.passes.base import Pass, PassContext, PassResult
-from optc.passes.manager import Instrument, PassRecord
 
 
 def human_count(n: float | int | None) -> str:
@@ -51,6 +49,14 @@ def _describe_stats(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _params(stats: dict[str, Any]) -> str:
+    """Parameter count, with the nonzero count when zeros are a visible share (sparsified weights)."""
+    params, nonzero = stats["params"], stats.get("nonzero_params", stats["params"])
+    if params and nonzero < 0.99 * params:
+        return f"{human_count(params)} ({human_count(nonzero)} nz)"
+    return human_count(params)
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -66,13 +72,13 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     table.add_column("max |Δ| vs previous", no_wrap=True)
     table.add_column("what it did", overflow="fold", min_width=24)
     before = report["before"]
-    table.add_row("(input)", "", human_count(before["params"]), human_bytes(before["param_bytes"]), human_count(before["macs"]), str(before["nodes"]), *([""] if show_time else []), "", "")
+    table.add_row("(input)", "", _params(before), human_bytes(before["param_bytes"]), human_count(before["macs"]), str(before["nodes"]), *([""] if show_time else []), "", "")
     for rec in report["passes"]:
         after = rec["after"]
         what = _describe_stats(rec["stats"])
         if rec["skipped"]:
             what += (", " if what else "") + f"{len(rec['skipped'])} skipped"
-        row = [rec["pass"], "yes" if rec["modified"] else "no", human_count(after["params"]), human_bytes(after["bytes"]), human_count(after["macs"]), str(after["nodes"])]
+        row = [rec["pass"], "yes" if rec["modified"] else "no", _params(after), human_bytes(after["bytes"]), human_count(after["macs"]), str(after["nodes"])]
         if show_time:
             row.append(f"{rec['seconds'] * 1000:.1f} ms")
         row += [_drift(rec), what or "-"]
@@ -112,7 +118,7 @@ def render_inspect(info: dict[str, Any], console: Console) -> None:
             console.print(f"{kind[:-1]:>6}: {s}")
     if info["dynamic_dims"]:
         console.print("dynamic dims: " + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in info["dynamic_dims"].items()) + "  (freeze with --input-shape)")
-    console.print(f"params: {human_count(stats['params'])} ({human_bytes(stats['param_bytes'])}), MACs: {human_count(stats['macs'])} per sample, nodes: {stats['nodes']}, weight zeros: {stats['weight_zero_fraction'] * 100:.2f}%")
+    console.print(f"params: {_params(stats)} ({human_bytes(stats['param_bytes'])}), MACs: {human_count(stats['macs'])} per sample, nodes: {stats['nodes']}, weight zeros: {stats['weight_zero_fraction'] * 100:.2f}%")
     if stats["macs_unknown"]:
         console.print(f"MACs unknown (shapes not inferred) for {len(stats['macs_unknown'])} nodes: {', '.join(stats['macs_unknown'][:5])}")
     if info["weights_in_constant_nodes"]:
@@ -143,25 +149,3 @@ def render_passes(passes: list[dict[str, Any]], console: Console) -> None:
             console.print(f"    requires: {', '.join(p['requires'])}")
         for opt in p["options"]:
             console.print(f"    {opt['name']} ({opt['type']}, default {opt['default']!r}): {opt['help']}")
-
-
-class ProgressInstrument(Instrument):
-    """A spinner line per pass while a pipeline runs (stderr, only on a terminal)."""
-
-    def __init__(self, console: Console, total: int):
-        self.console = console
-        self.total = total
-        self.index = 0
-        self.status = None
-
-    def before_pass(self, p: Pass, model, ctx: PassContext) -> None:
-        self.index += 1
-        if self.status is None:
-            self.status = self.console.status("")
-            self.status.start()
-        self.status.update(f"[{self.index}/{self.total}] {p.name}")
-
-    def after_pass(self, p: Pass, before, result: PassResult, record: PassRecord, ctx: PassContext) -> None:
-        if self.index == self.total and self.status is not None:
-            self.status.stop()
-            self.status = None

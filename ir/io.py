@@ -60,7 +60,11 @@ def _load(path: Path, *, lift_constants: bool, check: bool) -> Model:
         load_external_data(proto.graph, path.parent)
     except OSError as exc:
         raise ModelLoadError(f"cannot read external data: {exc}") from exc
+    densified = _densify_sparse_initializers(proto.graph)
     model = Model(proto, path)
+    if densified:
+        # onnxruntime densifies them at session start too; passes edit dense weights.
+        model.notes.append(f"densified {densified} sparse initializers")
     if check:
         run_checker(proto)
     named = name_unnamed_nodes(model)
@@ -71,6 +75,33 @@ def _load(path: Path, *, lift_constants: bool, check: bool) -> Model:
         if lifted:
             model.notes.append(f"lifted {lifted} Constant nodes into initializers")
     return model
+
+
+def _densify_sparse_initializers(graph: onnx.GraphProto) -> int:
+    """Turn the main graph's ``sparse_initializer`` entries into dense initializers.
+
+    ONNX's shape inference does not see them (a MatMul on one fails with
+    "Input tensors of wrong rank (0)"), and every pass reads weights as
+    initializers. Indices are linear ``[NNZ]`` or coordinates ``[NNZ, rank]``.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    count = 0
+    for sp in graph.sparse_initializer:
+        values = numpy_helper.to_array(sp.values)
+        indices = numpy_helper.to_array(sp.indices).astype(np.int64)
+        shape = tuple(int(d) for d in sp.dims)
+        dense = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype=values.dtype)
+        if indices.ndim == 2:
+            indices = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices.reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= dense.size):
+            raise ModelLoadError(f"sparse initializer '{sp.values.name}' has indices outside its shape {list(shape)}")
+        dense[indices] = values.reshape(-1)
+        graph.initializer.append(numpy_helper.from_array(dense.reshape(shape), sp.values.name))
+        count += 1
+    del graph.sparse_initializer[:]
+    return count
 
 
 def save_model(model: Model, path: str | os.PathLike[str], *, external_data: bool | None = None) -> list[Path]:

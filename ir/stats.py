@@ -5,18 +5,29 @@ Gemm, MatMul) from inferred shapes, with symbolic dims (batch, sequence)
 counted as 1; freeze shapes with --input-shape for other sizes. A node whose
 shapes are not known is listed under ``macs_unknown`` rather than counted as
 zero silently.
+
+``params`` counts each weight's logical entries once, whatever its storage: a
+weight stored packed (nonzeros + bitmask, ``pack-sparse``) or as an ONNX sparse
+initializer counts its dense shape, not its values plus index or mask entries;
+``nonzero_params`` counts the entries that are not zero. The packed form is
+recognised from the model's ``optc.packed_weights`` metadata, checked against
+the initializers present (a later pass that folds the decode subgraph back to
+a dense weight leaves a stale entry, which is ignored).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import json
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from optc.ir.model import Model, iter_all_tensors, spec_from_value_info, tensor_nbytes
+from optc.ir.model import Model, iter_all_tensors, iter_graphs, spec_from_value_info, tensor_nbytes
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PACKED_WEIGHTS_KEY = "optc.packed_weights"  # JSON: {values initializer: {"mask", "shape", "weight"}}
 
 
 @dataclass
@@ -29,6 +40,7 @@ class WeightStat:
 @dataclass
 class ModelStats:
     params: int
+    nonzero_params: int
     param_bytes: int
     macs: int
     macs_per_node: dict[str, int]
@@ -47,6 +59,7 @@ class ModelStats:
     def to_dict(self) -> dict:
         return {
             "params": self.params,
+            "nonzero_params": self.nonzero_params,
             "param_bytes": self.param_bytes,
             "macs": self.macs,
             "macs_per_node": self.macs_per_node,
@@ -90,9 +103,15 @@ def compute_stats(model: Model) -> ModelStats:
         if t.name in weight_names and t.data_type in _FLOAT_TYPES:
             arr = numpy_helper.to_array(t)
             weights.append(WeightStat(t.name, tuple(arr.shape), float(np.count_nonzero(arr == 0)) / max(arr.size, 1)))
+    packed = packed_weights(model)
+    for values, entry in packed.items():
+        size = int(np.prod(entry["shape"], dtype=np.int64))
+        weights.append(WeightStat(entry["weight"], tuple(entry["shape"]), 1 - entry["nonzero"] / max(size, 1)))
     tensors = list(iter_all_tensors(g))
+    params, nonzero = _param_counts(g, packed)
     return ModelStats(
-        params=sum(int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1 for t in tensors),
+        params=params,
+        nonzero_params=nonzero,
         param_bytes=sum(tensor_nbytes(t) for t in tensors),
         macs=sum(macs.values()),
         macs_per_node=macs,
@@ -101,6 +120,57 @@ def compute_stats(model: Model) -> ModelStats:
         op_histogram=dict(sorted(model.op_histogram().items(), key=lambda kv: (-kv[1], kv[0]))),
         nodes=len(g.node),
     )
+
+
+def record_packed_weights(model: Model, entries: dict[str, dict]) -> None:
+    """Add packed weights (values initializer -> ``{"mask", "shape", "weight"}``) to the model's metadata."""
+    props = {p.key: p for p in model.proto.metadata_props}
+    known = json.loads(props[PACKED_WEIGHTS_KEY].value) if PACKED_WEIGHTS_KEY in props else {}
+    known.update(entries)
+    if PACKED_WEIGHTS_KEY in props:
+        props[PACKED_WEIGHTS_KEY].value = json.dumps(known, sort_keys=True)
+    else:
+        model.proto.metadata_props.add(key=PACKED_WEIGHTS_KEY, value=json.dumps(known, sort_keys=True))
+
+
+def packed_weights(model: Model) -> dict[str, dict]:
+    """The packed weights whose values and mask initializers are both in the graph, with ``nonzero`` counts."""
+    raw = next((p.value for p in model.proto.metadata_props if p.key == PACKED_WEIGHTS_KEY), None)
+    if raw is None:
+        return {}
+    try:
+        entries = json.loads(raw)
+    except ValueError:
+        return {}
+    inits = {t.name: t for t in model.graph.initializer}
+    found = {}
+    for values, entry in entries.items():
+        if isinstance(entry, dict) and values in inits and entry.get("mask") in inits:
+            found[values] = {**entry, "nonzero": int(np.prod(inits[values].dims, dtype=np.int64))}
+    return found
+
+
+def _param_counts(graph: onnx.GraphProto, packed: dict[str, dict]) -> tuple[int, int]:
+    """(logical entries, nonzero entries) over every stored tensor; see the module doc."""
+    masks = {e["mask"] for e in packed.values()}
+    params = nonzero = 0
+    for t in iter_all_tensors(graph):
+        size = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        if t.name in masks:
+            continue
+        if t.name in packed:
+            params += int(np.prod(packed[t.name]["shape"], dtype=np.int64))
+            nonzero += size
+        else:
+            params += size
+            nonzero += int(np.count_nonzero(numpy_helper.to_array(t))) if t.data_type != onnx.TensorProto.STRING else size
+    for g in iter_graphs(graph):  # sparse initializers: dense shape, stored values (indices are storage)
+        for sp in g.sparse_initializer:
+            values = int(np.prod(sp.values.dims, dtype=np.int64))
+            indices = int(np.prod(sp.indices.dims, dtype=np.int64))
+            params += int(np.prod(sp.dims, dtype=np.int64)) - values - indices
+            nonzero -= indices
+    return params, nonzero
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}

@@ -73,7 +73,7 @@ class Instrument:
 
 
 def _summary(stats: ModelStats) -> dict[str, int]:
-    return {"params": stats.params, "bytes": stats.param_bytes, "macs": stats.macs, "nodes": stats.nodes}
+    return {"params": stats.params, "nonzero_params": stats.nonzero_params, "bytes": stats.param_bytes, "macs": stats.macs, "nodes": stats.nodes}
 
 
 class PassManager:

@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from optc.ir.graph import GraphEditor
+from optc.ir.stats import record_packed_weights
 from optc.ir.model import Model
 from optc.passes.base import Pass, PassContext, PassResult, option, register_pass
 
@@ -94,16 +95,20 @@ def pack_sparse_weights(model: Model, names: Sequence[str], *, min_saving: float
     one = editor.add_constant("one", np.array([1], dtype=np.int64))
     axis0 = editor.add_constant("zero", np.array([0], dtype=np.int64))  # CumSum axis, Slice start
     tensors = editor.tensors()
+    entries = {}
     for name, w in chosen.items():
-        _decode(editor, tensors[name], w, shifts, two, one, axis0)
+        values, mask = _decode(editor, tensors[name], w, shifts, two, one, axis0)
+        entries[values] = {"mask": mask, "shape": list(w.shape), "weight": name}
     packed = editor.commit()
+    record_packed_weights(packed, entries)
     stats.update(packed=len(chosen), bytes_weights=packed.weight_bytes(), names=sorted(chosen))
     log.debug("packed %d weights: %d -> %d bytes", len(chosen), stats["bytes_weights_dense"], stats["bytes_weights"])
     return PackedModel(packed, stats, skipped)
 
 
-def _decode(editor: GraphEditor, constant, w: np.ndarray, shifts, two, one, axis0) -> None:
-    """Replace every use of ``constant`` (holding ``w``) by its decode subgraph."""
+def _decode(editor: GraphEditor, constant, w: np.ndarray, shifts, two, one, axis0) -> tuple[str, str]:
+    """Replace every use of ``constant`` (holding ``w``) by its decode subgraph; returns the
+    names of the values and mask initializers."""
     flat = w.ravel()
     nonzero = flat != 0
     mask = np.packbits(nonzero, bitorder="little").reshape(-1, 1)
@@ -124,6 +129,7 @@ def _decode(editor: GraphEditor, constant, w: np.ndarray, shifts, two, one, axis
     out = editor.add_node("Reshape", [dense, editor.add_constant(f"{stem}_shape", np.array(w.shape, dtype=np.int64))]).outputs[0]
     out.dtype, out.shape = w.dtype, list(w.shape)
     editor.replace_uses(constant, out)
+    return values.name, bits.name
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -197,3 +197,24 @@ def test_wrong_declared_shapes_still_load(save):
     model = load_model(save(proto))
     x = rand(2, 3)
     np.testing.assert_array_equal(ort_run(model.proto, {"x": x})["y"], np.concatenate([np.maximum(x, 0), x]))
+
+
+@pytest.mark.parametrize("coordinates", [False, True])
+def test_sparse_initializers_are_densified_on_load(save, coordinates):
+    """ONNX shape inference cannot see sparse initializers; optc densifies them, as onnxruntime does."""
+
+    w = rand(16, 12)
+    w[np.abs(w) < 1.0] = 0
+    idx = np.flatnonzero(w)
+    indices = np.stack(np.unravel_index(idx, w.shape), axis=1) if coordinates else idx
+    sparse = onnx.helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(w.ravel()[idx], "A"), onnx.numpy_helper.from_array(indices.astype(np.int64), "A_idx"), list(w.shape)
+    )
+    proto = make_model([onnx.helper.make_node("MatMul", ["x", "A"], ["y"], name="mm")], [("x", ["N", 16])], [("y", ["N", 12])], [])
+    proto.graph.sparse_initializer.append(sparse)
+    model = load_model(save(proto))
+    assert not model.graph.sparse_initializer and "densified 1 sparse initializers" in model.notes
+    np.testing.assert_array_equal(model.initializer_array("A"), w)
+    x = rand(3, 16, seed=2)
+    np.testing.assert_array_equal(ort_run(model.proto, {"x": x})["y"], ort_run(proto, {"x": x})["y"])
+    onnx.checker.check_model(model.proto, full_check=True)

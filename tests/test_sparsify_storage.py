@@ -103,3 +103,41 @@ def test_old_opsets_stay_dense(tmp_path, save):
     model = load_model(save(proto))
     result = PackSparse(PackSparseConfig()).run(model, PassContext())
     assert not result.modified and "opset 10" in result.skipped[0]
+
+
+def test_stats_count_packed_and_sparse_weights_by_their_entries(tmp_path, save):
+    """Packed storage changes the bytes, not the parameter count; zeros show as nonzero_params."""
+    from onnx import numpy_helper
+
+    from optc.ir.stats import compute_stats, packed_weights
+
+    dense, _ = _sparsified(tmp_path, save, "dense")
+    packed, _ = _sparsified(tmp_path, save, "packed")
+    before, after = compute_stats(dense.model), compute_stats(packed.model)
+    # Beyond the weights' own entries, the decode subgraph adds its constants (bit shifts, shape vectors).
+    storage = {n for e in packed_weights(packed.model).items() for n in (e[0], e[1]["mask"])}
+    assert len(storage) == 6
+    dense_names = {t.name for t in dense.model.graph.initializer}
+    added = [numpy_helper.to_array(t) for t in packed.model.graph.initializer if t.name not in dense_names | storage]
+    assert added and all(a.size <= 8 for a in added)
+    assert after.params - before.params == sum(a.size for a in added)
+    assert after.nonzero_params - before.nonzero_params == sum(np.count_nonzero(a) for a in added)
+    assert before.nonzero_params < 0.6 * before.params
+    assert after.param_bytes < 0.65 * before.param_bytes
+    zeros = {w.name.split("_sparse")[0]: round(w.zero_fraction, 3) for w in after.weights if len(w.shape) >= 2}
+    assert len(zeros) == 3 and all(z >= 0.49 for z in zeros.values())
+    reloaded = load_model(save_model(packed.model, tmp_path / "p" / "model.onnx")[0])  # metadata survives a save
+    assert compute_stats(reloaded).nonzero_params == after.nonzero_params
+
+    # An ONNX sparse initializer counts its dense shape, not its indices.
+    w = rand(16, 16)
+    w[np.abs(w) < 1.0] = 0
+    flat = w.ravel()
+    idx = np.flatnonzero(flat)
+    sparse = onnx.helper.make_sparse_tensor(
+        onnx.numpy_helper.from_array(flat[idx].astype(np.float32), "A"), onnx.numpy_helper.from_array(idx.astype(np.int64), "A_idx"), [16, 16]
+    )
+    proto = make_model([helper.make_node("MatMul", ["x", "A"], ["y"], name="mm")], [("x", ["N", 16])], [("y", ["N", 16])], [])
+    proto.graph.sparse_initializer.append(sparse)
+    stats = compute_stats(load_model(save(proto)))
+    assert stats.params == 256 and stats.nonzero_params == idx.size
