@@ -14,7 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from optc import __version__
 from optc.errors import ConfigError
@@ -56,6 +56,7 @@ class CompileOptions:
     arch: str | None = None  # gpu: CUDA arch such as sm_80
     tune_trials: int = 0  # MetaSchedule trials per task missing from the database
     int8_lowering: bool = True  # QDQ regions -> integer conv2d/matmul (targets/int8_lowering.py)
+    weight_prepack: bool = True  # tuned kernels read weights in their own layout (targets/tuned_compile.py)
     tuning_db: Path | None = None  # default: the user cache folder
     rpc_tracker: str | None = None
     rpc_key: str | None = None
@@ -92,7 +93,11 @@ def prepare_model(path: Path, shape_specs: Sequence[str]) -> Model:
     return model
 
 
-def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] = ()) -> CompileResult:
+def compile_model(
+    opts: CompileOptions, extra_instruments: Sequence[Instrument] = (), on_tune_progress: Callable[[Any], None] | None = None
+) -> CompileResult:
+    """Run the pipeline, then (with a target) build; ``on_tune_progress`` gets a
+    :class:`optc.targets.tuning_progress.TuneProgress` after every measured tuning batch."""
     if opts.target not in TARGETS:
         raise ConfigError(f"unknown target '{opts.target}'; valid targets: {', '.join(TARGETS)}")
     if opts.tune_trials < 0:
@@ -141,7 +146,7 @@ def compile_model(opts: CompileOptions, extra_instruments: Sequence[Instrument] 
         files = save_model(result.model, staging / MODEL_NAME, external_data=opts.external_data)
         report = _report(opts, passes, source, result, evaluation)
         if spec is not None:
-            report["target"] = _compile_target(result.model, spec, staging, opts)
+            report["target"] = _compile_target(result.model, spec, staging, opts, on_tune_progress)
             files.append(staging / "model.so")
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
         if spec is not None:
@@ -165,7 +170,7 @@ def _target_spec(opts: CompileOptions):
     return make_target(opts.target, cpu=opts.cpu, arch=opts.arch)
 
 
-def _compile_target(model: Model, spec, staging: Path, opts: CompileOptions) -> dict[str, Any]:
+def _compile_target(model: Model, spec, staging: Path, opts: CompileOptions, on_tune_progress=None) -> dict[str, Any]:
     """Build and export the TVM library; returns the report's target section."""
     import time
 
@@ -173,7 +178,10 @@ def _compile_target(model: Model, spec, staging: Path, opts: CompileOptions) -> 
 
     from optc.targets.tuning import TuneOptions, default_tuning_db
 
-    tune = TuneOptions(opts.tune_trials, opts.tuning_db or default_tuning_db(), opts.rpc_tracker, opts.rpc_key, opts.seed)
+    tune = TuneOptions(
+        opts.tune_trials, opts.tuning_db or default_tuning_db(), opts.rpc_tracker, opts.rpc_key, opts.seed,
+        prepack=opts.weight_prepack, on_progress=on_tune_progress
+    )
     start = time.perf_counter()
     executable, tuning = build(model, spec, tune, int8=opts.int8_lowering)
     int8 = tuning.pop("int8", None)

@@ -19,12 +19,14 @@ as a user would (a subprocess, so the wall time includes start-up) and reports
   other users of the machine hits both; the lowest block median counts;
 * ``ratio``: tvm / ort (goal <= 0.9, i.e. faster than onnxruntime);
 * ``untuned ms`` (with ``--untuned``): the same model compiled with an empty database;
+* ``no-prepack ms`` (with ``--compare-prepack``): tuned with ``--no-weight-prepack`` (its
+  own database, same trials), timed in the same alternating blocks;
 * ``max |Δ|``: tuned artifact vs onnxruntime on the benchmark inputs.
 
 int8 against fp32 artifacts is measured by ``benchmarks/int8_vs_fp32.py``.
 
     python benchmarks/targets_vs_ort.py [--trials 16] [--models resnet18,bert] [--db DIR]
-                                        [--untuned] [--blocks 5] [--runs 10] [--json OUT.json]
+                                        [--untuned] [--compare-prepack] [--blocks 5] [--runs 10] [--json OUT.json]
 
 With no ``--db`` a fresh database in a temporary folder is used, so the tuning
 time is that of a cold start.
@@ -115,10 +117,10 @@ MODELS: dict[str, Callable[[Path], dict[str, str]]] = {"resnet18": resnet18, "be
 
 # --------------------------------------------------------------------------- measuring
 
-def optc_compile(model: Path, out: Path, shapes: dict[str, str], trials: int, db: Path) -> tuple[float, dict]:
+def optc_compile(model: Path, out: Path, shapes: dict[str, str], trials: int, db: Path, *extra: str) -> tuple[float, dict]:
     """``optc compile`` in a subprocess; returns (wall seconds, report.json)."""
     cmd = [sys.executable, "-m", "optc.cli.main", "compile", str(model), "-o", str(out), "--target", "x86",
-           "--tune-trials", str(trials), "--tuning-db", str(db), "--no-latency"]
+           "--tune-trials", str(trials), "--tuning-db", str(db), "--no-latency", *extra]
     for name, shape in shapes.items():
         cmd += ["--input-shape", f"{name}={shape}"]
     start = time.perf_counter()
@@ -145,7 +147,7 @@ def alternate(fns: dict[str, Callable[[], object]], blocks: int, runs: int) -> d
     return {k: min(v) for k, v in medians.items()}
 
 
-def bench_model(key: str, work: Path, db: Path, trials: int, untuned: bool, blocks: int, runs: int) -> dict:
+def bench_model(key: str, work: Path, db: Path, trials: int, untuned: bool, blocks: int, runs: int, compare_prepack: bool = False) -> dict:
     from optc.ir.io import load_model
     from optc.ir.session import make_session, sample_feeds
     from optc.targets.artifact import load_artifact
@@ -171,6 +173,12 @@ def bench_model(key: str, work: Path, db: Path, trials: int, untuned: bool, bloc
     result = {"model": key, "trials_per_task": trials, "tasks": tuning["tasks"], "tuned": len(tuning["tuned"]),
               "tune_s": tune_s, "build_s": report["target"]["build_seconds"], "recompile_s": recompile_s,
               "recompile_build_s": again["target"]["build_seconds"], "reused": reused, "max_abs_diff": diff}
+    if compare_prepack:
+        print(f"[{key}] tuning again with --no-weight-prepack ...", flush=True)
+        plain_s, _ = optc_compile(src, work / f"{key}-noprepack", shapes, trials, work / f"{key}-noprepack-db", "--no-weight-prepack")
+        result["noprepack_tune_s"] = plain_s
+        unpacked = load_artifact(work / f"{key}-noprepack")
+        fns["noprepack"] = lambda: unpacked.run(feeds)
     if untuned:
         print(f"[{key}] compiling untuned (empty database) ...", flush=True)
         optc_compile(src, work / f"{key}-untuned", shapes, 0, work / f"{key}-empty-db")
@@ -188,13 +196,14 @@ def bench_model(key: str, work: Path, db: Path, trials: int, untuned: bool, bloc
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'model':9} {'trials':>6} {'tasks':>9} {'tune':>8} {'recompile':>10} {'tvm ms':>8} {'ort ms':>8} {'ratio':>6} {'untuned ms':>10} {'max |Δ|':>8}"
+    header = f"{'model':9} {'trials':>6} {'tasks':>9} {'tune':>8} {'recompile':>10} {'tvm ms':>8} {'ort ms':>8} {'ratio':>6} {'no-prepack ms':>13} {'untuned ms':>10} {'max |Δ|':>8}"
     print(header)
     print("-" * len(header))
     for r in results:
         untuned = f"{r['untuned_ms']:.1f}" if "untuned_ms" in r else "-"
+        noprepack = f"{r['noprepack_ms']:.2f}" if "noprepack_ms" in r else "-"
         print(f"{r['model']:9} {r['trials_per_task']:>6} {r['tuned']:>4}/{r['tasks']:<4} {r['tune_s']:>7.0f}s {r['recompile_s']:>9.1f}s "
-              f"{r['tvm_ms']:>8.2f} {r['ort_ms']:>8.2f} {r['ratio']:>6.2f} {untuned:>10} {r['max_abs_diff']:>8.1e}")
+              f"{r['tvm_ms']:>8.2f} {r['ort_ms']:>8.2f} {r['ratio']:>6.2f} {noprepack:>13} {untuned:>10} {r['max_abs_diff']:>8.1e}")
     print("tune/recompile: wall time of `optc compile` (start-up, passes, build and export included); "
           "recompile reuses every task from the database")
 
@@ -205,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet18,bert", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--db", type=Path, help="tuning database (default: a fresh one per run)")
     parser.add_argument("--untuned", action="store_true", help="also time an untuned compile (slow: seconds per run)")
+    parser.add_argument("--compare-prepack", action="store_true", help="also tune with --no-weight-prepack and time it alongside")
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         for key in keys:
             db = args.db or work / f"{key}-db"
-            results.append(bench_model(key, work, db, args.trials, args.untuned, args.blocks, args.runs))
+            results.append(bench_model(key, work, db, args.trials, args.untuned, args.blocks, args.runs, args.compare_prepack))
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

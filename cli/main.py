@@ -75,6 +75,7 @@ def cli(debug: bool, verbose: bool) -> None:
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning database folder (default: ~/.cache/optc/tuning).")
 @click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure tuning candidates on boards registered with this TVM RPC tracker.")
 @click.option("--rpc-key", metavar="KEY", help="Device key of the boards at the RPC tracker.")
+@click.option("--weight-prepack/--no-weight-prepack", default=True, show_default=True, help="Let tuned kernels store weights in the layout their loops read (packed at compile time).")
 @click.option("--int8-lowering/--no-int8-lowering", default=True, show_default=True, help="Compile int8 QDQ regions to integer conv2d/matmul (int32 accumulation) instead of float.")
 @click.option("--verify-each", is_flag=True, help="Check the model and compare with onnxruntime after every pass.")
 @click.option("--time-passes", is_flag=True, help="Show the wall time of each pass.")
@@ -82,9 +83,10 @@ def cli(debug: bool, verbose: bool) -> None:
 @click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights beside the model (default: only above 1.8 GB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
+def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, weight_prepack, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
     """Run a pass pipeline on MODEL and write the result to OUTDIR."""
-    from optc.cli.render import ProgressInstrument, render_compile_report
+    from optc.cli.progress import ProgressInstrument, TuningView, original_stderr
+    from optc.cli.render import render_compile_report
     from optc.driver import CompileOptions, build_pipeline, compile_model
 
     opts = CompileOptions(
@@ -103,6 +105,7 @@ def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_da
         rpc_tracker=rpc_tracker,
         rpc_key=rpc_key,
         int8_lowering=int8_lowering,
+        weight_prepack=weight_prepack,
         verify_each=verify_each,
         time_passes=time_passes,
         dump_after=tuple(dump_after),
@@ -113,7 +116,12 @@ def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_da
     instruments = []
     if err.is_terminal and not as_json:
         instruments.append(ProgressInstrument(err, len(build_pipeline(opts.passes, opts.pipeline_file))))
-    result = compile_model(opts, instruments)
+    tuning_view = TuningView(original_stderr(), err.is_terminal) if target != "none" and tune_trials > 0 else None
+    try:
+        result = compile_model(opts, instruments, tuning_view)
+    finally:
+        if tuning_view is not None:
+            tuning_view.close()
     if as_json:
         click.echo(json.dumps(result.report, indent=2, default=str))
         return

@@ -16,7 +16,7 @@ a dense weight leaves a stale entry, which is ignored).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import json
 

@@ -113,7 +113,7 @@ def test_gpu_library_is_produced_without_a_gpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_tuning_database_is_reused(tmp_path):
+def test_tuning_database_is_reused(tmp_path, capfd):
     from optc.targets.artifact import load_artifact
 
     path, proto = mlp_file(tmp_path)
@@ -121,11 +121,39 @@ def test_tuning_database_is_reused(tmp_path):
     first = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "4", "--tuning-db", db, "--json", "--no-latency")
     assert first.exit_code == 0, first.output
     tuning = json.loads(first.stdout)["target"]["tuning"]
-    assert tuning["tasks"] >= 1 and len(tuning["tuned"]) == tuning["tasks"] and tuning["reused_from_db"] == []
+    tasks = tuning["tasks"]
+    assert tasks >= 1 and len(tuning["tuned"]) == tasks and tuning["reused_from_db"] == []
     assert (db / "records.json").stat().st_size > 0
+    assert tuning["untunable"] == [] and tuning["failed_trials"] == 0 and tuning["estimated_ms"] > 0
+    # Not a terminal: one progress line at the start and one per finished task, on the real stderr.
+    progress = [line for line in capfd.readouterr().err.splitlines() if line.startswith("tuning: ")]
+    assert progress[0] == f"tuning: 0/{tasks} tasks, 0/{4 * tasks} trials; best estimate none yet"
+    assert progress[-1].startswith(f"tuning: {tasks}/{tasks} tasks, ") and "best estimate" in progress[-1] and " over " in progress[-1]
     second = invoke("compile", path, "-o", tmp_path / "b", "--target", "x86", "--tune-trials", "4", "--tuning-db", db, "--json", "--no-latency")
     again = json.loads(second.stdout)["target"]["tuning"]
     assert again["tuned"] == [] and sorted(again["reused_from_db"]) == sorted(tuning["tuned"])
     x = rand(4, 64, seed=3)
     got = load_artifact(tmp_path / "b").run({"x": x})["y"]
     np.testing.assert_allclose(got, ort_run(proto, {"x": x})["y"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_untunable_task_is_not_tuned_again(tmp_path, save):
+    """An embedding lookup fed MetaSchedule's random indices fails every candidate: it gets
+    default schedules, is remembered, and a second compile tunes nothing."""
+    table = rand(50, 16)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"), helper.make_node("Relu", ["e"], ["y"], name="relu")]
+    ids_info = helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 8])
+    proto = make_model(nodes, [ids_info], [("y", [1, 8, 16])], [("table", table)])
+    path, db = save(proto), tmp_path / "db"
+    first = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "2", "--tuning-db", db, "--json", "--no-latency")
+    assert first.exit_code == 0, first.output
+    tuning = json.loads(first.stdout)["target"]["tuning"]
+    assert tuning["untunable"] and set(tuning["untunable"]) <= set(tuning["tuned"]) and tuning["failed_trials"] >= 1
+    second = invoke("compile", path, "-o", tmp_path / "b", "--target", "x86", "--tune-trials", "2", "--tuning-db", db, "--json", "--no-latency")
+    again = json.loads(second.stdout)["target"]["tuning"]
+    assert again["tuned"] == [] and sorted(again["untunable"]) == sorted(tuning["untunable"])
+    from optc.targets.artifact import load_artifact
+
+    ids = np.array([[0, 3, 49, 7, 7, 1, 2, 40]], dtype=np.int64)
+    np.testing.assert_array_equal(load_artifact(tmp_path / "b").run({"ids": ids})["y"], np.maximum(table[ids], 0))

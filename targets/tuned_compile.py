@@ -1,0 +1,79 @@
+"""The Relax pipeline around the tuning database: fuse, apply records, lower.
+
+MetaSchedule's ``compile_relax`` does the same, minus weight pre-packing. With
+``prepack``, the fused functions' weight buffers are marked layout-free
+before tasks are extracted, so a tuned schedule may store a weight in the
+layout its loops read (tiles for the vector width, the NCHWc blocking of a
+convolution); the layout transform is split out of each function after the
+records are applied and, the weights being constants, computed once at
+compile time. The artifact's interface does not change.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    try:
+        dispatch = pipeline.library_dispatch_passes(target)
+    except (ValueError, AttributeError):
+        dispatch = []
+    passes = [
+        *dispatch,
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    if prepack:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    return passes
+
+
+def fused(mod: Any, target: Any, prepack: bool) -> Any:
+    """The module tasks are extracted from; :func:`compile_with_database` prepares it the same way, so keys match."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(_fuse_passes(target, prepack))(mod)
+
+
+def _lower_passes(target: Any) -> list[Any]:
+    """The target's lowering passes; TVM 0.27 registers none for llvm, and compile_relax falls back to these."""
+    from tvm import relax
+    from tvm.relax import pipeline
+
+    try:
+        return pipeline.dataflow_lower_passes(target) + pipeline.finalize_passes(target)
+    except (ValueError, AttributeError):
+        t = relax.transform
+        return [
+            t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(), t.CallTIRRewrite(),
+            t.StaticPlanBlockMemory(), t.LowerAllocTensor(), t.KillAfterLastUse(), t.LowerRuntimeBuiltin(),
+            t.ComputePrimValue(), t.VMShapeLower(), t.AttachGlobalSymbol(),
+        ]
+
+
+def compile_with_database(database: Any, mod: Any, target: Any, prepack: bool) -> Any:
+    """``mod`` built with every record ``database`` holds (default schedules elsewhere)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.transform import MetaScheduleApplyDatabase
+
+    lower = _lower_passes(target)
+
+    @tvm.transform.module_pass(opt_level=3)
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        mod = tvm.transform.Sequential(_fuse_passes(target, prepack))(mod)
+        mod = MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        if prepack:
+            mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+            mod = relax.transform.FoldConstant()(mod)  # the weights' layout transform, at compile time
+        return tvm.transform.Sequential(lower)(mod)
+
+    with target, database, tvm.transform.PassContext(opt_level=3):
+        return relax.build(mod, target=target, relax_pipeline=_pipeline)
