@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/distill.py [--only minilm|cnn] [--targets 0.2,0.3,0.4] [--configs NAME,...]
                                  [--fit-sentences 1024] [--budgets 0.01,0.02,0.05] [--fits whitened,asvd,plain]
+                                 [--reconstruct sequential,none]
 """
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def bench_minilm(targets: list[float], damp: float, fit_count: int, configs: lis
             f"damp={damp}\n") + _table(header, rows)
 
 
-def bench_cnn(budgets: list[float], damp: float, fits: list[str]) -> str:
+def bench_cnn(budgets: list[float], damp: float, fits: list[str], reconstructs: list[str]) -> str:
     """fold-batchnorm, distill, then distill-head fitted to the original model's logits."""
     model = load_model(SAMPLE / "mnist_cnn.onnx")
     infer_shapes(model)
@@ -142,9 +143,9 @@ def bench_cnn(budgets: list[float], damp: float, fits: list[str]) -> str:
     # What PassManager gives a pass that requires TEACHER: the pipeline input's outputs.
     ctx = PassContext(calibration=calib, teacher=TeacherOutputs.capture(model, calib))
     for budget in budgets:
-        for fit in fits:
+        for fit, reconstruct in [(f, r) for f in fits for r in reconstructs]:
             start = time.perf_counter()
-            distill = make_pass("distill", {"budget": budget, "fit": fit, "damp": damp, "min_reduction": 0.05})
+            distill = make_pass("distill", {"budget": budget, "fit": fit, "damp": damp, "min_reduction": 0.05, "reconstruct": reconstruct})
             student = distill.run(folded, PassContext(calibration=calib))
             head = make_pass("distill-head", {"mode": "kd", "temperature": 4.0}).run(student.model, ctx)
             seconds = time.perf_counter() - start
@@ -153,10 +154,10 @@ def bench_cnn(budgets: list[float], damp: float, fits: list[str]) -> str:
             removed = 1 - macs / base_macs
             (report,) = head.stats.get("heads", [{}]) or [{}]
             kd = f"{report.get('kd_before', float('nan')):.3f} -> {report.get('kd_after', float('nan')):.3f}" + ("" if head.modified else " (not kept)")
-            rows.append([f"{budget:g}", fit, str(student.stats.get("replaced", 0)), f"{100 * removed:.1f} %",
+            rows.append([f"{budget:g}", f"{fit} / {reconstruct}", str(student.stats.get("replaced", 0)), f"{100 * removed:.1f} %",
                          f"{100 * accuracy(student.model, test):.1f} %", f"{100 * accuracy(head.model, test):.1f} %", kd, f"{seconds:.1f}"])
             print(_row(rows[-1], [len(c) for c in rows[-1]]), flush=True)
-    header = ["layer budget", "fit", "layers", "MACs removed", "accuracy", "+ distill-head", "held-out KD loss", "passes s"]
+    header = ["layer budget", "fit / reconstruct", "layers", "MACs removed", "accuracy", "+ distill-head", "held-out KD loss", "passes s"]
     return (f"CNN: {base_macs:,} MACs (BatchNorm folded); fit on the {calib.num_samples} calibration samples, accuracy on "
             f"{test.inputs.num_samples} test samples; distill-head: kd, T=4, a quarter of the calibration samples held out\n") + _table(header, rows)
 
@@ -170,12 +171,13 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(MINILM_CONFIGS), help="MiniLM configurations, comma-separated")
     parser.add_argument("--budgets", default="0.01,0.02,0.05")
     parser.add_argument("--fits", default="whitened,asvd,plain", help="low-rank fits for the CNN, comma-separated")
+    parser.add_argument("--reconstruct", default="sequential,none", help="CNN: distill's reconstruct settings, comma-separated")
     args = parser.parse_args()
     if args.only in (None, "minilm"):
         print(bench_minilm([float(t) for t in args.targets.split(",")], args.damp, args.fit_sentences, args.configs.split(",")), flush=True)
         print(flush=True)
     if args.only in (None, "cnn"):
-        print(bench_cnn([float(b) for b in args.budgets.split(",")], args.damp, args.fits.split(",")), flush=True)
+        print(bench_cnn([float(b) for b in args.budgets.split(",")], args.damp, args.fits.split(","), args.reconstruct.split(",")), flush=True)
 
 
 if __name__ == "__main__":

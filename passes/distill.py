@@ -16,6 +16,13 @@ searched (bisection) so that the candidates lose that fraction of their
 parameters. A student must remove at least ``min_reduction`` of the
 teacher's params (MACs scale the same way).
 
+With ``reconstruct=sequential`` (the default) each student's last layer is
+then refit in graph order on its input as the student model computes it,
+against the teacher layer's output on the teacher's input
+(:mod:`optc.passes.sequential_refit`, shared with prune-channels): a student
+downstream corrects the error of those before it instead of compounding it.
+One calibration pass per student; the reported ``rel_error`` is the refit's.
+
 Layer errors compound through the network, so the whole model is then run on
 the calibration data against the teacher; while the output relative MSE
 exceeds ``global_budget`` (or mean cosine is below ``min_cosine``) the
@@ -37,7 +44,8 @@ from optc.passes.base import Pass, PassContext, PassResult, Requirement, option,
 from optc.passes.calibration import CalibrationSet
 from optc.passes.distill_lowrank import RULES, low_rank_candidate
 from optc.passes.distill_mlp import match_mlp_blocks, mlp_candidate
-from optc.passes.layers import LinearLayer, find_linear_layers, input_grams
+from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, weight_matrix
+from optc.passes.sequential_refit import refit_layer
 from optc.passes.teacher import TeacherOutputs
 
 logger = logging.getLogger(__name__)
@@ -61,6 +69,8 @@ class DistillConfig:
     batch_size: int = option(16, "calibration batch size")
     max_batches: int | None = option(None, "calibration batches used (None: all)")
     max_backoff: int = option(8, "rounds of backing off layers to meet the global budget")
+    reconstruct: Literal["sequential", "none"] = option("sequential", "sequential: refit each student's last layer, in graph order, on the student model's own input")
+    ridge: float = option(1e-4, "sequential refit: ridge towards the student's fitted weights, relative to the input second moment")
 
     def __post_init__(self) -> None:
         if not self.budget >= 0:
@@ -71,6 +81,8 @@ class DistillConfig:
             raise ValueError(f"min_reduction must be in [0, 1), got {self.min_reduction}")
         if self.damp < 0:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if not 0 <= self.alpha <= 2:
             raise ValueError(f"alpha must be in [0, 2], got {self.alpha}")
         unknown = set(self.students) - set(STUDENTS)
@@ -113,14 +125,15 @@ class Distill(Pass[DistillConfig]):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         skipped: list[str] = []
+        self.refit_errors: dict[str, float] = {}  # key -> rel error after the sequential refit
         candidates = self._candidates(model, ctx, skipped)
         plans = self._choose(candidates, skipped)
         if not plans:
             return PassResult(model, modified=False, stats={"replaced": 0}, skipped=skipped)
         reference = TeacherOutputs.capture(model, ctx.calibration, batch_size=cfg.batch_size, max_batches=cfg.max_batches, max_samples=None)
-        student = apply_plans(model, list(plans.values()))
+        student = self._build(model, plans, ctx)
         if cfg.global_budget is not None or cfg.min_cosine is not None:
-            student, plans, fidelity = self._back_off(model, student, plans, candidates, reference, ctx.calibration, skipped)
+            student, plans, fidelity = self._back_off(model, student, plans, candidates, reference, ctx, skipped)
             if not plans:
                 return PassResult(model, modified=False, stats={"replaced": 0, "global": fidelity}, skipped=skipped)
         else:
@@ -189,8 +202,29 @@ class Distill(Pass[DistillConfig]):
                 plans[cand.key] = plan
         return plans
 
+    def _build(self, teacher: Model, plans: dict[str, Plan], ctx: PassContext) -> Model:
+        """The teacher with ``plans`` applied and, with ``reconstruct=sequential``, their last layers refit."""
+        student = apply_plans(teacher, list(plans.values()))
+        if self.config.reconstruct == "none":
+            return student
+        self.refit_errors = {}
+        order = {n.name: i for i, n in enumerate(teacher.graph.node)}
+        teacher_layers = {layer.node: layer for layer in find_linear_layers(teacher)[0]}
+        for key in sorted(plans, key=lambda k: order.get(k, len(order))):
+            layer = {l.node: l for l in find_linear_layers(student)[0]}.get(key)
+            if layer is None or layer.group != 1:
+                continue
+            ref = teacher_layers[key]
+            target = weight_matrix(ref, teacher.initializer_array(ref.weight).astype(np.float64))
+            student, fit = refit_layer(
+                student, layer, teacher, ref, target, ctx.calibration, ridge=self.config.ridge,
+                max_batches=self.config.max_batches, seed=ctx.seed, bias_already=getattr(plans[key], "bias_delta", None),
+            )
+            self.refit_errors[key] = fit.rel_error
+        return student
+
     def _back_off(self, teacher: Model, student: Model, plans: dict[str, Plan], candidates: list[Candidate],
-                  reference: TeacherOutputs, calib: CalibrationSet, skipped: list[str]):
+                  reference: TeacherOutputs, ctx: PassContext, skipped: list[str]):
         """Tighten the worst subgraphs' budgets (a larger student) until the model outputs are within the global budget.
 
         Each round quarters the budget of the worst quarter of the replaced
@@ -200,7 +234,7 @@ class Distill(Pass[DistillConfig]):
         cfg = self.config
         by_key = {c.key: c for c in candidates}
         for round_ in range(cfg.max_backoff + 1):
-            fid = output_fidelity(reference, student, calib)
+            fid = output_fidelity(reference, student, ctx.calibration)
             ok = (cfg.global_budget is None or fid["rel_mse"] <= cfg.global_budget) and (
                 cfg.min_cosine is None or fid["mean_cosine"] >= cfg.min_cosine
             )
@@ -217,7 +251,7 @@ class Distill(Pass[DistillConfig]):
                                    f"cosine {fid['mean_cosine']:.5f}; {tighter})")
                 else:
                     plans[p.key] = tighter
-            student = apply_plans(teacher, list(plans.values())) if plans else teacher
+            student = self._build(teacher, plans, ctx) if plans else teacher
         if not ok:
             for key in plans:
                 skipped.append(f"{key}: backed off (global budget not met after {cfg.max_backoff} rounds)")
@@ -227,9 +261,13 @@ class Distill(Pass[DistillConfig]):
     def _report(self, model: Model, plans: list[Plan], candidates: list[Candidate], fidelity: Mapping[str, float]) -> dict:
         macs = compute_stats(model).macs_per_node
         layers = [p.report(macs) for p in plans]
+        for layer, plan in zip(layers, plans):
+            if plan.key in self.refit_errors:
+                layer["rel_error_fit"], layer["rel_error"] = layer["rel_error"], self.refit_errors[plan.key]
         return {
             "replaced": len(plans),
             "fit": self.config.fit,
+            "reconstruct": self.config.reconstruct,
             "params_removed": sum(l["params_teacher"] - l["params_student"] for l in layers),
             "candidate_params": sum(c.params for c in candidates),
             "macs_removed": sum(l["macs_teacher"] - l["macs_student"] for l in layers),

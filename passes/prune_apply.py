@@ -22,10 +22,11 @@ from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.ir.shapes import infer_shapes
 from optc.passes.bias_fold import add_to_bias
-from optc.passes.layers import find_linear_layers, matrix_to_weight, paired_grams, weight_matrix
+from optc.passes.layers import find_linear_layers, matrix_to_weight, weight_matrix
 from optc.passes.prune_criteria import feature_unit
 from optc.passes.prune_groups import ChannelGraph, Layout
-from optc.passes.refit import refit_columns, refit_paired
+from optc.passes.refit import refit_columns
+from optc.passes.sequential_refit import refit_layer
 
 logger = logging.getLogger(__name__)
 
@@ -145,22 +146,14 @@ def refit_sequentially(original, pruned, graph, plan, layers, ctx_calibration, e
         layer_o, layer_p = layers[consumer.node], current_layers.get(consumer.node)
         if layer_p is None or layer_p.group != 1:
             continue
-        # 1024 rows a batch: the fit has at most a few thousand columns, and each consumer costs a pass.
-        pg = paired_grams(pruned, [layer_p], original, [layer_o], ctx_calibration, max_batches=cfg.max_batches, max_rows_per_batch=1024, seed=seed)[layer_p.node]
         w_orig = weight_matrix(layer_o, original.initializer_array(nodes[consumer.node].input[1]).astype(np.float64))
         source = sources.get(consumer.node)
         rows = plan.keep[graph.space_group[source.space]] if source is not None else np.arange(w_orig.shape[0])
-        prior = weight_matrix(layer_p, pruned.initializer_array(layer_p.weight).astype(np.float64))
-        fit = refit_paired(pg, w_orig[rows], prior, ridge=cfg.ridge)
-        editor = GraphEditor(pruned)
-        node = next(n for n in editor.nodes if n.name == consumer.node)
-        dtype = np.asarray(editor.constant_value(node.inputs[1])).dtype
-        node.inputs[1] = editor.add_constant(node.inputs[1].name, matrix_to_weight(layer_p, fit.weight).astype(dtype))
-        # The bias already holds the first refit's delta: add the difference.
-        previous = bias_delta.get(consumer.node, np.zeros(len(rows)))
-        if np.any(fit.bias_delta - previous):
-            add_to_bias(editor, node, fit.bias_delta - previous)
-        pruned = editor.commit()
+        # The bias already holds the first refit's delta: only the difference is added.
+        pruned, fit = refit_layer(
+            pruned, layer_p, original, layer_o, w_orig[rows], ctx_calibration, ridge=cfg.ridge, max_batches=cfg.max_batches,
+            seed=seed, bias_already=bias_delta.get(consumer.node, np.zeros(len(rows))),
+        )
         errors[consumer.node] = (fit.rel_error, errors[consumer.node][1])
     infer_shapes(pruned)
     return pruned
