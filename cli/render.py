@@ -50,9 +50,10 @@ def _describe_stats(stats: dict[str, Any]) -> str:
 
 
 def _params(stats: dict[str, Any]) -> str:
-    """Parameter count, with the nonzero count when zeros are a visible share (sparsified weights)."""
+    """Parameter count, with the nonzero count when a tenth or more are zeros (sparsified weights;
+    quantised models have a few percent: zero points and weights rounded to zero)."""
     params, nonzero = stats["params"], stats.get("nonzero_params", stats["params"])
-    if params and nonzero < 0.99 * params:
+    if params and nonzero < 0.9 * params:
         return f"{human_count(params)} ({human_count(nonzero)} nz)"
     return human_count(params)
 
