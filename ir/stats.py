@@ -16,9 +16,8 @@ a dense weight leaves a stale entry, which is ignored).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -97,18 +96,19 @@ def compute_stats(model: Model) -> ModelStats:
             unknown.append(node.name)
         else:
             macs[node.name] = count
+    packed = packed_weights(model)
+    params, nonzero, counts = _param_counts(g, packed)
     weight_names = _compute_weights(g)
     weights = []
     for t in g.initializer:
         if t.name in weight_names and t.data_type in _FLOAT_TYPES:
-            arr = numpy_helper.to_array(t)
-            weights.append(WeightStat(t.name, tuple(arr.shape), float(np.count_nonzero(arr == 0)) / max(arr.size, 1)))
-    packed = packed_weights(model)
+            shape, nz = counts[t.name]
+            size = int(np.prod(shape, dtype=np.int64))
+            weights.append(WeightStat(t.name, shape, float(size - nz) / max(size, 1)))
     for values, entry in packed.items():
         size = int(np.prod(entry["shape"], dtype=np.int64))
         weights.append(WeightStat(entry["weight"], tuple(entry["shape"]), 1 - entry["nonzero"] / max(size, 1)))
     tensors = list(iter_all_tensors(g))
-    params, nonzero = _param_counts(g, packed)
     return ModelStats(
         params=params,
         nonzero_params=nonzero,
@@ -150,12 +150,17 @@ def packed_weights(model: Model) -> dict[str, dict]:
     return found
 
 
-def _param_counts(graph: onnx.GraphProto, packed: dict[str, dict]) -> tuple[int, int]:
-    """(logical entries, nonzero entries) over every stored tensor; see the module doc."""
+def _param_counts(graph: onnx.GraphProto, packed: dict[str, dict]) -> tuple[int, int, dict[str, tuple[tuple[int, ...], int]]]:
+    """(logical entries, nonzero entries) over every stored tensor (see the module doc), and each
+    tensor's (shape, nonzero count) by name, the first of a name (the main graph's) kept: every
+    tensor is read once, here, since stats run before and after every pass."""
     masks = {e["mask"] for e in packed.values()}
     params = nonzero = 0
+    counts: dict[str, tuple[tuple[int, ...], int]] = {}
     for t in iter_all_tensors(graph):
         size = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
+        nz = size if t.data_type == onnx.TensorProto.STRING else int(np.count_nonzero(numpy_helper.to_array(t)))
+        counts.setdefault(t.name, (tuple(int(d) for d in t.dims), nz))
         if t.name in masks:
             continue
         if t.name in packed:
@@ -163,14 +168,14 @@ def _param_counts(graph: onnx.GraphProto, packed: dict[str, dict]) -> tuple[int,
             nonzero += size
         else:
             params += size
-            nonzero += int(np.count_nonzero(numpy_helper.to_array(t))) if t.data_type != onnx.TensorProto.STRING else size
+            nonzero += nz
     for g in iter_graphs(graph):  # sparse initializers: dense shape, stored values (indices are storage)
         for sp in g.sparse_initializer:
             values = int(np.prod(sp.values.dims, dtype=np.int64))
             indices = int(np.prod(sp.indices.dims, dtype=np.int64))
             params += int(np.prod(sp.dims, dtype=np.int64)) - values - indices
             nonzero -= indices
-    return params, nonzero
+    return params, nonzero, counts
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
