@@ -210,8 +210,11 @@ class Distill(Pass[DistillConfig]):
         self.refit_errors = {}
         order = {n.name: i for i, n in enumerate(teacher.graph.node)}
         teacher_layers = {layer.node: layer for layer in find_linear_layers(teacher)[0]}
+        # Each student is refit once, in graph order: those not yet refit keep the
+        # input tensors and weight names they have in the student built here.
+        student_layers = {layer.node: layer for layer in find_linear_layers(student)[0]}
         for key in sorted(plans, key=lambda k: order.get(k, len(order))):
-            layer = {l.node: l for l in find_linear_layers(student)[0]}.get(key)
+            layer = student_layers.get(key)
             if layer is None or layer.group != 1:
                 continue
             ref = teacher_layers[key]
