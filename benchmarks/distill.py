@@ -10,18 +10,22 @@
   for attention) x low-rank fit. Goal: >= 30 % of MatMul weight params removed
   at mean cosine >= 0.99.
 * The bundled CNN (BatchNorm folded first): MACs removed vs top-1 accuracy on
-  ``test.npz``, fitted on ``calib.npz``, at several per-layer budgets, before
-  and after ``distill-head`` (KD of the classifier to the original's logits).
+  ``test.npz``, fitted on ``calib.npz``, at several per-layer budgets and MACs
+  targets (``target_reduction`` with ``reduce=macs``, common or least-total
+  allocation), before and after ``distill-head`` (KD of the classifier to the
+  original's logits). Goal: >= 30 % of the MACs at <= 0.5 points of accuracy lost.
 
 Usage::
 
     python benchmarks/distill.py [--only minilm|cnn] [--targets 0.2,0.3,0.4] [--configs NAME,...]
-                                 [--fit-sentences 1024] [--budgets 0.01,0.02,0.05] [--fits whitened,asvd,plain]
+                                 [--fit-sentences 1024] [--budgets 0.01,0.02,0.05] [--macs-targets 0.3,0.35]
+                                 [--allocations common,least-total] [--fits whitened,asvd,plain]
                                  [--reconstruct sequential,none]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -86,7 +90,7 @@ MINILM_CONFIGS = {
 }
 
 
-def bench_minilm(targets: list[float], damp: float, fit_count: int, configs: list[str]) -> str:
+def bench_minilm(targets: list[float], damp: float, fit_count: int, configs: list[str], allocations: list[str], reconstructs: list[str]) -> str:
     """Fit on ``fit_count`` tokenised English sentences; cosine on the rest and on the 48 curated export sentences."""
     text = np.load(text_calibration())
     curated = dict(np.load(MINILM / "calib.npz"))
@@ -104,25 +108,24 @@ def bench_minilm(targets: list[float], damp: float, fit_count: int, configs: lis
         teacher = make_session(model)
         ref_held, ref_curated = teacher.run(None, held)[0], teacher.run(None, curated)[0]
         rows = []
-        for target in targets:
-            for name in configs:
-                start = time.perf_counter()
-                options = {"target_reduction": target, "damp": damp, **MINILM_CONFIGS[name]}
-                result = make_pass("distill", options).run(model, PassContext(calibration=calib))
-                seconds = time.perf_counter() - start
-                student = make_session(result.model)
-                cos_held = _cosines(ref_held, student.run(None, held)[0])
-                cos_cur = _cosines(ref_curated, student.run(None, curated)[0])
-                removed = result.stats.get("params_removed", 0) / matmul_params
-                kinds = [l["student"] for l in result.stats.get("layers", [])]
-                rows.append([
-                    f"{target:.2f}", name, f"{kinds.count('mlp')}+{kinds.count('lowrank')}", f"{100 * removed:.1f} %",
-                    f"{cos_held.mean():.4f}", f"{cos_held.min():.4f}", f"{cos_cur.mean():.4f}", f"{cos_cur.min():.4f}", f"{seconds:.0f}",
-                ])
-                print(_row(rows[-1], [len(c) for c in rows[-1]]), flush=True)
+        for target, name, allocation, reconstruct in itertools.product(targets, configs, allocations, reconstructs):
+            start = time.perf_counter()
+            options = {"target_reduction": target, "damp": damp, "allocation": allocation, "reconstruct": reconstruct, **MINILM_CONFIGS[name]}
+            result = make_pass("distill", options).run(model, PassContext(calibration=calib))
+            seconds = time.perf_counter() - start
+            student = make_session(result.model)
+            cos_held = _cosines(ref_held, student.run(None, held)[0])
+            cos_cur = _cosines(ref_curated, student.run(None, curated)[0])
+            removed = result.stats.get("params_removed", 0) / matmul_params
+            kinds = [l["student"] for l in result.stats.get("layers", [])]
+            rows.append([
+                f"{target:.2f}", name, f"{allocation} / {reconstruct}", f"{kinds.count('mlp')}+{kinds.count('lowrank')}", f"{100 * removed:.1f} %",
+                f"{cos_held.mean():.4f}", f"{cos_held.min():.4f}", f"{cos_cur.mean():.4f}", f"{cos_cur.min():.4f}", f"{seconds:.0f}",
+            ])
+            print(_row(rows[-1], [len(c) for c in rows[-1]]), flush=True)
     finally:
         distill_module.input_grams = memo.compute
-    header = ["target", "students / fit", "mlp+lowrank", "MatMul params removed", "held-out cos (mean)", "(min)",
+    header = ["target", "students / fit", "allocation / reconstruct", "mlp+lowrank", "MatMul params removed", "held-out cos (mean)", "(min)",
               "curated cos (mean)", "(min)", "pass s"]
     tokens = int(text["attention_mask"][:fit_count].sum())
     return (f"MiniLM: {matmul_params:,} MatMul weight params; fit on {fit_count} English sentences ({tokens:,} real tokens), "
@@ -130,7 +133,13 @@ def bench_minilm(targets: list[float], damp: float, fit_count: int, configs: lis
             f"damp={damp}\n") + _table(header, rows)
 
 
-def bench_cnn(budgets: list[float], damp: float, fits: list[str], reconstructs: list[str]) -> str:
+def cnn_settings(budgets: list[float], macs_targets: list[float], allocations: list[str]) -> list[tuple[str, dict]]:
+    """Row label and distill options: per-layer budgets, then MACs targets under each allocation."""
+    rows = [(f"budget {b:g}", {"budget": b}) for b in budgets]
+    return rows + [(f"MACs {100 * t:g} % {a}", {"target_reduction": t, "reduce": "macs", "allocation": a}) for t in macs_targets for a in allocations]
+
+
+def bench_cnn(settings: list[tuple[str, dict]], damp: float, fits: list[str], reconstructs: list[str]) -> str:
     """fold-batchnorm, distill, then distill-head fitted to the original model's logits."""
     model = load_model(SAMPLE / "mnist_cnn.onnx")
     infer_shapes(model)
@@ -142,10 +151,10 @@ def bench_cnn(budgets: list[float], damp: float, fits: list[str], reconstructs: 
     rows = [["teacher", "-", "0", "0.0 %", f"{100 * base_acc:.1f} %", "-", "-", "-"]]
     # What PassManager gives a pass that requires TEACHER: the pipeline input's outputs.
     ctx = PassContext(calibration=calib, teacher=TeacherOutputs.capture(model, calib))
-    for budget in budgets:
+    for label, options in settings:
         for fit, reconstruct in [(f, r) for f in fits for r in reconstructs]:
             start = time.perf_counter()
-            distill = make_pass("distill", {"budget": budget, "fit": fit, "damp": damp, "min_reduction": 0.05, "reconstruct": reconstruct})
+            distill = make_pass("distill", {**options, "fit": fit, "damp": damp, "min_reduction": 0.05, "reconstruct": reconstruct})
             student = distill.run(folded, PassContext(calibration=calib))
             head = make_pass("distill-head", {"mode": "kd", "temperature": 4.0}).run(student.model, ctx)
             seconds = time.perf_counter() - start
@@ -154,12 +163,16 @@ def bench_cnn(budgets: list[float], damp: float, fits: list[str], reconstructs: 
             removed = 1 - macs / base_macs
             (report,) = head.stats.get("heads", [{}]) or [{}]
             kd = f"{report.get('kd_before', float('nan')):.3f} -> {report.get('kd_after', float('nan')):.3f}" + ("" if head.modified else " (not kept)")
-            rows.append([f"{budget:g}", f"{fit} / {reconstruct}", str(student.stats.get("replaced", 0)), f"{100 * removed:.1f} %",
+            rows.append([label, f"{fit} / {reconstruct}", str(student.stats.get("replaced", 0)), f"{100 * removed:.1f} %",
                          f"{100 * accuracy(student.model, test):.1f} %", f"{100 * accuracy(head.model, test):.1f} %", kd, f"{seconds:.1f}"])
             print(_row(rows[-1], [len(c) for c in rows[-1]]), flush=True)
-    header = ["layer budget", "fit / reconstruct", "layers", "MACs removed", "accuracy", "+ distill-head", "held-out KD loss", "passes s"]
+    header = ["layer budget / MACs target", "fit / reconstruct", "layers", "MACs removed", "accuracy", "+ distill-head", "held-out KD loss", "passes s"]
     return (f"CNN: {base_macs:,} MACs (BatchNorm folded); fit on the {calib.num_samples} calibration samples, accuracy on "
             f"{test.inputs.num_samples} test samples; distill-head: kd, T=4, a quarter of the calibration samples held out\n") + _table(header, rows)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
 
 
 def main() -> None:
@@ -169,15 +182,20 @@ def main() -> None:
     parser.add_argument("--targets", default="0.2,0.3,0.4")
     parser.add_argument("--fit-sentences", type=int, default=1024)
     parser.add_argument("--configs", default=",".join(MINILM_CONFIGS), help="MiniLM configurations, comma-separated")
-    parser.add_argument("--budgets", default="0.01,0.02,0.05")
+    parser.add_argument("--budgets", default="0.01,0.02,0.05", help="CNN: per-layer budgets, comma-separated (empty: none)")
+    parser.add_argument("--macs-targets", default="0.3,0.35", help="CNN: target_reduction of the MACs, comma-separated (empty: none)")
+    parser.add_argument("--allocations", default="common,least-total", help="allocations for the targets (MiniLM's params, the CNN's MACs)")
+    parser.add_argument("--minilm-reconstruct", default="sequential", help="MiniLM: distill's reconstruct settings, comma-separated")
     parser.add_argument("--fits", default="whitened,asvd,plain", help="low-rank fits for the CNN, comma-separated")
     parser.add_argument("--reconstruct", default="sequential,none", help="CNN: distill's reconstruct settings, comma-separated")
     args = parser.parse_args()
     if args.only in (None, "minilm"):
-        print(bench_minilm([float(t) for t in args.targets.split(",")], args.damp, args.fit_sentences, args.configs.split(",")), flush=True)
+        print(bench_minilm(_floats(args.targets), args.damp, args.fit_sentences, args.configs.split(","), args.allocations.split(","),
+                           args.minilm_reconstruct.split(",")), flush=True)
         print(flush=True)
     if args.only in (None, "cnn"):
-        print(bench_cnn([float(b) for b in args.budgets.split(",")], args.damp, args.fits.split(","), args.reconstruct.split(",")), flush=True)
+        settings = cnn_settings(_floats(args.budgets), _floats(args.macs_targets), args.allocations.split(","))
+        print(bench_cnn(settings, args.damp, args.fits.split(","), args.reconstruct.split(",")), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ A layer claimed by an ``mlp`` block is not offered to the low-rank rules.
 Every student is fitted on the Gram of its layer's input over the calibration
 set, so the relative data error of each width/rank is known in closed form
 (the subgraph output's ``||Y - Y_student||^2 / ||Y||^2``). The width/rank is the
-smallest meeting ``budget``; with ``target_reduction`` a common budget is
-searched (bisection) so that the candidates lose that fraction of their
-parameters. A student must remove at least ``min_reduction`` of the
+smallest meeting ``budget``; with ``target_reduction`` the budgets are set so
+that the candidates lose that fraction of their params (or the model that
+fraction of its MACs, ``reduce=macs``): one common budget, or per-subgraph
+budgets with the least summed error (:mod:`optc.passes.distill_allocation`). A student must remove at least ``min_reduction`` of the
 teacher's params (MACs scale the same way).
 
 With ``reconstruct=sequential`` (the default) each student's last layer is
@@ -42,6 +43,7 @@ from optc.ir.session import make_session
 from optc.ir.stats import compute_stats
 from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.calibration import CalibrationSet
+from optc.passes.distill_allocation import KEEP, allocate
 from optc.passes.distill_lowrank import RULES, low_rank_candidate
 from optc.passes.distill_mlp import match_mlp_blocks, mlp_candidate
 from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, weight_matrix
@@ -56,7 +58,11 @@ STUDENTS = ("mlp", *RULES)
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     budget: float = option(0.05, "per-subgraph relative MSE ||Y-Y_student||^2/||Y||^2 on calibration data")
-    target_reduction: float | None = option(None, "fraction of candidate params to remove (replaces budget)")
+    target_reduction: float | None = option(None, "fraction to remove (replaces budget): of the candidates' params, or with reduce=macs of the model's MACs")
+    reduce: Literal["params", "macs"] = option("params", "what target_reduction counts")
+    allocation: Literal["common", "least-total"] = option(
+        "common", "target_reduction: one error budget for every subgraph, or the sizes with the least summed error (distill_allocation)"
+    )
     global_budget: float | None = option(None, "max relative MSE at the model outputs vs the teacher")
     min_cosine: float | None = option(None, "min mean per-sample cosine at the model outputs vs the teacher")
     fit: Literal["whitened", "asvd", "plain"] = option("whitened", "low-rank fit: whitened (SVD-LLM), asvd (activation scaling) or plain SVD")
@@ -108,10 +114,13 @@ class Candidate(Protocol):
 
     key: str
     params: int
+    nodes: tuple[str, ...]  # teacher nodes replaced
 
     def plan(self, budget: float) -> Plan | str: ...
 
     def removed(self, budget: float) -> int: ...
+
+    def tradeoff(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @register_pass("distill")
@@ -127,7 +136,7 @@ class Distill(Pass[DistillConfig]):
         skipped: list[str] = []
         self.refit_errors: dict[str, float] = {}  # key -> rel error after the sequential refit
         candidates = self._candidates(model, ctx, skipped)
-        plans = self._choose(candidates, skipped)
+        plans = self._choose(model, candidates, skipped)
         if not plans:
             return PassResult(model, modified=False, stats={"replaced": 0}, skipped=skipped)
         reference = TeacherOutputs.capture(model, ctx.calibration, batch_size=cfg.batch_size, max_batches=cfg.max_batches, max_samples=None)
@@ -187,15 +196,26 @@ class Distill(Pass[DistillConfig]):
                                           alpha=cfg.alpha, min_reduction=cfg.min_reduction))
         return out
 
-    def _choose(self, candidates: list[Candidate], skipped: list[str]) -> dict[str, Plan]:
+    def _choose(self, model: Model, candidates: list[Candidate], skipped: list[str]) -> dict[str, Plan]:
         cfg = self.config
-        budget = cfg.budget
-        if cfg.target_reduction is not None:
-            budget = budget_for_reduction(candidates, cfg.target_reduction)
-            logger.info("distill: common subgraph budget %.4g for %.0f%% reduction", budget, 100 * cfg.target_reduction)
+        budgets = {c.key: cfg.budget for c in candidates}
+        if cfg.target_reduction is not None and candidates:
+            if cfg.reduce == "macs":
+                stats = compute_stats(model)
+                weights = {c.key: sum(stats.macs_per_node.get(n, 0) for n in c.nodes) / c.params for c in candidates}
+                target = cfg.target_reduction * stats.macs
+            else:
+                weights = {c.key: 1.0 for c in candidates}
+                target = cfg.target_reduction * sum(c.params for c in candidates)
+            budgets = allocate(candidates, weights, target, cfg.allocation)
+            logger.info("distill: %s budgets for %.0f%% of the %s: %s", cfg.allocation, 100 * cfg.target_reduction, cfg.reduce,
+                        ", ".join(f"{k} {b:.3g}" for k, b in budgets.items()))
         plans: dict[str, Plan] = {}
         for cand in candidates:
-            plan = cand.plan(budget)
+            if budgets[cand.key] == KEEP:
+                skipped.append(f"{cand.key}: kept: the {cfg.allocation} allocation saves more elsewhere for less error")
+                continue
+            plan = cand.plan(budgets[cand.key])
             if isinstance(plan, str):
                 skipped.append(f"{cand.key}: {plan}")
             else:
@@ -277,30 +297,6 @@ class Distill(Pass[DistillConfig]):
             "layers": layers,
             "global": dict(fidelity),
         }
-
-
-def budget_for_reduction(candidates: list[Candidate], target: float) -> float:
-    """The smallest common budget under which the candidates lose ``target`` of their params.
-
-    Removed params grow monotonically with the budget, so bisection on it (in
-    log space) finds the threshold; if even the loosest budget cannot reach the
-    target, the loosest is returned.
-    """
-    total = sum(c.params for c in candidates)
-
-    def removed(budget: float) -> int:
-        return sum(c.removed(budget) for c in candidates)
-
-    lo, hi = -12.0, 0.0  # log10 budget
-    if removed(10**hi) < target * total:
-        return 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if removed(10**mid) >= target * total:
-            hi = mid
-        else:
-            lo = mid
-    return 10**hi
 
 
 def apply_plans(model: Model, plans: list[Plan]) -> Model:

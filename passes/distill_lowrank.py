@@ -80,6 +80,11 @@ class LowRankCandidate:
         return self.layer.node
 
     @property
+    def nodes(self) -> tuple[str, ...]:
+        """The teacher nodes the student replaces (their MACs are the student's to save)."""
+        return (self.layer.node,)
+
+    @property
     def params(self) -> int:
         return self.layer.in_features * self.layer.out_features
 
@@ -95,6 +100,12 @@ class LowRankCandidate:
     def removed(self, budget: float) -> int:
         rank = self.spectrum.smallest_rank(budget)
         return self.params - rank * (self.layer.in_features + self.layer.out_features) if rank <= self.max_rank else 0
+
+    def tradeoff(self) -> tuple[np.ndarray, np.ndarray]:
+        """Relative error and params removed of every admissible student (ranks 1..max_rank)."""
+        ranks = np.arange(1, self.max_rank + 1)
+        errors = np.array([self.spectrum.relative_error(int(r)) for r in ranks])
+        return errors, self.params - ranks * (self.layer.in_features + self.layer.out_features)
 
 
 def low_rank_candidate(layer: LinearLayer, w: np.ndarray, gram: InputGram, *, method: str, damp: float, alpha: float,

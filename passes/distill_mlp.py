@@ -227,6 +227,11 @@ class MlpCandidate:
         return self.block.key
 
     @property
+    def nodes(self) -> tuple[str, ...]:
+        """The teacher nodes the student replaces (their MACs are the student's to save)."""
+        return (self.block.first.node, self.block.second.node)
+
+    @property
     def params(self) -> int:
         return self.block.hidden * self.block.params_per_unit
 
@@ -246,6 +251,11 @@ class MlpCandidate:
     def removed(self, budget: float) -> int:
         k = self._width(budget)
         return (self.block.hidden - k) * self.block.params_per_unit if k <= self.max_width else 0
+
+    def tradeoff(self) -> tuple[np.ndarray, np.ndarray]:
+        """Relative error (bound) and params removed of every admissible student (widths 1..max_width)."""
+        widths = np.arange(1, self.max_width + 1)
+        return self.curve[widths], (self.block.hidden - widths) * self.block.params_per_unit
 
 
 def mlp_candidate(block: MlpBlock, w2: np.ndarray, gram: InputGram, *, select: str, min_reduction: float) -> MlpCandidate:
