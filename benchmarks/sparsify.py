@@ -55,11 +55,13 @@ HELD_OUT = 256
 CNN_CONFIGS = [
     *[(p, s, m, "uniform", 1) for p, s in [("unstructured", 0.3), ("unstructured", 0.5), ("unstructured", 0.7), ("unstructured", 0.8), ("2:4", 0.5), ("block:4x4", 0.5)] for m in ("magnitude", "obs")],
     *[("unstructured", s, "obs", a, 1) for s in (0.5, 0.7, 0.8) for a in ("sensitivity", "owl")],
+    *[("unstructured", s, m, "global", 1) for s in (0.5, 0.7) for m in ("magnitude", "obs")],
     *[(p, s, "obs", a, 4) for p, s, a in [("unstructured", 0.5, "uniform"), ("unstructured", 0.5, "sensitivity"), ("unstructured", 0.7, "sensitivity"), ("2:4", 0.5, "uniform"), ("block:4x4", 0.5, "uniform")]],
 ]
 MINILM_CONFIGS = {
     "quick": [
         *[(p, s, m, "uniform", 1) for p, s in [("unstructured", 0.5), ("2:4", 0.5)] for m in ("magnitude", "obs")],
+        *[("unstructured", 0.5, m, "global", 1) for m in ("magnitude", "obs")],
         *[("unstructured", 0.5, "obs", a, 1) for a in ("sensitivity", "owl")],
     ],
     "staged": [

@@ -5,7 +5,8 @@ matrix ``W`` (per group for grouped convolutions) with calibration Gram
 ``G = X X^T`` of its unfolded input (:mod:`optc.passes.layers`). The layer
 objective is ``||W X - W' X||^2 = tr((W - W') G (W - W')^T)``.
 
-* ``method=magnitude`` zeros the entries (or tiles) with the smallest ``|w|``.
+* ``method=magnitude`` zeros the entries (or tiles) with the smallest ``|w|``
+  (per layer; ``allocation=global`` sets the layers' levels from one threshold).
 * ``method=obs`` runs SparseGPT (see :mod:`optc.passes.sparsity_patterns`): it
   prunes column blocks left to right, choosing entries by the OBS saliency
   ``w^2 / [H^-1]_jj^2`` and updating the remaining weights so the objective
@@ -21,7 +22,7 @@ Reconstruction options (``method=obs``):
   so far, against the dense outputs (:mod:`optc.passes.sparsify_sequential`).
 
 Levels: ``allocation=uniform`` zeros exactly ``round(sparsity * units)`` entries
-or tiles in every layer; ``sensitivity`` and ``owl`` set per-layer levels with
+or tiles in every layer; ``sensitivity``, ``global`` and ``owl`` set per-layer levels with
 the same total (:mod:`optc.passes.sparsify_allocation`). N:M imposes
 ``1 - N/M`` in every layer.
 
@@ -51,7 +52,7 @@ from optc.passes.layers import InputGram, LinearLayer, PairedGram, find_linear_l
 from optc.passes.calibration import CalibrationSet
 from optc.passes.bias_fold import add_to_bias
 from optc.passes.sparsify_sequential import corrected_target, layer_depths, paired_error, split_stages
-from optc.passes.sparsify_allocation import layer_costs, owl_counts, sensitivity_counts, uniform_counts
+from optc.passes.sparsify_allocation import global_magnitude_counts, layer_costs, owl_counts, sensitivity_counts, uniform_counts
 from optc.passes.sparsify_storage import pack_sparse_weights
 from optc.passes.sparsity_patterns import (
     SparsityPattern,
@@ -80,10 +81,11 @@ class SparsifyConfig:
     exclude: tuple[str, ...] = option((), "node names or op types left dense")
     min_params: int = option(0, "layers with fewer weights than this are left dense")
     max_batches: int = option(32, "calibration batches (of 16) used for the Hessians")
-    allocation: Literal["uniform", "sensitivity", "owl"] = option(
-        "uniform", "per-layer levels: uniform, sensitivity (OBS error curves, least total relative error) or owl (outlier ratios); mean = sparsity"
+    allocation: Literal["uniform", "sensitivity", "global", "owl"] = option(
+        "uniform",
+        "per-layer levels: uniform, sensitivity (OBS error curves, least total relative error), global (one magnitude threshold) or owl (outlier ratios); mean = sparsity",
     )
-    max_shift: float = option(0.1, "sensitivity/owl: per-layer levels stay within sparsity +- max_shift")
+    max_shift: float = option(0.1, "sensitivity/global/owl: per-layer levels stay within sparsity +- max_shift")
     owl_m: float = option(5.0, "owl: an outlier scores above owl_m times its layer's mean |w| * ||x||")
     storage: Literal["dense", "packed"] = option(
         "packed", "packed: sparse weights stored as nonzeros + bitmask, decoded by a constant subgraph (lossless); dense: plain initializers"
@@ -255,6 +257,8 @@ class Sparsify(Pass[SparsifyConfig]):
         ]
         if cfg.allocation == "sensitivity":
             return sensitivity_counts(costs, cfg.sparsity, cfg.max_shift)
+        if cfg.allocation == "global":
+            return global_magnitude_counts(costs, cfg.sparsity, cfg.max_shift)
         return owl_counts(costs, cfg.sparsity, cfg.max_shift)
 
     def _plan(self, model: Model, layer: LinearLayer, gram: InputGram, pattern: SparsityPattern, total: int) -> SparseWeight:

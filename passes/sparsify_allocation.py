@@ -15,6 +15,12 @@ costs), so the allocation that minimises ``sum_l e_l(k_l)`` subject to
 layer is first held inside ``s +- max_shift`` so no layer is left dense or
 emptied on the strength of an estimate. ``K`` is the uniform allocation's total.
 
+``global``: global magnitude pruning, the classic baseline. One threshold on
+``w^2`` (a tile's sum of ``w^2`` for blocks) over all layers: the ``K`` smallest
+units of the whole model, each layer again held inside ``s +- max_shift`` (a
+pure global threshold can empty a layer whose weights are small). Inside each
+layer the method (``magnitude`` or ``obs``) still picks the units.
+
 ``owl`` (Yin et al., Outlier Weighed Layerwise sparsity, 2024): a layer's
 outlier ratio ``D_l`` is the fraction of its entries whose score
 ``|w_ij| * ||x_j||`` exceeds ``owl_m`` times the layer mean. Levels are
@@ -39,6 +45,7 @@ class LayerCosts:
     units: int
     costs: np.ndarray  # per unit, ascending, divided by the layer's output energy
     outlier_ratio: float
+    magnitudes: np.ndarray  # per unit w^2 (tile sums), ascending
 
 
 def layer_costs(node: str, parts: list[np.ndarray], grams: np.ndarray, rows: int, pattern: SparsityPattern, damp: float, owl_m: float) -> LayerCosts:
@@ -47,26 +54,31 @@ def layer_costs(node: str, parts: list[np.ndarray], grams: np.ndarray, rows: int
     ``parts`` are the per-group ``(out, in)`` matrices, ``grams`` the undamped
     ``(groups, in, in)`` sums ``X X^T`` over ``rows`` rows.
     """
-    costs, scores, energy = [], [], 0.0
+    costs, magnitudes, scores, energy = [], [], [], 0.0
     for w, gram in zip(parts, grams):
         h = gram / max(rows, 1)
         u = inverse_hessian_factor(h, damp)
         inv_diag = np.sum(u * u, axis=0)  # diag(U^T U) = diag(H^-1)
-        cost = w**2 / inv_diag
-        if pattern.kind == "block":
-            r, c = pattern.rows, pattern.cols
-            tr, tc = -(-w.shape[0] // r), -(-w.shape[1] // c)
-            padded = np.zeros((tr * r, tc * c))
-            padded[: w.shape[0], : w.shape[1]] = cost
-            cost = padded.reshape(tr, r, tc, c).sum(axis=(1, 3))
-        costs.append(cost.ravel())
+        costs.append(_per_unit(w**2 / inv_diag, pattern))
+        magnitudes.append(_per_unit(w**2, pattern))
         scores.append((np.abs(w) * np.sqrt(np.maximum(np.diag(h), 0))).ravel())
         energy += output_energy(w, h)
     all_costs = np.sort(np.concatenate(costs)) / max(energy, 1e-300)
     score = np.concatenate(scores)
     outliers = float(np.mean(score > owl_m * score.mean())) if score.size else 0.0
     count = sum(units(p.shape, pattern) for p in parts)
-    return LayerCosts(node, count, all_costs, outliers)
+    return LayerCosts(node, count, all_costs, outliers, np.sort(np.concatenate(magnitudes)))
+
+
+def _per_unit(entry_costs: np.ndarray, pattern: SparsityPattern) -> np.ndarray:
+    """Entry costs summed per unit (an entry, or an ``r x c`` tile), flat."""
+    if pattern.kind != "block":
+        return entry_costs.ravel()
+    r, c = pattern.rows, pattern.cols
+    tr, tc = -(-entry_costs.shape[0] // r), -(-entry_costs.shape[1] // c)
+    padded = np.zeros((tr * r, tc * c))
+    padded[: entry_costs.shape[0], : entry_costs.shape[1]] = entry_costs
+    return padded.reshape(tr, r, tc, c).sum(axis=(1, 3)).ravel()
 
 
 def uniform_counts(layers: list[LayerCosts] | list[int], sparsity: float) -> list[int]:
@@ -77,13 +89,23 @@ def uniform_counts(layers: list[LayerCosts] | list[int], sparsity: float) -> lis
 
 def sensitivity_counts(layers: list[LayerCosts], sparsity: float, max_shift: float) -> list[int]:
     """Units to prune per layer: the uniform total, spent on the globally cheapest normalised costs."""
+    return _cheapest_counts(layers, [l.costs for l in layers], sparsity, max_shift)
+
+
+def global_magnitude_counts(layers: list[LayerCosts], sparsity: float, max_shift: float) -> list[int]:
+    """Units to prune per layer: the uniform total, spent on the smallest weights of the whole model."""
+    return _cheapest_counts(layers, [l.magnitudes for l in layers], sparsity, max_shift)
+
+
+def _cheapest_counts(layers: list[LayerCosts], costs: list[np.ndarray], sparsity: float, max_shift: float) -> list[int]:
+    """The uniform total of units, taken where ``costs`` (each ascending) are smallest, each layer within ``sparsity +- max_shift``."""
     total = sum(uniform_counts(layers, sparsity))
     lo = [int(np.ceil(max(sparsity - max_shift, 0.0) * l.units - 1e-9)) for l in layers]
     hi = [int(np.floor(min(sparsity + max_shift, 1.0) * l.units + 1e-9)) for l in layers]
     free = total - sum(lo)
     if free <= 0:
         return lo
-    candidates = np.concatenate([l.costs[a:b] for l, a, b in zip(layers, lo, hi)])
+    candidates = np.concatenate([c[a:b] for c, a, b in zip(costs, lo, hi)])
     owner = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(zip(lo, hi))])
     chosen = np.argpartition(candidates, free - 1)[:free] if free < candidates.size else np.arange(candidates.size)
     extra = np.bincount(owner[chosen], minlength=len(layers))

@@ -14,7 +14,8 @@ from test_sparsify import _run, _small_cnn
 
 
 def _costs(scale: float, n: int, seed: int, outliers: float = 0.0) -> LayerCosts:
-    return LayerCosts(f"l{seed}", n, np.sort(np.random.default_rng(seed).exponential(scale, n)), outliers)
+    costs = np.sort(np.random.default_rng(seed).exponential(scale, n))
+    return LayerCosts(f"l{seed}", n, costs, outliers, costs)
 
 
 def test_sensitivity_meets_the_total_and_minimises_the_estimate():
@@ -60,3 +61,22 @@ def test_sensitivity_pass_keeps_the_level_and_lowers_the_total_error(tmp_path, s
     assert max(levels) - min(levels) > 0.05 and all(0.4 - 1e-6 <= s <= 0.8 + 1e-6 for s in levels)
     total = lambda r: sum(layer["rel_error"] for layer in r.stats["layers"])
     assert total(sens) < total(uniform)
+
+
+def test_global_magnitude_uses_one_threshold_within_the_bounds(tmp_path, save):
+    """No zeroed weight could swap with a kept one in another layer unless a level bound stops it."""
+    model, result, _ = _run(_small_cnn(), tmp_path, save, sparsity="0.5", method="magnitude", allocation="global", max_shift="0.45")
+    assert result.stats["nonzero_params"] == pytest.approx(result.stats["params_sparsified"] / 2, abs=1)
+    new = {t.name: t for t in result.model.graph.initializer}
+    layers = []
+    for node, weight in [("conv1", "W1"), ("conv2", "W2"), ("fc", "G")]:
+        before = np.abs(model.initializer_array(weight)).ravel()
+        name = next(n.input[1] for n in result.model.graph.node if n.name == node)
+        zeroed = result.model.initializer_array(new[name].name).ravel() == 0
+        layers.append((before, zeroed))
+    levels = [z.mean() for _, z in layers]
+    assert levels[2] > 0.5 > levels[0]  # the Gemm's weights are 10x smaller: it takes most of the zeros
+    for (wa, za), la in zip(layers, levels):
+        for (wb, zb), lb in zip(layers, levels):
+            if la > 0.05 + 0.01 and lb < 0.95 - 0.01:  # a could give a zero back, b could take one
+                assert wa[za].max() <= wb[~zb].min() + 1e-7
