@@ -294,6 +294,8 @@ class Distill(Pass[DistillConfig]):
             "params_removed": sum(l["params_teacher"] - l["params_student"] for l in layers),
             "candidate_params": sum(c.params for c in candidates),
             "macs_removed": sum(l["macs_teacher"] - l["macs_student"] for l in layers),
+            **({"target": f"{self.config.target_reduction:.0%} of the {self.config.reduce}, {self.config.allocation} allocation"}
+               if self.config.target_reduction is not None else {}),
             "layers": layers,
             "global": dict(fidelity),
         }

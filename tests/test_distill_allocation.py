@@ -117,6 +117,7 @@ def test_macs_target_is_reached_and_measured(save, allocation):
     base = compute_stats(model).macs
     assert 1 - compute_stats(after).macs / base >= 0.3
     assert result.stats["macs_removed"] == base - compute_stats(after).macs
+    assert result.stats["target"] == f"30% of the macs, {allocation} allocation"
     # The report's model-output error is what onnxruntime measures.
     y, got = ort_run(proto, {"x": x})["y"].astype(np.float64), ort_run(after.proto, {"x": x})["y"].astype(np.float64)
     assert ((y - got) ** 2).sum() / (y**2).sum() == pytest.approx(result.stats["global"]["rel_mse"], rel=1e-3, abs=1e-7)
