@@ -73,18 +73,28 @@ def latency_ms(model: Model, feeds: Mapping[str, np.ndarray], *, repeats: int = 
     return float(np.median(times))
 
 
-def interleaved_latency_ms(sessions: Sequence[Any], feeds: Mapping[str, np.ndarray], *, blocks: int = 5, runs: int = 40, warmup: int = 5) -> list[float]:
+def interleaved_latency_ms(sessions: Sequence[Any], feeds: Mapping[str, np.ndarray], *, blocks: int = 5, runs: int = 40, warmup: int = 5,
+                           budget_s: float | None = None) -> list[float]:
     """Per session, the lowest of ``blocks`` medians of ``runs`` timed runs, in milliseconds.
 
     For comparisons on a shared machine: the sessions (anything with
     onnxruntime's ``run(None, feeds)``) take turns block by block, so a
     neighbour's job slows them alike, and the lowest block median drops the
-    disturbed blocks. Ratios of the results are what to quote.
+    disturbed blocks. Ratios of the results are what to quote. With
+    ``budget_s`` the runs per block (at most ``runs``, at least 3) are sized
+    from the warm-up times so the whole measurement takes about that long.
     """
     feeds = dict(feeds)
+    spent = 0.0
     for s in sessions:
-        for _ in range(warmup):
+        for i in range(warmup):
+            start = time.perf_counter()
             s.run(None, feeds)
+            if i:  # the first run pays for allocations
+                spent += time.perf_counter() - start
+    if budget_s is not None and spent > 0:
+        per_round = spent / max(warmup - 1, 1)  # one run of every session
+        runs = int(np.clip(budget_s / (blocks * per_round), 3, runs))
     medians: list[list[float]] = [[] for _ in sessions]
     for _ in range(blocks):
         for s, block in zip(sessions, medians):

@@ -97,7 +97,8 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         lines.append(f"accuracy ({acc['samples']} labelled samples): {acc['before'] * 100:.2f}% -> {acc['after'] * 100:.2f}% ({acc['delta'] * 100:+.2f} points)")
     if "latency_ms" in ev:
         lat = ev["latency_ms"]
-        lines.append(f"latency (onnxruntime CPU, median): {lat['before']:.3f} ms -> {lat['after']:.3f} ms (x{lat['speedup']:.2f})")
+        how = "timed in turns" if lat.get("timing") == "in turns" else "median, timed one after the other"
+        lines.append(f"latency (onnxruntime CPU, {how}): {lat['before']:.3f} ms -> {lat['after']:.3f} ms (x{lat['speedup']:.2f})")
     int8 = (report.get("target") or {}).get("int8")
     if int8 and int8.get("enabled"):
         line = f"int8 (TVM): {int8['lowered']} regions lowered to integer kernels"

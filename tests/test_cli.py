@@ -34,7 +34,8 @@ def test_compile_sample_end_to_end(tmp_path):
     acc = report["evaluation"]["accuracy"]
     assert acc["samples"] == 1000 and acc["before"] > 0.95 and abs(acc["delta"]) < 1e-9
     assert all(m["max_abs"] < 1e-4 for m in report["evaluation"]["fidelity"].values())
-    assert report["evaluation"]["latency_ms"]["after"] > 0
+    latency = report["evaluation"]["latency_ms"]
+    assert latency["after"] > 0 and latency["timing"] == "in turns"  # a small model keeps its session
     # The written model runs and equals the original in onnxruntime.
     x = np.load(SAMPLE / "test.npz")["input"][:16]
     ref = ort_run(onnx.load(str(SAMPLE / "mnist_cnn.onnx")), {"input": x})["logits"]
@@ -161,3 +162,15 @@ def test_real_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     debug = subprocess.run([exe, "--debug", "compile", str(BAD / "truncated.onnx"), "-o", str(tmp_path / "x")], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_large_input_model_is_timed_one_after_the_other(tmp_path, monkeypatch):
+    """Above the memory bound the input model is not kept for the timing: the report says how it was timed."""
+    import optc.driver
+
+    monkeypatch.setattr(optc.driver, "INTERLEAVE_MAX_BYTES", 0)
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / "out", "--calib", SAMPLE / "calib.npz")
+    assert res.exit_code == 0, res.output
+    assert "latency (onnxruntime CPU, median, timed one after the other)" in res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["evaluation"]["latency_ms"]["timing"] == "one after the other"
