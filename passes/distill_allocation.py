@@ -18,6 +18,13 @@ candidate ``c`` saves ``p_i * w_c`` with ``w_c`` 1 or its MACs per param.
   over its sizes and the teacher itself (0, 0); the smallest ``lam`` that
   reaches the target is found by bisection. The greedy solution is optimal on
   the convex hull of each candidate's curve, which is what a multiplier can reach.
+
+Measured (``benchmarks/distill.py``): on the sample CNN with ``reduce=macs``,
+least-total removes 40.0 % of the MACs at 97.6 % top-1 where the common budget
+removes 40.3 % at 96.7 % (teacher 98.0 %): it leaves the stem and the 1x1
+convolution alone and cuts the 3x3 convolutions that hold the MACs. On MiniLM
+(30 % of the params, narrower MLPs) the two are within noise (held-out cosine
+0.951 vs 0.955), so ``common`` stays the default.
 """
 from __future__ import annotations
 
