@@ -134,20 +134,19 @@ class Distill(Pass[DistillConfig]):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         skipped: list[str] = []
-        self.refit_errors: dict[str, float] = {}  # key -> rel error after the sequential refit
         candidates = self._candidates(model, ctx, skipped)
         plans = self._choose(model, candidates, skipped)
         if not plans:
             return PassResult(model, modified=False, stats={"replaced": 0}, skipped=skipped)
         reference = TeacherOutputs.capture(model, ctx.calibration, batch_size=cfg.batch_size, max_batches=cfg.max_batches, max_samples=None)
-        student = self._build(model, plans, ctx)
+        student, refit_errors = self._build(model, plans, ctx)
         if cfg.global_budget is not None or cfg.min_cosine is not None:
-            student, plans, fidelity = self._back_off(model, student, plans, candidates, reference, ctx, skipped)
+            student, plans, refit_errors, fidelity = self._back_off(model, student, plans, refit_errors, candidates, reference, ctx, skipped)
             if not plans:
                 return PassResult(model, modified=False, stats={"replaced": 0, "global": fidelity}, skipped=skipped)
         else:
             fidelity = output_fidelity(reference, student, ctx.calibration)
-        stats = self._report(model, list(plans.values()), candidates, fidelity)
+        stats = self._report(model, list(plans.values()), candidates, refit_errors, fidelity)
         return PassResult(student, modified=True, stats=stats, skipped=skipped)
 
     # -- analysis ----------------------------------------------------------------
@@ -222,12 +221,15 @@ class Distill(Pass[DistillConfig]):
                 plans[cand.key] = plan
         return plans
 
-    def _build(self, teacher: Model, plans: dict[str, Plan], ctx: PassContext) -> Model:
-        """The teacher with ``plans`` applied and, with ``reconstruct=sequential``, their last layers refit."""
+    def _build(self, teacher: Model, plans: dict[str, Plan], ctx: PassContext) -> tuple[Model, dict[str, float]]:
+        """The teacher with ``plans`` applied and, with ``reconstruct=sequential``, their last layers refit.
+
+        Also returns, per refit student, its relative error after the refit.
+        """
         student = apply_plans(teacher, list(plans.values()))
+        refit_errors: dict[str, float] = {}
         if self.config.reconstruct == "none":
-            return student
-        self.refit_errors = {}
+            return student, refit_errors
         order = {n.name: i for i, n in enumerate(teacher.graph.node)}
         teacher_layers = {layer.node: layer for layer in find_linear_layers(teacher)[0]}
         # Each student is refit once, in graph order: those not yet refit keep the
@@ -243,11 +245,11 @@ class Distill(Pass[DistillConfig]):
                 student, layer, teacher, ref, target, ctx.calibration, ridge=self.config.ridge,
                 max_batches=self.config.max_batches, seed=ctx.seed, bias_already=getattr(plans[key], "bias_delta", None),
             )
-            self.refit_errors[key] = fit.rel_error
-        return student
+            refit_errors[key] = fit.rel_error
+        return student, refit_errors
 
-    def _back_off(self, teacher: Model, student: Model, plans: dict[str, Plan], candidates: list[Candidate],
-                  reference: TeacherOutputs, ctx: PassContext, skipped: list[str]):
+    def _back_off(self, teacher: Model, student: Model, plans: dict[str, Plan], refit_errors: dict[str, float],
+                  candidates: list[Candidate], reference: TeacherOutputs, ctx: PassContext, skipped: list[str]):
         """Tighten the worst subgraphs' budgets (a larger student) until the model outputs are within the global budget.
 
         Each round quarters the budget of the worst quarter of the replaced
@@ -274,19 +276,20 @@ class Distill(Pass[DistillConfig]):
                                    f"cosine {fid['mean_cosine']:.5f}; {tighter})")
                 else:
                     plans[p.key] = tighter
-            student = self._build(teacher, plans, ctx) if plans else teacher
+            student, refit_errors = self._build(teacher, plans, ctx) if plans else (teacher, {})
         if not ok:
             for key in plans:
                 skipped.append(f"{key}: backed off (global budget not met after {cfg.max_backoff} rounds)")
-            return teacher, {}, fid
-        return student, plans, fid
+            return teacher, {}, {}, fid
+        return student, plans, refit_errors, fid
 
-    def _report(self, model: Model, plans: list[Plan], candidates: list[Candidate], fidelity: Mapping[str, float]) -> dict:
+    def _report(self, model: Model, plans: list[Plan], candidates: list[Candidate], refit_errors: Mapping[str, float],
+                fidelity: Mapping[str, float]) -> dict:
         macs = compute_stats(model).macs_per_node
         layers = [p.report(macs) for p in plans]
         for layer, plan in zip(layers, plans):
-            if plan.key in self.refit_errors:
-                layer["rel_error_fit"], layer["rel_error"] = layer["rel_error"], self.refit_errors[plan.key]
+            if plan.key in refit_errors:
+                layer["rel_error_fit"], layer["rel_error"] = layer["rel_error"], refit_errors[plan.key]
         return {
             "replaced": len(plans),
             "fit": self.config.fit,
