@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from optc import __version__
 from optc.errors import ConfigError
 from optc.evaluation import LabelledSet, accuracy, interleaved_latency_ms, latency_ms
@@ -123,7 +125,7 @@ def compile_model(
             raise ConfigError(f"--target {opts.target} needs static input shapes; freeze them with --input-shape ({'; '.join(dynamic)})")
     calib = CalibrationSet.from_path(opts.calib, model) if opts.calib else None
     labelled = LabelledSet.from_path(opts.eval_data, model) if opts.eval_data else None
-    feeds = _sample_feeds(model, calib, labelled, opts.seed)
+    feeds, feeds_source = _sample_feeds(model, calib, labelled, opts.seed)
     ctx = PassContext(calibration=calib, seed=opts.seed)
     PassManager(passes).check_requirements(model, ctx)
 
@@ -152,10 +154,12 @@ def compile_model(
         final = _measure(result.model, feeds, labelled, opts.measure_latency and not in_turns)
         if baseline_session is not None:
             baseline.latency_ms, final.latency_ms = interleaved_latency_ms(
-                [baseline_session, make_session(result.model)], feeds, blocks=5, budget_s=LATENCY_BUDGET_S
+                [baseline_session, make_session(result.model)], feeds, blocks=10, runs=20, budget_s=LATENCY_BUDGET_S
             )
             baseline_session = None
         evaluation = _compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other")
+        evaluation["fidelity_data"] = feeds_source
+        _check_finite(baseline, final)
         files = save_model(result.model, staging / MODEL_NAME, external_data=opts.external_data)
         report = _report(opts, passes, source, result, evaluation)
         if spec is not None:
@@ -203,12 +207,28 @@ def _compile_target(model: Model, spec, staging: Path, opts: CompileOptions, on_
     return {**spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built, "tuning": {**tuning, "db": str(tune.db_dir)}, "int8": int8}
 
 
-def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int):
-    """Inputs for --verify-each, fidelity and latency: real data when there is some."""
-    source = calib or (labelled.inputs if labelled else None)
-    if source is not None:
-        return source.take(8)
-    return sample_feeds(model, seed=seed)
+def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int) -> tuple[dict, str]:
+    """Inputs for --verify-each, fidelity and latency, and where they come from.
+
+    Evaluation data first: the passes never saw it, so fidelity on it is not
+    flattered by what they fitted. Then calibration data (seen by the passes),
+    then random inputs.
+    """
+    if labelled is not None:
+        return labelled.inputs.take(8), "evaluation data"
+    if calib is not None:
+        return calib.take(8), "calibration data, which the passes fitted on"
+    return sample_feeds(model, seed=seed), "random inputs"
+
+
+def _check_finite(before: _Measurement, after: _Measurement) -> None:
+    """Refuse to write a model that turns finite outputs into NaN/inf (a pass went wrong)."""
+    for name, ref in before.outputs.items():
+        got = after.outputs.get(name)
+        if got is None or not np.issubdtype(got.dtype, np.floating):
+            continue
+        if np.isfinite(ref).all() and not np.isfinite(got).all():
+            raise RuntimeError(f"the compressed model computes NaN/inf on output '{name}' where the input model does not; nothing was written")
 
 
 @dataclass

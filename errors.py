@@ -29,5 +29,16 @@ class PassError(OptcError):
         self.node = node
 
 
+class PassCrash(RuntimeError):
+    """A pass raised something unexpected: a bug in optc, not bad input (exit code 1).
+
+    Not an :class:`OptcError` on purpose; the message names the pass and the passes before it.
+    """
+
+    def __init__(self, message: str, *, pass_name: str):
+        super().__init__(f"pass '{pass_name}': {message}")
+        self.pass_name = pass_name
+
+
 class TargetError(OptcError):
     """Compilation for a target failed or the target is misconfigured."""

@@ -91,7 +91,8 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     if fid:
         worst = max(m["max_abs"] for m in fid.values())
         cos = min(m["cosine"] for m in fid.values())
-        lines.append(f"fidelity vs input model ({ev['fidelity_samples']} samples): max |Δ| {worst:.2e}, cosine {cos:.6f}")
+        data = f", {ev['fidelity_data']}" if ev.get("fidelity_data") else ""
+        lines.append(f"fidelity vs input model ({ev['fidelity_samples']} samples{data}): max |Δ| {worst:.2e}, cosine {cos:.6f}")
     if "accuracy" in ev:
         acc = ev["accuracy"]
         lines.append(f"accuracy ({acc['samples']} labelled samples): {acc['before'] * 100:.2f}% -> {acc['after'] * 100:.2f}% ({acc['delta'] * 100:+.2f} points)")

@@ -67,8 +67,14 @@ class CalibrationSet:
         else:
             raise ConfigError(f"{kind} data {path}: no such file or folder")
         specs = tuple(model.inputs)
-        total = sum(_validate_file(f, specs, extra_keys, kind) for f in files)
-        return cls(files, specs, total, _token_mask(specs, token_mask))
+        counts = [_validate_file(f, specs, extra_keys, kind) for f in files]
+        batch = _fixed_batch(specs)
+        short = [(f, n) for f, n in zip(files, counts) if batch and n < batch]
+        if short:
+            f, n = short[0]
+            raise ConfigError(f"{kind} file {f.name}: {n} samples, fewer than the model's fixed batch of {batch}; "
+                              f"give at least {batch} per file or freeze a smaller batch with --input-shape")
+        return cls(files, specs, sum(counts), _token_mask(specs, token_mask))
 
     def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed)."""
@@ -87,11 +93,15 @@ class CalibrationSet:
         return next(self.batches(size))
 
     def _fixed_batch(self) -> int | None:
-        dims = {s.shape[0] for s in self.inputs if s.shape and isinstance(s.shape[0], int)}
-        return dims.pop() if len(dims) == 1 else None
+        return _fixed_batch(self.inputs)
 
     def _batch_size(self, wanted: int) -> int:
         return self._fixed_batch() or max(1, min(wanted, self.num_samples))
+
+
+def _fixed_batch(specs: Sequence[TensorSpec]) -> int | None:
+    dims = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    return dims.pop() if len(dims) == 1 else None
 
 
 def _token_mask(specs: Sequence[TensorSpec], wanted: str | None) -> str | None:
@@ -169,6 +179,10 @@ def _check_array(file: str, spec: TensorSpec, arr: np.ndarray) -> None:
     for axis, (want, have) in enumerate(zip(spec.shape[1:], arr.shape[1:]), start=1):
         if isinstance(want, int) and want != have:
             raise ConfigError(f"{where}: shape {list(arr.shape)} has {have} on axis {axis}, the model expects {want}")
+    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        # NaN/inf would flow into every statistic and refit, and into the written weights.
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+        raise ConfigError(f"{where}: non-finite value {arr[bad]} at {list(bad)} (of {int((~np.isfinite(arr)).sum())})")
 
 
 Reducer = Callable[[str, np.ndarray], None]

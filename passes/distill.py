@@ -89,6 +89,16 @@ class DistillConfig:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
         if not self.ridge >= 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if self.max_backoff < 0:
+            raise ValueError(f"max_backoff must be >= 0, got {self.max_backoff}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1, got {self.max_batches}")
+        if self.global_budget is not None and not self.global_budget >= 0:
+            raise ValueError(f"global_budget must be >= 0, got {self.global_budget}")
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
         if not 0 <= self.alpha <= 2:
             raise ValueError(f"alpha must be in [0, 2], got {self.alpha}")
         unknown = set(self.students) - set(STUDENTS)

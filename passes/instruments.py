@@ -45,7 +45,10 @@ def compare_outputs(reference: Mapping[str, np.ndarray], actual: Mapping[str, np
         max_abs = float(diff.max()) if diff.size else 0.0
         scale = float(np.abs(r).max()) if r.size else 0.0
         denom = float(np.linalg.norm(r) * np.linalg.norm(g))
-        cosine = float(r @ g / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+        if not np.isfinite(denom):  # NaN/inf outputs: say so rather than score them
+            cosine = float("nan")
+        else:
+            cosine = float(r @ g / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
         out[name] = {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs, "cosine": cosine}
     return out
 

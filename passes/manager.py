@@ -4,8 +4,8 @@ The manager checks every pass's requirements before the first pass runs,
 provides shape inference when a pass needs it (recomputed only after a pass
 changed the graph), records what each pass did (params, bytes, MACs, time,
 drift) and calls instruments before and after each pass. A pass that raises
-something other than an :class:`OptcError` is reported as a
-:class:`PassError` that names it and the passes that ran before it.
+something other than an :class:`OptcError` is a bug, reported as a
+:class:`PassCrash` (exit code 1, not 2) that names it and the passes that ran before it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from optc.errors import ConfigError, OptcError, PassError
+from optc.errors import ConfigError, OptcError, PassCrash, PassError
 from optc.ir.model import Model
 from optc.ir.opset import upgrade_opset
 from optc.ir.shapes import infer_shapes
@@ -121,7 +121,7 @@ class PassManager:
                 raise
             except Exception as exc:  # a bug in a pass: say which, and what ran before
                 ran = ", ".join(q.name for q in self.passes[:index]) or "none"
-                raise PassError(f"{type(exc).__name__}: {exc} (passes run before: {ran})", pass_name=p.name) from exc
+                raise PassCrash(f"{type(exc).__name__}: {exc} (passes run before: {ran})", pass_name=p.name) from exc
             finally:
                 # onnx-graphsurgeon graphs are reference cycles holding the previous
                 # model's tensors; collect them now rather than when gc gets round to it.

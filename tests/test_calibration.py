@@ -43,6 +43,14 @@ def test_folder_of_files_and_fixed_batch(tmp_path, save):
     assert [len(b["x"]) for b in calib.batches(16)] == [2, 2, 2, 2]
 
 
+def test_fewer_samples_than_the_fixed_batch_are_refused(tmp_path, save):
+    model = load_model(save(make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [8, 3])], [("y", [8, 3])])))
+    np.savez(tmp_path / "a.npz", x=rand(16, 3))
+    np.savez(tmp_path / "b.npz", x=rand(5, 3))  # enough in total, not in this file: batches never span files
+    with pytest.raises(ConfigError, match=r"b.npz: 5 samples, fewer than the model's fixed batch of 8"):
+        CalibrationSet.from_path(tmp_path, model)
+
+
 def test_missing_path_and_empty_folder(tmp_path):
     model = load_model(BAD / "good_tiny.onnx")
     with pytest.raises(ConfigError, match="no such file"):

@@ -13,7 +13,10 @@ import pytest
 from click.testing import CliRunner
 from helpers import BAD, SAMPLE, load_tool, ort_run
 
+from onnx import numpy_helper
+
 from optc.cli.main import cli
+from optc.passes import Pass, PassResult, register_pass
 
 MODEL_CASES = [c for c in json.loads((BAD / "cases.json").read_text()) if c["kind"] == "model"]
 
@@ -129,6 +132,9 @@ def test_symlink_escape_via_cli(tmp_path):
         (["--dump-after", "prune"], "not in the pipeline"),
         (["--pipeline", "/nonexistent.yaml"], "no such file"),
         (["--eval", str(SAMPLE / "calib.npz")], "no 'label' array"),
+        (["--input-shape", "input=600x1x28x28"], "500 samples, fewer than the model's fixed batch of 600"),
+        (["--pass", "distill:max_backoff=-1"], "max_backoff must be >= 0"),
+        (["--pass", "distill:min_cosine=2"], "min_cosine must be in [-1, 1]"),
     ],
 )
 def test_bad_options(tmp_path, args, expect):
@@ -174,3 +180,30 @@ def test_large_input_model_is_timed_one_after_the_other(tmp_path, monkeypatch):
     assert "latency (onnxruntime CPU, median, timed one after the other)" in res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["evaluation"]["latency_ms"]["timing"] == "one after the other"
+
+
+@register_pass("test-nan-weights")
+class _NanWeights(Pass):
+    """Writes NaN into the first weight: a pass gone wrong that must not reach the output folder."""
+
+    def run(self, model, ctx):
+        out = model.copy()
+        first = out.graph.initializer[0]
+        first.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(first).shape, np.nan, np.float32), first.name))
+        return PassResult(out, modified=True)
+
+
+def test_a_model_computing_nan_is_not_written(tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out), "--pass", "test-nan-weights", "--no-latency"])
+    assert res.exit_code == 1, res.output
+    assert "internal error" in res.output and "NaN/inf on output 'logits'" in res.output and "nothing was written" in res.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_fidelity_is_measured_on_data_the_passes_did_not_fit(tmp_path):
+    common = ["compile", SAMPLE / "mnist_cnn.onnx", "--calib", SAMPLE / "calib.npz", "--no-latency", "--json"]
+    held = json.loads(invoke(*common, "-o", tmp_path / "a", "--eval", SAMPLE / "test.npz").output)
+    seen = json.loads(invoke(*common, "-o", tmp_path / "b").output)
+    assert held["evaluation"]["fidelity_data"] == "evaluation data"
+    assert seen["evaluation"]["fidelity_data"] == "calibration data, which the passes fitted on"

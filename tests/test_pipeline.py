@@ -9,7 +9,7 @@ import pytest
 from helpers import make_model, rand
 from onnx import helper
 
-from optc.errors import ConfigError, PassError
+from optc.errors import ConfigError, PassCrash, PassError
 from optc.ir import load_model
 from optc.ir.graph import GraphEditor
 from optc.ir.session import sample_feeds
@@ -174,7 +174,7 @@ def test_verify_each_enforces_the_pass_contract(save, name, msg):
 
 def test_crash_names_the_pass_and_what_ran_before(save):
     model = _relu(save)
-    with pytest.raises(PassError, match=r"pass 'test-crash': ZeroDivisionError: boom \(passes run before: fold-constants\)"):
+    with pytest.raises(PassCrash, match=r"pass 'test-crash': ZeroDivisionError: boom \(passes run before: fold-constants\)"):
         PassManager(parse_pass_specs(["fold-constants", "test-crash"])).run(model)
 
 
@@ -232,3 +232,12 @@ def test_networkx_view(save):
     g = to_networkx(load_model(save(proto)))
     assert sorted(g.edges(data="tensor")) == [("n", "add", "b"), ("r", "add", "a"), ("r", "n", "a")]
     assert g.nodes["add"]["op"] == "Add"
+
+
+def test_non_finite_outputs_score_nan_not_zero():
+    from optc.passes.instruments import compare_outputs
+
+    ref = {"y": np.ones((2, 3), np.float32)}
+    bad = {"y": np.array([[1, np.nan, 1], [1, 1, 1]], np.float32)}
+    assert np.isnan(compare_outputs(ref, bad)["y"]["cosine"])
+    assert compare_outputs(ref, ref)["y"]["cosine"] == pytest.approx(1.0)

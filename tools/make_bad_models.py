@@ -278,6 +278,7 @@ CASES = [
     ("bad_calib/wrong_rank.npz", "calib",
      "calibration data for x has shape [8] (rank 1), model expects rank 2 [N,4]", "rank"),
     ("bad_calib/empty.npz", "calib", "valid npz archive that contains no arrays", "empty"),
+    ("bad_calib/non_finite.npz", "calib", "calibration data for x holds a NaN at [3, 1]", "non-finite value nan at [3, 1]"),
     ("bad_calib/not_npz.npz", "calib", "64 garbage bytes, not a zip/npz archive", "npz"),
 ]
 
@@ -328,6 +329,9 @@ def make_corpus(out: Path = BAD_DIR) -> list[dict]:
     _write_npz(calib / "wrong_shape.npz", {"x": _calib_data((8, 5))})
     _write_npz(calib / "wrong_rank.npz", {"x": _calib_data((8,))})
     _write_npz(calib / "empty.npz", {})
+    nan = _calib_data((16, 4))
+    nan[3, 1] = np.nan
+    _write_npz(calib / "non_finite.npz", {"x": nan})
     (calib / "not_npz.npz").write_bytes(bytes((i * 37 + 11) % 256 for i in range(64)))
 
     cases = []
