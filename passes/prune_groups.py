@@ -154,9 +154,14 @@ class _Walker:
         self.shapes = shape_map(model)
         self.inits = {t.name: t for t in model.graph.initializer}
         self.uses: dict[str, int] = {}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
             for name in node.input:
                 self.uses[name] = self.uses.get(name, 0) + 1
+                self.readers.setdefault(name, []).append(node)
+            for name in node.output:
+                self.producer[name] = node
         self.chan: dict[str, Channelled] = {}
         self.sizes: list[int] = []
         self.frozen: dict[int, list[str]] = {}
@@ -219,6 +224,8 @@ class _Walker:
             self.flatten(node)
         elif op in REDUCTIONS:
             self.reduce(node)
+        elif op == "Shape" and node.input[0] in self.chan and self.reads_only_batch(node):
+            pass  # x.size(0) of a dynamic-batch export: the channel count is not read
         else:
             self.freeze_inputs(node, f"consumed by {op} '{node.name}'")
 
@@ -414,6 +421,12 @@ class _Walker:
             data.axis == 1 and in_shape is not None and out_shape is not None and len(out_shape) == 2
             and all(isinstance(d, int) for d in in_shape[1:]) and in_shape[0] == out_shape[0]
         )
+        dynamic = node.op_type == "Reshape" and self.is_batch_flatten(node)
+        if dynamic and data.axis == 1 and in_shape is not None and all(isinstance(d, int) for d in in_shape[1:]):
+            # x.view(x.size(0), -1): the -1 absorbs the new feature count, nothing to rewrite.
+            spatial = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
+            self.chan[node.output[0]] = Channelled(1, 2, tuple(Segment(s.space, s.length, s.block * spatial) for s in data.layout))
+            return
         if node.op_type == "Flatten":
             ok = ok and next((a.i for a in node.attribute if a.name == "axis"), 1) == 1
         else:
@@ -425,6 +438,47 @@ class _Walker:
         if node.op_type == "Reshape":
             self.reshapes.append(ReshapeFix(node.name, layout))
         self.set_out(node, 1, layout)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node output, else None."""
+        if name in self.inits:
+            return onnx.numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            return onnx.numpy_helper.to_array(value.t) if value is not None else None
+        return None
+
+    def reads_only_batch(self, node: onnx.NodeProto) -> bool:
+        """Whether every use of this Shape's output reads dim 0 alone (``Gather(shape, 0)``)."""
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("start", 0) == 0 and attrs.get("end") == 1:
+            return True
+        if attrs.get("start", 0) != 0 or node.output[0] in {o.name for o in self.model.graph.output}:
+            return False
+        readers = self.readers.get(node.output[0], [])
+        return bool(readers) and all(self.is_dim0_gather(r) for r in readers)
+
+    def is_dim0_gather(self, node: onnx.NodeProto) -> bool:
+        index = self.const(node.input[1]) if node.op_type == "Gather" and len(node.input) > 1 else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        return index is not None and axis == 0 and index.size == 1 and int(index.ravel()[0]) == 0
+
+    def is_batch_flatten(self, node: onnx.NodeProto) -> bool:
+        """A Reshape to ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])`` of its own input ``x``: ``[N, -1]``."""
+        concat = self.producer.get(node.input[1]) if len(node.input) > 1 else None
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+            return False
+        rest = self.const(concat.input[1])
+        if rest is None or rest.ravel().tolist() != [-1]:
+            return False
+        first = self.producer.get(concat.input[0])
+        if first is not None and first.op_type == "Unsqueeze":
+            first = self.producer.get(first.input[0])
+        if first is None or not self.is_dim0_gather(first):
+            return False
+        shape = self.producer.get(first.input[0])
+        return shape is not None and shape.op_type == "Shape" and shape.input[0] == node.input[0]
 
     def reduce(self, node: onnx.NodeProto) -> None:
         """A reduction over other axes (a mean over H, W) keeps the channels; over the channel axis it does not."""

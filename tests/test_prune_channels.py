@@ -214,6 +214,40 @@ def test_flatten_into_gemm_maps_a_channel_to_a_block_of_features(tmp_path, save,
     np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
 
 
+def _dynamic_batch_flatten(index=0):
+    """conv -> relu -> x.view(x.size(index), -1) -> gemm, as torch exports a dynamic batch."""
+    w1 = rand(4, 2, 3, 3, seed=1)
+    w1[3] = 0
+    nodes = [
+        conv("conv1", "x", "w1", "c1", pads=[0, 0, 0, 0]),
+        helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+        helper.make_node("Shape", ["r"], ["s"], name="shape"),
+        helper.make_node("Constant", [], ["i"], name="index", value=numpy_helper.from_array(np.array(index, np.int64))),
+        helper.make_node("Gather", ["s", "i"], ["n"], name="gather", axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"], name="unsqueeze"),
+        helper.make_node("Concat", ["n1", "minus1"], ["shape_nf"], name="concat", axis=0),
+        helper.make_node("Reshape", ["r", "shape_nf"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
+    ]
+    inits = [init("w1", w1), init("wf", rand(3, 4 * 9, seed=2)), init("bf", rand(3, seed=3)),
+             numpy_helper.from_array(np.array([0], np.int64), "axes"), numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    return make_model(nodes, [("x", ["batch", 2, 5, 5])], [("y", ["batch", 3])], inits)
+
+
+def test_dynamic_batch_flatten_reads_only_the_batch_size(tmp_path, save):
+    model, ctx, feeds = prepare(tmp_path, save, _dynamic_batch_flatten(), samples=64)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l1")
+    assert weight_shape(result.model, "conv1") == (3, 2, 3, 3)
+    assert weight_shape(result.model, "fc") == (3, 27)  # the [N, -1] target needs no rewrite
+    for batch in (1, 3, 64):  # the batch stays dynamic
+        part = {k: v[:batch] for k, v in feeds.items()}
+        np.testing.assert_allclose(outputs(result.model, part)["y"], outputs(model, part)["y"], atol=2e-5, rtol=1e-5)
+    # A Shape whose channel count is read (x.size(1)) freezes the group, and says why.
+    model, ctx, _ = prepare(tmp_path, save, _dynamic_batch_flatten(index=1), samples=64)
+    frozen = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l1")
+    assert not frozen.modified and any("consumed by Shape 'shape'" in s for s in frozen.skipped)
+
+
 def transformer_block(hidden=16, width=64, dead=()):
     """LayerNorm -> MatMul+bias -> GELU (erf form, as exporters write it) -> MatMul+bias -> residual add."""
     w1 = rand(hidden, width, seed=1) * 0.3
@@ -359,7 +393,7 @@ def test_config_errors_name_the_field(values, field):
 # --- real exports ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["resnet_bn", "mobilenetv2_bn"])
+@pytest.mark.parametrize("name", ["resnet_bn", "mobilenetv2_bn", "resnet_dynbatch"])  # dynbatch: x.view(x.size(0), -1)
 def test_torch_cnns_prune_to_valid_smaller_models(tmp_path, name):
     model = load_model(TORCH_MODELS / f"{name}.onnx")
     io = np.load(TORCH_MODELS / f"{name.split('_')[0]}_io.npz")
@@ -368,6 +402,8 @@ def test_torch_cnns_prune_to_valid_smaller_models(tmp_path, name):
     ctx = PassContext(calibration=CalibrationSet.from_path(tmp_path / "calib.npz", model))
     manager = PassManager([make_pass("fold-batchnorm", {}), make_pass("prune-channels", {"ratio": "0.25", "round_to": "4", "max_batches": "4"})])
     result = manager.run(model, ctx)
+    if name.endswith("dynbatch"):  # x.view(x.size(0), -1) is followed, not frozen
+        assert not [s for r in result.records for s in r.skipped if "Shape" in s or "reshaped" in s]
     assert result.final.params < 0.85 * result.initial.params
     assert result.final.macs < 0.85 * result.initial.macs
     got = ort_run(result.model.proto, inputs)
