@@ -7,7 +7,6 @@ from rich.console import Console
 from rich.table import Table
 
 
-
 def human_count(n: float | int | None) -> str:
     if n is None:
         return "?"

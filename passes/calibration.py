@@ -83,7 +83,7 @@ class CalibrationSet:
                 arrays = {s.name: data[s.name] for s in self.inputs}
             n = len(next(iter(arrays.values())))
             size = self._batch_size(batch_size)
-            stop = n - n % size if self._fixed_batch() else n
+            stop = n - n % size if _fixed_batch(self.inputs) else n
             for start in range(0, stop, size):
                 yield {k: np.ascontiguousarray(v[start : start + size]) for k, v in arrays.items()}
 
@@ -92,11 +92,8 @@ class CalibrationSet:
         size = self._batch_size(count)
         return next(self.batches(size))
 
-    def _fixed_batch(self) -> int | None:
-        return _fixed_batch(self.inputs)
-
     def _batch_size(self, wanted: int) -> int:
-        return self._fixed_batch() or max(1, min(wanted, self.num_samples))
+        return _fixed_batch(self.inputs) or max(1, min(wanted, self.num_samples))
 
 
 def _fixed_batch(specs: Sequence[TensorSpec]) -> int | None:

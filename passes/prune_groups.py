@@ -36,6 +36,7 @@ import onnx
 import onnx.numpy_helper
 from networkx.utils import UnionFind
 
+from optc.ir.graph import consumers_by_tensor, producers_by_tensor
 from optc.ir.model import Model, numpy_dtype
 from optc.ir.stats import shape_map
 
@@ -153,15 +154,8 @@ class _Walker:
         self.protect = protect
         self.shapes = shape_map(model)
         self.inits = {t.name: t for t in model.graph.initializer}
-        self.uses: dict[str, int] = {}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.uses[name] = self.uses.get(name, 0) + 1
-                self.readers.setdefault(name, []).append(node)
-            for name in node.output:
-                self.producer[name] = node
+        self.producer = producers_by_tensor(model)
+        self.readers = consumers_by_tensor(model)  # one entry per input slot that reads the tensor
         self.chan: dict[str, Channelled] = {}
         self.sizes: list[int] = []
         self.frozen: dict[int, list[str]] = {}
@@ -273,7 +267,7 @@ class _Walker:
         reason = None
         if protected:
             reason = f"excluded node '{node.name}'"
-        elif self.uses.get(node.input[1], 0) > 1:
+        elif len(self.readers.get(node.input[1], ())) > 1:
             reason = f"weight of '{node.name}' is shared with other nodes"
         elif node.op_type == "Gemm" and not self.gemm_bias_ok(node, out_channels):
             reason = f"bias of Gemm '{node.name}' is not per output channel"
@@ -417,24 +411,21 @@ class _Walker:
         if data is None:
             return
         in_shape, out_shape = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
-        ok = (
-            data.axis == 1 and in_shape is not None and out_shape is not None and len(out_shape) == 2
-            and all(isinstance(d, int) for d in in_shape[1:]) and in_shape[0] == out_shape[0]
-        )
-        dynamic = node.op_type == "Reshape" and self.is_batch_flatten(node)
-        if dynamic and data.axis == 1 and in_shape is not None and all(isinstance(d, int) for d in in_shape[1:]):
-            # x.view(x.size(0), -1): the -1 absorbs the new feature count, nothing to rewrite.
-            spatial = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
-            self.chan[node.output[0]] = Channelled(1, 2, tuple(Segment(s.space, s.length, s.block * spatial) for s in data.layout))
-            return
+        flat_input = data.axis == 1 and in_shape is not None and all(isinstance(d, int) for d in in_shape[1:])
+        # x.view(x.size(0), -1) of a dynamic-batch export: the -1 absorbs the new feature count.
+        dynamic = flat_input and node.op_type == "Reshape" and self.is_batch_flatten(node)
+        ok = flat_input and out_shape is not None and len(out_shape) == 2 and in_shape[0] == out_shape[0]
         if node.op_type == "Flatten":
             ok = ok and next((a.i for a in node.attribute if a.name == "axis"), 1) == 1
         else:
             ok = ok and len(node.input) > 1 and node.input[1] in self.inits
-        if not ok:
+        if not (ok or dynamic):
             return self.freeze(data.layout, f"reshaped by {node.op_type} '{node.name}' (only a flatten of [N, C, ...] into [N, features] is followed)")
         spatial = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
         layout = tuple(Segment(s.space, s.length, s.block * spatial) for s in data.layout)
+        if dynamic:  # nothing to rewrite, and the inferred output shape need not know the feature count
+            self.chan[node.output[0]] = Channelled(1, 2, layout)
+            return
         if node.op_type == "Reshape":
             self.reshapes.append(ReshapeFix(node.name, layout))
         self.set_out(node, 1, layout)

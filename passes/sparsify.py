@@ -221,7 +221,7 @@ class Sparsify(Pass[SparsifyConfig]):
         counts = split_count(total, [units(parts[0].shape, pattern)] * len(parts))
         new_parts, deltas, error, energy = [], [], 0.0, 0.0
         for g, (part, count) in enumerate(zip(parts, counts)):
-            target, aa, means, _ = corrected_target(part, pg, g, cfg.damp, centred)
+            target, aa, means = corrected_target(part, pg, g, cfg.damp, centred)
             new = obs_prune(target, aa / max(pg.rows, 1), pattern, count, damp=cfg.damp, block_size=cfg.block_size)
             new_parts.append(new)
             deltas.append(part @ means[1] - new @ means[0])

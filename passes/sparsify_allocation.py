@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optc.passes.obs_solver import inverse_hessian_factor
-from optc.passes.sparsity_patterns import SparsityPattern, output_energy, units
+from optc.passes.sparsity_patterns import SparsityPattern, output_energy, tile_sums, units
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,7 @@ def layer_costs(node: str, parts: list[np.ndarray], grams: np.ndarray, rows: int
 
 def _per_unit(entry_costs: np.ndarray, pattern: SparsityPattern) -> np.ndarray:
     """Entry costs summed per unit (an entry, or an ``r x c`` tile), flat."""
-    if pattern.kind != "block":
-        return entry_costs.ravel()
-    r, c = pattern.rows, pattern.cols
-    tr, tc = -(-entry_costs.shape[0] // r), -(-entry_costs.shape[1] // c)
-    padded = np.zeros((tr * r, tc * c))
-    padded[: entry_costs.shape[0], : entry_costs.shape[1]] = entry_costs
-    return padded.reshape(tr, r, tc, c).sum(axis=(1, 3)).ravel()
+    return (tile_sums(entry_costs, pattern) if pattern.kind == "block" else entry_costs).ravel()
 
 
 def uniform_counts(layers: list[LayerCosts] | list[int], sparsity: float) -> list[int]:

@@ -62,11 +62,8 @@ def split_stages(depths: dict[str, int], layers: Sequence[LinearLayer], stages: 
     return groups
 
 
-def corrected_target(w: np.ndarray, pg: PairedGram, group: int, damp: float, centred: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """For group ``group``: ``W*``, the objective sums ``A A^T`` (centred or not), and the means of ``a`` and ``b``; plus ``||W B||^2``.
-
-    ``W* = W (B A^T)(A A^T + damp)^-1`` minimises ``||W B - W* A||^2``.
-    """
+def _sums(pg: PairedGram, group: int, centred: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group ``group``'s ``A A^T``, ``A B^T``, ``B B^T`` (about the means when ``centred``) and the means of ``a`` and ``b``."""
     n = max(pg.rows, 1)
     mean_a, mean_b = pg.sum_a[group] / n, pg.sum_b[group] / n
     aa, ab, bb = pg.aa[group], pg.ab[group], pg.bb[group]
@@ -74,19 +71,23 @@ def corrected_target(w: np.ndarray, pg: PairedGram, group: int, damp: float, cen
         aa = aa - n * np.outer(mean_a, mean_a)
         ab = ab - n * np.outer(mean_a, mean_b)
         bb = bb - n * np.outer(mean_b, mean_b)
+    return aa, ab, bb, mean_a, mean_b
+
+
+def corrected_target(w: np.ndarray, pg: PairedGram, group: int, damp: float, centred: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For group ``group``: ``W*``, the objective sums ``A A^T`` (centred or not), and the means of ``a`` and ``b``.
+
+    ``W* = W (B A^T)(A A^T + damp)^-1`` minimises ``||W B - W* A||^2``.
+    """
+    n = max(pg.rows, 1)
+    aa, ab, _, mean_a, mean_b = _sums(pg, group, centred)
     h = aa / n
     h = h + damp * max(float(np.mean(np.diag(h))), 1e-12) * np.eye(len(h))
     w_star = np.linalg.solve(h, (w @ ab.T / n).T).T  # W (ab)^T h^-1, h symmetric
-    return w_star, aa, np.stack([mean_a, mean_b]), float(np.sum((w @ bb) * w))
+    return w_star, aa, np.stack([mean_a, mean_b])
 
 
 def paired_error(w: np.ndarray, w_new: np.ndarray, pg: PairedGram, group: int, centred: bool) -> float:
     """``||W B - W' A||^2`` (centred: with the bias correction applied)."""
-    n = max(pg.rows, 1)
-    aa, ab, bb = pg.aa[group], pg.ab[group], pg.bb[group]
-    if centred:
-        mean_a, mean_b = pg.sum_a[group] / n, pg.sum_b[group] / n
-        aa = aa - n * np.outer(mean_a, mean_a)
-        ab = ab - n * np.outer(mean_a, mean_b)
-        bb = bb - n * np.outer(mean_b, mean_b)
+    aa, ab, bb, _, _ = _sums(pg, group, centred)
     return float(np.sum((w @ bb) * w) - 2 * np.sum((w_new @ ab) * w) + np.sum((w_new @ aa) * w_new))

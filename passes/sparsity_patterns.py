@@ -105,6 +105,16 @@ def split_count(total: int, sizes: list[int]) -> list[int]:
     return [int(b - a) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
+def tile_sums(scores: np.ndarray, pattern: SparsityPattern) -> np.ndarray:
+    """``scores`` summed over the pattern's ``r x c`` tiles, shape ``(ceil(rows/r), ceil(cols/c))`` (edge tiles zero-padded)."""
+    rows, cols = scores.shape
+    r, c = pattern.rows, pattern.cols
+    tr, tc = math.ceil(rows / r), math.ceil(cols / c)
+    s = np.zeros((tr * r, tc * c))
+    s[:rows, :cols] = scores
+    return s.reshape(tr, r, tc, c).sum(axis=(1, 3))
+
+
 def prune_mask(scores: np.ndarray, pattern: SparsityPattern, count: int = 0) -> np.ndarray:
     """Boolean mask of the entries to zero (True = pruned).
 
@@ -131,14 +141,10 @@ def prune_mask(scores: np.ndarray, pattern: SparsityPattern, count: int = 0) -> 
     if count <= 0:
         return np.zeros(scores.shape, dtype=bool)
     if pattern.kind == "block":
-        r, c = pattern.rows, pattern.cols
-        tr, tc = math.ceil(rows / r), math.ceil(cols / c)
-        s = np.zeros((tr * r, tc * c))
-        s[:rows, :cols] = scores
-        tiles = s.reshape(tr, r, tc, c).sum(axis=(1, 3))
+        tiles = tile_sums(scores, pattern)
         pruned = np.zeros(tiles.size, dtype=bool)
         pruned[np.argsort(tiles.ravel(), kind="stable")[:count]] = True
-        full = np.repeat(np.repeat(pruned.reshape(tr, tc), r, axis=0), c, axis=1)
+        full = np.repeat(np.repeat(pruned.reshape(tiles.shape), pattern.rows, axis=0), pattern.cols, axis=1)
         return full[:rows, :cols]
     mask = np.zeros(scores.size, dtype=bool)
     mask[np.argpartition(scores.ravel(), count - 1)[:count] if count < scores.size else slice(None)] = True
