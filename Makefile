@@ -4,7 +4,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -m "not gpu"
+# Independent tests run in parallel (pytest-xdist), one worker per core.
+PYTEST_ARGS ?= -m "not gpu" -n auto
 
 .PHONY: demo test setup setup-test clean
 

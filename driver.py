@@ -20,16 +20,17 @@ import numpy as np
 
 from optc import __version__
 from optc.errors import ConfigError
-from optc.evaluation import LabelledSet, accuracy, interleaved_latency_ms, latency_ms
+from optc.data import LabelledSet
+from optc.evaluation import accuracy, interleaved_latency_ms, latency_ms
 from optc.ir.io import load_model, save_model
 from optc.ir.model import Model
 from optc.ir.session import make_session, sample_feeds
 from optc.ir.shapes import freeze_input_shapes, parse_shape_spec
-from optc.passes.base import Pass, PassContext
-from optc.passes.calibration import CalibrationSet
-from optc.passes.instruments import DumpAfter, TimePasses, VerifyEach
-from optc.passes.manager import Instrument, PassManager, PipelineResult
-from optc.passes.pipeline import CANONICALIZE, load_pipeline_file, parse_pass_specs
+from optc.passes.framework import Pass, PassContext
+from optc.data.calibration import CalibrationSet
+from optc.passes.framework.instruments import DumpAfter, TimePasses, VerifyEach
+from optc.passes.framework.manager import Instrument, PassManager, PipelineResult
+from optc.passes.framework.pipeline import CANONICALIZE, load_pipeline_file, parse_pass_specs
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def compile_model(
         raise ConfigError(f"--dump-after {unknown_dumps[0]}: not in the pipeline ({', '.join(p.name for p in passes)}, or 'all')")
     check_outdir(opts.outdir)
     spec = _target_spec(opts)
+    if spec is not None:
+        spec.check_tuning(opts.tune_trials, opts.rpc_tracker)
     model = prepare_model(opts.model, opts.input_shapes)
     if spec is not None:
         dynamic = [s.describe() for s in model.inputs if not s.is_static]
@@ -249,7 +252,7 @@ def _measure(model: Model, feeds, labelled: LabelledSet | None, measure_latency:
 
 
 def _compare(before: _Measurement, after: _Measurement, samples_labelled: int = 0, timing: str = "one after the other") -> dict[str, Any]:
-    from optc.passes.instruments import compare_outputs
+    from optc.evaluation import compare_outputs
 
     samples = len(next(iter(before.outputs.values()))) if before.outputs else 0
     out: dict[str, Any] = {"fidelity": compare_outputs(before.outputs, after.outputs), "fidelity_samples": samples}

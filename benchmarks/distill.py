@@ -32,13 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.evaluation import LabelledSet, accuracy
+from optc.data import LabelledSet
+from optc.evaluation import accuracy
 from optc.ir import infer_shapes, load_model
 from optc.ir.session import make_session
 from optc.ir.stats import compute_stats
-from optc.passes import CalibrationSet, PassContext, make_pass
-from optc.passes import distill as distill_module
-from optc.passes.teacher import TeacherOutputs
+from optc.data import CalibrationSet
+from optc.passes import PassContext, make_pass
+from optc.passes.distill import distill as distill_module
+from optc.data.teacher import TeacherOutputs
 
 from minilm_text import text_calibration  # benchmarks/ is the script's folder
 

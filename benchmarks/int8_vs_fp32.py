@@ -39,7 +39,8 @@ from helpers import SAMPLE, make_model, rand  # noqa: E402
 from optc.ir import infer_shapes, load_model, save_model  # noqa: E402
 from optc.ir.model import Model  # noqa: E402
 from optc.ir.shapes import freeze_input_shapes  # noqa: E402
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass, parse_pass_specs  # noqa: E402
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass, parse_pass_specs  # noqa: E402
 
 
 def convblock_model():

@@ -270,8 +270,8 @@ def worker_pipeline(src: str, dst: str, drop_input: bool = False) -> dict:
     ``drop_input`` the pipeline holds the only reference.
     """
     from optc.ir import load_model, save_model
-    from optc.passes.manager import PassManager
-    from optc.passes.pipeline import parse_pass_specs
+    from optc.passes.framework.manager import PassManager
+    from optc.passes.framework.pipeline import parse_pass_specs
 
     passes = parse_pass_specs(["canonicalize"])
     out: dict = {"baseline_rss": _maxrss(), "baseline_rss_now": _rss_now(), "baseline_hwm": _vm_hwm(), "stages": {}}

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.evaluation import LabelledSet, accuracy, interleaved_latency_ms
+from optc.data import LabelledSet
+from optc.evaluation import accuracy, interleaved_latency_ms
 from optc.ir import load_model
 from optc.ir.model import Model
 from optc.ir.session import make_session
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "models" / "sample"

@@ -53,7 +53,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from optc.evaluation import interleaved_latency_ms
 from optc.ir import load_model, save_model
 from optc.ir.opset import upgrade_opset
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass, parse_pass_specs
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass, parse_pass_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "models" / "sample"

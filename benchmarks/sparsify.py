@@ -36,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from optc.evaluation import LabelledSet, accuracy
+from optc.data import LabelledSet
+from optc.evaluation import accuracy
 from optc.ir import infer_shapes, load_model, save_model
 from optc.ir.model import Model
 from optc.ir.session import make_session
-from optc.passes import CalibrationSet
+from optc.data import CalibrationSet
 from optc.passes.layers import InputGram, find_linear_layers, input_grams
-from optc.passes.sparsify import Sparsify, SparsifyConfig
+from optc.passes.sparsify.sparsify import Sparsify, SparsifyConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minilm_text import MINILM, text_calibration  # noqa: E402

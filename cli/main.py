@@ -153,9 +153,9 @@ def inspect_cmd(model: Path, input_shapes, no_tvm: bool, as_json: bool) -> None:
 def passes_cmd(name: str | None, as_json: bool) -> None:
     """List the registered passes with their options."""
     from optc.cli.render import render_passes
-    from optc.passes.base import pass_class, registered_passes
-    from optc.passes.options import option_docs
-    from optc.passes.pipeline import NAMED_PIPELINES
+    from optc.passes.framework import pass_class, registered_passes
+    from optc.passes.framework.options import option_docs
+    from optc.passes.framework.pipeline import NAMED_PIPELINES
 
     classes = {name: pass_class(name)} if name else registered_passes()
     described = []
@@ -189,27 +189,10 @@ def passes_cmd(name: str | None, as_json: bool) -> None:
 @click.option("--output", type=click.Path(path_type=Path), help="Write the outputs to this .npz.")
 def run_cmd(artifact: Path, inputs, output: Path | None) -> None:
     """Run a compiled ARTIFACT folder (its hashes are checked before it is loaded)."""
-    import numpy as np
+    from optc.targets.artifact import run_artifact_files
 
-    from optc.errors import ConfigError
-    from optc.targets.artifact import load_artifact
-
-    feeds = {}
-    for item in inputs:
-        name, eq, file = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--input {item}: expected NAME=FILE.npy")
-        try:
-            feeds[name] = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--input {item}: cannot read {file}: {exc}") from exc
-    outputs = load_artifact(artifact).run(feeds)
-    if output is not None:
-        tmp = output.with_name(f".{output.name}.tmp.npz")
-        np.savez(tmp, **outputs)
-        tmp.replace(output)
-    for name, value in outputs.items():
-        click.echo(f"{name}: {value.dtype} {list(value.shape)} first values {np.round(value.ravel()[:5], 5).tolist()}")
+    for line in run_artifact_files(artifact, inputs, output):
+        click.echo(line)
 
 
 @cli.command("bench")

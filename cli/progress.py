@@ -12,8 +12,8 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from optc.passes.base import Pass, PassContext, PassResult
-from optc.passes.manager import Instrument, PassRecord
+from optc.passes.framework import Pass, PassContext, PassResult
+from optc.passes.framework.manager import Instrument, PassRecord
 from optc.targets.tuning_progress import TuneProgress, format_ms
 
 

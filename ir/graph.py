@@ -7,7 +7,8 @@ their producers and consumers, removals keep the graph's interface intact, and
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import networkx as nx
 import numpy as np
@@ -61,6 +62,10 @@ class GraphEditor:
 
     def is_graph_input(self, tensor: gs.Tensor) -> bool:
         return any(t is tensor for t in self.graph.inputs)
+
+    def signature(self) -> list[tuple]:
+        """Nodes with their wiring, order-free: toposort may reorder without changing anything."""
+        return sorted((n.name, n.op, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs)) for n in self.graph.nodes)
 
     # --- edits -------------------------------------------------------------------
     def fresh_name(self, stem: str) -> str:
@@ -132,6 +137,27 @@ class GraphEditor:
         node.inputs.clear()
         return True
 
+    def fold_constants(self, *, fold_shapes: bool, max_bytes: int, exclude: Callable[[Node], bool]) -> None:
+        """Replace every subgraph whose inputs are all constant by its value, computed by onnxruntime."""
+        with quiet_graphsurgeon():
+            self.graph.toposort()
+            self.graph.fold_constants(
+                fold_shapes=fold_shapes,
+                # "basic" retries a subgraph onnxruntime fails on unchanged until the
+                # recursion limit (minutes, or out of memory, with large weights);
+                # "recursive" drops a node per retry, so retries are bounded.
+                partitioning="recursive",
+                error_ok=True,
+                size_threshold=max_bytes,
+                should_exclude_node=exclude,
+            )
+            self.graph.cleanup(remove_unused_graph_inputs=False)
+
+    def remove_dead_code(self) -> None:
+        """Drop nodes no graph output depends on, and unused initializers; graph inputs stay."""
+        with quiet_graphsurgeon():
+            self.graph.cleanup(remove_unused_graph_inputs=False)
+
     def commit(self) -> Model:
         """Clean up, sort and export; model-level fields of the original are kept.
 
@@ -169,6 +195,18 @@ class GraphEditor:
         del proto.metadata_props[:]
         proto.metadata_props.extend(old.metadata_props)
         return Model(proto, self.model.source, list(self.model.notes))
+
+
+@contextlib.contextmanager
+def quiet_graphsurgeon() -> Iterator[None]:
+    """onnx-graphsurgeon prints its warnings itself; keep them out of our output for this call only."""
+    logger = gs.logger.G_LOGGER
+    saved = logger.severity
+    logger.severity = logger.ERROR
+    try:
+        yield
+    finally:
+        logger.severity = saved
 
 
 def _detach_tensor_attributes(graph: gs.Graph) -> None:

@@ -1,28 +1,41 @@
-"""Graph-rewriting passes, the pass framework and calibration data."""
+"""Graph-rewriting passes. The folder tree is the map:
+
+* ``framework/``: what a pass is (base, options), pipelines, the manager, instruments, the registry;
+* ``numerics/``: shared numerical solvers that need only numpy (Grams, least-squares refit,
+  low rank, OBS, unit selection);
+* ``layers/``: shared views of linear layers over the IR (weight matrices, streamed Grams,
+  bias folding, the one graph-order sequential refit);
+* one package per family, holding its passes (one module each, named after the pass) and
+  its own helpers: ``canonicalize/``, ``prune/``, ``sparsify/``, ``quantize/``, ``distill/``.
+
+A family imports the framework, the shared packages, ``optc.ir`` and ``optc.data``,
+never another family (``tests/test_boundaries.py`` enforces it).
+"""
 from __future__ import annotations
 
-from optc.passes.base import Pass, PassContext, PassResult, Requirement, option, register_pass, registered_passes
-from optc.passes.calibration import CalibrationSet, capture_activations
-from optc.passes.manager import Instrument, PassManager, PassRecord, PipelineResult
-from optc.passes.pipeline import NAMED_PIPELINES, load_pipeline_file, make_pass, parse_pass_spec, parse_pass_specs
+from optc.passes.framework import (
+    NAMED_PIPELINES,
+    Instrument,
+    NoOptions,
+    Pass,
+    PassContext,
+    PassManager,
+    PassRecord,
+    PassResult,
+    PipelineResult,
+    Requirement,
+    load_pipeline_file,
+    make_pass,
+    option,
+    parse_pass_spec,
+    parse_pass_specs,
+    pass_class,
+    register_pass,
+    registered_passes,
+)
 
 __all__ = [
-    "NAMED_PIPELINES",
-    "CalibrationSet",
-    "Instrument",
-    "Pass",
-    "PassContext",
-    "PassManager",
-    "PassRecord",
-    "PassResult",
-    "PipelineResult",
-    "Requirement",
-    "capture_activations",
-    "load_pipeline_file",
-    "make_pass",
-    "option",
-    "parse_pass_spec",
-    "parse_pass_specs",
-    "register_pass",
-    "registered_passes",
+    "NAMED_PIPELINES", "Instrument", "NoOptions", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
+    "PipelineResult", "Requirement", "load_pipeline_file", "make_pass", "option", "parse_pass_spec", "parse_pass_specs",
+    "pass_class", "register_pass", "registered_passes",
 ]

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -114,3 +114,22 @@ def load_artifact(folder: Path) -> LoadedArtifact:
             raise TargetError("this artifact is for aarch64; run it on an ARM board (or under qemu-aarch64)")
     lib = tvm.runtime.load_module(str(folder / manifest["library"]))
     return LoadedArtifact(manifest, relax.VirtualMachine(lib, device), device)
+
+
+def run_artifact_files(artifact: Path, inputs: Sequence[str], output: Path | None = None) -> list[str]:
+    """``optc run``: feeds from ``NAME=FILE.npy`` items, outputs to an ``.npz``; returns one summary line per output."""
+    feeds = {}
+    for item in inputs:
+        name, eq, file = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--input {item}: expected NAME=FILE.npy")
+        try:
+            feeds[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--input {item}: cannot read {file}: {exc}") from exc
+    outputs = load_artifact(artifact).run(feeds)
+    if output is not None:
+        tmp = output.with_name(f".{output.name}.tmp.npz")
+        np.savez(tmp, **outputs)
+        tmp.replace(output)
+    return [f"{name}: {value.dtype} {list(value.shape)} first values {np.round(value.ravel()[:5], 5).tolist()}" for name, value in outputs.items()]

@@ -40,6 +40,24 @@ class TargetSpec:
         if self.cross_compiler and shutil.which(self.cross_compiler) is None:
             raise TargetError(f"--target {self.name} needs the cross compiler '{self.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")
 
+    def foreign_triple(self) -> str | None:
+        """The target's triple when this machine cannot run its code (an aarch64 target on x86)."""
+        import platform
+
+        triple = str(self.target.get("mtriple") or "")
+        if triple.startswith("aarch64") and platform.machine() not in ("aarch64", "arm64"):
+            return triple
+        return None
+
+    def check_tuning(self, trials: int, rpc_tracker: str | None) -> None:
+        """Fail before any work when tuning would need a board that was not given."""
+        triple = self.foreign_triple()
+        if trials > 0 and not rpc_tracker and triple:
+            raise ConfigError(
+                f"tuning for {triple} measures candidates on such a board: add --rpc-tracker HOST:PORT "
+                "--rpc-key KEY, or compile with --tune-trials 0 (database records and default schedules)"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "host": self.host, "device": self.device, "cross_compiler": self.cross_compiler}
 

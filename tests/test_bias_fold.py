@@ -9,7 +9,7 @@ from onnx import helper
 
 from optc.ir import load_model
 from optc.ir.graph import GraphEditor
-from optc.passes.bias_fold import add_to_bias
+from optc.passes.layers.bias_fold import add_to_bias
 
 DELTA = np.array([0.5, -1.0, 2.0], np.float32)
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from optc.errors import ConfigError
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, capture_activations
+from optc.data import CalibrationSet, capture_activations
 
 CASES = [c for c in json.loads((BAD / "cases.json").read_text()) if c["kind"] == "calib"]
 

@@ -10,8 +10,9 @@ from helpers import SAMPLE, make_model, ops, ort_run, rand, run_checked
 from onnx import helper
 
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, PassContext, make_pass
-from optc.passes.lowrank import data_error, fit_low_rank
+from optc.data import CalibrationSet
+from optc.passes import PassContext, make_pass
+from optc.passes.numerics.lowrank import data_error, fit_low_rank
 
 
 LOW_RANK = ("matmul", "gemm", "conv")

@@ -12,8 +12,9 @@ from onnx import helper
 
 from optc.ir import infer_shapes, load_model
 from optc.ir.stats import compute_stats
-from optc.passes import CalibrationSet, PassContext
-from optc.passes.distill_allocation import KEEP, allocate, common_budget, least_total_budgets
+from optc.data import CalibrationSet
+from optc.passes import PassContext
+from optc.passes.distill.allocation import KEEP, allocate, common_budget, least_total_budgets
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ from helpers import make_model, ops, ort_run, rand, run_checked
 from onnx import helper
 
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
-from optc.passes.teacher import TeacherOutputs
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass
+from optc.data.teacher import TeacherOutputs
 
 
 def _classifier(w1, w2, b2, head="gemm"):

@@ -9,9 +9,9 @@ from helpers import make_model, ops, ort_run, rand
 from onnx import helper
 from test_distill import run_distill
 
-from optc.passes.distill_mlp import select_units
+from optc.passes.numerics.unit_selection import select_units
 from optc.passes.layers import InputGram
-from optc.passes.refit import refit_columns
+from optc.passes.numerics.refit import refit_columns
 
 
 def _weights(d_in, h, d_out, live, seed=0):

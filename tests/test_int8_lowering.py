@@ -19,7 +19,8 @@ from onnx import helper, numpy_helper
 
 from optc.errors import TargetError
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm

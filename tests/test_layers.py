@@ -7,7 +7,7 @@ from helpers import make_model, ort_run, rand
 from onnx import helper
 
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet
+from optc.data import CalibrationSet
 from optc.passes.layers import find_linear_layers, input_grams, input_rows, matrix_to_weight, weight_matrix
 
 

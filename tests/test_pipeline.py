@@ -14,8 +14,8 @@ from optc.ir import load_model
 from optc.ir.graph import GraphEditor
 from optc.ir.session import sample_feeds
 from optc.passes import Pass, PassContext, PassManager, PassResult, Requirement, load_pipeline_file, option, parse_pass_specs, register_pass
-from optc.passes.instruments import DumpAfter, VerifyEach
-from optc.passes.options import build_config, option_docs
+from optc.passes.framework.instruments import DumpAfter, VerifyEach
+from optc.passes.framework.options import build_config, option_docs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,7 +235,7 @@ def test_networkx_view(save):
 
 
 def test_non_finite_outputs_score_nan_not_zero():
-    from optc.passes.instruments import compare_outputs
+    from optc.evaluation import compare_outputs
 
     ref = {"y": np.ones((2, 3), np.float32)}
     bad = {"y": np.array([[1, np.nan, 1], [1, 1, 1]], np.float32)}

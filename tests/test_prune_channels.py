@@ -9,10 +9,11 @@ from onnx import helper, numpy_helper
 
 from optc.errors import ConfigError
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
-from optc.passes.options import build_config
-from optc.passes.prune_channels import PruneChannelsConfig
-from optc.passes.prune_groups import analyse_channels
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass
+from optc.passes.framework.options import build_config
+from optc.passes.prune.prune_channels import PruneChannelsConfig
+from optc.passes.prune.groups import analyse_channels
 
 
 def init(name, value):

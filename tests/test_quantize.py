@@ -10,9 +10,10 @@ from onnx import helper
 
 from optc.errors import ConfigError
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
-from optc.passes.calibrators import HistogramCalibrator, MinMaxCalibrator, StreamingHistogram, expected_sq_error
-from optc.passes.qdq import activation_params, fake_quantize
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass
+from optc.passes.quantize.calibrators import HistogramCalibrator, MinMaxCalibrator, StreamingHistogram, expected_sq_error
+from optc.passes.quantize.qdq import activation_params, fake_quantize
 
 # --- calibrators -------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from helpers import make_model, ort_run, rand
 from onnx import helper
 
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass
 
 
 def _residual_cnn():

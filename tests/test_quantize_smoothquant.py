@@ -10,8 +10,9 @@ from onnx import helper
 
 from optc.errors import ConfigError
 from optc.ir import infer_shapes, load_model
-from optc.passes import CalibrationSet, PassContext, PassManager, make_pass
-from optc.passes.smoothquant import smoothing_scales
+from optc.data import CalibrationSet
+from optc.passes import PassContext, PassManager, make_pass
+from optc.passes.quantize.smoothquant import smoothing_scales
 
 OUTLIER = 3  # the input channel that is ~50x larger than the others
 

@@ -18,7 +18,7 @@ from helpers import ROOT, TORCH_MODELS, ort_run
 
 from optc.ir import freeze_input_shapes, load_model
 from optc.passes import PassManager, parse_pass_specs
-from optc.passes.instruments import VerifyEach
+from optc.passes.framework.instruments import VerifyEach
 
 TORCH_FILES = sorted(p for p in TORCH_MODELS.glob("*.onnx"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from optc.passes.layers import InputGram
-from optc.passes.refit import refit_columns
+from optc.passes.numerics.refit import refit_columns
 
 
 def _gram(x: np.ndarray) -> InputGram:

@@ -9,11 +9,11 @@ from onnx import helper, numpy_helper
 
 from optc.errors import ConfigError
 from optc.ir import load_model
-from optc.passes import CalibrationSet
-from optc.passes.base import PassContext
-from optc.passes.options import build_config
-from optc.passes.sparsify import Sparsify, SparsifyConfig
-from optc.passes.sparsity_patterns import (
+from optc.data import CalibrationSet
+from optc.passes.framework import PassContext
+from optc.passes.framework.options import build_config
+from optc.passes.sparsify.sparsify import Sparsify, SparsifyConfig
+from optc.passes.sparsify.patterns import (
     magnitude_prune,
     obs_prune,
     parse_pattern,
@@ -201,7 +201,8 @@ def test_nothing_to_do_returns_the_same_model(tmp_path, save):
 
 @pytest.mark.slow
 def test_sample_cnn_2to4_keeps_accuracy(tmp_path):
-    from optc.evaluation import LabelledSet, accuracy
+    from optc.data import LabelledSet
+    from optc.evaluation import accuracy
 
     model = load_model(SAMPLE / "mnist_cnn.onnx")
     calib = CalibrationSet.from_path(SAMPLE / "calib.npz", model)

@@ -6,10 +6,10 @@ import pytest
 from helpers import rand
 
 from optc.errors import ConfigError
-from optc.passes.options import build_config
-from optc.passes.sparsify import SparsifyConfig
-from optc.passes.sparsify_allocation import LayerCosts, owl_counts, sensitivity_counts, uniform_counts
-from optc.passes.sparsity_patterns import parse_pattern
+from optc.passes.framework.options import build_config
+from optc.passes.sparsify.sparsify import SparsifyConfig
+from optc.passes.sparsify.allocation import LayerCosts, owl_counts, sensitivity_counts, uniform_counts
+from optc.passes.sparsify.patterns import parse_pattern
 from test_sparsify import _run, _small_cnn
 
 

@@ -8,10 +8,10 @@ from helpers import make_model, ort_run, rand
 from onnx import helper
 
 from optc.ir import load_model
-from optc.passes import CalibrationSet
-from optc.passes.base import PassContext
-from optc.passes.options import build_config
-from optc.passes.sparsify import Sparsify, SparsifyConfig
+from optc.data import CalibrationSet
+from optc.passes.framework import PassContext
+from optc.passes.framework.options import build_config
+from optc.passes.sparsify.sparsify import Sparsify, SparsifyConfig
 from test_sparsify import correlated_inputs
 
 
@@ -103,7 +103,7 @@ def test_stages_correct_upstream_error(tmp_path, save):
 
 def test_stages_split_by_depth(save):
     from optc.passes.layers import find_linear_layers
-    from optc.passes.sparsify_sequential import layer_depths, split_stages
+    from optc.passes.sparsify.sequential import layer_depths, split_stages
 
     model = load_model(save(_deep_mlp(depth=5)))
     layers, _ = find_linear_layers(model)

@@ -8,11 +8,11 @@ from helpers import make_model, ort_run, rand
 from onnx import helper
 
 from optc.ir import load_model, save_model
-from optc.passes import CalibrationSet
-from optc.passes.base import PassContext
-from optc.passes.options import build_config
-from optc.passes.sparsify import Sparsify, SparsifyConfig
-from optc.passes.sparsify_storage import PackSparse, PackSparseConfig, packed_bytes, unpack
+from optc.data import CalibrationSet
+from optc.passes.framework import PassContext
+from optc.passes.framework.options import build_config
+from optc.passes.sparsify.sparsify import Sparsify, SparsifyConfig
+from optc.passes.sparsify.pack_sparse import PackSparse, PackSparseConfig, packed_bytes, unpack
 from test_sparsify import _small_cnn
 
 

@@ -1,0 +1,19 @@
+"""Top-1 accuracy of a model on labelled data, run in onnxruntime on the CPU."""
+from __future__ import annotations
+
+from optc.data.labelled import LabelledSet
+from optc.ir.model import Model
+from optc.ir.session import make_session
+
+
+def accuracy(model: Model, data: LabelledSet, batch_size: int = 64) -> float:
+    """Top-1 accuracy of the first output against the labels."""
+    session = make_session(model)
+    first = session.get_outputs()[0].name
+    correct = seen = 0
+    for feed in data.inputs.batches(batch_size):
+        logits = session.run([first], feed)[0]
+        n = len(logits)
+        correct += int((logits.reshape(n, -1).argmax(axis=-1) == data.labels[seen : seen + n]).sum())
+        seen += n
+    return correct / seen if seen else float("nan")

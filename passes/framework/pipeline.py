@@ -1,0 +1,125 @@
+"""Pipelines: ordered lists of configured passes, from the CLI or a file.
+
+CLI form, repeatable and in order::
+
+    --pass fold-constants --pass prune-channels:ratio=0.3,criterion=l1
+
+File form (YAML or TOML), the same thing::
+
+    passes:                          # YAML
+      - fold-constants
+      - name: prune-channels
+        ratio: 0.3
+
+    [[passes]]                       # TOML
+    name = "prune-channels"
+    ratio = 0.3
+
+Everything is validated (names, keys, values) before any pass runs.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from optc.errors import ConfigError
+from optc.passes.framework.base import Pass
+from optc.passes.framework.registry import pass_class, registered_passes
+from optc.passes.framework.options import build_config
+
+CANONICALIZE = ("fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code")
+
+# Named pipelines usable wherever a pass name is (``--pass canonicalize``).
+NAMED_PIPELINES: dict[str, tuple[str, ...]] = {
+    "canonicalize": CANONICALIZE,
+}
+
+
+def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
+    cls = pass_class(name)
+    return cls(build_config(name, cls.config_class, options or {}))
+
+
+def parse_pass_spec(spec: str) -> list[Pass]:
+    """``NAME`` or ``NAME:key=value,key=value``; a named pipeline expands in place."""
+    spec = spec.strip()
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ConfigError(f"empty pass name in '{spec}'")
+    options: dict[str, str] = {}
+    if rest.strip():
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"bad option '{item}' in '{spec}': expected key=value")
+            options[key.strip()] = value.strip()
+    if name in NAMED_PIPELINES:
+        if options:
+            raise ConfigError(f"pipeline '{name}' takes no options")
+        return [make_pass(n) for n in NAMED_PIPELINES[name]]
+    if name not in registered_passes():
+        valid = ", ".join(list(registered_passes()) + list(NAMED_PIPELINES))
+        raise ConfigError(f"unknown pass '{name}'; valid passes: {valid}")
+    return [make_pass(name, options)]
+
+
+def parse_pass_specs(specs: list[str]) -> list[Pass]:
+    passes: list[Pass] = []
+    for spec in specs:
+        passes.extend(parse_pass_spec(spec))
+    return passes
+
+
+def load_pipeline_file(path: str | Path) -> list[Pass]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) pipeline file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path}: no such file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"pipeline file {path}: use .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as exc:  # yaml/toml syntax errors come in several types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"pipeline file {path}: cannot parse: {first}") from exc
+    return pipeline_from_data(data, source=str(path))
+
+
+def pipeline_from_data(data: Any, *, source: str = "pipeline") -> list[Pass]:
+    if isinstance(data, dict):
+        unknown = set(data) - {"passes", "pass"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}; expected 'passes'")
+        data = data.get("passes", data.get("pass"))
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{source}: expected a non-empty list under 'passes'")
+    passes: list[Pass] = []
+    for i, entry in enumerate(data):
+        if isinstance(entry, str):
+            passes.extend(parse_pass_spec(entry))
+        elif isinstance(entry, dict):
+            options = dict(entry)
+            name = options.pop("name", None)
+            if not isinstance(name, str):
+                raise ConfigError(f"{source}: pass #{i + 1} has no 'name'")
+            if isinstance(options.get("options"), dict):
+                options.update(options.pop("options"))
+            if name in NAMED_PIPELINES and not options:
+                passes.extend(parse_pass_spec(name))
+            else:
+                pass_class(name)  # unknown names fail with the list of valid ones
+                passes.append(make_pass(name, options))
+        else:
+            raise ConfigError(f"{source}: pass #{i + 1} must be a name or a mapping with 'name'")
+    return passes

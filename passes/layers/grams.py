@@ -1,0 +1,124 @@
+"""Streaming the Gram statistics of linear layers' inputs over a calibration set.
+
+The Gram matrix ``H = sum x x^T`` over calibration rows (``x`` one row of the
+layer input unfolded by :func:`~optc.passes.layers.linear.input_rows`) is the
+Hessian of the layer-wise reconstruction loss ``||W X - W' X||^2`` that
+OBS/SparseGPT, GPTQ, least-squares refits and activation-aware SVD use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from optc.data.calibration import CalibrationSet, capture_activations, real_tokens
+from optc.ir.model import Model
+from optc.ir.session import make_session
+from optc.passes.layers.linear import LinearLayer, input_rows
+from optc.passes.numerics.grams import InputGram, PairedGram
+
+
+@dataclass
+class _Accumulator:
+    layers: dict[str, list[LinearLayer]]
+    max_rows: int
+    rng: np.random.Generator
+    grams: dict[str, InputGram] = field(default_factory=dict)
+
+    def __call__(self, tensor: str, value: np.ndarray) -> None:
+        for layer in self.layers[tensor]:
+            rows = input_rows(layer, value.astype(np.float64, copy=False))
+            if rows.shape[1] > self.max_rows:
+                keep = self.rng.choice(rows.shape[1], self.max_rows, replace=False)
+                rows = rows[:, keep]
+            acc = self.grams.get(layer.node)
+            if acc is None:
+                g, _, d = rows.shape
+                acc = self.grams[layer.node] = InputGram(np.zeros((g, d, d)), np.zeros((g, d)))
+            acc.gram += np.matmul(rows.transpose(0, 2, 1), rows)
+            acc.total += rows.sum(axis=1)
+            acc.rows += rows.shape[1]
+
+
+def input_grams(
+    model: Model,
+    calibration: CalibrationSet,
+    layers: Sequence[LinearLayer],
+    *,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    max_rows_per_batch: int = 4096,
+    seed: int = 0,
+) -> dict[str, InputGram]:
+    """Gram matrices of every layer's unfolded input, streamed over the calibration set.
+
+    Rows beyond ``max_rows_per_batch`` per batch are subsampled (seeded) so large
+    feature maps cost bounded memory and time.
+    """
+    by_tensor: dict[str, list[LinearLayer]] = {}
+    for layer in layers:
+        by_tensor.setdefault(layer.input, []).append(layer)
+    acc = _Accumulator(by_tensor, max_rows_per_batch, np.random.default_rng(seed))
+    capture_activations(model, calibration, list(by_tensor), acc, batch_size=batch_size, max_batches=max_batches)
+    return acc.grams
+
+
+def paired_grams(
+    model: Model,
+    layers: Sequence[LinearLayer],
+    reference: Model,
+    reference_layers: Sequence[LinearLayer],
+    calibration: CalibrationSet,
+    *,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    max_rows_per_batch: int = 4096,
+    seed: int = 0,
+) -> dict[str, PairedGram]:
+    """:class:`PairedGram` of every layer (by node), from one run of each model per batch.
+
+    ``layers[i]`` in ``model`` and ``reference_layers[i]`` in ``reference`` are
+    the same layer (their input tensors may be named differently). This is
+    what a sequential fit needs: the target is the reference layer's output on
+    *its* input, the fit sees the input as the (already compressed) model
+    computes it, so upstream error is corrected instead of compounded. Rows are
+    aligned: same samples, same positions, same subsample.
+    """
+    names_a = sorted({l.input for l in layers})
+    names_b = sorted({l.input for l in reference_layers})
+    session_a = make_session(model, extra_outputs=names_a)
+    session_b = make_session(reference, extra_outputs=names_b)
+    rng = np.random.default_rng(seed)
+    mask_name = calibration.token_mask
+    acc: dict[str, PairedGram] = {}
+    for i, feed in enumerate(calibration.batches(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        mask = feed[mask_name] if mask_name else None
+        values_a = dict(zip(names_a, session_a.run(names_a, feed)))
+        values_b = dict(zip(names_b, session_b.run(names_b, feed)))
+        keep: dict[int, np.ndarray] = {}  # one subsample per row count, shared by the layers that have it
+        for la, lb in zip(layers, reference_layers):
+            ra = input_rows(la, real_tokens(values_a[la.input], mask).astype(np.float64))
+            rb = input_rows(lb, real_tokens(values_b[lb.input], mask).astype(np.float64))
+            rows = ra.shape[1]
+            if rows > max_rows_per_batch:
+                if rows not in keep:
+                    keep[rows] = rng.choice(rows, max_rows_per_batch, replace=False)
+                ra, rb = ra[:, keep[rows]], rb[:, keep[rows]]
+            g = acc.get(la.node)
+            if g is None:
+                # The two inputs may differ in width (a pruned layer reads fewer columns).
+                groups, da, db = ra.shape[0], ra.shape[2], rb.shape[2]
+                g = acc[la.node] = PairedGram(
+                    np.zeros((groups, da, da)), np.zeros((groups, da, db)), np.zeros((groups, db, db)), np.zeros((groups, da)), np.zeros((groups, db))
+                )
+            at = ra.transpose(0, 2, 1)
+            g.aa += np.matmul(at, ra)
+            g.ab += np.matmul(at, rb)
+            g.bb += np.matmul(rb.transpose(0, 2, 1), rb)
+            g.sum_a += ra.sum(axis=1)
+            g.sum_b += rb.sum(axis=1)
+            g.rows += ra.shape[1]
+    return acc

@@ -1,0 +1,189 @@
+"""Linear layers (Conv, ConvTranspose, Gemm, MatMul with a constant weight) as matrices.
+
+Every compression pass here works on the same view of a layer: a weight matrix
+``M`` of shape ``(out, in)`` such that, for each group ``g``, the layer output
+row is ``y = M_g @ x`` where ``x`` is one row of the layer input unfolded by
+:func:`input_rows` (im2col for convolutions, in the same order as
+``W.reshape(out, -1)``). The Gram matrix ``H = sum x x^T`` over calibration
+rows is the Hessian of the layer-wise reconstruction loss ``||W X - W' X||^2``
+that OBS/SparseGPT, GPTQ, least-squares refits and activation-aware SVD use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from optc.ir.model import Model, numpy_dtype
+from optc.ir.stats import shape_map
+
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One linear node with a constant weight, and what is needed to unfold its input."""
+
+    node: str
+    op: str
+    input: str
+    output: str
+    weight: str
+    bias: str | None
+    weight_shape: tuple[int, ...]
+    group: int = 1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()  # begin..., end...
+    dilations: tuple[int, ...] = ()
+    trans_a: bool = False
+    trans_b: bool = False
+
+    @property
+    def out_features(self) -> int:
+        if self.op == "Conv":
+            return self.weight_shape[0]
+        if self.op == "ConvTranspose":
+            return self.weight_shape[1] * self.group
+        if self.op == "Gemm":
+            return self.weight_shape[0] if self.trans_b else self.weight_shape[1]
+        return self.weight_shape[-1]
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the weight matrix (per group for convolutions)."""
+        if self.op == "Conv":
+            return int(np.prod(self.weight_shape[1:]))
+        if self.op == "ConvTranspose":
+            return self.weight_shape[0] // self.group
+        if self.op == "Gemm":
+            return self.weight_shape[1] if self.trans_b else self.weight_shape[0]
+        return self.weight_shape[-2]
+
+
+def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[LinearLayer], list[str]]:
+    """Linear layers of the main graph, and ``"node: reason"`` for those left out.
+
+    ``exclude`` holds node names or op types. ConvTranspose is reported (its
+    input unfolding is not implemented here) and left out.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = shape_map(model)
+    layers: list[LinearLayer] = []
+    skipped: list[str] = []
+    for node in model.graph.node:
+        if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.name in exclude or node.op_type in exclude:
+            skipped.append(f"{node.name}: excluded")
+            continue
+        if len(node.input) < 2 or node.input[1] not in inits:
+            skipped.append(f"{node.name}: weight is not a constant")
+            continue
+        w = inits[node.input[1]]
+        if numpy_dtype(w.data_type).kind != "f":
+            skipped.append(f"{node.name}: weight is not floating point")
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        wshape = tuple(w.dims)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if node.op_type == "ConvTranspose":
+            skipped.append(f"{node.name}: ConvTranspose is not supported by layer-wise fitting yet")
+            continue
+        if node.op_type == "Conv":
+            kernel = wshape[2:]
+            nd = len(kernel)
+            if nd not in (1, 2):
+                skipped.append(f"{node.name}: only 1-D and 2-D convolutions are supported")
+                continue
+            pads = _conv_pads(node, attrs, shapes.get(node.input[0]), kernel)
+            if pads is None:
+                skipped.append(f"{node.name}: auto_pad SAME needs a static input shape")
+                continue
+            layers.append(LinearLayer(
+                node.name, node.op_type, node.input[0], node.output[0], node.input[1], bias, wshape,
+                group=int(attrs["group"].i) if "group" in attrs else 1,
+                kernel=tuple(kernel),
+                strides=tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * nd,
+                pads=pads,
+                dilations=tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * nd,
+            ))
+        elif node.op_type == "Gemm":
+            layers.append(LinearLayer(
+                node.name, "Gemm", node.input[0], node.output[0], node.input[1], bias, wshape,
+                trans_a=bool(attrs["transA"].i) if "transA" in attrs else False,
+                trans_b=bool(attrs["transB"].i) if "transB" in attrs else False,
+            ))
+        else:
+            if len(wshape) != 2:
+                skipped.append(f"{node.name}: batched MatMul weight of rank {len(wshape)}")
+                continue
+            layers.append(LinearLayer(node.name, "MatMul", node.input[0], node.output[0], node.input[1], None, wshape))
+    return layers, skipped
+
+
+def _conv_pads(node, attrs, in_shape, kernel) -> tuple[int, ...] | None:
+    nd = len(kernel)
+    auto = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+    if auto in ("NOTSET", ""):
+        return tuple(attrs["pads"].ints) if "pads" in attrs else (0,) * (2 * nd)
+    if auto == "VALID":
+        return (0,) * (2 * nd)
+    if in_shape is None or not all(isinstance(d, int) for d in in_shape[2:]):
+        return None
+    strides = tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * nd
+    dil = tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * nd
+    begin, end = [], []
+    for size, k, s, d in zip(in_shape[2:], kernel, strides, dil):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else big)
+        end.append(big if auto == "SAME_UPPER" else small)
+    return tuple(begin + end)
+
+
+def weight_matrix(layer: LinearLayer, w: np.ndarray) -> np.ndarray:
+    """``(out, in)`` view of a weight: rows are output channels/features."""
+    if layer.op == "Conv":
+        return w.reshape(w.shape[0], -1)
+    if layer.op == "Gemm":
+        return w if layer.trans_b else w.T
+    return w.T  # MatMul: x @ W with W (in, out)
+
+
+def matrix_to_weight(layer: LinearLayer, m: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`weight_matrix` (same layout and shape as the original weight)."""
+    if layer.op == "Conv":
+        return np.ascontiguousarray(m.reshape(layer.weight_shape))
+    if layer.op == "Gemm":
+        return np.ascontiguousarray(m if layer.trans_b else m.T)
+    return np.ascontiguousarray(m.T)
+
+
+def input_rows(layer: LinearLayer, x: np.ndarray) -> np.ndarray:
+    """Unfold a batch of layer inputs into rows: ``(groups, rows, in_features)``.
+
+    For a convolution each row is one receptive field (im2col), ordered like
+    ``W.reshape(out, -1)`` columns: input channel, then kernel positions.
+    """
+    if layer.op in ("Gemm", "MatMul"):
+        if layer.op == "Gemm" and layer.trans_a:
+            x = x.T
+        return x.reshape(1, -1, x.shape[-1])
+    nd = len(layer.kernel)
+    if nd == 1:
+        x = x[:, :, None, :]
+        kernel, strides, dil = (1, *layer.kernel), (1, *layer.strides), (1, *layer.dilations)
+        pads = (0, layer.pads[0], 0, layer.pads[1])
+    else:
+        kernel, strides, dil, pads = layer.kernel, layer.strides, layer.dilations, layer.pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel, dil))
+    win = sliding_window_view(xp, span, axis=(2, 3))[:, :, :: strides[0], :: strides[1], :: dil[0], :: dil[1]]
+    n, c, ho, wo, kh, kw = win.shape
+    g = layer.group
+    rows = win.reshape(n, g, c // g, ho, wo, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+    return rows.reshape(g, n * ho * wo, (c // g) * kh * kw)

@@ -1,0 +1,44 @@
+"""Second-moment statistics of a layer's input rows, as the least-squares solvers read them.
+
+``InputGram`` is ``sum x x^T`` and ``sum x`` over calibration rows (per group);
+``PairedGram`` holds the cross moments of two inputs of the same layer, the one
+being fitted (``a``, the compressed model's) and the reference (``b``, the
+original model's). Both are filled by :mod:`optc.passes.layers.grams`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class InputGram:
+    """Streaming ``sum x x^T`` (per group) and ``sum x`` over calibration rows."""
+
+    gram: np.ndarray  # (groups, d, d), float64
+    total: np.ndarray  # (groups, d)
+    rows: int = 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.rows, 1)
+
+    def hessian(self, damp: float = 0.01) -> np.ndarray:
+        """``H / rows`` with ``damp * mean(diag)`` added, as OBS-style solvers expect."""
+        h = self.gram / max(self.rows, 1)
+        diag = np.einsum("gii->gi", h).mean(axis=1)
+        eye = np.eye(h.shape[-1])[None]
+        return h + damp * np.maximum(diag, 1e-12)[:, None, None] * eye
+
+
+@dataclass
+class PairedGram:
+    """Per group: ``A A^T``, ``A B^T``, ``B B^T`` and the row sums of the fitted (``a``) and reference (``b``) inputs."""
+
+    aa: np.ndarray  # (groups, d, d)
+    ab: np.ndarray
+    bb: np.ndarray
+    sum_a: np.ndarray  # (groups, d)
+    sum_b: np.ndarray
+    rows: int = 0

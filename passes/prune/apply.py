@@ -1,0 +1,159 @@
+"""Applying a channel-pruning plan: slicing, bias folds, and the least-squares refits.
+
+See :mod:`optc.passes.prune.prune_channels` for what is removed and why. Two refits:
+
+* ``lstsq``: every consumer is refit to its original output from its original
+  input Gram (:func:`optc.passes.numerics.refit.refit_columns`): one calibration pass.
+* ``sequential``: the same, then each consumer in topological order is refit
+  again on its input *as the pruned model computes it* against its original
+  output (:func:`optc.passes.numerics.refit.refit_paired`), so each layer corrects the
+  error of the layers before it instead of compounding it (He et al. 2017);
+  one calibration pass per consumer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optc.ir.graph import GraphEditor
+from optc.ir.model import Model
+from optc.ir.shapes import infer_shapes
+from optc.passes.layers.bias_fold import add_to_bias
+from optc.passes.layers import find_linear_layers, matrix_to_weight, weight_matrix
+from optc.passes.prune.criteria import feature_unit
+from optc.passes.prune.groups import ChannelGraph, Layout
+from optc.passes.numerics.refit import refit_columns
+from optc.passes.layers.sequential_refit import refit_layer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrunePlan:
+    """Channels kept per group (all of them for groups left whole) and the scores behind it."""
+
+    keep: dict[int, np.ndarray]
+    scores: dict[int, np.ndarray] = field(default_factory=dict)
+    criterion: dict[int, str] = field(default_factory=dict)
+
+
+def layout_keep(graph: ChannelGraph, plan: PrunePlan, layout: Layout) -> np.ndarray:
+    """Feature positions along a channelled axis that survive the plan."""
+    parts, offset = [], 0
+    for seg in layout:
+        kept = plan.keep[graph.space_group[seg.space]]
+        parts.append(offset + (kept[:, None] * seg.block + np.arange(seg.block)[None]).ravel())
+        offset += seg.length * seg.block
+    return np.concatenate(parts).astype(np.int64)
+
+
+def apply_plan(model, nodes, graph, plan, layers, grams, weights, cfg) -> tuple[Model, dict[str, tuple[float, float]], dict[str, np.ndarray]]:
+    """The pruned model, each refit consumer's (error, error without refit), and the bias deltas applied."""
+    new_values: dict[tuple[str, int], np.ndarray] = {}
+    bias_delta: dict[str, np.ndarray] = {}
+    errors: dict[str, tuple[float, float]] = {}
+    matrices: dict[str, np.ndarray] = {}  # consumers' refit weights, in the original layout
+    for consumer in graph.consumers:
+        layer = layers[consumer.node]
+        unit = feature_unit(layer)
+        kept_features = layout_keep(graph, plan, consumer.layout)
+        total = sum(s.length * s.block for s in consumer.layout)
+        if len(kept_features) == total:
+            continue
+        cols = (kept_features[:, None] * unit + np.arange(unit)[None]).ravel()
+        w = weight_matrix(layer, weights[consumer.node])
+        if cfg.reconstruct in ("lstsq", "sequential"):
+            fit = refit_columns(grams[consumer.node], w, cols, ridge=cfg.ridge)
+            new_w, delta = fit.weight, fit.bias_delta
+            errors[consumer.node] = (fit.rel_error, fit.rel_error_plain)
+        else:
+            new_w = w[:, cols]
+            removed = np.setdiff1d(np.arange(w.shape[1]), cols)
+            delta = w[:, removed] @ grams[consumer.node].mean[0][removed] if cfg.reconstruct == "mean" else np.zeros(w.shape[0])
+        shape = list(layer.weight_shape)
+        if layer.op == "Conv":
+            shape[1] = len(kept_features)
+        sliced = dataclasses.replace(layer, weight_shape=tuple(shape))
+        matrices[consumer.node] = matrix_to_weight(sliced, new_w)
+        if np.any(delta):
+            bias_delta[consumer.node] = delta
+    for group in graph.groups:
+        keep = plan.keep[group.id]
+        if len(keep) == group.size:
+            continue
+        for source in group.sources:
+            node = nodes[source.node]
+            w = matrices.get(source.node)
+            if w is None:
+                w = model.initializer_array(node.input[1]).astype(np.float64)
+            axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB")) else 1
+            matrices[source.node] = np.take(w, keep, axis=axis)
+            if len(node.input) > 2 and node.input[2]:
+                bias = model.initializer_array(node.input[2])
+                if bias.size == group.size:
+                    new_values[(source.node, 2)] = np.take(bias, keep, axis=bias.ndim - 1)
+            if source.node in bias_delta:
+                bias_delta[source.node] = bias_delta[source.node][keep]
+    for param in graph.params:
+        value = model.initializer_array(nodes[param.node].input[param.input_index])
+        kept = layout_keep(graph, plan, param.layout)
+        if len(kept) < value.shape[param.axis]:
+            new_values[(param.node, param.input_index)] = np.take(value, kept, axis=param.axis)
+    for name, w in matrices.items():
+        new_values[(name, 1)] = w.astype(model.initializer_array(nodes[name].input[1]).dtype)
+    return _edit(model, nodes, graph, plan, new_values, bias_delta), errors, bias_delta
+
+
+def _edit(model, nodes, graph, plan, new_values, bias_delta) -> Model:
+    editor = GraphEditor(model)
+    gs_nodes = {n.name: n for n in editor.nodes}
+    for (name, index), value in new_values.items():
+        node = gs_nodes[name]
+        node.inputs[index] = editor.add_constant(node.inputs[index].name, value)
+        if node.op == "Conv" and index == 1 and node.attrs.get("group", 1) > 1:
+            node.attrs["group"] = int(value.shape[0])  # a depthwise conv keeps one group per channel
+    for fix in graph.reshapes:
+        node = gs_nodes[fix.node]
+        target = np.array(editor.constant_value(node.inputs[1]), dtype=np.int64).copy()
+        target[1] = len(layout_keep(graph, plan, fix.layout))
+        node.inputs[1] = editor.add_constant(node.inputs[1].name, target)
+    for name, delta in bias_delta.items():
+        add_to_bias(editor, gs_nodes[name], delta)
+    new_model = editor.commit()
+    # Shapes of every tensor on a pruned path changed: infer them afresh.
+    del new_model.graph.value_info[:]
+    infer_shapes(new_model)
+    return new_model
+
+
+def _attr(node, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
+
+
+def refit_sequentially(original, pruned, graph, plan, layers, ctx_calibration, errors, bias_delta, cfg, seed: int = 0) -> Model:
+    """Refit each changed consumer, in graph order, on the pruned model's own input (see module docs)."""
+    nodes = {n.name: n for n in original.graph.node}
+    sources = {s.node: s for g in graph.groups for s in g.sources}
+    # Each consumer is edited once, in graph order: the layers not yet refit keep
+    # the input tensors and weight names they have in the model pruned so far.
+    current_layers = {layer.node: layer for layer in find_linear_layers(pruned)[0]}
+    for consumer in graph.consumers:
+        if consumer.node not in errors:
+            continue  # its input lost nothing
+        layer_o, layer_p = layers[consumer.node], current_layers.get(consumer.node)
+        if layer_p is None or layer_p.group != 1:
+            continue
+        w_orig = weight_matrix(layer_o, original.initializer_array(nodes[consumer.node].input[1]).astype(np.float64))
+        source = sources.get(consumer.node)
+        rows = plan.keep[graph.space_group[source.space]] if source is not None else np.arange(w_orig.shape[0])
+        # The bias already holds the first refit's delta: only the difference is added.
+        pruned, fit = refit_layer(
+            pruned, layer_p, original, layer_o, w_orig[rows], ctx_calibration, ridge=cfg.ridge, max_batches=cfg.max_batches,
+            seed=seed, bias_already=bias_delta.get(consumer.node, np.zeros(len(rows))),
+        )
+        errors[consumer.node] = (fit.rel_error, errors[consumer.node][1])
+    infer_shapes(pruned)
+    return pruned

@@ -1,0 +1,135 @@
+"""Which channels of a group to remove: importance criteria and the ThiNet greedy choice.
+
+Notation: a group's channel ``j`` is read by consumer ``k`` through the weight
+columns ``C_k(j)`` (a block per channel: kernel positions for a Conv, the
+flattened spatial positions after a Flatten). With the consumer's input Gram
+``G`` (per row, from calibration) and weight matrix ``W``, removing a set ``R``
+of channels without refit changes that consumer's output by
+
+    E(R) = sum_{i,j in cols(R)} (W^T W)_{ij} G_{ij}  =  sum_{a,b in R} M_ab,
+
+where ``M_ab`` sums ``(W^T W) * G`` over the block ``C(a) x C(b)`` (and over
+consumers, each normalised by its output energy ``tr(W G W^T)``). ``M``
+gives the reconstruction-aware criterion (``thinet``: grow ``R`` greedily by
+the channel that raises ``E`` least, He et al. / Luo et al. 2017) and the
+``activation`` criterion (RMS input at the consumers, ``diag G``).
+Weight criteria (``l1``, ``l2``) use the sources' output rows, each source's
+norms divided by their mean so that members of a residual group weigh alike;
+``bn`` uses ``|gamma|`` of the group's BatchNorms.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from optc.ir.model import Model
+from optc.ir.view import NodeProto, attribute
+from optc.passes.layers import InputGram, LinearLayer, weight_matrix
+from optc.passes.prune.groups import ChannelGraph, ChannelGroup, Layout
+
+NEEDS_GRAMS = frozenset({"activation", "thinet", "forward"})
+
+
+def channel_blocks(graph: ChannelGraph, layout: Layout, group: int, unit: int) -> list[tuple[int, int]]:
+    """``(start, width)`` per segment of ``group`` in ``layout``; ``unit`` = columns per feature."""
+    out = []
+    offset = 0
+    for seg in layout:
+        if graph.space_group[seg.space] == group:
+            out.append((offset * unit, seg.block * unit))
+        offset += seg.length * seg.block
+    return out
+
+
+def feature_unit(layer: LinearLayer) -> int:
+    """Weight columns per input feature: kernel positions for a Conv, else 1."""
+    return int(np.prod(layer.kernel)) if layer.op == "Conv" else 1
+
+
+def weight_scores(model: Model, nodes: dict[str, NodeProto], group: ChannelGroup, graph: ChannelGraph, criterion: str) -> tuple[np.ndarray, str]:
+    """Per-channel importance from weights; returns the scores and the criterion actually used."""
+    if criterion == "bn":
+        gammas = [model.initializer_array(nodes[p.node].input[1]) for p in graph.params
+                  if p.input_index == 1 and nodes[p.node].op_type == "BatchNormalization"
+                  and len(p.layout) == 1 and graph.space_group[p.layout[0].space] == group.id]
+        if gammas:
+            return sum(np.abs(g.astype(np.float64)) / max(np.abs(g).mean(), 1e-12) for g in gammas), "bn"
+        criterion = "l2"  # a group without BatchNorm: fall back to the weights (reported)
+    total = np.zeros(group.size)
+    order = 1 if criterion == "l1" else 2
+    for source in group.sources:
+        node = nodes[source.node]
+        w = model.initializer_array(node.input[1]).astype(np.float64)
+        rows = _output_rows(node, w)
+        norms = np.linalg.norm(rows, ord=order, axis=1)
+        total += norms / max(norms.mean(), 1e-12)
+    return total, criterion
+
+
+def removal_matrix(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, LinearLayer], grams: dict[str, InputGram], weights: dict[str, np.ndarray]) -> np.ndarray:
+    """``M`` (channels x channels): output error of removing channel pairs, summed over consumers."""
+    n = group.size
+    m = np.zeros((n, n))
+    for consumer in graph.consumers:
+        layer = layers[consumer.node]
+        blocks = channel_blocks(graph, consumer.layout, group.id, feature_unit(layer))
+        if not blocks:
+            continue
+        w = weight_matrix(layer, weights[consumer.node])
+        g = grams[consumer.node].gram[0] / max(grams[consumer.node].rows, 1)
+        energy = max(float(np.einsum("oi,ij,oj->", w, g, w)), 1e-30)
+        for start_a, width in blocks:
+            cols_a = start_a + np.arange(n * width)
+            for start_b, _ in blocks:
+                cols_b = start_b + np.arange(n * width)
+                q = (w[:, cols_a].T @ w[:, cols_b]) * g[np.ix_(cols_a, cols_b)]
+                m += q.reshape(n, width, n, width).sum(axis=(1, 3)) / energy
+    return m
+
+
+def activation_scores(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, LinearLayer], grams: dict[str, InputGram]) -> np.ndarray:
+    """RMS of each channel at the consumers' inputs (calibration data)."""
+    total = np.zeros(group.size)
+    count = 0
+    for consumer in graph.consumers:
+        layer = layers[consumer.node]
+        blocks = channel_blocks(graph, consumer.layout, group.id, feature_unit(layer))
+        gram = grams[consumer.node]
+        diag = np.diag(gram.gram[0]) / max(gram.rows, 1)
+        for start, width in blocks:
+            total += np.sqrt(diag[start : start + group.size * width].reshape(group.size, width).mean(axis=1))
+            count += 1
+    return total / max(count, 1)
+
+
+def greedy_removal(m: np.ndarray, count: int) -> np.ndarray:
+    """ThiNet: the ``count`` channels whose joint removal raises ``E(R) = 1^T M_RR 1`` least, greedily."""
+    n = len(m)
+    removed: list[int] = []
+    cross = np.zeros(n)  # sum_{r in R} (M_rc + M_cr)
+    alive = np.ones(n, dtype=bool)
+    diag = np.diag(m).copy()
+    for _ in range(count):
+        cost = np.where(alive, cross + diag, np.inf)
+        c = int(np.argmin(cost))
+        removed.append(c)
+        alive[c] = False
+        cross += m[c] + m[:, c]
+    return np.array(sorted(removed), dtype=np.int64)
+
+
+def kept_count(size: int, ratio: float, round_to: int) -> int:
+    """Channels kept when ``ratio`` of ``size`` go, rounded to a multiple of ``round_to`` (never 0)."""
+    keep = size - int(np.floor(ratio * size + 1e-9))
+    if round_to > 1 and size >= round_to:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return int(min(size, max(1, keep)))
+
+
+def _output_rows(node, w: np.ndarray) -> np.ndarray:
+    """Weight rows that produce each output channel, flattened."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1)
+    trans_b = bool(attribute(node, "transB", 0))
+    if node.op_type == "Gemm" and trans_b:
+        return w
+    return w.T
