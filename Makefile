@@ -4,10 +4,17 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Independent tests run in parallel (pytest-xdist), one worker per core.
-PYTEST_ARGS ?= -m "not gpu" -n auto
+# Independent tests run in parallel (pytest-xdist), one worker per core. The real-model
+# zoo (tests/test_zoo.py, ~20 models from PyPI wheels) runs with `make test-zoo`.
+PYTEST_ARGS ?= -m "not gpu" -n auto --ignore=tests/test_zoo.py
 
-.PHONY: demo test setup setup-test clean
+# Debian packages some tests need: the aarch64 cross compiler and qemu (ARM artifacts
+# are cross-compiled and run under emulation) and Chromium (report.html is checked in a
+# real headless browser). Installed where this runs as root with apt-get; elsewhere
+# those tests skip and say what is missing.
+SYSTEM_PACKAGES := g++-aarch64-linux-gnu qemu-user-static chromium
+
+.PHONY: demo test test-zoo setup setup-test setup-system clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +25,22 @@ setup: $(BIN)/python
 
 # torch (CPU build, from this machine's disk) is a test-tool dependency only:
 # it exports the MiniLM sentence model the real-model tests run on.
-setup-test: $(BIN)/python
+setup-test: $(BIN)/python setup-system
 	$(BIN)/pip install -q -e ".[dev,tvm]"
 	$(BIN)/pip install -q torch==2.13.0 || echo "torch not installable: tests that need it will skip"
+	$(BIN)/python tools/make_arm_root.py || echo "ARM runner root not built: the qemu tests will skip"
+
+setup-system:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			echo "installing Debian packages for the tests: $$missing"; \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+				|| echo "apt-get could not install $$missing: the tests that need them will skip"; \
+		fi; \
+	else \
+		echo "not root or no apt-get: skipping $(SYSTEM_PACKAGES) (the tests that need them will skip)"; \
+	fi
 
 demo: setup
 	rm -rf out/sample
@@ -31,6 +51,11 @@ demo: setup
 
 test: setup-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fetches the zoo's wheels into ~/.cache/optc/zoo (PyPI only), builds the models and data, runs their tests.
+test-zoo: setup-test
+	$(BIN)/python tools/zoo fetch && $(BIN)/python tools/zoo build
+	$(BIN)/python -m pytest -m "not gpu" -n auto tests/test_zoo.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -1,217 +1,427 @@
-"""``optc compile`` as a library call: load, run the pipeline, measure, write atomically.
+"""What a compile run needs around its entry point (:func:`optc.api.compile`).
 
-Order matters for users' CI jobs: everything that can be checked without
-running a pass (pipeline names and options, output folder, model file, input
-shapes, calibration and evaluation data) is checked first, so bad input fails
-in a second with nothing written.
+* the output folder: proof of ownership, staging, the one-step swap, clean-up
+  on signals, and the sweep of temporary folders left by killed runs;
+* the model: loading and freezing input shapes (and a target's batch dim);
+* measuring: sample inputs, outputs, accuracy, latency, the comparison;
+* provenance: file digests, versions, ``pipeline.yaml`` written and read back;
+* ``optc inspect``.
+
+The output folder
+-----------------
+optc replaces a folder only when it can prove the folder is its own output:
+every output holds ``.optc-output.json``, the SHA-256 of each file optc wrote
+there. An existing folder is replaced only when the marker is there, every
+file it lists is unchanged and nothing else is in the folder; anything else is
+refused with a one-line error. An absent or empty folder is fine.
+
+A run writes into ``.OUT.<hex>.tmp/out`` beside OUT, and
+``.OUT.<hex>.tmp/owner.json`` names its process (pid, host). Publishing swaps
+``out`` and OUT in one step (``renameat2(RENAME_EXCHANGE)``, Linux), so OUT
+always exists, holding the old output or the new one; the old one is then
+deleted with the temporary folder. Where the kernel, libc or filesystem cannot
+exchange, OUT is renamed to ``.OUT.<hex>.tmp/old`` and ``out`` into place
+(a kill between the two leaves no OUT; the next run puts ``old`` back).
+SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` during a run, so the
+temporary folder is removed; after a kill -9, the next run into the same OUT
+removes the temporary folders whose process is gone.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import functools
 import json
 import logging
 import os
+import platform
+import re
 import shutil
+import signal
+import socket
+import sys
+import threading
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import yaml
 
 from optc import __version__
+from optc.data import CalibrationSet, LabelledSet
 from optc.errors import ConfigError
-from optc.data import LabelledSet
-from optc.evaluation import accuracy, interleaved_latency_ms, latency_ms
-from optc.ir.io import load_model, save_model
-from optc.ir.model import Model
-from optc.ir.session import make_session, sample_feeds
+from optc.evaluation import accuracy, compare_outputs, latency_ms
+from optc.ir.io import load_model
+from optc.ir.model import Model, TensorSpec
+from optc.ir.session import run, sample_feeds as random_feeds
 from optc.ir.shapes import freeze_input_shapes, parse_shape_spec
-from optc.passes.framework import Pass, PassContext
-from optc.data.calibration import CalibrationSet
-from optc.passes.framework.instruments import DumpAfter, TimePasses, VerifyEach
-from optc.passes.framework.manager import Instrument, PassManager, PipelineResult
-from optc.passes.framework.pipeline import CANONICALIZE, load_pipeline_file, parse_pass_specs
+from optc.passes.framework import Pass
+from optc.passes.framework.pipeline import pipeline_from_data, read_pipeline_data
+
+__all__ = [
+    "Interrupted", "PipelineFile", "Staging", "check_output_folder", "inspect_model", "parse_shape_spec", "prepare_model",
+    "read_pipeline_file", "require_tvm", "sweep_stale",
+]
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "report.json"
 MODEL_NAME = "model.onnx"
-TARGETS = ("none", "x86", "arm", "gpu")
-# Input models up to this many weight bytes keep a session through the pipeline so
-# the latency comparison can time both models in turns; larger ones are timed one
-# after the other (a second copy of their weights would cost more than it is worth).
-INTERLEAVE_MAX_BYTES = 256 << 20
-LATENCY_BUDGET_S = 4.0  # about this long for the in-turns comparison
+REPORT_NAME = "report.json"
+PIPELINE_NAME = "pipeline.yaml"
+MARKER_NAME = ".optc-output.json"  # the files optc wrote into an output folder, with their SHA-256
+OWNER_NAME = "owner.json"  # in a temporary folder: the process writing it
+MARKER_FORMAT = "optc-output/1"
+TVM_INSTALL = "pip install 'optc[tvm]'"
 
 
-@dataclass(frozen=True)
-class CompileOptions:
-    model: Path
-    outdir: Path
-    passes: tuple[str, ...] = ()
-    pipeline_file: Path | None = None
-    calib: Path | None = None
-    eval_data: Path | None = None
-    input_shapes: tuple[str, ...] = ()
-    target: str = "none"
-    verify_each: bool = False
-    time_passes: bool = False
-    dump_after: tuple[str, ...] = ()
-    measure_latency: bool = True
-    external_data: bool | None = None
-    seed: int = 0
-    cpu: str | None = None  # x86: LLVM CPU name instead of the host's
-    arch: str | None = None  # gpu: CUDA arch such as sm_80
-    tune_trials: int = 0  # MetaSchedule trials per task missing from the database
-    int8_lowering: bool = True  # QDQ regions -> integer conv2d/matmul (targets/int8_lowering.py)
-    weight_prepack: bool = True  # tuned kernels read weights in their own layout (targets/tuned_compile.py)
-    tuning_db: Path | None = None  # default: the user cache folder
-    rpc_tracker: str | None = None
-    rpc_key: str | None = None
+def require_tvm(target: str) -> None:
+    """Fail before any work when ``--target`` is given and TVM is not installed (found without importing it)."""
+    if find_spec("tvm") is None:
+        raise ConfigError(f"--target {target} needs Apache TVM, which is not installed: {TVM_INSTALL}")
 
 
-@dataclass
-class CompileResult:
-    report: dict[str, Any]
-    files: list[Path] = field(default_factory=list)
-    pipeline: PipelineResult | None = None
+# --------------------------------------------------------------------------- output folder
 
 
-def build_pipeline(specs: Sequence[str], pipeline_file: Path | None) -> list[Pass]:
-    """Passes from ``--pipeline`` then ``--pass`` (canonicalisation when neither is given)."""
-    passes: list[Pass] = []
-    if pipeline_file is not None:
-        passes.extend(load_pipeline_file(pipeline_file))
-    passes.extend(parse_pass_specs(list(specs)))
-    return passes or parse_pass_specs(list(CANONICALIZE))
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived during a compile; raised so that clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def check_outdir(outdir: Path) -> None:
-    if outdir.exists() and not outdir.is_dir():
-        raise ConfigError(f"output {outdir} exists and is not a folder")
-    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / REPORT_NAME).is_file():
-        raise ConfigError(f"output folder {outdir} is not empty and holds no optc output; refusing to overwrite it")
+def check_output_folder(outdir: Path) -> None:
+    """Raise ConfigError unless ``outdir`` is absent, empty, or optc's own unchanged output."""
+    if outdir.is_symlink():
+        raise ConfigError(f"output {outdir} is a symbolic link; give the folder itself, or another -o")
+    if not outdir.exists():
+        return
+    if not outdir.is_dir():
+        raise ConfigError(f"output {outdir} exists and is not a folder; give another -o")
+    if not any(outdir.iterdir()):
+        return
+    problem = _not_ours(outdir)
+    if problem:
+        raise ConfigError(f"output folder {outdir} {problem}; refusing to overwrite it: give another -o, or move its files away")
 
 
-def prepare_model(path: Path, shape_specs: Sequence[str]) -> Model:
-    shapes = dict(parse_shape_spec(s) for s in shape_specs)
-    model = load_model(path)
-    if shapes and freeze_input_shapes(model, shapes):
-        model.notes.append("froze input shapes: " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()))
-    return model
-
-
-def compile_model(
-    opts: CompileOptions, extra_instruments: Sequence[Instrument] = (), on_tune_progress: Callable[[Any], None] | None = None
-) -> CompileResult:
-    """Run the pipeline, then (with a target) build; ``on_tune_progress`` gets a
-    :class:`optc.targets.tuning_progress.TuneProgress` after every measured tuning batch."""
-    if opts.target not in TARGETS:
-        raise ConfigError(f"unknown target '{opts.target}'; valid targets: {', '.join(TARGETS)}")
-    if opts.tune_trials < 0:
-        raise ConfigError("--tune-trials must be 0 or more")
-    if bool(opts.rpc_tracker) != bool(opts.rpc_key):
-        raise ConfigError("--rpc-tracker and --rpc-key go together")
-    passes = build_pipeline(opts.passes, opts.pipeline_file)
-    names = {p.name for p in passes}
-    unknown_dumps = [n for n in opts.dump_after if n != "all" and n not in names]
-    if unknown_dumps:
-        raise ConfigError(f"--dump-after {unknown_dumps[0]}: not in the pipeline ({', '.join(p.name for p in passes)}, or 'all')")
-    check_outdir(opts.outdir)
-    spec = _target_spec(opts)
-    if spec is not None:
-        spec.check_tuning(opts.tune_trials, opts.rpc_tracker)
-    model = prepare_model(opts.model, opts.input_shapes)
-    if spec is not None:
-        dynamic = [s.describe() for s in model.inputs if not s.is_static]
-        if dynamic:
-            raise ConfigError(f"--target {opts.target} needs static input shapes; freeze them with --input-shape ({'; '.join(dynamic)})")
-    calib = CalibrationSet.from_path(opts.calib, model) if opts.calib else None
-    labelled = LabelledSet.from_path(opts.eval_data, model) if opts.eval_data else None
-    feeds, feeds_source = _sample_feeds(model, calib, labelled, opts.seed)
-    ctx = PassContext(calibration=calib, seed=opts.seed)
-    PassManager(passes).check_requirements(model, ctx)
-
-    opts.outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = opts.outdir.parent / f".{opts.outdir.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
+def _not_ours(outdir: Path) -> str | None:
+    """Why ``outdir`` cannot be proven to be optc's unchanged output (None: it is)."""
+    marker = outdir / MARKER_NAME
+    if marker.is_symlink() or not marker.is_file():
+        return f"is not empty and has no {MARKER_NAME} (the list of files optc wrote there)"
     try:
-        instruments: list[Instrument] = list(extra_instruments)
-        if opts.verify_each:
-            instruments.append(VerifyEach(feeds))
-        if opts.time_passes:
-            instruments.append(TimePasses())
-        if opts.dump_after:
-            instruments.append(DumpAfter(set(opts.dump_after), staging / "dumps"))
-        # Measure the input model now and let it go: holding it through the
-        # pipeline would cost one more copy of the weights (see benchmarks/ir_scale.py).
-        # A small model keeps an onnxruntime session instead, so that the two
-        # models' latencies are taken in turns (a shared machine slows both alike).
-        in_turns = opts.measure_latency and model.weight_bytes() <= INTERLEAVE_MAX_BYTES
-        baseline = _measure(model, feeds, labelled, opts.measure_latency and not in_turns)
-        baseline_session = make_session(model) if in_turns else None
-        source = {"opsets": model.opset_imports, "notes": list(model.notes)}
-        holder = [model]
-        del model
-        result = PassManager(passes, instruments).run(holder.pop(), ctx)
-        final = _measure(result.model, feeds, labelled, opts.measure_latency and not in_turns)
-        if baseline_session is not None:
-            baseline.latency_ms, final.latency_ms = interleaved_latency_ms(
-                [baseline_session, make_session(result.model)], feeds, blocks=10, runs=20, budget_s=LATENCY_BUDGET_S
-            )
-            baseline_session = None
-        evaluation = _compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other")
-        evaluation["fidelity_data"] = feeds_source
-        _check_finite(baseline, final)
-        files = save_model(result.model, staging / MODEL_NAME, external_data=opts.external_data)
-        report = _report(opts, passes, source, result, evaluation)
-        if spec is not None:
-            report["target"] = _compile_target(result.model, spec, staging, opts, on_tune_progress)
-            files.append(staging / "model.so")
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-        if spec is not None:
-            from optc.targets.artifact import write_manifest
-
-            write_manifest(staging, result.model, spec)
-            files.append(staging / "manifest.json")
-        _publish(staging, opts.outdir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    written = [opts.outdir / f.name for f in files] + [opts.outdir / REPORT_NAME]
-    return CompileResult(report, written, result)
+        listed = json.loads(marker.read_text())["files"]
+        if not isinstance(listed, dict) or not all(_inside(k) and isinstance(v, str) for k, v in listed.items()):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has an unreadable {MARKER_NAME}"
+    folders = {str(p) for rel in listed for p in PurePosixPath(rel).parents if str(p) != "."}
+    extra: list[str] = []
+    for root, dirnames, filenames in os.walk(outdir):
+        base = PurePosixPath(Path(root).relative_to(outdir).as_posix())
+        kept = []
+        for name in dirnames:
+            rel = str(base / name)
+            if rel in folders and not os.path.islink(os.path.join(root, name)):
+                kept.append(name)
+            else:
+                extra.append(rel + "/")
+        dirnames[:] = kept
+        for name in filenames:
+            rel = str(base / name)
+            if rel != MARKER_NAME and (rel not in listed or os.path.islink(os.path.join(root, name))):
+                extra.append(rel)
+    if extra:
+        return f"holds {_some(extra)}, which optc did not write"
+    missing = [rel for rel in listed if not (outdir / rel).is_file()]
+    if missing:
+        return f"no longer holds {_some(missing)}, which optc wrote there"
+    changed = [rel for rel, digest in listed.items() if file_digest(outdir / rel) != digest]
+    if changed:
+        return f"has {_some(changed)} changed since optc wrote {'it' if len(changed) == 1 else 'them'}"
+    return None
 
 
-def _target_spec(opts: CompileOptions):
-    if opts.target == "none":
+def _inside(rel: Any) -> bool:
+    path = PurePosixPath(rel) if isinstance(rel, str) else None
+    return path is not None and not path.is_absolute() and ".." not in path.parts and rel not in ("", ".")
+
+
+def _some(names: Sequence[str]) -> str:
+    shown = ", ".join(sorted(names)[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _write_marker(folder: Path) -> None:
+    files = {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    text = json.dumps({"format": MARKER_FORMAT, "optc_version": __version__, "files": files}, indent=2)
+    (folder / MARKER_NAME).write_text(text + "\n")
+
+
+class Staging:
+    """The temporary folder a run writes into (``path``), swapped into ``outdir`` by :meth:`publish`.
+
+    A context manager: the temporary folder is removed on exit, whatever happened;
+    SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` while it is open. With ``outdir``
+    None it does nothing and ``path`` is None.
+    """
+
+    def __init__(self, outdir: Path | None):
+        self.outdir = outdir
+        self.root: Path | None = None  # .OUT.<hex>.tmp
+        self.path: Path | None = None  # root/out, what becomes OUT
+        self._signals = _TerminationSignals()
+
+    def __enter__(self) -> Staging:
+        if self.outdir is None:
+            return self
+        target = Path(os.path.abspath(self.outdir))
+        self._signals.install()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(target)
+            root = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+            root.mkdir()
+        except OSError as exc:
+            self._signals.uninstall()
+            raise ConfigError(f"cannot write beside {self.outdir}: {exc.strerror or exc}; give another -o") from exc
+        self.root = root
+        try:
+            (root / OWNER_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+            (root / "out").mkdir()
+        except BaseException:
+            self.__exit__()
+            raise
+        self.path = root / "out"
+        return self
+
+    def publish(self) -> None:
+        """Mark the staged files as optc's, then swap them into ``outdir`` in one step."""
+        assert self.outdir is not None and self.path is not None and self.root is not None
+        # The folder may have changed during a long run: prove it is ours again right before replacing it.
+        check_output_folder(self.outdir)
+        _write_marker(self.path)
+        with self._signals.deferred():
+            _swap(self.path, Path(os.path.abspath(self.outdir)), self.root)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.root is not None:
+            try:
+                _remove_temporary(self.root, Path(os.path.abspath(self.outdir)))  # type: ignore[arg-type]
+            finally:
+                self.root = None
+                self._signals.uninstall()
+
+
+class _TerminationSignals:
+    """While installed, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` (as SIGINT raises KeyboardInterrupt).
+
+    Installed only over the default action, so that a run under nohup keeps
+    ignoring SIGHUP and an application's own handlers stay in place, and only in
+    the main thread (the only one where Python can install handlers). Inside
+    :meth:`deferred` a signal is held until the block ends.
+    """
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.deferring = False
+        self.held: int | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) is default:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.deferring:
+            self.held = signum
+            return
+        self.uninstall()  # a second signal acts as it would have (a kill now is swept by the next run)
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+            held, self.held = self.held, None
+            if held is not None:
+                self.uninstall()
+                raise Interrupted(held)
+
+
+def _swap(staged: Path, outdir: Path, root: Path) -> None:
+    if not os.path.lexists(outdir):
+        os.rename(staged, outdir)
+        return
+    if _exchange(staged, outdir):
+        return  # the old output is at `staged` now, deleted with the temporary folder
+    os.rename(outdir, root / "old")
+    os.rename(staged, outdir)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step; False where the kernel, libc or filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
         return None
-    from optc.targets.spec import make_target
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
-    return make_target(opts.target, cpu=opts.cpu, arch=opts.arch)
+
+def _remove_temporary(root: Path, outdir: Path) -> None:
+    """Delete a run's temporary folder; an earlier output parked there by an interrupted fallback swap goes back first."""
+    old = root / "old"
+    if old.is_dir() and not os.path.lexists(outdir):
+        os.rename(old, outdir)
+    shutil.rmtree(root, ignore_errors=True)
 
 
-def _compile_target(model: Model, spec, staging: Path, opts: CompileOptions, on_tune_progress=None) -> dict[str, Any]:
-    """Build and export the TVM library; returns the report's target section."""
-    import time
+def sweep_stale(outdir: Path) -> list[Path]:
+    """Remove the temporary folders of earlier runs into ``outdir`` whose process is gone (killed with -9)."""
+    pattern = re.compile(rf"\.{re.escape(outdir.name)}\.[0-9a-f]{{8}}\.tmp")
+    removed = []
+    for root in sorted(outdir.parent.iterdir()) if outdir.parent.is_dir() else ():
+        if not pattern.fullmatch(root.name) or not root.is_dir():
+            continue
+        try:
+            owner = json.loads((root / OWNER_NAME).read_text())
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours, or being created right now
+        if pid <= 0 or host != socket.gethostname() or _alive(pid):
+            continue
+        _remove_temporary(root, outdir)
+        logger.info("removed %s, left by process %d", root, pid)
+        removed.append(root)
+    return removed
 
-    from optc.targets.build import build, export
 
-    from optc.targets.tuning import TuneOptions, default_tuning_db
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
-    tune = TuneOptions(
-        opts.tune_trials, opts.tuning_db or default_tuning_db(), opts.rpc_tracker, opts.rpc_key, opts.seed,
-        prepack=opts.weight_prepack, on_progress=on_tune_progress
+
+# --------------------------------------------------------------------------- the model
+
+
+def prepare_model(
+    model: Model | str | os.PathLike[str], shapes: Mapping[str, tuple[int, ...]], *, target: str | None = None
+) -> tuple[Model, dict[str, tuple[int, ...]]]:
+    """Load (or take) the model and freeze input dims; returns it and the dims frozen.
+
+    A target needs static shapes: a dynamic leading batch dim left after ``shapes``
+    is frozen to 1 (with a warning and a note in the report); any other dynamic dim
+    is a ConfigError that shows the ``--input-shape`` to give. A Model passed in is
+    copied before it is changed.
+    """
+    given = isinstance(model, Model)
+    if not given:
+        model = load_model(model)
+    frozen = dict(shapes)
+    if frozen:
+        if given:
+            model, given = model.copy(), False
+        if freeze_input_shapes(model, frozen):
+            model.notes.append("froze input shapes: " + _shapes_text(frozen))
+    if target is not None:
+        batch = _target_batch(model, target)
+        if batch:
+            if given:
+                model = model.copy()
+            freeze_input_shapes(model, batch)
+            note = (f"--target {target} needs static input shapes: froze the leading batch dim to 1 "
+                    f"({_shapes_text(batch)}); give --input-shape for another batch")
+            model.notes.append(note)
+            logger.warning(note)
+            frozen.update(batch)
+    return model, frozen
+
+
+def _target_batch(model: Model, target: str) -> dict[str, tuple[int, ...]]:
+    """Batch-1 shapes for inputs whose only dynamic dim is the leading one; ConfigError for other dynamic dims."""
+    dynamic = [s for s in model.inputs if not s.is_static]
+    if all(s.shape and not isinstance(s.shape[0], int) and all(isinstance(d, int) for d in s.shape[1:]) for s in dynamic):
+        return {s.name: (1, *s.shape[1:]) for s in dynamic}  # type: ignore[misc]
+    placeholders: list[str] = []
+    hints = " ".join(f"--input-shape {s.name}={_dims_hint(s, placeholders)}" for s in dynamic)
+    sizes = " and ".join(placeholders)
+    raise ConfigError(
+        f"--target {target} needs static input shapes ({'; '.join(s.describe() for s in dynamic)}): "
+        f"give {hints}, with {sizes} the size{'s' if len(placeholders) > 1 else ''} to compile for"
     )
-    start = time.perf_counter()
-    executable, tuning = build(model, spec, tune, int8=opts.int8_lowering)
-    int8 = tuning.pop("int8", None)
-    built = time.perf_counter()
-    export(executable, staging / "model.so", spec)
-    return {**spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built, "tuning": {**tuning, "db": str(tune.db_dir)}, "int8": int8}
 
 
-def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int) -> tuple[dict, str]:
-    """Inputs for --verify-each, fidelity and latency, and where they come from.
+def _dims_hint(spec: TensorSpec, placeholders: list[str]) -> str:
+    """``1x3xHEIGHTxWIDTH``: known dims filled in, the batch as 1, the others named in capitals (added to ``placeholders``)."""
+    if spec.shape is None:
+        parts = [f"{spec.name.upper()}_DIMS"]
+    else:
+        parts = []
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, int):
+                parts.append(str(d))
+            elif i == 0:
+                parts.append("1")
+            else:
+                name = re.sub(r"[^A-Za-z0-9]+", "_", d or "").strip("_").upper()
+                parts.append(name if name and not name[0].isdigit() else f"D{i}")
+    placeholders.extend(p for p in parts if not p.isdigit() and p not in placeholders)
+    return "x".join(parts)
+
+
+def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int) -> tuple[dict, str]:
+    """Inputs for verify-each, fidelity and latency, and where they come from.
 
     Evaluation data first: the passes never saw it, so fidelity on it is not
     flattered by what they fitted. Then calibration data (seen by the passes),
@@ -221,10 +431,25 @@ def _sample_feeds(model: Model, calib: CalibrationSet | None, labelled: Labelled
         return labelled.inputs.take(8), "evaluation data"
     if calib is not None:
         return calib.take(8), "calibration data, which the passes fitted on"
-    return sample_feeds(model, seed=seed), "random inputs"
+    return random_feeds(model, seed=seed), "random inputs"
 
 
-def _check_finite(before: _Measurement, after: _Measurement) -> None:
+@dataclass
+class Measurement:
+    outputs: dict[str, Any]
+    accuracy: float | None
+    latency_ms: float | None
+
+
+def measure(model: Model, feeds: Mapping[str, Any], labelled: LabelledSet | None, measure_latency: bool) -> Measurement:
+    return Measurement(
+        outputs=run(model, feeds),
+        accuracy=accuracy(model, labelled) if labelled is not None else None,
+        latency_ms=latency_ms(model, feeds) if measure_latency else None,
+    )
+
+
+def check_finite(before: Measurement, after: Measurement) -> None:
     """Refuse to write a model that turns finite outputs into NaN/inf (a pass went wrong)."""
     for name, ref in before.outputs.items():
         got = after.outputs.get(name)
@@ -234,26 +459,8 @@ def _check_finite(before: _Measurement, after: _Measurement) -> None:
             raise RuntimeError(f"the compressed model computes NaN/inf on output '{name}' where the input model does not; nothing was written")
 
 
-@dataclass
-class _Measurement:
-    outputs: dict[str, Any]
-    accuracy: float | None
-    latency_ms: float | None
-
-
-def _measure(model: Model, feeds, labelled: LabelledSet | None, measure_latency: bool) -> _Measurement:
-    from optc.ir.session import run
-
-    return _Measurement(
-        outputs=run(model, feeds),
-        accuracy=accuracy(model, labelled) if labelled is not None else None,
-        latency_ms=latency_ms(model, feeds) if measure_latency else None,
-    )
-
-
-def _compare(before: _Measurement, after: _Measurement, samples_labelled: int = 0, timing: str = "one after the other") -> dict[str, Any]:
-    from optc.evaluation import compare_outputs
-
+def compare(before: Measurement, after: Measurement, samples_labelled: int, timing: str, feeds_source: str) -> dict[str, Any]:
+    """report.json's ``evaluation`` section."""
     samples = len(next(iter(before.outputs.values()))) if before.outputs else 0
     out: dict[str, Any] = {"fidelity": compare_outputs(before.outputs, after.outputs), "fidelity_samples": samples}
     if before.accuracy is not None and after.accuracy is not None:
@@ -266,37 +473,45 @@ def _compare(before: _Measurement, after: _Measurement, samples_labelled: int = 
             "runtime": "onnxruntime CPU",
             "timing": timing,
         }
+    out["fidelity_data"] = feeds_source
     return out
 
 
-def _report(opts: CompileOptions, passes: Sequence[Pass], source: dict[str, Any], result: PipelineResult, evaluation: dict[str, Any]) -> dict[str, Any]:
+# --------------------------------------------------------------------------- provenance
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file (the one hash optc writes in markers, reports and manifests)."""
+    from optc.targets.artifact import sha256
+
+    return sha256(path)
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what produced an output, read from package metadata (TVM is not imported for it)."""
+    tvm = _distribution_version("apache-tvm")
+    if tvm is None and "tvm" in sys.modules:  # a source build has no distribution metadata
+        tvm = getattr(sys.modules["tvm"], "__version__", None)
     return {
-        "optc_version": __version__,
-        "model": {
-            "source": str(opts.model),
-            "opsets": source["opsets"],
-            "inputs": [s.describe() for s in result.model.inputs],
-            "outputs": [s.describe() for s in result.model.outputs],
-        },
-        "notes": source["notes"] + [n for n in result.model.notes if n not in source["notes"]],
-        "target": {"name": opts.target},
-        "pipeline": [repr(p) for p in passes],
-        "passes": [r.to_dict() for r in result.records],
-        "before": result.initial.to_dict(),
-        "after": result.final.to_dict(),
-        "evaluation": evaluation,
+        "optc": __version__,
+        "python": platform.python_version(),
+        "onnx": _distribution_version("onnx"),
+        "onnxruntime": _distribution_version("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
+        "tvm": tvm,
     }
 
 
-def _publish(staging: Path, outdir: Path) -> None:
-    """Swap the finished folder into place; an earlier output survives until then."""
-    if outdir.exists():
-        old = outdir.parent / f".{outdir.name}.{uuid.uuid4().hex[:8]}.old"
-        os.replace(outdir, old)
-        os.replace(staging, outdir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, outdir)
+def _distribution_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:
@@ -309,6 +524,59 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def pipeline_document(passes: Sequence[Pass], seed: int, shapes: Mapping[str, Sequence[int]]) -> str:
+    """``pipeline.yaml``: every option of every pass, the seed and the frozen input dims, for ``--pipeline``."""
+    entries = []
+    for p in passes:
+        options = {k: list(v) if isinstance(v, tuple) else v for k, v in p.describe_config().items()}
+        entries.append({"name": p.name, "options": options} if {"name", "options"} & set(options) else {"name": p.name, **options})
+    document = {"seed": seed, "input_shapes": {k: list(v) for k, v in shapes.items()}, "passes": entries}
+    header = (f"# optc {__version__}: the resolved pipeline of this output (every option of every pass, the seed, the input shapes).\n"
+              "# Replay it: optc compile MODEL --pipeline pipeline.yaml [--calib DATA] [--eval DATA] -o OUTDIR\n")
+    return header + yaml.dump(document, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """No anchors or aliases: pipeline files refuse them (optc.passes.framework.pipeline)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class PipelineFile:
+    """A ``--pipeline`` file: its passes, and the seed and input dims a ``pipeline.yaml`` records."""
+
+    passes: list[Pass]
+    seed: int | None
+    input_shapes: dict[str, tuple[int, ...]]
+
+
+def read_pipeline_file(path: Path) -> PipelineFile:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) pipeline file, as written by hand or as ``pipeline.yaml``."""
+    data = read_pipeline_data(path)
+    seed, shapes = None, {}
+    if isinstance(data, dict):
+        data = dict(data)
+        seed = data.pop("seed", None)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError(f"pipeline file {path}: 'seed' must be an integer, not {seed!r}")
+        raw = data.pop("input_shapes", None) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"pipeline file {path}: 'input_shapes' must map input names to dims, such as input: [1, 3, 224, 224]")
+        for name, dims in raw.items():
+            if isinstance(dims, str):
+                shapes.update([parse_shape_spec(f"{name}={dims}")])
+            elif isinstance(dims, list) and dims and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+                shapes[str(name)] = tuple(dims)
+            else:
+                raise ConfigError(f"pipeline file {path}: input_shapes.{name} must be a list of positive integers, not {dims!r}")
+    return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
 def inspect_model(path: Path, shape_specs: Sequence[str] = (), *, check_frontend: bool = True) -> dict[str, Any]:
     """What ``optc inspect`` shows: interface, opsets, ops, size, MACs, blockers."""
     from optc.ir.constants import count_constant_weights
@@ -319,7 +587,7 @@ def inspect_model(path: Path, shape_specs: Sequence[str] = (), *, check_frontend
     raw = load_model(path, lift_constants=False)
     constant_weights = count_constant_weights(raw)
     del raw
-    model = prepare_model(path, shape_specs)
+    model, _ = prepare_model(path, dict(parse_shape_spec(s) for s in shape_specs))
     shapes = infer_shapes(model)
     stats = compute_stats(model)
     dynamic = {s.name: [d for d in (s.shape or ()) if not isinstance(d, int)] for s in model.inputs if not s.is_static}

@@ -2,12 +2,37 @@
 
 The CLI maps :class:`OptcError` subclasses to a one-line message and exit code 2
 (bad input or usage); anything else is an internal error (exit code 1).
+
+Messages quote names from models and files, which are untrusted: an
+:class:`OptcError` reads as :func:`visible_text` (an escape sequence in a
+tensor name is shown as ``\\x1b``, not sent to the terminal).
 """
 from __future__ import annotations
+
+import unicodedata
+
+# Control (Cc), format (Cf: bidirectional overrides, zero-width) and line/paragraph separators.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def visible_text(text: str, *, keep: str = "") -> str:
+    """``text`` with control and format characters written as Python escapes (``\\x1b``, ``\\u202e``).
+
+    Characters in ``keep`` (such as ``"\\n"``) are left as they are.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if ch not in keep and unicodedata.category(ch) in _HIDDEN_CATEGORIES else ch
+        for ch in text
+    )
 
 
 class OptcError(Exception):
     """Base of every error optc raises on purpose."""
+
+    def __str__(self) -> str:
+        return visible_text(super().__str__(), keep="\n\t")
 
 
 class ModelLoadError(OptcError):

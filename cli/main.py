@@ -5,8 +5,10 @@ traceback unless --debug), 1 internal error.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,11 @@ class OptcGroup(click.Group):
             if debug:
                 raise
             click.echo(f"optc: error: {_one_line(exc)}", err=True)
-            ctx.exit(EXIT_BAD_INPUT)
-        except KeyboardInterrupt:
-            click.echo("optc: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(getattr(exc, "exit_code", EXIT_BAD_INPUT))  # 3: an accuracy budget missed
+        except KeyboardInterrupt as exc:  # optc.driver.Interrupted for SIGTERM and SIGHUP; the output folder is untouched
+            signum = getattr(exc, "signum", signal.SIGINT)
+            click.echo(f"optc: interrupted ({signal.Signals(signum).name})", err=True)
+            ctx.exit(128 + signum)
         except Exception as exc:  # a bug: say so, keep it to one line
             if debug:
                 raise
@@ -57,18 +60,31 @@ def _one_line(exc: BaseException) -> str:
 def cli(debug: bool, verbose: bool) -> None:
     """optc: compress ONNX models with graph-rewriting passes, then compile them."""
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat("%(name)s: %(message)s" if debug else "%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+class _LogFormat(logging.Formatter):
+    """``optc: warning: ...``, like the error lines (with --debug, the logger's name too)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"optc: {record.levelname.lower()}: {super().format(record)}"
 
 
 @cli.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "outdir", required=True, type=click.Path(path_type=Path), help="Output folder (model.onnx, report.json).")
+@click.option("-o", "--output", "outdir", type=click.Path(path_type=Path),
+              help="Output folder (model.onnx, report.json, pipeline.yaml); default: <MODEL's folder>/<MODEL's stem>.optc.")
 @click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="A pass to run, in order; repeatable. See `optc passes`.")
-@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path), help="A YAML or TOML file listing the passes.")
+@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path),
+              help="A YAML or TOML file listing the passes (an output's pipeline.yaml replays that run).")
 @click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name, samples first) or a folder of them.")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with the inputs and a 'label' array: accuracy before/after.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...", help="Freeze an input's dynamic dims; repeatable.")
-@click.option("--target", type=click.Choice(["none", "x86", "arm", "gpu"]), default="none", show_default=True, help="Compile with TVM for this target (none: passes only).")
+@click.option("--seed", type=int, help="Seed for sample inputs and tuning (default: the --pipeline file's, else 0).")
+@click.option("--target", type=click.Choice(["none", "x86", "arm", "gpu"]), default="none", show_default=True,
+              help="Compile with TVM for this target (none: passes only); a dynamic batch dim is frozen to 1.")
 @click.option("--cpu", help="x86: LLVM CPU name (default: this machine's).")
 @click.option("--arch", help="gpu: CUDA arch, e.g. sm_80 (default) or sm_90.")
 @click.option("--tune-trials", default=0, show_default=True, help="MetaSchedule trials per task the tuning database lacks (x86/arm); 0 compiles with what the database holds.")
@@ -82,52 +98,68 @@ def cli(debug: bool, verbose: bool) -> None:
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Save the model after this pass (or 'all') into OUTDIR/dumps.")
 @click.option("--no-latency", is_flag=True, help="Skip the onnxruntime latency measurement.")
 @click.option("--external-data/--no-external-data", default=None, help="Store weights beside the model (default: only above 1.8 GB).")
+@click.option("--metric", metavar="NAME|FILE.py:FUNC", help="The budget's metric on --eval: top1 (default), top5, cosine, or your function f(outputs, labels) -> float.")
+@click.option("--max-drop", type=float, help="Largest drop of --metric from the input model the run may accept (0.01: one point); lossy passes take the most that stays within it. Exit 3 when missed.")
+@click.option("--min-fidelity", type=float, help="Floor of the mean cosine to the input model's outputs on --eval (instead of --max-drop).")
+@click.option("--time-budget", type=float, metavar="SECONDS", help="With a budget: search per-pass strengths for the best --objective for this long; the best model so far is always in OUTDIR.")
+@click.option("--objective", type=click.Choice(["size", "macs", "latency"]), default="size", show_default=True, help="What --time-budget minimises (latency: onnxruntime on this machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, outdir: Path, passes, pipeline_file, calib, eval_data, input_shapes, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, weight_prepack, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, as_json) -> None:
-    """Run a pass pipeline on MODEL and write the result to OUTDIR."""
+def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, eval_data, input_shapes, seed, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, weight_prepack, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, metric, max_drop, min_fidelity, time_budget, objective, as_json) -> None:
+    """Run a pass pipeline on MODEL and write the result to an output folder (-o)."""
+    from rich.markup import escape
+
+    from optc import api
     from optc.cli.progress import ProgressInstrument, TuningView, original_stderr
     from optc.cli.render import render_compile_report
-    from optc.driver import CompileOptions, build_pipeline, compile_model
+    from optc.driver import parse_shape_spec, read_pipeline_file
+    from optc.passes import parse_pass_specs
 
-    opts = CompileOptions(
-        model=model,
-        outdir=outdir,
-        passes=tuple(passes),
-        pipeline_file=pipeline_file,
-        calib=calib,
-        eval_data=eval_data,
-        input_shapes=tuple(input_shapes),
-        target=target,
-        cpu=cpu,
-        arch=arch,
-        tune_trials=tune_trials,
-        tuning_db=tuning_db,
-        rpc_tracker=rpc_tracker,
-        rpc_key=rpc_key,
-        int8_lowering=int8_lowering,
-        weight_prepack=weight_prepack,
-        verify_each=verify_each,
-        time_passes=time_passes,
-        dump_after=tuple(dump_after),
-        measure_latency=not no_latency,
-        external_data=external_data,
-    )
+    # Strings become objects here; everything else is optc.api.compile, as for library users.
+    pipeline = read_pipeline_file(pipeline_file) if pipeline_file is not None else None
+    pass_list = (pipeline.passes if pipeline else []) + parse_pass_specs(list(passes))
+    pass_list = pass_list or api.named_pipeline("canonicalize")
+    shapes = dict(pipeline.input_shapes) if pipeline else {}
+    shapes.update(parse_shape_spec(s) for s in input_shapes)
+    if seed is None:
+        seed = pipeline.seed if pipeline is not None and pipeline.seed is not None else 0
+    budget = api.BudgetSpec(metric=metric, max_drop=max_drop, min_fidelity=min_fidelity, time_budget_s=time_budget, objective=objective)
+    tuning = api.TuningOptions(trials_per_task=tune_trials, database=tuning_db, rpc_tracker=rpc_tracker, rpc_key=rpc_key, weight_prepack=weight_prepack)
+    spec = api.make_target(target, cpu=cpu, arch=arch) if target != "none" else None
     err = Console(stderr=True)
-    instruments = []
-    if err.is_terminal and not as_json:
-        instruments.append(ProgressInstrument(err, len(build_pipeline(opts.passes, opts.pipeline_file))))
-    tuning_view = TuningView(original_stderr(), err.is_terminal) if target != "none" and tune_trials > 0 else None
+    instruments = [ProgressInstrument(err, len(pass_list))] if err.is_terminal and not as_json else []
+    tuning_view = TuningView(original_stderr(), err.is_terminal) if spec is not None and tune_trials > 0 else None
+    if tuning_view is not None:
+        tuning = dataclasses.replace(tuning, on_progress=tuning_view)
     try:
-        result = compile_model(opts, instruments, tuning_view)
+        result = api.compile(
+            model,
+            pass_list,
+            calibration=calib,
+            evaluation=eval_data,
+            target=spec,
+            input_shapes=shapes,
+            output=outdir if outdir is not None else api.default_output(model),
+            instruments=instruments,
+            seed=seed,
+            tuning=tuning,
+            int8_lowering=int8_lowering,
+            verify_each=verify_each,
+            time_passes=time_passes,
+            dump_after=dump_after,
+            measure_latency=not no_latency,
+            external_data=external_data,
+            budget=budget,
+        )
     finally:
         if tuning_view is not None:
             tuning_view.close()
+    report = result.report.to_dict()
     if as_json:
-        click.echo(json.dumps(result.report, indent=2, default=str))
+        click.echo(json.dumps(report, indent=2, default=str))
         return
     out = Console(width=max(Console().width, 120))
-    render_compile_report(result.report, out, show_time=time_passes)
-    out.print(f"wrote {', '.join(str(f) for f in result.files)}")
+    render_compile_report(report, out, show_time=time_passes)
+    out.print(f"wrote {escape(', '.join(str(f) for f in result.files))}")
 
 
 @cli.command("inspect")
@@ -214,7 +246,20 @@ def bench_cmd(artifact: Path, repeats: int, as_json: bool) -> None:
 
 
 def main() -> None:
-    cli(prog_name="optc")
+    """The ``optc`` entry point: click's usage errors become one ``optc: error:`` line too (exit 2)."""
+    try:
+        code = cli.main(prog_name="optc", standalone_mode=False)
+    except click.UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"optc: error: {_one_line(exc.format_message())}{where}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except click.ClickException as exc:
+        click.echo(f"optc: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("optc: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,67 +1,46 @@
-"""Human-readable tables for the CLI (rich); JSON output bypasses this module."""
+"""Human-readable tables for the CLI (rich); JSON output bypasses this module.
+
+Every piece of text that comes from a model or a user (names, producer,
+paths, notes) goes through :func:`shown`: rich markup in it is escaped (a name
+like ``[/x]`` is printed, not parsed), control and format characters become
+visible escapes (``\\x1b``: a name cannot drive the terminal), and text
+longer than :data:`MAX_SHOWN_CHARS` is elided.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from optc.errors import visible_text
+from optc.reporting.format import describe_stats as _describe_stats
+from optc.reporting.format import drift_summary as _drift
+from optc.reporting.format import human_bytes, human_count
+from optc.reporting.format import params_text as _params
 
-def human_count(n: float | int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}" if isinstance(n, float) else str(n)
-
-
-def human_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+# Longer names are cut in the middle for display (JSON output keeps them whole).
+MAX_SHOWN_CHARS = 200
 
 
-def _drift(record: dict[str, Any]) -> str:
-    drift = record.get("drift")
-    if not drift:
-        return "-"
-    if drift.get("unchanged"):
-        return "unchanged"
-    worst = max((m["max_abs"] for m in drift["outputs"].values()), default=0.0)
-    cos = min((m["cosine"] for m in drift["outputs"].values()), default=1.0)
-    return f"{worst:.1e} cos {cos:.6f}"
+def visible(text: Any, limit: int | None = MAX_SHOWN_CHARS) -> str:
+    """``text`` with control and format characters written as escapes, and elided past ``limit`` characters."""
+    s = str(text)
+    if limit is not None and len(s) > limit:
+        s = f"{s[: limit - 60]}...({len(s)} characters)...{s[-40:]}"
+    return visible_text(s)
 
 
-def _describe_stats(stats: dict[str, Any]) -> str:
-    """Top-level scalar figures and small counters; per-layer detail stays in report.json."""
-    parts = []
-    for key, value in stats.items():
-        if isinstance(value, dict):
-            if len(value) <= 4 and all(isinstance(v, (int, float)) for v in value.values()):
-                parts.extend(f"{key}.{k}={_fmt(v)}" for k, v in value.items() if v)
-        elif isinstance(value, (bool, int, float, str)) and not isinstance(value, bool) and value not in (0, ""):
-            parts.append(f"{key}={_fmt(value)}")
-        elif isinstance(value, bool):
-            parts.append(f"{key}={value}")
-    return ", ".join(parts)
-
-
-def _params(stats: dict[str, Any]) -> str:
-    """Parameter count, with the nonzero count when a tenth or more are zeros (sparsified weights;
-    quantised models have a few percent: zero points and weights rounded to zero)."""
-    params, nonzero = stats["params"], stats.get("nonzero_params", stats["params"])
-    if params and nonzero < 0.9 * params:
-        return f"{human_count(params)} ({human_count(nonzero)} nz)"
-    return human_count(params)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def shown(text: Any, limit: int | None = MAX_SHOWN_CHARS) -> str:
+    """``text`` safe to print through rich: :func:`visible`, then markup escaped."""
+    return escape(visible(text, limit))
 
 
 def render_compile_report(report: dict[str, Any], console: Console, *, show_time: bool) -> None:
+    # Off a terminal (a CI log) lines past the console's width would be cut: every
+    # text column may wrap there, so the table fits and "what it did" is kept whole.
+    wrap = not console.is_terminal
     table = Table(title="optc passes", title_justify="left")
     table.add_column("pass", no_wrap=True)
     table.add_column("changed")
@@ -69,8 +48,11 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         table.add_column(col, justify="right", no_wrap=True)
     if show_time:
         table.add_column("time", justify="right", no_wrap=True)
-    table.add_column("max |Δ| vs previous", no_wrap=True)
-    table.add_column("what it did", overflow="fold", min_width=24)
+    table.add_column("max |Δ| vs previous", no_wrap=not wrap)
+    if wrap:
+        table.add_column("what it did", overflow="fold", ratio=1)
+    else:
+        table.add_column("what it did", overflow="fold", min_width=24)
     before = report["before"]
     table.add_row("(input)", "", _params(before), human_bytes(before["param_bytes"]), human_count(before["macs"]), str(before["nodes"]), *([""] if show_time else []), "", "")
     for rec in report["passes"]:
@@ -78,10 +60,11 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         what = _describe_stats(rec["stats"])
         if rec["skipped"]:
             what += (", " if what else "") + f"{len(rec['skipped'])} skipped"
-        row = [rec["pass"], "yes" if rec["modified"] else "no", _params(after), human_bytes(after["bytes"]), human_count(after["macs"]), str(after["nodes"])]
+        row = [shown(rec["pass"]), "yes" if rec["modified"] else "no", _params(after), human_bytes(after["bytes"]), human_count(after["macs"]), str(after["nodes"])]
         if show_time:
             row.append(f"{rec['seconds'] * 1000:.1f} ms")
-        row += [_drift(rec), what or "-"]
+        what = shown(what or "-", limit=None)
+        row += [_drift(rec), what.replace(", ", ",\n") if wrap else what]
         table.add_row(*row)
     console.print(table)
     ev = report["evaluation"]
@@ -90,7 +73,7 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     if fid:
         worst = max(m["max_abs"] for m in fid.values())
         cos = min(m["cosine"] for m in fid.values())
-        data = f", {ev['fidelity_data']}" if ev.get("fidelity_data") else ""
+        data = f", {shown(ev['fidelity_data'])}" if ev.get("fidelity_data") else ""
         lines.append(f"fidelity vs input model ({ev['fidelity_samples']} samples{data}): max |Δ| {worst:.2e}, cosine {cos:.6f}")
     if "accuracy" in ev:
         acc = ev["accuracy"]
@@ -103,51 +86,53 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     if int8 and int8.get("enabled"):
         line = f"int8 (TVM): {int8['lowered']} regions lowered to integer kernels"
         if int8["left_float"]:
-            line += f"; {len(int8['left_float'])} left in float: " + "; ".join(f"{r['node']} ({r['reason']})" for r in int8["left_float"])
+            line += f"; {len(int8['left_float'])} left in float: " + "; ".join(f"{shown(r['node'])} ({shown(r['reason'])})" for r in int8["left_float"])
         lines.append(line)
     for note in report.get("notes", []):
-        lines.append(f"note: {note}")
+        lines.append(f"note: {shown(note, limit=None)}")
     for line in lines:
         console.print(line)
 
 
 def render_inspect(info: dict[str, Any], console: Console) -> None:
     stats = info["stats"]
-    console.print(f"[bold]{info['model']}[/bold]  (IR {info['ir_version']}, producer '{info['producer']}')")
-    console.print("opsets: " + ", ".join(f"{k} {v}" for k, v in info["opsets"].items()))
+    console.print(f"[bold]{shown(info['model'], limit=None)}[/bold]  (IR {info['ir_version']}, producer '{shown(info['producer'])}')")
+    console.print("opsets: " + ", ".join(f"{shown(k)} {v}" for k, v in info["opsets"].items()))
     for kind in ("inputs", "outputs"):
         for s in info[kind]:
-            console.print(f"{kind[:-1]:>6}: {s}")
+            console.print(f"{kind[:-1]:>6}: {shown(s, limit=2 * MAX_SHOWN_CHARS)}")
     if info["dynamic_dims"]:
-        console.print("dynamic dims: " + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in info["dynamic_dims"].items()) + "  (freeze with --input-shape)")
+        dims = "; ".join(f"{shown(k)}: {', '.join(shown(d) for d in v)}" for k, v in info["dynamic_dims"].items())
+        console.print(f"dynamic dims: {dims}  (freeze with --input-shape)")
     console.print(f"params: {_params(stats)} ({human_bytes(stats['param_bytes'])}), MACs: {human_count(stats['macs'])} per sample, nodes: {stats['nodes']}, weight zeros: {stats['weight_zero_fraction'] * 100:.2f}%")
     if stats["macs_unknown"]:
-        console.print(f"MACs unknown (shapes not inferred) for {len(stats['macs_unknown'])} nodes: {', '.join(stats['macs_unknown'][:5])}")
+        console.print(f"MACs unknown (shapes not inferred) for {len(stats['macs_unknown'])} nodes: {', '.join(shown(n) for n in stats['macs_unknown'][:5])}")
     if info["weights_in_constant_nodes"]:
         console.print(f"weights held in Constant nodes: {info['weights_in_constant_nodes']} (lifted into initializers on load)")
     for msg in info["shape_mismatches"]:
-        console.print(f"[yellow]shape: {msg}[/yellow]")
+        console.print(f"[yellow]shape: {shown(msg, limit=None)}[/yellow]")
     ops = Table(title="op histogram", title_justify="left")
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, count in stats["op_histogram"].items():
-        ops.add_row(op, str(count))
+        ops.add_row(shown(op), str(count))
     console.print(ops)
     fe = info.get("tvm_frontend")
     if fe is not None:
         if not fe["checked"]:
-            console.print(f"TVM frontend check: not run ({fe['reason']})")
+            console.print(f"TVM frontend check: not run ({shown(fe['reason'], limit=None)})")
         elif fe["unsupported_ops"]:
             for op, nodes in fe["unsupported_ops"].items():
-                console.print(f"[red]blocks TVM compilation[/red]: {op} at {', '.join(nodes[:5])}{' ...' if len(nodes) > 5 else ''}")
+                console.print(f"[red]blocks TVM compilation[/red]: {shown(op)} at {', '.join(shown(n) for n in nodes[:5])}{' ...' if len(nodes) > 5 else ''}")
         else:
             console.print("TVM frontend: every op is supported")
 
 
 def render_passes(passes: list[dict[str, Any]], console: Console) -> None:
     for p in passes:
-        console.print(f"[bold]{p['name']}[/bold]  {p['summary']}{'  (lossy)' if not p['exact'] else ''}")
+        console.print(f"[bold]{shown(p['name'])}[/bold]  {shown(p['summary'], limit=None)}{'  (lossy)' if not p['exact'] else ''}")
         if p["requires"]:
             console.print(f"    requires: {', '.join(p['requires'])}")
         for opt in p["options"]:
-            console.print(f"    {opt['name']} ({opt['type']}, default {opt['default']!r}): {opt['help']}")
+            kind = f"{opt['type']} {opt['range']}" if opt.get("range") else opt["type"]  # "float in [0, 1)", "int >= 1"
+            console.print(shown(f"    {opt['name']} ({kind}, default {opt['default']!r}): {opt['help']}", limit=None))

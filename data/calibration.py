@@ -3,7 +3,11 @@
 A :class:`CalibrationSet` is an ``.npz`` file (arrays keyed by input name,
 leading axis = samples) or a folder of such files. It is validated against the
 model's inputs up front (names, dtypes, ranks, fixed dims) and read one file at
-a time, so a large set never sits in memory at once.
+a time, so a large set never sits in memory at once. Archives are read by
+:class:`~optc.data.npz.NpzArchive` (sizes checked before decompression, at
+most 2 GiB of arrays per file); only regular files are read from a folder
+(symbolic links, FIFOs and devices in it are refused), and a file that
+changes between validation and use is refused.
 
 :func:`capture_activations` runs the model in onnxruntime with intermediate
 tensors exposed and hands each batch's values to a reducer, a few tensors at a
@@ -17,13 +21,13 @@ ranges to them spends the calibration budget on values that never matter.
 """
 from __future__ import annotations
 
-import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from optc.data.npz import FileIdentity, NpzArchive
 from optc.errors import ConfigError
 from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session
@@ -37,6 +41,13 @@ class CalibrationSet:
     inputs: tuple[TensorSpec, ...]
     num_samples: int
     token_mask: str | None = None
+    # What each file was when it was validated; None skips the check (a set built by hand).
+    identities: tuple[FileIdentity, ...] | None = None
+    # False when the files were found in a folder: symbolic links among them are refused.
+    follow_symlinks: bool = True
+    kind: str = "calibration"  # how messages name the files
+    # Samples held in memory (from_arrays) instead of files; each array has samples on axis 0.
+    arrays: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_path(
@@ -62,30 +73,83 @@ class CalibrationSet:
             files = tuple(sorted(path.glob("*.npz")))
             if not files:
                 raise ConfigError(f"{kind} folder {path} holds no .npz files")
-        elif path.is_file():
+        elif path.exists():
             files = (path,)
         else:
             raise ConfigError(f"{kind} data {path}: no such file or folder")
+        follow = not path.is_dir()
         specs = tuple(model.inputs)
-        counts = [_validate_file(f, specs, extra_keys, kind) for f in files]
+        checked = [_validate_file(f, specs, extra_keys, kind, follow) for f in files]
+        counts = [n for n, _ in checked]
         batch = _fixed_batch(specs)
         short = [(f, n) for f, n in zip(files, counts) if batch and n < batch]
         if short:
             f, n = short[0]
             raise ConfigError(f"{kind} file {f.name}: {n} samples, fewer than the model's fixed batch of {batch}; "
                               f"give at least {batch} per file or freeze a smaller batch with --input-shape")
-        return cls(files, specs, sum(counts), _token_mask(specs, token_mask))
+        identities = tuple(identity for _, identity in checked)
+        return cls(files, specs, sum(counts), _token_mask(specs, token_mask), identities, follow, kind)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], model: Model, *, kind: str = "calibration",
+                    token_mask: str | None = "auto") -> "CalibrationSet":
+        """A set held in memory: one array per model input, samples on axis 0, checked as files are.
+
+        For Python users whose data is already loaded (any framework's loader, a list of
+        feeds stacked with ``np.stack``); the arrays are not copied, so do not change them
+        while the set is in use.
+        """
+        specs = tuple(model.inputs)
+        label = f"{kind} arrays"
+        names = [s.name for s in specs]
+        missing = [n for n in names if n not in arrays]
+        extra = sorted(set(arrays) - set(names))
+        if missing or extra:
+            raise ConfigError(f"{label}: {'no array for model input ' + repr(missing[0]) if missing else 'array ' + repr(extra[0]) + ' is not a model input'}; "
+                              f"inputs are {', '.join(names)}")
+        counts = set()
+        for spec in specs:
+            value = np.asarray(arrays[spec.name])
+            if not value.shape:
+                raise ConfigError(f"{label}, input '{spec.name}': a scalar; expected samples along the first axis")
+            _check_declared(label, spec, value.dtype, value.shape)
+            _check_finite(label, spec, value)
+            counts.add(value.shape[0])
+        if len(counts) != 1 or 0 in counts:
+            raise ConfigError(f"{label}: inputs need one common, non-zero sample count, got {sorted(counts)}")
+        count = counts.pop()
+        batch = _fixed_batch(specs)
+        if batch and count < batch:
+            raise ConfigError(f"{label}: {count} samples, fewer than the model's fixed batch of {batch}")
+        held = {s.name: np.asarray(arrays[s.name]) for s in specs}
+        return cls((), specs, count, _token_mask(specs, token_mask), None, True, kind, held)
+
+    def open(self, index: int) -> NpzArchive:
+        """The ``index``-th file, opened again; refused when it is not the file that was validated."""
+        f = self.files[index]
+        archive = NpzArchive(f, f"{self.kind} file {f.name}", follow_symlinks=self.follow_symlinks)
+        if self.identities is not None and archive.identity != self.identities[index]:
+            archive.close()
+            raise ConfigError(f"{self.kind} file {f.name} changed after it was checked; run again")
+        return archive
 
     def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed)."""
-        for f in self.files:
-            with np.load(f, allow_pickle=False) as data:
-                arrays = {s.name: data[s.name] for s in self.inputs}
+        for arrays in self._chunks():
             n = len(next(iter(arrays.values())))
             size = self._batch_size(batch_size)
             stop = n - n % size if _fixed_batch(self.inputs) else n
             for start in range(0, stop, size):
                 yield {k: np.ascontiguousarray(v[start : start + size]) for k, v in arrays.items()}
+
+    def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every input's samples, one file (or the in-memory arrays) at a time."""
+        if self.arrays is not None:
+            yield dict(self.arrays)
+            return
+        for index in range(len(self.files)):
+            with self.open(index) as data:
+                yield {s.name: data.read(s.name) for s in self.inputs}
 
     def take(self, count: int) -> dict[str, np.ndarray]:
         """The first ``count`` samples as one feed (or the fixed batch size when the model has one)."""
@@ -130,56 +194,63 @@ def real_tokens(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return value[mask.astype(bool)][None]
 
 
-def _validate_file(path: Path, specs: Sequence[TensorSpec], extra_keys: frozenset[str], kind: str) -> int:
-    if not zipfile.is_zipfile(path):
-        raise ConfigError(f"{kind} file {path.name}: not an .npz archive")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"{kind} file {path.name}: cannot read: {exc}") from exc
-    with data:
-        keys = set(data.files)
+def _validate_file(
+    path: Path, specs: Sequence[TensorSpec], extra_keys: frozenset[str], kind: str, follow_symlinks: bool
+) -> tuple[int, FileIdentity]:
+    """Check one archive against the model; returns its sample count and identity."""
+    label = f"{kind} file {path.name}"
+    with NpzArchive(path, label, follow_symlinks=follow_symlinks) as data:
+        keys = set(data.arrays)
         names = [s.name for s in specs]
         if not keys:
-            raise ConfigError(f"{kind} file {path.name}: empty archive; expected arrays named {', '.join(names)}")
+            raise ConfigError(f"{label}: empty archive; expected arrays named {', '.join(names)}")
         missing = [n for n in names if n not in keys]
         extra = sorted(keys - set(names) - extra_keys)
         if missing:
-            hint = f" (it has {', '.join(sorted(keys))})" if keys else ""
-            raise ConfigError(f"{kind} file {path.name}: no array for model input '{missing[0]}'{hint}; expected {', '.join(names)}")
+            hint = f" (it has {', '.join(sorted(keys)[:10])}{', ...' if len(keys) > 10 else ''})"
+            raise ConfigError(f"{label}: no array for model input '{missing[0]}'{hint}; expected {', '.join(names)}")
         if extra:
-            raise ConfigError(f"{kind} file {path.name}: array '{extra[0]}' is not a model input; inputs are {', '.join(names)}")
+            raise ConfigError(f"{label}: array '{extra[0]}' is not a model input; inputs are {', '.join(names)}")
         counts = set()
         for spec in specs:
-            arr = data[spec.name]
-            _check_array(f"{kind} file {path.name}", spec, arr)
-            counts.add(arr.shape[0])
+            declared = data.arrays[spec.name]
+            if not declared.shape:
+                raise ConfigError(f"{label}, input '{spec.name}': a scalar; expected samples along the first axis")
+            _check_declared(label, spec, declared.dtype, declared.shape)
+            _check_finite(label, spec, data.read(spec.name))
+            counts.add(declared.shape[0])
         if len(counts) != 1:
-            raise ConfigError(f"{kind} file {path.name}: inputs have different sample counts {sorted(counts)}")
+            raise ConfigError(f"{label}: inputs have different sample counts {sorted(counts)}")
         count = counts.pop()
         if count == 0:
-            raise ConfigError(f"{kind} file {path.name}: zero samples")
-        return count
+            raise ConfigError(f"{label}: zero samples")
+        return count, data.identity
 
 
-def _check_array(file: str, spec: TensorSpec, arr: np.ndarray) -> None:
+def _check_declared(file: str, spec: TensorSpec, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """dtype, rank and fixed dims, from the array's header (before it is decompressed)."""
     where = f"{file}, input '{spec.name}'"
-    if spec.dtype is not None and arr.dtype != spec.dtype:
-        raise ConfigError(f"{where}: dtype {arr.dtype}, the model expects {spec.dtype}")
+    if spec.dtype is not None and dtype != spec.dtype:
+        raise ConfigError(f"{where}: dtype {dtype}, the model expects {spec.dtype}")
     if spec.shape is None:
         return
-    if arr.ndim != len(spec.shape):
+    if len(shape) != len(spec.shape):
         raise ConfigError(
-            f"{where}: rank {arr.ndim} (shape {list(arr.shape)}), the model expects rank {len(spec.shape)} "
+            f"{where}: rank {len(shape)} (shape {list(shape)}), the model expects rank {len(spec.shape)} "
             f"[samples, {', '.join(str(d) for d in spec.shape[1:])}]"
         )
-    for axis, (want, have) in enumerate(zip(spec.shape[1:], arr.shape[1:]), start=1):
+    for axis, (want, have) in enumerate(zip(spec.shape[1:], shape[1:]), start=1):
         if isinstance(want, int) and want != have:
-            raise ConfigError(f"{where}: shape {list(arr.shape)} has {have} on axis {axis}, the model expects {want}")
+            raise ConfigError(f"{where}: shape {list(shape)} has {have} on axis {axis}, the model expects {want}")
+
+
+def _check_finite(file: str, spec: TensorSpec, arr: np.ndarray) -> None:
     if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
         # NaN/inf would flow into every statistic and refit, and into the written weights.
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-        raise ConfigError(f"{where}: non-finite value {arr[bad]} at {list(bad)} (of {int((~np.isfinite(arr)).sum())})")
+        raise ConfigError(
+            f"{file}, input '{spec.name}': non-finite value {arr[bad]} at {list(bad)} (of {int((~np.isfinite(arr)).sum())})"
+        )
 
 
 Reducer = Callable[[str, np.ndarray], None]

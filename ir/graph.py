@@ -38,6 +38,11 @@ class GraphEditor:
     def nodes(self) -> list[gs.Node]:
         return self.graph.nodes
 
+    @property
+    def outputs(self) -> list[gs.Tensor]:
+        """The graph outputs, in order."""
+        return self.graph.outputs
+
     def tensors(self) -> dict[str, gs.Tensor]:
         return self.graph.tensors()
 

@@ -6,6 +6,7 @@ over 2 GB never need a second whole-model copy.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,10 @@ class Model:
 
     def op_histogram(self) -> Counter[str]:
         return Counter(_qualified_op(n) for n in iter_all_nodes(self.graph))
+
+    def fingerprint(self) -> str:
+        """sha256 of the deterministic serialisation: equal exactly when the models are byte-identical."""
+        return hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
 
     def copy(self) -> "Model":
         """A deep copy (doubles memory: avoid for very large models)."""

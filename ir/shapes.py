@@ -70,6 +70,15 @@ def infer_shapes(model: Model) -> ShapeReport:
     return report
 
 
+def drop_inferred_shapes(model: Model) -> None:
+    """Forget every intermediate shape (``value_info``): after an edit that resizes tensors they are stale.
+
+    Graph inputs and outputs keep their declared types. :func:`infer_shapes`
+    replaces them anyway, but keeps the stale ones when inference fails.
+    """
+    del model.graph.value_info[:]
+
+
 def _compatible(declared: tuple[Dim, ...], inferred: tuple[Dim, ...]) -> bool:
     if len(declared) != len(inferred):
         return False
@@ -81,6 +90,8 @@ def _fmt(shape: tuple[Dim, ...]) -> str:
 
 
 _SHAPE_RE = re.compile(r"^(?P<name>[^=]+)=(?P<dims>\d+(?:[x,]\d+)*)$")
+# A frozen dim must fit ONNX's int64 dims with room to multiply; larger sizes are refused.
+MAX_DIM = 2**31 - 1
 
 
 def parse_shape_spec(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -88,9 +99,14 @@ def parse_shape_spec(spec: str) -> tuple[str, tuple[int, ...]]:
     m = _SHAPE_RE.match(spec.strip())
     if not m:
         raise ConfigError(f"bad input shape '{spec}': expected NAME=DxDx..., for example input=1x3x224x224")
-    dims = tuple(int(d) for d in re.split(r"[x,]", m.group("dims")))
+    digits = re.split(r"[x,]", m.group("dims"))
+    if any(len(d.lstrip("0")) > 10 for d in digits):  # int() of a huge digit string is itself slow
+        raise ConfigError(f"bad input shape '{spec[:200]}': dimensions must be at most {MAX_DIM}")
+    dims = tuple(int(d) for d in digits)
     if any(d <= 0 for d in dims):
         raise ConfigError(f"bad input shape '{spec}': dimensions must be positive")
+    if any(d > MAX_DIM for d in dims):
+        raise ConfigError(f"bad input shape '{spec}': dimensions must be at most {MAX_DIM}")
     return m.group("name"), dims
 
 

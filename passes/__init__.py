@@ -18,6 +18,7 @@ from optc.passes.framework import (
     Instrument,
     NoOptions,
     Pass,
+    PassConfig,
     PassContext,
     PassManager,
     PassRecord,
@@ -35,7 +36,7 @@ from optc.passes.framework import (
 )
 
 __all__ = [
-    "NAMED_PIPELINES", "Instrument", "NoOptions", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
+    "NAMED_PIPELINES", "Instrument", "NoOptions", "Pass", "PassConfig", "PassContext", "PassManager", "PassRecord", "PassResult",
     "PipelineResult", "Requirement", "load_pipeline_file", "make_pass", "option", "parse_pass_spec", "parse_pass_specs",
     "pass_class", "register_pass", "registered_passes",
 ]

@@ -1,32 +1,59 @@
 """Deployable artifacts: ``model.so`` plus a manifest that pins every file by SHA-256.
 
-A compiled library is native code: :func:`load_artifact` refuses to load one
-whose bytes do not match its manifest, and refuses manifests that name files
-outside the artifact folder.
+What the manifest guarantees: integrity, not authenticity. It catches a file
+corrupted or changed since the compile (a bad copy, a truncated download, an
+edit), because its SHA-256 no longer matches. It proves nothing about who made
+the artifact: the manifest is not signed, so anyone who can write the folder
+can rewrite the manifest to match their own files. Trust an artifact folder as
+much as you trust whoever can write to it.
+
+What loading guarantees: :func:`load_artifact` runs exactly the bytes it
+verified. Before anything is loaded, every file the manifest lists is hashed,
+and a folder holding anything else (a file the manifest does not list, a
+symbolic link, a manifest entry outside the folder) is refused: optc never
+loads a file it did not check. The library is then read once, hashed as it
+is read, and those bytes are copied into a private sealed memory file
+(``memfd``; where there is none, a file in a folder only this user can open),
+which is what TVM loads; replacing ``model.so`` on disk after the check
+changes nothing. ``optc bench`` reads ``model.onnx`` (and its external data)
+the same way before comparing with it.
+
+Files optc writes beside the manifest after it: ``pipeline.yaml`` and the
+output folder's ``.optc-output.json`` (see :mod:`optc.driver`); no other file
+may be unlisted.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from optc import __version__
 from optc.errors import ConfigError, TargetError
+from optc.ir.io import open_regular_file
 from optc.ir.model import Model
 from optc.targets.spec import TargetSpec
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
+# Written into the output folder after the manifest (by optc.api.compile and optc.driver.Staging.publish).
+WRITTEN_AFTER_MANIFEST = frozenset({MANIFEST, "pipeline.yaml", ".optc-output.json"})
+_CHUNK = 1 << 20
 
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -44,32 +71,196 @@ def write_manifest(folder: Path, model: Model, spec: TargetSpec) -> dict[str, An
         "library": LIBRARY,
         "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or ())} for s in model.inputs],
         "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or ())} for s in model.outputs],
-        "files": {str(p.relative_to(folder)): sha256(p) for p in files},
+        "files": {p.relative_to(folder).as_posix(): sha256(p) for p in files},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def read_verified_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, once every file it lists matches its SHA-256 and nothing else is in ``folder``."""
+    manifest = _read_manifest(folder)
+    _check_files(folder, manifest, unchecked=())
+    return manifest
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest, its names checked (inside the folder, the library listed); no file hashed yet."""
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"{folder}: no {MANIFEST}; not an optc artifact (compile with --target x86|arm|gpu)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc.msg}") from exc
-    root = folder.resolve()
-    for name, digest in manifest.get("files", {}).items():
-        file = (folder / name).resolve()
-        if root not in file.parents:
+        with _open_listed(folder, MANIFEST) as f:
+            manifest = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON: {getattr(exc, 'msg', exc)}") from exc
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise ConfigError(f"{path}: no 'files' table of names and SHA-256 digests")
+    for name in files:
+        if not _inside(name):
             raise ConfigError(f"{path}: names '{name}', outside the artifact folder")
-        if not file.is_file():
-            raise ConfigError(f"{folder}: '{name}' listed in the manifest is missing")
-        if sha256(file) != digest:
-            raise ConfigError(f"{folder}: '{name}' does not match its SHA-256 in the manifest; refusing to load it")
-    if manifest.get("library") not in manifest.get("files", {}):
+    if manifest.get("library") not in files:
         raise ConfigError(f"{path}: the library is not covered by the manifest")
     return manifest
+
+
+def _check_files(folder: Path, manifest: Mapping[str, Any], unchecked: Collection[str]) -> None:
+    """Refuse unlisted files, then hash every listed file but ``unchecked`` (those are hashed as they are copied)."""
+    _refuse_unlisted(folder, manifest["files"])
+    for name, digest in manifest["files"].items():
+        if name in unchecked:
+            continue
+        with _open_listed(folder, name) as f:
+            actual = _hash_stream(f)
+        if actual != digest:
+            raise ConfigError(f"{folder}: '{name}' does not match its SHA-256 in the manifest; refusing to load it")
+
+
+def _inside(name: Any) -> bool:
+    rel = PurePosixPath(name) if isinstance(name, str) else None
+    return rel is not None and not rel.is_absolute() and ".." not in rel.parts and name not in ("", ".")
+
+
+def _refuse_unlisted(folder: Path, files: Mapping[str, str]) -> None:
+    """Refuse a symbolic link anywhere in the folder, and any file or folder the manifest does not account for."""
+    listed = set(files)
+    parents = {str(p) for name in listed for p in PurePosixPath(name).parents if str(p) != "."}
+    for root, dirnames, filenames in os.walk(folder):
+        base = PurePosixPath(Path(root).relative_to(folder).as_posix())
+        for name in dirnames:
+            rel = str(base / name)
+            if os.path.islink(os.path.join(root, name)):
+                raise ConfigError(f"{folder}: '{rel}' is a symbolic link; an artifact folder holds only the files its manifest lists")
+            if rel not in parents:
+                raise ConfigError(f"{folder}: '{rel}/' is not listed in the manifest; refusing to load an artifact folder holding files it does not cover")
+        for name in filenames:
+            rel = str(base / name)
+            if os.path.islink(os.path.join(root, name)):
+                raise ConfigError(f"{folder}: '{rel}' is a symbolic link; an artifact folder holds only the files its manifest lists")
+            if rel not in listed and rel not in WRITTEN_AFTER_MANIFEST:
+                raise ConfigError(f"{folder}: '{rel}' is not listed in the manifest; refusing to load an artifact folder holding files it does not cover")
+
+
+@contextlib.contextmanager
+def _open_listed(folder: Path, name: str) -> Iterator[BinaryIO]:
+    """Open a file of the artifact: a regular file, not through a symbolic link."""
+    try:
+        f = open_regular_file(folder / name, follow_symlinks=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{folder}: '{name}' listed in the manifest is missing") from None
+    except OSError as exc:
+        raise ConfigError(f"{folder}: '{name}' cannot be read: {exc.strerror or exc}") from exc
+    with f:
+        yield f
+
+
+def _hash_stream(f: BinaryIO, sink: Any = None) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        digest.update(chunk)
+        if sink is not None:
+            _write_all(sink, chunk)
+    return digest.hexdigest()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def copy_verified(folder: Path, manifest: Mapping[str, Any], name: str, fd: int) -> None:
+    """Copy ``name`` into the open file ``fd``, hashing exactly the bytes copied; refuse a mismatch."""
+    with _open_listed(folder, name) as f:
+        actual = _hash_stream(f, fd)
+    if actual != manifest["files"][name]:
+        raise ConfigError(f"{folder}: '{name}' does not match its SHA-256 in the manifest; refusing to load it")
+
+
+@dataclass
+class VerifiedArtifact:
+    """An artifact whose files matched the manifest, with private copies of the ones to be read.
+
+    ``private`` is a folder only this user can open; the library's bytes are in
+    a sealed memory file where the system has them (``memfd``). Nothing here
+    reads the artifact folder again. :meth:`close` removes the copies.
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+    private: Path
+    library_fd: int | None = None  # the sealed memfd holding the library
+    copies: dict[str, Path] = field(default_factory=dict)  # manifest name -> private copy
+
+    def library_path(self) -> Path:
+        """A path TVM can load the verified library from (named ``.so``: TVM picks its loader by suffix)."""
+        return self.copies[self.manifest["library"]]
+
+    def close(self) -> None:
+        if self.library_fd is not None:
+            os.close(self.library_fd)
+            self.library_fd = None
+        shutil.rmtree(self.private, ignore_errors=True)
+
+    def __enter__(self) -> VerifiedArtifact:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def verify_artifact(folder: Path, *, also_copy: Collection[str] = ()) -> VerifiedArtifact:
+    """Check ``folder`` against its manifest and make private copies of the library and of ``also_copy``.
+
+    Each copied file is read once; its hash is taken over the very bytes
+    written to the copy, and a mismatch is refused before the copy is used.
+    """
+    manifest = _read_manifest(folder)
+    library = manifest["library"]
+    missing = [n for n in also_copy if n not in manifest["files"]]
+    if missing:
+        raise ConfigError(f"{folder}: '{missing[0]}' is not listed in the manifest")
+    copied = list(dict.fromkeys([library, *also_copy]))
+    _check_files(folder, manifest, unchecked=copied)
+    verified = VerifiedArtifact(folder, manifest, Path(tempfile.mkdtemp(prefix="optc-artifact-")))
+    try:
+        for name in copied:
+            target = verified.private / PurePosixPath(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if name == library:
+                verified.library_fd = _sealed_copy(folder, manifest, name)
+            if verified.library_fd is not None and name == library:
+                target.symlink_to(f"/proc/{os.getpid()}/fd/{verified.library_fd}")
+            else:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    copy_verified(folder, manifest, name, fd)
+                finally:
+                    os.close(fd)
+            verified.copies[name] = target
+    except BaseException:
+        verified.close()
+        raise
+    return verified
+
+
+def _sealed_copy(folder: Path, manifest: Mapping[str, Any], name: str) -> int | None:
+    """A memory file holding the verified bytes of ``name``, sealed against any later change
+    (None where the system has no sealed memory files: the caller copies into its private folder)."""
+    if not hasattr(os, "memfd_create") or not Path(f"/proc/{os.getpid()}/fd").is_dir():
+        return None
+    try:
+        fd = os.memfd_create(f"optc-{PurePosixPath(name).name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return None
+    try:
+        copy_verified(folder, manifest, name, fd)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass
@@ -98,11 +289,21 @@ class LoadedArtifact:
 
 
 def load_artifact(folder: Path) -> LoadedArtifact:
-    """Verify the manifest's hashes, then load the library into a Relax VM."""
-    manifest = read_verified_manifest(folder)
+    """Verify the artifact against its manifest, then load the verified library bytes into a Relax VM."""
+    with verify_artifact(folder) as verified:
+        return load_verified(verified)
+
+
+def load_verified(verified: VerifiedArtifact) -> LoadedArtifact:
+    """Load the library from ``verified``'s private copy (never from the artifact folder)."""
+    from optc.targets.support import require_tvm
+
+    require_tvm()
     import tvm
+    import tvm_ffi
     from tvm import relax
 
+    manifest = verified.manifest
     kind = manifest["target"]["device"]
     device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
     if kind == "cuda" and not device.exist:
@@ -112,7 +313,9 @@ def load_artifact(folder: Path) -> LoadedArtifact:
 
         if platform.machine() not in ("aarch64", "arm64"):
             raise TargetError("this artifact is for aarch64; run it on an ARM board (or under qemu-aarch64)")
-    lib = tvm.runtime.load_module(str(folder / manifest["library"]))
+    # tvm_ffi's loader, not tvm.runtime.load_module: that one resolves symbolic links, and the
+    # memfd behind ours has no path of its own that ends in ".so".
+    lib = tvm_ffi.load_module(str(verified.library_path()))
     return LoadedArtifact(manifest, relax.VirtualMachine(lib, device), device)
 
 

@@ -1,4 +1,9 @@
-"""``optc bench``: the artifact against onnxruntime on the same inputs, side by side."""
+"""``optc bench``: the artifact against onnxruntime on the same inputs, side by side.
+
+The reference is the artifact's own ``model.onnx`` (and its external data),
+checked against the manifest and read from the private copy made of the bytes
+that were checked, like the library (see :mod:`optc.targets.artifact`).
+"""
 from __future__ import annotations
 
 import time
@@ -7,10 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from optc.errors import ConfigError
 from optc.evaluation import latency_ms
 from optc.ir.io import load_model
 from optc.ir.session import make_session, sample_feeds
-from optc.targets.artifact import load_artifact
+from optc.targets.artifact import load_verified, verify_artifact
+
+MODEL = "model.onnx"
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -24,8 +32,11 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def bench_artifact(folder: Path, repeats: int = 50) -> dict[str, Any]:
-    artifact = load_artifact(folder)
-    model = load_model(folder / "model.onnx")
+    if repeats < 1:
+        raise ConfigError(f"--repeats {repeats}: must be 1 or more")
+    with verify_artifact(folder, also_copy=_model_files(folder)) as verified:
+        artifact = load_verified(verified)
+        model = load_model(verified.copies[MODEL])
     feeds = sample_feeds(model)
     tvm_out = artifact.run(feeds)
     names = list(tvm_out)
@@ -34,3 +45,16 @@ def bench_artifact(folder: Path, repeats: int = 50) -> dict[str, Any]:
     tvm_ms = _median_ms(lambda: artifact.run(feeds), repeats)
     ort_ms = latency_ms(model, feeds, repeats=repeats, budget_s=60)
     return {"tvm_ms": tvm_ms, "ort_ms": ort_ms, "ratio": tvm_ms / ort_ms, "repeats": repeats, "max_abs_diff": diff, "target": artifact.manifest["target"]["name"]}
+
+
+def _model_files(folder: Path) -> list[str]:
+    """``model.onnx`` and its external data as optc writes it (``model.onnx.data``), when the manifest lists it.
+
+    Only files the manifest lists are copied, so external data under another
+    name is not found in the private copy and the model is refused, never read
+    unchecked from the folder.
+    """
+    names = [MODEL]
+    if (folder / f"{MODEL}.data").is_file():
+        names.append(f"{MODEL}.data")  # verify_artifact refuses it when the manifest does not list it
+    return names

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from optc.errors import TargetError
 from optc.ir.model import Model
 from optc.targets.spec import TargetSpec
-from optc.targets.support import frontend_support
+from optc.targets.support import frontend_support, require_tvm
 from optc.targets.tuning import TuneOptions, tune_and_compile
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
     from it are tuned with MetaSchedule when ``tune.trials_per_task > 0``;
     functions without records get default schedules.
     """
+    require_tvm()
     import tvm
     from tvm import relax
 
@@ -100,21 +101,36 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
         with quiet_native_stderr():
             if spec.device == "cpu" and tune is not None:
                 executable, report = tune_and_compile(mod, target, tune)
-                return executable, {**report.to_dict(), "int8": int8_summary}
-            if spec.device == "cuda":
-                from tvm.s_tir import dlight as dl
+                summary = report.to_dict()
+            else:
+                if spec.device == "cuda":
+                    from tvm.s_tir import dlight as dl
 
-                with target:
-                    mod = relax.get_pipeline("zero")(mod)
-                    mod = dl.ApplyDefaultSchedule(
-                        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-                    )(mod)
-            return tvm.compile(mod, target=target), {"tasks": None, "tuned": [], "reused_from_db": [], "int8": int8_summary}
+                    with target:
+                        mod = relax.get_pipeline("zero")(mod)
+                        mod = dl.ApplyDefaultSchedule(
+                            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+                        )(mod)
+                executable, summary = tvm.compile(mod, target=target), {"tasks": None, "tuned": [], "reused_from_db": []}
     except TargetError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TargetError(f"TVM compilation for {spec.name} failed: {type(exc).__name__}: {first}") from exc
+    _warn_db_health(tune, summary.get("db_health") or {})
+    return executable, {**summary, "int8": int8_summary}
+
+
+def _warn_db_health(tune: TuneOptions | None, health: dict[str, Any]) -> None:
+    """Say it again outside :func:`quiet_native_stderr`, which also captures Python's writes to fd 2."""
+    if tune is None:
+        return
+    damaged = health.get("damaged_lines") or []
+    if damaged:
+        more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+        logger.warning("tuning database %s: skipped %d damaged lines: %s%s", tune.db_dir, len(damaged), "; ".join(damaged[:3]), more)
+    if health.get("moved_aside"):
+        logger.warning("tuning database %s could not be read; moved aside to %s, compiled without its records", tune.db_dir, health["moved_aside"])
 
 
 def export(executable: Any, path: Path, spec: TargetSpec) -> None:

@@ -68,6 +68,9 @@ def _cores() -> int:
 
 def host_cpu() -> str:
     """LLVM's name for this machine's CPU (e.g. ``znver3``), asked of TVM's LLVM."""
+    from optc.targets.support import require_tvm
+
+    require_tvm()  # the first use of TVM in an x86 compile
     from tvm.target import codegen
 
     return str(codegen.llvm_get_system_cpu())

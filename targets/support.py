@@ -9,9 +9,22 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from optc.errors import TargetError
 from optc.ir.model import Model, iter_all_nodes
 
 logger = logging.getLogger(__name__)
+
+INSTALL = "pip install 'optc[tvm]'"
+
+
+def require_tvm() -> None:
+    """Fail with the install command when TVM cannot be imported (called before a target's first use of TVM)."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("tvm", "tvm_ffi"):
+            raise TargetError(f"compiling or running for a TVM target needs apache-tvm, which is not installed: {INSTALL}") from exc
+        raise TargetError(f"apache-tvm is installed but cannot be imported ({exc}); reinstall it: {INSTALL}") from exc
 
 
 @dataclass
@@ -44,7 +57,7 @@ def tvm_convert_map() -> set[str] | None:
 def frontend_support(model: Model) -> FrontendSupport:
     ops = tvm_convert_map()
     if ops is None:
-        return FrontendSupport(False, "apache-tvm is not installed (pip install 'optc[tvm]')")
+        return FrontendSupport(False, f"apache-tvm is not installed ({INSTALL})")
     unsupported: dict[str, list[str]] = {}
     for node in iter_all_nodes(model.graph):
         if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in ops:

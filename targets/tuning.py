@@ -1,10 +1,11 @@
 """MetaSchedule autotuning with a persistent tuning database.
 
 Records live in a JSON database (``workloads.json`` + ``records.json``) in a
-cache folder. Records are keyed on each fused function's structure and shapes,
-not on weights, so a second compile of the same model, or of another model
-with the same layers, finds them and tunes nothing new: only tasks without a
-record are tuned.
+cache folder, shared safely by concurrent compiles and checked as it is read
+(:mod:`optc.targets.tuning_db`). Records are keyed on each fused function's
+structure and shapes, not on weights, so a second compile of the same model,
+or of another model with the same layers, finds them and tunes nothing new:
+only tasks without a record are tuned.
 
 The builder's default build function imports ``tvm.s_tir.tensor_intrin`` in
 every worker, which takes minutes here and makes every build time out (see
@@ -25,14 +26,18 @@ import linecache
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from optc.errors import TargetError
 from optc.targets.tuned_compile import compile_with_database, fused
 from optc.targets.tuning_progress import ProgressTracker, TuneProgress, progress_callback
 from optc.targets.untunable import UntunableTasks, task_key
+
+if TYPE_CHECKING:
+    from optc.targets.tuning_db import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +76,13 @@ class TuneReport:
     untunable: list[str] = field(default_factory=list)  # every candidate failed (now or before): default schedules
     failed_trials: int = 0
     estimated_ms: float | None = None  # MetaSchedule's estimate for the tasks tuned in this run
+    db_health: dict[str, Any] = field(default_factory=dict)  # damaged lines skipped, a database moved aside
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tasks": self.tasks, "tuned": self.tuned, "reused_from_db": self.reused, "trials_per_task": self.trials,
             "untunable": self.untunable, "failed_trials": self.failed_trials, "estimated_ms": self.estimated_ms,
+            "db_health": self.db_health,
         }
 
 
@@ -151,37 +158,39 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
         )
     if address is not None and opts.trials_per_task > 0:
         check_tracker(*address, opts.rpc_key)  # before any work
-    opts.db_dir.mkdir(parents=True, exist_ok=True)
-    database = ms.database.JSONDatabase(
-        path_workload=str(opts.db_dir / "workloads.json"),
-        path_tuning_record=str(opts.db_dir / "records.json"),
-        allow_missing=True,
-    )
-    tasks = ms.relax_integration.extract_tasks(fused(mod, target, opts.prepack), target)
-    untunable = UntunableTasks(opts.db_dir)
-    todo, reused, given_up = [], [], []
-    for task in tasks:
-        mod_task = task.dispatched[0]
-        if database.has_workload(mod_task) and database.query_tuning_record(mod_task, target, task.task_name) is not None:
-            reused.append(task)
-        elif untunable.covers(task_key(mod_task, target), max(opts.trials_per_task, 1)):
-            given_up.append(task)
-        else:
-            todo.append(task)
-    logger.info("tuning: %d tasks, %d already in %s, %d untunable before", len(tasks), len(reused), opts.db_dir, len(given_up))
-    report = TuneReport(len(tasks), [], [t.task_name for t in reused], opts.trials_per_task, [t.task_name for t in given_up])
-    if opts.trials_per_task > 0 and todo:
-        with stdout_to_stderr():
-            tracker = _tune(ms, todo, database, opts)
-        report.tuned = [t.task_name for t in todo]
-        report.failed_trials = tracker.failed
-        report.estimated_ms = tracker.estimate_ms()
-        for task in todo:
-            if tracker.never_ran(task.task_name):
-                untunable.add(task_key(task.dispatched[0], target), task.task_name, opts.trials_per_task)
-                report.untunable.append(task.task_name)
-        untunable.save()
-    executable = compile_with_database(database, mod, target, opts.prepack)
+    from optc.targets.tuning_db import TuningDatabase, locked
+
+    shared = TuningDatabase(opts.db_dir)
+    with shared.snapshot() as snapshot:
+        database = snapshot.database
+        tasks = ms.relax_integration.extract_tasks(fused(mod, target, opts.prepack), target)
+        untunable = UntunableTasks(opts.db_dir)
+        todo, reused, given_up = [], [], []
+        for task in tasks:
+            mod_task = task.dispatched[0]
+            if database.has_workload(mod_task) and database.query_tuning_record(mod_task, target, task.task_name) is not None:
+                reused.append(task)
+            elif untunable.covers(task_key(mod_task, target), max(opts.trials_per_task, 1)):
+                given_up.append(task)
+            else:
+                todo.append(task)
+        logger.info("tuning: %d tasks, %d already in %s, %d untunable before", len(tasks), len(reused), opts.db_dir, len(given_up))
+        report = TuneReport(len(tasks), [], [t.task_name for t in reused], opts.trials_per_task, [t.task_name for t in given_up])
+        report.db_health = snapshot.health.to_dict()
+        if opts.trials_per_task > 0 and todo:
+            with stdout_to_stderr():
+                tracker = _tune(ms, todo, snapshot, opts)
+            snapshot.commit()
+            report.tuned = [t.task_name for t in todo]
+            report.failed_trials = tracker.failed
+            report.estimated_ms = tracker.estimate_ms()
+            for task in todo:
+                if tracker.never_ran(task.task_name):
+                    untunable.add(task_key(task.dispatched[0], target), task.task_name, opts.trials_per_task)
+                    report.untunable.append(task.task_name)
+            with locked(opts.db_dir):
+                untunable.save()
+        executable = compile_with_database(database, mod, target, opts.prepack)
     return executable, report
 
 
@@ -282,24 +291,38 @@ def _tune_contexts(ms: Any, todo: list[Any], seed: int, trials_per_task: int) ->
     return contexts, weights
 
 
-def _tune(ms: Any, todo: list[Any], database: Any, opts: TuneOptions) -> ProgressTracker:
+COMMIT_EVERY_S = 60.0  # merge measured records into the shared database at most this often while tuning
+
+
+def _tune(ms: Any, todo: list[Any], snapshot: Snapshot, opts: TuneOptions) -> ProgressTracker:
     import_tensor_intrinsics()
     contexts, weights = _tune_contexts(ms, todo, opts.seed, opts.trials_per_task)
     callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
     tracker = ProgressTracker([c.task_name for c in contexts], weights, opts.trials_per_task)
-    on_progress = opts.on_progress or _log_progress
+    show = opts.on_progress or _log_progress
+    last_commit = [time.monotonic()]
+
+    def on_progress(progress: TuneProgress) -> None:
+        show(progress)
+        if time.monotonic() - last_commit[0] > COMMIT_EVERY_S:  # runs after MetaSchedule's own commit of the batch
+            last_commit[0] = time.monotonic()
+            try:
+                snapshot.commit()
+            except TargetError as exc:  # keep tuning; the commit after tuning says it again
+                logger.warning("tuning: cannot save the records measured so far: %s", exc)
+
     callbacks.append(progress_callback(tracker, on_progress))
     on_progress(tracker.progress())
     ms.tune.tune_tasks(
         tasks=contexts,
         task_weights=weights,
-        work_dir=str(opts.db_dir / "logs"),
+        work_dir=str(snapshot.folder),  # unused with a database object and no post-optimisation
         max_trials_global=opts.trials_per_task * len(todo),
         max_trials_per_task=opts.trials_per_task,
         num_trials_per_iter=min(64, opts.trials_per_task),
         builder=ms.builder.LocalBuilder(f_build=fast_build, timeout_sec=60),
         runner=_runner(opts),
-        database=database,
+        database=snapshot.database,
         cost_model=_cost_model(),
         measure_callbacks=callbacks,
     )

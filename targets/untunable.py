@@ -28,9 +28,10 @@ class UntunableTasks:
     def __init__(self, db_dir: Path):
         self.path = db_dir / FILE
         try:
-            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+            entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            self.entries = {}
+            entries = {}
+        self.entries: dict[str, dict[str, Any]] = entries if isinstance(entries, dict) else {}
 
     def covers(self, key: str, trials: int) -> bool:
         """True when the task already failed with at least ``trials`` candidates."""
@@ -41,6 +42,16 @@ class UntunableTasks:
         self.entries[key] = {"task": task, "trials": trials}
 
     def save(self) -> None:
+        """Merge with what other compiles saved since this list was read (call under the database's lock)."""
+        try:
+            on_disk = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        if isinstance(on_disk, dict):
+            for key, entry in on_disk.items():
+                mine = self.entries.get(key)
+                if isinstance(entry, dict) and (mine is None or int(entry.get("trials", 0)) > int(mine.get("trials", 0))):
+                    self.entries[key] = entry
         tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, self.path)

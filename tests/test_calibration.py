@@ -109,3 +109,26 @@ def test_a_token_mask_must_be_a_rank_2_model_input(tmp_path, save):
         CalibrationSet.from_path(tmp_path / "c.npz", model, token_mask="mask")
     with pytest.raises(ConfigError, match="rank 3"):
         CalibrationSet.from_path(tmp_path / "c.npz", model, token_mask="x")
+
+
+def test_sets_from_arrays_in_memory_match_the_same_data_from_a_file(tmp_path):
+    """Python users bring arrays: the set checks them as it checks files, and yields the same batches."""
+    from optc.data import LabelledSet
+
+    model = load_model(SAMPLE / "mnist_cnn.onnx")
+    with np.load(SAMPLE / "calib.npz") as f:
+        x = f["input"][:40]
+    in_memory = CalibrationSet.from_arrays({"input": x}, model)
+    np.savez(tmp_path / "c.npz", input=x)
+    on_disk = CalibrationSet.from_path(tmp_path / "c.npz", model)
+    assert in_memory.num_samples == on_disk.num_samples == 40 and in_memory.files == ()
+    for a, b in zip(in_memory.batches(16), on_disk.batches(16), strict=True):
+        np.testing.assert_array_equal(a["input"], b["input"])
+    with pytest.raises(ConfigError, match="dtype float64, the model expects float32"):
+        CalibrationSet.from_arrays({"input": x.astype(np.float64)}, model)
+    with pytest.raises(ConfigError, match="no array for model input 'input'"):
+        CalibrationSet.from_arrays({"x": x}, model)
+    labelled = LabelledSet.from_arrays({"input": x}, np.arange(40) % 10, model)
+    assert labelled.inputs.num_samples == 40
+    with pytest.raises(ConfigError, match="39 labels for 40 samples"):
+        LabelledSet.from_arrays({"input": x}, np.arange(39), model)

@@ -30,7 +30,9 @@ def test_compile_sample_end_to_end(tmp_path):
     res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--calib", SAMPLE / "calib.npz", "--eval", SAMPLE / "test.npz", "--verify-each", "--time-passes", "--json")
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    names = {p.name for p in out.iterdir()}
+    assert {".optc-output.json", "model.onnx", "pipeline.yaml", "report.json"} <= names
+    assert set(json.loads((out / ".optc-output.json").read_text())["files"]) == names - {".optc-output.json"}
     assert json.loads((out / "report.json").read_text())["passes"] == report["passes"]
     assert [p["pass"] for p in report["passes"]] == ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code"]
     assert report["after"]["op_histogram"].get("BatchNormalization") is None
@@ -133,8 +135,8 @@ def test_symlink_escape_via_cli(tmp_path):
         (["--pipeline", "/nonexistent.yaml"], "no such file"),
         (["--eval", str(SAMPLE / "calib.npz")], "no 'label' array"),
         (["--input-shape", "input=600x1x28x28"], "500 samples, fewer than the model's fixed batch of 600"),
-        (["--pass", "distill:max_backoff=-1"], "max_backoff must be >= 0"),
-        (["--pass", "distill:min_cosine=2"], "min_cosine must be in [-1, 1]"),
+        (["--pass", "distill:max_backoff=-1"], "max_backoff' must be >= 0"),
+        (["--pass", "distill:min_cosine=2"], "min_cosine' must be in [-1, 1]"),
     ],
 )
 def test_bad_options(tmp_path, args, expect):
@@ -153,8 +155,90 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
 
 
 def test_usage_errors_exit_2(tmp_path):
-    assert invoke("compile", SAMPLE / "mnist_cnn.onnx").exit_code == 2  # no -o
+    assert invoke("compile").exit_code == 2  # no model
     assert invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / "o", "--target", "tpu").exit_code == 2
+
+
+def test_default_output_folder_is_beside_the_model(tmp_path):
+    model = tmp_path / "models" / "mnist_cnn.onnx"
+    model.parent.mkdir()
+    shutil.copy(SAMPLE / "mnist_cnn.onnx", model)
+    res = invoke("compile", model, "--no-latency", "--pass", "fold-batchnorm")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "models" / "mnist_cnn.optc"
+    assert (out / "model.onnx").is_file()
+    assert f"wrote {out / 'model.onnx'}" in " ".join(res.output.split())
+    assert invoke("compile", model, "--no-latency").exit_code == 0  # its own output: replaced
+
+
+@pytest.mark.parametrize("setup,expect", [
+    (lambda out: (out / "report.json").write_text("{}"), "has no .optc-output.json"),  # optc's old rule took this for its output
+    (lambda out: (out / "notes.txt").write_text("mine"), "holds notes.txt, which optc did not write"),
+    (lambda out: (out / "report.json").write_text("{}"), "has report.json changed since optc wrote it"),
+    (lambda out: (out / "pipeline.yaml").unlink(), "no longer holds pipeline.yaml"),
+    (lambda out: (out / "sub").mkdir(), "holds sub/, which optc did not write"),
+    (lambda out: (out / ".optc-output.json").write_text("[1]"), "unreadable .optc-output.json"),
+])
+def test_replaces_only_its_own_unchanged_output(tmp_path, setup, expect):
+    out = tmp_path / "out"
+    if "no .optc-output" in expect:
+        out.mkdir()
+        (out / "data.csv").write_text("keep")
+    else:
+        assert invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--no-latency", "--pass", "fold-batchnorm").exit_code == 0
+    setup(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--no-latency", "--pass", "remove-identity")
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert line.count("\n") == 0 and line.startswith("optc: error: output folder") and expect in line, line
+    assert "refusing to overwrite it: give another -o" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_that_is_a_file_or_a_link_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / "file")
+    assert res.exit_code == 2 and "exists and is not a folder" in res.output
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / "link")
+    assert res.exit_code == 2 and "is a symbolic link" in res.output
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "link").is_symlink()
+
+
+def test_target_without_tvm_gives_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tvm", None)  # import tvm fails, as where it is not installed
+    out = tmp_path / "out"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--target", "arm")
+    _assert_clean_failure(res, out, "--target arm needs Apache TVM, which is not installed: pip install 'optc[tvm]'")
+
+
+def test_target_freezes_a_dynamic_batch_dim_only(tmp_path):
+    from helpers import make_model
+    from onnx import helper
+
+    from optc.driver import prepare_model
+
+    model, frozen = prepare_model(SAMPLE / "mnist_cnn.onnx", {}, target="x86")
+    assert frozen == {"input": (1, 1, 28, 28)} and model.inputs[0].shape == (1, 1, 28, 28)
+    assert "froze the leading batch dim to 1 (input=1x1x28x28)" in model.notes[-1]
+    # Other dynamic dims: the error shows what to type, with the real names and known dims.
+    proto = make_model([helper.make_node("Add", ["ids", "mask"], ["y"], name="add")],
+                       [("ids", ["batch", "seq_len"]), ("mask", ["batch", "seq_len"])], [("y", ["batch", "seq_len"])])
+    onnx.save_model(proto, str(tmp_path / "m.onnx"))
+    out = tmp_path / "out"
+    res = invoke("compile", tmp_path / "m.onnx", "-o", out, "--target", "x86")
+    _assert_clean_failure(res, out, "give --input-shape ids=1xSEQ_LEN --input-shape mask=1xSEQ_LEN, with SEQ_LEN the size to compile for")
+    res = invoke("compile", tmp_path / "m.onnx", "-o", out, "--target", "x86", "--input-shape", "ids=2x7")
+    _assert_clean_failure(res, out, "(mask: float32 [batchxseq_len]): give --input-shape mask=1xSEQ_LEN")
+
+
+def test_terminal_output_is_not_read_as_markup(tmp_path):
+    out = tmp_path / "[tvm]"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--no-latency", "--pass", "fold-batchnorm")
+    assert res.exit_code == 0 and f"wrote {out / 'model.onnx'}" in " ".join(res.output.split())
 
 
 @pytest.mark.slow
@@ -172,9 +256,9 @@ def test_real_subprocess(tmp_path):
 
 def test_large_input_model_is_timed_one_after_the_other(tmp_path, monkeypatch):
     """Above the memory bound the input model is not kept for the timing: the report says how it was timed."""
-    import optc.driver
+    import optc.api
 
-    monkeypatch.setattr(optc.driver, "INTERLEAVE_MAX_BYTES", 0)
+    monkeypatch.setattr(optc.api, "INTERLEAVE_MAX_BYTES", 0)
     res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / "out", "--calib", SAMPLE / "calib.npz")
     assert res.exit_code == 0, res.output
     assert "latency (onnxruntime CPU, median, timed one after the other)" in res.output

@@ -33,8 +33,9 @@ def _load(proto, save, name, calib):
     path = save(proto, name)
     model = load_model(path)
     infer_shapes(model)
-    np.savez(path.with_name("calib.npz"), **calib)
-    return model, CalibrationSet.from_path(path.with_name("calib.npz"), model)
+    # One file per model: a calibration set refuses a file rewritten after it was checked.
+    np.savez(path.with_name(f"{name}.calib.npz"), **calib)
+    return model, CalibrationSet.from_path(path.with_name(f"{name}.calib.npz"), model)
 
 
 def _teacher_and_student(save, head="gemm", noise=0.0, head_noise=0.0, seed=0):

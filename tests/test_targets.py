@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -34,7 +35,7 @@ def test_x86_artifact_matches_onnxruntime(x86_artifact, tmp_path):
     from optc.targets.artifact import load_artifact
 
     manifest = json.loads((x86_artifact / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.so", "report.json"}
+    assert set(manifest["files"]) == {"model.onnx", "model.so", "report.json", "report.html"}
     assert manifest["target"]["name"] == "x86" and manifest["inputs"][0]["shape"] == [1, 1, 28, 28]
     artifact = load_artifact(x86_artifact)
     data = np.load(SAMPLE / "test.npz")
@@ -82,10 +83,13 @@ def test_bench_reports_both(x86_artifact):
     assert result["tvm_ms"] > 0 and result["ort_ms"] > 0 and result["max_abs_diff"] < 1e-4
 
 
-def test_dynamic_shapes_refused_before_work(tmp_path):
+def test_dynamic_non_batch_dims_refused_before_work(tmp_path, save):
+    """A dynamic batch alone is frozen to 1 (tests/test_api.py); any other dynamic dim needs --input-shape."""
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [("x", [1, "seq", 8])], [("y", [1, "seq", 8])])
     out = tmp_path / "o"
-    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--target", "x86")
-    assert res.exit_code == 2 and "needs static input shapes" in res.output and not out.exists()
+    res = invoke("compile", save(proto), "-o", out, "--target", "x86")
+    assert res.exit_code == 2 and "--input-shape x=1xSEQ" in res.output and not out.exists()
+    assert len(res.output.strip().splitlines()) == 1
 
 
 def test_unsupported_ops_listed_before_compilation(save):
@@ -157,3 +161,114 @@ def test_untunable_task_is_not_tuned_again(tmp_path, save):
 
     ids = np.array([[0, 3, 49, 7, 7, 1, 2, 40]], dtype=np.int64)
     np.testing.assert_array_equal(load_artifact(tmp_path / "b").run({"ids": ids})["y"], np.maximum(table[ids], 0))
+
+
+# --- artifacts load only what was verified -------------------------------------------
+
+
+def _copy_artifact(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_library_replaced_after_verification_is_not_run(x86_artifact, tmp_path):
+    """Verify, then replace model.so on disk before the load: the verified bytes are loaded."""
+    from optc.targets.artifact import load_verified, verify_artifact
+
+    copy = _copy_artifact(x86_artifact, tmp_path / "copy")
+    x = np.load(SAMPLE / "test.npz")["input"][:1]
+    with verify_artifact(copy) as verified:
+        assert verified.library_fd is not None  # a sealed memfd on Linux: not even this process can change it
+        with pytest.raises(PermissionError):
+            os.pwrite(verified.library_fd, b"x", 0)
+        (copy / "model.so").write_bytes(b"\x7fELF not a library" * 100)
+        (copy / "model.so").chmod(0o755)
+        artifact = load_verified(verified)
+    got = artifact.run({"input": x})["logits"]
+    reference = onnx.load(str(SAMPLE / "mnist_cnn.onnx"))
+    np.testing.assert_allclose(got, ort_run(reference, {"input": x})["logits"], atol=1e-4, rtol=1e-4)
+    # the garbage on disk is refused at the next load
+    with pytest.raises(ConfigError, match="'model.so' does not match its SHA-256"):
+        verify_artifact(copy)
+
+
+def test_unlisted_file_is_refused(x86_artifact, tmp_path):
+    from optc.targets.artifact import load_artifact
+
+    copy = _copy_artifact(x86_artifact, tmp_path / "copy")
+    (copy / "libextra.so").write_bytes(b"planted")
+    with pytest.raises(ConfigError, match="'libextra.so' is not listed in the manifest"):
+        load_artifact(copy)
+    res = invoke("run", copy)
+    assert res.exit_code == 2 and "'libextra.so' is not listed in the manifest" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    (copy / "libextra.so").unlink()
+    (copy / "sub").mkdir()
+    with pytest.raises(ConfigError, match="'sub/' is not listed"):
+        load_artifact(copy)
+    (copy / "sub").rmdir()
+    (copy / "model.so").rename(copy / "real.so")
+    (copy / "model.so").symlink_to("real.so")
+    with pytest.raises(ConfigError, match="symbolic link|not listed"):
+        load_artifact(copy)
+
+
+def test_bench_refuses_a_tampered_model(x86_artifact, tmp_path):
+    from optc.targets.bench import bench_artifact
+
+    copy = _copy_artifact(x86_artifact, tmp_path / "copy")
+    onnx_bytes = bytearray((copy / "model.onnx").read_bytes())
+    onnx_bytes[-1] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(onnx_bytes))
+    with pytest.raises(ConfigError, match="'model.onnx' does not match its SHA-256"):
+        bench_artifact(copy, repeats=1)
+    res = invoke("bench", copy, "--repeats", "1")
+    assert res.exit_code == 2 and "'model.onnx' does not match its SHA-256" in res.output
+
+
+def test_model_copy_is_the_verified_bytes(x86_artifact, tmp_path):
+    from optc.targets.artifact import verify_artifact
+
+    copy = _copy_artifact(x86_artifact, tmp_path / "copy")
+    original = (copy / "model.onnx").read_bytes()
+    with verify_artifact(copy, also_copy=["model.onnx"]) as verified:
+        (copy / "model.onnx").write_bytes(b"replaced")
+        assert verified.copies["model.onnx"].read_bytes() == original
+        assert oct(verified.private.stat().st_mode & 0o777) == "0o700"
+    assert not verified.private.exists()
+
+
+@pytest.mark.parametrize("repeats", ["0", "-3"])
+def test_bench_refuses_no_repeats(x86_artifact, repeats):
+    from optc.targets.bench import bench_artifact
+
+    with pytest.raises(ConfigError, match="--repeats .*must be 1 or more"):
+        bench_artifact(x86_artifact, repeats=int(repeats))
+    res = invoke("bench", x86_artifact, "--repeats", repeats)
+    assert res.exit_code == 2 and "must be 1 or more" in res.output
+
+
+def test_missing_tvm_is_a_target_error(x86_artifact):
+    """Without TVM, a target build and `optc run` fail with the install command (exit 2), not an internal error."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.modules["tvm"] = None  # as if apache-tvm were not installed
+from optc.errors import TargetError
+from optc.targets.spec import make_target
+try:
+    make_target("x86")
+except TargetError as exc:
+    print("spec:", exc)
+from optc.cli.main import main
+sys.argv = ["optc", "run", {str(x86_artifact)!r}]
+main()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "spec: " in done.stdout and "pip install 'optc[tvm]'" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'optc[tvm]'" in done.stderr and "internal error" not in done.stderr

@@ -2,9 +2,9 @@
 
 The emulated run uses the runner root built by ``tools/make_arm_root.py``
 (TVM's aarch64 runtime from the pinned wheels plus a small C++ Relax VM
-runner, cached in ``~/.cache/optc/arm64-root``). Without the cross compiler,
-qemu or that root these tests skip and say which is missing; CI does not
-install them (no apt there).
+runner, cached in ``~/.cache/optc/arm64-root``). ``make setup-test`` installs
+the cross compiler and qemu (Debian, where apt-get runs as root) and builds
+the root; without them these tests skip and say which is missing.
 
 Tolerance: 1e-4 absolute and relative on float32 logits. The aarch64 code
 fuses multiply-adds differently from onnxruntime's x86 kernels, so results are

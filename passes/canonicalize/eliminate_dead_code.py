@@ -16,11 +16,11 @@ class EliminateDeadCode(Pass[NoOptions]):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         editor = GraphEditor(model)
         before_nodes = editor.signature()
-        before_inits = {t.name for t in model.graph.initializer}
+        before_inits = model.initializer_names
         editor.remove_dead_code()
-        used = {t.name for n in editor.graph.nodes for t in n.inputs} | {t.name for t in editor.graph.outputs}
+        used = {t.name for n in editor.nodes for t in n.inputs} | {t.name for t in editor.outputs}
         dead_inits = sorted(before_inits - used)
-        removed_nodes = len(before_nodes) - len(editor.graph.nodes)
+        removed_nodes = len(before_nodes) - len(editor.nodes)
         if removed_nodes == 0 and not dead_inits:
             return PassResult(model, modified=False, stats={"nodes_removed": 0, "initializers_removed": 0})
         return PassResult(editor.commit(), modified=True, stats={"nodes_removed": removed_nodes, "initializers_removed": len(dead_inits)})

@@ -12,20 +12,16 @@ from dataclasses import dataclass
 
 from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
-from optc.passes.framework import Pass, PassContext, PassResult, Requirement, option, register_pass
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 
 # Folding these would freeze one random draw into the model.
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 @dataclass(frozen=True, kw_only=True)
-class FoldConstantsConfig:
-    max_bytes: int = option(64 << 20, "largest folded tensor in bytes; bigger results (Tile, Expand of constants) stay computed at run time")
+class FoldConstantsConfig(PassConfig):
+    max_bytes: int = option(64 << 20, "largest folded tensor in bytes; bigger results (Tile, Expand of constants) stay computed at run time", ge=1)
     fold_shapes: bool = option(True, "fold Shape of tensors whose shape is static")
-
-    def __post_init__(self) -> None:
-        if self.max_bytes <= 0:
-            raise ValueError("max_bytes must be positive")
 
 
 @register_pass("fold-constants")

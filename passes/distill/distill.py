@@ -42,13 +42,14 @@ from optc.ir.model import Model
 from optc.evaluation.fidelity import sample_cosines
 from optc.ir.session import make_session
 from optc.ir.stats import compute_stats
-from optc.passes.framework import Pass, PassContext, PassResult, Requirement, option, register_pass
+from optc.ir.view import graph_nodes
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.data.calibration import CalibrationSet
 from optc.passes.distill.allocation import KEEP, allocate
 from optc.passes.distill.lowrank_rules import RULES, low_rank_candidate
 from optc.passes.distill.mlp import match_mlp_blocks, mlp_candidate
-from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, weight_matrix
-from optc.passes.layers.sequential_refit import refit_layer
+from optc.passes.layers import LinearLayer, find_linear_layers, input_grams
+from optc.passes.layers.sequential_refit import RefitTarget, refit_in_graph_order
 from optc.data.teacher import TeacherOutputs
 
 logger = logging.getLogger(__name__)
@@ -57,51 +58,33 @@ STUDENTS = ("mlp", *RULES)
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    budget: float = option(0.05, "per-subgraph relative MSE ||Y-Y_student||^2/||Y||^2 on calibration data")
-    target_reduction: float | None = option(None, "fraction to remove (replaces budget): of the candidates' params, or with reduce=macs of the model's MACs")
+class DistillConfig(PassConfig):
+    budget: float = option(0.05, "per-subgraph relative MSE ||Y-Y_student||^2/||Y||^2 on calibration data", ge=0)
+    target_reduction: float | None = option(
+        None, "fraction to remove (replaces budget): of the candidates' params, or with reduce=macs of the model's MACs", gt=0, lt=1
+    )
     reduce: Literal["params", "macs"] = option("params", "what target_reduction counts")
     allocation: Literal["common", "least-total"] = option(
         "common", "target_reduction: one error budget for every subgraph, or the sizes with the least summed error (distill_allocation)"
     )
-    global_budget: float | None = option(None, "max relative MSE at the model outputs vs the teacher")
-    min_cosine: float | None = option(None, "min mean per-sample cosine at the model outputs vs the teacher")
+    global_budget: float | None = option(None, "max relative MSE at the model outputs vs the teacher", ge=0)
+    min_cosine: float | None = option(None, "min mean per-sample cosine at the model outputs vs the teacher", ge=-1, le=1)
     fit: Literal["whitened", "asvd", "plain"] = option("whitened", "low-rank fit: whitened (SVD-LLM), asvd (activation scaling) or plain SVD")
-    damp: float = option(0.01, "whitening damping, relative to the mean input second moment")
-    alpha: float = option(0.5, "ASVD exponent on the per-channel activation RMS")
+    damp: float = option(0.01, "whitening damping, relative to the mean input second moment", ge=0)
+    alpha: float = option(0.5, "ASVD exponent on the per-channel activation RMS", ge=0, le=2)
     mlp_select: Literal["greedy", "magnitude"] = option("greedy", "how the mlp student picks hidden units")
-    min_reduction: float = option(0.1, "a student must remove at least this fraction of the subgraph's params")
+    min_reduction: float = option(0.1, "a student must remove at least this fraction of the subgraph's params", ge=0, lt=1)
     exclude: tuple[str, ...] = option((), "node names or op types left alone")
     students: tuple[str, ...] = option(("mlp", "matmul", "gemm", "conv"), "rules to apply")
-    batch_size: int = option(16, "calibration batch size")
-    max_batches: int | None = option(None, "calibration batches used (None: all)")
-    max_backoff: int = option(8, "rounds of backing off layers to meet the global budget")
+    batch_size: int = option(16, "calibration batch size", ge=1)
+    max_batches: int | None = option(None, "calibration batches used (None: all)", ge=1)
+    max_backoff: int = option(8, "rounds of backing off layers to meet the global budget", ge=0)
     reconstruct: Literal["sequential", "none"] = option("sequential", "sequential: refit each student's last layer, in graph order, on the student model's own input")
-    ridge: float = option(1e-4, "sequential refit: ridge towards the student's fitted weights, relative to the input second moment")
+    ridge: float = option(1e-4, "sequential refit: ridge towards the student's fitted weights, relative to the input second moment", ge=0)
 
     def __post_init__(self) -> None:
-        if not self.budget >= 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
-        if self.target_reduction is not None and not 0 < self.target_reduction < 1:
-            raise ValueError(f"target_reduction must be in (0, 1), got {self.target_reduction}")
-        if not 0 <= self.min_reduction < 1:
-            raise ValueError(f"min_reduction must be in [0, 1), got {self.min_reduction}")
-        if self.damp < 0:
-            raise ValueError(f"damp must be >= 0, got {self.damp}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-        if self.max_backoff < 0:
-            raise ValueError(f"max_backoff must be >= 0, got {self.max_backoff}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1, got {self.max_batches}")
-        if self.global_budget is not None and not self.global_budget >= 0:
-            raise ValueError(f"global_budget must be >= 0, got {self.global_budget}")
-        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
-            raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine}")
-        if not 0 <= self.alpha <= 2:
-            raise ValueError(f"alpha must be in [0, 2], got {self.alpha}")
+        super().__post_init__()  # declared bounds
+        # Not a range: each entry must name a student (STUDENTS is built from the rule table, so no Literal).
         unknown = set(self.students) - set(STUDENTS)
         if unknown:
             raise ValueError(f"students: unknown {sorted(unknown)}; valid: {', '.join(STUDENTS)}")
@@ -141,6 +124,7 @@ class Distill(Pass[DistillConfig]):
     config_class = DistillConfig
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     exact = False
+    strength = "target_reduction"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -238,26 +222,17 @@ class Distill(Pass[DistillConfig]):
         Also returns, per refit student, its relative error after the refit.
         """
         student = apply_plans(teacher, list(plans.values()))
-        refit_errors: dict[str, float] = {}
         if self.config.reconstruct == "none":
-            return student, refit_errors
-        order = {n.name: i for i, n in enumerate(teacher.graph.node)}
-        teacher_layers = {layer.node: layer for layer in find_linear_layers(teacher)[0]}
-        # Each student is refit once, in graph order: those not yet refit keep the
-        # input tensors and weight names they have in the student built here.
-        student_layers = {layer.node: layer for layer in find_linear_layers(student)[0]}
-        for key in sorted(plans, key=lambda k: order.get(k, len(order))):
-            layer = student_layers.get(key)
-            if layer is None or layer.group != 1:
-                continue
-            ref = teacher_layers[key]
-            target = weight_matrix(ref, teacher.initializer_array(ref.weight).astype(np.float64))
-            student, fit = refit_layer(
-                student, layer, teacher, ref, target, ctx.calibration, ridge=self.config.ridge,
-                max_batches=self.config.max_batches, seed=ctx.seed, bias_already=getattr(plans[key], "bias_delta", None),
-            )
-            refit_errors[key] = fit.rel_error
-        return student, refit_errors
+            return student, {}
+        order = {n.name: i for i, n in enumerate(graph_nodes(teacher))}
+        targets = [
+            RefitTarget(key, bias_already=getattr(plans[key], "bias_delta", None))
+            for key in sorted(plans, key=lambda k: order.get(k, len(order)))
+        ]
+        student, fits = refit_in_graph_order(
+            student, teacher, targets, ctx.calibration, ridge=self.config.ridge, max_batches=self.config.max_batches, seed=ctx.seed
+        )
+        return student, {key: fit.rel_error for key, fit in fits.items()}
 
     def _back_off(self, teacher: Model, student: Model, plans: dict[str, Plan], refit_errors: dict[str, float],
                   candidates: list[Candidate], reference: TeacherOutputs, ctx: PassContext, skipped: list[str]):

@@ -41,7 +41,8 @@ import numpy as np
 
 from optc.ir.graph import GraphEditor, consumers_by_tensor, producers_by_tensor
 from optc.ir.model import Model
-from optc.passes.framework import Pass, PassContext, PassResult, Requirement, option, register_pass
+from optc.ir.view import attribute, graph_nodes
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.data.calibration import capture_activations
 from optc.passes.layers import LinearLayer, find_linear_layers, weight_matrix
 
@@ -49,22 +50,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillHeadConfig:
+class DistillHeadConfig(PassConfig):
     mode: Literal["kd", "lsq"] = option("kd", "kd: KL to the teacher's softened outputs; lsq: least squares on logits")
-    temperature: float = option(4.0, "KD temperature T")
-    steps: int = option(300, "max accelerated-gradient iterations (kd)")
-    ridge: float = option(1e-3, "pull towards the current head (mean squared logit change)")
-    holdout: float = option(0.25, "share of calibration samples held out to accept or reject the refit")
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-        if not 0 <= self.holdout < 1:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+    temperature: float = option(4.0, "KD temperature T", gt=0)
+    steps: int = option(300, "max accelerated-gradient iterations (kd)", ge=1)
+    ridge: float = option(1e-3, "pull towards the current head (mean squared logit change)", ge=0)
+    holdout: float = option(0.25, "share of calibration samples held out to accept or reject the refit", ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,7 @@ def find_heads(model: Model) -> tuple[list[Head], list[str]]:
     layers, _ = find_linear_layers(model)
     by_output = {l.output: l for l in layers if l.op in ("MatMul", "Gemm") and not l.trans_a}
     producers, consumers = producers_by_tensor(model), consumers_by_tensor(model)
-    inits = {t.name for t in model.graph.initializer}
+    inits = model.initializer_names
     heads, refused = [], []
     for spec in model.outputs:
         if spec.dtype is None or spec.dtype.kind != "f" or spec.shape is None or len(spec.shape) != 2:
@@ -156,16 +147,15 @@ def head_parameters(model: Model, head: Head) -> tuple[np.ndarray, np.ndarray]:
     m = weight_matrix(layer, model.initializer_array(layer.weight).astype(np.float64)).T
     classes = m.shape[1]
     bias = np.zeros(classes)
-    node = next(n for n in model.graph.node if n.name == layer.node)
-    attrs = {a.name: a for a in node.attribute}
+    node = next(n for n in graph_nodes(model) if n.name == layer.node)
     if layer.op == "Gemm":
-        alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
-        beta = attrs["beta"].f if "beta" in attrs else 1.0
+        alpha = attribute(node, "alpha", 1.0)
+        beta = attribute(node, "beta", 1.0)
         m = alpha * m
         if layer.bias is not None:
             bias = bias + beta * np.broadcast_to(model.initializer_array(layer.bias).astype(np.float64), (classes,))
     if head.bias_add is not None:
-        add = next(n for n in model.graph.node if n.name == head.bias_add[0])
+        add = next(n for n in graph_nodes(model) if n.name == head.bias_add[0])
         bias = bias + np.broadcast_to(model.initializer_array(add.input[head.bias_add[1]]).astype(np.float64), (classes,))
     return m, bias
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from optc.ir.graph import GraphEditor, Node, Variable, consumers_by_tensor, producers_by_tensor
 from optc.ir.model import Model
+from optc.ir.view import initializers, output_names
 from optc.passes.layers import InputGram, LinearLayer, weight_matrix
 from optc.passes.numerics.refit import refit_columns
 from optc.passes.numerics.unit_selection import RIDGE, select_units
@@ -74,8 +75,8 @@ def match_mlp_blocks(model: Model, layers: list[LinearLayer]) -> tuple[list[MlpB
     """
     by_output = {l.output: l for l in layers if l.op in ("MatMul", "Gemm")}
     producers, consumers = producers_by_tensor(model), consumers_by_tensor(model)
-    inits = {t.name: t for t in model.graph.initializer}
-    graph_outputs = {o.name for o in model.graph.output}
+    inits = initializers(model)
+    graph_outputs = set(output_names(model))
     blocks, refused = [], []
     for second in layers:
         if second.op not in ("MatMul", "Gemm"):
@@ -130,7 +131,7 @@ def _match(second, by_output, producers, consumers, inits, graph_outputs) -> Mlp
             return f"hidden tensor {t} is read outside the block"
     per_unit = []
     for node, i, name in consts:
-        dims = tuple(inits[name].dims)
+        dims = inits.spec(name).shape
         size = math.prod(dims)
         if size == 1:
             continue
@@ -141,7 +142,7 @@ def _match(second, by_output, producers, consumers, inits, graph_outputs) -> Mlp
     if first.op == "Gemm" and first.bias is not None:
         if first.bias not in inits:
             return f"bias of {first.node} is not a constant"
-        dims = tuple(inits[first.bias].dims)
+        dims = inits.spec(first.bias).shape
         if math.prod(dims) not in (1, h):
             return f"bias of {first.node} of shape {list(dims)} is not per-unit"
     bias_add = None
@@ -151,7 +152,7 @@ def _match(second, by_output, producers, consumers, inits, graph_outputs) -> Mlp
             add = users[0]
             other = [i for i, n in enumerate(add.input) if n != second.output]
             if len(other) == 1 and add.input[other[0]] in inits:
-                dims = tuple(inits[add.input[other[0]]].dims)
+                dims = inits.spec(add.input[other[0]]).shape
                 if dims and dims[-1] == second.out_features and math.prod(dims) == second.out_features:
                     bias_add = (add.name, other[0])
     tensors = tuple(sorted(seen))

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from optc.errors import ConfigError
 from optc.ir.model import Model
+from optc.passes.framework.options import Bounds, check_options
 
 
 class Requirement(enum.Enum):
@@ -30,13 +31,47 @@ class Requirement(enum.Enum):
 
 
 @dataclass(frozen=True, kw_only=True)
-class NoOptions:
+class PassConfig:
+    """Base of pass configs: every construction checks the options' declared bounds.
+
+    A config with checks that are not bounds of one option (one option
+    constraining another) overrides ``__post_init__`` and calls this one first.
+    """
+
+    def __post_init__(self) -> None:
+        check_options(self, type(self).__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoOptions(PassConfig):
     """This pass takes no options."""
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
-    """A config field with its documentation (shown by ``optc passes --describe``)."""
-    return field(default=default, metadata={"help": help})
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - mirrors argparse
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    multiple_of: int | None = None,
+) -> Any:
+    """A config field with its documentation and allowed values (shown by ``optc passes --describe``).
+
+    Args:
+        default: the value when the option is not given.
+        help: one line for ``optc passes``.
+        ge, gt: lower bound, inclusive (``>=``) or exclusive (``>``); at most one.
+        le, lt: upper bound, inclusive (``<=``) or exclusive (``<``); at most one.
+        multiple_of: the value must be a multiple of this.
+
+    Bounds apply to numbers only (``None`` of an optional option always passes);
+    NaN and infinities are refused whether or not bounds are declared. A
+    :class:`PassConfig` checks them on every construction.
+    """
+    bounds = Bounds.declared(ge=ge, gt=gt, le=le, lt=lt, multiple_of=multiple_of)
+    return field(default=default, metadata={"help": help, "bounds": bounds})
 
 
 @dataclass
@@ -61,6 +96,10 @@ class Pass(Generic[ConfigT]):
     # Exact passes keep outputs equal (checked to 1e-5 by --verify-each);
     # lossy ones declare so and are held to their own budget.
     exact: ClassVar[bool] = True
+    # A lossy pass names the float option that says how much it takes (``ratio``,
+    # ``sparsity``, ...): under an accuracy budget the configured value is the most
+    # it may take, and the driver searches below it (optc.search).
+    strength: ClassVar[str | None] = None
 
     def __init__(self, config: ConfigT | None = None):
         self.config: ConfigT = config if config is not None else self.config_class()
@@ -76,7 +115,19 @@ class Pass(Generic[ConfigT]):
         return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
 
     def __repr__(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.describe_config().items())
+        """A ``--pass`` value that ``parse_pass_spec`` turns back into this pass.
+
+        Lists are joined with ``|`` (``exclude=a|b``; empty: ``exclude=``), None is
+        ``None``. Values holding ``,`` or ``|`` cannot be written in this form;
+        ``pipeline.yaml`` (written beside every output) is exact for any value.
+        """
+
+        def text(value: Any) -> str:
+            if isinstance(value, (list, tuple)):
+                return "|".join(text(v) for v in value)
+            return str(value)
+
+        opts = ",".join(f"{k}={text(v)}" for k, v in self.describe_config().items())
         return f"{self.name}:{opts}" if opts else self.name
 
 

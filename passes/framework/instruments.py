@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -21,7 +20,7 @@ from optc.errors import OptcError, PassError
 from optc.ir.io import save_model
 from optc.ir.model import Model
 from optc.ir.session import make_session
-from optc.ir.validate import run_checker
+from optc.ir.validate import check_model
 from optc.evaluation.fidelity import compare_outputs
 from optc.passes.framework.base import Pass, PassContext, PassResult
 from optc.passes.framework.manager import Instrument, PassRecord
@@ -38,10 +37,6 @@ def within_exact_tolerance(reference: Mapping[str, np.ndarray], actual: Mapping[
         and np.allclose(actual[name].astype(np.float64), ref.astype(np.float64), atol=EXACT_ATOL, rtol=EXACT_RTOL, equal_nan=True)
         for name, ref in reference.items()
     )
-
-
-def fingerprint(model: Model) -> str:
-    return hashlib.sha256(model.proto.SerializeToString(deterministic=True)).hexdigest()
 
 
 class VerifyEach(Instrument):
@@ -61,18 +56,18 @@ class VerifyEach(Instrument):
         self._reference = self._outputs(model)
 
     def before_pass(self, p: Pass, model: Model, ctx: PassContext) -> None:
-        self._input_hash = fingerprint(model)
+        self._input_hash = model.fingerprint()
 
     def after_pass(self, p: Pass, before: Model, result: PassResult, record: PassRecord, ctx: PassContext) -> None:
-        if fingerprint(before) != self._input_hash:
+        if before.fingerprint() != self._input_hash:
             raise PassError("mutated its input model in place (passes must return a new model)", pass_name=p.name)
         if not result.modified:
-            if fingerprint(result.model) != self._input_hash:
+            if result.model.fingerprint() != self._input_hash:
                 raise PassError("reported no change but the model changed", pass_name=p.name)
             record.drift = {"checked": True, "outputs": {}, "unchanged": True}
             return
         try:
-            run_checker(result.model.proto)
+            check_model(result.model)
         except OptcError as exc:
             raise PassError(f"produced an invalid model: {exc}", pass_name=p.name) from exc
         assert self._reference is not None

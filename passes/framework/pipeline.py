@@ -16,6 +16,11 @@ File form (YAML or TOML), the same thing::
     ratio = 0.3
 
 Everything is validated (names, keys, values) before any pass runs.
+
+Pipeline files are untrusted input: only a regular file of at most
+:data:`MAX_PIPELINE_FILE_BYTES` is read, and YAML anchors and aliases are
+refused (a kilobyte of nested aliases expands to gigabytes; a pipeline never
+needs them).
 """
 from __future__ import annotations
 
@@ -23,10 +28,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from optc.errors import ConfigError
+from optc.ir.io import file_problem, open_regular_file
 from optc.passes.framework.base import Pass
 from optc.passes.framework.registry import pass_class, registered_passes
 from optc.passes.framework.options import build_config
+
+# Larger pipeline files are refused unread (a hand-written one is a few hundred bytes).
+MAX_PIPELINE_FILE_BYTES = 1 << 20
 
 CANONICALIZE = ("fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code")
 
@@ -74,26 +85,54 @@ def parse_pass_specs(specs: list[str]) -> list[Pass]:
 
 def load_pipeline_file(path: str | Path) -> list[Pass]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) pipeline file."""
+    return pipeline_from_data(read_pipeline_data(path), source=str(path))
+
+
+def read_pipeline_data(path: str | Path) -> Any:
+    """The parsed content of a YAML or TOML pipeline file (see the module docstring for what is refused).
+
+    Raises:
+        ConfigError: naming the file and the problem.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline file {path}: no such file")
-    text = path.read_text(encoding="utf-8", errors="replace")
     suffix = path.suffix.lower()
+    if not path.exists():
+        raise ConfigError(f"pipeline file {path}: no such file")
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"pipeline file {path}: use .yaml, .yml or .toml")
+    try:
+        with open_regular_file(path) as f:
+            raw = f.read(MAX_PIPELINE_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"pipeline file {path}: {file_problem(exc)}") from exc
+    if len(raw) > MAX_PIPELINE_FILE_BYTES:
+        raise ConfigError(f"pipeline file {path}: larger than {MAX_PIPELINE_FILE_BYTES >> 10} KiB (optc's limit for a pipeline file)")
+    text = raw.decode("utf-8", errors="replace")
     try:
         if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"pipeline file {path}: use .yaml, .yml or .toml")
-    except ConfigError:
-        raise
+            return tomllib.loads(text)
+        return _load_yaml(text)
+    except ConfigError as exc:
+        raise ConfigError(f"pipeline file {path}: {exc}") from exc
     except Exception as exc:  # yaml/toml syntax errors come in several types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"pipeline file {path}: cannot parse: {first}") from exc
-    return pipeline_from_data(data, source=str(path))
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases before anything is built."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise ConfigError("YAML aliases (*name) are not allowed in a pipeline file")
+        anchor = getattr(self.peek_event(), "anchor", None)
+        if anchor is not None:
+            raise ConfigError(f"YAML anchors (&{anchor}) are not allowed in a pipeline file")
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader
 
 
 def pipeline_from_data(data: Any, *, source: str = "pipeline") -> list[Pass]:

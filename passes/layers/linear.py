@@ -16,8 +16,9 @@ from typing import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from optc.ir.model import Model, numpy_dtype
+from optc.ir.model import Model
 from optc.ir.stats import shape_map
+from optc.ir.view import attributes, graph_nodes, initializers
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -69,11 +70,11 @@ def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[
     ``exclude`` holds node names or op types. ConvTranspose is reported (its
     input unfolding is not implemented here) and left out.
     """
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = initializers(model)
     shapes = shape_map(model)
     layers: list[LinearLayer] = []
     skipped: list[str] = []
-    for node in model.graph.node:
+    for node in graph_nodes(model):
         if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx"):
             continue
         if node.name in exclude or node.op_type in exclude:
@@ -82,12 +83,12 @@ def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[
         if len(node.input) < 2 or node.input[1] not in inits:
             skipped.append(f"{node.name}: weight is not a constant")
             continue
-        w = inits[node.input[1]]
-        if numpy_dtype(w.data_type).kind != "f":
+        w = inits.spec(node.input[1])
+        if w.dtype.kind != "f":
             skipped.append(f"{node.name}: weight is not floating point")
             continue
-        attrs = {a.name: a for a in node.attribute}
-        wshape = tuple(w.dims)
+        attrs = attributes(node)
+        wshape = w.shape
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if node.op_type == "ConvTranspose":
             skipped.append(f"{node.name}: ConvTranspose is not supported by layer-wise fitting yet")
@@ -104,17 +105,17 @@ def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[
                 continue
             layers.append(LinearLayer(
                 node.name, node.op_type, node.input[0], node.output[0], node.input[1], bias, wshape,
-                group=int(attrs["group"].i) if "group" in attrs else 1,
+                group=int(attrs.get("group", 1)),
                 kernel=tuple(kernel),
-                strides=tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * nd,
+                strides=tuple(attrs.get("strides", (1,) * nd)),
                 pads=pads,
-                dilations=tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * nd,
+                dilations=tuple(attrs.get("dilations", (1,) * nd)),
             ))
         elif node.op_type == "Gemm":
             layers.append(LinearLayer(
                 node.name, "Gemm", node.input[0], node.output[0], node.input[1], bias, wshape,
-                trans_a=bool(attrs["transA"].i) if "transA" in attrs else False,
-                trans_b=bool(attrs["transB"].i) if "transB" in attrs else False,
+                trans_a=bool(attrs.get("transA", 0)),
+                trans_b=bool(attrs.get("transB", 0)),
             ))
         else:
             if len(wshape) != 2:
@@ -126,15 +127,15 @@ def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[
 
 def _conv_pads(node, attrs, in_shape, kernel) -> tuple[int, ...] | None:
     nd = len(kernel)
-    auto = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+    auto = attrs["auto_pad"].decode() if "auto_pad" in attrs else "NOTSET"
     if auto in ("NOTSET", ""):
-        return tuple(attrs["pads"].ints) if "pads" in attrs else (0,) * (2 * nd)
+        return tuple(attrs.get("pads", (0,) * (2 * nd)))
     if auto == "VALID":
         return (0,) * (2 * nd)
     if in_shape is None or not all(isinstance(d, int) for d in in_shape[2:]):
         return None
-    strides = tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * nd
-    dil = tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * nd
+    strides = tuple(attrs.get("strides", (1,) * nd))
+    dil = tuple(attrs.get("dilations", (1,) * nd))
     begin, end = [], []
     for size, k, s, d in zip(in_shape[2:], kernel, strides, dil):
         out = -(-size // s)

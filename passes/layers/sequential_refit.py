@@ -1,12 +1,19 @@
-"""One layer of a compressed model refit on its own input to the original layer's output.
+"""Compressed layers refit, in graph order, on their own inputs to the original layers' outputs.
 
 Shared by prune-channels (``reconstruct=sequential``) and distill
 (``reconstruct=sequential``): layers are refit in graph order, each on its
 input *as the compressed model computes it* (so upstream error is corrected,
 not compounded), against what the original layer produced on the original
 input (:func:`optc.passes.layers.paired_grams`, :func:`optc.passes.numerics.refit.refit_paired`).
+A layer refit to rows ``R`` of the original weight matrix ``W`` gets the weights
+``W'`` and bias shift ``b`` minimising ``E||x W[R]^T - (x' W'^T + b)||^2 + lam ||W' - W_c||^2``
+over the calibration rows, ``x`` being the original layer's input, ``x'`` the
+compressed layer's and ``W_c`` its weights before the refit.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -14,8 +21,44 @@ from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.passes.layers.bias_fold import add_to_bias
 from optc.data.calibration import CalibrationSet
-from optc.passes.layers import LinearLayer, matrix_to_weight, paired_grams, weight_matrix
+from optc.passes.layers import LinearLayer, find_linear_layers, matrix_to_weight, paired_grams, weight_matrix
 from optc.passes.numerics.refit import Refit, refit_paired
+
+
+@dataclass(frozen=True)
+class RefitTarget:
+    """A compressed layer to refit, by node name (the same in both models)."""
+
+    node: str
+    rows: np.ndarray | None = None  # rows of the original weight matrix it reproduces; None: all of them
+    bias_already: np.ndarray | None = None  # a bias delta its bias already holds (a previous fit)
+
+
+def refit_in_graph_order(
+    model: Model, reference: Model, targets: Iterable[RefitTarget], calibration: CalibrationSet, *,
+    ridge: float, max_batches: int | None, seed: int = 0,
+) -> tuple[Model, dict[str, Refit]]:
+    """``model`` with each target refit by :func:`refit_layer`, in the order given (graph order), and the fits.
+
+    Targets that are not a linear layer of ``model``, or are grouped convolutions,
+    are left as they are (and have no fit).
+    """
+    reference_layers = {layer.node: layer for layer in find_linear_layers(reference)[0]}
+    # Each layer is edited once, in graph order: the layers not yet refit keep the
+    # input tensors and weight names they have in the model compressed so far.
+    current_layers = {layer.node: layer for layer in find_linear_layers(model)[0]}
+    fits: dict[str, Refit] = {}
+    for target in targets:
+        layer = current_layers.get(target.node)
+        if layer is None or layer.group != 1:
+            continue
+        ref = reference_layers[target.node]
+        w = weight_matrix(ref, reference.initializer_array(ref.weight).astype(np.float64))
+        model, fits[target.node] = refit_layer(
+            model, layer, reference, ref, w if target.rows is None else w[target.rows], calibration, ridge=ridge,
+            max_batches=max_batches, seed=seed, bias_already=target.bias_already,
+        )
+    return model, fits
 
 
 def refit_layer(

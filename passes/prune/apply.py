@@ -20,13 +20,14 @@ import numpy as np
 
 from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
-from optc.ir.shapes import infer_shapes
+from optc.ir.shapes import drop_inferred_shapes, infer_shapes
+from optc.ir.view import attribute
 from optc.passes.layers.bias_fold import add_to_bias
-from optc.passes.layers import find_linear_layers, matrix_to_weight, weight_matrix
+from optc.passes.layers import matrix_to_weight, weight_matrix
 from optc.passes.prune.criteria import feature_unit
 from optc.passes.prune.groups import ChannelGraph, Layout
 from optc.passes.numerics.refit import refit_columns
-from optc.passes.layers.sequential_refit import refit_layer
+from optc.passes.layers.sequential_refit import RefitTarget, refit_in_graph_order
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def apply_plan(model, nodes, graph, plan, layers, grams, weights, cfg) -> tuple[
             w = matrices.get(source.node)
             if w is None:
                 w = model.initializer_array(node.input[1]).astype(np.float64)
-            axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB")) else 1
+            axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and attribute(node, "transB", 0)) else 1
             matrices[source.node] = np.take(w, keep, axis=axis)
             if len(node.input) > 2 and node.input[2]:
                 bias = model.initializer_array(node.input[2])
@@ -124,36 +125,26 @@ def _edit(model, nodes, graph, plan, new_values, bias_delta) -> Model:
         add_to_bias(editor, gs_nodes[name], delta)
     new_model = editor.commit()
     # Shapes of every tensor on a pruned path changed: infer them afresh.
-    del new_model.graph.value_info[:]
+    drop_inferred_shapes(new_model)
     infer_shapes(new_model)
     return new_model
 
 
-def _attr(node, name: str) -> int:
-    return next((a.i for a in node.attribute if a.name == name), 0)
-
-
 def refit_sequentially(original, pruned, graph, plan, layers, ctx_calibration, errors, bias_delta, cfg, seed: int = 0) -> Model:
     """Refit each changed consumer, in graph order, on the pruned model's own input (see module docs)."""
-    nodes = {n.name: n for n in original.graph.node}
     sources = {s.node: s for g in graph.groups for s in g.sources}
-    # Each consumer is edited once, in graph order: the layers not yet refit keep
-    # the input tensors and weight names they have in the model pruned so far.
-    current_layers = {layer.node: layer for layer in find_linear_layers(pruned)[0]}
+    targets = []
     for consumer in graph.consumers:
         if consumer.node not in errors:
             continue  # its input lost nothing
-        layer_o, layer_p = layers[consumer.node], current_layers.get(consumer.node)
-        if layer_p is None or layer_p.group != 1:
-            continue
-        w_orig = weight_matrix(layer_o, original.initializer_array(nodes[consumer.node].input[1]).astype(np.float64))
         source = sources.get(consumer.node)
-        rows = plan.keep[graph.space_group[source.space]] if source is not None else np.arange(w_orig.shape[0])
+        rows = plan.keep[graph.space_group[source.space]] if source is not None else np.arange(layers[consumer.node].out_features)
         # The bias already holds the first refit's delta: only the difference is added.
-        pruned, fit = refit_layer(
-            pruned, layer_p, original, layer_o, w_orig[rows], ctx_calibration, ridge=cfg.ridge, max_batches=cfg.max_batches,
-            seed=seed, bias_already=bias_delta.get(consumer.node, np.zeros(len(rows))),
-        )
-        errors[consumer.node] = (fit.rel_error, errors[consumer.node][1])
+        targets.append(RefitTarget(consumer.node, rows, bias_delta.get(consumer.node, np.zeros(len(rows)))))
+    pruned, fits = refit_in_graph_order(
+        pruned, original, targets, ctx_calibration, ridge=cfg.ridge, max_batches=cfg.max_batches, seed=seed
+    )
+    for node, fit in fits.items():
+        errors[node] = (fit.rel_error, errors[node][1])
     infer_shapes(pruned)
     return pruned

@@ -35,9 +35,9 @@ import numpy as np
 from networkx.utils import UnionFind
 
 from optc.ir.graph import consumers_by_tensor, producers_by_tensor
-from optc.ir.model import Model, numpy_dtype
+from optc.ir.model import Model, TensorSpec
 from optc.ir.stats import shape_map
-from optc.ir.view import NodeProto, TensorProto, attribute, attributes, constant_node_value, to_array
+from optc.ir.view import NodeProto, attribute, attributes, constant_node_value, graph_nodes, initializers, output_names
 
 PASS_THROUGH = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Gelu", "Elu", "Selu", "Celu",
@@ -152,7 +152,8 @@ class _Walker:
         self.model = model
         self.protect = protect
         self.shapes = shape_map(model)
-        self.inits = {t.name: t for t in model.graph.initializer}
+        self.inits = initializers(model)
+        self.outputs = output_names(model)
         self.producer = producers_by_tensor(model)
         self.readers = consumers_by_tensor(model)  # one entry per input slot that reads the tensor
         self.chan: dict[str, Channelled] = {}
@@ -188,11 +189,11 @@ class _Walker:
 
     # --- walk -------------------------------------------------------------------
     def run(self) -> ChannelGraph:
-        for node in self.model.graph.node:
+        for node in graph_nodes(self.model):
             self.visit(node)
-        for out in self.model.graph.output:
-            if out.name in self.chan:
-                self.freeze(self.chan[out.name].layout, f"reaches graph output '{out.name}'")
+        for out in self.outputs:
+            if out in self.chan:
+                self.freeze(self.chan[out].layout, f"reaches graph output '{out}'")
         return self.groups()
 
     def visit(self, node: NodeProto) -> None:
@@ -244,7 +245,7 @@ class _Walker:
     # --- op kinds ---------------------------------------------------------------
     def linear(self, node: NodeProto, protected: bool = False) -> None:
         attrs = attributes(node)
-        w = self.inits.get(node.input[1]) if len(node.input) > 1 else None
+        w = self.inits.spec(node.input[1]) if len(node.input) > 1 and node.input[1] in self.inits else None
         data = self.chan.get(node.input[0])
         why = self.linear_refusal(node, attrs, w)
         depthwise = why is None and node.op_type == "Conv" and attrs.get("group", 1) > 1
@@ -279,37 +280,39 @@ class _Walker:
             return
         self.set_out(node, axis, (Segment(space, out_channels),))
 
-    def linear_refusal(self, node: NodeProto, attrs: dict, w: TensorProto | None) -> str | None:
+    def linear_refusal(self, node: NodeProto, attrs: dict, w: TensorSpec | None) -> str | None:
         if w is None:
             return "weight is not a constant"
-        if numpy_dtype(w.data_type).kind != "f":
+        if w.dtype.kind != "f":
             return "weight is not floating point"
-        if node.op_type == "MatMul" and len(w.dims) != 2:
-            return f"MatMul weight of rank {len(w.dims)}"
+        if node.op_type == "MatMul" and len(w.shape) != 2:
+            return f"MatMul weight of rank {len(w.shape)}"
         if node.op_type == "Gemm" and attrs.get("transA", 0):
             return "Gemm with transA"
         if node.op_type == "Conv":
             group = attrs.get("group", 1)
             cin = self.dim(node.input[0], 1)
-            if group > 1 and not (group == cin and w.dims[1] == 1 and w.dims[0] == cin):
+            if group > 1 and not (group == cin and w.shape[1] == 1 and w.shape[0] == cin):
                 return f"grouped convolution (group={group})"
         return None
 
     @staticmethod
-    def out_channels(node: NodeProto, attrs: dict, w: TensorProto) -> int:
+    def out_channels(node: NodeProto, attrs: dict, w: TensorSpec) -> int:
         if node.op_type == "Conv":
-            return int(w.dims[0])
+            return int(w.shape[0])
         if node.op_type == "Gemm":
-            return int(w.dims[0] if attrs.get("transB", 0) else w.dims[1])
-        return int(w.dims[-1])
+            return int(w.shape[0] if attrs.get("transB", 0) else w.shape[1])
+        return int(w.shape[-1])
 
     def gemm_bias_ok(self, node: NodeProto, out_channels: int) -> bool:
         if len(node.input) < 3 or not node.input[2]:
             return True
-        bias = self.inits.get(node.input[2])
-        return bias is not None and int(np.prod(bias.dims)) in (1, out_channels) and (len(bias.dims) <= 1 or bias.dims[0] == 1)
+        if node.input[2] not in self.inits:
+            return False
+        bias = self.inits.spec(node.input[2]).shape
+        return int(np.prod(bias)) in (1, out_channels) and (len(bias) <= 1 or bias[0] == 1)
 
-    def depthwise(self, node: NodeProto, data: Channelled, w: TensorProto) -> None:
+    def depthwise(self, node: NodeProto, data: Channelled, w: TensorSpec) -> None:
         """A depthwise Conv ties input channel j to output channel j: a pass-through with sliced weights."""
         if data.axis != 1:
             return self.freeze(data.layout, f"channel axis {data.axis} is not the channel axis of '{node.name}'")
@@ -432,7 +435,7 @@ class _Walker:
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant node output, else None."""
         if name in self.inits:
-            return to_array(self.inits[name])
+            return self.inits[name]
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             return constant_node_value(node)
@@ -443,7 +446,7 @@ class _Walker:
         attrs = attributes(node)
         if attrs.get("start", 0) == 0 and attrs.get("end") == 1:
             return True
-        if attrs.get("start", 0) != 0 or node.output[0] in {o.name for o in self.model.graph.output}:
+        if attrs.get("start", 0) != 0 or node.output[0] in self.outputs:
             return False
         readers = self.readers.get(node.output[0], [])
         return bool(readers) and all(self.is_dim0_gather(r) for r in readers)
@@ -477,7 +480,7 @@ class _Walker:
         attrs = attributes(node)
         axes = attrs.get("axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = self.inits.get(node.input[1]) and to_array(self.inits[node.input[1]]).tolist()
+            axes = self.inits[node.input[1]].tolist() if node.input[1] in self.inits else None
         if not axes:
             return self.freeze(data.layout, f"{node.op_type} '{node.name}' reduces all axes or non-constant axes")
         axes = sorted(a % data.rank for a in axes)

@@ -29,8 +29,9 @@ from typing import Literal
 import numpy as np
 
 from optc.ir.model import Model
+from optc.ir.view import graph_nodes
 from optc.errors import ConfigError
-from optc.passes.framework import Pass, PassContext, PassResult, Requirement, option, register_pass
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.numerics.unit_selection import select_units
 from optc.passes.layers import InputGram, find_linear_layers, input_grams, weight_matrix
 from optc.passes.prune.criteria import (
@@ -49,8 +50,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneChannelsConfig:
-    ratio: float = option(0.3, "fraction of each group's channels removed (or of all prunable channels with allocation=global)")
+class PruneChannelsConfig(PassConfig):
+    ratio: float = option(0.3, "fraction of each group's channels removed (or of all prunable channels with allocation=global)", ge=0, lt=1)
     criterion: Literal["l1", "l2", "bn", "activation", "thinet", "forward"] = option(
         "forward",
         "l1/l2: source weight norms; bn: BatchNorm |gamma|; activation: RMS input at the consumers; thinet: greedy least output change "
@@ -58,28 +59,18 @@ class PruneChannelsConfig:
         "(groups read by one MatMul/Gemm/1x1 Conv; others use thinet)"
     )
     allocation: Literal["uniform", "global"] = option("uniform", "uniform: ratio per group; global: rank channels across groups by relative output error")
-    max_group_ratio: float = option(0.8, "with allocation=global, no group loses more than this fraction")
+    max_group_ratio: float = option(0.8, "with allocation=global, no group loses more than this fraction", gt=0, lt=1)
     reconstruct: Literal["sequential", "lstsq", "mean", "none"] = option(
         "sequential",
         "consumer refit: least squares on the pruned model's own inputs in graph order (sequential) or on the original inputs (lstsq), "
         "bias fold of removed means only (mean), or nothing (none)",
     )
-    ridge: float = option(1e-3, "ridge of the least-squares refit, relative to the mean input second moment")
-    round_to: int = option(8, "kept channel counts are multiples of this where a group has at least that many (odd widths run slower in onnxruntime)")
+    ridge: float = option(1e-3, "ridge of the least-squares refit, relative to the mean input second moment", ge=0)
+    round_to: int = option(
+        8, "kept channel counts are multiples of this where a group has at least that many (odd widths run slower in onnxruntime)", ge=1, le=4096
+    )
     exclude: tuple[str, ...] = option((), "node names or op types whose channels are kept")
-    max_batches: int = option(32, "calibration batches (of 16) used for the consumers' Grams")
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), not {self.ratio}")
-        if not 0.0 < self.max_group_ratio < 1.0:
-            raise ValueError(f"max_group_ratio must be in (0, 1), not {self.max_group_ratio}")
-        if self.round_to < 1:
-            raise ValueError(f"round_to must be >= 1, not {self.round_to}")
-        if self.ridge < 0:
-            raise ValueError(f"ridge must be >= 0, not {self.ridge}")
-        if self.max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1, not {self.max_batches}")
+    max_batches: int = option(32, "calibration batches (of 16) used for the consumers' Grams", ge=1)
 
     @property
     def needs_calibration(self) -> bool:
@@ -94,6 +85,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
     # Calibration is needed unless reconstruct=none with a weight criterion (l1, l2, bn).
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     exact = False
+    strength = "ratio"
 
     def requirements(self) -> frozenset[Requirement]:
         return self.requires if self.config.needs_calibration else frozenset({Requirement.SHAPES})
@@ -106,7 +98,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
         unchanged = PassResult(model, modified=False, stats={"groups": [], "prunable_groups": len(candidates)}, skipped=skipped)
         if not candidates or cfg.ratio == 0:
             return unchanged
-        nodes = {n.name: n for n in model.graph.node}
+        nodes = {n.name: n for n in graph_nodes(model)}
         layers, refused = find_linear_layers(model)
         layers_by_node = {layer.node: layer for layer in layers}
         consumers = {c.node for c in graph.consumers}

@@ -34,6 +34,7 @@ from typing import Iterable
 
 from optc.ir.graph import consumers_by_tensor
 from optc.ir.model import Model
+from optc.ir.view import graph_nodes, is_float, output_names, value_specs
 
 CHAIN_OPS = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 ACTIVATIONS = ("Relu", "Clip")
@@ -82,9 +83,9 @@ def place_qdq(model: Model, layers: Iterable[tuple[str, str, str, str]], chains:
         return Placement({t: frozenset(r) for t, r in readers.items()}, (), {})
 
     consumers = consumers_by_tensor(model)
-    outputs = {o.name for o in model.graph.output}
-    floating = _floating(model)
-    constants = model.initializer_names | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    outputs = set(output_names(model))
+    floating = {name: is_float(spec.dtype) for name, spec in value_specs(model).items()}  # int64 shape arithmetic never joins a chain
+    constants = model.initializer_names | {o for n in graph_nodes(model) if n.op_type == "Constant" for o in n.output}
 
     def follow(tensor: str, ops: tuple[str, ...]) -> list[str]:
         """``tensor`` and the tensors after it through single-reader nodes of ``ops``."""
@@ -105,7 +106,7 @@ def place_qdq(model: Model, layers: Iterable[tuple[str, str, str, str]], chains:
 
     chain: list[str] = []
     shared: dict[str, str] = {}
-    candidates = [n for n in model.graph.node if n.op_type in CHAIN_OPS and n.name]
+    candidates = [n for n in graph_nodes(model) if n.op_type in CHAIN_OPS and n.name]
     changed = True
     while changed:
         changed = False
@@ -139,10 +140,3 @@ def place_qdq(model: Model, layers: Iterable[tuple[str, str, str, str]], chains:
             if later in readers and later not in shared:
                 shared[later] = t
     return Placement({t: (None if r is None else frozenset(r)) for t, r in readers.items()}, tuple(chain), shared)
-
-
-def _floating(model: Model) -> dict[str, bool]:
-    """Whether each tensor with a known type is floating point (shape arithmetic is int64)."""
-    float_types = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
-    infos = [*model.graph.value_info, *model.graph.input, *model.graph.output]
-    return {vi.name: vi.type.tensor_type.elem_type in float_types for vi in infos if vi.type.HasField("tensor_type")}

@@ -42,7 +42,8 @@ from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.evaluation.fidelity import fidelity_drop
 from optc.ir.session import make_session
-from optc.passes.framework import Pass, PassContext, PassResult, Requirement, option, register_pass
+from optc.ir.view import graph_nodes
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.data.calibration import CalibrationSet, capture_activations
 from optc.passes.quantize.calibrators import CalibratorName, make_calibrator
 from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, input_rows, weight_matrix
@@ -66,10 +67,10 @@ MIN_SAMPLES = 8
 
 
 @dataclass(frozen=True, kw_only=True)
-class QuantizeConfig:
+class QuantizeConfig(PassConfig):
     calibrator: CalibratorName = option("percentile", "activation range: minmax, percentile, entropy (KL) or mse")
-    percentile: float = option(99.99, "percentile kept by calibrator=percentile")
-    bins: int = option(4096, "histogram bins (signed) for percentile/entropy/mse")
+    percentile: float = option(99.99, "percentile kept by calibrator=percentile", gt=50, le=100)
+    bins: int = option(4096, "histogram bins (signed) for percentile/entropy/mse", ge=256, le=65536, multiple_of=4)
     activation_type: Literal["uint8", "int8"] = option("uint8", "activation storage type")
     symmetric_activations: bool = option(False, "int8 activations with zero point 0")
     per_channel: bool = option(True, "one weight scale per output channel")
@@ -80,27 +81,15 @@ class QuantizeConfig:
     int8_chains: bool = option(True, "also quantize Conv outputs and the Add/Concat/pooling between quantized layers, so runtimes chain int8 kernels")
     bias: Literal["int32", "float"] = option("int32", "bias as int32 (scale s_x*s_w) or left float")
     bias_correction: bool = option(True, "fold the mean output shift of weight rounding into the bias")
-    smoothquant: float | None = option(None, "SmoothQuant alpha for MatMul/Gemm inputs before quantizing (None: off; 0.5 is the paper's default)")
+    smoothquant: float | None = option(None, "SmoothQuant alpha for MatMul/Gemm inputs before quantizing (None: off; 0.5 is the paper's default)", ge=0, le=1)
     rounding: Literal["nearest", "gptq"] = option("nearest", "weight rounding: nearest or GPTQ with the input Hessian")
-    max_drop: float | None = option(None, "fidelity budget on calibration data; most sensitive layers fall back to float")
+    max_drop: float | None = option(None, "fidelity budget on calibration data; most sensitive layers fall back to float", ge=0, lt=1)
     metric: Literal["cosine", "top1"] = option("cosine", "fidelity: 1-cosine of outputs, or 1-top1 agreement of the first output")
     sensitivity: bool = option(False, "measure per-layer sensitivity even without max_drop")
-    eval_samples: int = option(256, "calibration samples used for fidelity and sensitivity")
-    batch_size: int = option(16, "calibration batch size")
-    max_batches: int | None = option(None, "calibration batches used (None: all)")
-    time_budget_s: float = option(300.0, "time allowed for the fallback search")
-
-    def __post_init__(self) -> None:
-        if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.bins < 256 or self.bins % 4:
-            raise ValueError(f"bins must be >= 256 and divisible by 4, got {self.bins}")
-        if self.max_drop is not None and not 0.0 <= self.max_drop < 1.0:
-            raise ValueError(f"max_drop must be in [0, 1), got {self.max_drop}")
-        if self.smoothquant is not None and not 0.0 <= self.smoothquant <= 1.0:
-            raise ValueError(f"smoothquant (alpha) must be in [0, 1], got {self.smoothquant}")
-        if self.eval_samples < 1 or self.batch_size < 1:
-            raise ValueError("eval_samples and batch_size must be positive")
+    eval_samples: int = option(256, "calibration samples used for fidelity and sensitivity", ge=1)
+    batch_size: int = option(16, "calibration batch size", ge=1)
+    max_batches: int | None = option(None, "calibration batches used (None: all)", ge=1)
+    time_budget_s: float = option(300.0, "time allowed for the fallback search", ge=0)
 
 
 @dataclass(frozen=True)
@@ -166,7 +155,7 @@ class Quantize(Pass[QuantizeConfig]):
     def _select(self, model: Model) -> tuple[list[LinearLayer], list[str]]:
         cfg = self.config
         all_layers, found_skipped = find_linear_layers(model)
-        ops = {n.name: n.op_type for n in model.graph.node}
+        ops = {n.name: n.op_type for n in graph_nodes(model)}
         wanted = lambda name, op: (op in cfg.op_types or name in cfg.include) and (not cfg.include or name in cfg.include or op in cfg.include)  # noqa: E731
         layers, skipped = [], []
         for l in all_layers:
@@ -180,7 +169,7 @@ class Quantize(Pass[QuantizeConfig]):
                 layers.append(l)
         skipped += [s for s in found_skipped if wanted(s.split(":")[0], ops.get(s.split(":")[0], ""))]
         inits = model.initializer_names
-        for n in model.graph.node:
+        for n in graph_nodes(model):
             if n.op_type == "MatMul" and wanted(n.name, n.op_type) and len(n.input) > 1 and n.input[1] not in inits:
                 skipped.append(f"{n.name}: both inputs are activations (only weight MatMuls are quantized)")
         return layers, skipped

@@ -39,7 +39,7 @@ import numpy as np
 
 from optc.ir.graph import GraphEditor, Variable
 from optc.ir.model import Model
-from optc.passes.framework import Pass, PassContext, PassResult, Requirement, option, register_pass
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.data.calibration import CalibrationSet, capture_activations
 from optc.passes.layers import LinearLayer, find_linear_layers, matrix_to_weight, weight_matrix
 
@@ -50,17 +50,11 @@ SCALE_LIMITS = (1e-5, 1e5)  # keeps 1/s and s finite in float32 for degenerate c
 
 
 @dataclass(frozen=True, kw_only=True)
-class SmoothQuantConfig:
-    alpha: float = option(0.5, "migration strength: 0 keeps activations as they are, 1 moves all their range into the weights")
+class SmoothQuantConfig(PassConfig):
+    alpha: float = option(0.5, "migration strength: 0 keeps activations as they are, 1 moves all their range into the weights", ge=0, le=1)
     exclude: tuple[str, ...] = option((), "node names or op types left unsmoothed")
-    batch_size: int = option(16, "calibration batch size")
-    max_batches: int | None = option(None, "calibration batches used (None: all)")
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+    batch_size: int = option(16, "calibration batch size", ge=1)
+    max_batches: int | None = option(None, "calibration batches used (None: all)", ge=1)
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,12 @@ import numpy as np
 from optc.ir.graph import GraphEditor
 from optc.ir.stats import record_packed_weights
 from optc.ir.model import Model
-from optc.passes.framework import Pass, PassContext, PassResult, option, register_pass
+from optc.ir.view import initializers, onnx_type
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, option, register_pass
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 11  # BitShift, CumSum
-INT64, BOOL = 7, 9  # TensorProto data types (Cast targets)
 PACKABLE = (np.float32, np.float64, np.float16)
 
 
@@ -118,10 +118,10 @@ def _decode(editor: GraphEditor, constant, w: np.ndarray, shifts, two, one, axis
     shifted = editor.add_node("BitShift", [bits, shifts], attrs={"direction": "RIGHT"}).outputs[0]
     unpacked = editor.add_node("Mod", [shifted, two]).outputs[0]
     line = editor.add_node("Reshape", [unpacked, editor.add_constant(f"{stem}_bits", np.array([mask.size * 8], dtype=np.int64))]).outputs[0]
-    count = editor.add_node("CumSum", [editor.add_node("Cast", [line], attrs={"to": INT64}).outputs[0], axis0]).outputs[0]
+    count = editor.add_node("CumSum", [editor.add_node("Cast", [line], attrs={"to": onnx_type(np.int64)}).outputs[0], axis0]).outputs[0]
     index = editor.add_node("Sub", [count, one]).outputs[0]
     gathered = editor.add_node("Gather", [values, index], attrs={"axis": 0}).outputs[0]
-    keep = editor.add_node("Cast", [line], attrs={"to": BOOL}).outputs[0]
+    keep = editor.add_node("Cast", [line], attrs={"to": onnx_type(np.bool_)}).outputs[0]
     zero = editor.add_constant(f"{stem}_zero", np.zeros(1, dtype=w.dtype))
     padded = editor.add_node("Where", [keep, gathered, zero]).outputs[0]
     size = editor.add_constant(f"{stem}_size", np.array([w.size], dtype=np.int64))
@@ -133,15 +133,9 @@ def _decode(editor: GraphEditor, constant, w: np.ndarray, shifts, two, one, axis
 
 
 @dataclass(frozen=True, kw_only=True)
-class PackSparseConfig:
-    min_sparsity: float = option(0.1, "initializers with at least this fraction of zeros are packed")
-    min_size: int = option(1024, "initializers with fewer entries stay dense")
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.min_sparsity < 1.0:
-            raise ValueError(f"min_sparsity must be in (0, 1), not {self.min_sparsity}")
-        if self.min_size < 64:
-            raise ValueError(f"min_size must be >= 64, not {self.min_size}")
+class PackSparseConfig(PassConfig):
+    min_sparsity: float = option(0.1, "initializers with at least this fraction of zeros are packed", gt=0, lt=1)
+    min_size: int = option(1024, "initializers with fewer entries stay dense", ge=64)
 
 
 @register_pass("pack-sparse")
@@ -153,10 +147,9 @@ class PackSparse(Pass[PackSparseConfig]):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         names = []
-        for t in model.graph.initializer:
-            w = model.initializer_array(t.name)
+        for name, w in initializers(model).items():
             if w.dtype.type in PACKABLE and w.size >= self.config.min_size and np.count_nonzero(w) <= (1 - self.config.min_sparsity) * w.size:
-                names.append(t.name)
+                names.append(name)
         packed = pack_sparse_weights(model, names)
         if packed.model is model:
             return PassResult(model, modified=False, stats=packed.stats, skipped=packed.skipped)

@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from optc.ir.model import Model
+from optc.ir.view import graph_nodes
 from optc.passes.layers import LinearLayer, PairedGram
 
 
@@ -41,7 +42,7 @@ def layer_depths(model: Model, layers: Sequence[LinearLayer]) -> dict[str, int]:
     chosen = {l.node for l in layers}
     depth: dict[str, int] = {}
     result: dict[str, int] = {}
-    for node in model.graph.node:  # topologically sorted (an ONNX requirement)
+    for node in graph_nodes(model):  # topologically sorted (an ONNX requirement)
         d = max((depth.get(t, 0) for t in node.input if t), default=0)
         if node.name in chosen:
             result[node.name] = d

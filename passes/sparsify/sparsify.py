@@ -47,7 +47,8 @@ import numpy as np
 
 from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
-from optc.passes.framework import Pass, PassContext, PassResult, Requirement, option, register_pass
+from optc.ir.view import initializers
+from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.passes.layers import InputGram, LinearLayer, PairedGram, find_linear_layers, input_grams, matrix_to_weight, paired_grams, weight_matrix
 from optc.data.calibration import CalibrationSet
 from optc.passes.layers.bias_fold import add_to_bias
@@ -70,48 +71,36 @@ COO_INDEX_BYTES = 8  # ONNX SparseTensorProto indices are int64
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparsifyConfig:
-    sparsity: float = option(0.5, "fraction of each layer's weights set to zero (ignored by N:M patterns, which fix 1-N/M)")
+class SparsifyConfig(PassConfig):
+    sparsity: float = option(0.5, "fraction of each layer's weights set to zero (ignored by N:M patterns, which fix 1-N/M)", ge=0, lt=1)
     pattern: str = option("unstructured", "unstructured, N:M along the input dimension (2:4, 4:8) or block:RxC (block:4x4, block:1x4)")
     method: Literal["magnitude", "obs"] = option("obs", "magnitude: drop the smallest |w|; obs: SparseGPT selection and inverse-Hessian update")
-    damp: float = option(0.01, "OBS damping added to the Hessian diagonal, as a fraction of its mean")
+    damp: float = option(0.01, "OBS damping added to the Hessian diagonal, as a fraction of its mean", ge=0)
     bias_correction: bool = option(True, "obs: fit on the centred input and fold (W - W') mean(x) into the layer's bias")
-    stages: int = option(1, "obs: layers split by depth into this many stages, each fitted on the inputs of the model sparsified so far (2 calibration passes per extra stage)")
-    block_size: int = option(128, "columns per OBS block (rounded to a multiple of M or the tile width)")
+    stages: int = option(
+        1, "obs: layers split by depth into this many stages, each fitted on the inputs of the model sparsified so far (2 calibration passes per extra stage)", ge=1
+    )
+    block_size: int = option(128, "columns per OBS block (rounded to a multiple of M or the tile width)", ge=1)
     exclude: tuple[str, ...] = option((), "node names or op types left dense")
-    min_params: int = option(0, "layers with fewer weights than this are left dense")
-    max_batches: int = option(32, "calibration batches (of 16) used for the Hessians")
+    min_params: int = option(0, "layers with fewer weights than this are left dense", ge=0)
+    max_batches: int = option(32, "calibration batches (of 16) used for the Hessians", ge=1)
     allocation: Literal["uniform", "sensitivity", "global", "owl"] = option(
         "uniform",
         "per-layer levels: uniform, sensitivity (OBS error curves, least total relative error), global (one magnitude threshold) or owl (outlier ratios); mean = sparsity",
     )
-    max_shift: float = option(0.1, "sensitivity/global/owl: per-layer levels stay within sparsity +- max_shift")
-    owl_m: float = option(5.0, "owl: an outlier scores above owl_m times its layer's mean |w| * ||x||")
+    max_shift: float = option(0.1, "sensitivity/global/owl: per-layer levels stay within sparsity +- max_shift", ge=0, lt=1)
+    owl_m: float = option(5.0, "owl: an outlier scores above owl_m times its layer's mean |w| * ||x||", gt=0)
     storage: Literal["dense", "packed"] = option(
         "packed", "packed: sparse weights stored as nonzeros + bitmask, decoded by a constant subgraph (lossless); dense: plain initializers"
     )
     measure_bytes: bool = option(True, "report zlib-compressed weight bytes (costs a compression of every weight)")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), not {self.sparsity}")
+        super().__post_init__()  # declared bounds
+        # Not ranges: the pattern's grammar, and options that constrain each other.
         parse_pattern(self.pattern)
-        if self.damp < 0:
-            raise ValueError(f"damp must be >= 0, not {self.damp}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, not {self.block_size}")
-        if self.min_params < 0:
-            raise ValueError(f"min_params must be >= 0, not {self.min_params}")
-        if self.max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1, not {self.max_batches}")
-        if self.stages < 1:
-            raise ValueError(f"stages must be >= 1, not {self.stages}")
         if self.stages > 1 and self.method != "obs":
             raise ValueError("stages > 1 needs method=obs (magnitude pruning does not look at the inputs)")
-        if not 0.0 <= self.max_shift < 1.0:
-            raise ValueError(f"max_shift must be in [0, 1), not {self.max_shift}")
-        if self.owl_m <= 0:
-            raise ValueError(f"owl_m must be > 0, not {self.owl_m}")
         if self.allocation != "uniform" and parse_pattern(self.pattern).kind == "nm":
             raise ValueError(f"allocation={self.allocation} needs an unstructured or block pattern: N:M fixes every layer at 1-N/M")
 
@@ -134,6 +123,7 @@ class Sparsify(Pass[SparsifyConfig]):
     config_class = SparsifyConfig
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     exact = False
+    strength = "sparsity"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         layers, _ = self.select_layers(model)
@@ -337,7 +327,4 @@ class Sparsify(Pass[SparsifyConfig]):
 
 def _compressed_weight_bytes(model: Model) -> int:
     """Sum over initializers of the zlib (level 6) size of their raw little-endian bytes."""
-    total = 0
-    for t in model.graph.initializer:
-        total += len(zlib.compress(model.initializer_array(t.name).tobytes(), 6))
-    return total
+    return sum(len(zlib.compress(w.tobytes(), 6)) for w in initializers(model).values())

@@ -1,0 +1,136 @@
+"""Metrics a user states a budget in: built-ins by name, or their own function.
+
+A metric is ``f(outputs, labels) -> float``, higher is better, called once on
+the whole evaluation set: ``outputs`` maps each model output's name to its
+values for every sample, concatenated on axis 0; ``labels`` is the evaluation
+file's ``label`` array (any dtype numpy stores without pickle), or None.
+
+Built-ins:
+
+* ``top1`` / ``top5``: the label is among the first output's 1 / 5 largest
+  scores over its last axis (for a sequence output ``[N, T, C]``, every
+  position counts; labels then have shape ``[N, T]``).
+* ``cosine``: the mean per-sample cosine between this model's outputs and the
+  *input* model's on the same samples (no labels needed; ``reference`` is
+  filled by :class:`MetricRunner`).
+
+A custom metric is ``--metric path/to/file.py:function``. One that raises or
+returns something that is not a finite number is the user's error and is
+reported naming the function.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from optc.data.calibration import CalibrationSet
+from optc.errors import ConfigError
+from optc.evaluation.fidelity import sample_cosines
+from optc.ir.model import Model
+from optc.ir.session import make_session
+
+MetricFn = Callable[[Mapping[str, np.ndarray], Any], float]
+BUILTIN = ("top1", "top5", "cosine")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named metric; ``needs_labels`` and ``needs_reference`` say what it reads."""
+
+    name: str
+    fn: MetricFn
+    needs_labels: bool
+    needs_reference: bool = False
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], labels: Any, reference: Mapping[str, np.ndarray] | None = None) -> float:
+        try:
+            value = self.fn(outputs, reference) if self.needs_reference else self.fn(outputs, labels)
+        except ConfigError:
+            raise
+        except Exception as exc:  # the user's function failed: their error, named
+            raise ConfigError(f"metric {self.name} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"metric {self.name} returned {type(value).__name__} {value!r}, not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"metric {self.name} returned {number}, not a finite number")
+        return number
+
+
+def topk(k: int) -> MetricFn:
+    def score(outputs: Mapping[str, np.ndarray], labels: Any) -> float:
+        first = next(iter(outputs.values()))
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise ConfigError(f"top{k} needs integer class labels, got {labels.dtype}")
+        scores = first.reshape(*labels.shape, -1) if first.size != labels.size else first.reshape(*labels.shape, 1)
+        best = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+        return float(np.mean((best == labels[..., None]).any(axis=-1)))
+
+    return score
+
+
+def mean_cosine(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> float:
+    if reference is None:
+        raise ConfigError("metric cosine needs the input model's outputs")
+    per_output = [sample_cosines(reference[n], outputs[n]).mean() for n in reference if reference[n].dtype.kind == "f"]
+    return float(np.mean(per_output)) if per_output else 1.0
+
+
+def load_metric(spec: str) -> Metric:
+    """``top1``, ``top5``, ``cosine``, or ``path/to/file.py:function``."""
+    if spec in ("top1", "top5"):
+        return Metric(spec, topk(int(spec[3:])), needs_labels=True)
+    if spec == "cosine":
+        return Metric(spec, mean_cosine, needs_labels=False, needs_reference=True)
+    path, colon, func = spec.rpartition(":")
+    if not colon or not path.endswith(".py"):
+        raise ConfigError(f"--metric {spec}: expected one of {', '.join(BUILTIN)} or path/to/file.py:function")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--metric {spec}: no such file {file}")
+    module_spec = importlib.util.spec_from_file_location(f"optc_user_metric_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file failed to import
+        raise ConfigError(f"--metric {spec}: importing {file} raised {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        raise ConfigError(f"--metric {spec}: {file} has no function '{func}'")
+    return Metric(f"{file.name}:{func}", fn, needs_labels=True)
+
+
+def model_outputs(model: Model, inputs: CalibrationSet, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Every output of ``model`` on every sample of ``inputs``, concatenated on axis 0, one batch at a time."""
+    session = make_session(model)
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in inputs.batches(batch_size):
+        for name, value in zip(names, session.run(names, feed)):
+            parts[name].append(value if value.ndim else value[None])
+    return {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in parts.items() if v}
+
+
+class MetricRunner:
+    """Scores models with one metric on one evaluation set, against the input model's outputs."""
+
+    def __init__(self, metric: Metric, inputs: CalibrationSet, labels: np.ndarray | None, reference_model: Model):
+        if metric.needs_labels and labels is None:
+            raise ConfigError(f"metric {metric.name} needs labelled data: give --eval with a 'label' array, or --metric cosine")
+        self.metric, self.inputs, self.labels = metric, inputs, labels
+        self.reference = model_outputs(reference_model, inputs)
+        self.baseline = self.metric(self.reference, labels, self.reference)
+
+    def score(self, model: Model) -> float:
+        return self.metric(model_outputs(model, self.inputs), self.labels, self.reference)
+
+    def drop(self, model: Model) -> float:
+        """How much the metric fell from the input model's (positive: worse)."""
+        return self.baseline - self.score(model)

@@ -1,0 +1,59 @@
+"""How figures of a report are written for people: counts, bytes, drift, a pass's statistics."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_count(n: float | int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}" if isinstance(n, float) else str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def drift_summary(record: dict[str, Any]) -> str:
+    """Worst absolute error and lowest cosine of a pass's outputs against the previous stage."""
+    drift = record.get("drift")
+    if not drift:
+        return "-"
+    if drift.get("unchanged"):
+        return "unchanged"
+    worst = max((m["max_abs"] for m in drift["outputs"].values()), default=0.0)
+    cos = min((m["cosine"] for m in drift["outputs"].values()), default=1.0)
+    return f"{worst:.1e} cos {cos:.6f}"
+
+
+def describe_stats(stats: dict[str, Any]) -> str:
+    """Top-level scalar figures and small counters; per-layer detail stays in report.json."""
+    parts = []
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            if len(value) <= 4 and all(isinstance(v, (int, float)) for v in value.values()):
+                parts.extend(f"{key}.{k}={_fmt(v)}" for k, v in value.items() if v)
+        elif isinstance(value, (bool, int, float, str)) and not isinstance(value, bool) and value not in (0, ""):
+            parts.append(f"{key}={_fmt(value)}")
+        elif isinstance(value, bool):
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def params_text(stats: dict[str, Any]) -> str:
+    """Parameter count, with the nonzero count when a tenth or more are zeros (sparsified weights;
+    quantised models have a few percent: zero points and weights rounded to zero)."""
+    params, nonzero = stats["params"], stats.get("nonzero_params", stats["params"])
+    if params and nonzero < 0.9 * params:
+        return f"{human_count(params)} ({human_count(nonzero)} nz)"
+    return human_count(params)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

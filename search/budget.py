@@ -1,0 +1,182 @@
+"""The most compression within an accuracy budget.
+
+A budget is a metric measured on held-out data (``--eval``, which no pass fits
+on) and the largest drop from the input model's value the run may accept
+(``--max-drop``; ``--min-fidelity C`` is the metric ``cosine`` with a drop of
+``1 - C``). Every lossy pass in the pipeline obeys it: the value of its
+strength option (``Pass.strength``: ``ratio``, ``sparsity``,
+``target_reduction``) is the most it may take.
+
+Search: if the pipeline as asked meets the budget, it is kept. Otherwise one
+common scale ``s`` of every strength is bisected (the metric falls as every
+pass takes more, so the feasible scales form an interval from 0). Where to
+take within a pass (which layers, channels, subgraphs) stays the pass's own
+measured decision (its sensitivity allocation), so a layer that cannot take
+compression is found by measuring, not by a list. Lossy passes without a
+scalable strength (``quantize``; ``distill`` steered by its error budget) are
+tried, when even ``s`` near 0 misses the budget, first with their own
+per-layer fallback (``max_drop``: the most sensitive layers stay float), then
+left out, the one whose removal recovers the most first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from optc.evaluation.metrics import MetricRunner
+from optc.ir.model import Model
+from optc.ir.stats import compute_stats
+from optc.passes.framework import Pass
+from optc.search.points import Point
+from optc.search.prefix import PrefixRunner
+
+OnPoint = Callable[[Point, Model], None]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A metric on held-out data and the largest drop from the input model's value."""
+
+    runner: MetricRunner
+    max_drop: float
+
+    def measure(self, model: Model) -> tuple[float, float, bool]:
+        score = self.runner.score(model)
+        drop = self.runner.baseline - score
+        return score, drop, drop <= self.max_drop + 1e-12
+
+
+@dataclass
+class BudgetResult:
+    passes: list[Pass]
+    model: Model
+    chosen: Point
+    points: list[Point]
+    notes: list[str]
+
+
+def configure(passes: Sequence[Pass], scale: float, off: frozenset[int] = frozenset(), fallback: dict[int, Pass] | None = None) -> list[Pass]:
+    """The pipeline with every scalable strength times ``scale`` (0 leaves the pass out), fixed
+    lossy passes in ``off`` left out, and those in ``fallback`` replaced by their fallback form."""
+    out: list[Pass] = []
+    for i, p in enumerate(passes):
+        if p.exact:
+            out.append(p)
+            continue
+        if fallback and i in fallback:
+            p = fallback[i]
+        value = getattr(p.config, p.strength, None) if p.strength else None
+        if isinstance(value, (int, float)) and value:
+            if scale > 0:
+                out.append(type(p)(dataclasses.replace(p.config, **{p.strength: value * scale})))
+        elif i not in off:
+            out.append(p)
+    return out
+
+
+def strengths(passes: Sequence[Pass], scale: float, off: frozenset[int], fallback: dict[int, Pass]) -> dict[str, Any]:
+    """What each lossy pass was asked to take, for reports: ``name#index -> value`` (0: left out)."""
+    out: dict[str, Any] = {}
+    for i, p in enumerate(passes):
+        if p.exact:
+            continue
+        value = getattr(p.config, p.strength, None) if p.strength else None
+        key = f"{p.name}#{i}"
+        if isinstance(value, (int, float)) and value:
+            out[key] = round(value * scale, 6)
+        elif i in off:
+            out[key] = 0
+        else:
+            out[key] = "fallback" if i in fallback else "as configured"
+    return out
+
+
+class _Evaluator:
+    def __init__(self, passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, on_point: OnPoint | None):
+        self.passes, self.runner, self.budget, self.on_point = list(passes), runner, budget, on_point
+        self.points: list[Point] = []
+        self.models: dict[int, Model] = {}
+
+    def __call__(self, scale: float, off: frozenset[int], fallback: dict[int, Pass]) -> Point:
+        start = time.perf_counter()
+        pipeline = configure(self.passes, scale, off, fallback)
+        model = self.runner.run(pipeline)
+        score, drop, ok = self.budget.measure(model)
+        stats = compute_stats(model)
+        point = Point(strengths(self.passes, scale, off, fallback), score, drop, stats.param_bytes, stats.macs, ok,
+                      seconds=time.perf_counter() - start, passes=[repr(p) for p in pipeline])
+        self.points.append(point)
+        # Keep models only for this point and the most compressed feasible one: a
+        # search over a large model must not hold a copy of it per point.
+        best = min((q for q in self.points if q.feasible), key=lambda q: q.bytes, default=None)
+        self.models = {k: m for k, m in self.models.items() if best is not None and k == id(best)}
+        self.models[id(point)] = model
+        if self.on_point is not None:
+            self.on_point(point, model)
+        return point
+
+
+def fit_to_budget(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, *, steps: int = 6, on_point: OnPoint | None = None) -> BudgetResult:
+    """The configuration with the most compression found within ``budget`` (see module docstring)."""
+    evaluate = _Evaluator(passes, runner, budget, on_point)
+    notes: list[str] = []
+    full = evaluate(1.0, frozenset(), {})
+    if full.feasible:
+        return _result(evaluate, full, 1.0, frozenset(), {}, notes)
+    scalable = [i for i, p in enumerate(passes) if not p.exact and p.strength and getattr(p.config, p.strength, None)]
+    fixed = [i for i, p in enumerate(passes) if not p.exact and i not in scalable]
+    off: frozenset[int] = frozenset()
+    fallback: dict[int, Pass] = {}
+    while True:
+        floor = evaluate(0.0, off, fallback) if scalable else full
+        if floor.feasible:
+            break
+        step = _relax_fixed(evaluate, passes, fixed, off, fallback, budget)
+        if step is None:  # nothing left to relax: only exact passes remain, which cannot miss a budget
+            return _result(evaluate, floor, 0.0, off, fallback, notes)
+        off, fallback, note = step
+        notes.append(note)
+    lo, hi, best = 0.0, 1.0, floor
+    for _ in range(steps if scalable else 0):
+        mid = (lo + hi) / 2
+        point = evaluate(mid, off, fallback)
+        if point.feasible:
+            lo, best = mid, point
+        else:
+            hi = mid
+    notes.append(f"the pipeline as asked missed the budget (drop {full.drop:.4f} > {budget.max_drop:.4f}); "
+                 f"strengths scaled to {lo:.3f} of what was asked")
+    return _result(evaluate, best, lo, off, fallback, notes)
+
+
+def _relax_fixed(evaluate: _Evaluator, passes: Sequence[Pass], fixed: list[int], off: frozenset[int], fallback: dict[int, Pass],
+                 budget: Budget) -> tuple[frozenset[int], dict[int, Pass], str] | None:
+    """One step back for a lossy pass without a scalable strength: its own fallback first, else leave it out."""
+    for i in fixed:
+        p = passes[i]
+        if i in off or i in fallback or "max_drop" not in _fields(p) or getattr(p.config, "max_drop") is not None:
+            continue
+        metric = "top1" if budget.runner.metric.name in ("top1", "top5") and "metric" in _fields(p) else "cosine"
+        changes = {"max_drop": budget.max_drop / 2}
+        if "metric" in _fields(p):
+            changes["metric"] = metric
+        return off, {**fallback, i: type(p)(dataclasses.replace(p.config, **changes))}, f"{p.name}: its most sensitive layers fall back (max_drop={budget.max_drop / 2:g})"
+    candidates = [i for i in fixed if i not in off]
+    if not candidates:
+        return None
+    trials = [(evaluate(0.0, off | {i}, fallback), i) for i in candidates]
+    best, index = max(trials, key=lambda t: t[0].metric)
+    return off | {index}, fallback, f"{passes[index].name}: left out, the budget cannot hold with it (metric {best.metric:.4f} without it)"
+
+
+def _fields(p: Pass) -> set[str]:
+    return {f.name for f in dataclasses.fields(p.config)} if dataclasses.is_dataclass(p.config) else set()
+
+
+def _result(evaluate: _Evaluator, point: Point, scale: float, off: frozenset[int], fallback: dict[int, Pass], notes: list[str]) -> BudgetResult:
+    point.chosen = True
+    if id(point) not in evaluate.models:  # dropped to save memory: the prefix cache makes this cheap
+        evaluate.models[id(point)] = evaluate.runner.run(configure(evaluate.passes, scale, off, fallback))
+    return BudgetResult(configure(evaluate.passes, scale, off, fallback), evaluate.models[id(point)], point, evaluate.points, notes)

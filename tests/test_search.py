@@ -1,0 +1,80 @@
+"""Accuracy budgets and the strength search (optc.search) on the real sample CNN and on synthetic points."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import SAMPLE
+
+from optc.data import CalibrationSet, LabelledSet
+from optc.evaluation import MetricRunner, load_metric
+from optc.ir.io import load_model
+from optc.passes import PassContext, parse_pass_specs
+from optc.search import Budget, Point, PrefixRunner, explore, fit_to_budget, pareto_front
+
+
+def _point(cost: int, metric: float) -> Point:
+    return Point({}, metric, 1 - metric, cost, cost, True)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [_point(10, 0.9), _point(5, 0.8), _point(8, 0.95), _point(12, 0.95), _point(5, 0.7)]
+    front = pareto_front(points, "bytes")
+    assert [(p.bytes, p.metric) for p in front] == [(5, 0.8), (8, 0.95)]
+    assert [p.pareto for p in points] == [False, True, True, False, False]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """The sample CNN, its calibration set, and its 1,000 test digits split in two: one half
+    the budget is measured on, the other held out from everything (the honest test)."""
+    tmp = tmp_path_factory.mktemp("search")
+    model = load_model(SAMPLE / "mnist_cnn.onnx")
+    with np.load(SAMPLE / "test.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    for name, part in (("budget", slice(0, 500)), ("held_out", slice(500, 1000))):
+        np.savez(tmp / f"{name}.npz", **{k: v[part] for k, v in arrays.items()})
+    calib = CalibrationSet.from_path(SAMPLE / "calib.npz", model)
+    return model, calib, LabelledSet.from_path(tmp / "budget.npz", model), LabelledSet.from_path(tmp / "held_out.npz", model)
+
+
+@pytest.mark.slow
+def test_budget_scales_an_overreaching_pipeline_back_and_holds_on_held_out_data(sample):
+    model, calib, budget_set, held_out = sample
+    passes = parse_pass_specs(["canonicalize", "prune-channels:ratio=0.7"])
+    top1 = load_metric("top1")
+    runner = PrefixRunner(model, PassContext(calibration=calib))
+    result = fit_to_budget(passes, runner, Budget(MetricRunner(top1, budget_set.inputs, budget_set.labels, model), 0.01), steps=4)
+    full = result.points[0]
+    assert not full.feasible, "ratio=0.7 should cost more than a point on this model"
+    assert result.chosen.feasible and result.chosen.drop <= 0.01
+    assert 0 < result.chosen.strengths["prune-channels#4"] < 0.7
+    assert result.chosen.macs < result.points[1].macs  # compressed, not left alone (points[1]: strength 0)
+    assert any("scaled to" in n for n in result.notes)
+    # Judged on digits no pass and no search step saw.
+    test = MetricRunner(top1, held_out.inputs, held_out.labels, model)
+    assert test.drop(result.model) <= 0.02
+    # The canonicalize prefix ran once and was reused by every later point.
+    assert runner.passes_reused >= 4 * (len(result.points) - 1)
+
+
+@pytest.mark.slow
+def test_a_pipeline_within_budget_is_kept_as_asked(sample):
+    model, calib, budget_set, _ = sample
+    passes = parse_pass_specs(["canonicalize", "prune-channels:ratio=0.2"])
+    runner = PrefixRunner(model, PassContext(calibration=calib))
+    result = fit_to_budget(passes, runner, Budget(MetricRunner(load_metric("top1"), budget_set.inputs, budget_set.labels, model), 0.02))
+    assert len(result.points) == 1 and result.chosen.strengths == {"prune-channels#4": 0.2}
+
+
+@pytest.mark.slow
+def test_explore_publishes_every_improvement_and_marks_the_front(sample):
+    model, calib, budget_set, _ = sample
+    passes = parse_pass_specs(["prune-channels:ratio=0.7", "quantize"])
+    cosine = MetricRunner(load_metric("cosine"), budget_set.inputs, None, model)
+    published = []
+    result = explore(passes, PrefixRunner(model, PassContext(calibration=calib)), Budget(cosine, 0.01), objective="bytes",
+                     time_budget_s=120, on_improve=lambda p, m, ps: published.append(p.bytes))
+    assert published == sorted(published, reverse=True) and published[-1] == result.best.bytes
+    assert result.best.feasible and result.best.chosen and result.best.pareto
+    assert all(not q.feasible or q.bytes >= result.best.bytes for q in result.points)
+    assert result.best.bytes < result.points[1].bytes or result.points[0].feasible

@@ -1,0 +1,187 @@
+"""Reading a built zoo and scoring a model on its held-out data.
+
+Used by ``benchmarks/zoo.py`` and ``tests/test_zoo.py``; it reads only the
+cache (``models/<name>/``) and needs numpy and onnxruntime, nothing the build
+used. Metrics (see ``catalog.py``): ``top1``, ``ctc_char``, ``pitch50`` are
+shares in [0, 1] (their drop is counted in points); ``cosine`` compares with the
+original model's outputs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ACCURACY_METRICS = ("top1", "ctc_char", "pitch50")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One built zoo model."""
+
+    name: str
+    folder: Path
+    meta: dict
+
+    @property
+    def model(self) -> Path:
+        return self.folder / "model.onnx"
+
+    @property
+    def calib(self) -> Path:
+        return self.folder / "calib.npz"
+
+    @property
+    def eval(self) -> Path:
+        return self.folder / "eval.npz"
+
+    @property
+    def metric(self) -> str:
+        return self.meta["metric"]
+
+    @property
+    def input_shapes(self) -> list[str]:
+        return list(self.meta.get("input_shapes", []))
+
+
+def entries(cache: Path) -> list[Entry]:
+    """The built models of a cache, in catalogue order (empty when there is none)."""
+    index = cache / "zoo.json"
+    if not index.is_file():
+        return []
+    names = json.loads(index.read_text())["models"]
+    out = []
+    for name in names:
+        meta = cache / "models" / name / "meta.json"
+        if meta.is_file():
+            out.append(Entry(name, meta.parent, json.loads(meta.read_text())))
+    return out
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_outputs(model: Path, entry: Entry, limit: int | None = None) -> list[list[np.ndarray]]:
+    """Per evaluation sample, the model's float outputs (each flattened to one sample's values)."""
+    sess = _session(model)
+    batch_axes = entry.meta.get("batch_axes", {})
+    scalars = set(entry.meta.get("scalars", []))
+    specs = sess.get_inputs()
+    fixed = {s.shape[0] for s in specs if s.name not in batch_axes and s.name not in scalars and s.shape and isinstance(s.shape[0], int)}
+    batch = 1 if batch_axes or scalars else (fixed.pop() if len(fixed) == 1 else 16)
+    with np.load(entry.eval, allow_pickle=False) as data:
+        arrays = {s.name: data[s.name] for s in specs}
+    n = len(arrays[next(k for k in arrays if k not in batch_axes)])
+    if limit is not None:
+        n = min(n, limit)
+    n -= n % batch
+    float_outputs = [i for i, o in enumerate(sess.get_outputs()) if o.type == "tensor(float)"]
+    samples: list[list[np.ndarray]] = []
+    for start in range(0, n, batch):
+        feed = {}
+        for name, arr in arrays.items():
+            if name in scalars:
+                feed[name] = np.asarray(arr[start])
+            else:
+                axis = batch_axes.get(name, 0)
+                feed[name] = np.ascontiguousarray(np.take(arr, range(start, start + batch), axis=axis))
+        outs = sess.run(None, feed)
+        for k in range(batch):
+            per = []
+            for i in float_outputs:
+                o = outs[i]
+                per.append(o.reshape(-1) if batch == 1 else o[k].reshape(-1))
+            samples.append(per)
+    return samples
+
+
+def _labels(entry: Entry, n: int) -> np.ndarray:
+    with np.load(entry.eval, allow_pickle=False) as data:
+        return data["label"][:n]
+
+
+def _edit(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ctc_greedy(scores: np.ndarray, charset: list[str]) -> str:
+    """Greedy CTC decoding of ``[T, classes]`` scores with blank 0."""
+    best = scores.argmax(-1)
+    out, last = [], -1
+    for k in best:
+        if k != last and k != 0 and k < len(charset):
+            out.append(charset[k])
+        last = k
+    return "".join(out)
+
+
+def score(entry: Entry, outputs: list[list[np.ndarray]], reference: list[list[np.ndarray]] | None = None) -> float:
+    """The entry's metric for ``outputs`` (per-sample outputs of :func:`run_outputs`)."""
+    metric = entry.metric
+    n = len(outputs)
+    if metric == "top1":
+        pred = np.array([o[0].argmax() for o in outputs])
+        return float((pred == _labels(entry, n)).mean())
+    if metric == "pitch50":
+        pred = np.array([o[0].argmax() for o in outputs])
+        return float((np.abs(pred - _labels(entry, n)) <= 2).mean())
+    if metric == "ctc_char":
+        extra = json.loads((entry.folder / "targets.json").read_text())
+        charset, targets = extra["charset"], extra["targets"][:n]
+        accs = []
+        for o, want in zip(outputs, targets):
+            got = ctc_greedy(o[0].reshape(-1, len(charset)), charset)
+            if extra.get("case_insensitive"):
+                got, want = got.lower(), want.lower()
+            accs.append(max(0.0, 1 - _edit(got, want) / max(len(want), 1)))
+        return float(np.mean(accs))
+    if metric == "cosine":
+        if reference is None:
+            return 1.0
+        cos = []
+        for o, r in zip(outputs, reference):
+            a, b = np.concatenate(o).astype(np.float64), np.concatenate(r).astype(np.float64)
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            cos.append(1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0)
+        return float(np.mean(cos))
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def compare(entry: Entry, candidate: Path, limit: int | None = None) -> dict:
+    """Score ``candidate`` against the original model on the held-out data.
+
+    Returns ``{"metric", "before", "after", "drop_points"}`` for accuracy metrics
+    (drop in percentage points) or ``{"metric", "cosine"}`` for fidelity ones;
+    every model also gets ``cosine`` (outputs vs the original's), ``max_abs`` (the
+    largest output difference) and ``ref_max_abs`` (the original's largest output).
+    """
+    ref = run_outputs(entry.model, entry, limit)
+    got = run_outputs(candidate, entry, limit)
+    cos = score(Entry(entry.name, entry.folder, {**entry.meta, "metric": "cosine"}), got, ref)
+    diffs = {"max_abs": max(float(np.abs(g - r).max()) for go, ro in zip(got, ref) for g, r in zip(go, ro) if g.size),
+             "ref_max_abs": max(float(np.abs(r).max()) for ro in ref for r in ro if r.size)}
+    if entry.metric in ACCURACY_METRICS:
+        before, after = score(entry, ref), score(entry, got)
+        return {"metric": entry.metric, "before": before, "after": after, "drop_points": 100 * (before - after), "cosine": cos, **diffs}
+    return {"metric": "cosine", "cosine": cos, **diffs}
+
+
+def meets_goal(result: dict) -> bool:
+    """The issue's goal for a lossy pass: at most 1 point lost, or held-out cosine at least 0.99."""
+    if "drop_points" in result:
+        return result["drop_points"] <= 1.0
+    return result["cosine"] >= 0.99
