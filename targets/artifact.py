@@ -326,13 +326,32 @@ def run_artifact_files(artifact: Path, inputs: Sequence[str], output: Path | Non
         name, eq, file = item.partition("=")
         if not eq:
             raise ConfigError(f"--input {item}: expected NAME=FILE.npy")
-        try:
-            feeds[name] = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--input {item}: cannot read {file}: {exc}") from exc
+        feeds[name] = _read_npy(file, f"--input {item}")
     outputs = load_artifact(artifact).run(feeds)
     if output is not None:
         tmp = output.with_name(f".{output.name}.tmp.npz")
         np.savez(tmp, **outputs)
         tmp.replace(output)
     return [f"{name}: {value.dtype} {list(value.shape)} first values {np.round(value.ravel()[:5], 5).tolist()}" for name, value in outputs.items()]
+
+
+def _read_npy(file: str, where: str) -> np.ndarray:
+    """One ``.npy`` array, opened as a regular file (a FIFO or device cannot hang or flood the run)
+    and refused when its header declares more data than the file holds (before allocating it)."""
+    from numpy.lib import format as npy
+
+    from optc.ir.io import open_regular_file
+
+    try:
+        with open_regular_file(file) as f:
+            version = npy.read_magic(f)
+            shape, _, dtype = npy.read_array_header_1_0(f) if version == (1, 0) else npy.read_array_header_2_0(f)
+            if dtype.hasobject:
+                raise ValueError("object arrays are not read (they would need pickle)")
+            declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if declared > os.fstat(f.fileno()).st_size - f.tell():
+                raise ValueError(f"its header declares {list(shape)} {dtype}, more than the file holds")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {file}: {exc}") from exc

@@ -272,3 +272,23 @@ main()
     assert "spec: " in done.stdout and "pip install 'optc[tvm]'" in done.stdout, done.stdout + done.stderr
     assert done.returncode == 2, done.stderr
     assert "pip install 'optc[tvm]'" in done.stderr and "internal error" not in done.stderr
+
+
+def test_run_reads_inputs_only_from_regular_files_of_honest_size(x86_artifact, tmp_path):
+    """`optc run --input` cannot be made to hang (a FIFO) or to allocate what a header claims (a lying .npy)."""
+    import os
+
+    fifo = tmp_path / "fifo.npy"
+    os.mkfifo(fifo)
+    res = invoke("run", x86_artifact, "--input", f"input={fifo}")
+    assert res.exit_code == 2 and ("not a regular file" in res.output or "FIFO" in res.output), res.output
+    lie = tmp_path / "lie.npy"
+    with open(lie, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (100000, 100000)})
+        f.write(b"0" * 16)
+    res = invoke("run", x86_artifact, "--input", f"input={lie}")
+    assert res.exit_code == 2 and "more than the file holds" in res.output
+    ok = tmp_path / "x.npy"
+    np.save(ok, np.zeros((1, 1, 28, 28), np.float32))
+    res = invoke("run", x86_artifact, "--input", f"input={ok}")
+    assert res.exit_code == 0 and "logits" in res.output
