@@ -18,6 +18,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from optc.ir.model import Model
 
+IR_INITIALIZERS_NOT_INPUTS = 4  # the first IR version whose initializers need not be graph inputs
+
 Node = gs.Node
 Tensor = gs.Tensor
 Constant = gs.Constant
@@ -172,6 +174,7 @@ class GraphEditor:
         A source TensorProto's own name is not the tensor's: the ``value`` of a
         ``Constant`` node that gs folded is usually unnamed (``""``).
         """
+        notes: list[str] = []
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
         lazy: dict[str, Any] = {}
         for tensor in self.graph.tensors().values():
@@ -193,13 +196,20 @@ class GraphEditor:
                 init.name = tensor.name
         old = self.model.proto
         proto.ir_version = old.ir_version
+        if proto.ir_version < IR_INITIALIZERS_NOT_INPUTS:
+            # Below IR 4 every initializer must also be a graph input, and onnx-graphsurgeon's
+            # export lists only the real inputs: shape inference then ignores the weights (MACs
+            # read 0, prune sees no shapes, the version converter fails). IR 4 dropped that rule
+            # and nothing else an opset <= 9 model uses, so raising it keeps the model valid.
+            notes.append(f"IR version raised from {proto.ir_version} to {IR_INITIALIZERS_NOT_INPUTS}: initializers need not be graph inputs")
+            proto.ir_version = IR_INITIALIZERS_NOT_INPUTS
         del proto.opset_import[:]
         proto.opset_import.extend(old.opset_import)
         for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
             setattr(proto, field, getattr(old, field))
         del proto.metadata_props[:]
         proto.metadata_props.extend(old.metadata_props)
-        return Model(proto, self.model.source, list(self.model.notes))
+        return Model(proto, self.model.source, list(self.model.notes) + [n for n in notes if n not in self.model.notes])
 
 
 @contextlib.contextmanager

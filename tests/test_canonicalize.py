@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, make_model, ops, rand, run_checked
+from helpers import assert_same_outputs, make_model, ops, ort_run, rand, run_checked
 from onnx import TensorProto, helper
 
 from optc.ir import infer_shapes, load_model
@@ -250,3 +250,27 @@ def test_fold_constants_gives_up_on_a_failing_constant_subgraph(save):
     result = run_checked("fold-constants", model)
     # The Relu is foldable on its own; the Reshape that onnxruntime refuses stays.
     assert "Reshape" in ops(result.model)
+
+
+def test_ir3_model_keeps_its_shapes_and_macs_through_canonicalize():
+    """IR < 4 lists initializers as inputs; after folding they must stay visible to shape inference."""
+    from pathlib import Path
+
+    import onnx as onnx_pkg
+
+    from optc.ir import load_model
+    from optc.ir.stats import compute_stats
+    from optc.passes import PassManager, parse_pass_specs
+
+    path = Path(onnx_pkg.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
+    if not path.is_file():
+        pytest.skip(f"onnx wheel without {path.name}")
+    model = load_model(path)
+    assert model.proto.ir_version == 3
+    result = PassManager(parse_pass_specs(["canonicalize"])).run(model)
+    assert result.model.proto.ir_version == 4 and any("IR version raised from 3 to 4" in n for n in result.model.notes)
+    assert compute_stats(result.model).macs == result.initial.macs > 300_000_000
+    onnx_pkg.checker.check_model(result.model.proto, full_check=True)
+    feeds = {"data_0": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    want, got = ort_run(model.proto, feeds), ort_run(result.model.proto, feeds)
+    np.testing.assert_allclose(got["softmaxout_1"], want["softmaxout_1"], atol=1e-6)
