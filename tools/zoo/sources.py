@@ -14,7 +14,6 @@ is not extracted again.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -118,8 +117,7 @@ class Sources:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The hash optc itself writes in manifests and reports (the tool runs in optc's environment)."""
+    from optc.targets.artifact import sha256 as file_sha256
+
+    return file_sha256(path)
