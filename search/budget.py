@@ -48,6 +48,18 @@ class Budget:
         return score, drop, drop <= self.max_drop + 1e-12
 
 
+def measure_pipeline(prefix: PrefixRunner, budget: Budget, pipeline: Sequence[Pass], strengths: dict[str, Any],
+                     latency_ms: Callable[[Model], float] | None = None) -> tuple[Point, Model]:
+    """Run ``pipeline`` (reusing computed prefixes) and measure it: one explored point and its model."""
+    start = time.perf_counter()
+    model = prefix.run(pipeline)
+    score, drop, ok = budget.measure(model)
+    stats = compute_stats(model)
+    point = Point(strengths, score, drop, stats.param_bytes, stats.macs, ok, latency_ms=latency_ms(model) if latency_ms else None,
+                  seconds=time.perf_counter() - start, passes=[repr(p) for p in pipeline])
+    return point, model
+
+
 @dataclass
 class BudgetResult:
     passes: list[Pass]
@@ -100,13 +112,8 @@ class _Evaluator:
         self.models: dict[int, Model] = {}
 
     def __call__(self, scale: float, off: frozenset[int], fallback: dict[int, Pass]) -> Point:
-        start = time.perf_counter()
         pipeline = configure(self.passes, scale, off, fallback)
-        model = self.runner.run(pipeline)
-        score, drop, ok = self.budget.measure(model)
-        stats = compute_stats(model)
-        point = Point(strengths(self.passes, scale, off, fallback), score, drop, stats.param_bytes, stats.macs, ok,
-                      seconds=time.perf_counter() - start, passes=[repr(p) for p in pipeline])
+        point, model = measure_pipeline(self.runner, self.budget, pipeline, strengths(self.passes, scale, off, fallback))
         self.points.append(point)
         # Keep models only for this point and the most compressed feasible one: a
         # search over a large model must not hold a copy of it per point.

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from optc.ir.model import Model
-from optc.ir.stats import compute_stats
 from optc.passes.framework import Pass
-from optc.search.budget import Budget, configure
+from optc.search.budget import Budget, configure, measure_pipeline
 from optc.search.points import Point, pareto_front
 from optc.search.prefix import PrefixRunner
 
@@ -82,17 +81,11 @@ def explore(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, *, obj
     def evaluate(levels: tuple[int, ...]) -> Point:
         if levels in seen:
             return seen[levels]
-        start = time.perf_counter()
         pipeline = space.pipeline(levels)
-        model = runner.run(pipeline)
-        score, drop, ok = budget.measure(model)
-        stats = compute_stats(model)
-        point = Point(space.strengths(levels), score, drop, stats.param_bytes, stats.macs, ok,
-                      latency_ms=latency_ms(model) if latency_ms else None, seconds=time.perf_counter() - start,
-                      passes=[repr(p) for p in pipeline])
+        point, model = measure_pipeline(runner, budget, pipeline, space.strengths(levels), latency_ms)
         points.append(point)
         seen[levels] = point
-        if ok and (best[0] is None or point.cost(objective) < best[0].cost(objective)):
+        if point.feasible and (best[0] is None or point.cost(objective) < best[0].cost(objective)):
             best[:] = [point, model, pipeline]
             if on_improve is not None:
                 on_improve(point, model, pipeline)
