@@ -12,16 +12,22 @@ PYTEST_ARGS ?= -m "not gpu" -n auto --ignore=tests/test_zoo.py
 # are cross-compiled and run under emulation) and Chromium (report.html is checked in a
 # real headless browser). Installed where this runs as root with apt-get; elsewhere
 # those tests skip and say what is missing.
-SYSTEM_PACKAGES := g++-aarch64-linux-gnu qemu-user-static chromium
+SYSTEM_PACKAGES := g++-aarch64-linux-gnu qemu-user-static chromium $(RUNTIME_PACKAGES)
+# What the default `--target x86` path links: oneDNN's convolutions and matmuls (without it
+# optc compiles every op with TVM's own kernels and the report says so).
+RUNTIME_PACKAGES := libdnnl-dev
 
-.PHONY: demo test test-zoo setup setup-test setup-system clean
+.PHONY: demo test test-zoo setup setup-test setup-system setup-runtime clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-setup: $(BIN)/python
+setup: $(BIN)/python setup-runtime
 	$(BIN)/pip install -q -e .
+
+setup-runtime:
+	@$(MAKE) --no-print-directory setup-system SYSTEM_PACKAGES="$(RUNTIME_PACKAGES)"
 
 # torch (CPU build, from this machine's disk) is a test-tool dependency only:
 # it exports the MiniLM sentence model the real-model tests run on.

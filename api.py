@@ -368,6 +368,7 @@ class TuningOptions:
     rpc_tracker: str | None = None  # HOST:PORT: measure candidates on boards registered there
     rpc_key: str | None = None
     weight_prepack: bool = True  # tuned kernels read weights in their own layout
+    kernels: str = "auto"  # heavy ops: auto (provider chosen by measurement), tvm, onednn
     on_progress: Callable[[TuneProgress], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -375,6 +376,8 @@ class TuningOptions:
             raise ConfigError("--tune-trials must be 0 or more")
         if bool(self.rpc_tracker) != bool(self.rpc_key):
             raise ConfigError("--rpc-tracker and --rpc-key go together")
+        if self.kernels not in ("auto", "tvm", "onednn"):
+            raise ConfigError(f"--kernels must be auto, tvm or onednn, not {self.kernels!r}")
 
 
 def make_target(name: str, *, cpu: str | None = None, arch: str | None = None) -> TargetSpec:
@@ -563,7 +566,8 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
             if target is not None:
                 from optc.targets.artifact import write_manifest
 
-                write_manifest(staging.path, result.model, target)
+                providers = ((report.target.tuning if report.target else None) or {}).get("providers") or {}
+                write_manifest(staging.path, result.model, target, providers.get("libraries") or [])
                 files.append(staging.path / "manifest.json")
             # After the manifest: the artifact's manifest covers what `optc run` loads.
             (staging.path / driver.PIPELINE_NAME).write_text(driver.pipeline_document(passes, seed, shapes))
@@ -629,18 +633,18 @@ def _digests(files: Sequence[Path]) -> tuple[FileDigest, ...]:
 
 def _build_target(model: Model, spec: TargetSpec, folder: Path, tuning: TuningOptions, int8: bool, seed: int) -> TargetReport:
     """Build and export the TVM library into ``folder``; returns the report's target section."""
-    from optc.targets.build import build, export
+    from optc.targets.build import build, export, linked_libraries
     from optc.targets.tuning import TuneOptions, default_tuning_db
 
     tune = TuneOptions(
         tuning.trials_per_task, tuning.database or default_tuning_db(), tuning.rpc_tracker, tuning.rpc_key, seed,
-        prepack=tuning.weight_prepack, on_progress=tuning.on_progress,
+        prepack=tuning.weight_prepack, kernels=tuning.kernels, on_progress=tuning.on_progress,
     )
     start = time.perf_counter()
     executable, summary = build(model, spec, tune, int8=int8)
     int8_section = summary.pop("int8", None)
     built = time.perf_counter()
-    export(executable, folder / "model.so", spec)
+    export(executable, folder / "model.so", spec, linked_libraries(summary))
     return TargetReport.from_dict({
         **spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built,
         "tuning": {**summary, "db": str(tune.db_dir)}, "int8": int8_section,

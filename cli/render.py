@@ -88,10 +88,30 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         if int8["left_float"]:
             line += f"; {len(int8['left_float'])} left in float: " + "; ".join(f"{shown(r['node'])} ({shown(r['reason'])})" for r in int8["left_float"])
         lines.append(line)
+    providers = ((report.get("target") or {}).get("tuning") or {}).get("providers")
+    if providers:
+        lines.append(kernels_line(providers))
     for note in report.get("notes", []):
         lines.append(f"note: {shown(note, limit=None)}")
     for line in lines:
         console.print(line)
+
+
+def kernels_line(p: dict[str, Any]) -> str:
+    """Who computes the heavy ops, and why (the report's ``target.tuning.providers``)."""
+    dnnl = p.get("onednn") or {}
+    if p.get("mode") == "tvm" and not dnnl.get("reason"):
+        return "kernels: TVM for every op (--kernels tvm)"
+    if not dnnl.get("available"):
+        return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
+    total, sent = p.get("chains", 0), len(p.get("offloaded") or [])
+    how = "measured" if p.get("mode") == "auto" else "as asked"
+    line = f"kernels: {sent}/{total} conv/matmul chains to oneDNN {dnnl.get('version')} ({how}; layout {p.get('layout')})"
+    if p.get("measured"):
+        line += f", {p['measured']} workloads timed in {p.get('measure_seconds', 0):.1f} s"
+    if p.get("reused"):
+        line += f", {p['reused']} choices from the tuning database"
+    return line
 
 
 def render_inspect(info: dict[str, Any], console: Console) -> None:

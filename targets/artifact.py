@@ -58,8 +58,31 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, model: Model, spec: TargetSpec) -> dict[str, Any]:
-    """Hash every file already in ``folder`` (the manifest is written last)."""
+# How optc runs its artifacts, and what a deployer should set before loading one (see the README's
+# "Threads" section): the vendor library's OpenMP threads and TVM's pool share the cores, and on a
+# machine shared with other work spinning threads steal each other's time slices.
+RUNTIME_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TVM_THREAD_POOL_SPIN_COUNT": "0"}
+
+
+def apply_runtime_env() -> None:
+    """Set :data:`RUNTIME_ENV` where the user has not (read by OpenMP and TVM when they start: call before loading)."""
+    for key, value in RUNTIME_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def check_libraries(manifest: Mapping[str, Any]) -> None:
+    """Refuse, in one line, an artifact whose vendor library is missing here (instead of an undefined-symbol error)."""
+    for lib in (manifest.get("runtime") or {}).get("libraries") or ():
+        if lib.get("name") == "oneDNN":
+            from optc.targets.providers.onednn import check_runtime
+
+            check_runtime(str(lib.get("version") or ""))
+        else:
+            raise TargetError(f"this artifact needs {lib.get('name')!r}, which this optc does not know how to check")
+
+
+def write_manifest(folder: Path, model: Model, spec: TargetSpec, libraries: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """Hash every file already in ``folder`` (the manifest is written last); ``libraries``: the vendor libraries model.so needs."""
     import tvm
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -69,6 +92,7 @@ def write_manifest(folder: Path, model: Model, spec: TargetSpec) -> dict[str, An
         "tvm_version": tvm.__version__,
         "target": spec.to_dict(),
         "library": LIBRARY,
+        "runtime": {"libraries": [dict(lib) for lib in libraries], "env": RUNTIME_ENV},
         "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or ())} for s in model.inputs],
         "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or ())} for s in model.outputs],
         "files": {p.relative_to(folder).as_posix(): sha256(p) for p in files},
@@ -313,6 +337,8 @@ def load_verified(verified: VerifiedArtifact) -> LoadedArtifact:
 
         if platform.machine() not in ("aarch64", "arm64"):
             raise TargetError("this artifact is for aarch64; run it on an ARM board (or under qemu-aarch64)")
+    check_libraries(manifest)
+    apply_runtime_env()
     # tvm_ffi's loader, not tvm.runtime.load_module: that one resolves symbolic links, and the
     # memfd behind ours has no path of its own that ends in ".so".
     lib = tvm_ffi.load_module(str(verified.library_path()))

@@ -133,11 +133,21 @@ def _warn_db_health(tune: TuneOptions | None, health: dict[str, Any]) -> None:
         logger.warning("tuning database %s could not be read; moved aside to %s, compiled without its records", tune.db_dir, health["moved_aside"])
 
 
-def export(executable: Any, path: Path, spec: TargetSpec) -> None:
-    """Write the shared library (cross-linked for ARM)."""
+def linked_libraries(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """The vendor libraries a build's kernels call (recorded in the manifest, checked before loading)."""
+    return list((summary.get("providers") or {}).get("libraries") or [])
+
+
+def export(executable: Any, path: Path, spec: TargetSpec, libraries: list[dict[str, str]] | None = None) -> None:
+    """Write the shared library (cross-linked for ARM), with the glue of the kernel providers it calls."""
     import shutil
 
     kwargs: dict[str, Any] = {}
+    if any(lib.get("name") == "oneDNN" for lib in libraries or ()):
+        from optc.targets.providers import onednn
+
+        # fresh lists: export_library appends to them in place (TVM_NOTES.md)
+        kwargs.update(addons=[str(onednn.glue_object())], options=onednn.link_options())
     if spec.cross_compiler:
         if shutil.which(spec.cross_compiler) is None:
             raise TargetError(f"{spec.name} needs the cross compiler '{spec.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")

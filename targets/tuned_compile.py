@@ -6,11 +6,14 @@ before tasks are extracted, so a tuned schedule may store a weight in the
 layout its loops read (tiles for the vector width, the NCHWc blocking of a
 convolution); the layout transform is split out of each function after the
 records are applied and, the weights being constants, computed once at
-compile time. The artifact's interface does not change.
+compile time. The artifact's interface does not change. Functions without a
+record get :mod:`optc.targets.cpu_schedule`'s default schedule.
 """
 from __future__ import annotations
 
 from typing import Any
+
+from optc.targets.cpu_schedule import default_schedules
 
 
 def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
@@ -70,6 +73,7 @@ def compile_with_database(database: Any, mod: Any, target: Any, prepack: bool) -
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         mod = tvm.transform.Sequential(_fuse_passes(target, prepack))(mod)
         mod = MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        mod, _ = default_schedules(mod)  # threads and vectors for the light functions no record covers
         if prepack:
             mod = relax.transform.SplitLayoutRewritePreproc()(mod)
             mod = relax.transform.FoldConstant()(mod)  # the weights' layout transform, at compile time

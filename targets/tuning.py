@@ -64,6 +64,7 @@ class TuneOptions:
     rpc_key: str | None = None
     seed: int = 0
     prepack: bool = True  # weights stored in the layout the tuned loops read (targets/tuned_compile.py)
+    kernels: str = "auto"  # which provider computes each heavy op: auto (measured), tvm, onednn (targets/providers)
     on_progress: Callable[[TuneProgress], None] | None = field(default=None, compare=False)  # after every measured batch
 
 
@@ -77,12 +78,13 @@ class TuneReport:
     failed_trials: int = 0
     estimated_ms: float | None = None  # MetaSchedule's estimate for the tasks tuned in this run
     db_health: dict[str, Any] = field(default_factory=dict)  # damaged lines skipped, a database moved aside
+    providers: dict[str, Any] = field(default_factory=dict)  # which kernels compute each heavy op (targets/providers)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tasks": self.tasks, "tuned": self.tuned, "reused_from_db": self.reused, "trials_per_task": self.trials,
             "untunable": self.untunable, "failed_trials": self.failed_trials, "estimated_ms": self.estimated_ms,
-            "db_health": self.db_health,
+            "db_health": self.db_health, "providers": self.providers,
         }
 
 
@@ -163,6 +165,7 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
     shared = TuningDatabase(opts.db_dir)
     with shared.snapshot() as snapshot:
         database = snapshot.database
+        mod, providers = _place_kernels(mod, target, opts, lambda m: compile_with_database(database, m, target, opts.prepack))
         tasks = ms.relax_integration.extract_tasks(fused(mod, target, opts.prepack), target)
         untunable = UntunableTasks(opts.db_dir)
         todo, reused, given_up = [], [], []
@@ -177,6 +180,7 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
         logger.info("tuning: %d tasks, %d already in %s, %d untunable before", len(tasks), len(reused), opts.db_dir, len(given_up))
         report = TuneReport(len(tasks), [], [t.task_name for t in reused], opts.trials_per_task, [t.task_name for t in given_up])
         report.db_health = snapshot.health.to_dict()
+        report.providers = providers
         if opts.trials_per_task > 0 and todo:
             with stdout_to_stderr():
                 tracker = _tune(ms, todo, snapshot, opts)
@@ -192,6 +196,23 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
                 untunable.save()
         executable = compile_with_database(database, mod, target, opts.prepack)
     return executable, report
+
+
+def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
+    """Send the heavy op chains whose provider kernel measured faster to that provider (x86 hosts and targets only)."""
+    import platform
+
+    from optc.targets.providers.select import ProviderReport, place
+
+    if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
+        report = ProviderReport(opts.kernels, {"available": False, "reason": "kernel providers serve x86 targets only"})
+        return mod, report.to_dict()
+    if opts.rpc_tracker and opts.kernels == "auto":
+        # Candidates would be timed here, not on the board, and the board may lack the library.
+        report = ProviderReport("tvm", {"available": False, "reason": "with --rpc-tracker every op is tuned on the board (TVM kernels)"})
+        return mod, report.to_dict()
+    mod, report = place(mod, target, opts.kernels, opts.db_dir, compile_fn)
+    return mod, report.to_dict()
 
 
 @contextlib.contextmanager

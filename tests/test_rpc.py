@@ -119,7 +119,7 @@ def test_tuning_through_a_loopback_rpc_tracker(loopback_tracker, tmp_path):
     path, proto = mlp_file(tmp_path)
     db = tmp_path / "db"
     res = CliRunner().invoke(cli, list(map(str, [
-        "compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "2", "--tuning-db", db,
+        "compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "2", "--tuning-db", db, "--kernels", "tvm",
         "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", KEY, "--json", "--no-latency"])), catch_exceptions=False)
     assert res.exit_code == 0, res.output
     tuning = json.loads(res.stdout)["target"]["tuning"]

@@ -122,7 +122,7 @@ def test_tuning_database_is_reused(tmp_path, capfd):
 
     path, proto = mlp_file(tmp_path)
     db = tmp_path / "db"
-    first = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "4", "--tuning-db", db, "--json", "--no-latency")
+    first = invoke("compile", path, "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "4", "--kernels", "tvm", "--tuning-db", db, "--json", "--no-latency")
     assert first.exit_code == 0, first.output
     tuning = json.loads(first.stdout)["target"]["tuning"]
     tasks = tuning["tasks"]
@@ -133,7 +133,7 @@ def test_tuning_database_is_reused(tmp_path, capfd):
     progress = [line for line in capfd.readouterr().err.splitlines() if line.startswith("tuning: ")]
     assert progress[0] == f"tuning: 0/{tasks} tasks, 0/{4 * tasks} trials; best estimate none yet"
     assert progress[-1].startswith(f"tuning: {tasks}/{tasks} tasks, ") and "best estimate" in progress[-1] and " over " in progress[-1]
-    second = invoke("compile", path, "-o", tmp_path / "b", "--target", "x86", "--tune-trials", "4", "--tuning-db", db, "--json", "--no-latency")
+    second = invoke("compile", path, "-o", tmp_path / "b", "--target", "x86", "--tune-trials", "4", "--kernels", "tvm", "--tuning-db", db, "--json", "--no-latency")
     again = json.loads(second.stdout)["target"]["tuning"]
     assert again["tuned"] == [] and sorted(again["reused_from_db"]) == sorted(tuning["tuned"])
     x = rand(4, 64, seed=3)

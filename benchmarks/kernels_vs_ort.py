@@ -1,0 +1,155 @@
+"""The default x86 artifact (kernel providers chosen by measurement) against onnxruntime, at 1 and 2 threads.
+
+Models: ``resnet18`` and ``bert`` (``targets_vs_ort.py``'s builders, random weights), and
+``sample`` (the bundled MNIST CNN). For each, ``optc compile MODEL --target x86`` runs as a
+user would, with no tuning flags:
+
+* ``cold``: wall time with an empty tuning database (providers measured);
+* ``warm``: the same compile again (choices read from ``providers.json``);
+* for each thread count N, in a fresh process with ``TVM_NUM_THREADS=OMP_NUM_THREADS=N`` and
+  onnxruntime's ``intra_op_num_threads=N``: median latency of the artifact and of onnxruntime
+  on the same inputs, in alternating blocks; the lowest block median counts; ``ratio`` = optc / ort.
+
+``--product`` adds the product path on the sample: ``prune-channels`` + ``quantize`` then
+``--target x86``, timed against onnxruntime running the *original* fp32 model, with the
+test-set accuracy of both.
+
+    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE = ROOT.parent / "tests" / "models" / "sample"
+sys.path.insert(0, str(ROOT))
+
+
+def build_model(key: str, work: Path) -> tuple[Path, dict[str, str]]:
+    import targets_vs_ort as t
+
+    if key == "sample":
+        return SAMPLE / "mnist_cnn.onnx", {"input": "1x1x28x28"}
+    path = work / f"{key}.onnx"
+    return path, t.MODELS[key](path)
+
+
+def compile_(model: Path, out: Path, shapes: dict[str, str], db: Path, *extra: str) -> float:
+    cmd = [sys.executable, "-m", "optc.cli.main", "compile", str(model), "-o", str(out), "--target", "x86",
+           "--tuning-db", str(db), "--no-latency", *extra]
+    for name, shape in shapes.items():
+        cmd += ["--input-shape", f"{name}={shape}"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"optc compile {model.name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - start
+
+
+def time_child(folder: Path, reference: Path, threads: int, blocks: int, runs: int) -> dict:
+    """Runs in a fresh process: thread counts are read once, when the runtimes start."""
+    import onnxruntime as ort
+    from optc.ir.io import load_model
+    from optc.ir.session import sample_feeds
+    from optc.targets.artifact import load_artifact
+    from targets_vs_ort import alternate
+
+    artifact = load_artifact(folder)
+    feeds = sample_feeds(load_model(folder / "model.onnx"), seed=1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
+    times = alternate({"optc": lambda: artifact.run(feeds), "ort": lambda: session.run(None, feeds)}, blocks, runs)
+    return {**times, "load": os.getloadavg()[0]}
+
+
+def timed(folder: Path, reference: Path, threads: int, blocks: int, runs: int) -> dict:
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, __file__, "--child", str(folder), str(reference), str(threads), str(blocks), str(runs)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"timing {folder.name} at {threads} threads failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def accuracy(run, data: dict[str, np.ndarray]) -> float:
+    preds = [int(np.argmax(run({"input": x[None]}))) for x in data["input"]]
+    return float(np.mean(np.asarray(preds) == data["label"]))
+
+
+def product(work: Path, threads: list[int], blocks: int, runs: int) -> list[dict]:
+    import onnxruntime as ort
+    from optc.targets.artifact import load_artifact
+
+    out = work / "product"
+    cmd = [sys.executable, "-m", "optc.cli.main", "compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out),
+           "--pass", "canonicalize", "--pass", "prune-channels", "--pass", "quantize", "--calib", str(SAMPLE / "calib.npz"),
+           "--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", str(work / "product-db")]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"product compile failed: {done.stderr.strip().splitlines()[-1:]}")
+    test = dict(np.load(SAMPLE / "test.npz"))
+    session = ort.InferenceSession(str(SAMPLE / "mnist_cnn.onnx"), providers=["CPUExecutionProvider"])
+    artifact = load_artifact(out)
+    acc_ort = accuracy(lambda f: session.run(None, f)[0], test)
+    acc_optc = accuracy(lambda f: next(iter(artifact.run(f).values())), test)
+    rows = []
+    for n in threads:
+        t = timed(out, SAMPLE / "mnist_cnn.onnx", n, blocks, runs)
+        rows.append({"model": "sample: prune+int8 vs fp32 ort", "threads": n, **t, "ratio": t["optc"] / t["ort"],
+                     "acc_optc": acc_optc, "acc_ort": acc_ort, "samples": len(test["label"])})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        folder, reference, threads, blocks, runs = sys.argv[2:7]
+        print(json.dumps(time_child(Path(folder), Path(reference), int(threads), int(blocks), int(runs))))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet18,bert,sample")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--blocks", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--product", action="store_true")
+    args = parser.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="optc-kernels-bench-") as tmp:
+        work = Path(tmp)
+        for key in args.models.split(","):
+            model, shapes = build_model(key, work)
+            db = work / f"{key}-db"
+            cold = compile_(model, work / f"{key}-a", shapes, db)
+            warm = compile_(model, work / f"{key}-b", shapes, db)
+            providers = json.loads((work / f"{key}-b" / "report.json").read_text())["target"]["tuning"]["providers"]
+            for n in threads:
+                t = timed(work / f"{key}-b", work / f"{key}-b" / "model.onnx", n, args.blocks, args.runs)
+                rows.append({"model": key, "threads": n, "cold_s": cold, "warm_s": warm, **t, "ratio": t["optc"] / t["ort"],
+                             "offloaded": len(providers["offloaded"]), "chains": providers["chains"]})
+                print(json.dumps(rows[-1]), flush=True)
+        if args.product:
+            for row in product(work, threads, args.blocks, args.runs):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{'model':32} {'thr':>3} {'cold':>6} {'warm':>6} {'optc ms':>8} {'ort ms':>8} {'ratio':>6} {'load':>5}  notes")
+    for r in rows:
+        notes = f"{r['offloaded']}/{r['chains']} chains to oneDNN" if "chains" in r else \
+            f"top-1 {100 * r['acc_optc']:.2f}% vs {100 * r['acc_ort']:.2f}% ({r['samples']} test images)"
+        cold = f"{r['cold_s']:.0f}s" if "cold_s" in r else "-"
+        warm = f"{r['warm_s']:.0f}s" if "warm_s" in r else "-"
+        print(f"{r['model']:32} {r['threads']:>3} {cold:>6} {warm:>6} {r['optc']:>8.2f} {r['ort']:>8.2f} {r['ratio']:>6.2f} {r['load']:>5.1f}  {notes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

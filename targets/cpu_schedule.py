@@ -1,0 +1,124 @@
+"""Default CPU schedules for the light functions no record or provider covers.
+
+TVM's untuned CPU lowering runs every fused function as one scalar thread.
+That is fine for a handful of elements and costly for the element-wise ops,
+permutes, pools, softmaxes and normalisations left between the heavy kernels
+(several milliseconds of a ResNet-18 whose convolutions take twenty). These
+functions are memory-bound, so one schedule serves them: inline what can be
+inlined, then spread the output's outer loops over threads and let the
+innermost loop vectorise. A function the schedule cannot take (or whose
+output is too small to be worth a thread) keeps TVM's default.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PARALLEL_MIN = 4096  # output elements below which threading costs more than it saves
+VECTOR = 16  # lanes the innermost split aims for; LLVM narrows to the target's width
+
+
+def schedule_function(func: Any) -> Any | None:
+    """``func`` scheduled, or None when it is left as it is."""
+    from tvm import s_tir
+
+    if func.attrs is not None and func.attrs.get("tir.is_scheduled", False):
+        return None
+    try:
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root") if _has_root(sch) else None
+        blocks = sch.get_child_blocks(root) if root is not None else []
+        if not blocks:
+            return None
+        for block in blocks[:-1]:
+            _inline(sch, block)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        changed = False
+        for block in blocks:
+            changed |= _parallelise(sch, block)
+        if not changed:
+            return None
+        return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    except Exception as exc:  # noqa: BLE001 - the default lowering is always a correct fallback
+        logger.debug("default CPU schedule skipped: %s", exc)
+        return None
+
+
+def _inline(sch: Any, block: Any) -> None:
+    """Into its consumer, else into its producer; a block that can be neither (a reduction feeding two) stays."""
+    for inline in (sch.compute_inline, sch.reverse_compute_inline):
+        try:
+            inline(block)
+            return
+        except Exception:  # noqa: BLE001, S112 - TVM raises its own error kinds; staying is correct
+            continue
+
+
+def _has_root(sch: Any) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _parallelise(sch: Any, block: Any) -> bool:
+    """Fuse the leading spatial loops, thread them, vectorise the innermost spatial loop."""
+    from tvm import tirx
+
+    loops = sch.get_loops(block)
+    if not loops:
+        return False
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    if len(kinds) != len(loops):
+        return False
+    spatial = []
+    for loop, kind in zip(loops, kinds):
+        if kind != tirx.IterVar.DataPar:
+            break
+        spatial.append(loop)
+    extents = [int(sch.get(loop).extent) for loop in spatial] if spatial else []
+    total = 1
+    for e in extents:
+        total *= e
+    if total < PARALLEL_MIN:
+        return False
+    reduction = len(spatial) < len(loops)
+    if not reduction and len(spatial) > 1 and extents[-1] >= VECTOR // 2:
+        fused = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        sch.parallel(fused)
+        inner = spatial[-1]
+        if extents[-1] % VECTOR == 0 and extents[-1] > VECTOR:
+            _, inner = sch.split(inner, factors=[None, VECTOR])
+        if extents[-1] % VECTOR == 0 or extents[-1] <= 64:
+            sch.vectorize(inner)
+        return True
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    if reduction:
+        sch.parallel(fused)
+        return True
+    outer, inner = sch.split(fused, factors=[None, VECTOR * 4])
+    sch.parallel(outer)
+    _, inner_inner = sch.split(inner, factors=[None, VECTOR])
+    sch.vectorize(inner_inner)
+    return True
+
+
+def default_schedules(mod: Any) -> tuple[Any, int]:
+    """``mod`` with every unscheduled PrimFunc that :func:`schedule_function` takes scheduled; and how many."""
+    import tvm
+
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            scheduled = schedule_function(func)
+            if scheduled is not None:
+                updates[gvar] = scheduled
+    if not updates:
+        return mod, 0
+    mod = mod.shallow_copy() if hasattr(mod, "shallow_copy") else mod
+    for gvar, func in updates.items():
+        mod.update_func(gvar, func)
+    return mod, len(updates)

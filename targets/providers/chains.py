@@ -1,0 +1,323 @@
+"""Find the heavy op chains of a Relax function that a kernel provider can take whole.
+
+A chain is one heavy op plus the element-wise ops a library fuses into it as
+post-ops: ``conv2d → add(bias) → add(residual) → activation`` and
+``matmul(x, W) → add(bias) → activation`` (GELU recognised in the erf form
+ONNX exports decompose it into), and plain batched products of two
+activations (attention's Q·Kᵀ and P·V). An op is absorbed only when the value
+before it has no other use, so a rewrite never duplicates work and never
+changes what the rest of the graph sees.
+
+This module only reads the function; :mod:`optc.targets.providers.offload`
+rewrites it. Importing it imports TVM.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import Constant
+
+# Activation codes shared with onednn_glue.cc (enum Act).
+ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_GELU_ERF = 0, 1, 2, 3, 4
+ACT_NAMES = {ACT_NONE: "", ACT_RELU: "relu", ACT_CLIP: "clip", ACT_SIGMOID: "sigmoid", ACT_GELU_ERF: "gelu"}
+
+
+@dataclass
+class Chain:
+    """A heavy op and what it absorbs; ``end`` is the call whose binding the provider's call replaces."""
+
+    kind: str  # conv2d | matmul | batch_matmul
+    end: Any  # the relax Call at the end of the chain
+    data: Any  # input activation (relax Expr)
+    out_shape: tuple[int, ...]
+    weight: np.ndarray | None = None  # conv: OIHW; matmul: (K, N)
+    other: Any = None  # batch_matmul: the second activation
+    bias: np.ndarray | None = None
+    residual: Any = None
+    act: int = ACT_NONE
+    clip: tuple[float, float] = (0.0, 0.0)
+    conv: dict[str, tuple[int, ...] | int] = field(default_factory=dict)  # strides, padding (t,l,b,r), dilation, groups, nhwc
+    in_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def workload(self) -> str:
+        """What the kernel's speed depends on: shapes, attributes and post-ops, never weight values."""
+        parts = [self.kind, "x".join(map(str, self.in_shapes[0]))]
+        if self.weight is not None:
+            parts.append("w" + "x".join(map(str, self.weight.shape)))
+        if self.other is not None:
+            parts.append("y" + "x".join(map(str, self.in_shapes[1])))
+        for key in ("strides", "padding", "dilation", "groups", "nhwc"):
+            if key in self.conv:
+                value = self.conv[key]
+                parts.append(f"{key[0]}{'_'.join(map(str, value)) if isinstance(value, tuple) else value}")
+        parts += ["b" if self.bias is not None else "", "r" if self.residual is not None else "", ACT_NAMES[self.act]]
+        return "/".join(p for p in parts if p)
+
+    def workload_key(self) -> str:
+        return hashlib.sha256(self.workload().encode()).hexdigest()[:16]
+
+    def macs(self) -> int:
+        out = int(np.prod(self.out_shape))
+        if self.kind == "conv2d":
+            assert self.weight is not None
+            return out * int(np.prod(self.weight.shape[1:]))
+        if self.kind == "matmul":
+            assert self.weight is not None
+            return out * int(self.weight.shape[0])
+        return out * int(self.in_shapes[0][-1])
+
+
+def op_name(value: Any) -> str:
+    return str(value.op.name) if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else ""
+
+
+def static_shape(expr: Any) -> tuple[int, ...] | None:
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    dims = []
+    for d in shape.values:
+        if not isinstance(d, tvm.tirx.IntImm):
+            return None
+        dims.append(int(d.value))
+    return tuple(dims)
+
+
+def same(a: Any, b: Any) -> bool:
+    return a is not None and b is not None and a.same_as(b)
+
+
+def dtype_of(expr: Any) -> str:
+    return str(getattr(getattr(expr, "ty", None), "dtype", ""))
+
+
+class ChainFinder:
+    """Chains of one Relax function, found by walking forward from each heavy op."""
+
+    def __init__(self, func: Any) -> None:
+        self.var2val = relax.analysis.get_var2val(func)
+        self.users: dict[Any, list[Any]] = {}
+        self.binding_of: dict[Any, Any] = {}  # call -> the var it is bound to
+        self.pinned: set[Any] = set()  # vars visible outside their dataflow block
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                if not isinstance(binding, relax.VarBinding):
+                    continue
+                self.binding_of[binding.value] = binding.var
+                if not isinstance(binding.var, relax.DataflowVar):
+                    self.pinned.add(binding.var)
+                for used in relax.analysis.free_vars(binding.value):
+                    self.users.setdefault(used, []).append(binding.value)
+        for used in relax.analysis.free_vars(func.body.body):
+            self.pinned.add(used)
+            self.users.setdefault(used, []).append(None)  # used by the function's result
+        self.bindings = [b for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+
+    def find(self) -> list[Chain]:
+        chains: list[Chain] = []
+        for binding in self.bindings:
+            value = binding.value
+            name = op_name(value)
+            chain = None
+            if name == "relax.nn.conv2d":
+                chain = self._conv(value)
+            elif name == "relax.matmul":
+                chain = self._matmul(value)
+            if chain is not None:
+                chains.append(chain)
+        return chains
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _const(self, expr: Any) -> np.ndarray | None:
+        """The value of a constant, through bindings and reshapes/permutations of constants."""
+        if isinstance(expr, relax.Var):
+            expr = self.var2val.get(expr, expr)
+        if isinstance(expr, Constant):
+            return expr.value.numpy()
+        name = op_name(expr)
+        if name == "relax.reshape":
+            inner = self._const(expr.args[0])
+            shape = static_shape(expr)
+            return None if inner is None or shape is None else inner.reshape(shape)
+        if name == "relax.permute_dims":
+            inner = self._const(expr.args[0])
+            if inner is None:
+                return None
+            axes = expr.attrs.axes
+            return np.transpose(inner, None if axes is None else [int(a) for a in axes])
+        return None
+
+    def _sole_user(self, call: Any) -> Any:
+        """The one call that uses ``call``'s value; None when it has several, is pinned or is unbound."""
+        var = self.binding_of.get(call)
+        if var is None or var in self.pinned:
+            return None
+        users = self.users.get(var, [])
+        return users[0] if len(users) == 1 and users[0] is not None else None
+
+    def _other_arg(self, call: Any, var: Any) -> Any:
+        a, b = call.args[0], call.args[1]
+        if a.same_as(var) and not b.same_as(var):
+            return b
+        if b.same_as(var) and not a.same_as(var):
+            return a
+        return None
+
+    def _scalar(self, expr: Any) -> float | None:
+        value = self._const(expr)
+        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+    # --- conv2d ----------------------------------------------------------------
+
+    def _conv(self, call: Any) -> Chain | None:
+        attrs = call.attrs
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        if layouts not in (("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")):
+            return None
+        nhwc = layouts[0] == "NHWC"
+        if dtype_of(call) != "float32" or dtype_of(call.args[0]) != "float32":
+            return None
+        weight = self._const(call.args[1])
+        x_shape, out_shape = static_shape(call.args[0]), static_shape(call)
+        if weight is None or weight.ndim != 4 or x_shape is None or out_shape is None or len(x_shape) != 4:
+            return None
+        if nhwc:
+            weight = weight.transpose(0, 3, 1, 2)  # OHWI -> OIHW, the glue's one weight layout
+        pad = [int(p) for p in attrs.padding]
+        padding = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad)
+        chain = Chain(
+            "conv2d", call, call.args[0], out_shape, weight=weight.astype(np.float32), in_shapes=(x_shape,),
+            conv={"strides": tuple(int(s) for s in attrs.strides), "padding": padding,
+                  "dilation": tuple(int(d) for d in attrs.dilation), "groups": int(attrs.groups), "nhwc": int(nhwc)},
+        )
+        channels = out_shape[3] if nhwc else out_shape[1]
+        bias_shapes = ((channels,), (1, 1, 1, channels)) if nhwc else ((channels,), (channels, 1, 1), (1, channels, 1, 1))
+        while True:
+            user = self._sole_user(chain.end)
+            if user is None or chain.act != ACT_NONE:
+                return chain
+            var = self.binding_of[chain.end]
+            name = op_name(user)
+            if name == "relax.add":
+                other = self._other_arg(user, var)
+                if other is None:
+                    return chain
+                const = self._const(other)
+                if const is not None and chain.bias is None and chain.residual is None and const.size == channels \
+                        and const.shape in bias_shapes:
+                    chain.bias = const.reshape(channels).astype(np.float32)
+                elif const is None and chain.residual is None and static_shape(other) == out_shape and dtype_of(other) == "float32":
+                    chain.residual = other
+                else:
+                    return chain
+            elif not self._activation(chain, user):
+                return chain
+            chain.end = user
+
+    def _activation(self, chain: Chain, user: Any) -> bool:
+        name = op_name(user)
+        if name == "relax.nn.relu":
+            chain.act = ACT_RELU
+        elif name == "relax.sigmoid":
+            chain.act = ACT_SIGMOID
+        elif name == "relax.clip":
+            lo, hi = (self._prim(a) for a in user.args[1:3])
+            if lo is None or hi is None:
+                return False
+            chain.act, chain.clip = ACT_CLIP, (lo, hi)
+        else:
+            return False
+        return True
+
+    @staticmethod
+    def _prim(expr: Any) -> float | None:
+        value = getattr(expr, "value", None)
+        if isinstance(value, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
+            return float(value.value)
+        return None
+
+    # --- matmul ----------------------------------------------------------------
+
+    def _matmul(self, call: Any) -> Chain | None:
+        x, y = call.args
+        if dtype_of(call) != "float32" or dtype_of(x) != "float32" or dtype_of(y) != "float32":
+            return None
+        x_shape, y_shape, out_shape = static_shape(x), static_shape(y), static_shape(call)
+        if x_shape is None or y_shape is None or out_shape is None or len(x_shape) < 2:
+            return None
+        weight = self._const(y)
+        if weight is None:
+            if self._const(x) is not None or len(x_shape) < 3 or len(y_shape) != len(x_shape) or x_shape[:-2] != y_shape[:-2]:
+                return None
+            return Chain("batch_matmul", call, x, out_shape, other=y, in_shapes=(x_shape, y_shape))
+        if weight.ndim != 2:
+            return None
+        chain = Chain("matmul", call, x, out_shape, weight=np.ascontiguousarray(weight, dtype=np.float32), in_shapes=(x_shape,))
+        n = weight.shape[1]
+        user = self._sole_user(call)
+        if user is not None and op_name(user) == "relax.add":
+            other = self._other_arg(user, self.binding_of[call])
+            const = None if other is None else self._const(other)
+            if const is not None and const.size == n and const.shape[-1:] == (n,):
+                chain.bias, chain.end = const.reshape(n).astype(np.float32), user
+        gelu_end = self._gelu(chain.end)
+        if gelu_end is not None:
+            chain.act, chain.end = ACT_GELU_ERF, gelu_end
+        else:
+            user = self._sole_user(chain.end)
+            if user is not None and self._activation(chain, user) and chain.act != ACT_CLIP:
+                chain.end = user
+            else:
+                chain.act = ACT_NONE
+        return chain
+
+    def _gelu(self, call: Any) -> Any:
+        """The end of ``0.5·h·(1 + erf(h/√2))`` over ``call``'s value ``h``, in the orders exporters write it; else None."""
+        var = self.binding_of.get(call)
+        if var is None or var in self.pinned:
+            return None
+        users = self.users.get(var, [])
+        if len(users) != 2 or None in users:
+            return None
+        scaled = next((u for u in users if self._is_inv_sqrt2(u, var)), None)
+        if scaled is None:
+            return None
+        erf = self._sole_user(scaled)
+        if op_name(erf) != "relax.erf":
+            return None
+        one_plus = self._sole_user(erf)
+        if op_name(one_plus) != "relax.add" or self._scalar(self._other_arg(one_plus, self.binding_of[erf])) != 1.0:
+            return None
+        other = next(u for u in users if not u.same_as(scaled))
+        if op_name(other) != "relax.multiply":
+            return None
+        partner = self._other_arg(other, var)
+        if partner is not None and partner.same_as(self.binding_of[one_plus]):
+            if not same(self._sole_user(one_plus), other):
+                return None
+            end = self._sole_user(other)  # h·(1+erf) then ×0.5
+            half = self._scalar(self._other_arg(end, self.binding_of[other])) if op_name(end) == "relax.multiply" else None
+            return end if half == 0.5 else None
+        if self._scalar(partner) == 0.5:  # 0.5·h then ×(1+erf)
+            end = self._sole_user(other)
+            partner = self._other_arg(end, self.binding_of[other]) if op_name(end) == "relax.multiply" else None
+            if partner is not None and partner.same_as(self.binding_of[one_plus]) and same(self._sole_user(one_plus), end):
+                return end
+        return None
+
+    def _is_inv_sqrt2(self, user: Any, var: Any) -> bool:
+        name = op_name(user)
+        if name not in ("relax.divide", "relax.multiply") or not user.args[0].same_as(var):
+            return False
+        value = self._scalar(user.args[1])
+        if value is None:
+            return False
+        target = np.sqrt(2.0) if name == "relax.divide" else 1 / np.sqrt(2.0)
+        return abs(value - target) < 1e-4

@@ -1,0 +1,92 @@
+"""Rewrite chosen op chains of a Relax module into calls of a provider's kernels.
+
+Each chosen :class:`~optc.targets.providers.chains.Chain` becomes one
+``call_dps_packed`` to the glue's function, bound to the chain's last value;
+the ops it absorbed are left dead and removed. Attributes travel as a shape
+(integers; clip bounds as float bits), weights as constants of the module.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from optc.targets.providers.chains import ACT_CLIP, Chain, ChainFinder
+from tvm import relax
+
+
+def float_bits(value: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", value))[0]
+
+
+def find_chains(mod: Any) -> list[Chain]:
+    chains: list[Chain] = []
+    for _gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
+            chains.extend(ChainFinder(func).find())
+    return chains
+
+
+def offload(mod: Any, chains: list[Chain], chosen: Callable[[Chain], bool]) -> tuple[Any, list[Chain]]:
+    """``mod`` with every chain ``chosen`` accepts sent to oneDNN; the chains sent."""
+    taken = [c for c in chains if chosen(c)]
+    if not taken:
+        return mod, []
+    new_mod = _Offload(mod, taken).run()
+    return relax.transform.DeadCodeElimination()(new_mod), taken
+
+
+def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = None) -> Any:
+    """The ``call_dps_packed`` computing ``chain`` on (already rewritten) inputs."""
+    out_ty = relax.TensorType(list(chain.out_shape), "float32")
+    lo, hi = chain.clip if chain.act == ACT_CLIP else (0.0, 0.0)
+    act = [chain.act, float_bits(lo), float_bits(hi)]
+    if chain.kind == "conv2d":
+        assert chain.weight is not None
+        c = chain.conv
+        attrs = [*c["strides"], *c["padding"], *c["dilation"], c["groups"], *act, c["nhwc"]]  # type: ignore[misc]
+        args = [data, relax.const(chain.weight)]
+        if residual is not None:
+            bias = chain.bias if chain.bias is not None else np.zeros(chain.weight.shape[0], np.float32)
+            name, args = "optc_dnnl_conv2d_sum", [*args, relax.const(bias), residual]
+        elif chain.bias is not None:
+            name, args = "optc_dnnl_conv2d", [*args, relax.const(chain.bias)]
+        else:
+            name = "optc_dnnl_conv2d_nobias"
+    elif chain.kind == "matmul":
+        assert chain.weight is not None
+        args, attrs = [data, relax.const(chain.weight)], act
+        if chain.bias is not None:
+            name, args = "optc_dnnl_matmul", [*args, relax.const(chain.bias)]
+        else:
+            name = "optc_dnnl_matmul_nobias"
+    else:
+        name, args, attrs = "optc_dnnl_batch_matmul", [data, other], [0]
+    return relax.call_dps_packed(name, [*args, relax.ShapeExpr([int(a) for a in attrs])], out_ty)
+
+
+@relax.expr_functor.mutator
+class _Offload(relax.PyExprMutator):
+    def __init__(self, mod: Any, chains: list[Chain]) -> None:
+        super().__init__(mod)
+        self.mod = mod
+        self.by_end = {c.end: c for c in chains}
+
+    def run(self) -> Any:
+        for gvar, func in self.mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call: Any) -> Any:
+        chain = self.by_end.get(call)
+        if chain is None:
+            return super().visit_call_(call)
+        visit = self.visit_expr
+        return provider_call(
+            chain, visit(chain.data),
+            other=None if chain.other is None else visit(chain.other),
+            residual=None if chain.residual is None else visit(chain.residual),
+        )
+

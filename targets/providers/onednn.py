@@ -1,0 +1,128 @@
+"""oneDNN as a kernel provider for x86 artifacts.
+
+The glue (``onednn_glue.cc``) is compiled once per glue source, TVM-FFI and
+oneDNN version into the optc cache and linked into each ``model.so`` that
+calls it (``export_library(addons=[glue.o], options=[-ldnnl])``). The
+artifact keeps a dynamic dependency on ``libdnnl.so.2`` (Debian ships no
+static oneDNN): the manifest records it, and :func:`check_runtime` refuses to
+load an artifact whose library is missing with a one-line reason instead of
+the loader's undefined-symbol message.
+
+Availability needs the headers and library (Debian ``libdnnl-dev``) and a C++
+compiler; without them optc falls back to its TVM kernels and the report
+says why.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from optc.errors import TargetError
+
+NAME = "onednn"
+SONAME = "libdnnl.so.2"
+GLUE = Path(__file__).with_name("onednn_glue.cc")
+HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
+VERSION_HEADER = Path("/usr/include/oneapi/dnnl/dnnl_version.h")
+COMPILER = "g++"
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+    version: str = ""
+
+
+@functools.lru_cache(maxsize=1)
+def availability() -> Availability:
+    """Whether artifacts can call oneDNN here; the reason when they cannot."""
+    if os.environ.get("OPTC_DISABLE_ONEDNN"):
+        return Availability(False, "disabled by OPTC_DISABLE_ONEDNN")
+    if not HEADER.is_file() or not VERSION_HEADER.is_file():
+        return Availability(False, "oneDNN headers not found (Debian: apt-get install libdnnl-dev)")
+    if shutil.which(COMPILER) is None:
+        return Availability(False, f"no C++ compiler ({COMPILER}) to build the oneDNN glue")
+    version = runtime_version()
+    if version is None:
+        return Availability(False, f"{SONAME} cannot be loaded (Debian: apt-get install libdnnl2)")
+    return Availability(True, version=version)
+
+
+def runtime_version() -> str | None:
+    """The version of the oneDNN library this process would load, or None when it is missing."""
+    try:
+        lib = ctypes.CDLL(SONAME)
+    except OSError:
+        return None
+
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patch", ctypes.c_int),
+                    ("hash", ctypes.c_char_p), ("cpu_runtime", ctypes.c_uint), ("gpu_runtime", ctypes.c_uint)]
+
+    lib.dnnl_version.restype = ctypes.POINTER(Version)
+    v = lib.dnnl_version().contents
+    return f"{v.major}.{v.minor}.{v.patch}"
+
+
+def header_version() -> str:
+    text = VERSION_HEADER.read_text()
+    parts = [re.search(rf"#define DNNL_VERSION_{p}\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) if m else "?" for m in parts)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "optc" / "glue"
+
+
+@functools.lru_cache(maxsize=1)
+def glue_digest() -> str:
+    return hashlib.sha256(GLUE.read_bytes()).hexdigest()[:16]
+
+
+def glue_object() -> Path:
+    """The compiled glue, built on first use and cached by everything that shapes its code."""
+    import tvm_ffi
+
+    include = tvm_ffi.libinfo.find_include_path()
+    source = GLUE.read_bytes()
+    flags = ["-O3", "-std=c++17", "-fPIC", "-c"]
+    key = hashlib.sha256(source + header_version().encode() + str(include).encode() + " ".join(flags).encode()).hexdigest()[:20]
+    target = _cache_dir() / f"onednn_glue-{key}.o"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".o", dir=target.parent)
+    os.close(fd)
+    cmd = [COMPILER, *flags, str(GLUE), f"-I{include}", "-o", tmp]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        os.unlink(tmp)
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise TargetError(f"building the oneDNN glue failed: {last}")
+    os.replace(tmp, target)  # atomic: a concurrent compile sees the whole object or none
+    return target
+
+
+def link_options() -> list[str]:
+    """Linker flags for ``export_library``: options come before the objects, so --as-needed must be off."""
+    return ["-Wl,--no-as-needed", "-ldnnl"]
+
+
+def check_runtime(recorded: str) -> None:
+    """Before loading an artifact that calls oneDNN: the library must load, with the major version it was built for."""
+    found = runtime_version()
+    if found is None:
+        raise TargetError(f"this artifact calls oneDNN {recorded} but {SONAME} is not installed here (Debian: apt-get install libdnnl2)")
+    if found.split(".")[0] != recorded.split(".")[0]:
+        raise TargetError(f"this artifact was built against oneDNN {recorded}; this machine has {found} (major versions differ)")

@@ -1,0 +1,314 @@
+// oneDNN kernels for optc artifacts, called from Relax with call_dps_packed.
+//
+// Compiled at compile time (g++ -O3 -fPIC -c) and linked into the exported
+// model.so; the TVM runtime resolves each call through this library's own
+// __tvm_ffi_<name> symbols, so nothing is registered globally.
+//
+// Every tensor crosses the boundary in a plain row-major layout (NCHW or NHWC
+// for convolutions; weights always OIHW). A call site's primitive, its weights reordered into the
+// layout oneDNN's kernel reads, and the reorders around it are made on the
+// first call and cached under the weight buffer's address (constants of a
+// loaded artifact do not move) plus the shapes and attributes.
+#include <dnnl.hpp>
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/function.h>
+
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+
+namespace {
+
+using tvm::ffi::Shape;
+using tvm::ffi::TensorView;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+dnnl::memory::dims dims_of(const TensorView& t) {
+  dnnl::memory::dims d;
+  for (int i = 0; i < t.ndim(); ++i) d.push_back(t.shape()[i]);
+  return d;
+}
+
+float* data_of(const TensorView& t) {
+  return reinterpret_cast<float*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+}
+
+void check_f32(const TensorView& t, const char* what) {
+  DLDataType d = t.dtype();
+  if (d.code != kDLFloat || d.bits != 32 || d.lanes != 1) TVM_FFI_THROW(TypeError) << "optc oneDNN: " << what << " must be float32";
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "optc oneDNN: " << what << " must be contiguous";
+}
+
+float bits_to_float(int64_t v) {
+  uint32_t u = static_cast<uint32_t>(v);
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Activation codes shared with optc/targets/providers/onednn.py.
+enum Act : int64_t { kNone = 0, kRelu = 1, kClip = 2, kSigmoid = 3, kGeluErf = 4, kGeluTanh = 5, kSwish = 6 };
+
+void append_act(dnnl::post_ops& po, int64_t act, float lo, float hi) {
+  using a = dnnl::algorithm;
+  switch (act) {
+    case kNone: return;
+    case kRelu: po.append_eltwise(1.f, a::eltwise_relu, 0.f, 0.f); return;
+    case kClip: po.append_eltwise(1.f, a::eltwise_clip, lo, hi); return;
+    case kSigmoid: po.append_eltwise(1.f, a::eltwise_logistic, 0.f, 0.f); return;
+    case kGeluErf: po.append_eltwise(1.f, a::eltwise_gelu_erf, 0.f, 0.f); return;
+    case kGeluTanh: po.append_eltwise(1.f, a::eltwise_gelu_tanh, 0.f, 0.f); return;
+    case kSwish: po.append_eltwise(1.f, a::eltwise_swish, 1.f, 0.f); return;
+    default: TVM_FFI_THROW(ValueError) << "optc oneDNN: unknown activation code " << act;
+  }
+}
+
+// A call site's cache key: the weight buffer's address (constants of a loaded artifact do not move;
+// activations do, between runs) plus every shape and attribute.
+std::string key_of(const char* op, const TensorView& weight, std::initializer_list<const TensorView*> ts, const Shape& attrs) {
+  std::ostringstream k;
+  k << op << '@' << reinterpret_cast<uintptr_t>(weight.data_ptr());
+  for (const TensorView* t : ts) {
+    k << '|';
+    for (int i = 0; i < t->ndim(); ++i) k << ',' << t->shape()[i];
+  }
+  k << '#';
+  for (size_t i = 0; i < attrs.size(); ++i) k << attrs[i] << ',';
+  return k.str();
+}
+
+struct Conv {
+  dnnl::convolution_forward prim;
+  dnnl::memory weights, bias, src, dst;  // weights/bias reordered once; src/dst scratch in oneDNN's layout
+  bool src_reorder = false, dst_reorder = false;
+  dnnl::memory::desc src_plain, dst_plain;
+};
+
+struct MatMul {
+  dnnl::matmul prim;
+  dnnl::memory weights, bias;
+  bool has_bias = false;
+  dnnl::memory::desc src_md, dst_md;
+};
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<Conv>> conv_cache;
+std::unordered_map<std::string, std::shared_ptr<MatMul>> matmul_cache;
+
+// Logical NCHW dims of an activation stored as NCHW (nhwc false) or NHWC.
+dnnl::memory::dims nchw_dims(const TensorView& t, bool nhwc) {
+  auto d = dims_of(t);
+  return nhwc ? dnnl::memory::dims{d[0], d[3], d[1], d[2]} : d;
+}
+
+// attrs: stride h,w; pad top,left,bottom,right; dilation h,w; groups; act; clip lo,hi (float bits); nhwc
+std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out,
+                                const Shape& a, bool sum) {
+  if (a.size() != 13) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: expected 13 attributes, got " << a.size();
+  auto& eng = cpu_engine();
+  bool nhwc = a[12] != 0;
+  tag plain = nhwc ? tag::nhwc : tag::nchw;
+  int64_t groups = a[8];
+  dnnl::memory::dims wd = dims_of(w);  // O, I/g, kh, kw
+  dnnl::memory::dims wdims = wd;
+  tag wtag = tag::oihw;
+  if (groups > 1) {
+    wdims = {groups, wd[0] / groups, wd[1], wd[2], wd[3]};
+    wtag = tag::goihw;
+  }
+  // oneDNN picks its own activation layout (blocked for NCHW); an NHWC model is served in place.
+  auto src_any = dnnl::memory::desc(nchw_dims(x, nhwc), dt::f32, nhwc ? tag::nhwc : tag::any);
+  auto dst_any = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, nhwc ? tag::nhwc : tag::any);
+  auto w_any = dnnl::memory::desc(wdims, dt::f32, tag::any);
+  auto b_md = dnnl::memory::desc({wd[0]}, dt::f32, tag::x);
+  dnnl::memory::dims strides = {a[0], a[1]}, dil = {a[6] - 1, a[7] - 1}, pl = {a[2], a[3]}, pr = {a[4], a[5]};
+  auto desc = b ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+                                                  src_any, w_any, b_md, dst_any, strides, dil, pl, pr)
+                : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+                                                  src_any, w_any, dst_any, strides, dil, pl, pr);
+  dnnl::post_ops po;
+  if (sum) po.append_sum(1.f);
+  append_act(po, a[9], bits_to_float(a[10]), bits_to_float(a[11]));
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(po);
+  auto pd = dnnl::convolution_forward::primitive_desc(desc, attr, eng);
+
+  auto c = std::make_shared<Conv>();
+  c->prim = dnnl::convolution_forward(pd);
+  dnnl::stream s(eng);
+  dnnl::memory w_user({wdims, dt::f32, wtag}, eng, data_of(w));
+  c->weights = dnnl::memory(pd.weights_desc(), eng);
+  dnnl::reorder(w_user, c->weights).execute(s, w_user, c->weights);
+  if (b) {
+    c->bias = dnnl::memory(b_md, eng);
+    std::memcpy(c->bias.get_data_handle(), data_of(*b), sizeof(float) * wd[0]);
+  }
+  c->src_plain = dnnl::memory::desc(nchw_dims(x, nhwc), dt::f32, plain);
+  c->dst_plain = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, plain);
+  c->src_reorder = pd.src_desc() != c->src_plain;
+  c->dst_reorder = pd.dst_desc() != c->dst_plain;
+  if (c->src_reorder) c->src = dnnl::memory(pd.src_desc(), eng);
+  if (c->dst_reorder) c->dst = dnnl::memory(pd.dst_desc(), eng);
+  s.wait();
+  return c;
+}
+
+void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out) {
+  check_f32(x, "conv2d input");
+  check_f32(w, "conv2d weight");
+  check_f32(out, "conv2d output");
+  if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
+  std::shared_ptr<Conv> c;
+  {
+    std::string key = key_of(res ? "conv+sum" : b ? "conv" : "conv-nobias", w, {&x, &w, &out}, a);
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = conv_cache.find(key);
+    if (it == conv_cache.end()) it = conv_cache.emplace(key, make_conv(x, w, b, out, a, res != nullptr)).first;
+    c = it->second;
+  }
+  auto& eng = cpu_engine();
+  dnnl::stream s(eng);
+  dnnl::memory src_user(c->src_plain, eng, data_of(x));
+  dnnl::memory dst_user(c->dst_plain, eng, data_of(out));
+  dnnl::memory src = c->src_reorder ? c->src : src_user;
+  dnnl::memory dst = c->dst_reorder ? c->dst : dst_user;
+  if (c->src_reorder) dnnl::reorder(src_user, src).execute(s, src_user, src);
+  if (res) {
+    dnnl::memory res_user(c->dst_plain, eng, data_of(*res));
+    if (c->dst_reorder) dnnl::reorder(res_user, dst).execute(s, res_user, dst);
+    else std::memcpy(data_of(out), data_of(*res), sizeof(float) * c->dst_plain.get_size() / sizeof(float));
+  }
+  std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, c->weights}, {DNNL_ARG_DST, dst}};
+  if (b) args[DNNL_ARG_BIAS] = c->bias;
+  c->prim.execute(s, args);
+  if (c->dst_reorder) dnnl::reorder(dst, dst_user).execute(s, dst, dst_user);
+  s.wait();
+}
+
+void conv2d(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_conv(x, w, &b, nullptr, attrs, out); }
+void conv2d_nobias(TensorView x, TensorView w, Shape attrs, TensorView out) { run_conv(x, w, nullptr, nullptr, attrs, out); }
+void conv2d_sum(TensorView x, TensorView w, TensorView b, TensorView res, Shape attrs, TensorView out) {
+  run_conv(x, w, &b, &res, attrs, out);
+}
+
+// x: (..., K) activations; w: (K, N) constant weights; bias: (N,). attrs: act, clip lo, hi.
+std::shared_ptr<MatMul> make_matmul(const TensorView& x, const TensorView& w, const TensorView* b, const Shape& a) {
+  auto& eng = cpu_engine();
+  int64_t k = w.shape()[0], n = w.shape()[1];
+  int64_t m = 1;
+  for (int i = 0; i + 1 < x.ndim(); ++i) m *= x.shape()[i];
+  auto m_ = std::make_shared<MatMul>();
+  m_->src_md = dnnl::memory::desc({m, k}, dt::f32, tag::ab);
+  m_->dst_md = dnnl::memory::desc({m, n}, dt::f32, tag::ab);
+  auto w_any = dnnl::memory::desc({k, n}, dt::f32, tag::any);
+  auto b_md = dnnl::memory::desc({1, n}, dt::f32, tag::ab);
+  auto desc = b ? dnnl::matmul::desc(m_->src_md, w_any, b_md, m_->dst_md) : dnnl::matmul::desc(m_->src_md, w_any, m_->dst_md);
+  dnnl::post_ops po;
+  append_act(po, a[0], bits_to_float(a[1]), bits_to_float(a[2]));
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(po);
+  auto pd = dnnl::matmul::primitive_desc(desc, attr, eng);
+  m_->prim = dnnl::matmul(pd);
+  dnnl::stream s(eng);
+  dnnl::memory w_user({{k, n}, dt::f32, tag::ab}, eng, data_of(w));
+  m_->weights = dnnl::memory(pd.weights_desc(), eng);
+  dnnl::reorder(w_user, m_->weights).execute(s, w_user, m_->weights);
+  if (b) {
+    m_->has_bias = true;
+    m_->bias = dnnl::memory(b_md, eng);
+    std::memcpy(m_->bias.get_data_handle(), data_of(*b), sizeof(float) * n);
+  }
+  s.wait();
+  return m_;
+}
+
+void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a, TensorView out) {
+  check_f32(x, "matmul input");
+  check_f32(w, "matmul weight");
+  check_f32(out, "matmul output");
+  if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
+  std::shared_ptr<MatMul> m;
+  {
+    std::string key = key_of(b ? "mm" : "mm-nobias", w, {&x, &w}, a);
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = matmul_cache.find(key);
+    if (it == matmul_cache.end()) it = matmul_cache.emplace(key, make_matmul(x, w, b, a)).first;
+    m = it->second;
+  }
+  auto& eng = cpu_engine();
+  dnnl::stream s(eng);
+  dnnl::memory src(m->src_md, eng, data_of(x));
+  dnnl::memory dst(m->dst_md, eng, data_of(out));
+  std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, m->weights}, {DNNL_ARG_DST, dst}};
+  if (m->has_bias) args[DNNL_ARG_BIAS] = m->bias;
+  m->prim.execute(s, args);
+  s.wait();
+}
+
+void matmul(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_matmul(x, w, &b, attrs, out); }
+void matmul_nobias(TensorView x, TensorView w, Shape attrs, TensorView out) { run_matmul(x, w, nullptr, attrs, out); }
+
+// Batched product of two activations, (B..., M, K) x (B..., K, N), both batch shapes equal;
+// transpose_b reads b as (B..., N, K) (attention's Q·Kᵀ without materialising Kᵀ).
+void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
+  check_f32(x, "batch_matmul lhs");
+  check_f32(y, "batch_matmul rhs");
+  check_f32(out, "batch_matmul output");
+  int nd = x.ndim();
+  if (nd < 3 || y.ndim() != nd || out.ndim() != nd || attrs.size() != 1) TVM_FFI_THROW(ValueError) << "optc oneDNN batch_matmul: equal ranks >= 3";
+  bool tb = attrs[0] != 0;
+  int64_t batch = 1;
+  for (int i = 0; i + 2 < nd; ++i) batch *= x.shape()[i];
+  int64_t m = x.shape()[nd - 2], k = x.shape()[nd - 1];
+  int64_t n = tb ? y.shape()[nd - 2] : y.shape()[nd - 1];
+  // No weights to cache: the primitive (shape-dependent JIT code) is what costs.
+  static std::unordered_map<std::string, std::shared_ptr<dnnl::matmul>> cache;
+  std::shared_ptr<dnnl::matmul> prim;
+  auto& eng = cpu_engine();
+  dnnl::memory::desc a_md({batch, m, k}, dt::f32, tag::abc);
+  dnnl::memory::desc b_md({batch, k, n}, dt::f32, tb ? tag::acb : tag::abc);
+  dnnl::memory::desc c_md({batch, m, n}, dt::f32, tag::abc);
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    std::ostringstream shape_key;
+    shape_key << batch << ',' << m << ',' << k << ',' << n << ',' << tb;
+    auto it = cache.find(shape_key.str());
+    if (it == cache.end()) {
+      auto pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), eng);
+      it = cache.emplace(shape_key.str(), std::make_shared<dnnl::matmul>(pd)).first;
+    }
+    prim = it->second;
+  }
+  dnnl::stream s(eng);
+  dnnl::memory a_mem(a_md, eng, data_of(x)), b_mem(b_md, eng, data_of(y)), c_mem(c_md, eng, data_of(out));
+  prim->execute(s, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
+  s.wait();
+}
+
+// The oneDNN version the artifact was linked against, checked by optc before it loads.
+tvm::ffi::String version() {
+  const dnnl_version_t* v = dnnl_version();
+  std::ostringstream s;
+  s << v->major << '.' << v->minor << '.' << v->patch;
+  return s.str();
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d, conv2d);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_nobias, conv2d_nobias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_sum, conv2d_sum);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul, matmul);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul_nobias, matmul_nobias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_batch_matmul, batch_matmul);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_version, version);

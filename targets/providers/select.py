@@ -1,0 +1,262 @@
+"""Choose, by measurement, which provider computes each heavy op chain.
+
+For every distinct workload (op, shapes, attributes, post-ops: never weight
+values) the candidates are built side by side in one small module, TVM's
+kernel compiled exactly as the model's will be (tuning records applied when
+the database has them, default schedules otherwise) and the provider's call,
+and timed in alternating blocks on random inputs; the faster wins. Choices
+are kept in ``providers.json`` in the tuning database folder, keyed by the
+workload, the target, the CPU and the library version, so a second compile
+measures nothing.
+
+Modes: ``auto`` (measure), ``tvm`` (never offload), ``onednn`` (offload every
+chain oneDNN can take, unmeasured).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optc.targets.providers import onednn
+from optc.targets.providers.chains import (
+    ACT_CLIP,
+    ACT_GELU_ERF,
+    ACT_RELU,
+    ACT_SIGMOID,
+    Chain,
+)
+from optc.targets.providers.offload import find_chains, offload, provider_call
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "tvm", "onednn")
+CHOICES = "providers.json"
+BLOCKS, RUNS = 3, 3
+CLEAR_WIN = 3.0  # after the first block, a candidate this many times slower is not timed further
+
+
+@dataclass
+class ProviderReport:
+    """What went where, and why; the report's ``target.providers`` section."""
+
+    mode: str
+    onednn: dict[str, Any] = field(default_factory=dict)  # available, version, reason
+    layout: str = "NCHW"
+    chains: int = 0
+    offloaded: list[dict[str, Any]] = field(default_factory=list)  # workload, ops, MACs, measured ms
+    kept: list[dict[str, Any]] = field(default_factory=list)  # chains TVM computes, with why
+    measured: int = 0  # workloads timed in this compile
+    reused: int = 0  # workloads whose choice came from providers.json
+    measure_seconds: float = 0.0
+    libraries: list[dict[str, str]] = field(default_factory=list)  # linked into model.so: name, soname, version
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @property
+    def link(self) -> bool:
+        return bool(self.offloaded)
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[Any], Any]) -> tuple[Any, ProviderReport]:
+    """``mod`` with the chains the chosen providers compute rewritten into their calls."""
+    if mode not in MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}")
+    report = ProviderReport(mode)
+    avail = onednn.availability()
+    report.onednn = {"available": avail.ok, "version": avail.version, "reason": avail.reason}
+    if mode == "tvm":
+        return mod, report
+    if not avail.ok:
+        logger.warning("oneDNN kernels unavailable (%s): every op compiles with TVM's own kernels", avail.reason)
+        return mod, report
+    from tvm import relax
+
+    if any(c.kind == "conv2d" for c in find_chains(mod)):
+        # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one.
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+        report.layout = "NHWC"
+    chains = find_chains(mod)
+    report.chains = len(chains)
+    if not chains:
+        return mod, report
+    if mode == "onednn":
+        winners = {c.workload() for c in chains}
+        timings: dict[str, dict[str, float]] = {}
+    else:
+        winners, timings = _measured_choices(chains, target, db_dir, compile_fn, report)
+    mod, taken = offload(mod, chains, lambda c: c.workload() in winners)
+    for chain in chains:
+        entry = {"workload": chain.workload(), "macs": chain.macs(), **timings.get(chain.workload(), {})}
+        (report.offloaded if any(c is chain for c in taken) else report.kept).append(entry)
+    if taken:
+        report.libraries = [{"name": "oneDNN", "soname": onednn.SONAME, "version": avail.version}]
+    return mod, report
+
+
+def _key(chain: Chain, target: Any, version: str) -> str:
+    text = json.dumps([chain.workload(), str(target), cpu_name(), version, onednn.glue_digest()], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _measured_choices(chains: list[Chain], target: Any, db_dir: Path, compile_fn: Callable[[Any], Any],
+                      report: ProviderReport) -> tuple[set[str], dict[str, dict[str, float]]]:
+    version = report.onednn["version"]
+    unique = {c.workload(): c for c in chains}
+    store = _Store(db_dir)
+    known = store.read()
+    todo = [c for w, c in unique.items() if _key(c, target, version) not in known]
+    report.reused = len(unique) - len(todo)
+    if todo:
+        start = time.perf_counter()
+        measured = measure(todo, target, compile_fn)
+        report.measure_seconds = time.perf_counter() - start
+        report.measured = len(todo)
+        known = store.update({_key(c, target, version): measured[c.workload()] for c in todo})
+    timings = {w: known[_key(c, target, version)] for w, c in unique.items()}
+    winners = {w for w, t in timings.items() if t["onednn_ms"] < t["tvm_ms"]}
+    return winners, timings
+
+
+class _Store:
+    """``providers.json``: choices shared by concurrent compiles (read-merge-replace under a lock)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / CHOICES
+
+    def read(self) -> dict[str, dict[str, float]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # absent or damaged: measured again, rewritten whole
+        return {k: v for k, v in data.items() if isinstance(v, dict) and {"onednn_ms", "tvm_ms"} <= v.keys()} if isinstance(data, dict) else {}
+
+    def update(self, new: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / (CHOICES + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            logger.warning("kernel choices not saved in %s: %s", self.folder, exc)
+            return new
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            merged = {**self.read(), **new}
+            with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".providers-", suffix=".json", delete=False) as tmp:
+                json.dump(merged, tmp, indent=1, sort_keys=True)
+            os.replace(tmp.name, self.path)
+            return merged
+        finally:
+            os.close(fd)
+
+
+def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
+    """The chain as the Relax ops TVM compiles (what the provider's call replaces)."""
+    from tvm import relax
+
+    R = relax.op
+    if chain.kind == "conv2d":
+        c = chain.conv
+        assert chain.weight is not None
+        w = chain.weight.transpose(0, 2, 3, 1) if c["nhwc"] else chain.weight
+        layouts = ("NHWC", "OHWI") if c["nhwc"] else ("NCHW", "OIHW")
+        t, l, b, r = c["padding"]  # type: ignore[misc]
+        y = bb.emit(R.nn.conv2d(x, relax.const(np.ascontiguousarray(w)), strides=c["strides"], padding=[t, l, b, r],
+                                dilation=c["dilation"], groups=c["groups"], data_layout=layouts[0], kernel_layout=layouts[1]))
+        if chain.bias is not None:
+            shape = (1, 1, 1, -1) if c["nhwc"] else (1, -1, 1, 1)
+            y = bb.emit(R.add(y, relax.const(chain.bias.reshape(shape))))
+    elif chain.kind == "matmul":
+        assert chain.weight is not None
+        y = bb.emit(R.matmul(x, relax.const(chain.weight)))
+        if chain.bias is not None:
+            y = bb.emit(R.add(y, relax.const(chain.bias)))
+    else:
+        y = bb.emit(R.matmul(x, other))
+    if residual is not None:
+        y = bb.emit(R.add(y, residual))
+    if chain.act == ACT_RELU:
+        y = bb.emit(R.nn.relu(y))
+    elif chain.act == ACT_SIGMOID:
+        y = bb.emit(R.sigmoid(y))
+    elif chain.act == ACT_CLIP:
+        y = bb.emit(R.clip(y, relax.prim_value(chain.clip[0]), relax.prim_value(chain.clip[1])))
+    elif chain.act == ACT_GELU_ERF:
+        erf = bb.emit(R.erf(bb.emit(R.divide(y, relax.const(np.float32(np.sqrt(2.0)))))))
+        y = bb.emit(R.multiply(bb.emit(R.multiply(y, bb.emit(R.add(erf, relax.const(np.float32(1.0)))))), relax.const(np.float32(0.5))))
+    return y
+
+
+def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
+    """Time TVM's kernel and oneDNN's for each chain, in one module, in alternating blocks."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    inputs: list[list[np.ndarray]] = []
+    rng = np.random.default_rng(0)
+    for i, chain in enumerate(chains):
+        shapes = [chain.in_shapes[0]] + ([chain.in_shapes[1]] if chain.other is not None else []) + ([chain.out_shape] if chain.residual is not None else [])
+        arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        inputs.append(arrays)
+        for kind in ("tvm", "dnn"):
+            params = [relax.Var(f"a{j}", relax.TensorType(list(s), "float32")) for j, s in enumerate(shapes)]
+            x = params[0]
+            other = params[1] if chain.other is not None else None
+            residual = params[-1] if chain.residual is not None else None
+            with bb.function(f"{kind}_{i}", params):
+                with bb.dataflow():
+                    y = reference(bb, chain, x, other, residual) if kind == "tvm" else bb.emit(provider_call(chain, x, other, residual))
+                    out = bb.emit_output(y)
+                bb.emit_func_output(out)
+    executable = compile_fn(bb.get())
+    with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
+        path = Path(tmp) / "kernels.so"
+        executable.export_library(str(path), addons=[str(onednn.glue_object())], options=onednn.link_options())
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+        results = {}
+        for i, chain in enumerate(chains):
+            args = [tvm.runtime.tensor(a) for a in inputs[i]]
+            results[chain.workload()] = _race({"tvm_ms": lambda i=i, a=args: vm[f"tvm_{i}"](*a),
+                                               "onednn_ms": lambda i=i, a=args: vm[f"dnn_{i}"](*a)})
+            logger.info("kernels: %s  tvm %.3f ms  onednn %.3f ms", chain.workload(), results[chain.workload()]["tvm_ms"],
+                        results[chain.workload()]["onednn_ms"])
+    return results
+
+
+def _race(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Lowest block median per candidate, blocks in turn; a candidate far behind after one block stops early."""
+    for fn in fns.values():
+        fn()  # first call: the provider builds its primitive and packs weights
+    best: dict[str, float] = {}
+    for block in range(BLOCKS):
+        for key, fn in fns.items():
+            times = []
+            for _ in range(RUNS):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1000)
+            best[key] = min(best.get(key, float("inf")), float(np.median(times)))
+        if block == 0 and max(best.values()) > CLEAR_WIN * min(best.values()):
+            break
+    return best

@@ -1,0 +1,197 @@
+"""Kernel providers: which chains are found, what oneDNN computes, how choices are measured and kept."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import make_model, ort_run, rand
+from onnx import helper, numpy_helper
+from optc.cli.main import cli
+from optc.errors import TargetError
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+
+def onednn_or_skip():
+    from optc.targets.providers import onednn
+
+    avail = onednn.availability()
+    if not avail.ok:
+        pytest.skip(f"oneDNN provider unavailable: {avail.reason}")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+
+
+def _w(name, *shape, seed=0, scale=0.2):
+    return numpy_helper.from_array((np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def residual_cnn() -> onnx.ModelProto:
+    """conv+bias+relu, conv+bias (+ the block input) + relu, a grouped stride-2 conv with Clip, a pool and a GELU FC."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2], group=4),
+        helper.make_node("Clip", ["c3", "lo", "hi"], ["k"]),
+        helper.make_node("GlobalAveragePool", ["k"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("MatMul", ["f", "wf"], ["m"]),
+        helper.make_node("Add", ["m", "bf"], ["h"]),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["h", "e1"], ["he"]),
+        helper.make_node("Mul", ["he", "half"], ["y"]),
+    ]
+    inits = [
+        _w("w1", 8, 3, 3, 3, seed=1), _w("b1", 8, seed=2), _w("w2", 8, 8, 3, 3, seed=3), _w("b2", 8, seed=4),
+        _w("w3", 16, 2, 3, 3, seed=5), _w("wf", 16, 10, seed=6), _w("bf", 10, seed=7),
+        numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi"),
+        numpy_helper.from_array(np.float32(np.sqrt(2.0)), "sqrt2"), numpy_helper.from_array(np.float32(1.0), "one"),
+        numpy_helper.from_array(np.float32(0.5), "half"),
+    ]
+    return make_model(nodes, [("x", [1, 3, 16, 16])], [("y", [1, 10])], inits)
+
+
+def attention() -> onnx.ModelProto:
+    """Q·Kᵀ and P·V between activations (batched), each behind a constant projection."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "x"], ["y"]),
+    ]
+    return make_model(nodes, [("x", [2, 12, 16])], [("y", [2, 12, 16])], [_w("wq", 16, 16, seed=1), _w("wk", 16, 16, seed=2)])
+
+
+def relax_of(model):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(model, keep_params_in_input=False)
+
+
+def test_chains_absorb_bias_residual_and_activations():
+    from optc.targets.providers.offload import find_chains
+
+    chains = {c.workload(): c for c in find_chains(relax_of(residual_cnn()))}
+    kinds = sorted(w.split("/")[0] + ":" + "/".join(p for p in w.split("/")[-3:] if p in ("b", "r", "relu", "clip", "gelu")) for w in chains)
+    assert kinds == ["conv2d:", "conv2d:b/r/relu", "conv2d:b/relu", "matmul:b/gelu"], kinds
+    grouped = next(c for c in chains.values() if c.conv.get("groups") == 4)
+    # TVM imports Clip with tensor bounds as call_tir(maximum/minimum), which stays outside the chain
+    assert grouped.act == 0 and grouped.bias is None and grouped.conv["strides"] == (2, 2)
+    first = next(c for c in chains.values() if c.conv.get("groups") == 1 and c.residual is None)
+    assert first.bias is not None and first.act == 1
+
+
+def test_value_used_twice_is_not_absorbed():
+    """relu(conv) also feeds the output: the Relu may not disappear into the conv's post-ops."""
+    from optc.targets.providers.offload import find_chains
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Add", ["r", "c"], ["y"])]
+    model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 4, 8, 8])], [_w("w", 4, 4, 3, 3)])
+    (chain,) = find_chains(relax_of(model))
+    assert chain.act == 0 and chain.residual is None
+
+
+@pytest.mark.parametrize("build", [residual_cnn, attention], ids=["cnn", "attention"])
+def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
+    onednn_or_skip()
+    from optc.targets.artifact import load_artifact
+
+    model = build()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    res = invoke("compile", path, "-o", out, "--target", "x86", "--kernels", "onednn", "--no-latency", "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
+    assert report["offloaded"] and not report["kept"], report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runtime"]["libraries"][0]["name"] == "oneDNN"
+    name = model.graph.input[0].name
+    feeds = {name: rand(*[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], seed=3)}
+    got = load_artifact(out).run(feeds)
+    want = ort_run(model, feeds)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_measures_once_then_reuses(tmp_path):
+    onednn_or_skip()
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_cnn(), path)
+    db = tmp_path / "db"
+    sections = []
+    for run in ("a", "b"):
+        res = invoke("compile", path, "-o", tmp_path / run, "--target", "x86", "--no-latency", "--tuning-db", db)
+        assert res.exit_code == 0, res.output
+        sections.append(json.loads((tmp_path / run / "report.json").read_text())["target"]["tuning"]["providers"])
+    first, second = sections
+    assert first["measured"] == 4 and first["reused"] == 0
+    assert second["measured"] == 0 and second["reused"] == 4
+    for entry in first["offloaded"] + first["kept"]:
+        assert entry["tvm_ms"] > 0 and entry["onednn_ms"] > 0
+        # the faster candidate was kept, whichever it was
+        assert (entry in first["offloaded"]) == (entry["onednn_ms"] < entry["tvm_ms"])
+    assert [e["workload"] for e in first["offloaded"]] == [e["workload"] for e in second["offloaded"]]
+    stored = json.loads((db / "providers.json").read_text())
+    assert len(stored) == 4
+
+
+def test_tvm_kernels_link_nothing(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_cnn(), path)
+    res = invoke("compile", path, "-o", tmp_path / "o", "--target", "x86", "--kernels", "tvm", "--no-latency", "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["runtime"]["libraries"] == []
+    providers = json.loads((tmp_path / "o" / "report.json").read_text())["target"]["tuning"]["providers"]
+    assert providers["offloaded"] == [] and providers["mode"] == "tvm"
+
+
+def test_missing_or_mismatched_library_is_a_clear_error(monkeypatch):
+    from optc.targets.artifact import check_libraries
+    from optc.targets.providers import onednn
+
+    monkeypatch.setattr(onednn, "runtime_version", lambda: None)
+    with pytest.raises(TargetError, match="libdnnl.so.2 is not installed"):
+        check_libraries({"runtime": {"libraries": [{"name": "oneDNN", "version": "2.6.3"}]}})
+    monkeypatch.setattr(onednn, "runtime_version", lambda: "3.1.0")
+    with pytest.raises(TargetError, match="major versions differ"):
+        check_libraries({"runtime": {"libraries": [{"name": "oneDNN", "version": "2.6.3"}]}})
+    with pytest.raises(TargetError, match="'BLAS9'"):
+        check_libraries({"runtime": {"libraries": [{"name": "BLAS9"}]}})
+    check_libraries({})  # artifacts from before providers: nothing to check
+
+
+def test_default_cpu_schedule_keeps_results():
+    """Light functions get threads and vectors; the numbers must not move."""
+    import tvm
+    from optc.targets.cpu_schedule import default_schedules
+    from tvm import relax
+
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]), helper.make_node("Softmax", ["t"], ["s"], axis=-1),
+             helper.make_node("MaxPool", ["s"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 32, 40, 48])], [("y", [1, 40, 48, 32])])
+    target = tvm.target.Target({"kind": "llvm"})
+    mod = relax_of(model)
+    with target:
+        fused = tvm.transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                          relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    scheduled, count = default_schedules(fused)
+    assert count >= 2
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target=target), tvm.cpu())
+    x = rand(1, 32, 40, 48, seed=1)
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-6)
