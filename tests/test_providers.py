@@ -105,7 +105,7 @@ def test_value_used_twice_is_not_absorbed():
     assert chain.act == 0 and chain.residual is None
 
 
-@pytest.mark.parametrize("build", [residual_cnn, attention], ids=["cnn", "attention"])
+@pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block()], ids=["cnn", "attention", "downsample"])
 def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
     onednn_or_skip()
     from optc.targets.artifact import load_artifact
@@ -195,3 +195,28 @@ def test_default_cpu_schedule_keeps_results():
     vm = relax.VirtualMachine(tvm.compile(scheduled, target=target), tvm.cpu())
     x = rand(1, 32, 40, 48, seed=1)
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-6)
+
+
+
+def downsample_block() -> onnx.ModelProto:
+    """ResNet's downsample block: add(conv3x3 + b, conv1x1 + b), then ReLU."""
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["x", "wb", "bb"], ["b"], strides=[2, 2]),
+             helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    return make_model(nodes, [("x", [1, 8, 16, 16])], [("y", [1, 16, 8, 8])],
+                      [_w("wa", 16, 8, 3, 3, seed=1), _w("ba", 16, seed=2), _w("wb", 16, 8, 1, 1, seed=3), _w("bb", 16, seed=4)])
+
+
+def test_residual_add_joining_two_convolutions_goes_to_one_of_them():
+    """Both convolutions claim the add as their residual; one gets it, the other ends at its bias, both leave TVM."""
+    from optc.targets.providers.chains import op_name
+    from optc.targets.providers.offload import find_chains, offload
+
+    mod = relax_of(downsample_block())
+    chains = find_chains(mod)
+    assert len(chains) == 2 and sum(c.residual is not None for c in chains) == 1
+    assert not chains[0].end.same_as(chains[1].end)
+    rewritten, taken = offload(mod, chains, lambda c: True)
+    assert len(taken) == 2
+    left = [op_name(b.value) for block in rewritten["main"].body.blocks for b in block.bindings]
+    assert "relax.nn.conv2d" not in left and "relax.nn.relu" not in left and "relax.add" not in left, left

@@ -43,6 +43,7 @@ class Chain:
     clip: tuple[float, float] = (0.0, 0.0)
     conv: dict[str, tuple[int, ...] | int] = field(default_factory=dict)  # strides, padding (t,l,b,r), dilation, groups, nhwc
     in_shapes: tuple[tuple[int, ...], ...] = ()
+    absorbed: list[Any] = field(default_factory=list)  # the calls after the heavy op, up to ``end``
 
     def workload(self) -> str:
         """What the kernel's speed depends on: shapes, attributes and post-ops, never weight values."""
@@ -118,6 +119,8 @@ class ChainFinder:
             self.pinned.add(used)
             self.users.setdefault(used, []).append(None)  # used by the function's result
         self.bindings = [b for block in func.body.blocks for b in block.bindings if isinstance(b, relax.VarBinding)]
+        # Calls already inside a chain: a residual add joining two convolutions belongs to one of them only.
+        self.claimed: set[Any] = set()
 
     def find(self) -> list[Chain]:
         chains: list[Chain] = []
@@ -131,6 +134,7 @@ class ChainFinder:
                 chain = self._matmul(value)
             if chain is not None:
                 chains.append(chain)
+                self.claimed.update(chain.absorbed)
         return chains
 
     # --- helpers ---------------------------------------------------------------
@@ -160,7 +164,9 @@ class ChainFinder:
         if var is None or var in self.pinned:
             return None
         users = self.users.get(var, [])
-        return users[0] if len(users) == 1 and users[0] is not None else None
+        if len(users) != 1 or users[0] is None or users[0] in self.claimed:
+            return None
+        return users[0]
 
     def _other_arg(self, call: Any, var: Any) -> Any:
         a, b = call.args[0], call.args[1]
@@ -220,6 +226,7 @@ class ChainFinder:
             elif not self._activation(chain, user):
                 return chain
             chain.end = user
+            chain.absorbed.append(user)
 
     def _activation(self, chain: Chain, user: Any) -> bool:
         name = op_name(user)
@@ -267,13 +274,16 @@ class ChainFinder:
             const = None if other is None else self._const(other)
             if const is not None and const.size == n and const.shape[-1:] == (n,):
                 chain.bias, chain.end = const.reshape(n).astype(np.float32), user
+                chain.absorbed.append(user)
         gelu_end = self._gelu(chain.end)
         if gelu_end is not None:
             chain.act, chain.end = ACT_GELU_ERF, gelu_end
+            chain.absorbed.append(gelu_end)
         else:
             user = self._sole_user(chain.end)
             if user is not None and self._activation(chain, user) and chain.act != ACT_CLIP:
                 chain.end = user
+                chain.absorbed.append(user)
             else:
                 chain.act = ACT_NONE
         return chain
