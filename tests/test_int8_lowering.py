@@ -231,9 +231,16 @@ def test_float_model_is_untouched():
 
 
 @pytest.mark.slow
-def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path):
+@pytest.mark.parametrize(
+    ("kernels", "quantize"),
+    [("tvm", "quantize:reduce_range=false"), ("onednn", "quantize:reduce_range=false"),
+     ("onednn", "quantize:activation_type=int8,reduce_range=false")],
+    ids=["tvm-uint8", "onednn-uint8", "onednn-int8"],
+)
+def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantize):
     """The bundled CNN through the CLI: every region lowered, accuracy of the int8 artifact
-    vs the fp32 artifact on the 1,000 test samples, outputs vs onnxruntime within a step."""
+    vs the fp32 artifact on the 1,000 test samples, outputs vs onnxruntime within a step,
+    with TVM's integer kernels and with oneDNN's (u8 and s8 activations)."""
     import json
 
     from click.testing import CliRunner
@@ -241,12 +248,17 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path):
     from optc.cli.main import cli
     from optc.targets.artifact import load_artifact
 
+    if kernels == "onednn":
+        from optc.targets.providers import onednn
+
+        if not onednn.availability().ok:
+            pytest.skip(f"oneDNN provider unavailable: {onednn.availability().reason}")
     db = tmp_path / "db"
-    common = ["--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", str(db)]
+    common = ["--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", str(db), "--kernels", kernels]
     runner = CliRunner()
     res = runner.invoke(
         cli,
-        ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "int8"), "--pass", "canonicalize", "--pass", "quantize:reduce_range=false",
+        ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "int8"), "--pass", "canonicalize", "--pass", quantize,
          "--calib", str(SAMPLE / "calib.npz"), *common],
         catch_exceptions=False,
     )
@@ -254,6 +266,11 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path):
     assert "int8 (TVM): 8 regions lowered to integer kernels" in res.output
     report = json.loads((tmp_path / "int8" / "report.json").read_text())
     assert report["target"]["int8"]["lowered"] == 8 and report["target"]["int8"]["left_float"] == []
+    providers = report["target"]["tuning"]["providers"]
+    if kernels == "onednn":  # every integer conv and matmul chain, in oneDNN's int8 kernels
+        assert len(providers["offloaded"]) == 8 and all("int8" in e["workload"] for e in providers["offloaded"]), providers
+    else:
+        assert providers["offloaded"] == []
     res = runner.invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "fp32"), *common], catch_exceptions=False)
     assert res.exit_code == 0, res.output
 

@@ -44,10 +44,14 @@ class Chain:
     conv: dict[str, tuple[int, ...] | int] = field(default_factory=dict)  # strides, padding (t,l,b,r), dilation, groups, nhwc
     in_shapes: tuple[tuple[int, ...], ...] = ()
     absorbed: list[Any] = field(default_factory=list)  # the calls after the heavy op, up to ``end``
+    # int8 chains (``x_q ⊛ W_q`` in int32, then ``(acc - comp) · scale`` in float, as targets/int8_relax.py writes them):
+    src_dtype: str = "float32"  # uint8 / int8 for an int8 chain
+    scale: np.ndarray | None = None  # float32 per output channel
+    comp: np.ndarray | None = None  # int32 per output channel: the input zero point's share of the accumulator
 
     def workload(self) -> str:
         """What the kernel's speed depends on: shapes, attributes and post-ops, never weight values."""
-        parts = [self.kind, "x".join(map(str, self.in_shapes[0]))]
+        parts = [self.kind if self.src_dtype == "float32" else f"{self.kind}_{self.src_dtype}", "x".join(map(str, self.in_shapes[0]))]
         if self.weight is not None:
             parts.append("w" + "x".join(map(str, self.weight.shape)))
         if self.other is not None:
@@ -150,6 +154,15 @@ class ChainFinder:
             inner = self._const(expr.args[0])
             shape = static_shape(expr)
             return None if inner is None or shape is None else inner.reshape(shape)
+        if name == "relax.dequantize":  # an int8 model's bias: int32 values, their scale and zero point
+            q, scale, zero = (self._const(a) for a in expr.args[:3])
+            if q is None or scale is None or zero is None:
+                return None
+            shape = [1] * q.ndim
+            if q.ndim and scale.size > 1:
+                shape[int(expr.attrs.axis) % q.ndim] = -1
+            value = (q.astype(np.float64) - zero.astype(np.float64).reshape(shape)) * scale.astype(np.float64).reshape(shape)
+            return value.astype(np.float32)
         if name == "relax.permute_dims":
             inner = self._const(expr.args[0])
             if inner is None:
@@ -188,23 +201,30 @@ class ChainFinder:
         if layouts not in (("NCHW", "OIHW", "NCHW"), ("NHWC", "OHWI", "NHWC")):
             return None
         nhwc = layouts[0] == "NHWC"
-        if dtype_of(call) != "float32" or dtype_of(call.args[0]) != "float32":
+        src, out = dtype_of(call.args[0]), dtype_of(call)
+        int8 = src in ("uint8", "int8") and out == "int32"
+        if not int8 and (src, out) != ("float32", "float32"):
             return None
         weight = self._const(call.args[1])
         x_shape, out_shape = static_shape(call.args[0]), static_shape(call)
         if weight is None or weight.ndim != 4 or x_shape is None or out_shape is None or len(x_shape) != 4:
+            return None
+        if int8 and weight.dtype != np.int8:
             return None
         if nhwc:
             weight = weight.transpose(0, 3, 1, 2)  # OHWI -> OIHW, the glue's one weight layout
         pad = [int(p) for p in attrs.padding]
         padding = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad)
         chain = Chain(
-            "conv2d", call, call.args[0], out_shape, weight=weight.astype(np.float32), in_shapes=(x_shape,),
+            "conv2d", call, call.args[0], out_shape, weight=np.ascontiguousarray(weight, dtype=np.int8 if int8 else np.float32),
+            in_shapes=(x_shape,), src_dtype=src,
             conv={"strides": tuple(int(s) for s in attrs.strides), "padding": padding,
                   "dilation": tuple(int(d) for d in attrs.dilation), "groups": int(attrs.groups), "nhwc": int(nhwc)},
         )
         channels = out_shape[3] if nhwc else out_shape[1]
         bias_shapes = ((channels,), (1, 1, 1, channels)) if nhwc else ((channels,), (channels, 1, 1), (1, channels, 1, 1))
+        if int8 and not self._requantised(chain, channels, bias_shapes):
+            return None
         while True:
             user = self._sole_user(chain.end)
             if user is None or chain.act != ACT_NONE:
@@ -227,6 +247,35 @@ class ChainFinder:
                 return chain
             chain.end = user
             chain.absorbed.append(user)
+
+    def _requantised(self, chain: Chain, channels: int, shapes: tuple[tuple[int, ...], ...]) -> bool:
+        """Absorb ``astype(acc - comp, float32) · scale`` after an int32 accumulator; False when it is not there."""
+        steps = []
+        user = self._sole_user(chain.end)
+        if op_name(user) == "relax.subtract" and user.args[0].same_as(self.binding_of[chain.end]):
+            comp = self._const(user.args[1])
+            if comp is None or comp.dtype != np.int32 or comp.size != channels or comp.shape not in shapes:
+                return False
+            chain.comp = comp.reshape(channels)
+            steps.append(user)
+            user = self._sole_user(user)
+        if op_name(user) != "relax.astype" or str(user.attrs.dtype) != "float32":
+            return False
+        steps.append(user)
+        user = self._sole_user(user)
+        if op_name(user) != "relax.multiply":
+            return False
+        scale = self._const(self._other_arg(user, self.binding_of[steps[-1]]))
+        if scale is None or scale.size not in (1, channels) or (scale.size > 1 and scale.shape not in shapes):
+            return False
+        scale = np.broadcast_to(scale.astype(np.float32).reshape(-1), (channels,)).copy()
+        if not np.all(np.isfinite(scale)) or np.any(scale == 0):
+            return False  # the glue folds the bias as bias / scale
+        chain.scale = scale
+        steps.append(user)
+        chain.end = user
+        chain.absorbed.extend(steps)
+        return True
 
     def _activation(self, chain: Chain, user: Any) -> bool:
         name = op_name(user)
@@ -254,20 +303,27 @@ class ChainFinder:
 
     def _matmul(self, call: Any) -> Chain | None:
         x, y = call.args
-        if dtype_of(call) != "float32" or dtype_of(x) != "float32" or dtype_of(y) != "float32":
+        int8 = dtype_of(x) in ("uint8", "int8") and dtype_of(call) == "int32"
+        if not int8 and (dtype_of(call) != "float32" or dtype_of(x) != "float32" or dtype_of(y) != "float32"):
             return None
         x_shape, y_shape, out_shape = static_shape(x), static_shape(y), static_shape(call)
         if x_shape is None or y_shape is None or out_shape is None or len(x_shape) < 2:
             return None
         weight = self._const(y)
+        if int8 and (weight is None or weight.dtype != np.int8):
+            return None
         if weight is None:
             if self._const(x) is not None or len(x_shape) < 3 or len(y_shape) != len(x_shape) or x_shape[:-2] != y_shape[:-2]:
                 return None
             return Chain("batch_matmul", call, x, out_shape, other=y, in_shapes=(x_shape, y_shape))
         if weight.ndim != 2:
             return None
-        chain = Chain("matmul", call, x, out_shape, weight=np.ascontiguousarray(weight, dtype=np.float32), in_shapes=(x_shape,))
+        chain = Chain("matmul", call, x, out_shape, weight=np.ascontiguousarray(weight, dtype=np.int8 if int8 else np.float32),
+                      in_shapes=(x_shape,), src_dtype=dtype_of(x))
         n = weight.shape[1]
+        if int8 and not self._requantised(chain, n, ((n,), (1, n), (1, 1, n))):
+            return None
+        call = chain.end
         user = self._sole_user(call)
         if user is not None and op_name(user) == "relax.add":
             other = self._other_arg(user, self.binding_of[call])

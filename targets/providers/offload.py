@@ -42,6 +42,8 @@ def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = No
     out_ty = relax.TensorType(list(chain.out_shape), "float32")
     lo, hi = chain.clip if chain.act == ACT_CLIP else (0.0, 0.0)
     act = [chain.act, float_bits(lo), float_bits(hi)]
+    if chain.scale is not None:
+        return _int8_call(chain, data, residual, act, out_ty)
     if chain.kind == "conv2d":
         assert chain.weight is not None
         c = chain.conv
@@ -63,6 +65,30 @@ def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = No
             name = "optc_dnnl_matmul_nobias"
     else:
         name, args, attrs = "optc_dnnl_batch_matmul", [data, other], [0]
+    return relax.call_dps_packed(name, [*args, relax.ShapeExpr([int(a) for a in attrs])], out_ty)
+
+
+def int8_bias(chain: Chain) -> np.ndarray:
+    """The bias oneDNN adds before its output scale: ``(bias - scale·comp) / scale`` per output channel."""
+    assert chain.scale is not None
+    scale = chain.scale.astype(np.float64)
+    bias = np.zeros_like(scale) if chain.bias is None else chain.bias.astype(np.float64)
+    if chain.comp is not None:
+        bias = bias - scale * chain.comp.astype(np.float64)
+    return (bias / scale).astype(np.float32)
+
+
+def _int8_call(chain: Chain, data: Any, residual: Any, act: list[int], out_ty: Any) -> Any:
+    assert chain.weight is not None and chain.scale is not None
+    args = [data, relax.const(chain.weight, "int8"), relax.const(int8_bias(chain)), relax.const(chain.scale)]
+    if chain.kind == "conv2d":
+        c = chain.conv
+        attrs = [*c["strides"], *c["padding"], *c["dilation"], c["groups"], *act, c["nhwc"]]  # type: ignore[misc]
+        name = "optc_dnnl_conv2d_q"
+        if residual is not None:
+            name, args = "optc_dnnl_conv2d_q_sum", [*args, residual]
+    else:
+        name, attrs = "optc_dnnl_matmul_q", act
     return relax.call_dps_packed(name, [*args, relax.ShapeExpr([int(a) for a in attrs])], out_ty)
 
 

@@ -49,6 +49,22 @@ void check_f32(const TensorView& t, const char* what) {
   if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "optc oneDNN: " << what << " must be contiguous";
 }
 
+void check_int8(const TensorView& t, const char* what) {
+  DLDataType d = t.dtype();
+  if (d.bits != 8 || d.lanes != 1 || (d.code != kDLInt && d.code != kDLUInt)) TVM_FFI_THROW(TypeError) << "optc oneDNN: " << what << " must be int8 or uint8";
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "optc oneDNN: " << what << " must be contiguous";
+}
+
+dt dtype_of(const TensorView& t) {
+  DLDataType d = t.dtype();
+  if (d.code == kDLFloat && d.bits == 32) return dt::f32;
+  if (d.code == kDLUInt && d.bits == 8) return dt::u8;
+  if (d.code == kDLInt && d.bits == 8) return dt::s8;
+  TVM_FFI_THROW(TypeError) << "optc oneDNN: unsupported dtype";
+}
+
+void* raw_of(const TensorView& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
 float bits_to_float(int64_t v) {
   uint32_t u = static_cast<uint32_t>(v);
   float f;
@@ -74,17 +90,23 @@ void append_act(dnnl::post_ops& po, int64_t act, float lo, float hi) {
 }
 
 // A call site's cache key: the weight buffer's address (constants of a loaded artifact do not move;
-// activations do, between runs) plus every shape and attribute.
-std::string key_of(const char* op, const TensorView& weight, std::initializer_list<const TensorView*> ts, const Shape& attrs) {
-  std::ostringstream k;
-  k << op << '@' << reinterpret_cast<uintptr_t>(weight.data_ptr());
+// activations do, between runs) plus every shape and attribute, as raw bytes (no formatting per call).
+std::string key_of(char op, const TensorView& weight, std::initializer_list<const TensorView*> ts, const Shape& attrs) {
+  std::string k(1, op);
+  auto put = [&k](int64_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(static_cast<int64_t>(reinterpret_cast<uintptr_t>(weight.data_ptr())));
   for (const TensorView* t : ts) {
-    k << '|';
-    for (int i = 0; i < t->ndim(); ++i) k << ',' << t->shape()[i];
+    put(t->ndim());
+    for (int i = 0; i < t->ndim(); ++i) put(t->shape()[i]);
   }
-  k << '#';
-  for (size_t i = 0; i < attrs.size(); ++i) k << attrs[i] << ',';
-  return k.str();
+  for (size_t i = 0; i < attrs.size(); ++i) put(attrs[i]);
+  return k;
+}
+
+// One stream per calling thread: streams are cheap to keep and not meant for concurrent use.
+dnnl::stream& cpu_stream() {
+  thread_local dnnl::stream stream(cpu_engine());
+  return stream;
 }
 
 struct Conv {
@@ -112,8 +134,9 @@ dnnl::memory::dims nchw_dims(const TensorView& t, bool nhwc) {
 }
 
 // attrs: stride h,w; pad top,left,bottom,right; dilation h,w; groups; act; clip lo,hi (float bits); nhwc
+// int8 (scales given): x u8/s8, w s8, dst f32 = scales[oc] · (x ⊛ w + b[oc]) (oneDNN 2.x scales the bias too).
 std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out,
-                                const Shape& a, bool sum) {
+                                const Shape& a, bool sum, const TensorView* scales = nullptr) {
   if (a.size() != 13) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: expected 13 attributes, got " << a.size();
   auto& eng = cpu_engine();
   bool nhwc = a[12] != 0;
@@ -127,9 +150,10 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
     wtag = tag::goihw;
   }
   // oneDNN picks its own activation layout (blocked for NCHW); an NHWC model is served in place.
-  auto src_any = dnnl::memory::desc(nchw_dims(x, nhwc), dt::f32, nhwc ? tag::nhwc : tag::any);
+  dt src_dt = dtype_of(x), w_dt = scales ? dt::s8 : dt::f32;
+  auto src_any = dnnl::memory::desc(nchw_dims(x, nhwc), src_dt, nhwc ? tag::nhwc : tag::any);
   auto dst_any = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, nhwc ? tag::nhwc : tag::any);
-  auto w_any = dnnl::memory::desc(wdims, dt::f32, tag::any);
+  auto w_any = dnnl::memory::desc(wdims, w_dt, tag::any);
   auto b_md = dnnl::memory::desc({wd[0]}, dt::f32, tag::x);
   dnnl::memory::dims strides = {a[0], a[1]}, dil = {a[6] - 1, a[7] - 1}, pl = {a[2], a[3]}, pr = {a[4], a[5]};
   auto desc = b ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
@@ -141,19 +165,23 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
   append_act(po, a[9], bits_to_float(a[10]), bits_to_float(a[11]));
   dnnl::primitive_attr attr;
   attr.set_post_ops(po);
+  if (scales) {
+    const float* sp = static_cast<const float*>(raw_of(*scales));
+    attr.set_output_scales(1 << 1, std::vector<float>(sp, sp + wd[0]));
+  }
   auto pd = dnnl::convolution_forward::primitive_desc(desc, attr, eng);
 
   auto c = std::make_shared<Conv>();
   c->prim = dnnl::convolution_forward(pd);
   dnnl::stream s(eng);
-  dnnl::memory w_user({wdims, dt::f32, wtag}, eng, data_of(w));
+  dnnl::memory w_user({wdims, w_dt, wtag}, eng, raw_of(w));
   c->weights = dnnl::memory(pd.weights_desc(), eng);
   dnnl::reorder(w_user, c->weights).execute(s, w_user, c->weights);
   if (b) {
     c->bias = dnnl::memory(b_md, eng);
     std::memcpy(c->bias.get_data_handle(), data_of(*b), sizeof(float) * wd[0]);
   }
-  c->src_plain = dnnl::memory::desc(nchw_dims(x, nhwc), dt::f32, plain);
+  c->src_plain = dnnl::memory::desc(nchw_dims(x, nhwc), src_dt, plain);
   c->dst_plain = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, plain);
   c->src_reorder = pd.src_desc() != c->src_plain;
   c->dst_reorder = pd.dst_desc() != c->dst_plain;
@@ -163,22 +191,29 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
   return c;
 }
 
-void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out) {
-  check_f32(x, "conv2d input");
-  check_f32(w, "conv2d weight");
+void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out,
+              const TensorView* scales = nullptr) {
+  if (scales) {
+    check_int8(x, "conv2d input");
+    check_int8(w, "conv2d weight");
+    check_f32(*scales, "conv2d scales");
+  } else {
+    check_f32(x, "conv2d input");
+    check_f32(w, "conv2d weight");
+  }
   check_f32(out, "conv2d output");
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
   std::shared_ptr<Conv> c;
   {
-    std::string key = key_of(res ? "conv+sum" : b ? "conv" : "conv-nobias", w, {&x, &w, &out}, a);
+    std::string key = key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', w, {&x, &w, &out}, a);
     std::lock_guard<std::mutex> lock(cache_mutex);
     auto it = conv_cache.find(key);
-    if (it == conv_cache.end()) it = conv_cache.emplace(key, make_conv(x, w, b, out, a, res != nullptr)).first;
+    if (it == conv_cache.end()) it = conv_cache.emplace(key, make_conv(x, w, b, out, a, res != nullptr, scales)).first;
     c = it->second;
   }
   auto& eng = cpu_engine();
-  dnnl::stream s(eng);
-  dnnl::memory src_user(c->src_plain, eng, data_of(x));
+  dnnl::stream& s = cpu_stream();
+  dnnl::memory src_user(c->src_plain, eng, raw_of(x));
   dnnl::memory dst_user(c->dst_plain, eng, data_of(out));
   dnnl::memory src = c->src_reorder ? c->src : src_user;
   dnnl::memory dst = c->dst_reorder ? c->dst : dst_user;
@@ -200,27 +235,39 @@ void conv2d_nobias(TensorView x, TensorView w, Shape attrs, TensorView out) { ru
 void conv2d_sum(TensorView x, TensorView w, TensorView b, TensorView res, Shape attrs, TensorView out) {
   run_conv(x, w, &b, &res, attrs, out);
 }
+void conv2d_q(TensorView x, TensorView w, TensorView b, TensorView scales, Shape attrs, TensorView out) {
+  run_conv(x, w, &b, nullptr, attrs, out, &scales);
+}
+void conv2d_q_sum(TensorView x, TensorView w, TensorView b, TensorView scales, TensorView res, Shape attrs, TensorView out) {
+  run_conv(x, w, &b, &res, attrs, out, &scales);
+}
 
 // x: (..., K) activations; w: (K, N) constant weights; bias: (N,). attrs: act, clip lo, hi.
-std::shared_ptr<MatMul> make_matmul(const TensorView& x, const TensorView& w, const TensorView* b, const Shape& a) {
+std::shared_ptr<MatMul> make_matmul(const TensorView& x, const TensorView& w, const TensorView* b, const Shape& a,
+                                    const TensorView* scales = nullptr) {
   auto& eng = cpu_engine();
   int64_t k = w.shape()[0], n = w.shape()[1];
   int64_t m = 1;
   for (int i = 0; i + 1 < x.ndim(); ++i) m *= x.shape()[i];
   auto m_ = std::make_shared<MatMul>();
-  m_->src_md = dnnl::memory::desc({m, k}, dt::f32, tag::ab);
+  dt w_dt = scales ? dt::s8 : dt::f32;
+  m_->src_md = dnnl::memory::desc({m, k}, dtype_of(x), tag::ab);
   m_->dst_md = dnnl::memory::desc({m, n}, dt::f32, tag::ab);
-  auto w_any = dnnl::memory::desc({k, n}, dt::f32, tag::any);
+  auto w_any = dnnl::memory::desc({k, n}, w_dt, tag::any);
   auto b_md = dnnl::memory::desc({1, n}, dt::f32, tag::ab);
   auto desc = b ? dnnl::matmul::desc(m_->src_md, w_any, b_md, m_->dst_md) : dnnl::matmul::desc(m_->src_md, w_any, m_->dst_md);
   dnnl::post_ops po;
   append_act(po, a[0], bits_to_float(a[1]), bits_to_float(a[2]));
   dnnl::primitive_attr attr;
   attr.set_post_ops(po);
+  if (scales) {
+    const float* sp = static_cast<const float*>(raw_of(*scales));
+    attr.set_output_scales(1 << 1, std::vector<float>(sp, sp + n));
+  }
   auto pd = dnnl::matmul::primitive_desc(desc, attr, eng);
   m_->prim = dnnl::matmul(pd);
   dnnl::stream s(eng);
-  dnnl::memory w_user({{k, n}, dt::f32, tag::ab}, eng, data_of(w));
+  dnnl::memory w_user({{k, n}, w_dt, tag::ab}, eng, raw_of(w));
   m_->weights = dnnl::memory(pd.weights_desc(), eng);
   dnnl::reorder(w_user, m_->weights).execute(s, w_user, m_->weights);
   if (b) {
@@ -232,22 +279,29 @@ std::shared_ptr<MatMul> make_matmul(const TensorView& x, const TensorView& w, co
   return m_;
 }
 
-void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a, TensorView out) {
-  check_f32(x, "matmul input");
-  check_f32(w, "matmul weight");
+void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a, TensorView out,
+                const TensorView* scales = nullptr) {
+  if (scales) {
+    check_int8(x, "matmul input");
+    check_int8(w, "matmul weight");
+    check_f32(*scales, "matmul scales");
+  } else {
+    check_f32(x, "matmul input");
+    check_f32(w, "matmul weight");
+  }
   check_f32(out, "matmul output");
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
   std::shared_ptr<MatMul> m;
   {
-    std::string key = key_of(b ? "mm" : "mm-nobias", w, {&x, &w}, a);
+    std::string key = key_of(scales ? 'M' : b ? 'm' : 'u', w, {&x, &w}, a);
     std::lock_guard<std::mutex> lock(cache_mutex);
     auto it = matmul_cache.find(key);
-    if (it == matmul_cache.end()) it = matmul_cache.emplace(key, make_matmul(x, w, b, a)).first;
+    if (it == matmul_cache.end()) it = matmul_cache.emplace(key, make_matmul(x, w, b, a, scales)).first;
     m = it->second;
   }
   auto& eng = cpu_engine();
-  dnnl::stream s(eng);
-  dnnl::memory src(m->src_md, eng, data_of(x));
+  dnnl::stream& s = cpu_stream();
+  dnnl::memory src(m->src_md, eng, raw_of(x));
   dnnl::memory dst(m->dst_md, eng, data_of(out));
   std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, m->weights}, {DNNL_ARG_DST, dst}};
   if (m->has_bias) args[DNNL_ARG_BIAS] = m->bias;
@@ -257,6 +311,9 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
 
 void matmul(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_matmul(x, w, &b, attrs, out); }
 void matmul_nobias(TensorView x, TensorView w, Shape attrs, TensorView out) { run_matmul(x, w, nullptr, attrs, out); }
+void matmul_q(TensorView x, TensorView w, TensorView b, TensorView scales, Shape attrs, TensorView out) {
+  run_matmul(x, w, &b, attrs, out, &scales);
+}
 
 // Batched product of two activations, (B..., M, K) x (B..., K, N), both batch shapes equal;
 // transpose_b reads b as (B..., N, K) (attention's Q·Kᵀ without materialising Kᵀ).
@@ -280,16 +337,16 @@ void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
   dnnl::memory::desc c_md({batch, m, n}, dt::f32, tag::abc);
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
-    std::ostringstream shape_key;
-    shape_key << batch << ',' << m << ',' << k << ',' << n << ',' << tb;
-    auto it = cache.find(shape_key.str());
+    std::string shape_key;
+    for (int64_t v : {batch, m, k, n, static_cast<int64_t>(tb)}) shape_key.append(reinterpret_cast<const char*>(&v), sizeof v);
+    auto it = cache.find(shape_key);
     if (it == cache.end()) {
       auto pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), eng);
-      it = cache.emplace(shape_key.str(), std::make_shared<dnnl::matmul>(pd)).first;
+      it = cache.emplace(shape_key, std::make_shared<dnnl::matmul>(pd)).first;
     }
     prim = it->second;
   }
-  dnnl::stream s(eng);
+  dnnl::stream& s = cpu_stream();
   dnnl::memory a_mem(a_md, eng, data_of(x)), b_mem(b_md, eng, data_of(y)), c_mem(c_md, eng, data_of(out));
   prim->execute(s, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
   s.wait();
@@ -308,6 +365,9 @@ tvm::ffi::String version() {
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d, conv2d);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_nobias, conv2d_nobias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_sum, conv2d_sum);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_q, conv2d_q);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_q_sum, conv2d_q_sum);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul_q, matmul_q);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul, matmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul_nobias, matmul_nobias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_batch_matmul, batch_matmul);

@@ -175,20 +175,24 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
     from tvm import relax
 
     R = relax.op
+    int8 = chain.scale is not None
+    out_dtype = "int32" if int8 else None
     if chain.kind == "conv2d":
         c = chain.conv
         assert chain.weight is not None
         w = chain.weight.transpose(0, 2, 3, 1) if c["nhwc"] else chain.weight
         layouts = ("NHWC", "OHWI") if c["nhwc"] else ("NCHW", "OIHW")
+        shape = (1, 1, 1, -1) if c["nhwc"] else (1, -1, 1, 1)
         t, l, b, r = c["padding"]  # type: ignore[misc]
         y = bb.emit(R.nn.conv2d(x, relax.const(np.ascontiguousarray(w)), strides=c["strides"], padding=[t, l, b, r],
-                                dilation=c["dilation"], groups=c["groups"], data_layout=layouts[0], kernel_layout=layouts[1]))
+                                dilation=c["dilation"], groups=c["groups"], data_layout=layouts[0], kernel_layout=layouts[1],
+                                out_dtype=out_dtype))
+        y = _requantise(bb, chain, y, shape)
         if chain.bias is not None:
-            shape = (1, 1, 1, -1) if c["nhwc"] else (1, -1, 1, 1)
             y = bb.emit(R.add(y, relax.const(chain.bias.reshape(shape))))
     elif chain.kind == "matmul":
         assert chain.weight is not None
-        y = bb.emit(R.matmul(x, relax.const(chain.weight)))
+        y = _requantise(bb, chain, bb.emit(R.matmul(x, relax.const(chain.weight), out_dtype=out_dtype)), (-1,))
         if chain.bias is not None:
             y = bb.emit(R.add(y, relax.const(chain.bias)))
     else:
@@ -207,6 +211,26 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
     return y
 
 
+def _requantise(bb: Any, chain: Chain, acc: Any, shape: tuple[int, ...]) -> Any:
+    """``astype(acc - comp, float32) · scale`` after an int8 chain's accumulator (as targets/int8_relax.py writes it)."""
+    from tvm import relax
+
+    if chain.scale is None:
+        return acc
+    if chain.comp is not None:
+        acc = bb.emit(relax.op.subtract(acc, relax.const(chain.comp.reshape(shape).astype(np.int32))))
+    acc = bb.emit(relax.op.astype(acc, "float32"))
+    return bb.emit(relax.op.multiply(acc, relax.const(chain.scale.reshape(shape))))
+
+
+def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    if dtype == "uint8":
+        return rng.integers(0, 256, shape).astype(np.uint8)
+    if dtype == "int8":
+        return rng.integers(-128, 128, shape).astype(np.int8)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
 def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) -> dict[str, dict[str, float]]:
     """Time TVM's kernel and oneDNN's for each chain, in one module, in alternating blocks."""
     import tvm
@@ -217,10 +241,11 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
     rng = np.random.default_rng(0)
     for i, chain in enumerate(chains):
         shapes = [chain.in_shapes[0]] + ([chain.in_shapes[1]] if chain.other is not None else []) + ([chain.out_shape] if chain.residual is not None else [])
-        arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        dtypes = [chain.src_dtype] + ["float32"] * (len(shapes) - 1)
+        arrays = [_random(rng, s, d) for s, d in zip(shapes, dtypes)]
         inputs.append(arrays)
         for kind in ("tvm", "dnn"):
-            params = [relax.Var(f"a{j}", relax.TensorType(list(s), "float32")) for j, s in enumerate(shapes)]
+            params = [relax.Var(f"a{j}", relax.TensorType(list(s), d)) for j, (s, d) in enumerate(zip(shapes, dtypes))]
             x = params[0]
             other = params[1] if chain.other is not None else None
             residual = params[-1] if chain.residual is not None else None
