@@ -14,7 +14,10 @@ user would, with no tuning flags:
 ``--target x86``, timed against onnxruntime running the *original* fp32 model, with the
 test-set accuracy of both.
 
-    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product]
+``--int8`` adds, per model, ``canonicalize`` + ``quantize`` compiled for x86 and timed against
+that model's fp32 artifact (and onnxruntime's fp32) in the same blocks.
+
+    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product] [--int8]
 """
 from __future__ import annotations
 
@@ -55,8 +58,9 @@ def compile_(model: Path, out: Path, shapes: dict[str, str], db: Path, *extra: s
     return time.perf_counter() - start
 
 
-def time_child(folder: Path, reference: Path, threads: int, blocks: int, runs: int) -> dict:
-    """Runs in a fresh process: thread counts are read once, when the runtimes start."""
+def time_child(folder: Path, reference: Path, threads: int, blocks: int, runs: int, other: Path | None = None) -> dict:
+    """Runs in a fresh process: thread counts are read once, when the runtimes start.
+    ``other``: a second artifact (the fp32 one, for int8 rows) timed in the same blocks."""
     import onnxruntime as ort
     from optc.ir.io import load_model
     from optc.ir.session import sample_feeds
@@ -68,13 +72,17 @@ def time_child(folder: Path, reference: Path, threads: int, blocks: int, runs: i
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
-    times = alternate({"optc": lambda: artifact.run(feeds), "ort": lambda: session.run(None, feeds)}, blocks, runs)
+    fns = {"optc": lambda: artifact.run(feeds), "ort": lambda: session.run(None, feeds)}
+    if other is not None:
+        second = load_artifact(other)
+        fns["fp32"] = lambda: second.run(feeds)
+    times = alternate(fns, blocks, runs)
     return {**times, "load": os.getloadavg()[0]}
 
 
-def timed(folder: Path, reference: Path, threads: int, blocks: int, runs: int) -> dict:
+def timed(folder: Path, reference: Path, threads: int, blocks: int, runs: int, other: Path | None = None) -> dict:
     env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--child", str(folder), str(reference), str(threads), str(blocks), str(runs)]
+    cmd = [sys.executable, __file__, "--child", str(folder), str(reference), str(threads), str(blocks), str(runs), str(other or "")]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"timing {folder.name} at {threads} threads failed: {done.stderr.strip()[-500:]}")
@@ -110,10 +118,33 @@ def product(work: Path, threads: list[int], blocks: int, runs: int) -> list[dict
     return rows
 
 
+def int8_rows(key: str, model: Path, shapes: dict[str, str], work: Path, threads: list[int], blocks: int, runs: int) -> list[dict]:
+    """``canonicalize`` + ``quantize`` then x86; timed against the fp32 artifact (``{key}-b``) in the same blocks.
+    Calibration: the sample's own data; random normal inputs for the random-weight models (speed only)."""
+    if key == "sample":
+        calib = SAMPLE / "calib.npz"
+    else:
+        from optc.ir.io import load_model
+        from optc.ir.session import sample_feeds
+
+        fp32 = load_model(work / f"{key}-b" / "model.onnx")
+        feeds = [sample_feeds(fp32, seed=s) for s in range(16)]
+        calib = work / f"{key}-calib.npz"
+        np.savez(calib, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+    compile_(model, work / f"{key}-int8", shapes, work / f"{key}-db", "--pass", "canonicalize", "--pass", "quantize", "--calib", str(calib))
+    out = []
+    for n in threads:
+        t = timed(work / f"{key}-int8", work / f"{key}-b" / "model.onnx", n, blocks, runs, other=work / f"{key}-b")
+        out.append({"model": f"{key} int8 (vs fp32 artifact)", "threads": n, **t, "ratio": t["optc"] / t["ort"],
+                    "int8_speedup": t["fp32"] / t["optc"]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        folder, reference, threads, blocks, runs = sys.argv[2:7]
-        print(json.dumps(time_child(Path(folder), Path(reference), int(threads), int(blocks), int(runs))))
+        folder, reference, threads, blocks, runs, other = sys.argv[2:8]
+        print(json.dumps(time_child(Path(folder), Path(reference), int(threads), int(blocks), int(runs), Path(other) if other else None)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet18,bert,sample")
@@ -121,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=5)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--product", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="also quantize each model and time its int8 artifact against the fp32 one")
     args = parser.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
     rows = []
@@ -137,14 +169,20 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": key, "threads": n, "cold_s": cold, "warm_s": warm, **t, "ratio": t["optc"] / t["ort"],
                              "offloaded": len(providers["offloaded"]), "chains": providers["chains"]})
                 print(json.dumps(rows[-1]), flush=True)
+            if args.int8:
+                rows += int8_rows(key, model, shapes, work, threads, args.blocks, args.runs)
         if args.product:
             for row in product(work, threads, args.blocks, args.runs):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(f"\n{'model':32} {'thr':>3} {'cold':>6} {'warm':>6} {'optc ms':>8} {'ort ms':>8} {'ratio':>6} {'load':>5}  notes")
     for r in rows:
-        notes = f"{r['offloaded']}/{r['chains']} chains to oneDNN" if "chains" in r else \
-            f"top-1 {100 * r['acc_optc']:.2f}% vs {100 * r['acc_ort']:.2f}% ({r['samples']} test images)"
+        if "chains" in r:
+            notes = f"{r['offloaded']}/{r['chains']} chains to oneDNN"
+        elif "int8_speedup" in r:
+            notes = f"fp32 artifact {r['fp32']:.2f} ms: int8 x{r['int8_speedup']:.2f} faster"
+        else:
+            notes = f"top-1 {100 * r['acc_optc']:.2f}% vs {100 * r['acc_ort']:.2f}% ({r['samples']} test images)"
         cold = f"{r['cold_s']:.0f}s" if "cold_s" in r else "-"
         warm = f"{r['warm_s']:.0f}s" if "warm_s" in r else "-"
         print(f"{r['model']:32} {r['threads']:>3} {cold:>6} {warm:>6} {r['optc']:>8.2f} {r['ort']:>8.2f} {r['ratio']:>6.2f} {r['load']:>5.1f}  {notes}")
