@@ -220,3 +220,24 @@ def test_residual_add_joining_two_convolutions_goes_to_one_of_them():
     assert len(taken) == 2
     left = [op_name(b.value) for block in rewritten["main"].body.blocks for b in block.bindings]
     assert "relax.nn.conv2d" not in left and "relax.nn.relu" not in left and "relax.add" not in left, left
+
+
+def test_without_onednn_every_op_compiles_with_tvm_and_says_why(tmp_path, monkeypatch):
+    from optc.targets.artifact import load_artifact
+    from optc.targets.providers import onednn
+
+    monkeypatch.setenv("OPTC_DISABLE_ONEDNN", "1")
+    onednn.availability.cache_clear()
+    try:
+        model = residual_cnn()
+        path = tmp_path / "m.onnx"
+        onnx.save(model, path)
+        res = invoke("compile", path, "-o", tmp_path / "o", "--target", "x86", "--no-latency", "--tuning-db", tmp_path / "db")
+        assert res.exit_code == 0, res.output
+        assert "kernels: TVM for every op; oneDNN not used: disabled by OPTC_DISABLE_ONEDNN" in res.output
+        assert json.loads((tmp_path / "o" / "manifest.json").read_text())["runtime"]["libraries"] == []
+        x = rand(1, 3, 16, 16, seed=5)
+        np.testing.assert_allclose(load_artifact(tmp_path / "o").run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("OPTC_DISABLE_ONEDNN")
+        onednn.availability.cache_clear()
