@@ -45,6 +45,7 @@ from optc.passes.framework import Instrument, Pass, PassContext, PassManager, Pa
 from optc.passes.framework.instruments import DumpAfter, TimePasses, VerifyEach
 from optc.passes.framework.pipeline import NAMED_PIPELINES, parse_pass_spec
 from optc.reporting import render_html
+from optc.search import guard as default_budget_guard
 from optc.search.run import BudgetMissed, BudgetSpec, choose_pipeline
 from optc.targets.spec import TargetSpec
 from optc.targets.tuning_progress import TuneProgress
@@ -428,6 +429,8 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     measure_latency: bool = True,
     external_data: bool | None = None,
     budget: BudgetSpec | None = None,
+    default_budget: bool = True,
+    _notes: Sequence[str] = (),
 ) -> CompileResult:
     """Run ``passes`` on ``model``, measure the result against the input, and (with ``target``) build it with TVM.
 
@@ -461,11 +464,19 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
             pass's strength becomes the most it may take and the run keeps the strongest
             pipeline within the budget (with ``time_budget_s``, a search for the best
             ``objective``; the best model so far is always in ``output``).
+            ``--min-fidelity`` without ``evaluation`` measures on calibration samples
+            split off before any pass runs.
+        default_budget: without ``budget``, hold lossy passes whose strength the user did
+            not set (``make_pass``/``--pass`` without ``ratio=``, ``sparsity=``, ...) to a
+            default budget on held-out data (:mod:`optc.search.guard`: one point of
+            ``evaluation``'s metric, else output cosine 0.99): the pipeline runs as asked,
+            and only when it misses are the strengths searched. False runs as asked.
 
     Raises:
         OptcError: bad input (a one-line message saying what and where); nothing is written.
         BudgetMissed: the compiled model misses ``budget`` (exit code 3); nothing is written.
     """
+    call = dict(locals())  # the arguments as given: a run that misses the default budget is redone from them
     passes = list(passes) if passes is not None else named_pipeline("canonicalize")
     tuning = tuning or TuningOptions()
     shapes = {name: tuple(int(d) for d in dims) for name, dims in (input_shapes or {}).items()}
@@ -486,17 +497,62 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     calib = _open_data(calibration, model, CalibrationSet, "calibration")
     labelled = _open_data(evaluation, model, LabelledSet, "evaluation")
     feeds, feeds_source = driver.sample_feeds(model, calib, labelled, seed)
+    guard, run_notes = None, list(_notes)
+    budget_data = labelled
+    if budget is not None and budget.active:
+        if labelled is None and budget.resolve()[0].name == "cosine":
+            calib, budget_data = default_budget_guard.held_out(calib, model)  # --min-fidelity without --eval
+    elif default_budget:
+        guard, calib, skipped = default_budget_guard.plan(passes, model, calib, labelled, _metric_of(budget))
+        if skipped:
+            logger.warning(skipped)
+            run_notes.append(skipped)
     ctx = PassContext(calibration=calib, seed=seed)
     PassManager(passes).check_requirements(model, ctx)
     search_section = None
     if budget is not None and budget.active:
         interim = _publish_interim(outdir) if budget.time_budget_s is not None and outdir is not None else None
-        chosen = choose_pipeline(passes, model, ctx, labelled, budget, on_improve=interim)
+        chosen = choose_pipeline(passes, model, ctx, budget_data, budget, on_improve=interim)
         passes, search_section = chosen.passes, chosen.section
     # Hashed before any work, while the files are the ones validated.
     digests = (driver.file_digest(source_path) if source_path is not None and source_path.is_file() else None,
                _digests(calib.files if calib else ()), _digests(labelled.inputs.files if labelled else ()))
 
+    try:
+        return _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, digests,
+                    source_path, shapes, outdir, target, tuning, int8_lowering, seed, instruments, verify_each, time_passes,
+                    dump_after, measure_latency, external_data)
+    except _DefaultBudgetMissed as missed:
+        logger.warning(missed.message)
+        implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop)
+        return compile(**{**call, "budget": implicit, "default_budget": False, "_notes": [*_notes, missed.message]})
+
+
+class _DefaultBudgetMissed(Exception):
+    """The pipeline as asked missed the default budget: redo the run searching within it."""
+
+    def __init__(self, guard: default_budget_guard.Guard, score: float, drop: float):
+        self.guard = guard
+        metric = guard.runner.metric.name
+        self.message = (f"{', '.join(guard.passes)} at default strength: {metric} {score:.4f} on held-out data "
+                        f"(drop {drop:.4f}) misses the default budget ({guard.describe()}); took the strongest setting "
+                        "within it (set the strength to run as asked, or give --max-drop / --min-fidelity)")
+        super().__init__(self.message)
+
+
+def _metric_of(budget: BudgetSpec | None) -> Any:
+    """The metric a user named (``--metric``) without a budget, as an object; None when none was named."""
+    if budget is None or budget.metric is None:
+        return None
+    from optc.evaluation.metrics import Metric, load_metric
+
+    return budget.metric if isinstance(budget.metric, Metric) else load_metric(budget.metric)
+
+
+def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, digests,  # noqa: PLR0913
+         source_path, shapes, outdir, target, tuning, int8_lowering, seed, instruments, verify_each, time_passes,
+         dump_after, measure_latency, external_data) -> CompileResult:
+    """The pipeline, its measurements, the report and the files: everything after the checks."""
     with driver.Staging(outdir) as staging:
         all_instruments: list[Instrument] = list(instruments)
         if verify_each:
@@ -516,6 +572,13 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         holder = [model]
         del model
         result = PassManager(passes, all_instruments).run(holder.pop(), ctx)
+        notes += run_notes
+        if guard is not None:
+            score, drop, within = guard.check(result.model)
+            if not within:
+                raise _DefaultBudgetMissed(guard, score, drop)
+            notes.append(f"{', '.join(guard.passes)} at default strength within the default budget ({guard.describe()}): "
+                         f"{guard.runner.metric.name} {score:.4f}")
         final = driver.measure(result.model, feeds, labelled, measure_latency and not in_turns)
         if baseline_session is not None:
             baseline.latency_ms, final.latency_ms = interleaved_latency_ms(

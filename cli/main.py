@@ -91,6 +91,7 @@ class _LogFormat(logging.Formatter):
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning database folder (default: ~/.cache/optc/tuning).")
 @click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure tuning candidates on boards registered with this TVM RPC tracker.")
 @click.option("--rpc-key", metavar="KEY", help="Device key of the boards at the RPC tracker.")
+@click.option("--default-budget/--no-default-budget", default=True, show_default=True, help="Hold lossy passes left at their default strength to one point of --eval's metric (else output cosine 0.99 on held-out calibration samples); a default that misses is scaled down.")
 @click.option("--kernels", type=click.Choice(["auto", "tvm", "onednn"]), default="auto", show_default=True, help="Who computes convolutions and matmuls on x86: auto measures oneDNN against TVM's kernel per op and keeps the faster; tvm never offloads.")
 @click.option("--weight-prepack/--no-weight-prepack", default=True, show_default=True, help="Let tuned kernels store weights in the layout their loops read (packed at compile time).")
 @click.option("--int8-lowering/--no-int8-lowering", default=True, show_default=True, help="Compile int8 QDQ regions to integer conv2d/matmul (int32 accumulation) instead of float.")
@@ -105,7 +106,7 @@ class _LogFormat(logging.Formatter):
 @click.option("--time-budget", type=float, metavar="SECONDS", help="With a budget: search per-pass strengths for the best --objective for this long; the best model so far is always in OUTDIR.")
 @click.option("--objective", type=click.Choice(["size", "macs", "latency"]), default="size", show_default=True, help="What --time-budget minimises (latency: onnxruntime on this machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, eval_data, input_shapes, seed, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, kernels, weight_prepack, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, metric, max_drop, min_fidelity, time_budget, objective, as_json) -> None:
+def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, eval_data, input_shapes, seed, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, default_budget, kernels, weight_prepack, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, metric, max_drop, min_fidelity, time_budget, objective, as_json) -> None:
     """Run a pass pipeline on MODEL and write the result to an output folder (-o)."""
     from rich.markup import escape
 
@@ -150,6 +151,7 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
             measure_latency=not no_latency,
             external_data=external_data,
             budget=budget,
+            default_budget=default_budget,
         )
     finally:
         if tuning_view is not None:

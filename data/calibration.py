@@ -33,6 +33,11 @@ from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session
 
 
+# Held-out samples split from calibration data (CalibrationSet.hold_out): a quarter, within these bounds.
+HOLD_OUT_MIN, HOLD_OUT_MAX = 4, 64
+HOLD_OUT_MAX_BYTES = 1 << 30
+
+
 @dataclass(frozen=True)
 class CalibrationSet:
     """Validated calibration inputs for one model."""
@@ -158,6 +163,37 @@ class CalibrationSet:
 
     def _batch_size(self, wanted: int) -> int:
         return _fixed_batch(self.inputs) or max(1, min(wanted, self.num_samples))
+
+    def hold_out(self, model: Model) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """Split off the last samples as held-out data no pass fits on: ``(fit, held_out)``.
+
+        A quarter of the samples (at least :data:`HOLD_OUT_MIN`, at most
+        :data:`HOLD_OUT_MAX`) are held out; both parts are held in memory.
+
+        Raises:
+            ConfigError: too few samples to split, or more bytes than a split should hold in memory.
+        """
+        fixed = _fixed_batch(self.inputs)
+        if fixed is not None and fixed > 1:
+            raise ConfigError(f"the model's batch is fixed at {fixed}: held-out samples cannot be split from {self.kind} data; give --eval")
+        if self.num_samples < HOLD_OUT_MIN * 2:
+            raise ConfigError(f"{self.kind} data has {self.num_samples} samples, too few to hold {HOLD_OUT_MIN} out for measuring; "
+                              f"give at least {HOLD_OUT_MIN * 2}, or --eval")
+        arrays: dict[str, list[np.ndarray]] = {}
+        held_bytes = 0
+        for chunk in self._chunks():
+            for name, value in chunk.items():
+                arrays.setdefault(name, []).append(value)
+                held_bytes += value.nbytes
+                if held_bytes > HOLD_OUT_MAX_BYTES:
+                    raise ConfigError(f"{self.kind} data is over {HOLD_OUT_MAX_BYTES >> 20} MiB: give held-out data with --eval "
+                                      "instead of splitting it off in memory")
+        joined = {name: np.concatenate(parts) for name, parts in arrays.items()}
+        count = min(HOLD_OUT_MAX, max(HOLD_OUT_MIN, self.num_samples // 4))
+        mask = self.token_mask
+        fit = CalibrationSet.from_arrays({k: v[:-count] for k, v in joined.items()}, model, kind=self.kind, token_mask=mask)
+        held = CalibrationSet.from_arrays({k: v[-count:] for k, v in joined.items()}, model, kind=f"held-out {self.kind}", token_mask=mask)
+        return fit, held
 
 
 def _fixed_batch(specs: Sequence[TensorSpec]) -> int | None:

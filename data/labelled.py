@@ -21,7 +21,7 @@ LABEL_KEYS = frozenset({"label", "labels"})
 @dataclass(frozen=True)
 class LabelledSet:
     inputs: CalibrationSet
-    labels: np.ndarray
+    labels: np.ndarray | None  # None: held-out inputs without labels (a metric measured against the input model)
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], labels: np.ndarray, model: Model) -> "LabelledSet":

@@ -79,10 +79,10 @@ def configure(passes: Sequence[Pass], scale: float, off: frozenset[int] = frozen
             continue
         if fallback and i in fallback:
             p = fallback[i]
-        value = getattr(p.config, p.strength, None) if p.strength else None
+        value = getattr(p.config, p.strength_option(), None) if p.strength_option() else None
         if isinstance(value, (int, float)) and value:
             if scale > 0:
-                out.append(type(p)(dataclasses.replace(p.config, **{p.strength: value * scale})))
+                out.append(type(p)(dataclasses.replace(p.config, **{p.strength_option(): value * scale})))
         elif i not in off:
             out.append(p)
     return out
@@ -94,7 +94,7 @@ def strengths(passes: Sequence[Pass], scale: float, off: frozenset[int], fallbac
     for i, p in enumerate(passes):
         if p.exact:
             continue
-        value = getattr(p.config, p.strength, None) if p.strength else None
+        value = getattr(p.config, p.strength_option(), None) if p.strength_option() else None
         key = f"{p.name}#{i}"
         if isinstance(value, (int, float)) and value:
             out[key] = round(value * scale, 6)
@@ -132,12 +132,13 @@ def fit_to_budget(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, 
     full = evaluate(1.0, frozenset(), {})
     if full.feasible:
         return _result(evaluate, full, 1.0, frozenset(), {}, notes)
-    scalable = [i for i, p in enumerate(passes) if not p.exact and p.strength and getattr(p.config, p.strength, None)]
+    scalable = [i for i, p in enumerate(passes) if not p.exact and p.strength_option() and getattr(p.config, p.strength_option(), None)]
     fixed = [i for i, p in enumerate(passes) if not p.exact and i not in scalable]
     off: frozenset[int] = frozenset()
     fallback: dict[int, Pass] = {}
     while True:
-        floor = evaluate(0.0, off, fallback) if scalable else full
+        # Without a scalable strength the floor is the pipeline as asked, less what was relaxed so far.
+        floor = evaluate(0.0, off, fallback) if scalable else (full if not off and not fallback else evaluate(1.0, off, fallback))
         if floor.feasible:
             break
         step = _relax_fixed(evaluate, passes, fixed, off, fallback, budget)

@@ -61,7 +61,7 @@ class _Space:
         out: dict[str, object] = {}
         for i, level in zip(self.lossy, levels):
             p = self.passes[i]
-            value = getattr(p.config, p.strength, None) if p.strength else None
+            value = getattr(p.config, p.strength_option(), None) if p.strength_option() else None
             key = f"{p.name}#{i}"
             out[key] = round(value * level / GRID, 6) if isinstance(value, (int, float)) and value else ("on" if level else 0)
         return out

@@ -125,6 +125,11 @@ class Distill(Pass[DistillConfig]):
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     exact = False
     strength = "target_reduction"
+    strength_options = frozenset({"target_reduction", "budget", "global_budget", "min_cosine"})
+
+    def strength_option(self) -> str | None:
+        # Without a target the per-subgraph error budget decides how much goes: a budget scales it down.
+        return "target_reduction" if self.config.target_reduction is not None else "budget"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config

@@ -100,9 +100,19 @@ class Pass(Generic[ConfigT]):
     # ``sparsity``, ...): under an accuracy budget the configured value is the most
     # it may take, and the driver searches below it (optc.search).
     strength: ClassVar[str | None] = None
+    # Every option that says how much a lossy pass takes (default: ``strength`` alone). A pass whose
+    # user set none of them runs under optc's default budget (optc.search.guard).
+    strength_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: ConfigT | None = None):
         self.config: ConfigT = config if config is not None else self.config_class()
+        # The option names the user wrote (make_pass: --pass, pipeline files); None when the
+        # config was built in Python, which counts as every option chosen.
+        self.options_given: frozenset[str] | None = None
+
+    def strength_option(self) -> str | None:
+        """The option an accuracy budget scales on this configured instance (``strength`` unless a pass says otherwise)."""
+        return self.strength
 
     def requirements(self) -> frozenset[Requirement]:
         """What this configured instance needs (``requires`` lists the most any config needs)."""

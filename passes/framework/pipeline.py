@@ -49,7 +49,9 @@ NAMED_PIPELINES: dict[str, tuple[str, ...]] = {
 
 def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
     cls = pass_class(name)
-    return cls(build_config(name, cls.config_class, options or {}))
+    made = cls(build_config(name, cls.config_class, options or {}))
+    made.options_given = frozenset(options or {})
+    return made
 
 
 def parse_pass_spec(spec: str) -> list[Pass]:

@@ -86,6 +86,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     exact = False
     strength = "ratio"
+    strength_options = frozenset({"ratio"})
 
     def requirements(self) -> frozenset[Requirement]:
         return self.requires if self.config.needs_calibration else frozenset({Requirement.SHAPES})

@@ -113,6 +113,7 @@ class Quantize(Pass[QuantizeConfig]):
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     min_opset = 13  # per-axis DequantizeLinear
     exact = False
+    strength_options = frozenset({"max_drop"})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config

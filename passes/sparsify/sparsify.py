@@ -124,6 +124,7 @@ class Sparsify(Pass[SparsifyConfig]):
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     exact = False
     strength = "sparsity"
+    strength_options = frozenset({"sparsity", "pattern"})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         layers, _ = self.select_layers(model)

@@ -1,0 +1,90 @@
+"""The default budget: a lossy pass left at its default strength may not cost more than a point.
+
+A user who writes ``--pass sparsify`` asked for "sparsify as much as is safe",
+not for 50 % of every layer whatever it costs: the defaults were tuned on
+other models, and on a model they do not suit they can lose tens of points.
+So when no budget is given and some lossy pass runs with none of its
+how-much options set by the user (:attr:`Pass.strength_options`), optc holds
+the run to a default budget measured on held-out data no pass fits on:
+
+* with ``--eval``: top-1 (or ``--metric``) may drop at most :data:`DEFAULT_MAX_DROP`;
+* without: the mean output cosine to the input model on calibration samples
+  split off before any pass runs (``CalibrationSet.hold_out``) stays at least
+  :data:`DEFAULT_MIN_FIDELITY`.
+
+The pipeline runs as asked first; only when it misses does optc search the
+strengths (:mod:`optc.search.budget`), so a default that suits the model costs
+one held-out measurement. A pass whose strength the user wrote runs as asked
+(with a warning when it costs much); ``--no-default-budget`` runs everything as asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from optc.data.calibration import CalibrationSet
+from optc.data.labelled import LabelledSet
+from optc.errors import ConfigError
+from optc.evaluation.metrics import Metric, MetricRunner
+from optc.ir.model import Model
+from optc.passes.framework import Pass
+
+DEFAULT_MAX_DROP = 0.01
+DEFAULT_MIN_FIDELITY = 0.99
+
+
+def at_default_strength(p: Pass) -> bool:
+    """A lossy pass configured from options (``--pass``, a pipeline file) none of which says how much it takes."""
+    if p.exact or p.options_given is None:
+        return False
+    how_much = p.strength_options or (frozenset({p.strength}) if p.strength else frozenset())
+    return not (how_much & p.options_given)
+
+
+@dataclass
+class Guard:
+    """The default budget of one run: its metric on held-out data, measured against the input model."""
+
+    runner: MetricRunner
+    max_drop: float
+    data: LabelledSet
+    passes: tuple[str, ...]  # the passes it holds (names)
+
+    def check(self, model: Model) -> tuple[float, float, bool]:
+        """(score, drop, within) of ``model``."""
+        score = self.runner.score(model)
+        drop = self.runner.baseline - score
+        return score, drop, drop <= self.max_drop + 1e-12
+
+    def describe(self) -> str:
+        what = f"{self.runner.metric.name} drop at most {self.max_drop:g}" if self.runner.metric.name != "cosine" \
+            else f"output cosine at least {1 - self.max_drop:g}"
+        return f"{what} on {self.data.inputs.num_samples} held-out {self.data.inputs.kind.removeprefix('held-out ')} samples"
+
+
+def held_out(calib: CalibrationSet | None, model: Model) -> tuple[CalibrationSet, LabelledSet]:
+    """Calibration data split into what passes fit on and unlabelled held-out samples."""
+    if calib is None:
+        raise ConfigError("no held-out data to measure on: give --calib or --eval")
+    fit, held = calib.hold_out(model)
+    return fit, LabelledSet(held, None)
+
+
+def plan(passes: Sequence[Pass], model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None,
+         metric: Metric | None) -> tuple[Guard | None, CalibrationSet | None, str | None]:
+    """The default budget for this pipeline, the calibration data passes should fit on, and a note when none applies."""
+    from optc.evaluation.metrics import load_metric
+
+    guarded = tuple(p.name for p in passes if at_default_strength(p))
+    if not guarded:
+        return None, calib, None
+    if labelled is not None:
+        chosen = metric or load_metric("top1")
+        if not chosen.needs_labels or labelled.labels is not None:
+            return Guard(MetricRunner(chosen, labelled.inputs, labelled.labels, model), DEFAULT_MAX_DROP, labelled, guarded), calib, None
+    try:
+        fit, data = held_out(calib, model)
+    except ConfigError as exc:
+        return None, calib, f"default strengths of {', '.join(guarded)} not checked on held-out data: {exc}"
+    cosine = load_metric("cosine")
+    return Guard(MetricRunner(cosine, data.inputs, None, model), 1 - DEFAULT_MIN_FIDELITY, data, guarded), fit, None
