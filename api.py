@@ -248,6 +248,7 @@ class TargetReport:
     export_seconds: float | None = None
     tuning: Mapping[str, Any] | None = None
     int8: Mapping[str, Any] | None = None  # regions lowered to integer kernels, and those left float
+    latency: Mapping[str, Any] | None = None  # the artifact vs onnxruntime on this machine (targets.compare), when it runs here
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TargetReport:
@@ -621,7 +622,10 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         if staging.path is not None:
             files = save_model(result.model, staging.path / driver.MODEL_NAME, external_data=external_data)
             if target is not None:
-                report = dataclasses.replace(report, target=_build_target(result.model, target, staging.path, tuning, int8_lowering, seed))
+                built = _build_target(result.model, target, staging.path, tuning, int8_lowering, seed)
+                if measure_latency:
+                    built = _time_artifact(built, result.model, target, staging.path, feeds)
+                report = dataclasses.replace(report, target=built)
                 files.append(staging.path / "model.so")
             report.write(staging.path / driver.REPORT_NAME)
             (staging.path / HTML_NAME).write_text(render_html(report.to_dict()))
@@ -692,6 +696,15 @@ def _open_data(data: Any, model: Model, kind: type, what: str) -> Any:
 
 def _digests(files: Sequence[Path]) -> tuple[FileDigest, ...]:
     return tuple(FileDigest(str(f), driver.file_digest(f)) for f in files)
+
+
+def _time_artifact(built: TargetReport, model: Model, spec: TargetSpec, folder: Path, feeds: Mapping[str, Any]) -> TargetReport:
+    """The report's target section with the artifact timed against onnxruntime, where this machine runs it."""
+    from optc.targets.compare import artifact_vs_onnxruntime, runs_here
+
+    if not runs_here(spec):
+        return built
+    return dataclasses.replace(built, latency=artifact_vs_onnxruntime(model, folder / "model.so", feeds))
 
 
 def _build_target(model: Model, spec: TargetSpec, folder: Path, tuning: TuningOptions, int8: bool, seed: int) -> TargetReport:

@@ -91,6 +91,10 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     providers = ((report.get("target") or {}).get("tuning") or {}).get("providers")
     if providers:
         lines.append(kernels_line(providers))
+    timed = (report.get("target") or {}).get("latency")
+    if timed:
+        lines.append(f"artifact ({shown(report['target']['name'])}) on this machine: {timed['artifact_ms']:.3f} ms vs onnxruntime "
+                     f"{timed['onnxruntime_ms']:.3f} ms (x{timed['ratio']:.2f}, timed in turns), outputs within {timed['max_abs_diff']:.1e}")
     for note in report.get("notes", []):
         lines.append(f"note: {shown(note, limit=None)}")
     for line in lines:

@@ -292,3 +292,20 @@ def test_run_reads_inputs_only_from_regular_files_of_honest_size(x86_artifact, t
     np.save(ok, np.zeros((1, 1, 28, 28), np.float32))
     res = invoke("run", x86_artifact, "--input", f"input={ok}")
     assert res.exit_code == 0 and "logits" in res.output
+
+
+def test_compile_report_times_the_artifact_against_onnxruntime(tmp_path):
+    """Without --no-latency an x86 compile times the artifact it built against onnxruntime, in turns."""
+    out = tmp_path / "o"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", "x86", "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 0, res.output
+    timed = json.loads((out / "report.json").read_text())["target"]["latency"]
+    assert timed["artifact_ms"] > 0 and timed["onnxruntime_ms"] > 0 and timed["blocks"] >= 3
+    assert timed["ratio"] == pytest.approx(timed["artifact_ms"] / timed["onnxruntime_ms"])
+    assert timed["max_abs_diff"] < 1e-4
+    assert "artifact (x86) on this machine:" in res.output
+    arm = tmp_path / "arm"
+    if __import__("shutil").which("aarch64-linux-gnu-g++"):
+        res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", arm, "--input-shape", "input=1x1x28x28", "--target", "arm", "--tuning-db", tmp_path / "db")
+        assert res.exit_code == 0, res.output
+        assert json.loads((arm / "report.json").read_text())["target"].get("latency") is None  # not runnable here
