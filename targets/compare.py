@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
-
 from optc.ir.model import Model
 from optc.ir.session import make_session
 from optc.targets.spec import TargetSpec
@@ -30,9 +30,8 @@ def runs_here(spec: TargetSpec) -> bool:
 def artifact_vs_onnxruntime(model: Model, library: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Median latencies (ms, lowest block median), their ratio, and the largest output difference."""
     import tvm
-    from tvm import relax
-
     from optc.targets.artifact import apply_runtime_env
+    from tvm import relax
 
     apply_runtime_env()
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
