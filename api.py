@@ -68,6 +68,7 @@ HTML_NAME = "report.html"
 # Without a budget the run does as asked, but says so when the output is this far off.
 FIDELITY_WARN = 0.99  # mean cosine to the input model
 ACCURACY_WARN = 0.01  # one point
+SLOWER_WARN = 1.1  # an artifact this much slower than onnxruntime on the same machine is said so
 
 
 # --------------------------------------------------------------------------- the report
@@ -499,6 +500,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     labelled = _open_data(evaluation, model, LabelledSet, "evaluation")
     feeds, feeds_source = driver.sample_feeds(model, calib, labelled, seed)
     guard, run_notes = None, list(_notes)
+    passes = _target_presets(passes, target, run_notes)
     budget_data = labelled
     if budget is not None and budget.active:
         if labelled is None and budget.resolve()[0].name == "cosine":
@@ -539,6 +541,24 @@ class _DefaultBudgetMissed(Exception):
                         f"(drop {drop:.4f}) misses the default budget ({guard.describe()}); took the strongest setting "
                         "within it (set the strength to run as asked, or give --max-drop / --min-fidelity)")
         super().__init__(self.message)
+
+
+def _target_presets(passes: list[Pass], target: TargetSpec | None, notes: list[str]) -> list[Pass]:
+    """Options that follow the target and this CPU unless the user set them (optc.targets.presets)."""
+    from optc.targets.presets import reduce_range_for
+
+    out = []
+    for p in passes:
+        given = p.options_given
+        if p.name == "quantize" and given is not None and "reduce_range" not in given:
+            preset = reduce_range_for(target.name if target is not None else None, target is not None and target.cpu_from_user)
+            if preset is not None and preset[0] != p.config.reduce_range:
+                replaced = type(p)(dataclasses.replace(p.config, reduce_range=preset[0]))
+                replaced.options_given = given
+                notes.append(f"quantize: reduce_range={str(preset[0]).lower()} ({preset[1]}; set reduce_range= to choose)")
+                p = replaced
+        out.append(p)
+    return out
 
 
 def _metric_of(budget: BudgetSpec | None) -> Any:
@@ -626,6 +646,11 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
                 if measure_latency:
                     built = _time_artifact(built, result.model, target, staging.path, feeds)
                 report = dataclasses.replace(report, target=built)
+                if built.latency and built.latency["ratio"] > SLOWER_WARN:
+                    slower = (f"the {target.name} artifact is {built.latency['ratio']:.2f}x slower than onnxruntime on this machine "
+                              f"({built.latency['artifact_ms']:.3f} vs {built.latency['onnxruntime_ms']:.3f} ms): onnxruntime serves this model better here")
+                    logger.warning(slower)
+                    report = dataclasses.replace(report, warnings=(*report.warnings, slower))
                 files.append(staging.path / "model.so")
             report.write(staging.path / driver.REPORT_NAME)
             (staging.path / HTML_NAME).write_text(render_html(report.to_dict()))

@@ -32,6 +32,7 @@ class TargetSpec:
     device: str = "cpu"
     cross_compiler: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    cpu_from_user: bool = False  # x86: --cpu named another machine's CPU (its features are unknown here)
 
     def check_toolchain(self) -> None:
         """Fail before any compilation when the cross linker is not installed."""
@@ -80,7 +81,7 @@ def make_target(name: str, *, cpu: str | None = None, arch: str | None = None, a
     """Build a spec. ``cpu`` overrides host detection (x86); ``arch`` is the CUDA arch (gpu)."""
     cores = cores or _cores()
     if name == "x86":
-        return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu or host_cpu(), "num-cores": cores})
+        return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu or host_cpu(), "num-cores": cores}, cpu_from_user=cpu is not None)
     if name == "arm":
         mattr = ["+neon"] + (["+v8.2a", "+dotprod"] if arm_dotprod else [])
         return TargetSpec(
