@@ -78,3 +78,17 @@ def test_explore_publishes_every_improvement_and_marks_the_front(sample):
     assert result.best.feasible and result.best.chosen and result.best.pareto
     assert all(not q.feasible or q.bytes >= result.best.bytes for q in result.points)
     assert result.best.bytes < result.points[1].bytes or result.points[0].feasible
+
+
+@pytest.mark.slow
+def test_a_lossy_pass_without_a_scalable_strength_that_misses_is_left_out(sample):
+    """quantize with every layer forced int8 and a zero budget: no strength to scale, so the floor
+    is the pipeline without it (once this re-measured nothing and returned the missing point)."""
+    model, calib, budget_set, _ = sample
+    passes = parse_pass_specs(["canonicalize", "quantize:reduce_range=true,calibrator=minmax"])
+    cosine = load_metric("cosine")
+    runner = PrefixRunner(model, PassContext(calibration=calib))
+    result = fit_to_budget(passes, runner, Budget(MetricRunner(cosine, budget_set.inputs, None, model), 1e-7))
+    assert not result.points[0].feasible
+    assert result.chosen.feasible and "quantize#4" not in result.chosen.strengths or result.chosen.strengths.get("quantize#4") == 0
+    assert all(p.name != "quantize" for p in result.passes)
