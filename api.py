@@ -527,7 +527,8 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
                     dump_after, measure_latency, external_data)
     except _DefaultBudgetMissed as missed:
         logger.warning(missed.message)
-        implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop)
+        # A default held to the default budget: strengths to 1/8 of the default are precise enough, in 3 steps.
+        implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop, search_steps=3)
         return compile(**{**call, "budget": implicit, "default_budget": False, "_notes": [*_notes, missed.message]})
 
 
@@ -610,7 +611,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         evaluation_section = Evaluation.from_dict(
             driver.compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other", feeds_source)
         )
-        warnings = _quality_warnings(evaluation_section, feeds_source)
+        warnings = _quality_warnings(evaluation_section, feeds_source) + _size_warnings(result, passes)
         for line in warnings:
             logger.warning(line)
         if search_section is not None:
@@ -682,6 +683,18 @@ def _quality_warnings(evaluation: Evaluation, feeds_source: str) -> list[str]:
         out.append(f"accuracy fell {-acc.delta * 100:.2f} points ({acc.before * 100:.2f}% -> {acc.after * 100:.2f}%), "
                    f"more than {ACCURACY_WARN * 100:g}: give --max-drop to hold a budget")
     return out
+
+
+def _size_warnings(result: Any, passes: Sequence[Pass]) -> list[str]:
+    """One line when lossy passes left the weights bigger than they came in (a compression that is not one)."""
+    before, after = result.initial.param_bytes, result.final.param_bytes
+    lossy = [p.name for p in passes if not p.exact]
+    if not lossy or after <= before * 1.01:
+        return []
+    grew = [r.name for r in result.records if r.after.get("bytes", 0) > r.before.get("bytes", 0) * 1.01]
+    return [f"the weights grew from {before / 1024:.1f} KiB to {after / 1024:.1f} KiB"
+            + (f" ({', '.join(dict.fromkeys(grew))})" if grew else "")
+            + ": nothing was compressed in size; keep the input model if size is what you need"]
 
 
 def _check_budget(section: Mapping[str, Any]) -> None:

@@ -38,6 +38,7 @@ class BudgetSpec:
     min_fidelity: float | None = None
     time_budget_s: float | None = None
     objective: str = "size"
+    search_steps: int = 6  # bisection steps of the common strength scale (resolution 2**-steps)
 
     def __post_init__(self) -> None:
         if self.max_drop is not None and self.min_fidelity is not None:
@@ -92,7 +93,7 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
                        chosen=found.best.to_dict(), notes=[])
         chosen = found.passes
     else:
-        fitted = fit_to_budget(passes, prefix, budget)
+        fitted = fit_to_budget(passes, prefix, budget, steps=spec.search_steps)
         section.update(points=[p.to_dict() for p in fitted.points], chosen=fitted.chosen.to_dict(), notes=fitted.notes)
         chosen = fitted.passes
     section["passes_run"], section["passes_reused"] = prefix.passes_run, prefix.passes_reused

@@ -80,3 +80,18 @@ def test_without_eval_the_default_is_held_on_held_out_calibration_samples(tmp_pa
     report, _ = compile_(tmp_path, "mf", "--pass", "prune-channels:ratio=0.6", "--min-fidelity", "0.995")
     assert report["search"]["metric"] == "cosine" and report["search"]["samples"] == 64
     assert report["search"]["chosen"]["strengths"]["prune-channels#4"] < 0.6
+
+
+def test_weights_that_grow_are_said_so():
+    """A 'compression' that leaves the weights bigger is never kept silently."""
+    from types import SimpleNamespace
+
+    from optc.api import _size_warnings
+
+    record = SimpleNamespace(name="sparsify", before={"bytes": 1000}, after={"bytes": 3000})
+    grown = SimpleNamespace(initial=SimpleNamespace(param_bytes=1000), final=SimpleNamespace(param_bytes=3000), records=[record])
+    (line,) = _size_warnings(grown, [make_pass("sparsify")])
+    assert line.startswith("the weights grew from 1.0 KiB to 2.9 KiB (sparsify)")
+    shrunk = SimpleNamespace(initial=SimpleNamespace(param_bytes=3000), final=SimpleNamespace(param_bytes=1000), records=[])
+    assert _size_warnings(shrunk, [make_pass("sparsify")]) == []
+    assert _size_warnings(grown, [make_pass("fold-constants")]) == []  # exact passes only: not a compression claim
