@@ -75,6 +75,14 @@ def attention() -> onnx.ModelProto:
     return make_model(nodes, [("x", [2, 12, 16])], [("y", [2, 12, 16])], [_w("wq", 16, 16, seed=1), _w("wk", 16, 16, seed=2)])
 
 
+def normalisations() -> onnx.ModelProto:
+    """LayerNormalization over the last axis, then a softmax over it (a transformer block's light ops)."""
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("Softmax", ["n"], ["y"], axis=-1)]
+    inits = [_w("g", 32, seed=1, scale=1.0), _w("b", 32, seed=2)]
+    return make_model(nodes, [("x", [2, 16, 32])], [("y", [2, 16, 32])], inits)
+
+
 def relax_of(model):
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -105,7 +113,8 @@ def test_value_used_twice_is_not_absorbed():
     assert chain.act == 0 and chain.residual is None
 
 
-@pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block()], ids=["cnn", "attention", "downsample"])
+@pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block(), normalisations],
+                         ids=["cnn", "attention", "downsample", "normalisations"])
 def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
     onednn_or_skip()
     from optc.targets.artifact import load_artifact

@@ -1,7 +1,7 @@
 """Find the heavy op chains of a Relax function that a kernel provider can take whole.
 
 A chain is one heavy op plus the element-wise ops a library fuses into it as
-post-ops: ``conv2d → add(bias) → add(residual) → activation`` and
+post-ops (softmax and last-axis layer normalisation are chains of one op): ``conv2d → add(bias) → add(residual) → activation`` and
 ``matmul(x, W) → add(bias) → activation`` (GELU recognised in the erf form
 ONNX exports decompose it into), and plain batched products of two
 activations (attention's Q·Kᵀ and P·V). An op is absorbed only when the value
@@ -48,10 +48,16 @@ class Chain:
     src_dtype: str = "float32"  # uint8 / int8 for an int8 chain
     scale: np.ndarray | None = None  # float32 per output channel
     comp: np.ndarray | None = None  # int32 per output channel: the input zero point's share of the accumulator
+    axis: int = -1  # softmax: the (non-negative) axis
+    eps: float = 0.0  # layer_norm
 
     def workload(self) -> str:
         """What the kernel's speed depends on: shapes, attributes and post-ops, never weight values."""
         parts = [self.kind if self.src_dtype == "float32" else f"{self.kind}_{self.src_dtype}", "x".join(map(str, self.in_shapes[0]))]
+        if self.kind == "softmax":
+            parts.append(f"axis{self.axis}")
+        if self.kind == "layer_norm":
+            parts.append(f"eps{self.eps:g}")
         if self.weight is not None:
             parts.append("w" + "x".join(map(str, self.weight.shape)))
         if self.other is not None:
@@ -74,6 +80,8 @@ class Chain:
         if self.kind == "matmul":
             assert self.weight is not None
             return out * int(self.weight.shape[0])
+        if self.kind in ("softmax", "layer_norm"):
+            return 0
         return out * int(self.in_shapes[0][-1])
 
 
@@ -136,6 +144,10 @@ class ChainFinder:
                 chain = self._conv(value)
             elif name == "relax.matmul":
                 chain = self._matmul(value)
+            elif name == "relax.nn.softmax":
+                chain = self._softmax(value)
+            elif name == "relax.nn.layer_norm":
+                chain = self._layer_norm(value)
             if chain is not None:
                 chains.append(chain)
                 self.claimed.update(chain.absorbed)
@@ -343,6 +355,30 @@ class ChainFinder:
             else:
                 chain.act = ACT_NONE
         return chain
+
+    # --- normalisations ---------------------------------------------------------
+
+    def _softmax(self, call: Any) -> Chain | None:
+        shape = static_shape(call)
+        if shape is None or not shape or dtype_of(call) != "float32" or dtype_of(call.args[0]) != "float32" or len(shape) > 6:
+            return None
+        axis = int(call.attrs.axis) % len(shape)
+        return Chain("softmax", call, call.args[0], shape, in_shapes=(shape,), axis=axis)
+
+    def _layer_norm(self, call: Any) -> Chain | None:
+        """Over the last axis, with constant scale and shift: what oneDNN's layer normalisation computes."""
+        shape = static_shape(call)
+        attrs = call.attrs
+        if shape is None or not shape or len(shape) > 6 or dtype_of(call) != "float32" or dtype_of(call.args[0]) != "float32":
+            return None
+        axes = [int(a) % len(shape) for a in attrs.axes]
+        if axes != [len(shape) - 1] or not bool(attrs.center) or not bool(attrs.scale):
+            return None
+        gamma, beta = self._const(call.args[1]), self._const(call.args[2])
+        if gamma is None or beta is None or gamma.size != shape[-1] or beta.size != shape[-1]:
+            return None
+        return Chain("layer_norm", call, call.args[0], shape, weight=np.ascontiguousarray(gamma.reshape(-1), dtype=np.float32),
+                     bias=np.ascontiguousarray(beta.reshape(-1), dtype=np.float32), in_shapes=(shape,), eps=float(attrs.epsilon))
 
     def _gelu(self, call: Any) -> Any:
         """The end of ``0.5·h·(1 + erf(h/√2))`` over ``call``'s value ``h``, in the orders exporters write it; else None."""

@@ -63,6 +63,11 @@ def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = No
             name, args = "optc_dnnl_matmul", [*args, relax.const(chain.bias)]
         else:
             name = "optc_dnnl_matmul_nobias"
+    elif chain.kind == "softmax":
+        name, args, attrs = "optc_dnnl_softmax", [data], [chain.axis]
+    elif chain.kind == "layer_norm":
+        assert chain.weight is not None and chain.bias is not None
+        name, args, attrs = "optc_dnnl_layer_norm", [data, relax.const(chain.weight), relax.const(chain.bias)], [float_bits(chain.eps)]
     else:
         name, args, attrs = "optc_dnnl_batch_matmul", [data, other], [0]
     return relax.call_dps_packed(name, [*args, relax.ShapeExpr([int(a) for a in attrs])], out_ty)

@@ -352,6 +352,85 @@ void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
   s.wait();
 }
 
+// Row-major (plain) descriptor of any rank up to 6.
+dnnl::memory::desc plain_md(const TensorView& t) {
+  static const tag tags[] = {tag::a, tag::ab, tag::abc, tag::abcd, tag::abcde, tag::abcdef};
+  if (t.ndim() < 1 || t.ndim() > 6) TVM_FFI_THROW(ValueError) << "optc oneDNN: rank " << t.ndim() << " not supported";
+  return dnnl::memory::desc(dims_of(t), dt::f32, tags[t.ndim() - 1]);
+}
+
+std::string shape_key(char op, const TensorView& t, const Shape& attrs) {
+  std::string k(1, op);
+  auto put = [&k](int64_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  for (int i = 0; i < t.ndim(); ++i) put(t.shape()[i]);
+  for (size_t i = 0; i < attrs.size(); ++i) put(attrs[i]);
+  return k;
+}
+
+std::mutex light_mutex;
+std::unordered_map<std::string, std::shared_ptr<dnnl::primitive>> light_cache;
+std::unordered_map<std::string, std::shared_ptr<dnnl::layer_normalization_forward::primitive_desc>> norm_pds;
+
+// Softmax over one axis (attrs: axis, non-negative).
+void softmax(TensorView x, Shape attrs, TensorView out) {
+  check_f32(x, "softmax input");
+  check_f32(out, "softmax output");
+  if (attrs.size() != 1 || attrs[0] < 0 || attrs[0] >= x.ndim()) TVM_FFI_THROW(ValueError) << "optc oneDNN softmax: bad axis";
+  auto& eng = cpu_engine();
+  auto md = plain_md(x);
+  std::shared_ptr<dnnl::primitive> prim;
+  {
+    std::lock_guard<std::mutex> lock(light_mutex);
+    auto key = shape_key('x', x, attrs);
+    auto it = light_cache.find(key);
+    if (it == light_cache.end()) {
+      auto pd = dnnl::softmax_forward::primitive_desc(
+          dnnl::softmax_forward::desc(dnnl::prop_kind::forward_inference, md, static_cast<int>(attrs[0])), eng);
+      it = light_cache.emplace(key, std::make_shared<dnnl::softmax_forward>(pd)).first;
+    }
+    prim = it->second;
+  }
+  dnnl::memory src(md, eng, data_of(x)), dst(md, eng, data_of(out));
+  auto& s = cpu_stream();
+  prim->execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}});
+  s.wait();
+}
+
+// Layer normalisation over the last axis with scale and shift (attrs: epsilon as float bits).
+void layer_norm(TensorView x, TensorView gamma, TensorView beta, Shape attrs, TensorView out) {
+  check_f32(x, "layer_norm input");
+  check_f32(gamma, "layer_norm scale");
+  check_f32(beta, "layer_norm shift");
+  check_f32(out, "layer_norm output");
+  if (attrs.size() != 1) TVM_FFI_THROW(ValueError) << "optc oneDNN layer_norm: one attribute (epsilon)";
+  auto& eng = cpu_engine();
+  auto md = plain_md(x);
+  std::shared_ptr<dnnl::primitive> prim;
+  std::shared_ptr<dnnl::layer_normalization_forward::primitive_desc> pd;
+  {
+    std::lock_guard<std::mutex> lock(light_mutex);
+    auto key = shape_key('l', x, attrs);
+    auto it = light_cache.find(key);
+    if (it == light_cache.end()) {
+      auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+      auto desc = dnnl::layer_normalization_forward::desc(dnnl::prop_kind::forward_inference, md, bits_to_float(attrs[0]), flags);
+      auto made = std::make_shared<dnnl::layer_normalization_forward::primitive_desc>(desc, eng);
+      norm_pds[key] = made;
+      it = light_cache.emplace(key, std::make_shared<dnnl::layer_normalization_forward>(*made)).first;
+    }
+    prim = it->second;
+    pd = norm_pds[key];
+  }
+  dnnl::memory src(md, eng, data_of(x)), dst(md, eng, data_of(out));
+  dnnl::memory scale(pd->weights_desc(), eng, data_of(gamma)), shift(pd->weights_desc(), eng, data_of(beta));
+  // Inference computes the statistics itself; the primitive still names buffers for them.
+  dnnl::memory mean(pd->mean_desc(), eng), var(pd->variance_desc(), eng);
+  auto& s = cpu_stream();
+  prim->execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift},
+                    {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var}});
+  s.wait();
+}
+
 // The oneDNN version the artifact was linked against, checked by optc before it loads.
 tvm::ffi::String version() {
   const dnnl_version_t* v = dnnl_version();
@@ -371,4 +450,6 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul_q, matmul_q);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul, matmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul_nobias, matmul_nobias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_batch_matmul, batch_matmul);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_softmax, softmax);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_layer_norm, layer_norm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_version, version);

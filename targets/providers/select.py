@@ -175,6 +175,11 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
     from tvm import relax
 
     R = relax.op
+    if chain.kind == "softmax":
+        return bb.emit(R.nn.softmax(x, axis=chain.axis))
+    if chain.kind == "layer_norm":
+        assert chain.weight is not None and chain.bias is not None
+        return bb.emit(R.nn.layer_norm(x, relax.const(chain.weight), relax.const(chain.bias), axes=[-1], epsilon=chain.eps))
     int8 = chain.scale is not None
     out_dtype = "int32" if int8 else None
     if chain.kind == "conv2d":
