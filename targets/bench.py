@@ -6,29 +6,17 @@ that were checked, like the library (see :mod:`optc.targets.artifact`).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from optc.errors import ConfigError
-from optc.evaluation import latency_ms
 from optc.ir.io import load_model
 from optc.ir.session import make_session, sample_feeds
 from optc.targets.artifact import load_verified, verify_artifact
+from optc.targets.compare import in_turns
 
 MODEL = "model.onnx"
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
 
 
 def bench_artifact(folder: Path, repeats: int = 50) -> dict[str, Any]:
@@ -40,11 +28,15 @@ def bench_artifact(folder: Path, repeats: int = 50) -> dict[str, Any]:
     feeds = sample_feeds(model)
     tvm_out = artifact.run(feeds)
     names = list(tvm_out)
-    ort_out = dict(zip(names, make_session(model).run(names, feeds)))
+    session = make_session(model)
+    ort_out = dict(zip(names, session.run(names, feeds)))
     diff = max(float(np.abs(tvm_out[n].astype(np.float64) - ort_out[n]).max()) for n in names)
-    tvm_ms = _median_ms(lambda: artifact.run(feeds), repeats)
-    ort_ms = latency_ms(model, feeds, repeats=repeats, budget_s=60)
-    return {"tvm_ms": tvm_ms, "ort_ms": ort_ms, "ratio": tvm_ms / ort_ms, "repeats": repeats, "max_abs_diff": diff, "target": artifact.manifest["target"]["name"]}
+    # In turns, so that load from other users of the machine hits both alike (one after the other,
+    # a busy spell during either run decided the ratio).
+    best, blocks = in_turns({"tvm": lambda: artifact.run(feeds), "ort": lambda: session.run(names, feeds)},
+                            budget_s=0, max_runs=min(repeats, 10), min_blocks=max(1, -(-repeats // 10)))
+    return {"tvm_ms": best["tvm"], "ort_ms": best["ort"], "ratio": best["tvm"] / best["ort"], "repeats": repeats, "blocks": blocks,
+            "max_abs_diff": diff, "target": artifact.manifest["target"]["name"]}
 
 
 def _model_files(folder: Path) -> list[str]:

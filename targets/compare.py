@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,29 @@ from optc.targets.spec import TargetSpec
 
 BUDGET_S = 3.0  # about this long in all; at least three blocks of each
 BLOCK_RUNS = 5
+
+
+def in_turns(fns: Mapping[str, Callable[[], Any]], budget_s: float = BUDGET_S, max_runs: int = BLOCK_RUNS,
+             min_blocks: int = 3) -> tuple[dict[str, float], int]:
+    """Lowest block median (ms) of each function, timed in alternating blocks so that load from other
+    users of the machine hits them alike; at least ``min_blocks`` blocks, more while ``budget_s`` lasts
+    (at most 20). A slow function gets fewer runs per block. Also the number of blocks."""
+    first = next(iter(fns.values()))
+    start = time.perf_counter()
+    first()
+    runs = max(1, min(max_runs, int(0.1 / max(time.perf_counter() - start, 1e-6))))
+    best = {k: float("inf") for k in fns}
+    deadline, blocks = time.perf_counter() + budget_s, 0
+    while blocks < min_blocks or (time.perf_counter() < deadline and blocks < 20):
+        for key, fn in fns.items():
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+            best[key] = min(best[key], float(np.median(times)))
+        blocks += 1
+    return best, blocks
 
 
 def runs_here(spec: TargetSpec) -> bool:
@@ -47,21 +70,7 @@ def artifact_vs_onnxruntime(model: Model, library: Path, feeds: Mapping[str, np.
 
     got, want = run_artifact(), session.run(outputs, dict(feeds))
     diff = max((float(np.abs(g.astype(np.float64) - w).max()) for g, w in zip(got, want) if g.size), default=0.0)
-    fns = {"artifact": run_artifact, "onnxruntime": lambda: session.run(outputs, dict(feeds))}
-    start = time.perf_counter()
-    run_artifact()
-    runs = max(1, min(BLOCK_RUNS, int(0.1 / max(time.perf_counter() - start, 1e-6))))  # a slow model: fewer runs per block
-    best = {k: float("inf") for k in fns}
-    deadline, blocks = time.perf_counter() + BUDGET_S, 0
-    while blocks < 3 or (time.perf_counter() < deadline and blocks < 20):
-        for key, fn in fns.items():
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1000)
-            best[key] = min(best[key], float(np.median(times)))
-        blocks += 1
+    best, blocks = in_turns({"artifact": run_artifact, "onnxruntime": lambda: session.run(outputs, dict(feeds))})
     return {"artifact_ms": best["artifact"], "onnxruntime_ms": best["onnxruntime"],
             "ratio": best["artifact"] / best["onnxruntime"], "max_abs_diff": diff, "blocks": blocks,
             "threads": os.environ.get("TVM_NUM_THREADS") or "all cores"}
