@@ -275,18 +275,8 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
 
 
 def _race(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Lowest block median per candidate, blocks in turn; a candidate far behind after one block stops early."""
-    for fn in fns.values():
-        fn()  # first call: the provider builds its primitive and packs weights
-    best: dict[str, float] = {}
-    for block in range(BLOCKS):
-        for key, fn in fns.items():
-            times = []
-            for _ in range(RUNS):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1000)
-            best[key] = min(best.get(key, float("inf")), float(np.median(times)))
-        if block == 0 and max(best.values()) > CLEAR_WIN * min(best.values()):
-            break
+    """Lowest block median per candidate, blocks in turns; a candidate far behind after one block stops the race."""
+    from optc.targets.compare import in_turns
+
+    best, _ = in_turns(fns, budget_s=0, max_runs=RUNS, min_blocks=BLOCKS, clear_win=CLEAR_WIN)
     return best
