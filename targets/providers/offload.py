@@ -46,8 +46,7 @@ def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = No
         return _int8_call(chain, data, residual, act, out_ty)
     if chain.kind == "conv2d":
         assert chain.weight is not None
-        c = chain.conv
-        attrs = [*c["strides"], *c["padding"], *c["dilation"], c["groups"], *act, c["nhwc"]]  # type: ignore[misc]
+        attrs = _conv_attrs(chain, act)
         args = [data, relax.const(chain.weight)]
         if residual is not None:
             bias = chain.bias if chain.bias is not None else np.zeros(chain.weight.shape[0], np.float32)
@@ -69,8 +68,14 @@ def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = No
         assert chain.weight is not None and chain.bias is not None
         name, args, attrs = "optc_dnnl_layer_norm", [data, relax.const(chain.weight), relax.const(chain.bias)], [float_bits(chain.eps)]
     else:
-        name, args, attrs = "optc_dnnl_batch_matmul", [data, other], [0]
+        name, args, attrs = "optc_dnnl_batch_matmul", [data, other], []
     return relax.call_dps_packed(name, [*args, relax.ShapeExpr([int(a) for a in attrs])], out_ty)
+
+
+def _conv_attrs(chain: Chain, act: list[int]) -> list[int]:
+    """The glue's 13 convolution attributes (onednn_glue.cc, make_conv)."""
+    c = chain.conv
+    return [*c["strides"], *c["padding"], *c["dilation"], c["groups"], *act, c["nhwc"]]  # type: ignore[misc]
 
 
 def int8_bias(chain: Chain) -> np.ndarray:
@@ -87,8 +92,7 @@ def _int8_call(chain: Chain, data: Any, residual: Any, act: list[int], out_ty: A
     assert chain.weight is not None and chain.scale is not None
     args = [data, relax.const(chain.weight, "int8"), relax.const(int8_bias(chain)), relax.const(chain.scale)]
     if chain.kind == "conv2d":
-        c = chain.conv
-        attrs = [*c["strides"], *c["padding"], *c["dilation"], c["groups"], *act, c["nhwc"]]  # type: ignore[misc]
+        attrs = _conv_attrs(chain, act)
         name = "optc_dnnl_conv2d_q"
         if residual is not None:
             name, args = "optc_dnnl_conv2d_q_sum", [*args, residual]

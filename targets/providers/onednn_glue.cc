@@ -72,8 +72,8 @@ float bits_to_float(int64_t v) {
   return f;
 }
 
-// Activation codes shared with optc/targets/providers/onednn.py.
-enum Act : int64_t { kNone = 0, kRelu = 1, kClip = 2, kSigmoid = 3, kGeluErf = 4, kGeluTanh = 5, kSwish = 6 };
+// Activation codes shared with optc/targets/providers/chains.py (ACT_*).
+enum Act : int64_t { kNone = 0, kRelu = 1, kClip = 2, kSigmoid = 3, kGeluErf = 4 };
 
 void append_act(dnnl::post_ops& po, int64_t act, float lo, float hi) {
   using a = dnnl::algorithm;
@@ -83,18 +83,17 @@ void append_act(dnnl::post_ops& po, int64_t act, float lo, float hi) {
     case kClip: po.append_eltwise(1.f, a::eltwise_clip, lo, hi); return;
     case kSigmoid: po.append_eltwise(1.f, a::eltwise_logistic, 0.f, 0.f); return;
     case kGeluErf: po.append_eltwise(1.f, a::eltwise_gelu_erf, 0.f, 0.f); return;
-    case kGeluTanh: po.append_eltwise(1.f, a::eltwise_gelu_tanh, 0.f, 0.f); return;
-    case kSwish: po.append_eltwise(1.f, a::eltwise_swish, 1.f, 0.f); return;
     default: TVM_FFI_THROW(ValueError) << "optc oneDNN: unknown activation code " << act;
   }
 }
 
-// A call site's cache key: the weight buffer's address (constants of a loaded artifact do not move;
-// activations do, between runs) plus every shape and attribute, as raw bytes (no formatting per call).
-std::string key_of(char op, const TensorView& weight, std::initializer_list<const TensorView*> ts, const Shape& attrs) {
+// A call site's cache key: the weight buffer's address when there is one (constants of a loaded
+// artifact do not move; activations do, between runs) plus every shape and attribute, as raw bytes
+// (no formatting per call).
+std::string key_of(char op, const TensorView* weight, std::initializer_list<const TensorView*> ts, const Shape& attrs) {
   std::string k(1, op);
   auto put = [&k](int64_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
-  put(static_cast<int64_t>(reinterpret_cast<uintptr_t>(weight.data_ptr())));
+  put(weight ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(weight->data_ptr())) : 0);
   for (const TensorView* t : ts) {
     put(t->ndim());
     for (int i = 0; i < t->ndim(); ++i) put(t->shape()[i]);
@@ -123,9 +122,59 @@ struct MatMul {
   dnnl::memory::desc src_md, dst_md;
 };
 
+// Every cached primitive sits in one of these maps, all under one lock (taken only to look up or build).
 std::mutex cache_mutex;
-std::unordered_map<std::string, std::shared_ptr<Conv>> conv_cache;
-std::unordered_map<std::string, std::shared_ptr<MatMul>> matmul_cache;
+template <class T>
+using Cache = std::unordered_map<std::string, std::shared_ptr<T>>;
+
+template <class T, class Make>
+std::shared_ptr<T> cached(Cache<T>& cache, const std::string& key, Make make) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, make()).first;
+  return it->second;
+}
+
+Cache<Conv> conv_cache;
+Cache<MatMul> matmul_cache;
+
+// The operands of a convolution or matmul: float32, or int8 activations and weights with float32 scales.
+void check_operands(const char* op, const TensorView& x, const TensorView& w, const TensorView* scales, const TensorView& out) {
+  std::string name(op);
+  if (scales) {
+    check_int8(x, (name + " input").c_str());
+    check_int8(w, (name + " weight").c_str());
+    check_f32(*scales, (name + " scales").c_str());
+  } else {
+    check_f32(x, (name + " input").c_str());
+    check_f32(w, (name + " weight").c_str());
+  }
+  check_f32(out, (name + " output").c_str());
+}
+
+// Post-ops (a residual sum, an activation) and, for int8, per-output-channel scales on dst's axis 1.
+dnnl::primitive_attr make_attr(bool sum, int64_t act, int64_t lo_bits, int64_t hi_bits, const TensorView* scales, int64_t channels) {
+  dnnl::post_ops po;
+  if (sum) po.append_sum(1.f);
+  append_act(po, act, bits_to_float(lo_bits), bits_to_float(hi_bits));
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(po);
+  if (scales) {
+    const float* sp = static_cast<const float*>(raw_of(*scales));
+    attr.set_output_scales(1 << 1, std::vector<float>(sp, sp + channels));
+  }
+  return attr;
+}
+
+// A constant copied once into the layout a primitive reads (weights packed, a bias as is).
+dnnl::memory packed(const dnnl::memory::desc& given, void* data, const dnnl::memory::desc& wanted) {
+  auto& eng = cpu_engine();
+  dnnl::stream s(eng);
+  dnnl::memory from(given, eng, data), to(wanted, eng);
+  dnnl::reorder(from, to).execute(s, from, to);
+  s.wait();
+  return to;
+}
 
 // Logical NCHW dims of an activation stored as NCHW (nhwc false) or NHWC.
 dnnl::memory::dims nchw_dims(const TensorView& t, bool nhwc) {
@@ -160,57 +209,27 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
                                                   src_any, w_any, b_md, dst_any, strides, dil, pl, pr)
                 : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
                                                   src_any, w_any, dst_any, strides, dil, pl, pr);
-  dnnl::post_ops po;
-  if (sum) po.append_sum(1.f);
-  append_act(po, a[9], bits_to_float(a[10]), bits_to_float(a[11]));
-  dnnl::primitive_attr attr;
-  attr.set_post_ops(po);
-  if (scales) {
-    const float* sp = static_cast<const float*>(raw_of(*scales));
-    attr.set_output_scales(1 << 1, std::vector<float>(sp, sp + wd[0]));
-  }
-  auto pd = dnnl::convolution_forward::primitive_desc(desc, attr, eng);
+  auto pd = dnnl::convolution_forward::primitive_desc(desc, make_attr(sum, a[9], a[10], a[11], scales, wd[0]), eng);
 
   auto c = std::make_shared<Conv>();
   c->prim = dnnl::convolution_forward(pd);
-  dnnl::stream s(eng);
-  dnnl::memory w_user({wdims, w_dt, wtag}, eng, raw_of(w));
-  c->weights = dnnl::memory(pd.weights_desc(), eng);
-  dnnl::reorder(w_user, c->weights).execute(s, w_user, c->weights);
-  if (b) {
-    c->bias = dnnl::memory(b_md, eng);
-    std::memcpy(c->bias.get_data_handle(), data_of(*b), sizeof(float) * wd[0]);
-  }
+  c->weights = packed({wdims, w_dt, wtag}, raw_of(w), pd.weights_desc());
+  if (b) c->bias = packed(b_md, data_of(*b), b_md);
   c->src_plain = dnnl::memory::desc(nchw_dims(x, nhwc), src_dt, plain);
   c->dst_plain = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, plain);
   c->src_reorder = pd.src_desc() != c->src_plain;
   c->dst_reorder = pd.dst_desc() != c->dst_plain;
   if (c->src_reorder) c->src = dnnl::memory(pd.src_desc(), eng);
   if (c->dst_reorder) c->dst = dnnl::memory(pd.dst_desc(), eng);
-  s.wait();
   return c;
 }
 
 void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out,
               const TensorView* scales = nullptr) {
-  if (scales) {
-    check_int8(x, "conv2d input");
-    check_int8(w, "conv2d weight");
-    check_f32(*scales, "conv2d scales");
-  } else {
-    check_f32(x, "conv2d input");
-    check_f32(w, "conv2d weight");
-  }
-  check_f32(out, "conv2d output");
+  check_operands("conv2d", x, w, scales, out);
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
-  std::shared_ptr<Conv> c;
-  {
-    std::string key = key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', w, {&x, &w, &out}, a);
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    auto it = conv_cache.find(key);
-    if (it == conv_cache.end()) it = conv_cache.emplace(key, make_conv(x, w, b, out, a, res != nullptr, scales)).first;
-    c = it->second;
-  }
+  auto c = cached(conv_cache, key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', &w, {&x, &w, &out}, a),
+                  [&] { return make_conv(x, w, b, out, a, res != nullptr, scales); });
   auto& eng = cpu_engine();
   dnnl::stream& s = cpu_stream();
   dnnl::memory src_user(c->src_plain, eng, raw_of(x));
@@ -256,49 +275,22 @@ std::shared_ptr<MatMul> make_matmul(const TensorView& x, const TensorView& w, co
   auto w_any = dnnl::memory::desc({k, n}, w_dt, tag::any);
   auto b_md = dnnl::memory::desc({1, n}, dt::f32, tag::ab);
   auto desc = b ? dnnl::matmul::desc(m_->src_md, w_any, b_md, m_->dst_md) : dnnl::matmul::desc(m_->src_md, w_any, m_->dst_md);
-  dnnl::post_ops po;
-  append_act(po, a[0], bits_to_float(a[1]), bits_to_float(a[2]));
-  dnnl::primitive_attr attr;
-  attr.set_post_ops(po);
-  if (scales) {
-    const float* sp = static_cast<const float*>(raw_of(*scales));
-    attr.set_output_scales(1 << 1, std::vector<float>(sp, sp + n));
-  }
-  auto pd = dnnl::matmul::primitive_desc(desc, attr, eng);
+  auto pd = dnnl::matmul::primitive_desc(desc, make_attr(false, a[0], a[1], a[2], scales, n), eng);
   m_->prim = dnnl::matmul(pd);
-  dnnl::stream s(eng);
-  dnnl::memory w_user({{k, n}, w_dt, tag::ab}, eng, raw_of(w));
-  m_->weights = dnnl::memory(pd.weights_desc(), eng);
-  dnnl::reorder(w_user, m_->weights).execute(s, w_user, m_->weights);
+  m_->weights = packed({{k, n}, w_dt, tag::ab}, raw_of(w), pd.weights_desc());
   if (b) {
     m_->has_bias = true;
-    m_->bias = dnnl::memory(b_md, eng);
-    std::memcpy(m_->bias.get_data_handle(), data_of(*b), sizeof(float) * n);
+    m_->bias = packed(b_md, data_of(*b), b_md);
   }
-  s.wait();
   return m_;
 }
 
 void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a, TensorView out,
                 const TensorView* scales = nullptr) {
-  if (scales) {
-    check_int8(x, "matmul input");
-    check_int8(w, "matmul weight");
-    check_f32(*scales, "matmul scales");
-  } else {
-    check_f32(x, "matmul input");
-    check_f32(w, "matmul weight");
-  }
-  check_f32(out, "matmul output");
+  check_operands("matmul", x, w, scales, out);
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
-  std::shared_ptr<MatMul> m;
-  {
-    std::string key = key_of(scales ? 'M' : b ? 'm' : 'u', w, {&x, &w}, a);
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    auto it = matmul_cache.find(key);
-    if (it == matmul_cache.end()) it = matmul_cache.emplace(key, make_matmul(x, w, b, a, scales)).first;
-    m = it->second;
-  }
+  auto m = cached(matmul_cache, key_of(scales ? 'M' : b ? 'm' : 'u', &w, {&x, &w}, a),
+                  [&] { return make_matmul(x, w, b, a, scales); });
   auto& eng = cpu_engine();
   dnnl::stream& s = cpu_stream();
   dnnl::memory src(m->src_md, eng, raw_of(x));
@@ -315,37 +307,25 @@ void matmul_q(TensorView x, TensorView w, TensorView b, TensorView scales, Shape
   run_matmul(x, w, &b, attrs, out, &scales);
 }
 
-// Batched product of two activations, (B..., M, K) x (B..., K, N), both batch shapes equal;
-// transpose_b reads b as (B..., N, K) (attention's Q·Kᵀ without materialising Kᵀ).
+// Batched product of two activations, (B..., M, K) x (B..., K, N), both batch shapes equal.
+Cache<dnnl::matmul> batch_matmul_cache;  // no weights to keep: the primitive (shape-dependent JIT code) is what costs
+
 void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
   check_f32(x, "batch_matmul lhs");
   check_f32(y, "batch_matmul rhs");
   check_f32(out, "batch_matmul output");
   int nd = x.ndim();
-  if (nd < 3 || y.ndim() != nd || out.ndim() != nd || attrs.size() != 1) TVM_FFI_THROW(ValueError) << "optc oneDNN batch_matmul: equal ranks >= 3";
-  bool tb = attrs[0] != 0;
+  if (nd < 3 || y.ndim() != nd || out.ndim() != nd || attrs.size() != 0) TVM_FFI_THROW(ValueError) << "optc oneDNN batch_matmul: equal ranks >= 3, no attributes";
   int64_t batch = 1;
   for (int i = 0; i + 2 < nd; ++i) batch *= x.shape()[i];
-  int64_t m = x.shape()[nd - 2], k = x.shape()[nd - 1];
-  int64_t n = tb ? y.shape()[nd - 2] : y.shape()[nd - 1];
-  // No weights to cache: the primitive (shape-dependent JIT code) is what costs.
-  static std::unordered_map<std::string, std::shared_ptr<dnnl::matmul>> cache;
-  std::shared_ptr<dnnl::matmul> prim;
+  int64_t m = x.shape()[nd - 2], k = x.shape()[nd - 1], n = y.shape()[nd - 1];
   auto& eng = cpu_engine();
   dnnl::memory::desc a_md({batch, m, k}, dt::f32, tag::abc);
-  dnnl::memory::desc b_md({batch, k, n}, dt::f32, tb ? tag::acb : tag::abc);
+  dnnl::memory::desc b_md({batch, k, n}, dt::f32, tag::abc);
   dnnl::memory::desc c_md({batch, m, n}, dt::f32, tag::abc);
-  {
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    std::string shape_key;
-    for (int64_t v : {batch, m, k, n, static_cast<int64_t>(tb)}) shape_key.append(reinterpret_cast<const char*>(&v), sizeof v);
-    auto it = cache.find(shape_key);
-    if (it == cache.end()) {
-      auto pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), eng);
-      it = cache.emplace(shape_key, std::make_shared<dnnl::matmul>(pd)).first;
-    }
-    prim = it->second;
-  }
+  auto prim = cached(batch_matmul_cache, key_of('b', nullptr, {&x, &y}, attrs), [&] {
+    return std::make_shared<dnnl::matmul>(dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), eng));
+  });
   dnnl::stream& s = cpu_stream();
   dnnl::memory a_mem(a_md, eng, data_of(x)), b_mem(b_md, eng, data_of(y)), c_mem(c_md, eng, data_of(out));
   prim->execute(s, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
@@ -359,17 +339,13 @@ dnnl::memory::desc plain_md(const TensorView& t) {
   return dnnl::memory::desc(dims_of(t), dt::f32, tags[t.ndim() - 1]);
 }
 
-std::string shape_key(char op, const TensorView& t, const Shape& attrs) {
-  std::string k(1, op);
-  auto put = [&k](int64_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
-  for (int i = 0; i < t.ndim(); ++i) put(t.shape()[i]);
-  for (size_t i = 0; i < attrs.size(); ++i) put(attrs[i]);
-  return k;
-}
+struct Norm {
+  dnnl::layer_normalization_forward::primitive_desc pd;
+  dnnl::layer_normalization_forward prim;
+};
 
-std::mutex light_mutex;
-std::unordered_map<std::string, std::shared_ptr<dnnl::primitive>> light_cache;
-std::unordered_map<std::string, std::shared_ptr<dnnl::layer_normalization_forward::primitive_desc>> norm_pds;
+Cache<dnnl::softmax_forward> softmax_cache;
+Cache<Norm> norm_cache;
 
 // Softmax over one axis (attrs: axis, non-negative).
 void softmax(TensorView x, Shape attrs, TensorView out) {
@@ -378,18 +354,10 @@ void softmax(TensorView x, Shape attrs, TensorView out) {
   if (attrs.size() != 1 || attrs[0] < 0 || attrs[0] >= x.ndim()) TVM_FFI_THROW(ValueError) << "optc oneDNN softmax: bad axis";
   auto& eng = cpu_engine();
   auto md = plain_md(x);
-  std::shared_ptr<dnnl::primitive> prim;
-  {
-    std::lock_guard<std::mutex> lock(light_mutex);
-    auto key = shape_key('x', x, attrs);
-    auto it = light_cache.find(key);
-    if (it == light_cache.end()) {
-      auto pd = dnnl::softmax_forward::primitive_desc(
-          dnnl::softmax_forward::desc(dnnl::prop_kind::forward_inference, md, static_cast<int>(attrs[0])), eng);
-      it = light_cache.emplace(key, std::make_shared<dnnl::softmax_forward>(pd)).first;
-    }
-    prim = it->second;
-  }
+  auto prim = cached(softmax_cache, key_of('x', nullptr, {&x}, attrs), [&] {
+    return std::make_shared<dnnl::softmax_forward>(dnnl::softmax_forward::primitive_desc(
+        dnnl::softmax_forward::desc(dnnl::prop_kind::forward_inference, md, static_cast<int>(attrs[0])), eng));
+  });
   dnnl::memory src(md, eng, data_of(x)), dst(md, eng, data_of(out));
   auto& s = cpu_stream();
   prim->execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}});
@@ -405,28 +373,19 @@ void layer_norm(TensorView x, TensorView gamma, TensorView beta, Shape attrs, Te
   if (attrs.size() != 1) TVM_FFI_THROW(ValueError) << "optc oneDNN layer_norm: one attribute (epsilon)";
   auto& eng = cpu_engine();
   auto md = plain_md(x);
-  std::shared_ptr<dnnl::primitive> prim;
-  std::shared_ptr<dnnl::layer_normalization_forward::primitive_desc> pd;
-  {
-    std::lock_guard<std::mutex> lock(light_mutex);
-    auto key = shape_key('l', x, attrs);
-    auto it = light_cache.find(key);
-    if (it == light_cache.end()) {
-      auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
-      auto desc = dnnl::layer_normalization_forward::desc(dnnl::prop_kind::forward_inference, md, bits_to_float(attrs[0]), flags);
-      auto made = std::make_shared<dnnl::layer_normalization_forward::primitive_desc>(desc, eng);
-      norm_pds[key] = made;
-      it = light_cache.emplace(key, std::make_shared<dnnl::layer_normalization_forward>(*made)).first;
-    }
-    prim = it->second;
-    pd = norm_pds[key];
-  }
+  auto norm = cached(norm_cache, key_of('l', nullptr, {&x}, attrs), [&] {
+    auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+    auto desc = dnnl::layer_normalization_forward::desc(dnnl::prop_kind::forward_inference, md, bits_to_float(attrs[0]), flags);
+    dnnl::layer_normalization_forward::primitive_desc pd(desc, eng);
+    return std::make_shared<Norm>(Norm{pd, dnnl::layer_normalization_forward(pd)});
+  });
+  const auto& pd = norm->pd;
   dnnl::memory src(md, eng, data_of(x)), dst(md, eng, data_of(out));
-  dnnl::memory scale(pd->weights_desc(), eng, data_of(gamma)), shift(pd->weights_desc(), eng, data_of(beta));
+  dnnl::memory scale(pd.weights_desc(), eng, data_of(gamma)), shift(pd.weights_desc(), eng, data_of(beta));
   // Inference computes the statistics itself; the primitive still names buffers for them.
-  dnnl::memory mean(pd->mean_desc(), eng), var(pd->variance_desc(), eng);
+  dnnl::memory mean(pd.mean_desc(), eng), var(pd.variance_desc(), eng);
   auto& s = cpu_stream();
-  prim->execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift},
+  norm->prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift},
                     {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var}});
   s.wait();
 }
