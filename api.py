@@ -506,7 +506,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         if labelled is None and budget.resolve()[0].name == "cosine":
             calib, budget_data = default_budget_guard.held_out(calib, model)  # --min-fidelity without --eval
     elif default_budget:
-        guard, calib, skipped = default_budget_guard.plan(passes, model, calib, labelled, _metric_of(budget))
+        guard, calib, skipped = default_budget_guard.plan(passes, model, calib, labelled, budget.named_metric() if budget is not None else None)
         if skipped:
             logger.warning(skipped)
             run_notes.append(skipped)
@@ -560,15 +560,6 @@ def _target_presets(passes: list[Pass], target: TargetSpec | None, notes: list[s
                 p = replaced
         out.append(p)
     return out
-
-
-def _metric_of(budget: BudgetSpec | None) -> Any:
-    """The metric a user named (``--metric``) without a budget, as an object; None when none was named."""
-    if budget is None or budget.metric is None:
-        return None
-    from optc.evaluation.metrics import Metric, load_metric
-
-    return budget.metric if isinstance(budget.metric, Metric) else load_metric(budget.metric)
 
 
 def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, digests,  # noqa: PLR0913
@@ -658,9 +649,10 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
             files += [staging.path / driver.REPORT_NAME, staging.path / HTML_NAME]
             if target is not None:
                 from optc.targets.artifact import write_manifest
+                from optc.targets.build import linked_libraries
 
-                providers = ((report.target.tuning if report.target else None) or {}).get("providers") or {}
-                write_manifest(staging.path, result.model, target, providers.get("libraries") or [])
+                tuning_section = dict((report.target.tuning if report.target else None) or {})
+                write_manifest(staging.path, result.model, target, linked_libraries(tuning_section))
                 files.append(staging.path / "manifest.json")
             # After the manifest: the artifact's manifest covers what `optc run` loads.
             (staging.path / driver.PIPELINE_NAME).write_text(driver.pipeline_document(passes, seed, shapes))

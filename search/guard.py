@@ -19,13 +19,13 @@ one held-out measurement. A pass whose strength the user wrote runs as asked
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from optc.data.calibration import CalibrationSet
 from optc.data.labelled import LabelledSet
 from optc.errors import ConfigError
-from optc.evaluation.metrics import Metric, MetricRunner
+from optc.evaluation.metrics import Metric, MetricRunner, load_metric
 from optc.ir.model import Model
 from optc.passes.framework import Pass
 
@@ -73,8 +73,6 @@ def held_out(calib: CalibrationSet | None, model: Model) -> tuple[CalibrationSet
 def plan(passes: Sequence[Pass], model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None,
          metric: Metric | None) -> tuple[Guard | None, CalibrationSet | None, str | None]:
     """The default budget for this pipeline, the calibration data passes should fit on, and a note when none applies."""
-    from optc.evaluation.metrics import load_metric
-
     guarded = tuple(p.name for p in passes if at_default_strength(p))
     if not guarded:
         return None, calib, None

@@ -64,8 +64,13 @@ class BudgetSpec:
             if self.metric not in (None, "cosine"):
                 raise ConfigError("--min-fidelity is a floor on the cosine to the input model: drop --metric, or use --max-drop with it")
             return load_metric("cosine"), 1.0 - self.min_fidelity
-        metric = self.metric if isinstance(self.metric, Metric) else load_metric(self.metric or "top1")
-        return metric, float(self.max_drop)
+        return self.named_metric() or load_metric("top1"), float(self.max_drop)
+
+    def named_metric(self) -> Metric | None:
+        """The metric the user named (``--metric``) as an object; None when none was named."""
+        if self.metric is None:
+            return None
+        return self.metric if isinstance(self.metric, Metric) else load_metric(self.metric)
 
 
 @dataclass

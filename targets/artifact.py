@@ -84,6 +84,14 @@ def check_libraries(manifest: Mapping[str, Any]) -> None:
             raise TargetError(f"this artifact needs {lib.get('name')!r}, which this optc does not know how to check")
 
 
+def io_specs(model: Model) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's ``inputs`` and ``outputs``: what :meth:`LoadedArtifact.run` takes and returns."""
+    def spec(s: Any) -> dict[str, Any]:
+        return {"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or ())}
+
+    return {"inputs": [spec(s) for s in model.inputs], "outputs": [spec(s) for s in model.outputs]}
+
+
 def write_manifest(folder: Path, model: Model, spec: TargetSpec, libraries: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """Hash every file already in ``folder`` (the manifest is written last); ``libraries``: the vendor libraries model.so needs."""
     import tvm
@@ -96,8 +104,7 @@ def write_manifest(folder: Path, model: Model, spec: TargetSpec, libraries: Sequ
         "target": spec.to_dict(),
         "library": LIBRARY,
         "runtime": {"libraries": [dict(lib) for lib in libraries], "env": RUNTIME_ENV},
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or ())} for s in model.inputs],
-        "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape or ())} for s in model.outputs],
+        **io_specs(model),
         "files": {p.relative_to(folder).as_posix(): sha256(p) for p in files},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from optc.errors import ConfigError
 from optc.ir.io import load_model
-from optc.ir.session import make_session, sample_feeds
+from optc.ir.session import sample_feeds
 from optc.targets.artifact import load_verified, verify_artifact
-from optc.targets.compare import in_turns
+from optc.targets.compare import versus_onnxruntime
 
 MODEL = "model.onnx"
 
@@ -25,18 +24,10 @@ def bench_artifact(folder: Path, repeats: int = 50) -> dict[str, Any]:
     with verify_artifact(folder, also_copy=_model_files(folder)) as verified:
         artifact = load_verified(verified)
         model = load_model(verified.copies[MODEL])
-    feeds = sample_feeds(model)
-    tvm_out = artifact.run(feeds)
-    names = list(tvm_out)
-    session = make_session(model)
-    ort_out = dict(zip(names, session.run(names, feeds)))
-    diff = max(float(np.abs(tvm_out[n].astype(np.float64) - ort_out[n]).max()) for n in names)
-    # In turns, so that load from other users of the machine hits both alike (one after the other,
-    # a busy spell during either run decided the ratio).
-    best, blocks = in_turns({"tvm": lambda: artifact.run(feeds), "ort": lambda: session.run(names, feeds)},
-                            budget_s=0, max_runs=min(repeats, 10), min_blocks=max(1, -(-repeats // 10)))
-    return {"tvm_ms": best["tvm"], "ort_ms": best["ort"], "ratio": best["tvm"] / best["ort"], "repeats": repeats, "blocks": blocks,
-            "max_abs_diff": diff, "target": artifact.manifest["target"]["name"]}
+    result = versus_onnxruntime(artifact, model, sample_feeds(model), budget_s=0, max_runs=min(repeats, 10),
+                                min_blocks=max(1, -(-repeats // 10)))
+    return {"tvm_ms": result["artifact_ms"], "ort_ms": result["onnxruntime_ms"], "ratio": result["ratio"], "repeats": repeats,
+            "blocks": result["blocks"], "max_abs_diff": result["max_abs_diff"], "target": artifact.manifest["target"]["name"]}
 
 
 def _model_files(folder: Path) -> list[str]:

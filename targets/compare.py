@@ -4,7 +4,7 @@ A user compiles to get something faster than running the ONNX file; the report
 says whether they did, on the same inputs and cores. Only for targets this
 machine runs (x86 here; not ARM cross-builds, not CUDA without a GPU). The
 library is loaded from the folder optc has just written, before the manifest
-exists; its outputs are compared too.
+exists, and run as ``optc run`` and ``optc bench`` run artifacts; its outputs are compared too.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from optc.ir.model import Model
 from optc.ir.session import make_session
+from optc.targets.artifact import LoadedArtifact, apply_runtime_env, io_specs
 from optc.targets.spec import TargetSpec
 
 BUDGET_S = 3.0  # about this long in all; at least three blocks of each
@@ -56,27 +57,24 @@ def runs_here(spec: TargetSpec) -> bool:
     return spec.device == "cpu" and spec.foreign_triple() is None
 
 
+def versus_onnxruntime(artifact: LoadedArtifact, model: Model, feeds: Mapping[str, np.ndarray], **timing: Any) -> dict[str, Any]:
+    """``artifact`` and onnxruntime running ``model`` on ``feeds``: lowest block medians (ms, :func:`in_turns`
+    with ``timing``), their ratio, and the largest output difference."""
+    session = make_session(model)
+    names = [o["name"] for o in artifact.manifest["outputs"]]
+    got, want = artifact.run(feeds), dict(zip(names, session.run(names, dict(feeds))))
+    diff = max((float(np.abs(got[n].astype(np.float64) - want[n]).max()) for n in names if got[n].size), default=0.0)
+    best, blocks = in_turns({"artifact": lambda: artifact.run(feeds), "onnxruntime": lambda: session.run(names, dict(feeds))}, **timing)
+    return {"artifact_ms": best["artifact"], "onnxruntime_ms": best["onnxruntime"],
+            "ratio": best["artifact"] / best["onnxruntime"], "max_abs_diff": diff, "blocks": blocks}
+
+
 def artifact_vs_onnxruntime(model: Model, library: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Median latencies (ms, lowest block median), their ratio, and the largest output difference."""
+    """The library just written, loaded from ``library`` (there is no manifest yet), against onnxruntime."""
     import tvm
-    from optc.targets.artifact import apply_runtime_env
     from tvm import relax
 
     apply_runtime_env()
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    main = vm["main"]
-    names = [s.name for s in model.inputs]
-    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in names]
-    session = make_session(model)
-    outputs = [o.name for o in model.outputs]
-
-    def run_artifact() -> list[np.ndarray]:
-        out = main(*args)
-        return [v.numpy() for v in ([out] if hasattr(out, "numpy") else list(out))]
-
-    got, want = run_artifact(), session.run(outputs, dict(feeds))
-    diff = max((float(np.abs(g.astype(np.float64) - w).max()) for g, w in zip(got, want) if g.size), default=0.0)
-    best, blocks = in_turns({"artifact": run_artifact, "onnxruntime": lambda: session.run(outputs, dict(feeds))})
-    return {"artifact_ms": best["artifact"], "onnxruntime_ms": best["onnxruntime"],
-            "ratio": best["artifact"] / best["onnxruntime"], "max_abs_diff": diff, "blocks": blocks,
-            "threads": os.environ.get("TVM_NUM_THREADS") or "all cores"}
+    artifact = LoadedArtifact(io_specs(model), vm, tvm.cpu())
+    return {**versus_onnxruntime(artifact, model, feeds), "threads": os.environ.get("TVM_NUM_THREADS") or "all cores"}

@@ -31,13 +31,13 @@ def schedule_function(func: Any) -> Any | None:
         return None
     try:
         sch = s_tir.Schedule(func)
-        root = sch.get_sblock("root") if _has_root(sch) else None
-        blocks = sch.get_child_blocks(root) if root is not None else []
+        root = sch.get_sblock("root")  # a function without one raises: left as it is, below
+        blocks = sch.get_child_blocks(root)
         if not blocks:
             return None
         for block in blocks[:-1]:
             _inline(sch, block)
-        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        blocks = sch.get_child_blocks(root)
         changed = False
         for block in blocks:
             changed |= _parallelise(sch, block)
@@ -57,14 +57,6 @@ def _inline(sch: Any, block: Any) -> None:
             return
         except Exception:  # noqa: BLE001, S112 - TVM raises its own error kinds; staying is correct
             continue
-
-
-def _has_root(sch: Any) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _parallelise(sch: Any, block: Any) -> bool:

@@ -13,12 +13,18 @@ from pathlib import Path
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 
 
-def cpu_flags() -> frozenset[str]:
+def cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` line of ``/proc/cpuinfo`` (``flags``, ``model name``); None where there is none."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == name:
+                return value.strip()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 def reduce_range_for(target: str | None, cpu_given: bool) -> tuple[bool, str] | None:

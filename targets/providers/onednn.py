@@ -95,9 +95,8 @@ def glue_object() -> Path:
     import tvm_ffi
 
     include = tvm_ffi.libinfo.find_include_path()
-    source = GLUE.read_bytes()
     flags = ["-O3", "-std=c++17", "-fPIC", "-c"]
-    key = hashlib.sha256(source + header_version().encode() + str(include).encode() + " ".join(flags).encode()).hexdigest()[:20]
+    key = hashlib.sha256((glue_digest() + header_version() + str(include) + " ".join(flags)).encode()).hexdigest()[:20]
     target = _cache_dir() / f"onednn_glue-{key}.o"
     if target.is_file():
         return target

@@ -14,7 +14,6 @@ chain oneDNN can take, unmeasured).
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from optc.targets.compare import in_turns
+from optc.targets.presets import cpuinfo_field
 from optc.targets.providers import onednn
 from optc.targets.providers.chains import (
     ACT_CLIP,
@@ -64,18 +65,6 @@ class ProviderReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-    @property
-    def link(self) -> bool:
-        return bool(self.offloaded)
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[Any], Any]) -> tuple[Any, ProviderReport]:
@@ -115,7 +104,8 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
 
 
 def _key(chain: Chain, target: Any, version: str) -> str:
-    text = json.dumps([chain.workload(), str(target), cpu_name(), version, onednn.glue_digest()], sort_keys=True)
+    text = json.dumps([chain.workload(), str(target), cpuinfo_field("model name") or platform.processor() or platform.machine(), version,
+                       onednn.glue_digest()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -267,16 +257,10 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
         results = {}
         for i, chain in enumerate(chains):
             args = [tvm.runtime.tensor(a) for a in inputs[i]]
-            results[chain.workload()] = _race({"tvm_ms": lambda i=i, a=args: vm[f"tvm_{i}"](*a),
-                                               "onednn_ms": lambda i=i, a=args: vm[f"dnn_{i}"](*a)})
+            # a candidate far behind after one block ends its race
+            results[chain.workload()], _ = in_turns({"tvm_ms": lambda i=i, a=args: vm[f"tvm_{i}"](*a),
+                                                     "onednn_ms": lambda i=i, a=args: vm[f"dnn_{i}"](*a)},
+                                                    budget_s=0, max_runs=RUNS, min_blocks=BLOCKS, clear_win=CLEAR_WIN)
             logger.info("kernels: %s  tvm %.3f ms  onednn %.3f ms", chain.workload(), results[chain.workload()]["tvm_ms"],
                         results[chain.workload()]["onednn_ms"])
     return results
-
-
-def _race(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Lowest block median per candidate, blocks in turns; a candidate far behind after one block stops the race."""
-    from optc.targets.compare import in_turns
-
-    best, _ = in_turns(fns, budget_s=0, max_runs=RUNS, min_blocks=BLOCKS, clear_win=CLEAR_WIN)
-    return best
