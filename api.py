@@ -32,10 +32,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from optc import __version__, driver
 from optc.data import CalibrationSet, LabelledSet
+from optc.data.images import ImageFolder, ImagePreprocess
+from optc.data.feeds import is_feed_source
+from optc.data.sources import open_calibration, open_evaluation
 from optc.errors import ConfigError
 from optc.evaluation import interleaved_latency_ms
 from optc.ir.io import load_model, save_model
@@ -51,7 +54,7 @@ from optc.targets.spec import TargetSpec
 from optc.targets.tuning_progress import TuneProgress
 
 __all__ = [
-    "Accuracy", "BudgetSpec", "CalibrationSet", "CompileResult", "DetailedStats", "Evaluation", "FileDigest", "LabelledSet", "Latency",
+    "Accuracy", "BudgetSpec", "CalibrationSet", "CompileResult", "DetailedStats", "Evaluation", "FileDigest", "ImageFolder", "ImagePreprocess", "LabelledSet", "Latency",
     "Model", "ModelInfo", "OutputFidelity", "Pass", "PassReport", "Report", "Stats", "TargetReport", "TargetSpec",
     "TuningOptions", "WeightSparsity", "compile", "default_output", "load_model", "make_pass", "make_target",
     "named_pipeline", "parse_pass_spec",
@@ -416,8 +419,8 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     model: Model | str | os.PathLike[str],
     passes: Sequence[Pass] | None = None,
     *,
-    calibration: CalibrationSet | str | os.PathLike[str] | None = None,
-    evaluation: LabelledSet | str | os.PathLike[str] | None = None,
+    calibration: CalibrationSet | ImageFolder | str | os.PathLike[str] | Iterable[Mapping[str, Any]] | None = None,
+    evaluation: LabelledSet | ImageFolder | str | os.PathLike[str] | Iterable[tuple[Mapping[str, Any], Any]] | None = None,
     target: TargetSpec | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -441,10 +444,13 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
             is not changed, except that shape inference may add value infos.
         passes: configured passes, in order (:func:`make_pass`, :func:`named_pipeline`,
             or pass classes with their configs); None runs ``canonicalize``, ``[]`` no pass.
-        calibration: data for the data-driven passes: a :class:`CalibrationSet`
-            opened on this model, or its path (an ``.npz`` or a folder of them).
-        evaluation: labelled data (a :class:`LabelledSet` or its path): accuracy
-            before and after, and the fidelity figures (else calibration or random inputs).
+        calibration: data for the data-driven passes: a path (an ``.npz`` or a folder of
+            them), an :class:`ImageFolder` (images and their preprocessing), any iterable of
+            feed dicts or a ``CalibrationDataReader``, or a :class:`CalibrationSet` opened on
+            this model (see :mod:`optc.data.sources`).
+        evaluation: labelled data in the same forms (from an iterable: ``(feed, labels)``
+            pairs; an image folder: one subfolder per class): accuracy before and after, and
+            the fidelity figures (else calibration or random inputs).
         target: compile the result for this :func:`make_target` spec (needs ``output``).
             A target needs static shapes: a dynamic leading batch dim is frozen to 1
             (with a note); other dynamic dims must be given in ``input_shapes``.
@@ -496,8 +502,11 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         target.check_tuning(tuning.trials_per_task, tuning.rpc_tracker)
     source_path = Path(model) if not isinstance(model, Model) else model.source
     model, shapes = driver.prepare_model(model, shapes, target=target.name if target is not None else None)
-    calib = _open_data(calibration, model, CalibrationSet, "calibration")
-    labelled = _open_data(evaluation, model, LabelledSet, "evaluation")
+    calib = open_calibration(calibration, model)
+    labelled = open_evaluation(evaluation, model)
+    data_section = _data_section(model, calibration, evaluation)
+    # A re-run (default budget missed) gets the opened sets: an iterable of feeds may be read only once.
+    call.update({k: v for k, v, given in (("calibration", calib, calibration), ("evaluation", labelled, evaluation)) if is_feed_source(given)})
     feeds, feeds_source = driver.sample_feeds(model, calib, labelled, seed)
     guard, run_notes = None, list(_notes)
     passes = _target_presets(passes, target, run_notes)
@@ -519,12 +528,13 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         passes, search_section = chosen.passes, chosen.section
     # Hashed before any work, while the files are the ones validated.
     digests = (driver.file_digest(source_path) if source_path is not None and source_path.is_file() else None,
-               _digests(calib.files if calib else ()), _digests(labelled.inputs.files if labelled else ()))
+               _digests(calib.files or calib.sources if calib else ()),
+               _digests(labelled.inputs.files or labelled.inputs.sources if labelled else ()))
 
     try:
         return _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, digests,
                     source_path, shapes, outdir, target, tuning, int8_lowering, seed, instruments, verify_each, time_passes,
-                    dump_after, measure_latency, external_data)
+                    dump_after, measure_latency, external_data, data_section)
     except _DefaultBudgetMissed as missed:
         logger.warning(missed.message)
         # A default held to the default budget: strengths to 1/8 of the default are precise enough, in 3 steps.
@@ -564,12 +574,12 @@ def _target_presets(passes: list[Pass], target: TargetSpec | None, notes: list[s
 
 def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, digests,  # noqa: PLR0913
          source_path, shapes, outdir, target, tuning, int8_lowering, seed, instruments, verify_each, time_passes,
-         dump_after, measure_latency, external_data) -> CompileResult:
+         dump_after, measure_latency, external_data, data_section) -> CompileResult:
     """The pipeline, its measurements, the report and the files: everything after the checks."""
     with driver.Staging(outdir) as staging:
         all_instruments: list[Instrument] = list(instruments)
         if verify_each:
-            all_instruments.append(VerifyEach(feeds))
+            all_instruments.append(VerifyEach(feeds[0]))
         if time_passes:
             all_instruments.append(TimePasses())
         if dump_after:
@@ -595,7 +605,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         final = driver.measure(result.model, feeds, labelled, measure_latency and not in_turns)
         if baseline_session is not None:
             baseline.latency_ms, final.latency_ms = interleaved_latency_ms(
-                [baseline_session, make_session(result.model)], feeds, blocks=10, runs=20, budget_s=LATENCY_BUDGET_S
+                [baseline_session, make_session(result.model)], feeds[0], blocks=10, runs=20, budget_s=LATENCY_BUDGET_S
             )
             baseline_session = None
         driver.check_finite(baseline, final)
@@ -636,7 +646,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
             if target is not None:
                 built = _build_target(result.model, target, staging.path, tuning, int8_lowering, seed)
                 if measure_latency:
-                    built = _time_artifact(built, result.model, target, staging.path, feeds)
+                    built = _time_artifact(built, result.model, target, staging.path, feeds[0])
                 report = dataclasses.replace(report, target=built)
                 if built.latency and built.latency["ratio"] > SLOWER_WARN:
                     slower = (f"the {target.name} artifact is {built.latency['ratio']:.2f}x slower than onnxruntime on this machine "
@@ -655,7 +665,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
                 write_manifest(staging.path, result.model, target, linked_libraries(tuning_section))
                 files.append(staging.path / "manifest.json")
             # After the manifest: the artifact's manifest covers what `optc run` loads.
-            (staging.path / driver.PIPELINE_NAME).write_text(driver.pipeline_document(passes, seed, shapes))
+            (staging.path / driver.PIPELINE_NAME).write_text(driver.pipeline_document(passes, seed, shapes, data_section))
             files.append(staging.path / driver.PIPELINE_NAME)
             staging.publish()
     written = tuple(outdir / f.relative_to(staging.path) for f in files) if outdir is not None and staging.path is not None else ()
@@ -709,19 +719,10 @@ def _publish_interim(outdir: Path) -> Callable[[Any, Model, list[Pass]], None]:
     return publish
 
 
-def _open_data(data: Any, model: Model, kind: type, what: str) -> Any:
-    """A data set opened on the model being compiled (whose input shapes may have been frozen)."""
-    if data is None:
-        return None
-    if not isinstance(data, kind):
-        return kind.from_path(Path(data), model)
-    inputs = data.inputs if isinstance(data, CalibrationSet) else data.inputs.inputs
-    if tuple(inputs) != tuple(model.inputs):
-        have = "; ".join(s.describe() for s in inputs)
-        want = "; ".join(s.describe() for s in model.inputs)
-        raise ConfigError(f"the {what} set was opened on inputs ({have}), the model compiled has ({want}) after freezing shapes: "
-                          f"open it on the prepared model, or pass its path")
-    return data
+def _data_section(model: Model, *sources: Any) -> dict[str, Any] | None:
+    """``pipeline.yaml``'s ``data`` section: the image preprocessing a replay needs, resolved on this model."""
+    folder = next((d for d in sources if isinstance(d, ImageFolder)), None)
+    return None if folder is None else {"images": folder.preprocess.resolve(model)[0].to_dict()}
 
 
 def _digests(files: Sequence[Path]) -> tuple[FileDigest, ...]:

@@ -54,11 +54,12 @@ import yaml
 
 from optc import __version__
 from optc.data import CalibrationSet, LabelledSet
+from optc.data.images import ImagePreprocess
 from optc.errors import ConfigError
 from optc.evaluation import accuracy, compare_outputs, latency_ms
 from optc.ir.io import load_model
 from optc.ir.model import Model, TensorSpec
-from optc.ir.session import run, sample_feeds as random_feeds
+from optc.ir.session import make_session, run, sample_feeds as random_feeds
 from optc.ir.shapes import freeze_input_shapes, parse_shape_spec
 from optc.passes.framework import Pass
 from optc.passes.framework.pipeline import pipeline_from_data, read_pipeline_data
@@ -420,18 +421,29 @@ def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
 # --------------------------------------------------------------------------- measuring
 
 
-def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int) -> tuple[dict, str]:
-    """Inputs for verify-each, fidelity and latency, and where they come from.
+FIDELITY_SAMPLES = 8  # samples the fidelity figures are measured on (several runs when the batch is fixed)
+
+
+def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int) -> tuple[list[dict], str]:
+    """Inputs for verify-each, fidelity and latency, one batch per feed, and where they come from.
 
     Evaluation data first: the passes never saw it, so fidelity on it is not
     flattered by what they fitted. Then calibration data (seen by the passes),
-    then random inputs.
+    then random inputs. :data:`FIDELITY_SAMPLES` samples in all, so a model
+    whose batch is fixed at 1 is measured on several runs, not one.
     """
     if labelled is not None:
-        return labelled.inputs.take(8), "evaluation data"
+        return labelled.inputs.first_samples(FIDELITY_SAMPLES), "evaluation data"
     if calib is not None:
-        return calib.take(8), "calibration data, which the passes fitted on"
-    return random_feeds(model, seed=seed), "random inputs"
+        return calib.first_samples(FIDELITY_SAMPLES), "calibration data, which the passes fitted on"
+    first = random_feeds(model, seed=seed)
+    batch = _feed_samples(first)
+    runs = max(1, -(-FIDELITY_SAMPLES // batch))
+    return [first] + [random_feeds(model, seed=seed + k) for k in range(1, runs)], "random inputs"
+
+
+def _feed_samples(feed: Mapping[str, np.ndarray]) -> int:
+    return max((v.shape[0] for v in feed.values() if v.ndim), default=1)
 
 
 @dataclass
@@ -441,11 +453,15 @@ class Measurement:
     latency_ms: float | None
 
 
-def measure(model: Model, feeds: Mapping[str, Any], labelled: LabelledSet | None, measure_latency: bool) -> Measurement:
+def measure(model: Model, feeds: Sequence[Mapping[str, Any]], labelled: LabelledSet | None, measure_latency: bool) -> Measurement:
+    """Outputs on every feed (joined on axis 0), accuracy on ``labelled``, latency on the first feed."""
+    session = make_session(model)
+    runs = [run(session, feed) for feed in feeds]
+    outputs = {name: np.concatenate([np.atleast_1d(r[name]) for r in runs]) for name in runs[0]}
     return Measurement(
-        outputs=run(model, feeds),
-        accuracy=accuracy(model, labelled) if labelled is not None else None,
-        latency_ms=latency_ms(model, feeds) if measure_latency else None,
+        outputs=outputs,
+        accuracy=accuracy(model, labelled) if labelled is not None and labelled.class_indices else None,
+        latency_ms=latency_ms(model, feeds[0]) if measure_latency else None,
     )
 
 
@@ -524,13 +540,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def pipeline_document(passes: Sequence[Pass], seed: int, shapes: Mapping[str, Sequence[int]]) -> str:
-    """``pipeline.yaml``: every option of every pass, the seed and the frozen input dims, for ``--pipeline``."""
+def pipeline_document(passes: Sequence[Pass], seed: int, shapes: Mapping[str, Sequence[int]],
+                      data: Mapping[str, Any] | None = None) -> str:
+    """``pipeline.yaml``: every option of every pass, the seed, the frozen input dims and how images were read, for ``--pipeline``."""
     entries = []
     for p in passes:
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in p.describe_config().items()}
         entries.append({"name": p.name, "options": options} if {"name", "options"} & set(options) else {"name": p.name, **options})
-    document = {"seed": seed, "input_shapes": {k: list(v) for k, v in shapes.items()}, "passes": entries}
+    document = {"seed": seed, "input_shapes": {k: list(v) for k, v in shapes.items()}, **({"data": dict(data)} if data else {}),
+                "passes": entries}
     header = (f"# optc {__version__}: the resolved pipeline of this output (every option of every pass, the seed, the input shapes).\n"
               "# Replay it: optc compile MODEL --pipeline pipeline.yaml [--calib DATA] [--eval DATA] -o OUTDIR\n")
     return header + yaml.dump(document, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None)
@@ -545,19 +563,21 @@ class _PlainDumper(yaml.SafeDumper):
 
 @dataclass(frozen=True)
 class PipelineFile:
-    """A ``--pipeline`` file: its passes, and the seed and input dims a ``pipeline.yaml`` records."""
+    """A ``--pipeline`` file: its passes, and the seed, input dims and image preprocessing a ``pipeline.yaml`` records."""
 
     passes: list[Pass]
     seed: int | None
     input_shapes: dict[str, tuple[int, ...]]
+    images: ImagePreprocess | None = None
 
 
 def read_pipeline_file(path: Path) -> PipelineFile:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) pipeline file, as written by hand or as ``pipeline.yaml``."""
     data = read_pipeline_data(path)
-    seed, shapes = None, {}
+    seed, shapes, images = None, {}, None
     if isinstance(data, dict):
         data = dict(data)
+        images = _data_section(data.pop("data", None), path)
         seed = data.pop("seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError(f"pipeline file {path}: 'seed' must be an integer, not {seed!r}")
@@ -571,7 +591,16 @@ def read_pipeline_file(path: Path) -> PipelineFile:
                 shapes[str(name)] = tuple(dims)
             else:
                 raise ConfigError(f"pipeline file {path}: input_shapes.{name} must be a list of positive integers, not {dims!r}")
-    return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes)
+    return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes, images)
+
+
+def _data_section(raw: Any, path: Path) -> ImagePreprocess | None:
+    """A pipeline file's ``data`` mapping: today only ``images``, how image folders become inputs."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"images"}:
+        raise ConfigError(f"pipeline file {path}: 'data' takes one key, 'images' (how image folders become inputs)")
+    return ImagePreprocess.from_dict(raw["images"], f"pipeline file {path}: data.images") if raw.get("images") is not None else None
 
 
 # --------------------------------------------------------------------------- inspect

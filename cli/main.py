@@ -79,8 +79,8 @@ class _LogFormat(logging.Formatter):
 @click.option("--pass", "passes", multiple=True, metavar="NAME[:k=v,...]", help="A pass to run, in order; repeatable. See `optc passes`.")
 @click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path),
               help="A YAML or TOML file listing the passes (an output's pipeline.yaml replays that run).")
-@click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name, samples first) or a folder of them.")
-@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with the inputs and a 'label' array: accuracy before/after.")
+@click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name, samples first), a folder of them, or a folder of images (with data.images in --pipeline).")
+@click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with the inputs and a 'label' array, or image folders per class (with data.images in --pipeline): accuracy before/after.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...", help="Freeze an input's dynamic dims; repeatable.")
 @click.option("--seed", type=int, help="Seed for sample inputs and tuning (default: the --pipeline file's, else 0).")
 @click.option("--target", type=click.Choice(["none", "x86", "arm", "gpu"]), default="none", show_default=True,
@@ -113,6 +113,8 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
     from optc import api
     from optc.cli.progress import ProgressInstrument, TuningView, original_stderr
     from optc.cli.render import render_compile_report
+    from optc import progress
+    from optc.data.images import holds_images
     from optc.driver import parse_shape_spec, read_pipeline_file
     from optc.passes import parse_pass_specs
 
@@ -124,38 +126,46 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
     shapes.update(parse_shape_spec(s) for s in input_shapes)
     if seed is None:
         seed = pipeline.seed if pipeline is not None and pipeline.seed is not None else 0
+    images = pipeline.images if pipeline is not None else None
+    calib, eval_data = (api.ImageFolder(d, images) if images is not None and d is not None and holds_images(d) else d
+                        for d in (calib, eval_data))
     budget = api.BudgetSpec(metric=metric, max_drop=max_drop, min_fidelity=min_fidelity, time_budget_s=time_budget, objective=objective)
     tuning = api.TuningOptions(trials_per_task=tune_trials, database=tuning_db, rpc_tracker=rpc_tracker, rpc_key=rpc_key, weight_prepack=weight_prepack, kernels=kernels)
     spec = api.make_target(target, cpu=cpu, arch=arch) if target != "none" else None
     err = Console(stderr=True)
-    instruments = [ProgressInstrument(err, len(pass_list))] if err.is_terminal and not as_json else []
+    # Off a terminal (a CI log) progress lines go to stderr even with --json: stdout stays JSON.
+    shown = ProgressInstrument(err, len(pass_list)) if not (err.is_terminal and as_json) else None
+    instruments = [shown] if shown is not None else []
     tuning_view = TuningView(original_stderr(), err.is_terminal) if spec is not None and tune_trials > 0 else None
     if tuning_view is not None:
         tuning = dataclasses.replace(tuning, on_progress=tuning_view)
     try:
-        result = api.compile(
-            model,
-            pass_list,
-            calibration=calib,
-            evaluation=eval_data,
-            target=spec,
-            input_shapes=shapes,
-            output=outdir if outdir is not None else api.default_output(model),
-            instruments=instruments,
-            seed=seed,
-            tuning=tuning,
-            int8_lowering=int8_lowering,
-            verify_each=verify_each,
-            time_passes=time_passes,
-            dump_after=dump_after,
-            measure_latency=not no_latency,
-            external_data=external_data,
-            budget=budget,
-            default_budget=default_budget,
-        )
+        with progress.reporting_to(shown.step if shown is not None else lambda *_: None):
+            result = api.compile(
+                model,
+                pass_list,
+                calibration=calib,
+                evaluation=eval_data,
+                target=spec,
+                input_shapes=shapes,
+                output=outdir if outdir is not None else api.default_output(model),
+                instruments=instruments,
+                seed=seed,
+                tuning=tuning,
+                int8_lowering=int8_lowering,
+                verify_each=verify_each,
+                time_passes=time_passes,
+                dump_after=dump_after,
+                measure_latency=not no_latency,
+                external_data=external_data,
+                budget=budget,
+                default_budget=default_budget,
+            )
     finally:
         if tuning_view is not None:
             tuning_view.close()
+        if shown is not None:
+            shown.close()
     report = result.report.to_dict()
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))

@@ -1,4 +1,4 @@
-"""Live progress on stderr: a spinner per pass and a bar while TVM tunes.
+"""Live progress on stderr: a spinner per pass (a line every few seconds off a terminal) and a bar while TVM tunes.
 
 TVM's build runs with file descriptors 1 and 2 redirected (MetaSchedule's tables
 and native warnings must not reach the user's terminal or the --json output),
@@ -7,6 +7,9 @@ so the tuning display writes to its own duplicate of the original stderr.
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from typing import TextIO
 
 from rich.console import Console
@@ -18,25 +21,81 @@ from optc.targets.tuning_progress import TuneProgress, format_ms
 
 
 class ProgressInstrument(Instrument):
-    """A spinner line per pass while a pipeline runs (stderr, only on a terminal)."""
+    """Which pass runs and how far it is (stderr).
 
-    def __init__(self, console: Console, total: int):
+    On a terminal, a spinner line: ``[5/6] prune-channels: 12/40 layers refit``.
+    Off a terminal (a CI log), one line every :data:`LOG_EVERY_S` seconds while a
+    pass runs, so a long pass is never silent and a log is never flooded. Passes
+    report their steps through :mod:`optc.progress`; :meth:`step` is the sink.
+    """
+
+    LOG_EVERY_S = 5.0
+
+    def __init__(self, console: Console, total: int, stream: TextIO | None = None):
         self.console = console
+        self.terminal = console.is_terminal
+        self.stream = stream if stream is not None else sys.stderr
         self.total = total
         self.index = 0
+        self.name = ""
+        self.started = 0.0
+        self.steps: tuple[int, int, str] | None = None
         self.status = None
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.logger: threading.Thread | None = None
 
     def before_pass(self, p: Pass, model, ctx: PassContext) -> None:
-        self.index += 1
-        if self.status is None:
-            self.status = self.console.status("")
-            self.status.start()
-        self.status.update(f"[{self.index}/{self.total}] {p.name}")
+        with self.lock:
+            self.index = self.index + 1 if self.index < self.total else 1  # the default budget may run the pipeline again
+            self.name, self.started, self.steps = p.name, time.monotonic(), None
+        if self.terminal:
+            if self.status is None:
+                self.status = self.console.status("")
+                self.status.start()
+            self.status.update(self._line())
+        elif self.logger is None:
+            self.logger = threading.Thread(target=self._log_lines, name="optc-progress", daemon=True)
+            self.logger.start()
+
+    def step(self, done: int, total: int, unit: str) -> None:
+        with self.lock:
+            self.steps = (done, total, unit)
+        if self.terminal and self.status is not None:
+            self.status.update(self._line())
 
     def after_pass(self, p: Pass, before, result: PassResult, record: PassRecord, ctx: PassContext) -> None:
-        if self.index == self.total and self.status is not None:
+        with self.lock:
+            self.name = ""
+        if self.index >= self.total and self.status is not None:
             self.status.stop()
             self.status = None
+
+    def close(self) -> None:
+        """End the display (the spinner, the log thread); call once the compile is over."""
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+        self.stop.set()
+
+    def _line(self) -> str:
+        text = f"[{self.index}/{self.total}] {self.name}"
+        if self.steps is not None:
+            done, total, unit = self.steps
+            text += f": {done}/{total} {unit}"
+        return text
+
+    def _log_lines(self) -> None:
+        last = time.monotonic()
+        while not self.stop.wait(0.5):
+            with self.lock:
+                running = self.name and time.monotonic() - last >= self.LOG_EVERY_S
+                line = f"optc: {self._line()}, {time.monotonic() - self.started:.0f} s" if running else None
+            if line is not None:
+                print(line, file=self.stream, flush=True)
+                last = time.monotonic()
+            elif not self.name:
+                last = time.monotonic()  # the clock restarts with each pass
 
 
 def original_stderr() -> TextIO:

@@ -13,6 +13,12 @@ changes between validation and use is refused.
 tensors exposed and hands each batch's values to a reducer, a few tensors at a
 time, so statistics are streamed rather than every activation kept.
 
+Inputs that are the same for every sample: a rank-0 input (a sample rate, a
+threshold) is given as a 0-d array (one value for all samples) or as ``[N]`` (one
+value per sample; batches then never mix two values, since the model takes one
+scalar per run). Any other input given with one sample while the rest have N is
+used for every sample (a zero recurrent state, a fixed prompt).
+
 Padded token batches: when the model has a token mask input (``attention_mask``
 by default, 0 marking padding), activations shaped ``[batch, seq, features]``
 are reduced over the real tokens only. Padding rows are computed but thrown
@@ -31,6 +37,7 @@ from optc.data.npz import FileIdentity, NpzArchive
 from optc.errors import ConfigError
 from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session
+from optc import progress
 
 
 # Held-out samples split from calibration data (CalibrationSet.hold_out): a quarter, within these bounds.
@@ -51,8 +58,10 @@ class CalibrationSet:
     # False when the files were found in a folder: symbolic links among them are refused.
     follow_symlinks: bool = True
     kind: str = "calibration"  # how messages name the files
-    # Samples held in memory (from_arrays) instead of files; each array has samples on axis 0.
-    arrays: Mapping[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
+    # Samples held in memory (from_arrays, from_chunks) instead of files: groups of arrays with samples on axis 0.
+    chunks: tuple[Mapping[str, np.ndarray], ...] | None = field(default=None, compare=False, repr=False)
+    # Files the in-memory samples were read from (an image folder): for the report's digests only.
+    sources: tuple[Path, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_path(
@@ -102,32 +111,42 @@ class CalibrationSet:
 
         For Python users whose data is already loaded (any framework's loader, a list of
         feeds stacked with ``np.stack``); the arrays are not copied, so do not change them
-        while the set is in use.
+        while the set is in use. Feeds of varying shapes: :func:`optc.data.feeds.from_feeds`.
+        """
+        return cls.from_chunks([arrays], model, kind=kind, token_mask=token_mask)
+
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[Mapping[str, np.ndarray]], model: Model, *, kind: str = "calibration",
+                    token_mask: str | None = "auto") -> "CalibrationSet":
+        """A set held in memory as several groups of samples, each as :meth:`from_arrays` takes them.
+
+        Samples of one group share their shape; groups may differ in dynamic dims
+        (token batches of different lengths), as the files of a folder may.
         """
         specs = tuple(model.inputs)
         label = f"{kind} arrays"
         names = [s.name for s in specs]
-        missing = [n for n in names if n not in arrays]
-        extra = sorted(set(arrays) - set(names))
-        if missing or extra:
-            raise ConfigError(f"{label}: {'no array for model input ' + repr(missing[0]) if missing else 'array ' + repr(extra[0]) + ' is not a model input'}; "
-                              f"inputs are {', '.join(names)}")
-        counts = set()
-        for spec in specs:
-            value = np.asarray(arrays[spec.name])
-            if not value.shape:
-                raise ConfigError(f"{label}, input '{spec.name}': a scalar; expected samples along the first axis")
-            _check_declared(label, spec, value.dtype, value.shape)
-            _check_finite(label, spec, value)
-            counts.add(value.shape[0])
-        if len(counts) != 1 or 0 in counts:
-            raise ConfigError(f"{label}: inputs need one common, non-zero sample count, got {sorted(counts)}")
-        count = counts.pop()
+        if not chunks:
+            raise ConfigError(f"{label}: no samples")
+        held, total = [], 0
+        for arrays in chunks:
+            missing = [n for n in names if n not in arrays]
+            extra = sorted(set(arrays) - set(names))
+            if missing or extra:
+                raise ConfigError(f"{label}: {'no array for model input ' + repr(missing[0]) if missing else 'array ' + repr(extra[0]) + ' is not a model input'}; "
+                                  f"inputs are {', '.join(names)}")
+            counts = {}
+            for spec in specs:
+                value = np.asarray(arrays[spec.name])
+                _check_declared(label, spec, value.dtype, value.shape)
+                _check_finite(label, spec, value)
+                counts[spec.name] = _sample_count(spec, value.shape, specs)
+            total += _common_count(label, counts)
+            held.append({s.name: np.asarray(arrays[s.name]) for s in specs})
         batch = _fixed_batch(specs)
-        if batch and count < batch:
-            raise ConfigError(f"{label}: {count} samples, fewer than the model's fixed batch of {batch}")
-        held = {s.name: np.asarray(arrays[s.name]) for s in specs}
-        return cls((), specs, count, _token_mask(specs, token_mask), None, True, kind, held)
+        if batch and total < batch:
+            raise ConfigError(f"{label}: {total} samples, fewer than the model's fixed batch of {batch}")
+        return cls((), specs, total, _token_mask(specs, token_mask), None, True, kind, tuple(held))
 
     def open(self, index: int) -> NpzArchive:
         """The ``index``-th file, opened again; refused when it is not the file that was validated."""
@@ -140,21 +159,42 @@ class CalibrationSet:
 
     def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed)."""
+        scalars = {s.name for s in self.inputs if s.shape == ()}
+        whole = _whole_inputs(self.inputs)
+        size = self._batch_size(batch_size)
         for arrays in self._chunks():
-            n = len(next(iter(arrays.values())))
-            size = self._batch_size(batch_size)
-            stop = n - n % size if _fixed_batch(self.inputs) else n
-            for start in range(0, stop, size):
-                yield {k: np.ascontiguousarray(v[start : start + size]) for k, v in arrays.items()}
+            n = _samples_in(arrays, whole)
+            for first, last in _runs_of_equal_scalars(arrays, scalars, n):
+                stop = last - (last - first) % size if _fixed_batch(self.inputs) else last
+                for start in range(first, stop, size):
+                    end = min(start + size, last)
+                    yield {k: np.asarray(v[start]) if k in scalars else v if k in whole else np.ascontiguousarray(v[start:end])
+                           for k, v in arrays.items()}
 
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
         """Every input's samples, one file (or the in-memory arrays) at a time."""
-        if self.arrays is not None:
-            yield dict(self.arrays)
+        if self.chunks is not None:
+            for chunk in self.chunks:
+                yield _per_sample(self.inputs, chunk)
             return
         for index in range(len(self.files)):
             with self.open(index) as data:
-                yield {s.name: data.read(s.name) for s in self.inputs}
+                yield _per_sample(self.inputs, {s.name: data.read(s.name) for s in self.inputs})
+
+    def first_samples(self, count: int) -> list[dict[str, np.ndarray]]:
+        """Feeds holding the first ``count`` samples (all when the set is smaller), one batch each.
+
+        A model whose batch is fixed at 1 gets ``count`` feeds: figures measured on a
+        single sample mean little.
+        """
+        scalars, whole = {s.name for s in self.inputs if s.shape == ()}, _whole_inputs(self.inputs)
+        feeds, seen = [], 0
+        for feed in self.batches(count):
+            feeds.append(feed)
+            seen += _samples_in({k: v for k, v in feed.items() if k not in scalars}, whole)
+            if seen >= count:
+                break
+        return feeds
 
     def take(self, count: int) -> dict[str, np.ndarray]:
         """The first ``count`` samples as one feed (or the fixed batch size when the model has one)."""
@@ -162,6 +202,8 @@ class CalibrationSet:
         return next(self.batches(size))
 
     def _batch_size(self, wanted: int) -> int:
+        if _whole_inputs(self.inputs):
+            return 1  # an input given whole (a state) is shaped for one run, not for a batch of several
         return _fixed_batch(self.inputs) or max(1, min(wanted, self.num_samples))
 
     def hold_out(self, model: Model) -> tuple["CalibrationSet", "CalibrationSet"]:
@@ -179,26 +221,108 @@ class CalibrationSet:
         if self.num_samples < HOLD_OUT_MIN * 2:
             raise ConfigError(f"{self.kind} data has {self.num_samples} samples, too few to hold {HOLD_OUT_MIN} out for measuring; "
                               f"give at least {HOLD_OUT_MIN * 2}, or --eval")
-        arrays: dict[str, list[np.ndarray]] = {}
+        chunks: list[dict[str, np.ndarray]] = []
         held_bytes = 0
         for chunk in self._chunks():
-            for name, value in chunk.items():
-                arrays.setdefault(name, []).append(value)
-                held_bytes += value.nbytes
-                if held_bytes > HOLD_OUT_MAX_BYTES:
-                    raise ConfigError(f"{self.kind} data is over {HOLD_OUT_MAX_BYTES >> 20} MiB: give held-out data with --eval "
-                                      "instead of splitting it off in memory")
-        joined = {name: np.concatenate(parts) for name, parts in arrays.items()}
+            chunks.append(chunk)
+            held_bytes += sum(value.nbytes for value in chunk.values())
+            if held_bytes > HOLD_OUT_MAX_BYTES:
+                raise ConfigError(f"{self.kind} data is over {HOLD_OUT_MAX_BYTES >> 20} MiB: give held-out data with --eval "
+                                  "instead of splitting it off in memory")
         count = min(HOLD_OUT_MAX, max(HOLD_OUT_MIN, self.num_samples // 4))
+        fit_chunks, held_chunks = list(chunks), []
+        whole = _whole_inputs(self.inputs)
+        while count:  # the last samples, taken from the last chunks (which may differ in dynamic dims)
+            last = fit_chunks.pop()
+            n = _samples_in(last, whole)
+            take = min(n, count)
+            held_chunks.insert(0, {k: v if k in whole else v[n - take:] for k, v in last.items()})
+            if take < n:
+                fit_chunks.append({k: v if k in whole else v[: n - take] for k, v in last.items()})
+            count -= take
         mask = self.token_mask
-        fit = CalibrationSet.from_arrays({k: v[:-count] for k, v in joined.items()}, model, kind=self.kind, token_mask=mask)
-        held = CalibrationSet.from_arrays({k: v[-count:] for k, v in joined.items()}, model, kind=f"held-out {self.kind}", token_mask=mask)
+        fit = CalibrationSet.from_chunks(fit_chunks, model, kind=self.kind, token_mask=mask)
+        held = CalibrationSet.from_chunks(held_chunks, model, kind=f"held-out {self.kind}", token_mask=mask)
         return fit, held
 
 
 def _fixed_batch(specs: Sequence[TensorSpec]) -> int | None:
-    dims = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    whole = _whole_inputs(specs)
+    dims = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.name not in whole}
     return dims.pop() if len(dims) == 1 else None
+
+
+def _sample_count(spec: TensorSpec, shape: tuple[int, ...], specs: Sequence[TensorSpec]) -> int | None:
+    """Samples an array holds for ``spec``; None: one value for every sample.
+
+    That is a 0-d array for a rank-0 input, or the whole array of one run for an input
+    without a sample axis: its first dim is fixed, not 1, and differs from every other
+    input's (a recurrent state ``[2, batch, 128]``). Such an input is fed whole to every
+    run, so those runs take one sample each (the batch it was given for).
+    """
+    if spec.shape == ():
+        return None if shape == () else shape[0]
+    if _without_sample_axis(spec, specs):
+        if not shape or shape[0] != spec.shape[0]:
+            raise ConfigError(f"input '{spec.name}' [{'x'.join(str(d) if isinstance(d, int) else '?' for d in spec.shape)}] has no sample "
+                              f"axis (its first dim is fixed and differs from the other inputs'): give it once, as one run takes it, "
+                              f"not {list(shape)}")
+        return None
+    return shape[0]
+
+
+def _whole_inputs(specs: Sequence[TensorSpec]) -> set[str]:
+    return {s.name for s in specs if _without_sample_axis(s, specs)}
+
+
+def _samples_in(chunk: Mapping[str, np.ndarray], whole: set[str]) -> int:
+    """Samples in a chunk as :func:`_per_sample` gives it (1 when every input is given once)."""
+    return next((len(v) for k, v in chunk.items() if k not in whole), 1)
+
+
+def _without_sample_axis(spec: TensorSpec, specs: Sequence[TensorSpec]) -> bool:
+    # A leading 1 is read as a (frozen) batch: that is what optc and exporters freeze batches to.
+    others = [s.shape[0] for s in specs if s.name != spec.name and s.shape]
+    first = spec.shape[0] if spec.shape else None
+    return bool(others) and isinstance(first, int) and first != 1 and first not in others
+
+
+def _common_count(label: str, counts: Mapping[str, int | None]) -> int:
+    """The set's sample count; inputs given once (0-d, or one sample while others have N) are used for all."""
+    many = {n for n in counts.values() if n is not None and n != 1}
+    if 0 in counts.values():
+        raise ConfigError(f"{label}: zero samples")
+    if len(many) > 1:
+        raise ConfigError(f"{label}: inputs have different sample counts "
+                          f"({', '.join(f'{k}: {v}' for k, v in counts.items() if v is not None)})")
+    return many.pop() if many else 1
+
+
+def _per_sample(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every input with samples on axis 0 (views, nothing copied); an input without a sample axis stays whole."""
+    counts = {s.name: _sample_count(s, arrays[s.name].shape, specs) for s in specs}
+    n = _common_count("data", counts)
+    out = {}
+    for spec in specs:
+        value = arrays[spec.name]
+        if counts[spec.name] is None and spec.shape == ():
+            value = np.broadcast_to(value, (n,))
+        elif counts[spec.name] == 1 and n > 1:
+            value = np.broadcast_to(value, (n, *value.shape[1:]))
+        out[spec.name] = value
+    return out
+
+
+def _runs_of_equal_scalars(arrays: Mapping[str, np.ndarray], scalars: set[str], n: int) -> list[tuple[int, int]]:
+    """``[first, last)`` sample ranges over which every rank-0 input keeps one value (one run per batch)."""
+    if not scalars:
+        return [(0, n)]
+    changes = np.zeros(n, dtype=bool)
+    for name in scalars:
+        values = arrays[name]
+        changes[1:] |= values[1:] != values[:-1]
+    starts = [0, *np.flatnonzero(changes).tolist(), n]
+    return list(zip(starts[:-1], starts[1:]))
 
 
 def _token_mask(specs: Sequence[TensorSpec], wanted: str | None) -> str | None:
@@ -247,20 +371,13 @@ def _validate_file(
             raise ConfigError(f"{label}: no array for model input '{missing[0]}'{hint}; expected {', '.join(names)}")
         if extra:
             raise ConfigError(f"{label}: array '{extra[0]}' is not a model input; inputs are {', '.join(names)}")
-        counts = set()
+        counts = {}
         for spec in specs:
             declared = data.arrays[spec.name]
-            if not declared.shape:
-                raise ConfigError(f"{label}, input '{spec.name}': a scalar; expected samples along the first axis")
             _check_declared(label, spec, declared.dtype, declared.shape)
             _check_finite(label, spec, data.read(spec.name))
-            counts.add(declared.shape[0])
-        if len(counts) != 1:
-            raise ConfigError(f"{label}: inputs have different sample counts {sorted(counts)}")
-        count = counts.pop()
-        if count == 0:
-            raise ConfigError(f"{label}: zero samples")
-        return count, data.identity
+            counts[spec.name] = _sample_count(spec, declared.shape, specs)
+        return _common_count(label, counts), data.identity
 
 
 def _check_declared(file: str, spec: TensorSpec, dtype: np.dtype, shape: tuple[int, ...]) -> None:
@@ -269,7 +386,16 @@ def _check_declared(file: str, spec: TensorSpec, dtype: np.dtype, shape: tuple[i
     if spec.dtype is not None and dtype != spec.dtype:
         raise ConfigError(f"{where}: dtype {dtype}, the model expects {spec.dtype}")
     if spec.shape is None:
+        if not shape:
+            raise ConfigError(f"{where}: a scalar; expected samples along the first axis")
         return
+    if spec.shape == ():
+        if len(shape) > 1:
+            raise ConfigError(f"{where}: shape {list(shape)}; the input is a scalar: give one value (a 0-d array) "
+                              "or one value per sample ([samples])")
+        return
+    if not shape:
+        raise ConfigError(f"{where}: a scalar; expected samples along the first axis")
     if len(shape) != len(spec.shape):
         raise ConfigError(
             f"{where}: rank {len(shape)} (shape {list(shape)}), the model expects rank {len(spec.shape)} "
@@ -314,6 +440,10 @@ def capture_activations(
     """
     mask_name = calibration.token_mask if drop_padding else None
     groups = _group_by_size(list(tensors), tensor_bytes or {}, max_bytes_per_run // max(batch_size, 1))
+    # An estimate for the progress line (batches never span files or scalar runs, so there may be a few more).
+    per_group = -(-calibration.num_samples // calibration._batch_size(batch_size))
+    per_group = min(per_group, max_batches) if max_batches is not None else per_group
+    done = 0
     for group in groups:
         session = make_session(model, extra_outputs=group)
         for i, feed in enumerate(calibration.batches(batch_size)):
@@ -322,6 +452,8 @@ def capture_activations(
             mask = feed[mask_name] if mask_name else None
             for name, value in zip(group, session.run(group, feed)):
                 reduce(name, real_tokens(value, mask))
+            done += 1
+            progress.step(done, max(done, per_group * len(groups)), "calibration runs")
         del session
 
 

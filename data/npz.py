@@ -153,8 +153,8 @@ class NpzArchive:
                 raise ValueError(f"unknown .npy format version {version}")
         except Exception as exc:  # numpy reports a bad header as ValueError, SyntaxError, TokenError...
             raise ConfigError(f"{self.label}: array '{name}' has no readable .npy header ({type(exc).__name__}: {exc})") from exc
-        if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biufc":
-            raise ConfigError(f"{self.label}: array '{name}' has dtype {dtype}; only plain numeric arrays are read (nothing is unpickled)")
+        if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in "biufcSU":
+            raise ConfigError(f"{self.label}: array '{name}' has dtype {dtype}; only plain numeric and fixed-width string arrays are read (nothing is unpickled)")
         return ArrayInfo(dtype, tuple(int(d) for d in shape), bool(fortran_order))
 
     def read(self, name: str) -> np.ndarray:

@@ -77,9 +77,11 @@ def plan(passes: Sequence[Pass], model: Model, calib: CalibrationSet | None, lab
     if not guarded:
         return None, calib, None
     if labelled is not None:
-        chosen = metric or load_metric("top1")
+        # top-1 reads class indices; other labels (strings, regression targets) are held to output cosine.
+        chosen = metric or load_metric("top1" if labelled.class_indices else "cosine")
         if not chosen.needs_labels or labelled.labels is not None:
-            return Guard(MetricRunner(chosen, labelled.inputs, labelled.labels, model), DEFAULT_MAX_DROP, labelled, guarded), calib, None
+            max_drop = 1 - DEFAULT_MIN_FIDELITY if chosen.name == "cosine" else DEFAULT_MAX_DROP
+            return Guard(MetricRunner(chosen, labelled.inputs, labelled.labels, model), max_drop, labelled, guarded), calib, None
     try:
         fit, data = held_out(calib, model)
     except ConfigError as exc:

@@ -133,7 +133,7 @@ def test_symlink_escape_via_cli(tmp_path):
         (["--input-shape", "nope=1x1x28x28"], "inputs are: input"),
         (["--dump-after", "prune"], "not in the pipeline"),
         (["--pipeline", "/nonexistent.yaml"], "no such file"),
-        (["--eval", str(SAMPLE / "calib.npz")], "no 'label' array"),
+        (["--eval", str(SAMPLE / "calib.npz"), "--max-drop", "0.01"], "top1 needs labelled data: give --eval with a 'label' array"),
         (["--input-shape", "input=600x1x28x28"], "500 samples, fewer than the model's fixed batch of 600"),
         (["--pass", "distill:max_backoff=-1"], "max_backoff' must be >= 0"),
         (["--pass", "distill:min_cosine=2"], "min_cosine' must be in [-1, 1]"),

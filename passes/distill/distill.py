@@ -38,6 +38,7 @@ from typing import Literal, Mapping, Protocol
 import numpy as np
 
 from optc.ir.graph import GraphEditor
+from optc import progress
 from optc.ir.model import Model
 from optc.evaluation.fidelity import sample_cosines
 from optc.ir.session import make_session
@@ -186,7 +187,8 @@ class Distill(Pass[DistillConfig]):
                 continue
             w2 = model.initializer_array(block.second.weight)
             out.append(mlp_candidate(block, w2, gram, select=cfg.mlp_select, min_reduction=cfg.min_reduction))
-        for layer in matched:
+        for index, layer in enumerate(matched):
+            progress.step(index, len(matched), "students fitted")
             gram = grams.get(layer.node)
             if gram is None or gram.rows == 0:
                 skipped.append(f"{layer.node}: input not seen on the calibration data")

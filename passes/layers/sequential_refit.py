@@ -18,6 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from optc.ir.graph import GraphEditor
+from optc import progress
 from optc.ir.model import Model
 from optc.passes.layers.bias_fold import add_to_bias
 from optc.data.calibration import CalibrationSet
@@ -48,7 +49,8 @@ def refit_in_graph_order(
     # input tensors and weight names they have in the model compressed so far.
     current_layers = {layer.node: layer for layer in find_linear_layers(model)[0]}
     fits: dict[str, Refit] = {}
-    for target in targets:
+    for index, target in enumerate(targets, start=1):
+        progress.step(index - 1, len(targets), "layers refit")
         layer = current_layers.get(target.node)
         if layer is None or layer.group != 1:
             continue

@@ -46,6 +46,7 @@ from typing import Literal, Mapping
 import numpy as np
 
 from optc.ir.graph import GraphEditor
+from optc import progress
 from optc.ir.model import Model
 from optc.ir.view import initializers
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
@@ -168,7 +169,10 @@ class Sparsify(Pass[SparsifyConfig]):
         current, plans, written = model, [], []
         for k, stage in enumerate(stages):
             if k == 0:
-                stage_plans = [self._plan(model, l, grams[l.node], pattern, count_of[l.node]) for l in stage]
+                stage_plans = []
+                for index, l in enumerate(stage):
+                    progress.step(index, len(stage), "layers sparsified")
+                    stage_plans.append(self._plan(model, l, grams[l.node], pattern, count_of[l.node]))
             else:
                 found = {l.node: l for l in find_linear_layers(current)[0]}
                 paired = paired_grams(current, [found[l.node] for l in stage], model, stage, calibration, max_batches=cfg.max_batches, seed=seed)
