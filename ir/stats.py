@@ -72,15 +72,7 @@ class ModelStats:
 
 def shape_map(model: Model) -> dict[str, tuple[int | str | None, ...]]:
     """Known shapes of every value: inputs, outputs, value_info and initializers."""
-    shapes: dict[str, tuple[int | str | None, ...]] = {}
-    g = model.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        spec = spec_from_value_info(vi)
-        if spec.shape is not None:
-            shapes[vi.name] = spec.shape
-    for t in g.initializer:
-        shapes[t.name] = tuple(t.dims)
-    return shapes
+    return _graph_shapes(model.graph)
 
 
 def compute_stats(model: Model) -> ModelStats:
@@ -88,14 +80,9 @@ def compute_stats(model: Model) -> ModelStats:
     g = model.graph
     macs: dict[str, int] = {}
     unknown: list[str] = []
-    for node in g.node:
-        if node.op_type not in COMPUTE_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        count = node_macs(node, shapes)
-        if count is None:
-            unknown.append(node.name)
-        else:
-            macs[node.name] = count
+    scalars = {t.name: int(numpy_helper.to_array(t).reshape(())) for t in iter_all_tensors(g)
+               if t.data_type in _INT_TYPES and int(np.prod(t.dims, dtype=np.int64)) == 1}
+    _graph_macs(g, shapes, "", macs, unknown, scalars)
     packed = packed_weights(model)
     params, nonzero, counts = _param_counts(g, packed)
     weight_names = _compute_weights(g)
@@ -120,6 +107,65 @@ def compute_stats(model: Model) -> ModelStats:
         op_histogram=dict(sorted(model.op_histogram().items(), key=lambda kv: (-kv[1], kv[0]))),
         nodes=len(g.node),
     )
+
+
+def _graph_macs(graph: onnx.GraphProto, shapes: dict, prefix: str, macs: dict[str, int], unknown: list[str],
+                scalars: dict[str, int]) -> None:
+    """MACs of ``graph``'s compute nodes into ``macs``, control flow included.
+
+    An If counts its costlier branch (one of the two runs per sample); a Loop its body
+    times a constant trip count, else once (and it is listed in ``unknown``); a Scan
+    its body once per step along a static scan axis. Subgraph nodes are keyed
+    ``outer_node/branch/node``, so they never shadow a main-graph node of the same name.
+    """
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in COMPUTE_OPS:
+            count = node_macs(node, shapes)
+            if count is None:
+                unknown.append(prefix + node.name)
+            else:
+                macs[prefix + node.name] = count
+        elif node.op_type in ("If", "Loop", "Scan"):
+            _control_flow_macs(node, shapes, prefix, macs, unknown, scalars)
+
+
+def _control_flow_macs(node: onnx.NodeProto, shapes: dict, prefix: str, macs: dict[str, int], unknown: list[str],
+                       scalars: dict[str, int]) -> None:
+    bodies = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+    counted = []
+    for name, body in bodies.items():
+        inner: dict[str, int] = {}
+        inner_unknown: list[str] = []
+        _graph_macs(body, {**shapes, **_graph_shapes(body)}, f"{prefix}{node.name}/{name}/", inner, inner_unknown, scalars)
+        counted.append((sum(inner.values()), inner, inner_unknown))
+    if not counted:
+        return
+    _, inner, inner_unknown = max(counted, key=lambda c: c[0])  # If: the costlier branch
+    times = 1
+    if node.op_type == "Loop":
+        trips = scalars.get(node.input[0]) if node.input and node.input[0] else None
+        if trips is None:
+            unknown.append(f"{prefix}{node.name} (Loop: trip count not constant, one iteration counted)")
+        times = trips if trips is not None else 1
+    elif node.op_type == "Scan":
+        axis_len = [d for d in (shapes.get(i, (None,)) for i in node.input[-1:]) if d]
+        first = axis_len[0][0] if axis_len and axis_len[0] else None
+        times = first if isinstance(first, int) else 1
+    macs.update({k: v * times for k, v in inner.items()})
+    unknown.extend(inner_unknown)
+
+
+def _graph_shapes(graph: onnx.GraphProto) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        spec = spec_from_value_info(vi)
+        if spec.shape is not None:
+            out[vi.name] = spec.shape
+    for t in graph.initializer:
+        out[t.name] = tuple(t.dims)
+    return out
 
 
 def record_packed_weights(model: Model, entries: dict[str, dict]) -> None:
@@ -178,6 +224,7 @@ def _param_counts(graph: onnx.GraphProto, packed: dict[str, dict]) -> tuple[int,
     return params, nonzero, counts
 
 
+_INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 

@@ -102,3 +102,35 @@ def test_model_specs(save):
     model: Model = load_model(save(_conv_model()))
     assert model.inputs[0].describe() == "x: float32 [Nx3x16x16]"
     assert not model.inputs[0].is_static
+
+
+def _branch(name: str, width: int) -> onnx.GraphProto:
+    """A subgraph computing x @ W (W: 8 x width) from the outer scope's x."""
+    w = onnx.numpy_helper.from_array(rand(8, width, seed=width), f"W_{name}")
+    return helper.make_graph([helper.make_node("MatMul", ["x", f"W_{name}"], [f"y_{name}"], name="mm")], name, [],
+                             [helper.make_tensor_value_info(f"y_{name}", onnx.TensorProto.FLOAT, [1, width])], [w],
+                             value_info=[])
+
+
+def test_macs_inside_if_and_loop_bodies():
+    """A VAD model whose network sits in an If read 0 MACs: the costlier branch counts; a Loop its body x trips."""
+    cond = helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])
+    if_node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=_branch("then", 4), else_branch=_branch("else", 16))
+    body_x = helper.make_tensor_value_info("acc_in", onnx.TensorProto.FLOAT, [1, 8])
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["acc_in", "L"], ["acc_out"], name="mm"), helper.make_node("Identity", ["c_in"], ["c_out"], name="id")],
+        "body", [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []), helper.make_tensor_value_info("c_in", onnx.TensorProto.BOOL, []), body_x],
+        [helper.make_tensor_value_info("c_out", onnx.TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", onnx.TensorProto.FLOAT, [1, 8])],
+        [onnx.numpy_helper.from_array(rand(8, 8, seed=3), "L")])
+    loop = helper.make_node("Loop", ["trips", "", "x"], ["z"], name="loop", body=body)
+    proto = make_model([if_node, loop], [cond, x], [("y", [1, 16]), ("z", [1, 8])], [("trips", np.array(5, np.int64))])
+    model = Model(proto)
+    stats = compute_stats(model)
+    assert stats.macs_per_node == {"if/else_branch/mm": 8 * 16, "loop/body/mm": 5 * 8 * 8}
+    assert stats.macs == 8 * 16 + 5 * 64 and stats.macs_unknown == []
+    # A trip count computed at run time: one iteration counted, and said so.
+    dynamic = helper.make_node("Loop", ["n", "", "x"], ["z"], name="loop", body=body)
+    n = helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [])
+    stats = compute_stats(Model(make_model([if_node, dynamic], [cond, x, n], [("y", [1, 16]), ("z", [1, 8])])))
+    assert stats.macs_per_node["loop/body/mm"] == 64 and any("trip count not constant" in u for u in stats.macs_unknown)
