@@ -16,7 +16,10 @@ is read, and those bytes are copied into a private sealed memory file
 (``memfd``; where there is none, a file in a folder only this user can open),
 which is what TVM loads; replacing ``model.so`` on disk after the check
 changes nothing. ``optc bench`` reads ``model.onnx`` (and its external data)
-the same way before comparing with it.
+the same way before comparing with it. Loading also refuses a machine whose CPU
+lacks a feature the library's code uses (``runtime.cpu``, written by
+:mod:`optc.targets.cpu_features`). These checks are those of the deployed runner
+(:mod:`optc.targets.deploy.run_artifact`), imported from it.
 
 Files optc writes beside the manifest after it: ``pipeline.yaml`` and the
 output folder's ``.optc-output.json`` (see :mod:`optc.driver`); no other file
@@ -25,37 +28,33 @@ may be unlisted.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Collection, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from optc import __version__
-from optc.errors import ConfigError, TargetError
+from optc.errors import ConfigError, OptcError, TargetError
 from optc.ir.io import open_regular_file
 from optc.ir.model import Model
+from optc.targets.deploy.run_artifact import Refused, apply_env, check_cpu, check_feeds, hash_stream, place_verified, read_npy, vm_outputs
 from optc.targets.spec import TargetSpec
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 # Written into the output folder after the manifest (by optc.api.compile and optc.driver.Staging.publish).
 WRITTEN_AFTER_MANIFEST = frozenset({MANIFEST, "pipeline.yaml", ".optc-output.json"})
-_CHUNK = 1 << 20
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hash_stream(f)
 
 
 # How optc runs its artifacts, and what a deployer should set before loading one (README, "Threads"):
@@ -69,8 +68,16 @@ RUNTIME_ENV = {"GOMP_SPINCOUNT": "100000", "TVM_THREAD_POOL_SPIN_COUNT": "0"}
 
 def apply_runtime_env() -> None:
     """Set :data:`RUNTIME_ENV` where the user has not (read by OpenMP and TVM when they start: call before loading)."""
-    for key, value in RUNTIME_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_env(RUNTIME_ENV)
+
+
+@contextlib.contextmanager
+def _refusal_as(error: type[OptcError], prefix: str = "") -> Iterator[None]:
+    """The deployed runner's refusals (:mod:`optc.targets.deploy.run_artifact`) as optc errors: one line, exit 2."""
+    try:
+        yield
+    except Refused as exc:
+        raise error(f"{prefix}{exc}") from exc
 
 
 def check_libraries(manifest: Mapping[str, Any]) -> None:
@@ -95,6 +102,7 @@ def io_specs(model: Model) -> dict[str, list[dict[str, Any]]]:
 def write_manifest(folder: Path, model: Model, spec: TargetSpec, libraries: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
     """Hash every file already in ``folder`` (the manifest is written last); ``libraries``: the vendor libraries model.so needs."""
     import tvm
+    from optc.targets.cpu_features import required_cpu
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
@@ -103,7 +111,7 @@ def write_manifest(folder: Path, model: Model, spec: TargetSpec, libraries: Sequ
         "tvm_version": tvm.__version__,
         "target": spec.to_dict(),
         "library": LIBRARY,
-        "runtime": {"libraries": [dict(lib) for lib in libraries], "env": RUNTIME_ENV},
+        "runtime": {"libraries": [dict(lib) for lib in libraries], "env": RUNTIME_ENV, "cpu": required_cpu(spec)},
         **io_specs(model),
         "files": {p.relative_to(folder).as_posix(): sha256(p) for p in files},
     }
@@ -146,7 +154,7 @@ def _check_files(folder: Path, manifest: Mapping[str, Any], unchecked: Collectio
         if name in unchecked:
             continue
         with _open_listed(folder, name) as f:
-            actual = _hash_stream(f)
+            actual = hash_stream(f)
         if actual != digest:
             raise ConfigError(f"{folder}: '{name}' does not match its SHA-256 in the manifest; refusing to load it")
 
@@ -187,29 +195,6 @@ def _open_listed(folder: Path, name: str) -> Iterator[BinaryIO]:
         raise ConfigError(f"{folder}: '{name}' cannot be read: {exc.strerror or exc}") from exc
     with f:
         yield f
-
-
-def _hash_stream(f: BinaryIO, sink: Any = None) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-        digest.update(chunk)
-        if sink is not None:
-            _write_all(sink, chunk)
-    return digest.hexdigest()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def copy_verified(folder: Path, manifest: Mapping[str, Any], name: str, fd: int) -> None:
-    """Copy ``name`` into the open file ``fd``, hashing exactly the bytes copied; refuse a mismatch."""
-    with _open_listed(folder, name) as f:
-        actual = _hash_stream(f, fd)
-    if actual != manifest["files"][name]:
-        raise ConfigError(f"{folder}: '{name}' does not match its SHA-256 in the manifest; refusing to load it")
 
 
 @dataclass
@@ -262,39 +247,15 @@ def verify_artifact(folder: Path, *, also_copy: Collection[str] = ()) -> Verifie
         for name in copied:
             target = verified.private / PurePosixPath(name)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if name == library:
-                verified.library_fd = _sealed_copy(folder, manifest, name)
-            if verified.library_fd is not None and name == library:
-                target.symlink_to(f"/proc/{os.getpid()}/fd/{verified.library_fd}")
-            else:
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                try:
-                    copy_verified(folder, manifest, name, fd)
-                finally:
-                    os.close(fd)
+            with _open_listed(folder, name) as f, _refusal_as(ConfigError):
+                fd = place_verified(f, manifest["files"][name], f"{folder}: '{name}'", target, in_memory=name == library)
+            if fd is not None:
+                verified.library_fd = fd
             verified.copies[name] = target
     except BaseException:
         verified.close()
         raise
     return verified
-
-
-def _sealed_copy(folder: Path, manifest: Mapping[str, Any], name: str) -> int | None:
-    """A memory file holding the verified bytes of ``name``, sealed against any later change
-    (None where the system has no sealed memory files: the caller copies into its private folder)."""
-    if not hasattr(os, "memfd_create") or not Path(f"/proc/{os.getpid()}/fd").is_dir():
-        return None
-    try:
-        fd = os.memfd_create(f"optc-{PurePosixPath(name).name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError:
-        return None
-    try:
-        copy_verified(folder, manifest, name, fd)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 @dataclass
@@ -311,31 +272,15 @@ class LoadedArtifact:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
 
-        inputs = self.manifest["inputs"]
-        if len(feeds) != len(inputs) or any(spec["name"] not in feeds for spec in inputs):
-            self._refuse_names(feeds)
-        values = []
-        for spec in inputs:
-            value = np.ascontiguousarray(feeds[spec["name"]])
-            if list(value.shape) != spec["shape"] or value.dtype.name != spec["dtype"]:
-                raise ConfigError(f"input '{spec['name']}': got {value.dtype} {list(value.shape)}, the artifact takes {spec['dtype']} {spec['shape']}")
-            values.append(value)
+        with _refusal_as(ConfigError):
+            values = check_feeds(self.manifest["inputs"], feeds)
         if self._main is None:
             self._main = self.vm["main"]
             self._inputs = [tvm.runtime.empty(v.shape, v.dtype.name, self.device) for v in values]
         for buffer, value in zip(self._inputs, values):
             buffer.copyfrom(value)
-        out = self._main(*self._inputs)
-        results = [out] if hasattr(out, "numpy") else list(out)
+        results = vm_outputs(self._main(*self._inputs))
         return {spec["name"]: v.numpy() for spec, v in zip(self.manifest["outputs"], results)}
-
-    def _refuse_names(self, feeds: Mapping[str, np.ndarray]) -> None:
-        names = [i["name"] for i in self.manifest["inputs"]]
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise ConfigError(f"missing input '{missing[0]}'; the artifact takes {', '.join(names)}")
-        extra = sorted(set(feeds) - set(names))
-        raise ConfigError(f"unknown input '{extra[0]}'; the artifact takes {', '.join(names)}")
 
 
 def load_artifact(folder: Path) -> LoadedArtifact:
@@ -363,6 +308,8 @@ def load_verified(verified: VerifiedArtifact) -> LoadedArtifact:
 
         if platform.machine() not in ("aarch64", "arm64"):
             raise TargetError("this artifact is for aarch64; run it on an ARM board (or under qemu-aarch64)")
+    with _refusal_as(TargetError):
+        check_cpu(manifest)
     check_libraries(manifest)
     apply_runtime_env()
     # tvm_ffi's loader, not tvm.runtime.load_module: that one resolves symbolic links, and the
@@ -390,20 +337,5 @@ def run_artifact_files(artifact: Path, inputs: Sequence[str], output: Path | Non
 def _read_npy(file: str, where: str) -> np.ndarray:
     """One ``.npy`` array, opened as a regular file (a FIFO or device cannot hang or flood the run)
     and refused when its header declares more data than the file holds (before allocating it)."""
-    from numpy.lib import format as npy
-
-    from optc.ir.io import open_regular_file
-
-    try:
-        with open_regular_file(file) as f:
-            version = npy.read_magic(f)
-            shape, _, dtype = npy.read_array_header_1_0(f) if version == (1, 0) else npy.read_array_header_2_0(f)
-            if dtype.hasobject:
-                raise ValueError("object arrays are not read (they would need pickle)")
-            declared = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if declared > os.fstat(f.fileno()).st_size - f.tell():
-                raise ValueError(f"its header declares {list(shape)} {dtype}, more than the file holds")
-            f.seek(0)
-            return np.load(f, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: cannot read {file}: {exc}") from exc
+    with _refusal_as(ConfigError, f"{where}: "):
+        return read_npy(file)

@@ -7,20 +7,9 @@ integer kernels accumulate in int32, and 7-bit weights only cost accuracy there.
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
+from optc.targets.deploy.run_artifact import cpuinfo_field
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
-
-
-def cpuinfo_field(name: str) -> str | None:
-    """The first ``name : value`` line of ``/proc/cpuinfo`` (``flags``, ``model name``); None where there is none."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() == name:
-                return value.strip()
-    return None
 
 
 def cpu_flags() -> frozenset[str]:

@@ -104,6 +104,22 @@ def test_tampered_arm_library_is_not_run(arm_root, tmp_path):
         arm_root.run_artifact(out, {"input": np.zeros((1, 1, 28, 28), np.float32)})
 
 
+@pytest.mark.slow
+def test_arm_cpu_lacking_a_recorded_feature_is_refused(arm_root, tmp_path):
+    """The runner reads the emulated CPU's HWCAP bits (qemu shows the host's /proc/cpuinfo): a Cortex-A53 has NEON but no dot products."""
+    out = tmp_path / "arm"
+    compile_arm(SAMPLE / "mnist_cnn.onnx", out, tmp_path / "db", "--input-shape", "input=1x1x28x28")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runtime"]["cpu"] == {"arch": "aarch64", "mcpu": "", "mattr": ["+neon"], "features": ["asimd", "fp"]}
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    assert arm_root.run_artifact(out, {"input": x}, cpu="cortex-a53").outputs["logits"].shape == (1, 10)
+    manifest["runtime"]["cpu"]["features"].append("asimddp")  # what a +dotprod compile records (tests/test_deploy.py)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(arm_root.ArmRootError, match=r"exit 2\): optc-runner: error: this CPU lacks asimddp, which the artifact's code uses"):
+        arm_root.run_artifact(out, {"input": x}, cpu="cortex-a53")
+    assert arm_root.run_artifact(out, {"input": x}, cpu="max").outputs["logits"].shape == (1, 10)
+
+
 def test_arm_without_cross_compiler_fails_before_compiling(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no aarch64-linux-gnu-g++
     out = tmp_path / "arm"

@@ -3,8 +3,8 @@
 
 ``optc compile MODEL --target arm`` cross-links ``model.so`` with Debian's
 ``aarch64-linux-gnu-g++``. To check its numbers on this x86 machine we run it
-under ``qemu-aarch64-static`` with a small C++ Relax VM runner
-(``tools/arm_runner.cc``) linked against the TVM runtime from the aarch64
+under ``qemu-aarch64-static`` with optc's C++ Relax VM runner
+(``targets/deploy/runner.cc``, the one source for x86-64 and aarch64) linked against the TVM runtime from the aarch64
 wheels of the very TVM that compiled the artifact. This is the lighter of the
 two routes in ``shared/TVM_NOTES.md``: no emulated Python (``import tvm`` alone
 takes 30 s under qemu), no 280 MB debootstrap root, well under a second per
@@ -15,10 +15,10 @@ The root lives outside the repository, by default in
 
     lib/libtvm_runtime.so, lib/libtvm_ffi.so   from the pinned aarch64 wheels (SHA-256 checked)
     include/                                   tvm-ffi and DLPack headers (from the same wheel)
-    optc-arm-runner                            tools/arm_runner.cc, cross-compiled
+    optc-runner                                targets/deploy/runner.cc, cross-compiled
     root.json                                  versions, wheel hashes, runner source hash
 
-It is rebuilt when ``tools/arm_runner.cc`` or the pinned versions change and is
+It is rebuilt when ``targets/deploy/runner.cc`` or the pinned versions change and is
 written to a temporary folder renamed into place, so an interrupted build
 leaves no half root.
 
@@ -54,12 +54,11 @@ from typing import Mapping
 import numpy as np
 
 from optc.targets.artifact import sha256
+from optc.targets.deploy.build_runner import RUNNER, SOURCE, RunnerBuildError, compile_runner, staged_folder
 
 CXX = "aarch64-linux-gnu-g++"
 QEMU = ("qemu-aarch64-static", "qemu-aarch64")
 SYSROOT = Path("/usr/aarch64-linux-gnu")  # Debian's libc6-arm64-cross (comes with the g++ package)
-RUNNER_SOURCE = Path(__file__).with_name("arm_runner.cc")
-RUNNER = "optc-arm-runner"
 PLATFORM = "manylinux_2_28_aarch64"
 
 # The aarch64 wheels of the TVM that compiles the artifacts (pyproject's tvm extra).
@@ -92,7 +91,7 @@ def qemu() -> str | None:
 def _expected_stamp() -> dict[str, object]:
     return {
         "wheels": {name: {"version": v, "sha256": h} for name, (v, h) in WHEELS.items()},
-        "runner_sha256": sha256(RUNNER_SOURCE),
+        "runner_sha256": sha256(SOURCE),
     }
 
 
@@ -161,28 +160,17 @@ def build_root(root: Path | None = None, wheel_dir: Path | None = None, force: b
         return root
     if shutil.which(CXX) is None:
         raise ArmRootError(f"no {CXX}; install it with: apt-get install g++-aarch64-linux-gnu")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".arm64-root-", dir=root.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_folder(root) as staging:
         with tempfile.TemporaryDirectory() as downloads:
             wheels = _fetch_wheels(Path(downloads), wheel_dir)
             for name, wheel in wheels.items():
                 _extract(wheel, MEMBERS[name], staging)
-        cmd = [CXX, "-std=c++17", "-O2", "-I", str(staging / "include"), str(RUNNER_SOURCE),
-               "-o", str(staging / RUNNER), "-Wl,--no-as-needed", "-L", str(staging / "lib"),
-               "-ltvm_runtime", "-ltvm_ffi", "-Wl,-rpath,$ORIGIN/lib"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ArmRootError(f"compiling {RUNNER_SOURCE.name} failed:\n{done.stderr.strip()}")
+        try:
+            compile_runner(CXX, staging / "include", staging)
+        except RunnerBuildError as exc:
+            raise ArmRootError(str(exc)) from exc
         cxx_version = subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
         (staging / "root.json").write_text(json.dumps({**_expected_stamp(), "cxx": cxx_version}, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return root
 
 
@@ -193,8 +181,11 @@ class EmulatedRun:
     wall_s: float  # the whole qemu process: start-up, library load, every run
 
 
-def run_artifact(folder: Path, feeds: Mapping[str, np.ndarray], root: Path | None = None, repeats: int = 1, timeout: float = 600) -> EmulatedRun:
-    """Run an ARM artifact under qemu-user; its files are checked against the manifest first."""
+def run_artifact(folder: Path, feeds: Mapping[str, np.ndarray], root: Path | None = None, repeats: int = 1, timeout: float = 600,
+                 cpu: str | None = None) -> EmulatedRun:
+    """Run an ARM artifact under qemu-user; its files are checked against the manifest first (and the
+    runner checks the library's SHA-256, the emulated CPU's features and the inputs again). ``cpu``: qemu's
+    ``-cpu`` model (default ``max``, every feature qemu emulates)."""
     from optc.targets.artifact import read_verified_manifest
 
     root = root or default_root()
@@ -205,14 +196,11 @@ def run_artifact(folder: Path, feeds: Mapping[str, np.ndarray], root: Path | Non
     if manifest["target"]["name"] != "arm":
         raise ArmRootError(f"{folder} is a {manifest['target']['name']} artifact, not arm")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for spec in manifest["inputs"]:
-            value = np.ascontiguousarray(feeds[spec["name"]])
-            if list(value.shape) != spec["shape"] or str(value.dtype) != spec["dtype"]:
-                raise ArmRootError(f"input '{spec['name']}': got {value.dtype} {list(value.shape)}, the artifact takes {spec['dtype']} {spec['shape']}")
-            paths.append(Path(tmp) / f"input_{len(paths)}.npy")
-            np.save(paths[-1], value)
-        cmd = [str(qemu()), "-L", str(SYSROOT), str(root / RUNNER), str(folder / manifest["library"]), tmp, str(repeats), *map(str, paths)]
+        inputs = []
+        for i, spec in enumerate(manifest["inputs"]):
+            np.save(Path(tmp) / f"input_{i}.npy", np.ascontiguousarray(feeds[spec["name"]]))
+            inputs += ["--input", f"{spec['name']}={Path(tmp) / f'input_{i}.npy'}"]
+        cmd = [str(qemu()), *(["-cpu", cpu] if cpu else []), "-L", str(SYSROOT), str(root / RUNNER), str(folder), "--output-dir", tmp, "--repeats", str(repeats), *inputs]
         start = time.perf_counter()
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

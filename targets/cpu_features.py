@@ -1,0 +1,53 @@
+"""The CPU features an artifact's code uses, recorded in its manifest (``runtime.cpu``) for runners to check.
+
+LLVM is told a CPU (``mcpu``) and extra features (``mattr``); it may then use every
+instruction those imply. TVM's LLVM lists them (``llvm_get_cpu_features``) under LLVM's
+names; the manifest records them under the names Linux gives them (x86: ``/proc/cpuinfo``'s
+``flags``; aarch64: the ``HWCAP`` bits behind ``Features``), so a runner checks them without
+LLVM. Only instruction-set extensions that compiled numeric code can contain are recorded:
+vector and matrix extensions, and the scalar bit and atomic instructions LLVM emits on its
+own. LLVM's tuning flags (``fast-*``, ``macrofusion``) are not instructions; crypto and
+system instructions (``aes``, ``sha``, ``rdrnd``, ``xsave``) appear only through intrinsics,
+which TVM's kernels do not use, and requiring them would refuse machines that run the code.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from optc.targets.spec import TargetSpec
+
+# LLVM feature -> the /proc/cpuinfo flags that say the CPU has it.
+X86_FLAGS: dict[str, tuple[str, ...]] = {
+    "sse": ("sse",), "sse2": ("sse2",), "sse3": ("pni",), "ssse3": ("ssse3",), "sse4.1": ("sse4_1",),
+    "sse4.2": ("sse4_2",), "sse4a": ("sse4a",), "avx": ("avx",), "avx2": ("avx2",), "fma": ("fma",), "fma4": ("fma4",),
+    "f16c": ("f16c",), "bmi": ("bmi1",), "bmi2": ("bmi2",), "lzcnt": ("abm",), "popcnt": ("popcnt",), "movbe": ("movbe",),
+    "cx16": ("cx16",), "gfni": ("gfni",),  # LLVM lowers i8 vector shifts to GFNI's affine instructions
+    "avx512f": ("avx512f",), "avx512dq": ("avx512dq",), "avx512cd": ("avx512cd",), "avx512bw": ("avx512bw",),
+    "avx512vl": ("avx512vl",), "avx512ifma": ("avx512ifma",), "avx512vbmi": ("avx512vbmi",), "avx512vbmi2": ("avx512_vbmi2",),
+    "avx512vnni": ("avx512_vnni",), "avx512bitalg": ("avx512_bitalg",), "avx512vpopcntdq": ("avx512_vpopcntdq",),
+    "avx512bf16": ("avx512_bf16",), "avx512fp16": ("avx512_fp16",), "avx512vp2intersect": ("avx512_vp2intersect",),
+    "avxvnni": ("avx_vnni",), "amx-tile": ("amx_tile",), "amx-int8": ("amx_int8",), "amx-bf16": ("amx_bf16",),
+}
+# LLVM feature -> Linux's aarch64 HWCAP names (the run_artifact.AARCH64_HWCAP table reads them).
+AARCH64_FLAGS: dict[str, tuple[str, ...]] = {
+    "fp-armv8": ("fp",), "neon": ("asimd",), "crc": ("crc32",), "lse": ("atomics",), "rdm": ("asimdrdm",),
+    "fullfp16": ("fphp", "asimdhp"), "fp16fml": ("asimdfhm",), "dotprod": ("asimddp",), "rcpc": ("lrcpc",),
+    "jsconv": ("jscvt",), "complxnum": ("fcma",), "sve": ("sve",), "sve2": ("sve2",), "i8mm": ("i8mm",), "bf16": ("bf16",),
+}
+FLAGS_BY_ARCH = {"x86_64": X86_FLAGS, "aarch64": AARCH64_FLAGS}
+
+
+def required_cpu(spec: TargetSpec) -> dict[str, Any]:
+    """The manifest's ``runtime.cpu``: architecture, the LLVM ``mcpu``/``mattr`` used, and the Linux feature names they imply."""
+    import tvm
+    from tvm.target import codegen
+
+    llvm = spec.target if spec.target.get("kind") == "llvm" else spec.host
+    if llvm is None:
+        raise ValueError(f"target {spec.name} has no LLVM part for the CPU")
+    triple = str(llvm.get("mtriple") or codegen.llvm_get_system_triple())
+    arch = triple.split("-")[0]
+    table = FLAGS_BY_ARCH.get(arch, {})
+    llvm_features = codegen.llvm_get_cpu_features(tvm.target.Target(llvm))
+    features = sorted({flag for name in llvm_features if name in table for flag in table[name]})
+    return {"arch": arch, "mcpu": str(llvm.get("mcpu") or ""), "mattr": list(llvm.get("mattr") or ()), "features": features}
