@@ -499,6 +499,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         driver.check_output_folder(outdir)
     if target is not None:
         driver.require_tvm(target.name)
+        target.check_toolchain()
         target.check_tuning(tuning.trials_per_task, tuning.rpc_tracker)
     source_path = Path(model) if not isinstance(model, Model) else model.source
     model, shapes = driver.prepare_model(model, shapes, target=target.name if target is not None else None)

@@ -13,6 +13,9 @@ from typing import Any
 from optc.errors import ConfigError, TargetError
 
 
+HOST_COMPILERS = ("g++", "gcc", "clang++", "clang", "c++", "cc")
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """What to compile for.
@@ -35,11 +38,19 @@ class TargetSpec:
     cpu_from_user: bool = False  # x86: --cpu named another machine's CPU (its features are unknown here)
 
     def check_toolchain(self) -> None:
-        """Fail before any compilation when the cross linker is not installed."""
+        """Fail before any compilation when the linker ``model.so`` needs is not installed."""
+        import os
         import shutil
 
-        if self.cross_compiler and shutil.which(self.cross_compiler) is None:
-            raise TargetError(f"--target {self.name} needs the cross compiler '{self.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")
+        if self.cross_compiler:
+            if shutil.which(self.cross_compiler) is None:
+                raise TargetError(f"--target {self.name} needs the cross compiler '{self.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")
+            return
+        # TVM links model.so with $CXX, $CC or the first of these on PATH (tvm.support.cc.get_cc).
+        given = os.environ.get("CXX") or os.environ.get("CC")
+        if given is None and not any(shutil.which(c) for c in HOST_COMPILERS):
+            raise TargetError(f"--target {self.name} needs a C++ compiler to link model.so, and none of {', '.join(HOST_COMPILERS)} "
+                              "is on PATH (Debian: apt-get install g++)")
 
     def foreign_triple(self) -> str | None:
         """The target's triple when this machine cannot run its code (an aarch64 target on x86)."""

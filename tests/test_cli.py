@@ -291,3 +291,18 @@ def test_fidelity_is_measured_on_data_the_passes_did_not_fit(tmp_path):
     seen = json.loads(invoke(*common, "-o", tmp_path / "b").output)
     assert held["evaluation"]["fidelity_data"] == "evaluation data"
     assert seen["evaluation"]["fidelity_data"] == "calibration data, which the passes fitted on"
+
+
+@pytest.mark.tvm
+def test_x86_without_a_host_compiler_fails_before_any_pass(tmp_path, monkeypatch):
+    """TVM links model.so with g++ (or $CXX): a machine without one is told what to install, before the passes run."""
+    pytest.importorskip("tvm")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    out = tmp_path / "x86"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--target", "x86", "--pass", "prune-channels",
+                 "--calib", SAMPLE / "calib.npz", "--no-latency")
+    assert res.exit_code == 2 and not out.exists()
+    assert "needs a C++ compiler to link model.so" in res.output and "apt-get install g++" in res.output
+    assert len(res.output.strip().splitlines()) == 1
