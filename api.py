@@ -579,8 +579,6 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
     """The pipeline, its measurements, the report and the files: everything after the checks."""
     with driver.Staging(outdir) as staging:
         all_instruments: list[Instrument] = list(instruments)
-        if verify_each:
-            all_instruments.append(VerifyEach(feeds[0]))
         if time_passes:
             all_instruments.append(TimePasses())
         if dump_after:
@@ -590,7 +588,13 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         # A small model keeps an onnxruntime session instead, so that the two models'
         # latencies are taken in turns (a shared machine slows both alike).
         in_turns = measure_latency and model.weight_bytes() <= INTERLEAVE_MAX_BYTES
-        baseline = driver.measure(model, feeds, labelled, measure_latency and not in_turns)
+        baseline, feeds, feeds_source = driver.measure_input(model, feeds, feeds_source, labelled, measure_latency and not in_turns)
+        if not feeds:
+            in_turns, skipped_note = False, f"fidelity, latency{' and --verify-each' if verify_each else ''} {feeds_source}"
+            logger.warning(skipped_note)
+            run_notes = [*run_notes, skipped_note]
+        elif verify_each:
+            all_instruments.insert(len(instruments), VerifyEach(feeds[0]))
         baseline_session = make_session(model) if in_turns else None
         opsets, notes = model.opset_imports, list(model.notes)
         holder = [model]
@@ -603,7 +607,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
                 raise _DefaultBudgetMissed(guard, score, drop)
             notes.append(f"{', '.join(guard.passes)} at default strength within the default budget ({guard.describe()}): "
                          f"{guard.runner.metric.name} {score:.4f}")
-        final = driver.measure(result.model, feeds, labelled, measure_latency and not in_turns)
+        final = driver.measure(result.model, feeds, labelled, measure_latency and not in_turns and bool(feeds))
         if baseline_session is not None:
             baseline.latency_ms, final.latency_ms = interleaved_latency_ms(
                 [baseline_session, make_session(result.model)], feeds[0], blocks=10, runs=20, budget_s=LATENCY_BUDGET_S
@@ -647,7 +651,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
             if target is not None:
                 built = _build_target(result.model, target, staging.path, tuning, int8_lowering, seed)
                 if measure_latency:
-                    built = _time_artifact(built, result.model, target, staging.path, feeds[0])
+                    built = _time_artifact(built, result.model, target, staging.path, feeds[0]) if feeds else built
                 report = dataclasses.replace(report, target=built)
                 if built.latency and built.latency["ratio"] > SLOWER_WARN:
                     slower = (f"the {target.name} artifact is {built.latency['ratio']:.2f}x slower than onnxruntime on this machine "

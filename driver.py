@@ -55,7 +55,7 @@ import yaml
 from optc import __version__
 from optc.data import CalibrationSet, LabelledSet
 from optc.data.images import ImagePreprocess
-from optc.errors import ConfigError
+from optc.errors import ConfigError, OptcError
 from optc.evaluation import accuracy, compare_outputs, latency_ms
 from optc.ir.io import load_model
 from optc.ir.model import Model, TensorSpec
@@ -422,6 +422,7 @@ def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
 
 
 FIDELITY_SAMPLES = 8  # samples the fidelity figures are measured on (several runs when the batch is fixed)
+RANDOM_SKIPPED = "not measured: random inputs cannot be valid for this model; give --calib or --eval"
 
 
 def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int) -> tuple[list[dict], str]:
@@ -436,7 +437,10 @@ def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledS
         return labelled.inputs.first_samples(FIDELITY_SAMPLES), "evaluation data"
     if calib is not None:
         return calib.first_samples(FIDELITY_SAMPLES), "calibration data, which the passes fitted on"
-    first = random_feeds(model, seed=seed)
+    try:
+        first = random_feeds(model, seed=seed)
+    except OptcError as exc:  # strings, sequences: no random value is meaningful
+        return [], f"{RANDOM_SKIPPED}: {exc}"
     batch = _feed_samples(first)
     runs = max(1, -(-FIDELITY_SAMPLES // batch))
     return [first] + [random_feeds(model, seed=seed + k) for k in range(1, runs)], "random inputs"
@@ -454,15 +458,30 @@ class Measurement:
 
 
 def measure(model: Model, feeds: Sequence[Mapping[str, Any]], labelled: LabelledSet | None, measure_latency: bool) -> Measurement:
-    """Outputs on every feed (joined on axis 0), accuracy on ``labelled``, latency on the first feed."""
+    """Outputs on every feed (joined on axis 0), accuracy on ``labelled``, latency on the first feed (none without feeds)."""
     session = make_session(model)
     runs = [run(session, feed) for feed in feeds]
-    outputs = {name: np.concatenate([np.atleast_1d(r[name]) for r in runs]) for name in runs[0]}
+    outputs = {name: np.concatenate([np.atleast_1d(r[name]) for r in runs]) for name in runs[0]} if runs else {}
     return Measurement(
         outputs=outputs,
         accuracy=accuracy(model, labelled) if labelled is not None and labelled.class_indices else None,
-        latency_ms=latency_ms(model, feeds[0]) if measure_latency else None,
+        latency_ms=latency_ms(model, feeds[0]) if measure_latency and feeds else None,
     )
+
+
+def measure_input(model: Model, feeds: list[Mapping[str, Any]], source: str, labelled: LabelledSet | None,
+                  measure_latency: bool) -> tuple[Measurement, list[Mapping[str, Any]], str]:
+    """:func:`measure` on the input model; random inputs it cannot run on (a shape tensor, a split size) are dropped.
+
+    Returns the measurement, the feeds the rest of the run uses and where they come from
+    (with the reason when they were dropped). Data the user gave must run: its errors stand.
+    """
+    try:
+        return measure(model, feeds, labelled, measure_latency), feeds, source
+    except OptcError as exc:
+        if source != "random inputs":
+            raise
+        return measure(model, [], labelled, False), [], f"{RANDOM_SKIPPED}: the input model does not run on them ({exc})"
 
 
 def check_finite(before: Measurement, after: Measurement) -> None:
