@@ -25,7 +25,8 @@ class ProgressInstrument(Instrument):
 
     On a terminal, a spinner line: ``[5/6] prune-channels: 12/40 layers refit``.
     Off a terminal (a CI log), one line every :data:`LOG_EVERY_S` seconds while a
-    pass runs, so a long pass is never silent and a log is never flooded. Passes
+    pass runs, then sparser as it goes on (at most a minute apart), so a long pass
+    is never silent and a log is never flooded. Passes
     report their steps through :mod:`optc.progress`; :meth:`step` is the sink.
     """
 
@@ -89,7 +90,10 @@ class ProgressInstrument(Instrument):
         last = time.monotonic()
         while not self.stop.wait(0.5):
             with self.lock:
-                running = self.name and time.monotonic() - last >= self.LOG_EVERY_S
+                # Every LOG_EVERY_S at first, then sparser (a fifth of the time so far, at most a minute
+                # apart): a pass of many minutes should not fill a log with hundreds of lines.
+                every = min(60.0, max(self.LOG_EVERY_S, (time.monotonic() - self.started) / 5))
+                running = self.name and time.monotonic() - last >= every
                 line = f"optc: {self._line()}, {time.monotonic() - self.started:.0f} s" if running else None
             if line is not None:
                 print(line, file=self.stream, flush=True)

@@ -439,3 +439,57 @@ def test_compile_with_prune_channels_meets_the_sample_budget(tmp_path):
     assert all(g["channels_after"] < g["channels_before"] for g in prune["stats"]["groups"])
     assert report["evaluation"]["accuracy"]["delta"] >= -0.01
     assert any("graph output" in s for s in prune["skipped"])
+
+
+def ints(name, values):
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def _through(op_nodes, x_shape, y_shape, second):
+    """conv1 (8 channels, channel 5 dead) -> relu -> OPS -> SECOND (a conv or a MatMul reading the channels)."""
+    w1 = rand(8, 2, 3, 3, seed=1)
+    w1[5] = 0
+    nodes = [conv("conv1", "x", "w1", "c1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r"], name="relu"), *op_nodes, second]
+    inits = [init("w1", w1), init("w2", rand(4, 8, 3, 3, seed=2)), init("wm", rand(8, 3, seed=3)),
+             ints("pads", [0, 0, 1, 1, 0, 0, 1, 1]), ints("starts", [1, 1]),
+             ints("ends", [5, 5]), ints("sl_axes", [2, 3]),
+             ints("sq_axes", [2])]
+    return make_model(nodes, [("x", x_shape)], [("y", y_shape)], inits)
+
+
+@pytest.mark.parametrize("case", ["pad", "slice", "transpose-matmul", "squeeze-unsqueeze"])
+def test_channels_are_followed_through_spatial_pads_slices_and_transposes(tmp_path, save, case):
+    """crepe pads after each conv and magika slices and transposes: all leave the channels alone."""
+    conv2 = conv("conv2", "t", "w2", "y")
+    protos = {
+        "pad": _through([helper.make_node("Pad", ["r", "pads"], ["t"], name="pad", mode="reflect")], ["N", 2, 6, 6], ["N", 4, 6, 6], conv2),
+        "slice": _through([helper.make_node("Slice", ["r", "starts", "ends", "sl_axes"], ["t"], name="crop")], ["N", 2, 6, 6], ["N", 4, 2, 2], conv2),
+        "transpose-matmul": _through(
+            [helper.make_node("ReduceMean", ["r"], ["m"], name="pool", axes=[2], keepdims=0),   # [N, 8, W]
+             helper.make_node("Transpose", ["m"], ["t"], name="ncw_nwc", perm=[0, 2, 1])],      # [N, W, 8]
+            ["N", 2, 6, 6], ["N", 6, 3], helper.make_node("MatMul", ["t", "wm"], ["y"], name="fc")),
+        "squeeze-unsqueeze": _through(
+            [helper.make_node("ReduceMean", ["r"], ["m"], name="pool", axes=[2], keepdims=1),    # [N, 8, 1, W]
+             helper.make_node("Squeeze", ["m", "sq_axes"], ["q"], name="squeeze"),             # [N, 8, W]
+             helper.make_node("Unsqueeze", ["q", "sq_axes"], ["t"], name="unsqueeze")],         # [N, 8, 1, W]
+            ["N", 2, 6, 6], ["N", 4, 1, 4], helper.make_node("Conv", ["t", "w2"], ["y"], name="conv2", kernel_shape=[1, 3])),
+    }
+    if case == "squeeze-unsqueeze":
+        protos[case].graph.initializer[1].CopyFrom(init("w2", rand(4, 8, 1, 3, seed=2)))
+    model, ctx, feeds = prepare(tmp_path, save, protos[case], samples=64)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.125, criterion="l1")
+    assert weight_shape(result.model, "conv1") == (7, 2, 3, 3), result.skipped  # the dead channel is gone
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-4, rtol=1e-4)
+
+
+def test_padding_or_slicing_the_channels_freezes_the_group_with_the_reason(tmp_path, save):
+    conv2 = conv("conv2", "t", "w2", "y")
+    proto = _through([helper.make_node("Pad", ["r", "pads"], ["t"], name="pad")], ["N", 2, 6, 6], ["N", 4, 4, 8], conv2)
+    proto.graph.initializer[3].CopyFrom(ints("pads", [0, 1, 0, 0, 0, 0, 0, 0]))  # pads channels instead
+    proto.graph.initializer[1].CopyFrom(init("w2", rand(4, 9, 3, 3, seed=2)))
+    proto.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 4
+    proto.graph.output[0].type.tensor_type.shape.dim[3].dim_value = 4
+    model, ctx, _ = prepare(tmp_path, save, proto, samples=16)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.125, criterion="l1")
+    assert not result.modified
+    assert any("Pad 'pad' pads the channel axis" in s for s in result.skipped), result.skipped

@@ -218,6 +218,8 @@ class _Walker:
             self.flatten(node)
         elif op in REDUCTIONS:
             self.reduce(node)
+        elif op in ("Pad", "Slice", "Transpose", "Squeeze", "Unsqueeze"):
+            self.reposition(node)
         elif op == "Shape" and node.input[0] in self.chan and self.reads_only_batch(node):
             pass  # x.size(0) of a dynamic-batch export: the channel count is not read
         else:
@@ -488,6 +490,77 @@ class _Walker:
             return self.freeze(data.layout, f"{node.op_type} '{node.name}' reduces the channel axis")
         axis = data.axis if attrs.get("keepdims", 1) else data.axis - sum(a < data.axis for a in axes)
         self.set_out(node, axis, data.layout)
+
+    def reposition(self, node: NodeProto) -> None:
+        """Ops that leave the channels alone but may move their axis: a spatial Pad or Slice (a conv's
+        padding, a crop), a Transpose (NCW -> NWC before a MatMul), a Squeeze/Unsqueeze of other axes.
+
+        Each needs its axes as constants; touching the channel axis itself (padding or slicing
+        channels, squeezing it) freezes the group, since the pruned count would no longer match.
+        """
+        data = self.chan.get(node.input[0]) if node.input else None
+        for name in node.input[1:]:
+            if name in self.chan:
+                self.freeze(self.chan[name].layout, f"side input of {node.op_type} '{node.name}'")
+        if data is None:
+            return
+        axis, why = self._moved_axis(node, data)
+        if why is not None:
+            return self.freeze(data.layout, f"{node.op_type} '{node.name}' {why}")
+        self.set_out(node, axis, data.layout)
+
+    def _moved_axis(self, node: NodeProto, data: Channelled) -> tuple[int, str | None]:
+        """Where the channel axis is after ``node``, or why it cannot be followed."""
+        op, rank, attrs = node.op_type, data.rank, attributes(node)
+
+        def operand(index: int, attr: str) -> np.ndarray | None:
+            if attr in attrs:
+                return np.asarray(attrs[attr])
+            if index < len(node.input) and node.input[index]:
+                return self.const(node.input[index])
+            return None
+
+        if op == "Pad":
+            pads = operand(1, "pads")
+            if pads is None:
+                return 0, "has non-constant pads"
+            axes = operand(3, "axes")
+            axes = [int(a) % rank for a in axes.ravel()] if axes is not None else list(range(rank))
+            begin, end = pads.ravel()[: len(axes)], pads.ravel()[len(axes):]
+            touched = {a for a, b, e in zip(axes, begin, end) if b or e}
+            return (data.axis, None) if data.axis not in touched else (0, "pads the channel axis")
+        if op == "Slice":
+            starts, ends = operand(1, "starts"), operand(2, "ends")
+            if starts is None or ends is None:
+                return 0, "has non-constant starts or ends"
+            axes = operand(3, "axes")
+            axes = [int(a) % rank for a in axes.ravel()] if axes is not None else list(range(len(starts.ravel())))
+            if data.axis not in axes:
+                return data.axis, None
+            k = axes.index(data.axis)
+            steps = operand(4, "steps")
+            whole = int(starts.ravel()[k]) == 0 and int(ends.ravel()[k]) >= layout_size(data.layout)
+            whole = whole and (steps is None or int(steps.ravel()[k]) == 1)
+            return (data.axis, None) if whole else (0, "slices the channel axis")
+        if op == "Transpose":
+            perm = attrs.get("perm")
+            perm = list(perm) if perm is not None else list(range(rank))[::-1]
+            return perm.index(data.axis), None
+        axes = operand(1, "axes")
+        if axes is None:
+            return 0, "has non-constant or implicit axes"
+        if op == "Squeeze":
+            axes = sorted(int(a) % rank for a in axes.ravel())
+            if data.axis in axes:
+                return 0, "squeezes the channel axis"
+            return data.axis - sum(a < data.axis for a in axes), None
+        out_rank = rank + axes.size  # Unsqueeze: axes index the output
+        axes = sorted(int(a) % out_rank for a in axes.ravel())
+        axis = data.axis
+        for a in axes:
+            if a <= axis:
+                axis += 1
+        return axis, None
 
     # --- result -----------------------------------------------------------------
     def groups(self) -> ChannelGraph:
