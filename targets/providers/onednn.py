@@ -114,8 +114,9 @@ def glue_object() -> Path:
 
 
 def link_options() -> list[str]:
-    """Linker flags for ``export_library``: options come before the objects, so --as-needed must be off."""
-    return ["-Wl,--no-as-needed", "-ldnnl"]
+    """Linker flags for ``export_library``: options come before the objects, so --as-needed must be off.
+    libgomp: the glue sets OpenMP's per-thread thread count (omp_set_num_threads) around small calls."""
+    return ["-Wl,--no-as-needed", "-ldnnl", "-lgomp"]
 
 
 def check_runtime(recorded: str) -> None:

@@ -9,7 +9,18 @@
 // layout oneDNN's kernel reads, and the reorders around it are made on the
 // first call and cached under the weight buffer's address (constants of a
 // loaded artifact do not move) plus the shapes and attributes.
+//
+// Threads: oneDNN runs its kernels on OpenMP threads. A small call (below kSerialMacs
+// multiply-adds, or kSerialElements elements for softmax and layer norm) runs on the calling thread
+// alone: its primitive is made and run with the calling thread's OpenMP thread count set to 1
+// (omp_set_num_threads is per thread, and restored after). A parallel region costs a handoff
+// to the other threads, a few microseconds on idle cores; on a loaded machine where the
+// scheduler leaves two OpenMP threads on one core, each handoff waits out the other thread's
+// spin (GOMP_SPINCOUNT), about 1-3 ms: the MNIST sample (convolutions of 0.1-1.8 M MACs, 0.1 ms
+// in all) then ran 40-150 ms per inference for the whole life of some processes (issue 14;
+// benchmarks/process_stalls.py).
 #include <dnnl.hpp>
+#include <omp.h>
 #include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
@@ -101,6 +112,35 @@ std::string key_of(char op, const TensorView* weight, std::initializer_list<cons
   for (size_t i = 0; i < attrs.size(); ++i) put(attrs[i]);
   return k;
 }
+
+// Below these, a call runs on the calling thread alone (see the top of this file). 4 M
+// multiply-adds take about 0.1 ms on one core here: the MNIST sample's largest convolution has
+// 1.8 M, ResNet-18's smallest 116 M. 128 K elements is where optc's TVM code starts threading
+// its light (elementwise, reduction) functions.
+constexpr int64_t kSerialMacs = int64_t{1} << 22;
+constexpr int64_t kSerialElements = int64_t{1} << 17;
+
+int64_t numel(const TensorView& t) {
+  int64_t n = 1;
+  for (int i = 0; i < t.ndim(); ++i) n *= t.shape()[i];
+  return n;
+}
+
+// While alive, primitives made or run on this thread use one OpenMP thread when `serial`.
+class SerialScope {
+ public:
+  explicit SerialScope(bool serial) : saved_(serial ? omp_get_max_threads() : 0) {
+    if (saved_ > 1) omp_set_num_threads(1);
+  }
+  ~SerialScope() {
+    if (saved_ > 1) omp_set_num_threads(saved_);
+  }
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  int saved_;
+};
 
 // One stream per calling thread: streams are cheap to keep and not meant for concurrent use.
 dnnl::stream& cpu_stream() {
@@ -228,6 +268,7 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
               const TensorView* scales = nullptr) {
   check_operands("conv2d", x, w, scales, out);
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
+  SerialScope scope(numel(out) * w.shape()[1] * w.shape()[2] * w.shape()[3] < kSerialMacs);
   auto c = cached(conv_cache, key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', &w, {&x, &w, &out}, a),
                   [&] { return make_conv(x, w, b, out, a, res != nullptr, scales); });
   auto& eng = cpu_engine();
@@ -289,6 +330,7 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
                 const TensorView* scales = nullptr) {
   check_operands("matmul", x, w, scales, out);
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
+  SerialScope scope(numel(x) * w.shape()[1] < kSerialMacs);
   auto m = cached(matmul_cache, key_of(scales ? 'M' : b ? 'm' : 'u', &w, {&x, &w}, a),
                   [&] { return make_matmul(x, w, b, a, scales); });
   auto& eng = cpu_engine();
@@ -319,6 +361,7 @@ void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
   int64_t batch = 1;
   for (int i = 0; i + 2 < nd; ++i) batch *= x.shape()[i];
   int64_t m = x.shape()[nd - 2], k = x.shape()[nd - 1], n = y.shape()[nd - 1];
+  SerialScope scope(batch * m * k * n < kSerialMacs);
   auto& eng = cpu_engine();
   dnnl::memory::desc a_md({batch, m, k}, dt::f32, tag::abc);
   dnnl::memory::desc b_md({batch, k, n}, dt::f32, tag::abc);
@@ -352,6 +395,7 @@ void softmax(TensorView x, Shape attrs, TensorView out) {
   check_f32(x, "softmax input");
   check_f32(out, "softmax output");
   if (attrs.size() != 1 || attrs[0] < 0 || attrs[0] >= x.ndim()) TVM_FFI_THROW(ValueError) << "optc oneDNN softmax: bad axis";
+  SerialScope scope(numel(x) < kSerialElements);
   auto& eng = cpu_engine();
   auto md = plain_md(x);
   auto prim = cached(softmax_cache, key_of('x', nullptr, {&x}, attrs), [&] {
@@ -371,6 +415,7 @@ void layer_norm(TensorView x, TensorView gamma, TensorView beta, Shape attrs, Te
   check_f32(beta, "layer_norm shift");
   check_f32(out, "layer_norm output");
   if (attrs.size() != 1) TVM_FFI_THROW(ValueError) << "optc oneDNN layer_norm: one attribute (epsilon)";
+  SerialScope scope(numel(x) < kSerialElements);
   auto& eng = cpu_engine();
   auto md = plain_md(x);
   auto norm = cached(norm_cache, key_of('l', nullptr, {&x}, attrs), [&] {

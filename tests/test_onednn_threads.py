@@ -1,0 +1,79 @@
+"""oneDNN calls and OpenMP threads (issue 14): a small call runs on the calling thread alone.
+
+On a loaded machine, two OpenMP threads the scheduler leaves on one core make every parallel
+region wait out a spin (GOMP_SPINCOUNT); a model of tiny convolutions then ran hundreds of times
+slower for a whole process. So the glue starts no OpenMP team for a call below its work threshold
+(``kSerialMacs`` in onednn_glue.cc): a process running only such calls keeps one thread. Counted
+in a fresh process (OpenMP creates its threads at the first parallel region and keeps them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import make_model
+from onnx import helper, numpy_helper
+from optc.cli.main import cli
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+# Threads this process starts while running the artifact, TVM's pool held to the calling thread
+# and OpenBLAS (numpy) to one: what is left is OpenMP's.
+COUNT_THREADS = """
+import json, os, sys
+from pathlib import Path
+from optc.targets.deploy import run_artifact as ra
+import numpy as np, tvm
+folder = Path(sys.argv[1])
+manifest = ra.read_manifest(folder)
+ra.apply_env(manifest["runtime"]["env"])
+before = len(os.listdir("/proc/self/task"))
+vm, dev = ra.load_vm(folder, manifest)
+x = tvm.runtime.tensor(np.ones(manifest["inputs"][0]["shape"], dtype="float32"), dev)
+for _ in range(3):
+    vm["main"](x)
+print(json.dumps({"started": len(os.listdir("/proc/self/task")) - before}))
+"""
+
+
+def conv_model(channels: int, size: int) -> onnx.ModelProto:
+    w = (np.random.default_rng(1).standard_normal((channels, channels, 3, 3)) * 0.1).astype(np.float32)
+    b = np.zeros(channels, np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    shape = [1, channels, size, size]
+    return make_model(nodes, [("x", shape)], [("y", shape)], [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+
+
+def threads_started(model: onnx.ModelProto, tmp_path) -> int:
+    from optc.targets.providers import onednn
+
+    avail = onednn.availability()
+    if not avail.ok:
+        pytest.skip(f"oneDNN provider unavailable: {avail.reason}")
+    path, out = tmp_path / "m.onnx", tmp_path / "out"
+    onnx.save(model, path)
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "onednn",
+                                   "--no-latency", "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "TVM_"))}
+    env.update(TVM_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", COUNT_THREADS, str(out)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["started"]
+
+
+def test_small_convolution_starts_no_openmp_thread(tmp_path):
+    # 16 -> 16 channels, 3x3, 14x14: 0.45 M multiply-adds, below kSerialMacs (4 M).
+    assert threads_started(conv_model(16, 14), tmp_path) == 0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenMP starts no thread anyway")
+def test_large_convolution_still_uses_openmp_threads(tmp_path):
+    # 64 -> 64 channels, 3x3, 32x32: 38 M multiply-adds, threaded as before.
+    assert threads_started(conv_model(64, 32), tmp_path) >= 1
