@@ -10,9 +10,17 @@ start at a quarter of the range and halve when no neighbour qualifies. Every
 point explored is kept, the Pareto front (objective vs metric) is marked, and
 each time a better feasible point is found ``on_improve`` is called so the
 caller can publish it: a search stopped at any moment leaves its best on disk.
+
+Orders: with time left after the order asked for, the same greedy search runs
+on the other orders of the movable lossy passes (prune, sparsify, distill:
+which one sees the other's output changes what each can take), each with its
+own points. ``quantize`` (and any pass that must follow the float passes) keeps
+its place: int8 weights are no input for a float refit. The canonicalize
+prefix is computed once for every order (the :class:`PrefixRunner`).
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -72,7 +80,7 @@ def explore(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, *, obj
     """Search until the time budget is spent or no stronger configuration meets the budget."""
     if objective == "latency" and latency_ms is None:
         raise ValueError("objective latency needs a latency measurement")
-    space = _Space(passes)
+    space = _Space(passes)  # rebound for each order searched; evaluate() reads it
     deadline = time.monotonic() + time_budget_s
     points: list[Point] = []
     seen: dict[tuple[int, ...], Point] = {}
@@ -95,9 +103,42 @@ def explore(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, *, obj
     stopped = "the strongest configuration asked for meets the budget"
     if not evaluate(strongest).feasible:
         stopped = _greedy(evaluate, tuple(0 for _ in space.lossy), deadline, objective)
+        for order in other_orders(passes):
+            if time.monotonic() >= deadline:
+                stopped = "time budget spent"
+                break
+            space = _Space(order)  # evaluate() reads the current space: points of each order are its own
+            seen.clear()
+            _greedy(evaluate, tuple(0 for _ in space.lossy), deadline, objective)
+        else:
+            stopped += "; every order of the float passes searched" if len(movable(passes)) > 1 else ""
     front = pareto_front(points, objective)
     best[0].chosen = True
     return ExploreResult(best[0], best[1], best[2], points, front, stopped)
+
+
+# Passes that must follow every float-weight pass (a refit or a low-rank fit of int8 weights means nothing).
+LAST = frozenset({"quantize", "smoothquant", "pack-sparse"})
+MAX_ORDERS = 6
+
+
+def movable(passes: Sequence[Pass]) -> list[int]:
+    """Positions of the lossy passes whose order may change."""
+    return [i for i, p in enumerate(passes) if not p.exact and p.name not in LAST]
+
+
+def other_orders(passes: Sequence[Pass]) -> list[list[Pass]]:
+    """The pipeline with its movable lossy passes in every other order (at most :data:`MAX_ORDERS` in all)."""
+    positions = movable(passes)
+    out = []
+    for perm in itertools.permutations(positions):
+        if list(perm) == positions:
+            continue
+        order = list(passes)
+        for slot, source in zip(positions, perm):
+            order[slot] = passes[source]
+        out.append(order)
+    return out[: MAX_ORDERS - 1]
 
 
 def _greedy(evaluate: Callable[[tuple[int, ...]], Point], current: tuple[int, ...], deadline: float, objective: str) -> str:

@@ -92,3 +92,28 @@ def test_a_lossy_pass_without_a_scalable_strength_that_misses_is_left_out(sample
     assert not result.points[0].feasible
     assert result.chosen.feasible
     assert all(p.name != "quantize" for p in result.passes)
+
+
+def test_other_orders_move_only_the_float_passes():
+    from optc.search.explore import other_orders
+
+    passes = parse_pass_specs(["canonicalize", "distill", "prune-channels", "quantize"])
+    names = [[p.name for p in order] for order in other_orders(passes)]
+    canon = ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code"]
+    assert names == [canon + ["prune-channels", "distill", "quantize"]]
+    assert other_orders(parse_pass_specs(["prune-channels", "quantize"])) == []
+    assert len(other_orders(parse_pass_specs(["distill", "prune-channels", "sparsify", "quantize"]))) == 5
+
+
+@pytest.mark.slow
+def test_explore_searches_the_other_order_with_time_left(sample):
+    model, calib, budget_set, _ = sample
+    # Too strong together, so a search; cheap variants of both passes keep the test short.
+    passes = parse_pass_specs(["sparsify:sparsity=0.9,method=magnitude", "prune-channels:ratio=0.7,reconstruct=none,criterion=l1"])
+    cosine = MetricRunner(load_metric("cosine"), CalibrationSet.from_arrays({"input": budget_set.inputs.take(64)["input"]}, model), None, model)
+    result = explore(passes, PrefixRunner(model, PassContext(calibration=calib)), Budget(cosine, 0.01), objective="bytes",
+                     time_budget_s=600)
+    orders = {tuple(name.split(":")[0] for name in p.passes) for p in result.points if len(p.passes) == 2}
+    assert orders == {("sparsify", "prune-channels"), ("prune-channels", "sparsify")}
+    assert "every order of the float passes searched" in result.stopped
+    assert result.best.feasible and all(not q.feasible or q.bytes >= result.best.bytes for q in result.points)
