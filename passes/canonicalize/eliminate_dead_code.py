@@ -5,6 +5,7 @@ Graph inputs are kept even when unused: they are the model's interface.
 from __future__ import annotations
 
 from optc.ir.graph import GraphEditor
+from optc.ir.liveness import may_have_dead_code
 from optc.ir.model import Model
 from optc.passes.framework import NoOptions, Pass, PassContext, PassResult, register_pass
 
@@ -14,6 +15,8 @@ class EliminateDeadCode(Pass[NoOptions]):
     """Drop nodes whose outputs reach no graph output, and unused initializers (exact)."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not may_have_dead_code(model):  # no graph import for nothing
+            return PassResult(model, modified=False, stats={"nodes_removed": 0, "initializers_removed": 0})
         editor = GraphEditor(model)
         before_nodes = editor.signature()
         before_inits = model.initializer_names

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from optc.ir.graph import GraphEditor, Node
+from optc.ir.liveness import has_ops
 from optc.ir.model import Model
 from optc.passes.framework import NoOptions, Pass, PassContext, PassResult, register_pass
 
@@ -35,6 +36,8 @@ class FoldBatchNorm(Pass[NoOptions]):
     """Fold BatchNormalization into a preceding Conv, ConvTranspose or Gemm (exact up to rounding)."""
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not has_ops(model, {"BatchNormalization"}):  # no graph import for nothing
+            return PassResult(model, modified=False, stats={"folded": 0})
         editor = GraphEditor(model)
         plans: list[BatchNormFold] = []
         skipped: list[str] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optc.ir.graph import GraphEditor
+from optc.ir.liveness import may_fold
 from optc.ir.model import Model
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 
@@ -32,6 +33,8 @@ class FoldConstants(Pass[FoldConstantsConfig]):
     requires = frozenset({Requirement.SHAPES})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not may_fold(model, fold_shapes=self.config.fold_shapes, exclude_ops=NONDETERMINISTIC_OPS):  # no graph import for nothing
+            return PassResult(model, modified=False, stats={"nodes_folded": 0})
         editor = GraphEditor(model)
         before = editor.signature()
         editor.fold_constants(fold_shapes=self.config.fold_shapes, max_bytes=self.config.max_bytes, exclude=lambda n: n.op in NONDETERMINISTIC_OPS)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 from optc.ir.graph import GraphEditor, Node, Tensor
+from optc.ir.liveness import has_ops
 from optc.ir.model import Model, numpy_dtype
 from optc.passes.framework import NoOptions, Pass, PassContext, PassResult, Requirement, register_pass
 
@@ -86,6 +87,8 @@ class RemoveIdentity(Pass[NoOptions]):
     requires = frozenset({Requirement.SHAPES})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not has_ops(model, CHECKS):  # no graph import for nothing
+            return PassResult(model, modified=False, stats={"removed": {}})
         editor = GraphEditor(model)
         # Analyse first, then edit: the candidate list is fixed before any removal.
         candidates = [n for n in editor.nodes if n.op in CHECKS and n.domain in ("", "ai.onnx", None)]
