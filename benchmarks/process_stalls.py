@@ -1,24 +1,37 @@
 """Whole-process stalls: start many fresh processes that each load an artifact and time it.
 
-Issue 14: on a shared 2-core machine, an occasional process ran the sample artifact about
-400x slower for its whole life. A stall is a property of one process (how its threads started),
-so it only shows when many fresh processes are started; this script starts ``--procs`` of them
-per setting, settings taken in turns (process 1 of every setting, then process 2, ...), so a
-change in the machine's load hits every setting alike. Each child loads the artifact the way the
-deployed runner does (``optc.targets.deploy.run_artifact``: ``runtime.env`` applied where the
-setting has not set a variable), runs it ``--warmup`` times, then times ``--runs`` runs.
+Issue 14: on a shared 2-core machine, an occasional process ran the MNIST sample at 40-150 ms
+per inference instead of 0.1 ms, for most of its life. The cause (perf: both threads inside
+libgomp's spin loop; few voluntary context switches): the scheduler had left oneDNN's two
+OpenMP threads on one core (the other core busy), so each parallel region waited out the
+other thread's spin, about 1-3 ms at ``GOMP_SPINCOUNT=100000``, several times per inference.
+It only shows over many fresh processes and runs, so this script starts ``--procs`` processes
+per artifact and setting, taken in turns (process 1 of every row, then process 2, ...) so that
+a change in the machine's load hits every row alike. Each child is the C++ runner
+(``python -m optc.targets.deploy.build_runner`` builds it; ``--python`` for the Python runner's
+load path instead), which applies ``runtime.env`` where the setting has not set a variable,
+runs the artifact ``--warmup`` times, then times ``--runs`` runs.
 
-Per setting it prints how many processes stalled (median over ``--stall-factor`` times the
-median of all processes' medians, every setting pooled), the median of the non-stalled
-processes' medians and the stalled ones'. ``--busy K`` keeps K busy-loop processes running
-meanwhile (a machine busier than it already is).
+Per row: processes stalled (median over ``--stall-factor`` x the median of all the artifact's
+processes), the median of the other processes' medians and of the stalled ones', the share of
+single runs over that limit, and the mean of every run. ``--busy K`` keeps K busy-loop
+processes running meanwhile (a machine busier than it already is).
 
-    python benchmarks/process_stalls.py ARTIFACT [ARTIFACT...] [--procs 30] [--busy 1]
+    python benchmarks/process_stalls.py ARTIFACT [ARTIFACT...] [--procs 30] [--busy 1] [--runs 1000]
         [--setting NAME:VAR=VALUE,VAR=VALUE ...]
 
-Without ``--setting``: ``manifest`` (the artifact's ``runtime.env`` alone) and a few single
-changes to it. A setting's variables are set before the child starts; ``VAR=`` (empty) unsets
-a variable, so ``runtime.env`` supplies it again if it names it.
+Without ``--setting``: ``manifest`` (the artifact's ``runtime.env`` alone) and single changes
+to it. A setting's variables are set before the child starts (``--setting manifest:`` sets
+none). Measured 2026-11-30 (2 vCPUs, load average 6-11, MNIST sample, 20 processes per row,
+2000 runs each): before the glue ran small oneDNN calls on one thread, ``manifest`` had
+7-12 % slow runs (mean 4.7-6.1 ms against a 0.08-0.11 ms median), and no environment setting
+cured it without a worse median (``OMP_PROC_BIND=true`` mean 1.8 ms; ``OMP_WAIT_POLICY=PASSIVE``
+median 0.18-0.34 ms; ``GOMP_SPINCOUNT=1000`` 0.45 ms; ``GOMP_SPINCOUNT=10000`` stalled 16/20).
+After (60 processes per row, 1000 runs, ``--busy 1``, load 6.6-9.4), same model before -> after:
+stalled 1/60 (80 ms) -> 0/60, slow runs 10.0 % -> 3.1 %, mean 6.6 -> 0.38 ms, median of
+the others 0.110 -> 0.116 ms; its int8 build: 0/60 -> 0/60, 14 % -> 3.9 %, mean 2.1 -> 0.47 ms
+(the int8 "before" build kept every chain in TVM: its compile-time measurement had timed
+oneDNN during a stall, 9-12 ms per convolution).
 """
 from __future__ import annotations
 
@@ -36,14 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
-
-# A setting: (name, variables). Empty value = unset here (the manifest's runtime.env may then set it).
+# A setting: (name, variables set in the child's environment before it starts).
 DEFAULT_SETTINGS = [
     ("manifest", {}),
     ("OMP_NUM_THREADS=1", {"OMP_NUM_THREADS": "1"}),
-    ("TVM_NUM_THREADS=1", {"TVM_NUM_THREADS": "1"}),
     ("OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("OMP_PROC_BIND=true", {"OMP_PROC_BIND": "true"}),
+    ("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}),
 ]
 # Variables a caller's shell may have set that would blur the comparison: cleared for every child.
 THREAD_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "GOMP_SPINCOUNT", "OMP_DYNAMIC",
@@ -88,8 +100,9 @@ def child(artifact: Path, warmup: int, runs: int) -> None:
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, str]]:
-    name, _, body = text.partition(":")
-    if not body and "=" in name:
+    """``NAME:VAR=VALUE,...``, or ``VAR=VALUE,...`` named after itself."""
+    name, colon, body = text.partition(":")
+    if not colon or "=" in name:
         name, body = text, text
     env = {}
     for item in filter(None, body.split(",")):
@@ -119,7 +132,7 @@ def runner_inputs(artifact: Path, work: Path) -> list[str]:
 def run_one(artifact: Path, env_over: dict[str, str], args: argparse.Namespace, inputs: list[str]) -> dict:
     """One fresh process: the C++ runner when ``args.runner`` is set, else :func:`child` in Python."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
-    env.update({k: v for k, v in env_over.items() if v != ""})
+    env.update(env_over)
     if args.runner:
         cmd = [str(args.runner), str(artifact), *inputs, "--repeats", str(args.warmup + args.runs), "--output-dir", str(args.work)]
     else:
@@ -140,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifacts", nargs="*", type=Path)
     parser.add_argument("--procs", type=int, default=30, help="fresh processes per setting and artifact")
-    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--busy", type=int, default=0, help="busy-loop processes kept running meanwhile")
     parser.add_argument("--setting", action="append", default=[], help="NAME:VAR=VALUE,VAR=VALUE (repeatable)")
