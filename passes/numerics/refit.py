@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optc.passes.numerics.grams import InputGram, PairedGram
+from optc.passes.numerics.grams import InputGram, PairedGram, output_energy
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,14 @@ def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool
     except np.linalg.LinAlgError:
         sol = np.linalg.lstsq(a_reg, b_reg, rcond=None)[0]
     theta = np.vstack([sol, np.zeros((1, w.shape[0]))]) if not bias else sol
-    energy = max(float(np.einsum("oi,ij,oj->", w, bb, w)), 1e-30)
+    target = output_energy(w, bb)
+    energy = max(target, 1e-30)
     plain = np.vstack([prior.T, np.zeros((1, w.shape[0]))])
-    return Refit(theta[:k].T, theta[k], _error(theta, zz, zb, w, bb) / energy, _error(plain, zz, zb, w, bb) / energy)
+    zbw = zb @ w.T
+    return Refit(theta[:k].T, theta[k], _error(theta, zz, zbw, target) / energy, _error(plain, zz, zbw, target) / energy)
 
 
-def _error(theta: np.ndarray, zz: np.ndarray, zb: np.ndarray, w: np.ndarray, bb: np.ndarray) -> float:
-    """``E||x_b W^T - z theta||^2`` expanded over the moments."""
-    err = np.einsum("oi,ij,oj->", w, bb, w) - 2.0 * np.sum(theta * (zb @ w.T)) + np.sum(theta * (zz @ theta))
+def _error(theta: np.ndarray, zz: np.ndarray, zbw: np.ndarray, target: float) -> float:
+    """``E||x_b W^T - z theta||^2`` expanded over the moments (``zbw = zb W^T``, ``target = tr(W bb W^T)``)."""
+    err = target - 2.0 * np.sum(theta * zbw) + np.sum(theta * (zz @ theta))
     return max(float(err), 0.0)

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from optc.passes.numerics.grams import InputGram
+from optc.passes.numerics.grams import InputGram, output_energy
 
 RIDGE = 1e-4  # refit_columns' default, relative to the mean diagonal of the Gram
 
@@ -42,7 +42,7 @@ def select_units(gram: InputGram, w: np.ndarray, max_width: int, *, select: str 
     a = np.empty((h + 1, h + 1))
     a[0, 0], a[0, 1:], a[1:, 0], a[1:, 1:] = 1.0, s, s, g
     cross = a[:, 1:] @ w.T  # E[[1, a] y^T]
-    energy = max(float(np.einsum("oi,ij,oj->", w, g, w)), 1e-30)
+    energy = max(output_energy(w, g), 1e-30)
     lam = ridge * max(float(np.mean(np.diag(g))), 1e-12)
     a[np.diag_indices_from(a)] += lam  # a zero-pulling ridge: see the module docstring
     if select == "magnitude":

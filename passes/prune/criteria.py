@@ -24,6 +24,7 @@ import numpy as np
 from optc.ir.model import Model
 from optc.ir.view import NodeProto, attribute
 from optc.passes.layers import InputGram, LinearLayer, weight_matrix
+from optc.passes.numerics.grams import output_energy
 from optc.passes.prune.groups import ChannelGraph, ChannelGroup, Layout
 
 NEEDS_GRAMS = frozenset({"activation", "thinet", "forward"})
@@ -76,7 +77,7 @@ def removal_matrix(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, L
             continue
         w = weight_matrix(layer, weights[consumer.node])
         g = grams[consumer.node].gram[0] / max(grams[consumer.node].rows, 1)
-        energy = max(float(np.einsum("oi,ij,oj->", w, g, w)), 1e-30)
+        energy = max(output_energy(w, g), 1e-30)
         for start_a, width in blocks:
             cols_a = start_a + np.arange(n * width)
             for start_b, _ in blocks:
