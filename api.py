@@ -617,7 +617,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         evaluation_section = Evaluation.from_dict(
             driver.compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other", feeds_source)
         )
-        warnings = _quality_warnings(evaluation_section, feeds_source) + _size_warnings(result, passes)
+        warnings = _quality_warnings(evaluation_section, feeds_source) + _size_warnings(result, passes) + _speed_warnings(evaluation_section, passes)
         for line in warnings:
             logger.warning(line)
         if search_section is not None:
@@ -690,6 +690,16 @@ def _quality_warnings(evaluation: Evaluation, feeds_source: str) -> list[str]:
         out.append(f"accuracy fell {-acc.delta * 100:.2f} points ({acc.before * 100:.2f}% -> {acc.after * 100:.2f}%), "
                    f"more than {ACCURACY_WARN * 100:g}: give --max-drop to hold a budget")
     return out
+
+
+def _speed_warnings(evaluation: Evaluation, passes: Sequence[Pass]) -> list[str]:
+    """One line when lossy passes left the model slower in onnxruntime (QDQ int8 on a CPU whose kernels do not pay)."""
+    latency = evaluation.latency
+    if latency is None or not any(not p.exact for p in passes) or latency.after_ms <= latency.before_ms * SLOWER_WARN:
+        return []
+    return [f"the compressed model is {latency.after_ms / latency.before_ms:.2f}x slower in onnxruntime on this machine "
+            f"({latency.before_ms:.3f} -> {latency.after_ms:.3f} ms, timed {latency.timing}): keep the input model if speed "
+            "in onnxruntime is what you need"]
 
 
 def _size_warnings(result: Any, passes: Sequence[Pass]) -> list[str]:

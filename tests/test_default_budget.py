@@ -95,3 +95,16 @@ def test_weights_that_grow_are_said_so():
     shrunk = SimpleNamespace(initial=SimpleNamespace(param_bytes=3000), final=SimpleNamespace(param_bytes=1000), records=[])
     assert _size_warnings(shrunk, [make_pass("sparsify")]) == []
     assert _size_warnings(grown, [make_pass("fold-constants")]) == []  # exact passes only: not a compression claim
+
+
+def test_a_model_made_slower_is_said_so():
+    """quantize made a face-landmark CNN 2.3x slower in onnxruntime: that is never kept silently either."""
+    from optc.api import Evaluation, Latency, _speed_warnings
+
+    def evaluation(before, after):
+        return Evaluation({}, 8, "evaluation data", None, Latency(before, after, before / after, "onnxruntime CPU", "in turns"))
+
+    (line,) = _speed_warnings(evaluation(1.0, 2.3), [make_pass("quantize")])
+    assert line.startswith("the compressed model is 2.30x slower in onnxruntime on this machine (1.000 -> 2.300 ms")
+    assert _speed_warnings(evaluation(1.0, 1.05), [make_pass("quantize")]) == []  # within timing noise
+    assert _speed_warnings(evaluation(1.0, 2.3), [make_pass("fold-constants")]) == []
