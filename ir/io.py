@@ -122,6 +122,7 @@ def _load(path: Path, *, lift_constants: bool, check: bool) -> Model:
         raise ModelLoadError(file_problem(exc)) from exc
     except (DecodeError, RuntimeWarning, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"not a valid ONNX model (truncated or not an ONNX protobuf): {type(exc).__name__}") from exc
+    dynamic = _negative_interface_dims_to_dynamic(proto.graph)
     if check:
         validate_structure(proto)
     try:
@@ -137,6 +138,8 @@ def _load(path: Path, *, lift_constants: bool, check: bool) -> Model:
         model.notes.append(f"densified {densified} sparse initializers")
     if check:
         run_checker(proto)
+    if dynamic:
+        model.notes.append(f"read {', '.join(dynamic)} as dynamic (a dim of -1, paddle2onnx's way of writing one)")
     named = name_unnamed_nodes(model)
     if named:
         model.notes.append(f"named {named} unnamed nodes")
@@ -145,6 +148,24 @@ def _load(path: Path, *, lift_constants: bool, check: bool) -> Model:
         if lifted:
             model.notes.append(f"lifted {lifted} Constant nodes into initializers")
     return model
+
+
+def _negative_interface_dims_to_dynamic(graph: onnx.GraphProto) -> list[str]:
+    """Graph input/output dims of -1 made dynamic, as onnxruntime reads them; returns ``name[axis]`` of each.
+
+    paddle2onnx writes a dynamic dim as -1 (RapidOCR's models do); the ONNX spec wants a
+    name or nothing. Only -1 is read so: another negative value is damage, refused by
+    :func:`validate_structure`.
+    """
+    changed = []
+    for vi in list(graph.input) + list(graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value == -1:
+                d.ClearField("dim_value")
+                changed.append(f"{vi.name}[{axis}]")
+    return changed
 
 
 def _densify_sparse_initializers(graph: onnx.GraphProto) -> int:

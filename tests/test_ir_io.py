@@ -218,3 +218,18 @@ def test_sparse_initializers_are_densified_on_load(save, coordinates):
     x = rand(3, 16, seed=2)
     np.testing.assert_array_equal(ort_run(model.proto, {"x": x})["y"], ort_run(proto, {"x": x})["y"])
     onnx.checker.check_model(model.proto, full_check=True)
+
+
+def test_a_dim_of_minus_one_is_read_as_dynamic(tmp_path):
+    """paddle2onnx writes dynamic dims as -1 (RapidOCR's classifier): onnxruntime runs it, so optc reads it."""
+    import onnx
+    from helpers import make_model
+    from onnx import helper
+
+    from optc.ir import load_model
+
+    path = tmp_path / "paddle.onnx"
+    onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [-1, 3, 48, 192])], [("y", [-1, 3, 48, 192])]), path)
+    model = load_model(path)
+    assert model.inputs[0].shape[0] is None and model.inputs[0].shape[1:] == (3, 48, 192)
+    assert any("read x[0], y[0] as dynamic (a dim of -1" in n for n in model.notes)
