@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, SAMPLE, ort_run
+from helpers import ROOT, SAMPLE, make_model, ort_run
+from onnx import helper
 
 from optc.cli.main import cli
 from optc.errors import TargetError
@@ -214,3 +215,20 @@ def test_missing_cpu_feature_refused_everywhere(artifact, sample, python_runner,
     np.testing.assert_allclose(load_artifact(copy).run({"input": np.load(sample[0])})["logits"], sample[1], atol=1e-5, rtol=1e-5)
     assert python_runner(copy, "--input", f"input={sample[0]}").returncode == 0
     assert cpp_runner(copy, "--input", f"input={sample[0]}").returncode == 0
+
+
+def test_cpp_runner_reads_an_output_dim_shape_inference_could_not_tell(cpp_runner, tmp_path):
+    """RapidOCR's classifier (paddle2onnx) writes its output as [-1, 2]: optc reads -1 as dynamic, and the manifest
+    then holds a null dim, which the C++ runner once failed on ("Cannot convert from type None to str")."""
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [-1, 4])], [("y", [-1, 2])])
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = -1  # no size shape inference can restore
+    path = tmp_path / "paddle.onnx"
+    onnx.save(proto, path)
+    out = tmp_path / "art"
+    res = invoke("compile", path, "-o", out, "--target", "x86", "--no-latency", "--tuning-db", tmp_path / "db", "--kernels", "tvm")
+    assert res.exit_code == 0, res.output
+    x = np.arange(-2, 2, dtype=np.float32).reshape(1, 4)
+    np.save(tmp_path / "x.npy", x)
+    done = cpp_runner(out, "--input", f"x={tmp_path / 'x.npy'}", "--output-dir", tmp_path)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "output_0.npy"), np.maximum(x, 0))

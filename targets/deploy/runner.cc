@@ -210,8 +210,10 @@ std::vector<IoSpec> IoSpecs(const json::Object& manifest, const char* key) {
     json::Object obj = AsObject(item, key);
     std::vector<std::string> dims;
     for (const ffi::Any& dim : ArrayField(obj, "shape")) {
+      // A dim is a size, a symbolic name, or null where shape inference could not tell (a -1 read as dynamic).
       auto size = dim.as<int64_t>();
-      dims.push_back(size ? std::to_string(*size) : "'" + std::string(dim.cast<ffi::String>()) + "'");
+      auto name = dim.as<ffi::String>();
+      dims.push_back(size ? std::to_string(*size) : name ? "'" + std::string(*name) + "'" : "?");
     }
     specs.push_back({StringField(obj, "name", key), StringField(obj, "dtype", key), ShapeText(dims)});
   }
