@@ -59,8 +59,8 @@ from optc.errors import ConfigError, OptcError
 from optc.evaluation import accuracy, compare_outputs, latency_ms
 from optc.ir.io import load_model
 from optc.ir.model import Model, TensorSpec
-from optc.ir.session import make_session, run, sample_feeds as random_feeds
-from optc.ir.shapes import freeze_input_shapes, parse_shape_spec
+from optc.ir.session import make_session, run, sample_feeds as random_feeds, unrunnable_reason
+from optc.ir.shapes import MAX_DIM, freeze_input_shapes, parse_shape_spec
 from optc.passes.framework import Pass
 from optc.passes.framework.pipeline import pipeline_from_data, read_pipeline_data
 
@@ -422,6 +422,7 @@ def _shapes_text(shapes: Mapping[str, Sequence[int]]) -> str:
 
 
 FIDELITY_SAMPLES = 8  # samples the fidelity figures are measured on (several runs when the batch is fixed)
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; larger or negative seeds failed deep inside a run
 RANDOM_SKIPPED = "not measured: random inputs cannot be valid for this model; give --calib or --eval"
 
 
@@ -433,6 +434,9 @@ def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledS
     then random inputs. :data:`FIDELITY_SAMPLES` samples in all, so a model
     whose batch is fixed at 1 is measured on several runs, not one.
     """
+    unrunnable = unrunnable_reason(model)
+    if unrunnable is not None:  # a valid model optc will not run: its own checks are skipped, not the compile
+        return [], f"not measured: {unrunnable}"
     if labelled is not None:
         return labelled.inputs.first_samples(FIDELITY_SAMPLES), "evaluation data"
     if calib is not None:
@@ -442,7 +446,7 @@ def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledS
     except OptcError as exc:  # strings, sequences: no random value is meaningful
         return [], f"{RANDOM_SKIPPED}: {exc}"
     batch = _feed_samples(first)
-    runs = max(1, -(-FIDELITY_SAMPLES // batch))
+    runs = max(1, -(-FIDELITY_SAMPLES // max(batch, 1)))  # a zero-sized batch dim: one (empty) run
     return [first] + [random_feeds(model, seed=seed + k) for k in range(1, runs)], "random inputs"
 
 
@@ -459,7 +463,7 @@ class Measurement:
 
 def measure(model: Model, feeds: Sequence[Mapping[str, Any]], labelled: LabelledSet | None, measure_latency: bool) -> Measurement:
     """Outputs on every feed (joined on axis 0), accuracy on ``labelled``, latency on the first feed (none without feeds)."""
-    session = make_session(model)
+    session = make_session(model) if feeds else None
     runs = [run(session, feed) for feed in feeds]
     outputs = {name: np.concatenate([np.atleast_1d(r[name]) for r in runs]) for name in runs[0]} if runs else {}
     return Measurement(
@@ -598,18 +602,18 @@ def read_pipeline_file(path: Path) -> PipelineFile:
         data = dict(data)
         images = _data_section(data.pop("data", None), path)
         seed = data.pop("seed", None)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ConfigError(f"pipeline file {path}: 'seed' must be an integer, not {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+            raise ConfigError(f"pipeline file {path}: 'seed' must be an integer from 0 to {MAX_SEED}, not {seed!r}")
         raw = data.pop("input_shapes", None) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"pipeline file {path}: 'input_shapes' must map input names to dims, such as input: [1, 3, 224, 224]")
         for name, dims in raw.items():
             if isinstance(dims, str):
                 shapes.update([parse_shape_spec(f"{name}={dims}")])
-            elif isinstance(dims, list) and dims and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            elif isinstance(dims, list) and dims and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM for d in dims):
                 shapes[str(name)] = tuple(dims)
             else:
-                raise ConfigError(f"pipeline file {path}: input_shapes.{name} must be a list of positive integers, not {dims!r}")
+                raise ConfigError(f"pipeline file {path}: input_shapes.{name} must be a list of integers from 1 to {MAX_DIM}, not {dims!r}")
     return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes, images)
 
 

@@ -115,7 +115,8 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
     from optc.cli.render import render_compile_report
     from optc import progress
     from optc.data.images import holds_images
-    from optc.driver import parse_shape_spec, read_pipeline_file
+    from optc.driver import MAX_SEED, parse_shape_spec, read_pipeline_file
+    from optc.errors import ConfigError
     from optc.passes import parse_pass_specs
 
     # Strings become objects here; everything else is optc.api.compile, as for library users.
@@ -126,6 +127,8 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
     shapes.update(parse_shape_spec(s) for s in input_shapes)
     if seed is None:
         seed = pipeline.seed if pipeline is not None and pipeline.seed is not None else 0
+    elif not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed {seed}: must be from 0 to {MAX_SEED}")
     images = pipeline.images if pipeline is not None else None
     calib, eval_data = (api.ImageFolder(d, images) if images is not None and d is not None and holds_images(d) else d
                         for d in (calib, eval_data))

@@ -10,8 +10,10 @@ input (:class:`~optc.errors.OptcError`, exit code 2) with the runtime's
 message: the model passed onnx's checker, so the runtime disagreeing with it
 is most likely about the model. Before a session is made, models whose
 ``Loop`` nodes run more than :data:`MAX_LOOP_ITERATIONS` iterations (constant
-trip counts, multiplied through nesting) are refused: optc runs every model
-it compiles several times, and such a run would not end in useful time.
+trip counts, multiplied through nesting) are refused: such a run would not end
+in useful time. The model is valid, so optc's own runs of it (fidelity,
+latency, ``--verify-each``) are skipped with :func:`unrunnable_reason` as the
+reason; only what must run it (a data-driven pass, ``--eval``, a budget) is refused.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def make_session(
     """
     reason = unrunnable_reason(model)
     if reason is not None:
-        raise OptcError(reason)
+        raise OptcError(f"{reason}: optc does not run such a model, and this step must run it (a data-driven pass, --eval or a budget)")
     options = ort.SessionOptions()
     # Errors reach the caller as exceptions; onnxruntime's own log would add lines to stderr.
     options.log_severity_level = 3 if logger.isEnabledFor(logging.DEBUG) else 4
@@ -160,7 +162,7 @@ def _loop_reason(graph: onnx.GraphProto, outer: int, constants: dict[str, int], 
             if trips > MAX_LOOP_ITERATIONS:
                 return (
                     f"Loop node '{node.name}'{where} runs {trips:.3g} iterations per run (constant trip counts, nested loops "
-                    f"multiplied), beyond optc's limit of {MAX_LOOP_ITERATIONS:.0e}; optc does not run such a model"
+                    f"multiplied), beyond optc's limit of {MAX_LOOP_ITERATIONS:.0e}"
                 )
         for attr in node.attribute:
             for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
