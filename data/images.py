@@ -215,6 +215,9 @@ def read_images(folder: ImageFolder, model: Model, kind: str, *, labelled: bool)
 def _listing(path: Path, classes: tuple[str, ...] | None, kind: str, labelled: bool) -> tuple[list[Path], np.ndarray | None]:
     direct = sorted(p for p in path.iterdir() if _is_image(p))
     folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    linked = [p for p in folders if p.is_symlink()]
+    if linked:  # its images would be read from wherever it points, past the no-links rule for files
+        raise ConfigError(f"{kind} images {path}: subfolder '{linked[0].name}' is a symbolic link; only real folders are read")
     if not labelled:
         files = direct + [p for d in folders for p in sorted(d.iterdir()) if _is_image(p)]
         if not files:

@@ -136,6 +136,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             manifest = json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON: {getattr(exc, 'msg', exc)}") from exc
+    except RecursionError as exc:  # [[[[...: Python's parser recurses per level
+        raise ConfigError(f"{path}: nested too deeply to be a manifest") from exc
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
         raise ConfigError(f"{path}: no 'files' table of names and SHA-256 digests")
@@ -293,12 +295,14 @@ def load_verified(verified: VerifiedArtifact) -> LoadedArtifact:
     """Load the library from ``verified``'s private copy (never from the artifact folder)."""
     from optc.targets.support import require_tvm
 
+    manifest = verified.manifest
+    with _refusal_as(TargetError):
+        check_cpu(manifest)  # before TVM's import (seconds): a machine that cannot run the code is told so at once
     require_tvm()
     import tvm
     import tvm_ffi
     from tvm import relax
 
-    manifest = verified.manifest
     kind = manifest["target"]["device"]
     device = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
     if kind == "cuda" and not device.exist:
@@ -308,14 +312,17 @@ def load_verified(verified: VerifiedArtifact) -> LoadedArtifact:
 
         if platform.machine() not in ("aarch64", "arm64"):
             raise TargetError("this artifact is for aarch64; run it on an ARM board (or under qemu-aarch64)")
-    with _refusal_as(TargetError):
-        check_cpu(manifest)
     check_libraries(manifest)
     apply_runtime_env()
     # tvm_ffi's loader, not tvm.runtime.load_module: that one resolves symbolic links, and the
     # memfd behind ours has no path of its own that ends in ".so".
-    lib = tvm_ffi.load_module(str(verified.library_path()))
-    return LoadedArtifact(manifest, relax.VirtualMachine(lib, device), device)
+    try:
+        lib = tvm_ffi.load_module(str(verified.library_path()))
+        vm = relax.VirtualMachine(lib, device)
+    except RuntimeError as exc:  # it matched the manifest, but is no library of this machine or no TVM module
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TargetError(f"{verified.folder}: '{manifest['library']}' matches the manifest but cannot be loaded: {first}") from exc
+    return LoadedArtifact(manifest, vm, device)
 
 
 def run_artifact_files(artifact: Path, inputs: Sequence[str], output: Path | None = None) -> list[str]:

@@ -152,6 +152,8 @@ def _convert(pass_name: str, key: str, raw: Any, hint: Any) -> Any:
             raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {raw!r}")
         return next(a for a in args if str(a) == str(raw))
     if origin in (tuple, list):
+        if not isinstance(raw, (str, list, tuple)):
+            raise ConfigError(f"{where} must be a list (or one text value), not {raw!r}")
         items = raw.split(LIST_SEPARATOR) if isinstance(raw, str) else list(raw)
         item_type = args[0] if args else str
         converted = [_convert(pass_name, key, item, item_type) for item in items if item != ""]

@@ -160,6 +160,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise Refused(f"{folder / MANIFEST}: cannot be read: {exc.strerror or exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise Refused(f"{folder / MANIFEST}: not valid JSON: {getattr(exc, 'msg', exc)}") from exc
+    except RecursionError as exc:  # [[[[...: Python's parser recurses per level
+        raise Refused(f"{folder / MANIFEST}: nested too deeply to be a manifest") from exc
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not isinstance(files.get(manifest.get("library")), str) or not isinstance(manifest.get("inputs"), list):
         raise Refused(f"{folder / MANIFEST}: lacks the library's SHA-256 or the inputs; not an optc artifact manifest")
