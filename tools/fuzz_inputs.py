@@ -25,7 +25,9 @@ no signal, no timeout. Reproducible: mutant ``i`` of ``--seed s`` is always the 
 
 Usage::
 
-    .venv/bin/python tools/fuzz_inputs.py --mutants 300 [--seed 0] [--jobs 2] [--keep out/fuzz]
+    .venv/bin/python tools/fuzz_inputs.py --mutants 300 [--seed 0] [--jobs 2] [--keep out/fuzz] [--only model|archive]
+
+``--only model`` is the audit's protobuf mode (320 mutants of the sample model).
 
 ``--keep`` saves every mutant with a bad outcome, with the command and its stderr.
 """
@@ -317,11 +319,13 @@ def run(command: list[str], timeout: float, memory: int) -> tuple[str, str, floa
     return (str(code) if code in (0, 1, 2) else f"exit {code}"), stderr, seconds
 
 
-def fuzz_one(index: int, seed: int, model: bytes, archives: dict[str, bytes], workdir: Path, timeout: float, memory: int) -> Outcome:
+def fuzz_one(index: int, seed: int, model: bytes, archives: dict[str, bytes], workdir: Path, timeout: float, memory: int,
+             only: str | None = None) -> Outcome:
     rng = random.Random(seed * 1_000_003 + index)
     folder = workdir / f"m{index}"
     folder.mkdir()
-    if rng.random() < 0.6:
+    pick = rng.random()  # drawn in every mode, so that mutant i of a seed is the same mutant whatever --only says
+    if only == "model" or (only is None and pick < 0.6):
         data, mutations = mutate_model(model, rng)
         path = folder / "model.onnx"
         path.write_bytes(data)
@@ -362,6 +366,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per optc command")
     parser.add_argument("--memory-gib", type=float, default=3.0, help="address-space limit per optc process")
     parser.add_argument("--keep", type=Path, help="save mutants with a bad outcome (1, signal, timeout, not one line) here")
+    parser.add_argument("--only", choices=["model", "archive"], help="mutate only the sample model (the audit's protobuf mutants) or only archives")
     args = parser.parse_args()
 
     model = (SAMPLE / "mnist_cnn.onnx").read_bytes()
@@ -372,7 +377,7 @@ def main() -> int:
     bad: list[Outcome] = []
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="optc-fuzz-") as tmp, concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(fuzz_one, i, args.seed, model, archives, Path(tmp), args.timeout, memory) for i in range(args.mutants)]
+        futures = [pool.submit(fuzz_one, i, args.seed, model, archives, Path(tmp), args.timeout, memory, args.only) for i in range(args.mutants)]
         for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             outcome = future.result()
             counts[outcome.result] += 1
@@ -390,7 +395,7 @@ def main() -> int:
             if done % 25 == 0:
                 print(f"{done}/{args.mutants} {dict(counts)}", file=sys.stderr)
     labels = {"0": "accepted (0)", "2": "refused as bad input (2)", "1": "internal error (1)", "timeout": "timeout", "not one line": "exit 2, not one line"}
-    print(f"{args.mutants} mutants, seed {args.seed}, {time.monotonic() - start:.0f} s")
+    print(f"{args.mutants} mutants{f' ({args.only} only)' if args.only else ''}, seed {args.seed}, {time.monotonic() - start:.0f} s")
     for key in ("0", "2", "1", "timeout", "not one line"):
         print(f"  {labels[key]:<28} {counts.get(key, 0)}")
     for key in sorted(k for k in counts if k.startswith(("signal", "exit "))):
