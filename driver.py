@@ -461,9 +461,10 @@ class Measurement:
     latency_ms: float | None
 
 
-def measure(model: Model, feeds: Sequence[Mapping[str, Any]], labelled: LabelledSet | None, measure_latency: bool) -> Measurement:
+def measure(model: Model, feeds: Sequence[Mapping[str, Any]], labelled: LabelledSet | None, measure_latency: bool,
+            session: Any = None) -> Measurement:
     """Outputs on every feed (joined on axis 0), accuracy on ``labelled``, latency on the first feed (none without feeds)."""
-    session = make_session(model) if feeds else None
+    session = session if session is not None or not feeds else make_session(model)
     runs = [run(session, feed) for feed in feeds]
     outputs = {name: np.concatenate([np.atleast_1d(r[name]) for r in runs]) for name in runs[0]} if runs else {}
     return Measurement(
@@ -480,8 +481,11 @@ def measure_input(model: Model, feeds: list[Mapping[str, Any]], source: str, lab
     Returns the measurement, the feeds the rest of the run uses and where they come from
     (with the reason when they were dropped). Data the user gave must run: its errors stand.
     """
+    # A model onnxruntime cannot load is bad input whatever the data: that error stands. Only
+    # running it on random values may fail for want of valid ones.
+    session = make_session(model) if feeds else None
     try:
-        return measure(model, feeds, labelled, measure_latency), feeds, source
+        return measure(model, feeds, labelled, measure_latency, session), feeds, source
     except OptcError as exc:
         if source != "random inputs":
             raise

@@ -79,3 +79,20 @@ def test_compile_with_defaults_writes_every_runnable_model(case: Path, tmp_path)
         assert any("not measured" in n for n in result.report.notes)
     else:
         assert all(f.max_abs <= 1e-4 or f.cosine >= 0.9999 for f in evaluation.fidelity.values())
+
+
+def test_a_model_onnxruntime_cannot_load_is_still_refused_without_data(tmp_path):
+    """Skipping fidelity is for random inputs that cannot be valid, not for a model onnxruntime refuses to load."""
+    from helpers import make_model
+    from onnx import TensorProto, helper
+
+    from optc import api
+    from optc.errors import OptcError
+
+    x = helper.make_tensor_value_info("x", TensorProto.INT16, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.INT16, [2, 3])
+    path = tmp_path / "relu_int16.onnx"
+    onnx.save(make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [x], [y]), path)  # no int16 Relu kernel
+    with pytest.raises(OptcError, match="onnxruntime"):
+        api.compile(path, output=tmp_path / "out", measure_latency=False)
+    assert not (tmp_path / "out").exists()

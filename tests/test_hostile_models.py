@@ -261,15 +261,26 @@ def test_hostile_model_refused_by_inspect_and_compile(tmp_path, case):
 # domain, an input too large to make up, a type onnxruntime has no kernel for): both commands accept
 # them, and compile writes the model with fidelity and latency skipped, saying why.
 UNRUNNABLE_CASES: dict[str, Callable[[], onnx.ModelProto]] = {
-    "weight-type-string": _string_initializer_to_matmul,
     "input-type-string": lambda: _relu([1, 4], TensorProto.STRING),
     "sequence-input": _sequence_input,
     "input-dim-2-62": lambda: _relu([2**62, 4]),
-    "initializer-shadowing-input-other-shape": _initializer_shadowing_input_with_another_shape,
     "duplicate-output": _output_twice,
-    "unknown-domain-imported": _opset("com.evil", 1),
     "scan-over-2-40-steps": _scan_bomb,
 }
+
+# onnxruntime refuses to load these whatever the inputs: compile says so (inspect reads the file alone).
+LOAD_REFUSED_CASES: dict[str, Callable[[], onnx.ModelProto]] = {
+    "weight-type-string": _string_initializer_to_matmul,
+    "initializer-shadowing-input-other-shape": _initializer_shadowing_input_with_another_shape,
+    "unknown-domain-imported": _opset("com.evil", 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_REFUSED_CASES))
+def test_model_onnxruntime_cannot_load_is_refused_by_compile(tmp_path, case):
+    path = save(LOAD_REFUSED_CASES[case](), tmp_path / "m.onnx")
+    assert_accepted(invoke("inspect", "--no-tvm", path, workdir=tmp_path))
+    assert_bad_input(invoke("compile", path, "-o", tmp_path / "out", "--no-latency", workdir=tmp_path), "onnxruntime cannot load the model")
 
 
 @pytest.mark.parametrize("case", sorted(UNRUNNABLE_CASES))
