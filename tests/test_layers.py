@@ -88,3 +88,16 @@ def test_shared_weights_are_left_alone_with_the_reason(tmp_path):
     for spec in ("sparsify:sparsity=0.5", "quantize"):
         result = api.compile(path, api.parse_pass_spec(spec), calibration=tmp_path / "c.npz", measure_latency=False, default_budget=False)
         assert result.report.after.param_bytes <= result.report.before.param_bytes, spec
+
+
+def test_gram_products_fall_back_to_float64_where_float32_overflows():
+    """A model whose weights are one constant (the onnx wheel's Inception-v1) has activations near 1e20: their
+    float32 products overflow, and NaN weights followed. The products are redone in float64 there."""
+    from optc.passes.layers.grams import _gram
+
+    rows = np.full((1, 8, 3), 1e20, dtype=np.float32)
+    g = _gram(rows, rows)
+    assert np.isfinite(g).all() and g.dtype == np.float64
+    np.testing.assert_allclose(g, np.full((1, 3, 3), 8e40), rtol=1e-6)
+    small = np.arange(24, dtype=np.float32).reshape(1, 8, 3)
+    np.testing.assert_allclose(_gram(small, small)[0], small[0].T.astype(np.float64) @ small[0])

@@ -157,6 +157,12 @@ class Sparsify(Pass[SparsifyConfig]):
         pattern = parse_pattern(cfg.pattern)
         layers, skipped = self.select_layers(model)
         skipped = list(skipped)
+        # Activations that overflow float32 (a model whose weights are all one constant) give Grams of
+        # inf/NaN: any fit on them writes NaN weights. Such layers stay dense, and say why.
+        degenerate = {l.node for l in layers if l.node in grams and not np.all(np.isfinite(grams[l.node].gram))}
+        skipped += [f"{name}: input statistics are not finite on the calibration data (activations overflow float32); left dense"
+                    for name in sorted(degenerate)]
+        layers = [l for l in layers if l.node not in degenerate]
         unchanged = PassResult(model, modified=False, stats={"layers": [], "pattern": str(pattern)}, skipped=skipped)
         if not layers or self._is_noop():
             return unchanged
@@ -266,7 +272,13 @@ class Sparsify(Pass[SparsifyConfig]):
         for g, (part, count) in enumerate(zip(parts, counts)):
             if cfg.method == "obs":
                 h = objective[g] / max(gram.rows, 1)  # damped inside obs_prune
-                new_parts.append(obs_prune(part, h, pattern, count, damp=cfg.damp, block_size=cfg.block_size))
+                try:
+                    new_parts.append(obs_prune(part, h, pattern, count, damp=cfg.damp, block_size=cfg.block_size))
+                except np.linalg.LinAlgError:
+                    # Not positive definite even damped by its own mean diagonal (inputs that are all one
+                    # value): no second-order information to use, so the smallest weights go.
+                    log.info("%s: Hessian not positive definite; magnitude pruning for this layer", layer.node)
+                    new_parts.append(magnitude_prune(part, pattern, count))
             else:
                 new_parts.append(magnitude_prune(part, pattern, count))
         new_matrix = np.concatenate(new_parts, axis=0)
