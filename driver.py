@@ -464,7 +464,8 @@ class Measurement:
 def measure(model: Model, feeds: Sequence[Mapping[str, Any]], labelled: LabelledSet | None, measure_latency: bool,
             session: Any = None) -> Measurement:
     """Outputs on every feed (joined on axis 0), accuracy on ``labelled``, latency on the first feed (none without feeds)."""
-    session = session if session is not None or not feeds else make_session(model)
+    if session is None and feeds:
+        session = make_session(model)
     runs = [run(session, feed) for feed in feeds]
     outputs = {name: np.concatenate([np.atleast_1d(r[name]) for r in runs]) for name in runs[0]} if runs else {}
     return Measurement(
