@@ -266,23 +266,60 @@ class LoadedArtifact:
     vm: Any
     device: Any
     _main: Any = field(default=None, init=False, repr=False)  # the VM's entry, looked up once
-    # One device tensor per input, refilled each run: copying into it costs 10 us, allocating 25
-    # (a tenth of a small model's run). Outputs are copied out before run returns, so nothing
-    # the caller holds aliases these. Like the VM itself, not for concurrent runs.
+    # One device tensor per input, refilled each run when the caller's array cannot be lent to the VM
+    # as it is (TVM's kernels assume 64-byte aligned buffers): copying into it costs 10 us, allocating 25.
+    # Outputs are copied out before run returns, so nothing the caller holds aliases the VM's memory.
+    # Like the VM itself, not for concurrent runs.
     _inputs: list[Any] = field(default_factory=list, init=False, repr=False)
+    _specs: list[tuple[str, tuple[int, ...], np.dtype]] = field(default_factory=list, init=False, repr=False)
+    _views: list[np.ndarray | None] = field(default_factory=list, init=False, repr=False)  # numpy views of _inputs on the host
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name. On a 0.1 ms model the wrapping is a third of the time, so the common case (the
+        manifest's arrays, C-contiguous and aligned) is checked inline and passed by DLPack, not copied."""
         import tvm
+        import tvm_ffi
 
-        with _refusal_as(ConfigError):
-            values = check_feeds(self.manifest["inputs"], feeds)
         if self._main is None:
             self._main = self.vm["main"]
-            self._inputs = [tvm.runtime.empty(v.shape, v.dtype.name, self.device) for v in values]
-        for buffer, value in zip(self._inputs, values):
-            buffer.copyfrom(value)
-        results = vm_outputs(self._main(*self._inputs))
-        return {spec["name"]: v.numpy() for spec, v in zip(self.manifest["outputs"], results)}
+            self._specs = [(s["name"], tuple(s["shape"]), np.dtype(s["dtype"])) for s in self.manifest["inputs"]]
+            self._inputs = [tvm.runtime.empty(shape, dtype.name, self.device) for _, shape, dtype in self._specs]
+            on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
+            self._views = [_host_view(b) if on_cpu else None for b in self._inputs]
+        values = [feeds.get(name) for name, _, _ in self._specs]
+        if len(feeds) != len(self._specs) or not all(
+                type(v) is np.ndarray and v.shape == shape and v.dtype == dtype and v.flags.c_contiguous
+                for v, (_, shape, dtype) in zip(values, self._specs)):
+            with _refusal_as(ConfigError):
+                values = check_feeds(self.manifest["inputs"], feeds)
+        args = []
+        for buffer, view, value in zip(self._inputs, self._views, values):
+            if view is None:
+                buffer.copyfrom(value)  # device memory
+            elif value.ctypes.data % 64 == 0:
+                buffer = tvm_ffi.from_dlpack(value)
+            else:
+                np.copyto(view, value)  # 1 us where copyfrom takes 10-20
+            args.append(buffer)
+        results = vm_outputs(self._main(*args))
+        return {spec["name"]: _to_numpy(v) for spec, v in zip(self.manifest["outputs"], results)}
+
+
+def _host_view(tensor: Any) -> np.ndarray | None:
+    """A writable numpy view of a host tensor; None where numpy cannot take it by DLPack."""
+    try:
+        view = np.from_dlpack(tensor)
+    except (TypeError, RuntimeError, BufferError):
+        return None
+    return view if view.flags.writeable else None
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    """A copy of a VM output: through DLPack (1 us) where the tensor is on the host, else ``numpy()`` (10 us)."""
+    try:
+        return np.from_dlpack(tensor).copy()
+    except (TypeError, RuntimeError, BufferError):  # device memory, or a dtype numpy's DLPack import lacks
+        return tensor.numpy()
 
 
 def load_artifact(folder: Path) -> LoadedArtifact:

@@ -152,8 +152,10 @@ def test_auto_measures_once_then_reuses(tmp_path):
     assert second["measured"] == 0 and second["reused"] == 4
     for entry in first["offloaded"] + first["kept"]:
         assert entry["tvm_ms"] > 0 and entry["onednn_ms"] > 0
-        # the faster candidate was kept, whichever it was
-        assert (entry in first["offloaded"]) == (entry["onednn_ms"] < entry["tvm_ms"])
+        # the fastest candidate was kept, whichever it was
+        dnnl_ms = min(entry["onednn_ms"], entry.get("winograd_ms", float("inf")))
+        assert (entry in first["offloaded"]) == (dnnl_ms < entry["tvm_ms"])
+        assert (entry.get("algorithm") == "winograd") == (entry.get("winograd_ms", float("inf")) < min(entry["onednn_ms"], entry["tvm_ms"]))
     assert [e["workload"] for e in first["offloaded"]] == [e["workload"] for e in second["offloaded"]]
     stored = json.loads((db / "providers.json").read_text())
     assert len(stored) == 4
@@ -250,3 +252,96 @@ def test_without_onednn_every_op_compiles_with_tvm_and_says_why(tmp_path, monkey
     finally:
         monkeypatch.delenv("OPTC_DISABLE_ONEDNN")
         onednn.availability.cache_clear()
+
+
+def _conv_chain(cin: int, cout: int, size: int):
+    from optc.targets.providers.chains import Chain
+
+    rng = np.random.default_rng(0)
+    return Chain("conv2d", None, None, (1, size, size, cout), weight=(rng.standard_normal((cout, cin, 3, 3)) * 0.1).astype(np.float32),
+                 bias=rng.standard_normal(cout).astype(np.float32), in_shapes=((1, size, size, cin),),
+                 conv={"strides": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1, "nhwc": 1})
+
+
+def _measure(chains):
+    import tvm
+    from optc.targets.providers.select import measure
+
+    target = tvm.target.Target({"kind": "llvm"})
+    return measure(chains, target, lambda mod: tvm.compile(mod, target=target))
+
+
+def test_winograd_is_a_measured_candidate_checked_against_the_direct_kernel():
+    """3x3 stride-1 fp32 convolutions race oneDNN's Winograd kernel too, where this CPU has one;
+    its outputs must agree with the direct kernel's, and the report says which kernel ran or why not."""
+    onednn_or_skip()
+    chain = _conv_chain(64, 64, 28)
+    assert chain.winograd_candidate()
+    (timing,) = _measure([chain]).values()
+    assert timing["tvm_ms"] > 0 and timing["onednn_ms"] > 0
+    if "winograd_ms" in timing:
+        assert "wino" in timing["winograd_kernel"] and 0 < timing["winograd_error"] <= 1e-4
+    else:  # a CPU without AVX-512 (oneDNN 2.x has Winograd there only): the reason is recorded
+        assert "no Winograd kernel here" in timing["winograd"], timing
+
+
+def test_winograd_request_without_a_kernel_falls_back_to_direct():
+    """An artifact asking for Winograd where oneDNN has no Winograd kernel (another CPU than the one it was
+    measured on; here a stride-2 convolution, which no Winograd kernel takes) computes the direct
+    convolution instead of failing to run."""
+    onednn_or_skip()
+    import tempfile
+    from pathlib import Path
+
+    import tvm
+    from optc.targets.providers import onednn
+    from optc.targets.providers.chains import ALGO_WINOGRAD
+    from optc.targets.providers.offload import act_attrs, conv_attrs, provider_call
+    from optc.targets.providers.select import reference
+    from tvm import relax
+
+    chain = _conv_chain(16, 16, 9)
+    chain.conv["strides"] = (2, 2)
+    chain.out_shape = (1, 5, 5, 16)
+    chain.algo = ALGO_WINOGRAD
+    assert not chain.winograd_candidate()
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 9, 9, 16], "float32"))
+    for name, make in (("ref", lambda: reference(bb, chain, x, None, None)), ("dnn", lambda: bb.emit(provider_call(chain, x)))):
+        with bb.function(name, [x]):
+            with bb.dataflow():
+                out = bb.emit_output(make())
+            bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm"})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.so"
+        tvm.compile(bb.get(), target=target).export_library(str(path), addons=[str(onednn.glue_object())], options=onednn.link_options())
+        lib = tvm.runtime.load_module(str(path))
+        kernel = str(lib.get_function("optc_dnnl_conv2d_impl", query_imports=True)(
+            chain.in_shapes[0], chain.weight.shape, chain.out_shape, conv_attrs(chain, act_attrs(chain))))
+        assert kernel and "wino" not in kernel
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+        data = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, 9, 9, 16)).astype(np.float32))
+        np.testing.assert_allclose(vm["dnn"](data).numpy(), vm["ref"](data).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_artifact_matches_onnxruntime(tmp_path):
+    """A ResNet-style block whose 3x3 convolutions are wide enough for Winograd to win here, end to end."""
+    onednn_or_skip()
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c2", "x"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    inits = [_w("w1", 64, 64, 3, 3, seed=1, scale=0.05), _w("b1", 64, seed=2), _w("w2", 64, 64, 3, 3, seed=3, scale=0.05), _w("b2", 64, seed=4)]
+    model = make_model(nodes, [("x", [1, 64, 28, 28])], [("y", [1, 64, 28, 28])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    res = invoke("compile", path, "-o", out, "--target", "x86", "--no-latency", "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 0, res.output
+    providers = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
+    assert all("winograd_ms" in e or "winograd" in e for e in providers["offloaded"] + providers["kept"]), providers
+    from optc.targets.artifact import load_artifact
+
+    feeds = {"x": rand(1, 64, 28, 28, seed=5)}
+    got, want = load_artifact(out).run(feeds), ort_run(model, feeds)
+    np.testing.assert_allclose(got["y"], want["y"], rtol=1e-4, atol=1e-4)

@@ -76,6 +76,33 @@ def test_run_rejects_wrong_inputs(x86_artifact, tmp_path):
     assert res.exit_code == 2 and "the artifact takes float32 [1, 1, 28, 28]" in res.output
 
 
+def test_run_lends_aligned_inputs_and_copies_outputs(x86_artifact):
+    """run() passes a 64-byte aligned array to the VM without copying and copies any other in; either way
+    the results are the same, outputs never alias the VM's memory, and a wrong array is still refused."""
+    from optc.errors import ConfigError
+    from optc.targets.artifact import load_artifact
+
+    art = load_artifact(x86_artifact)
+    data = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
+    raw = np.empty(data.nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    aligned = raw[start:start + data.nbytes].view(np.float32).reshape(data.shape)
+    aligned[...] = data
+    unaligned = np.empty(data.size + 1, np.float32)[1:].reshape(data.shape)
+    unaligned[...] = data
+    assert aligned.ctypes.data % 64 == 0 and unaligned.ctypes.data % 64 != 0
+    first = art.run({"input": aligned})
+    name = next(iter(first))
+    second = art.run({"input": unaligned})
+    np.testing.assert_array_equal(first[name], second[name])
+    kept = first[name].copy()
+    first[name][...] = 0  # the caller owns its outputs
+    art.run({"input": np.asfortranarray(np.zeros_like(data))})
+    np.testing.assert_array_equal(art.run({"input": data})[name], kept)
+    with pytest.raises(ConfigError, match="the artifact takes float32"):
+        art.run({"input": data.astype(np.float64)})
+
+
 def test_bench_reports_both(x86_artifact):
     from optc.targets.bench import bench_artifact
 

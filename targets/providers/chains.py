@@ -25,6 +25,8 @@ from tvm.ir.expr import Constant
 # Activation codes shared with onednn_glue.cc (enum Act).
 ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_GELU_ERF = 0, 1, 2, 3, 4
 ACT_NAMES = {ACT_NONE: "", ACT_RELU: "relu", ACT_CLIP: "clip", ACT_SIGMOID: "sigmoid", ACT_GELU_ERF: "gelu"}
+# Convolution algorithms shared with onednn_glue.cc (enum Algo).
+ALGO_DIRECT, ALGO_WINOGRAD = 0, 1
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Chain:
     comp: np.ndarray | None = None  # int32 per output channel: the input zero point's share of the accumulator
     axis: int = -1  # softmax: the (non-negative) axis
     eps: float = 0.0  # layer_norm
+    algo: int = ALGO_DIRECT  # conv2d: which algorithm the provider runs (a choice made by measurement, not part of the workload)
 
     def workload(self) -> str:
         """What the kernel's speed depends on: shapes, attributes and post-ops, never weight values."""
@@ -68,6 +71,13 @@ class Chain:
                 parts.append(f"{key[0]}{'_'.join(map(str, value)) if isinstance(value, tuple) else value}")
         parts += ["b" if self.bias is not None else "", "r" if self.residual is not None else "", ACT_NAMES[self.act]]
         return "/".join(p for p in parts if p)
+
+    def winograd_candidate(self) -> bool:
+        """An fp32 3x3, stride-1, undilated, ungrouped convolution: the shape oneDNN's Winograd kernels take."""
+        if self.kind != "conv2d" or self.src_dtype != "float32" or self.weight is None:
+            return False
+        c = self.conv
+        return self.weight.shape[2:] == (3, 3) and c["strides"] == (1, 1) and c["dilation"] == (1, 1) and c["groups"] == 1
 
     def workload_key(self) -> str:
         return hashlib.sha256(self.workload().encode()).hexdigest()[:16]

@@ -40,13 +40,12 @@ def offload(mod: Any, chains: list[Chain], chosen: Callable[[Chain], bool]) -> t
 def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = None) -> Any:
     """The ``call_dps_packed`` computing ``chain`` on (already rewritten) inputs."""
     out_ty = relax.TensorType(list(chain.out_shape), "float32")
-    lo, hi = chain.clip if chain.act == ACT_CLIP else (0.0, 0.0)
-    act = [chain.act, float_bits(lo), float_bits(hi)]
+    act = act_attrs(chain)
     if chain.scale is not None:
         return _int8_call(chain, data, residual, act, out_ty)
     if chain.kind == "conv2d":
         assert chain.weight is not None
-        attrs = _conv_attrs(chain, act)
+        attrs = conv_attrs(chain, act)
         args = [data, relax.const(chain.weight)]
         if residual is not None:
             bias = chain.bias if chain.bias is not None else np.zeros(chain.weight.shape[0], np.float32)
@@ -72,10 +71,16 @@ def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = No
     return relax.call_dps_packed(name, [*args, relax.ShapeExpr([int(a) for a in attrs])], out_ty)
 
 
-def _conv_attrs(chain: Chain, act: list[int]) -> list[int]:
-    """The glue's 13 convolution attributes (onednn_glue.cc, make_conv)."""
+def act_attrs(chain: Chain) -> list[int]:
+    """The activation as the glue reads it: code, clip bounds as float bits."""
+    lo, hi = chain.clip if chain.act == ACT_CLIP else (0.0, 0.0)
+    return [chain.act, float_bits(lo), float_bits(hi)]
+
+
+def conv_attrs(chain: Chain, act: list[int]) -> list[int]:
+    """The glue's 14 convolution attributes (onednn_glue.cc, make_conv)."""
     c = chain.conv
-    return [*c["strides"], *c["padding"], *c["dilation"], c["groups"], *act, c["nhwc"]]  # type: ignore[misc]
+    return [*c["strides"], *c["padding"], *c["dilation"], c["groups"], *act, c["nhwc"], chain.algo]  # type: ignore[misc]
 
 
 def int8_bias(chain: Chain) -> np.ndarray:
@@ -92,7 +97,7 @@ def _int8_call(chain: Chain, data: Any, residual: Any, act: list[int], out_ty: A
     assert chain.weight is not None and chain.scale is not None
     args = [data, relax.const(chain.weight, "int8"), relax.const(int8_bias(chain)), relax.const(chain.scale)]
     if chain.kind == "conv2d":
-        attrs = _conv_attrs(chain, act)
+        attrs = conv_attrs(chain, act)
         name = "optc_dnnl_conv2d_q"
         if residual is not None:
             name, args = "optc_dnnl_conv2d_q_sum", [*args, residual]

@@ -150,9 +150,12 @@ dnnl::stream& cpu_stream() {
 
 struct Conv {
   dnnl::convolution_forward prim;
-  dnnl::memory weights, bias, src, dst;  // weights/bias reordered once; src/dst scratch in oneDNN's layout
+  dnnl::memory weights, bias;  // reordered once into the layout the kernel reads
   bool src_reorder = false, dst_reorder = false;
+  dnnl::memory::desc src_md, dst_md;  // the kernel's own layouts, where they differ from the plain ones
   dnnl::memory::desc src_plain, dst_plain;
+  // Made once: building a reorder's primitive descriptor costs microseconds, a tenth of a small convolution.
+  dnnl::reorder to_src, to_dst, from_dst;  // plain src -> src; plain residual -> dst; dst -> plain output
 };
 
 struct MatMul {
@@ -222,11 +225,39 @@ dnnl::memory::dims nchw_dims(const TensorView& t, bool nhwc) {
   return nhwc ? dnnl::memory::dims{d[0], d[3], d[1], d[2]} : d;
 }
 
-// attrs: stride h,w; pad top,left,bottom,right; dilation h,w; groups; act; clip lo,hi (float bits); nhwc
+// Convolution algorithms (attribute 13), shared with optc/targets/providers/chains.py (ALGO_*).
+enum Algo : int64_t { kDirect = 0, kWinograd = 1 };
+
+// The convolution's primitive descriptor: Winograd when asked and oneDNN has a Winograd kernel for this
+// CPU and shape (AVX-512 only in oneDNN 2.x, fp32, 3x3 stride 1), else the direct algorithm. Winograd
+// kernels read a blocked layout, never NHWC: the reorders around them are what `run_conv` does for NCHW.
+dnnl::convolution_forward::primitive_desc conv_pd(const dnnl::memory::dims& xd, const dnnl::memory::dims& od, dt src_dt,
+                                                   const dnnl::memory::desc& w_any, const dnnl::memory::desc* b_md,
+                                                   const Shape& a, const dnnl::primitive_attr& attr, bool nhwc) {
+  auto& eng = cpu_engine();
+  dnnl::memory::dims strides = {a[0], a[1]}, dil = {a[6] - 1, a[7] - 1}, pl = {a[2], a[3]}, pr = {a[4], a[5]};
+  auto make = [&](dnnl::algorithm alg, tag layout) {
+    auto src = dnnl::memory::desc(xd, src_dt, layout), dst = dnnl::memory::desc(od, dt::f32, layout);
+    auto desc = b_md ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg, src, w_any, *b_md, dst, strides, dil, pl, pr)
+                     : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg, src, w_any, dst, strides, dil, pl, pr);
+    return dnnl::convolution_forward::primitive_desc(desc, attr, eng);
+  };
+  if (a[13] == kWinograd) {
+    try {
+      return make(dnnl::algorithm::convolution_winograd, tag::any);
+    } catch (const dnnl::error&) {
+      // no Winograd kernel here (another CPU than the one optc measured on): the direct one computes the same
+    }
+  }
+  // oneDNN picks its own activation layout (blocked for NCHW); an NHWC model is served in place.
+  return make(dnnl::algorithm::convolution_direct, nhwc ? tag::nhwc : tag::any);
+}
+
+// attrs: stride h,w; pad top,left,bottom,right; dilation h,w; groups; act; clip lo,hi (float bits); nhwc; algorithm
 // int8 (scales given): x u8/s8, w s8, dst f32 = scales[oc] · (x ⊛ w + b[oc]) (oneDNN 2.x scales the bias too).
 std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out,
                                 const Shape& a, bool sum, const TensorView* scales = nullptr) {
-  if (a.size() != 13) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: expected 13 attributes, got " << a.size();
+  if (a.size() != 14) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: expected 14 attributes, got " << a.size();
   auto& eng = cpu_engine();
   bool nhwc = a[12] != 0;
   tag plain = nhwc ? tag::nhwc : tag::nchw;
@@ -238,18 +269,11 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
     wdims = {groups, wd[0] / groups, wd[1], wd[2], wd[3]};
     wtag = tag::goihw;
   }
-  // oneDNN picks its own activation layout (blocked for NCHW); an NHWC model is served in place.
   dt src_dt = dtype_of(x), w_dt = scales ? dt::s8 : dt::f32;
-  auto src_any = dnnl::memory::desc(nchw_dims(x, nhwc), src_dt, nhwc ? tag::nhwc : tag::any);
-  auto dst_any = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, nhwc ? tag::nhwc : tag::any);
   auto w_any = dnnl::memory::desc(wdims, w_dt, tag::any);
   auto b_md = dnnl::memory::desc({wd[0]}, dt::f32, tag::x);
-  dnnl::memory::dims strides = {a[0], a[1]}, dil = {a[6] - 1, a[7] - 1}, pl = {a[2], a[3]}, pr = {a[4], a[5]};
-  auto desc = b ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-                                                  src_any, w_any, b_md, dst_any, strides, dil, pl, pr)
-                : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
-                                                  src_any, w_any, dst_any, strides, dil, pl, pr);
-  auto pd = dnnl::convolution_forward::primitive_desc(desc, make_attr(sum, a[9], a[10], a[11], scales, wd[0]), eng);
+  auto pd = conv_pd(nchw_dims(x, nhwc), nchw_dims(out, nhwc), src_dt, w_any, b ? &b_md : nullptr, a,
+                    make_attr(sum, a[9], a[10], a[11], scales, wd[0]), nhwc);
 
   auto c = std::make_shared<Conv>();
   c->prim = dnnl::convolution_forward(pd);
@@ -259,8 +283,15 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
   c->dst_plain = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, plain);
   c->src_reorder = pd.src_desc() != c->src_plain;
   c->dst_reorder = pd.dst_desc() != c->dst_plain;
-  if (c->src_reorder) c->src = dnnl::memory(pd.src_desc(), eng);
-  if (c->dst_reorder) c->dst = dnnl::memory(pd.dst_desc(), eng);
+  c->src_md = pd.src_desc();
+  c->dst_md = pd.dst_desc();
+  if (c->src_reorder) {
+    c->to_src = dnnl::reorder(dnnl::reorder::primitive_desc(eng, c->src_plain, eng, pd.src_desc()));
+  }
+  if (c->dst_reorder) {
+    c->to_dst = dnnl::reorder(dnnl::reorder::primitive_desc(eng, c->dst_plain, eng, pd.dst_desc()));
+    c->from_dst = dnnl::reorder(dnnl::reorder::primitive_desc(eng, pd.dst_desc(), eng, c->dst_plain));
+  }
   return c;
 }
 
@@ -275,18 +306,24 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
   dnnl::stream& s = cpu_stream();
   dnnl::memory src_user(c->src_plain, eng, raw_of(x));
   dnnl::memory dst_user(c->dst_plain, eng, data_of(out));
-  dnnl::memory src = c->src_reorder ? c->src : src_user;
-  dnnl::memory dst = c->dst_reorder ? c->dst : dst_user;
-  if (c->src_reorder) dnnl::reorder(src_user, src).execute(s, src_user, src);
+  // Scratch for the reordered src and dst, one pair per thread: two VMs of one model in two threads
+  // share the cached primitive (same weight buffer) but must not share its scratch.
+  thread_local std::unordered_map<const Conv*, std::pair<dnnl::memory, dnnl::memory>> scratch;
+  auto& mine = scratch[c.get()];
+  if (c->src_reorder && !mine.first) mine.first = dnnl::memory(c->src_md, eng);
+  if (c->dst_reorder && !mine.second) mine.second = dnnl::memory(c->dst_md, eng);
+  dnnl::memory src = c->src_reorder ? mine.first : src_user;
+  dnnl::memory dst = c->dst_reorder ? mine.second : dst_user;
+  if (c->src_reorder) c->to_src.execute(s, src_user, src);
   if (res) {
     dnnl::memory res_user(c->dst_plain, eng, data_of(*res));
-    if (c->dst_reorder) dnnl::reorder(res_user, dst).execute(s, res_user, dst);
-    else std::memcpy(data_of(out), data_of(*res), sizeof(float) * c->dst_plain.get_size() / sizeof(float));
+    if (c->dst_reorder) c->to_dst.execute(s, res_user, dst);
+    else std::memcpy(data_of(out), data_of(*res), c->dst_plain.get_size());
   }
   std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, c->weights}, {DNNL_ARG_DST, dst}};
   if (b) args[DNNL_ARG_BIAS] = c->bias;
   c->prim.execute(s, args);
-  if (c->dst_reorder) dnnl::reorder(dst, dst_user).execute(s, dst, dst_user);
+  if (c->dst_reorder) c->from_dst.execute(s, dst, dst_user);
   s.wait();
 }
 
@@ -435,6 +472,21 @@ void layer_norm(TensorView x, TensorView gamma, TensorView beta, Shape attrs, Te
   s.wait();
 }
 
+// The name of the kernel oneDNN runs for an fp32 convolution with bias (x, w, out as given to conv2d, in the
+// layout attribute 12 says), e.g. "jit_wino_4x3:avx512_core": how optc learns whether Winograd was available.
+tvm::ffi::String conv2d_impl(Shape x, Shape w, Shape out, Shape a) {
+  if (x.size() != 4 || w.size() != 4 || out.size() != 4 || a.size() != 14) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d_impl: bad shapes";
+  bool nhwc = a[12] != 0;
+  auto logical = [nhwc](const Shape& t) {
+    return nhwc ? dnnl::memory::dims{t[0], t[3], t[1], t[2]} : dnnl::memory::dims{t[0], t[1], t[2], t[3]};
+  };
+  int64_t groups = a[8];
+  dnnl::memory::dims wdims = groups > 1 ? dnnl::memory::dims{groups, w[0] / groups, w[1], w[2], w[3]} : dnnl::memory::dims{w[0], w[1], w[2], w[3]};
+  auto w_any = dnnl::memory::desc(wdims, dt::f32, tag::any);
+  auto b_md = dnnl::memory::desc({w[0]}, dt::f32, tag::x);
+  return conv_pd(logical(x), logical(out), dt::f32, w_any, &b_md, a, make_attr(false, a[9], a[10], a[11], nullptr, w[0]), nhwc).impl_info_str();
+}
+
 // The oneDNN version the artifact was linked against, checked by optc before it loads.
 tvm::ffi::String version() {
   const dnnl_version_t* v = dnnl_version();
@@ -457,3 +509,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_batch_matmul, batch_matmul);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_softmax, softmax);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_layer_norm, layer_norm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_version, version);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_impl, conv2d_impl);
