@@ -137,8 +137,11 @@ def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
         np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-4)
 
 
-def test_auto_measures_once_then_reuses(tmp_path):
+def test_auto_measures_once_then_reuses(tmp_path, monkeypatch):
     onednn_or_skip()
+    from optc.targets.providers import select
+
+    monkeypatch.setattr(select, "_load", lambda: 0.5)  # a busy test machine would have choices timed again
     path = tmp_path / "m.onnx"
     onnx.save(residual_cnn(), path)
     db = tmp_path / "db"
@@ -345,3 +348,13 @@ def test_winograd_artifact_matches_onnxruntime(tmp_path):
     feeds = {"x": rand(1, 64, 28, 28, seed=5)}
     got, want = load_artifact(out).run(feeds), ort_run(model, feeds)
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_choices_timed_under_oversubscription_are_timed_again_when_quieter():
+    from optc.targets.providers.select import _stale
+
+    assert _stale(None, 0.2)
+    assert _stale({"tvm_ms": 4.0, "onednn_ms": 15.0, "load": 1.8}, 0.4)  # timed with two runnable threads per core
+    assert not _stale({"tvm_ms": 4.0, "onednn_ms": 15.0, "load": 1.8}, 2.5)  # busier now: keep it, time it later
+    assert not _stale({"tvm_ms": 4.0, "onednn_ms": 0.1, "load": 0.6}, 0.1)
+    assert not _stale({"tvm_ms": 4.0, "onednn_ms": 0.1}, 0.1)  # from before loads were recorded
