@@ -77,3 +77,48 @@ def test_small_convolution_starts_no_openmp_thread(tmp_path):
 def test_large_convolution_still_uses_openmp_threads(tmp_path):
     # 64 -> 64 channels, 3x3, 32x32: 38 M multiply-adds, threaded as before.
     assert threads_started(conv_model(64, 32), tmp_path) >= 1
+
+
+PACED_RUNS = """
+import json, sys
+from pathlib import Path
+import numpy as np, tvm
+from optc.targets.deploy import run_artifact as ra
+folder = Path(sys.argv[1])
+manifest = ra.read_manifest(folder)
+ra.apply_env(manifest["runtime"]["env"])
+vm, dev = ra.load_vm(folder, manifest)
+x = np.random.default_rng(2).standard_normal(manifest["inputs"][0]["shape"]).astype(np.float32)
+outs = [vm["main"](tvm.runtime.tensor(x, dev)).numpy() for _ in range(200)]
+spread = max(float(np.abs(o - outs[0]).max()) for o in outs)
+np.save(sys.argv[2], outs[0])
+np.save(sys.argv[3], x)
+print(json.dumps({"pacing": str(vm.module.get_function("optc_dnnl_pacing", query_imports=True)()), "spread": spread}))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to pace")
+def test_large_call_also_runs_on_one_thread_with_the_same_results(tmp_path):
+    """A call above kSerialMacs learns whether all threads pay (on an oversubscribed machine they do not) by
+    running on one thread now and then: both kernels must give the same numbers as onnxruntime."""
+    from helpers import ort_run
+    from optc.targets.providers import onednn
+
+    if not onednn.availability().ok:
+        pytest.skip("oneDNN provider unavailable")
+    model = conv_model(64, 32)
+    path, out = tmp_path / "m.onnx", tmp_path / "out"
+    onnx.save(model, path)
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "onednn",
+                                   "--no-latency", "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "TVM_"))}
+    env.update(OMP_NUM_THREADS="2", TVM_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", PACED_RUNS, str(out), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
+                          env=env, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    runs = dict(part.split("=") for part in result["pacing"].split())
+    assert int(runs["serial"]) >= 3 and int(runs["parallel"]) >= 3, result  # both kernels ran
+    assert result["spread"] <= 1e-5, result
+    want = ort_run(model, {"x": np.load(tmp_path / "x.npy")})["y"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-4, atol=1e-4)

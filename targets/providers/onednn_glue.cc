@@ -19,12 +19,18 @@
 // spin (GOMP_SPINCOUNT), about 1-3 ms: the MNIST sample (convolutions of 0.1-1.8 M MACs, 0.1 ms
 // in all) then ran 40-150 ms per inference for the whole life of some processes (issue 14;
 // benchmarks/process_stalls.py).
+// A larger call learns, per call site, whether all threads pay (class Pacer): on quiet cores they do;
+// on oversubscribed ones each parallel region waits for a descheduled thread (ResNet-18 at 2 threads
+// took 226 ms against onnxruntime's 60 beside another busy process), and the calling thread alone is
+// faster. The site keeps a running mean of both and runs the faster, trying the other now and then.
 #include <dnnl.hpp>
 #include <omp.h>
 #include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -142,6 +148,42 @@ class SerialScope {
   int saved_;
 };
 
+// Whether a call site runs its next call on all of OpenMP's threads or on the calling thread alone,
+// learnt from the times of both (see the top of this file). Shared by the threads that call the site.
+class Pacer {
+ public:
+  bool serial_next() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    uint64_t n = calls_++;
+    if (parallel_ns_ < 0) return false;
+    if (serial_ns_ < 0) return n >= kWarmCalls;  // after the parallel kernel's first runs, time the serial one
+    bool serial_better = serial_ns_ < parallel_ns_;
+    return n % kExploreEvery == 0 ? !serial_better : serial_better;
+  }
+  void record(bool serial, double ns) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    double& mean = serial ? serial_ns_ : parallel_ns_;
+    mean = mean < 0 ? ns : mean + kWeight * (ns - mean);
+  }
+
+ private:
+  // A stall (milliseconds, for a kernel of a tenth of that) moves the mean at once; a site that stalled
+  // tries all threads again every 64th call, so the choice comes back when the load goes (and a site that
+  // did not stall pays for one serial run in 64).
+  static constexpr uint64_t kWarmCalls = 2, kExploreEvery = 64;
+  static constexpr double kWeight = 0.25;
+  std::mutex mutex_;
+  uint64_t calls_ = 0;
+  double parallel_ns_ = -1, serial_ns_ = -1;
+};
+
+// Paced calls run on all threads and on one, over the life of the process (optc_dnnl_pacing).
+std::atomic<uint64_t> parallel_runs{0}, serial_runs{0};
+
+double now_ns() {
+  return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 // One stream per calling thread: streams are cheap to keep and not meant for concurrent use.
 dnnl::stream& cpu_stream() {
   thread_local dnnl::stream stream(cpu_engine());
@@ -156,6 +198,10 @@ struct Conv {
   dnnl::memory::desc src_plain, dst_plain;
   // Made once: building a reorder's primitive descriptor costs microseconds, a tenth of a small convolution.
   dnnl::reorder to_src, to_dst, from_dst;  // plain src -> src; plain residual -> dst; dst -> plain output
+  // A call large enough for all threads: the same convolution made for the calling thread alone (oneDNN
+  // fixes a kernel's thread count when it makes it), on first need, and what the site has learnt.
+  std::shared_ptr<Conv> serial;
+  Pacer pacer;
 };
 
 struct MatMul {
@@ -163,6 +209,8 @@ struct MatMul {
   dnnl::memory weights, bias;
   bool has_bias = false;
   dnnl::memory::desc src_md, dst_md;
+  std::shared_ptr<MatMul> serial;  // as Conv::serial
+  Pacer pacer;
 };
 
 // Every cached primitive sits in one of these maps, all under one lock (taken only to look up or build).
@@ -176,6 +224,33 @@ std::shared_ptr<T> cached(Cache<T>& cache, const std::string& key, Make make) {
   auto it = cache.find(key);
   if (it == cache.end()) it = cache.emplace(key, make()).first;
   return it->second;
+}
+
+// The kernel a call of `site` (made for all threads) runs: the site itself, or its single-thread twin when
+// the pacer says so (made on first need with one OpenMP thread; packed weights shared when the layouts
+// agree). Runs `run(kernel)` with the thread count that kernel was made for, timed for the pacer.
+template <class T, class Make, class Run>
+void paced(const std::shared_ptr<T>& site, Make make_serial, Run run) {
+  bool serial = omp_get_max_threads() > 1 && site->pacer.serial_next();
+  T* kernel = site.get();
+  if (serial) {
+    {
+      std::lock_guard<std::mutex> lock(cache_mutex);
+      if (!site->serial) {
+        SerialScope one(true);
+        site->serial = make_serial();
+        if (site->serial->weights.get_desc() == site->weights.get_desc()) site->serial->weights = site->weights;
+      }
+    }
+    kernel = site->serial.get();
+  }
+  SerialScope scope(serial);
+  double start = now_ns();
+  run(*kernel);
+  if (omp_get_max_threads() > 1 || serial) {
+    site->pacer.record(serial, now_ns() - start);
+    (serial ? serial_runs : parallel_runs)++;
+  }
 }
 
 Cache<Conv> conv_cache;
@@ -299,32 +374,44 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
               const TensorView* scales = nullptr) {
   check_operands("conv2d", x, w, scales, out);
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
-  SerialScope scope(numel(out) * w.shape()[1] * w.shape()[2] * w.shape()[3] < kSerialMacs);
-  auto c = cached(conv_cache, key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', &w, {&x, &w, &out}, a),
-                  [&] { return make_conv(x, w, b, out, a, res != nullptr, scales); });
-  auto& eng = cpu_engine();
-  dnnl::stream& s = cpu_stream();
-  dnnl::memory src_user(c->src_plain, eng, raw_of(x));
-  dnnl::memory dst_user(c->dst_plain, eng, data_of(out));
-  // Scratch for the reordered src and dst, one pair per thread: two VMs of one model in two threads
-  // share the cached primitive (same weight buffer) but must not share its scratch.
-  thread_local std::unordered_map<const Conv*, std::pair<dnnl::memory, dnnl::memory>> scratch;
-  auto& mine = scratch[c.get()];
-  if (c->src_reorder && !mine.first) mine.first = dnnl::memory(c->src_md, eng);
-  if (c->dst_reorder && !mine.second) mine.second = dnnl::memory(c->dst_md, eng);
-  dnnl::memory src = c->src_reorder ? mine.first : src_user;
-  dnnl::memory dst = c->dst_reorder ? mine.second : dst_user;
-  if (c->src_reorder) c->to_src.execute(s, src_user, src);
-  if (res) {
-    dnnl::memory res_user(c->dst_plain, eng, data_of(*res));
-    if (c->dst_reorder) c->to_dst.execute(s, res_user, dst);
-    else std::memcpy(data_of(out), data_of(*res), c->dst_plain.get_size());
+  bool small = numel(out) * w.shape()[1] * w.shape()[2] * w.shape()[3] < kSerialMacs;
+  auto make = [&] { return make_conv(x, w, b, out, a, res != nullptr, scales); };
+  std::shared_ptr<Conv> site;
+  {
+    SerialScope scope(small);
+    site = cached(conv_cache, key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', &w, {&x, &w, &out}, a), make);
   }
-  std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, c->weights}, {DNNL_ARG_DST, dst}};
-  if (b) args[DNNL_ARG_BIAS] = c->bias;
-  c->prim.execute(s, args);
-  if (c->dst_reorder) c->from_dst.execute(s, dst, dst_user);
-  s.wait();
+  auto run = [&](Conv& c) {
+    auto& eng = cpu_engine();
+    dnnl::stream& s = cpu_stream();
+    dnnl::memory src_user(c.src_plain, eng, raw_of(x));
+    dnnl::memory dst_user(c.dst_plain, eng, data_of(out));
+    // Scratch for the reordered src and dst, one pair per thread: two VMs of one model in two threads
+    // share the cached primitive (same weight buffer) but must not share its scratch.
+    thread_local std::unordered_map<const Conv*, std::pair<dnnl::memory, dnnl::memory>> scratch;
+    auto& mine = scratch[&c];
+    if (c.src_reorder && !mine.first) mine.first = dnnl::memory(c.src_md, eng);
+    if (c.dst_reorder && !mine.second) mine.second = dnnl::memory(c.dst_md, eng);
+    dnnl::memory src = c.src_reorder ? mine.first : src_user;
+    dnnl::memory dst = c.dst_reorder ? mine.second : dst_user;
+    if (c.src_reorder) c.to_src.execute(s, src_user, src);
+    if (res) {
+      dnnl::memory res_user(c.dst_plain, eng, data_of(*res));
+      if (c.dst_reorder) c.to_dst.execute(s, res_user, dst);
+      else std::memcpy(data_of(out), data_of(*res), c.dst_plain.get_size());
+    }
+    std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, c.weights}, {DNNL_ARG_DST, dst}};
+    if (b) args[DNNL_ARG_BIAS] = c.bias;
+    c.prim.execute(s, args);
+    if (c.dst_reorder) c.from_dst.execute(s, dst, dst_user);
+    s.wait();
+  };
+  if (small) {
+    SerialScope scope(true);
+    run(*site);
+  } else {
+    paced(site, make, run);
+  }
 }
 
 void conv2d(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_conv(x, w, &b, nullptr, attrs, out); }
@@ -367,17 +454,29 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
                 const TensorView* scales = nullptr) {
   check_operands("matmul", x, w, scales, out);
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
-  SerialScope scope(numel(x) * w.shape()[1] < kSerialMacs);
-  auto m = cached(matmul_cache, key_of(scales ? 'M' : b ? 'm' : 'u', &w, {&x, &w}, a),
-                  [&] { return make_matmul(x, w, b, a, scales); });
-  auto& eng = cpu_engine();
-  dnnl::stream& s = cpu_stream();
-  dnnl::memory src(m->src_md, eng, raw_of(x));
-  dnnl::memory dst(m->dst_md, eng, data_of(out));
-  std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, m->weights}, {DNNL_ARG_DST, dst}};
-  if (m->has_bias) args[DNNL_ARG_BIAS] = m->bias;
-  m->prim.execute(s, args);
-  s.wait();
+  bool small = numel(x) * w.shape()[1] < kSerialMacs;
+  auto make = [&] { return make_matmul(x, w, b, a, scales); };
+  std::shared_ptr<MatMul> site;
+  {
+    SerialScope scope(small);
+    site = cached(matmul_cache, key_of(scales ? 'M' : b ? 'm' : 'u', &w, {&x, &w}, a), make);
+  }
+  auto run = [&](MatMul& m) {
+    auto& eng = cpu_engine();
+    dnnl::stream& s = cpu_stream();
+    dnnl::memory src(m.src_md, eng, raw_of(x));
+    dnnl::memory dst(m.dst_md, eng, data_of(out));
+    std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, m.weights}, {DNNL_ARG_DST, dst}};
+    if (m.has_bias) args[DNNL_ARG_BIAS] = m.bias;
+    m.prim.execute(s, args);
+    s.wait();
+  };
+  if (small) {
+    SerialScope scope(true);
+    run(*site);
+  } else {
+    paced(site, make, run);
+  }
 }
 
 void matmul(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_matmul(x, w, &b, attrs, out); }
@@ -487,6 +586,11 @@ tvm::ffi::String conv2d_impl(Shape x, Shape w, Shape out, Shape a) {
   return conv_pd(logical(x), logical(out), dt::f32, w_any, &b_md, a, make_attr(false, a[9], a[10], a[11], nullptr, w[0]), nhwc).impl_info_str();
 }
 
+// How many paced calls ran on all threads and on the calling thread alone, e.g. "parallel=120 serial=3".
+tvm::ffi::String pacing() {
+  return "parallel=" + std::to_string(parallel_runs.load()) + " serial=" + std::to_string(serial_runs.load());
+}
+
 // The oneDNN version the artifact was linked against, checked by optc before it loads.
 tvm::ffi::String version() {
   const dnnl_version_t* v = dnnl_version();
@@ -510,3 +614,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_softmax, softmax);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_layer_norm, layer_norm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_version, version);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_impl, conv2d_impl);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_pacing, pacing);
