@@ -78,8 +78,8 @@ def run_optc(cmd: list[str], timeout: float) -> dict:
 def summarise_report(report: dict, pass_name: str) -> dict:
     records = report["passes"]
     mine = [r for r in records if (r["pass"] in CANON if pass_name == "canonicalize" else r["pass"] == pass_name)]
-    if not mine:
-        return {}
+    if not mine:  # a budget left the pass out: the run's notes say why
+        return {"modified": False, "skipped": [], "notes": report.get("notes", [])}
     before, after = mine[0]["before"], mine[-1]["after"]
     rec = mine[-1]
     skipped = [f"{s.get('node', s.get('group', '?'))}: {s.get('reason', s)}" if isinstance(s, dict) else str(s) for s in rec.get("skipped", [])]
@@ -145,12 +145,17 @@ def _outcome(row: dict) -> str:
         s = row.get("score", {})
         return "written model does not run" if "error" in s else "" if row.get("modified") else "unchanged"
     if not row.get("modified"):
-        why = "; ".join(row.get("skipped", [])[:3])
-        return f"nothing changed{': ' + why if why else ' (no reason given)'}"
+        return _unchanged(row, 3)
     s = row.get("score", {})
     if "error" in s:
         return "written model does not run"
     return "meets goal" if scoring.meets_goal(s) else "misses goal"
+
+
+def _unchanged(row: dict, most: int) -> str:
+    """Why a pass changed nothing: what it skipped, else the run's notes that name it (a budget that left it out)."""
+    why = row.get("skipped", [])[:most] or [n for n in row.get("notes", []) if row["pass"] in n][:most]
+    return "nothing changed" + (f": {'; '.join(why)}" if why else " (no reason given)")
 
 
 def table(rows: list[dict]) -> str:
@@ -178,7 +183,7 @@ def known_failures(rows: list[dict]) -> dict[tuple[str, str], str]:
                 continue
             why = f"outputs changed: cosine {s['cosine']:.6f}"
         elif not r.get("modified"):
-            why = "nothing changed" + (f": {'; '.join(r.get('skipped', [])[:2])}" if r.get("skipped") else " (no reason given)")
+            why = _unchanged(r, 2)
         elif not scoring.meets_goal(s):
             why = _metric(r)
         else:
