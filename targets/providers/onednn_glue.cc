@@ -226,6 +226,15 @@ std::shared_ptr<T> cached(Cache<T>& cache, const std::string& key, Make make) {
   return it->second;
 }
 
+// A single-thread twin reads the site's packed weights where its kernel wants them in the same layout.
+template <class T>
+void share_weights(T& twin, const T& site) {
+  if (twin.weights.get_desc() == site.weights.get_desc()) twin.weights = site.weights;
+}
+
+struct BatchMatMul;
+void share_weights(BatchMatMul&, const BatchMatMul&) {}  // no weights: both operands are activations
+
 // The kernel a call of `site` (made for all threads) runs: the site itself, or its single-thread twin when
 // the pacer says so (made on first need with one OpenMP thread; packed weights shared when the layouts
 // agree). Runs `run(kernel)` with the thread count that kernel was made for, timed for the pacer.
@@ -239,7 +248,7 @@ void paced(const std::shared_ptr<T>& site, Make make_serial, Run run) {
       if (!site->serial) {
         SerialScope one(true);
         site->serial = make_serial();
-        if (site->serial->weights.get_desc() == site->weights.get_desc()) site->serial->weights = site->weights;
+        share_weights(*site->serial, *site);
       }
     }
     kernel = site->serial.get();
@@ -486,7 +495,13 @@ void matmul_q(TensorView x, TensorView w, TensorView b, TensorView scales, Shape
 }
 
 // Batched product of two activations, (B..., M, K) x (B..., K, N), both batch shapes equal.
-Cache<dnnl::matmul> batch_matmul_cache;  // no weights to keep: the primitive (shape-dependent JIT code) is what costs
+// No weights to keep: the primitive (shape-dependent JIT code) is what costs.
+struct BatchMatMul {
+  dnnl::matmul prim;
+  std::shared_ptr<BatchMatMul> serial;  // as Conv::serial
+  Pacer pacer;
+};
+Cache<BatchMatMul> batch_matmul_cache;
 
 void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
   check_f32(x, "batch_matmul lhs");
@@ -497,18 +512,33 @@ void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
   int64_t batch = 1;
   for (int i = 0; i + 2 < nd; ++i) batch *= x.shape()[i];
   int64_t m = x.shape()[nd - 2], k = x.shape()[nd - 1], n = y.shape()[nd - 1];
-  SerialScope scope(batch * m * k * n < kSerialMacs);
-  auto& eng = cpu_engine();
+  bool small = batch * m * k * n < kSerialMacs;
   dnnl::memory::desc a_md({batch, m, k}, dt::f32, tag::abc);
   dnnl::memory::desc b_md({batch, k, n}, dt::f32, tag::abc);
   dnnl::memory::desc c_md({batch, m, n}, dt::f32, tag::abc);
-  auto prim = cached(batch_matmul_cache, key_of('b', nullptr, {&x, &y}, attrs), [&] {
-    return std::make_shared<dnnl::matmul>(dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), eng));
-  });
-  dnnl::stream& s = cpu_stream();
-  dnnl::memory a_mem(a_md, eng, data_of(x)), b_mem(b_md, eng, data_of(y)), c_mem(c_md, eng, data_of(out));
-  prim->execute(s, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
-  s.wait();
+  auto make = [&] {
+    auto bm = std::make_shared<BatchMatMul>();
+    bm->prim = dnnl::matmul(dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), cpu_engine()));
+    return bm;
+  };
+  std::shared_ptr<BatchMatMul> site;
+  {
+    SerialScope scope(small);
+    site = cached(batch_matmul_cache, key_of('b', nullptr, {&x, &y}, attrs), make);
+  }
+  auto run = [&](BatchMatMul& bm) {
+    auto& eng = cpu_engine();
+    dnnl::stream& s = cpu_stream();
+    dnnl::memory a_mem(a_md, eng, data_of(x)), b_mem(b_md, eng, data_of(y)), c_mem(c_md, eng, data_of(out));
+    bm.prim.execute(s, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
+    s.wait();
+  };
+  if (small) {
+    SerialScope scope(true);
+    run(*site);
+  } else {
+    paced(site, make, run);
+  }
 }
 
 // Row-major (plain) descriptor of any rank up to 6.
