@@ -110,7 +110,9 @@ def kernels_line(p: dict[str, Any]) -> str:
         return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
     total, sent = p.get("chains", 0), len(p.get("offloaded") or [])
     how = "measured" if p.get("mode") == "auto" else "as asked"
-    line = f"kernels: {sent}/{total} op chains to oneDNN {dnnl.get('version')} ({how}; layout {p.get('layout')})"
+    wino = sum(1 for e in p.get("offloaded") or [] if e.get("algorithm") == "winograd")
+    layout = f"layout {p.get('layout')}" + (f"; {wino} by Winograd" if wino else "")
+    line = f"kernels: {sent}/{total} op chains to oneDNN {dnnl.get('version')} ({how}; {layout})"
     if p.get("measured"):
         line += f", {p['measured']} workloads timed in {p.get('measure_seconds', 0):.1f} s"
     if p.get("reused"):

@@ -343,6 +343,8 @@ def test_winograd_artifact_matches_onnxruntime(tmp_path):
     assert res.exit_code == 0, res.output
     providers = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
     assert all("winograd_ms" in e or "winograd" in e for e in providers["offloaded"] + providers["kept"]), providers
+    by_winograd = sum(e.get("algorithm") == "winograd" for e in providers["offloaded"])
+    assert (f"; {by_winograd} by Winograd)" in res.output) == (by_winograd > 0), res.output
     from optc.targets.artifact import load_artifact
 
     feeds = {"x": rand(1, 64, 28, 28, seed=5)}
