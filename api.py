@@ -477,7 +477,8 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         default_budget: without ``budget``, hold lossy passes whose strength the user did
             not set (``make_pass``/``--pass`` without ``ratio=``, ``sparsity=``, ...) to a
             default budget on held-out data (:mod:`optc.search.guard`: one point of
-            ``evaluation``'s metric, else output cosine 0.99): the pipeline runs as asked,
+            ``evaluation``'s metric, else output cosine 0.99 and, on outputs holding class
+            scores, argmax agreement 0.99): the pipeline runs as asked,
             and only when it misses are the strengths searched. False runs as asked.
 
     Raises:
@@ -513,8 +514,8 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     passes = _target_presets(passes, target, run_notes)
     budget_data = labelled
     if budget is not None and budget.active:
-        if labelled is None and budget.resolve()[0].name == "cosine":
-            calib, budget_data = default_budget_guard.held_out(calib, model)  # --min-fidelity without --eval
+        if labelled is None and not budget.resolve()[0].needs_labels:
+            calib, budget_data = default_budget_guard.held_out(calib, model)  # --min-fidelity (or --metric fidelity) without --eval
     elif default_budget:
         guard, calib, skipped = default_budget_guard.plan(passes, model, calib, labelled, budget.named_metric() if budget is not None else None)
         if skipped:
@@ -546,10 +547,9 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
 class _DefaultBudgetMissed(Exception):
     """The pipeline as asked missed the default budget: redo the run searching within it."""
 
-    def __init__(self, guard: default_budget_guard.Guard, score: float, drop: float):
+    def __init__(self, guard: default_budget_guard.Guard, figures: str, drop: float):
         self.guard = guard
-        metric = guard.runner.metric.name
-        self.message = (f"{', '.join(guard.passes)} at default strength: {metric} {score:.4f} on held-out data "
+        self.message = (f"{', '.join(guard.passes)} at default strength: {figures} on held-out data "
                         f"(drop {drop:.4f}) misses the default budget ({guard.describe()}); took the strongest setting "
                         "within it (set the strength to run as asked, or give --max-drop / --min-fidelity)")
         super().__init__(self.message)
@@ -602,11 +602,10 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         result = PassManager(passes, all_instruments).run(holder.pop(), ctx)
         notes += run_notes
         if guard is not None:
-            score, drop, within = guard.check(result.model)
+            _, drop, within, figures = guard.check(result.model)
             if not within:
-                raise _DefaultBudgetMissed(guard, score, drop)
-            notes.append(f"{', '.join(guard.passes)} at default strength within the default budget ({guard.describe()}): "
-                         f"{guard.runner.metric.name} {score:.4f}")
+                raise _DefaultBudgetMissed(guard, figures, drop)
+            notes.append(f"{', '.join(guard.passes)} at default strength within the default budget ({guard.describe()}): {figures}")
         final = driver.measure(result.model, feeds, labelled, measure_latency and not in_turns and bool(feeds))
         if baseline_session is not None:
             baseline.latency_ms, final.latency_ms = interleaved_latency_ms(

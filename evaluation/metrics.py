@@ -13,6 +13,10 @@ Built-ins:
 * ``cosine``: the mean per-sample cosine between this model's outputs and the
   *input* model's on the same samples (no labels needed; ``reference`` is
   filled by :class:`MetricRunner`).
+* ``fidelity``: the lesser of ``cosine`` and, for every output whose last axis
+  holds class scores (:func:`~optc.evaluation.fidelity.class_scores`), the
+  fraction of positions whose argmax is the input model's: a floor on it holds
+  decisions, not only the cosine (the label-free default budget, :mod:`optc.search.guard`).
 
 A custom metric is ``--metric path/to/file.py:function``. One that raises or
 returns something that is not a finite number is the user's error and is
@@ -30,12 +34,12 @@ import numpy as np
 
 from optc.data.calibration import CalibrationSet
 from optc.errors import ConfigError
-from optc.evaluation.fidelity import sample_cosines
+from optc.evaluation.fidelity import class_scores, decision_agreement, sample_cosines
 from optc.ir.model import Model
 from optc.ir.session import make_session
 
 MetricFn = Callable[[Mapping[str, np.ndarray], Any], float]
-BUILTIN = ("top1", "top5", "cosine")
+BUILTIN = ("top1", "top5", "cosine", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,26 @@ def mean_cosine(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.nd
     return float(np.mean(per_output)) if per_output else 1.0
 
 
+def decision_outputs(reference: Mapping[str, np.ndarray]) -> list[str]:
+    """The outputs whose last axis holds class scores: those ``fidelity`` holds by their argmax."""
+    return [n for n, v in reference.items() if class_scores(v) is not None]
+
+
+def mean_cosine_and_agreement(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> float:
+    if reference is None:
+        raise ConfigError("metric fidelity needs the input model's outputs")
+    agreements = [decision_agreement(reference[n], outputs[n]) for n in reference]
+    return min([mean_cosine(outputs, reference), *(a for a in agreements if a is not None)])
+
+
 def load_metric(spec: str) -> Metric:
-    """``top1``, ``top5``, ``cosine``, or ``path/to/file.py:function``."""
+    """``top1``, ``top5``, ``cosine``, ``fidelity``, or ``path/to/file.py:function``."""
     if spec in ("top1", "top5"):
         return Metric(spec, topk(int(spec[3:])), needs_labels=True)
     if spec == "cosine":
         return Metric(spec, mean_cosine, needs_labels=False, needs_reference=True)
+    if spec == "fidelity":
+        return Metric(spec, mean_cosine_and_agreement, needs_labels=False, needs_reference=True)
     path, colon, func = spec.rpartition(":")
     if not colon or not path.endswith(".py"):
         raise ConfigError(f"--metric {spec}: expected one of {', '.join(BUILTIN)} or path/to/file.py:function")

@@ -13,6 +13,7 @@ from helpers import SAMPLE
 from optc.cli.main import cli
 from optc.data import CalibrationSet
 from optc.errors import ConfigError
+from optc.evaluation import load_metric
 from optc.ir.io import load_model
 from optc.passes import make_pass, parse_pass_spec
 from optc.passes.sparsify.sparsify import Sparsify, SparsifyConfig
@@ -76,10 +77,16 @@ def test_default_that_misses_is_scaled_down_and_held_on_the_test_set(tmp_path):
 def test_without_eval_the_default_is_held_on_held_out_calibration_samples(tmp_path):
     report, output = compile_(tmp_path, "q", "--pass", "quantize")
     assert report.get("search") is None  # int8 of the sample keeps cosine 0.99: nothing searched
-    assert any("within the default budget (output cosine at least 0.99 on 64 held-out calibration samples)" in n for n in report["notes"])
+    assert any("within the default budget (output cosine at least 0.99 and argmax agreement at least 0.99 (logits) on 64 held-out "
+               "calibration samples): cosine 0.99" in n for n in report["notes"])
     report, _ = compile_(tmp_path, "mf", "--pass", "prune-channels:ratio=0.6", "--min-fidelity", "0.995")
     assert report["search"]["metric"] == "cosine" and report["search"]["samples"] == 64
     assert report["search"]["chosen"]["strengths"]["prune-channels#4"] < 0.6
+    # The metric a missed label-free default is searched with, named: held out of the calibration data too.
+    report, _ = compile_(tmp_path, "fid", "--pass", "prune-channels:ratio=0.6", "--metric", "fidelity", "--max-drop", "0.01")
+    search = report["search"]
+    assert search["metric"] == "fidelity" and search["samples"] == 64 and search["chosen"]["metric"] >= 0.99
+    assert 0 < search["chosen"]["strengths"]["prune-channels#4"] < 0.6
 
 
 def test_weights_that_grow_are_said_so():
@@ -108,3 +115,82 @@ def test_a_model_made_slower_is_said_so():
     assert line.startswith("the compressed model is 2.30x slower in onnxruntime on this machine (1.000 -> 2.300 ms")
     assert _speed_warnings(evaluation(1.0, 1.05), [make_pass("quantize")]) == []  # within timing noise
     assert _speed_warnings(evaluation(1.0, 2.3), [make_pass("fold-constants")]) == []
+
+
+def _head(tmp_path, name, weights):
+    """``scores = x @ weights``: the input model, or its 'compressed' twin when only ``weights`` differ."""
+    import onnx
+    from helpers import make_model
+
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(make_model([onnx.helper.make_node("MatMul", ["x", "w"], ["scores"])], [("x", ["N", weights.shape[0]])],
+                         [("scores", ["N", weights.shape[1]])], [("w", weights.astype(np.float32))]), path)
+    return load_model(path)
+
+
+def _label_free_guard(model, x):
+    """The guard a `--pass sparsify` run without --eval gets: 64 of these 256 samples held out."""
+    from optc.search.guard import plan
+
+    guard, fit, skipped = plan([make_pass("sparsify")], model, CalibrationSet.from_arrays({"x": x}, model), None, None)
+    assert guard is not None and skipped is None and fit.num_samples == 192
+    return guard
+
+
+def test_label_free_guard_holds_argmax_decisions_not_only_cosine(tmp_path):
+    """CTC-like scores: most positions a confident 'blank', every 10th a near-tie between two characters.
+    The twin scales one class by 0.9: the mean cosine stays above 0.999, the near-ties flip."""
+    x = np.where((np.r_[0:256] % 10 == 0)[:, None], np.float32([0, 1, 0.95]), np.float32([8, 0.5, 0.2]))
+    model, twin = _head(tmp_path, "model", np.eye(3)), _head(tmp_path, "twin", np.diag([1, 0.9, 1]))
+    guard = _label_free_guard(model, x)
+    held = guard.data.inputs.take(64)["x"]
+    assert ((held @ np.diag([1, 0.9, 1])).argmax(1) != held.argmax(1)).mean() > 0.05  # decisions flip beyond one point
+    assert load_metric("cosine")(ort_scores(twin, held), None, ort_scores(model, held)) > 0.999  # which cosine cannot see
+    score, drop, within, figures = guard.check(twin)
+    assert not within and score == pytest.approx(1 - drop) and score < 0.95
+    cosine, agreement = (float(f.split()[-1]) for f in figures.removesuffix(" (scores)").split(", "))
+    assert figures.startswith("cosine ") and cosine > 0.999 and agreement == pytest.approx(score, abs=1e-4)
+    assert guard.describe() == "output cosine at least 0.99 and argmax agreement at least 0.99 (scores) on 64 held-out calibration samples"
+    assert guard.check(model)[2]
+
+
+def test_label_free_guard_does_not_read_an_embedding_as_decisions(tmp_path):
+    """A 16-dim embedding of small values: its argmax is a near-tie that means nothing, so only the cosine holds it."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.1, (256, 16)).astype(np.float32)
+    weights = rng.normal(0, 1, (16, 16))
+    twin_weights = weights + rng.normal(0, 0.08, weights.shape)
+    model, twin = _head(tmp_path, "model", weights), _head(tmp_path, "twin", twin_weights)
+    guard = _label_free_guard(model, x)
+    held = guard.data.inputs.take(64)["x"]
+    assert ((held @ twin_weights).argmax(1) != (held @ weights).argmax(1)).mean() > 0.01  # the argmax moves beyond one point...
+    score, _, within, figures = guard.check(twin)
+    assert within and 0.99 <= score < 1  # ...but the cosine holds, and the cosine is what is held
+    assert score == pytest.approx(load_metric("cosine")(ort_scores(twin, held), None, ort_scores(model, held)))
+    assert "(no output holds class scores to hold by argmax)" in guard.describe() and figures == f"cosine {score:.4f}"
+
+
+def test_which_outputs_hold_class_scores():
+    """The rule of optc.evaluation.fidelity.class_scores, on the kinds of output the zoo has."""
+    from optc.evaluation.fidelity import class_scores
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1, (40, 1, 50)) + 12 * np.eye(50)[rng.integers(0, 50, 40)][:, None]  # [T, 1, classes], time-major
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert class_scores(logits.astype(np.float32)).shape == (40, 50)
+    assert class_scores(np.log(probabilities)).shape == (40, 50)  # log-softmax
+    assert class_scores(probabilities[:, :, :, None, None].astype(np.float32)).shape == (40, 50)  # [N, C, 1, 1]
+    assert class_scores(np.full((8, 2), 0.5)) is not None  # a two-way softmax, even undecided
+    embedding = rng.normal(0, 1, (32, 384))
+    assert class_scores(embedding / np.linalg.norm(embedding, axis=1, keepdims=True)) is None
+    assert class_scores(rng.uniform(0, 1, (32, 88))) is None  # sigmoid multi-label (note posteriors)
+    assert class_scores(rng.normal(0, 0.2, (32, 4))) is None  # box offsets, landmarks
+    assert class_scores(rng.normal(0, 3, (32, 1))) is None and class_scores(rng.normal(0, 3, (32,))) is None  # one logit
+    assert class_scores(logits.astype(np.int64)) is None  # class indices already decided: not scores
+    assert class_scores(np.concatenate([logits, [[[np.nan] * 50]]])) is None
+
+
+def ort_scores(model, x):
+    from optc.ir.session import make_session
+
+    return {"scores": make_session(model).run(["scores"], {"x": x})[0]}
