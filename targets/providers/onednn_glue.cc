@@ -155,25 +155,25 @@ class Pacer {
   bool serial_next() {
     std::lock_guard<std::mutex> lock(mutex_);
     uint64_t n = calls_++;
-    if (parallel_ns_ < 0) return false;
-    if (serial_ns_ < 0) return n >= kWarmCalls;  // after the parallel kernel's first runs, time the serial one
+    if (n < kLearnCalls) return n % 2 == 1;  // all threads, one, all, one, ...: both measured from the start
     bool serial_better = serial_ns_ < parallel_ns_;
     return n % kExploreEvery == 0 ? !serial_better : serial_better;
   }
   void record(bool serial, double ns) {
     std::lock_guard<std::mutex> lock(mutex_);
+    if ((serial ? serial_runs_ : parallel_runs_)++ == 0) return;  // a kernel's first run also touches its scratch first
     double& mean = serial ? serial_ns_ : parallel_ns_;
     mean = mean < 0 ? ns : mean + kWeight * (ns - mean);
   }
 
  private:
-  // A stall (milliseconds, for a kernel of a tenth of that) moves the mean at once; a site that stalled
-  // tries all threads again every 64th call, so the choice comes back when the load goes (and a site that
-  // did not stall pays for one serial run in 64).
-  static constexpr uint64_t kWarmCalls = 2, kExploreEvery = 64;
+  // Four runs of each first; then the faster, with the other tried every 64th call, so the choice comes
+  // back when the load goes (and a site that did not stall pays for one serial run in 64). A stall
+  // (milliseconds, for a kernel of a tenth of that) moves the mean at once.
+  static constexpr uint64_t kLearnCalls = 8, kExploreEvery = 64;
   static constexpr double kWeight = 0.25;
   std::mutex mutex_;
-  uint64_t calls_ = 0;
+  uint64_t calls_ = 0, serial_runs_ = 0, parallel_runs_ = 0;
   double parallel_ns_ = -1, serial_ns_ = -1;
 };
 
