@@ -29,6 +29,7 @@
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -156,25 +157,40 @@ class Pacer {
     std::lock_guard<std::mutex> lock(mutex_);
     uint64_t n = calls_++;
     if (n < kLearnCalls) return n % 2 == 1;  // all threads, one, all, one, ...: both measured from the start
-    bool serial_better = serial_ns_ < parallel_ns_;
+    bool serial_better = serial_.estimate() < parallel_.estimate();
     return n % kExploreEvery == 0 ? !serial_better : serial_better;
   }
   void record(bool serial, double ns) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if ((serial ? serial_runs_ : parallel_runs_)++ == 0) return;  // a kernel's first run also touches its scratch first
-    double& mean = serial ? serial_ns_ : parallel_ns_;
-    mean = mean < 0 ? ns : mean + kWeight * (ns - mean);
+    (serial ? serial_ : parallel_).add(ns);
   }
 
  private:
+  // The median of a kind's last five runs (its first run, which also touches its scratch first, left
+  // out): one burst of another process's threads moves it by nothing, a machine that stays oversubscribed
+  // moves it within three runs. A mean of all runs let a few stalls in a benchmark's alternating blocks
+  // hold a quiet machine's ResNet-18 on one thread (29.8 ms against 17.2).
+  struct Recent {
+    double ns[5] = {0, 0, 0, 0, 0};
+    uint64_t runs = 0;
+    void add(double t) {
+      if (runs++ > 0) ns[(runs - 2) % 5] = t;
+    }
+    double estimate() const {
+      uint64_t n = runs > 1 ? std::min<uint64_t>(runs - 1, 5) : 0;
+      if (n == 0) return 0.0;
+      double v[5];
+      std::copy(ns, ns + n, v);
+      std::nth_element(v, v + n / 2, v + n);
+      return v[n / 2];
+    }
+  };
   // Four runs of each first; then the faster, with the other tried every 64th call, so the choice comes
-  // back when the load goes (and a site that did not stall pays for one serial run in 64). A stall
-  // (milliseconds, for a kernel of a tenth of that) moves the mean at once.
+  // back when the load goes (and a site that did not stall pays for one serial run in 64).
   static constexpr uint64_t kLearnCalls = 8, kExploreEvery = 64;
-  static constexpr double kWeight = 0.25;
   std::mutex mutex_;
-  uint64_t calls_ = 0, serial_runs_ = 0, parallel_runs_ = 0;
-  double parallel_ns_ = -1, serial_ns_ = -1;
+  uint64_t calls_ = 0;
+  Recent parallel_, serial_;
 };
 
 // Paced calls run on all threads and on one, over the life of the process (optc_dnnl_pacing).
