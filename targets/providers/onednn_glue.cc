@@ -158,11 +158,17 @@ class Pacer {
     uint64_t n = calls_++;
     if (n < kLearnCalls) return n % 2 == 1;  // all threads, one, all, one, ...: both measured from the start
     bool serial_better = serial_.estimate() < parallel_.estimate();
-    return n % kExploreEvery == 0 ? !serial_better : serial_better;
+    bool other = probe_ || n % kExploreEvery == 0;
+    probe_ = false;
+    return other ? !serial_better : serial_better;
   }
   void record(bool serial, double ns) {
     std::lock_guard<std::mutex> lock(mutex_);
+    bool serial_chosen = serial_.estimate() < parallel_.estimate();
     (serial ? serial_ : parallel_).add(ns);
+    // A run of the kind not chosen that beat the chosen kind's estimate: try it again at once, so a
+    // load that went away is noticed in a few calls, not a few hundred (five runs, one per 64 calls).
+    if (calls_ > kLearnCalls && serial != serial_chosen && ns < (serial_chosen ? serial_ : parallel_).estimate()) probe_ = true;
   }
 
  private:
@@ -190,6 +196,7 @@ class Pacer {
   static constexpr uint64_t kLearnCalls = 8, kExploreEvery = 64;
   std::mutex mutex_;
   uint64_t calls_ = 0;
+  bool probe_ = false;
   Recent parallel_, serial_;
 };
 
