@@ -50,7 +50,8 @@ def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     every solve adds. This product is most of a pass's time on wide convolutions
     (crepe's 8,192-wide unfolded inputs: 207 of 356 s of prune-channels).
     """
-    product = np.matmul(a.transpose(0, 2, 1), b)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below, not warned about
+        product = np.matmul(a.transpose(0, 2, 1), b)
     if not np.isfinite(product).all():  # activations near 1e19 overflow a float32 product: float64 holds them
         return np.matmul(a.astype(np.float64).transpose(0, 2, 1), b.astype(np.float64))
     return product.astype(np.float64)
