@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from optc import __version__, driver
+from optc import driver
 from optc.data import CalibrationSet, LabelledSet
 from optc.data.images import ImageFolder, ImagePreprocess
 from optc.data.feeds import is_feed_source
@@ -178,13 +178,16 @@ class OutputFidelity:
     max_rel: float  # relative to the reference's largest magnitude
     cosine: float
     shape_changed: bool = False
+    agreement: float | None = None  # outputs holding class scores: share of positions with the input model's argmax
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OutputFidelity:
-        return cls(d["max_abs"], d["max_rel"], d["cosine"], bool(d.get("shape_changed")))
+        return cls(d["max_abs"], d["max_rel"], d["cosine"], bool(d.get("shape_changed")), d.get("agreement"))
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"max_abs": self.max_abs, "max_rel": self.max_rel, "cosine": self.cosine}
+        out: dict[str, Any] = {"max_abs": self.max_abs, "max_rel": self.max_rel, "cosine": self.cosine}
+        if self.agreement is not None:
+            out["agreement"] = self.agreement
         return {**out, "shape_changed": 1.0} if self.shape_changed else out
 
 
@@ -684,6 +687,12 @@ def _quality_warnings(evaluation: Evaluation, feeds_source: str) -> list[str]:
     if not worst >= FIDELITY_WARN:
         out.append(f"fidelity to the input model is {worst:.4f} (cosine, {evaluation.fidelity_samples} samples of {feeds_source}), "
                    f"below {FIDELITY_WARN}: check accuracy on your data, or give --max-drop / --min-fidelity")
+    agreements = {name: f.agreement for name, f in evaluation.fidelity.items() if f.agreement is not None}
+    if agreements and not min(agreements.values()) >= FIDELITY_WARN:
+        name = min(agreements, key=agreements.__getitem__)
+        out.append(f"the argmax of output '{name}' agrees with the input model's at {agreements[name]:.4f} of positions "
+                   f"({evaluation.fidelity_samples} samples of {feeds_source}), below {FIDELITY_WARN}: check accuracy on your data, "
+                   "or give --max-drop / --metric fidelity")
     acc = evaluation.accuracy
     if acc is not None and acc.delta < -ACCURACY_WARN:
         out.append(f"accuracy fell {-acc.delta * 100:.2f} points ({acc.before * 100:.2f}% -> {acc.after * 100:.2f}%), "

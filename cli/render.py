@@ -74,7 +74,9 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         worst = max(m["max_abs"] for m in fid.values())
         cos = min(m["cosine"] for m in fid.values())
         data = f", {shown(ev['fidelity_data'])}" if ev.get("fidelity_data") else ""
-        lines.append(f"fidelity vs input model ({ev['fidelity_samples']} samples{data}): max |Δ| {worst:.2e}, cosine {cos:.6f}")
+        agree = [m["agreement"] for m in fid.values() if m.get("agreement") is not None]
+        decisions = f", argmax agreement {min(agree):.4f}" if agree else ""
+        lines.append(f"fidelity vs input model ({ev['fidelity_samples']} samples{data}): max |Δ| {worst:.2e}, cosine {cos:.6f}{decisions}")
     if "accuracy" in ev:
         acc = ev["accuracy"]
         lines.append(f"accuracy ({acc['samples']} labelled samples): {acc['before'] * 100:.2f}% -> {acc['after'] * 100:.2f}% ({acc['delta'] * 100:+.2f} points)")

@@ -46,7 +46,8 @@ import numpy as np
 
 
 def compare_outputs(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per output: max absolute error, max error relative to the reference's range, cosine."""
+    """Per output: max absolute error, max error relative to the reference's range, cosine, and for an
+    output holding class scores the share of positions whose argmax is the reference's (``agreement``)."""
     out: dict[str, dict[str, float]] = {}
     for name, ref in reference.items():
         got = actual[name]
@@ -68,6 +69,9 @@ def compare_outputs(reference: Mapping[str, np.ndarray], actual: Mapping[str, np
         else:
             cosine = float(r @ g / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
         out[name] = {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs, "cosine": cosine}
+        agreement = decision_agreement(ref, got)
+        if agreement is not None:
+            out[name]["agreement"] = agreement
     return out
 
 

@@ -117,6 +117,22 @@ def test_a_model_made_slower_is_said_so():
     assert _speed_warnings(evaluation(1.0, 2.3), [make_pass("fold-constants")]) == []
 
 
+def test_flipped_decisions_are_said_so_even_when_the_cosine_holds():
+    """A strength the user wrote runs as asked; when the argmax of a class-score output moves at more than
+    one position in a hundred, stderr and the report say so, as they do for a cosine below 0.99."""
+    from optc.api import Evaluation, OutputFidelity, _quality_warnings
+    from optc.evaluation.fidelity import compare_outputs
+
+    ref = np.where((np.r_[0:200] % 10 == 0)[:, None], np.float32([0, 1, 0.95]), np.float32([8, 0.5, 0.2]))
+    metrics = compare_outputs({"scores": ref}, {"scores": ref * np.float32([1, 0.9, 1])})["scores"]
+    assert metrics["cosine"] > 0.999 and metrics["agreement"] == pytest.approx(0.9)
+    assert "agreement" not in compare_outputs({"emb": ref[:, :1]}, {"emb": ref[:, :1]})["emb"]  # one logit: no decision
+    evaluation = Evaluation({"scores": OutputFidelity.from_dict(metrics)}, 8, "evaluation data", None, None)
+    assert Evaluation.from_dict(evaluation.to_dict()).fidelity["scores"].agreement == pytest.approx(0.9)  # report.json round trip
+    (line,) = _quality_warnings(evaluation, "evaluation data")
+    assert line.startswith("the argmax of output 'scores' agrees with the input model's at 0.9000 of positions")
+
+
 def _head(tmp_path, name, weights):
     """``scores = x @ weights``: the input model, or its 'compressed' twin when only ``weights`` differ."""
     import onnx
