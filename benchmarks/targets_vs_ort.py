@@ -132,19 +132,10 @@ def optc_compile(model: Path, out: Path, shapes: dict[str, str], trials: int, db
 
 
 def alternate(fns: dict[str, Callable[[], object]], blocks: int, runs: int) -> dict[str, float]:
-    """Lowest block median (ms) per function, blocks taken in turn."""
-    for fn in fns.values():
-        fn(), fn()  # warm-up
-    medians: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(blocks):
-        for key, fn in fns.items():
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1000)
-            medians[key].append(float(np.median(times)))
-    return {k: min(v) for k, v in medians.items()}
+    """Lowest block median (ms) per function, ``blocks`` blocks of ``runs`` runs taken in turn."""
+    from optc.targets.compare import in_turns
+
+    return in_turns(fns, budget_s=0, max_runs=runs, min_blocks=blocks, fixed_runs=True)[0]
 
 
 def bench_model(key: str, work: Path, db: Path, trials: int, untuned: bool, blocks: int, runs: int, compare_prepack: bool = False) -> dict:

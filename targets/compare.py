@@ -25,18 +25,19 @@ BLOCK_RUNS = 5
 
 
 def in_turns(fns: Mapping[str, Callable[[], Any]], budget_s: float = BUDGET_S, max_runs: int = BLOCK_RUNS,
-             min_blocks: int = 3, clear_win: float | None = None) -> tuple[dict[str, float], int]:
+             min_blocks: int = 3, clear_win: float | None = None, fixed_runs: bool = False) -> tuple[dict[str, float], int]:
     """Lowest block median (ms) of each function, timed in alternating blocks so that load from other
     users of the machine hits them alike; at least ``min_blocks`` blocks, more while ``budget_s`` lasts
     (at most 20). Each function is called once first (caches, lazily built kernels); a slow one gets
     fewer runs per block. With ``clear_win``, a first block in which one function is that many times
-    slower than another ends the timing. Also the number of blocks."""
+    slower than another ends the timing. Also the number of blocks. ``fixed_runs``: every block has
+    ``max_runs`` runs (benchmarks that say how many they take)."""
     warm = []
     for fn in fns.values():
         start = time.perf_counter()
         fn()
         warm.append(time.perf_counter() - start)
-    runs = max(1, min(max_runs, int(0.1 / max(max(warm), 1e-6))))
+    runs = max_runs if fixed_runs else max(1, min(max_runs, int(0.1 / max(max(warm), 1e-6))))
     best = {k: float("inf") for k in fns}
     deadline, blocks = time.perf_counter() + budget_s, 0
     while blocks < min_blocks or (time.perf_counter() < deadline and blocks < 20):
