@@ -92,8 +92,10 @@ def make_session(
     extra_outputs: Sequence[str] = (),
     optimize: bool = True,
     threads: int | None = None,
+    spinning: bool = True,
 ) -> Session:
-    """An onnxruntime CPU session for ``model`` (with ``extra_outputs`` exposed).
+    """An onnxruntime CPU session for ``model`` (with ``extra_outputs`` exposed); ``spinning=False``: its
+    intra-op workers sleep as soon as a run ends instead of spinning for the next one.
 
     Raises:
         OptcError: the model is beyond :data:`MAX_LOOP_ITERATIONS`, or onnxruntime refuses it.
@@ -108,6 +110,8 @@ def make_session(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     with _extra_outputs(model, extra_outputs):
         try:

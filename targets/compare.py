@@ -60,14 +60,29 @@ def runs_here(spec: TargetSpec) -> bool:
 
 def versus_onnxruntime(artifact: LoadedArtifact, model: Model, feeds: Mapping[str, np.ndarray], **timing: Any) -> dict[str, Any]:
     """``artifact`` and onnxruntime running ``model`` on ``feeds``: lowest block medians (ms, :func:`in_turns`
-    with ``timing``), their ratio, and the largest output difference."""
-    session = make_session(model)
+    with ``timing``), their ratio, and the largest output difference.
+
+    onnxruntime's default session keeps its intra-op workers spinning while it lives, on the cores the
+    other runtime's threads need: ResNet-18 at 2 threads took 24.5 ms in turns with it, 12.9 ms in turns
+    with a session whose workers sleep, onnxruntime 17.6 ms either way. So the artifact is timed in turns
+    with the sleeping session, the default session is then timed on its own, and onnxruntime's figure is
+    the faster of its two (spinning pays on models of small ops: a BERT-shaped encoder 6.9 against 8.1 ms).
+    In a deployment the artifact has its process to itself."""
+    quiet = make_session(model, spinning=False)
     names = [o["name"] for o in artifact.manifest["outputs"]]
-    got, want = artifact.run(feeds), dict(zip(names, session.run(names, dict(feeds))))
+    got, want = artifact.run(feeds), dict(zip(names, quiet.run(names, dict(feeds))))
     diff = max((float(np.abs(got[n].astype(np.float64) - want[n]).max()) for n in names if got[n].size), default=0.0)
-    best, blocks = in_turns({"artifact": lambda: artifact.run(feeds), "onnxruntime": lambda: session.run(names, dict(feeds))}, **timing)
-    return {"artifact_ms": best["artifact"], "onnxruntime_ms": best["onnxruntime"],
-            "ratio": best["artifact"] / best["onnxruntime"], "max_abs_diff": diff, "blocks": blocks}
+    best, blocks = in_turns({"artifact": lambda: artifact.run(feeds), "onnxruntime": lambda: quiet.run(names, dict(feeds))}, **timing)
+    spinning = _spinning_ms(model, names, feeds, timing)
+    ort_ms = min(best["onnxruntime"], spinning)
+    return {"artifact_ms": best["artifact"], "onnxruntime_ms": ort_ms, "ratio": best["artifact"] / ort_ms, "max_abs_diff": diff,
+            "blocks": blocks, "onnxruntime_quiet_ms": best["onnxruntime"], "onnxruntime_spinning_ms": spinning}
+
+
+def _spinning_ms(model: Model, names: list[str], feeds: Mapping[str, np.ndarray], timing: Mapping[str, Any]) -> float:
+    """onnxruntime's default session on its own; it (and its spinning workers) is gone when this returns."""
+    spinning = make_session(model)
+    return in_turns({"spinning": lambda: spinning.run(names, dict(feeds))}, **timing)[0]["spinning"]
 
 
 def artifact_vs_onnxruntime(model: Model, library: Path, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
