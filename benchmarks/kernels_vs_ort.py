@@ -69,15 +69,25 @@ def time_child(folder: Path, reference: Path, threads: int, blocks: int, runs: i
 
     artifact = load_artifact(folder)
     feeds = sample_feeds(load_model(folder / "model.onnx"), seed=1)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
-    fns = {"optc": lambda: artifact.run(feeds), "ort": lambda: session.run(None, feeds)}
+
+    def session(spinning: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
+
+    # As optc.targets.compare.versus_onnxruntime: onnxruntime's spinning workers would take the artifact's
+    # cores, so the artifact runs in turns with a sleeping session and the default one is timed on its own.
+    quiet = session(False)
+    fns = {"optc": lambda: artifact.run(feeds), "ort": lambda: quiet.run(None, feeds)}
     if other is not None:
         second = load_artifact(other)
         fns["fp32"] = lambda: second.run(feeds)
     times = alternate(fns, blocks, runs)
-    return {**times, "load": os.getloadavg()[0]}
+    default = session(True)
+    spinning = alternate({"ort": lambda: default.run(None, feeds)}, blocks, runs)["ort"]
+    return {**times, "ort_quiet": times["ort"], "ort_spinning": spinning, "ort": min(times["ort"], spinning), "load": os.getloadavg()[0]}
 
 
 def timed(folder: Path, reference: Path, threads: int, blocks: int, runs: int, other: Path | None = None) -> dict:
