@@ -9,6 +9,8 @@ user would, with no tuning flags:
 * for each thread count N, in a fresh process with ``TVM_NUM_THREADS=OMP_NUM_THREADS=N`` and
   onnxruntime's ``intra_op_num_threads=N``: median latency of the artifact and of onnxruntime
   on the same inputs, in alternating blocks; the lowest block median counts; ``ratio`` = optc / ort.
+  onnxruntime's figure is the faster of a non-spinning session timed in turns with the artifact and
+  its default (spinning) session timed alone: the spinning workers would take the artifact's cores.
 
 ``--product`` adds the product path on the sample: ``prune-channels`` + ``quantize`` then
 ``--target x86``, timed against onnxruntime running the *original* fp32 model, with the
