@@ -63,31 +63,24 @@ def compile_(model: Path, out: Path, shapes: dict[str, str], db: Path, *extra: s
 def time_child(folder: Path, reference: Path, threads: int, blocks: int, runs: int, other: Path | None = None) -> dict:
     """Runs in a fresh process: thread counts are read once, when the runtimes start.
     ``other``: a second artifact (the fp32 one, for int8 rows) timed in the same blocks."""
-    import onnxruntime as ort
     from optc.ir.io import load_model
-    from optc.ir.session import sample_feeds
+    from optc.ir.session import make_session, sample_feeds
     from optc.targets.artifact import load_artifact
     from targets_vs_ort import alternate
 
     artifact = load_artifact(folder)
     feeds = sample_feeds(load_model(folder / "model.onnx"), seed=1)
-
-    def session(spinning: bool) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
+    original = load_model(reference)
 
     # As optc.targets.compare.versus_onnxruntime: onnxruntime's spinning workers would take the artifact's
     # cores, so the artifact runs in turns with a sleeping session and the default one is timed on its own.
-    quiet = session(False)
+    quiet = make_session(original, threads=threads, spinning=False)
     fns = {"optc": lambda: artifact.run(feeds), "ort": lambda: quiet.run(None, feeds)}
     if other is not None:
         second = load_artifact(other)
         fns["fp32"] = lambda: second.run(feeds)
     times = alternate(fns, blocks, runs)
-    default = session(True)
+    default = make_session(original, threads=threads)
     spinning = alternate({"ort": lambda: default.run(None, feeds)}, blocks, runs)["ort"]
     return {**times, "ort_quiet": times["ort"], "ort_spinning": spinning, "ort": min(times["ort"], spinning), "load": os.getloadavg()[0]}
 

@@ -51,7 +51,9 @@ def conv_model(channels: int, size: int) -> onnx.ModelProto:
     return make_model(nodes, [("x", shape)], [("y", shape)], [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
 
 
-def threads_started(model: onnx.ModelProto, tmp_path) -> int:
+def run_compiled(model: onnx.ModelProto, tmp_path, script: str, *args: str, **env: str) -> dict:
+    """``model`` compiled for x86 with every chain sent to oneDNN, then ``script`` run on the artifact in a
+    fresh process (TVM's pool held to the calling thread, OpenBLAS to one, ``env`` on top); its last line as JSON."""
     from optc.targets.providers import onednn
 
     avail = onednn.availability()
@@ -62,10 +64,14 @@ def threads_started(model: onnx.ModelProto, tmp_path) -> int:
     res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "onednn",
                                    "--no-latency", "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "TVM_"))}
-    env.update(TVM_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", COUNT_THREADS, str(out)], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["started"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "TVM_"))}
+    clean.update(TVM_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **env)
+    done = subprocess.run([sys.executable, "-c", script, str(out), *args], env=clean, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def threads_started(model: onnx.ModelProto, tmp_path) -> int:
+    return run_compiled(model, tmp_path, COUNT_THREADS)["started"]
 
 
 def test_small_convolution_starts_no_openmp_thread(tmp_path):
@@ -102,21 +108,9 @@ def test_large_call_also_runs_on_one_thread_with_the_same_results(tmp_path):
     """A call above kSerialMacs learns whether all threads pay (on an oversubscribed machine they do not) by
     running on one thread now and then: both kernels must give the same numbers as onnxruntime."""
     from helpers import ort_run
-    from optc.targets.providers import onednn
 
-    if not onednn.availability().ok:
-        pytest.skip("oneDNN provider unavailable")
     model = conv_model(64, 32)
-    path, out = tmp_path / "m.onnx", tmp_path / "out"
-    onnx.save(model, path)
-    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "onednn",
-                                   "--no-latency", "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "TVM_"))}
-    env.update(OMP_NUM_THREADS="2", TVM_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", PACED_RUNS, str(out), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
-                          env=env, capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_compiled(model, tmp_path, PACED_RUNS, str(tmp_path / "y.npy"), str(tmp_path / "x.npy"), OMP_NUM_THREADS="2")
     runs = dict(part.split("=") for part in result["pacing"].split())
     assert int(runs["serial"]) >= 3 and int(runs["parallel"]) >= 3, result  # both kernels ran
     assert result["spread"] <= 1e-5, result

@@ -263,7 +263,8 @@ void share_weights(BatchMatMul&, const BatchMatMul&) {}  // no weights: both ope
 // agree). Runs `run(kernel)` with the thread count that kernel was made for, timed for the pacer.
 template <class T, class Make, class Run>
 void paced(const std::shared_ptr<T>& site, Make make_serial, Run run) {
-  bool serial = omp_get_max_threads() > 1 && site->pacer.serial_next();
+  bool threaded = omp_get_max_threads() > 1;  // one thread in all: nothing to choose, nothing to learn
+  bool serial = threaded && site->pacer.serial_next();
   T* kernel = site.get();
   if (serial) {
     {
@@ -279,9 +280,26 @@ void paced(const std::shared_ptr<T>& site, Make make_serial, Run run) {
   SerialScope scope(serial);
   double start = now_ns();
   run(*kernel);
-  if (omp_get_max_threads() > 1 || serial) {
+  if (threaded) {
     site->pacer.record(serial, now_ns() - start);
     (serial ? serial_runs : parallel_runs)++;
+  }
+}
+
+// One call of a cached kernel: looked up under `key` (made on the first call, with one OpenMP thread when
+// the call is small), then run on the calling thread alone when small, else paced.
+template <class T, class Make, class Run>
+void call_site(Cache<T>& cache, const std::string& key, bool small, Make make, Run run) {
+  std::shared_ptr<T> site;
+  {
+    SerialScope scope(small);
+    site = cached(cache, key, make);
+  }
+  if (small) {
+    SerialScope scope(true);
+    run(*site);
+  } else {
+    paced(site, make, run);
   }
 }
 
@@ -408,11 +426,6 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
   bool small = numel(out) * w.shape()[1] * w.shape()[2] * w.shape()[3] < kSerialMacs;
   auto make = [&] { return make_conv(x, w, b, out, a, res != nullptr, scales); };
-  std::shared_ptr<Conv> site;
-  {
-    SerialScope scope(small);
-    site = cached(conv_cache, key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', &w, {&x, &w, &out}, a), make);
-  }
   auto run = [&](Conv& c) {
     auto& eng = cpu_engine();
     dnnl::stream& s = cpu_stream();
@@ -438,12 +451,7 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
     if (c.dst_reorder) c.from_dst.execute(s, dst, dst_user);
     s.wait();
   };
-  if (small) {
-    SerialScope scope(true);
-    run(*site);
-  } else {
-    paced(site, make, run);
-  }
+  call_site(conv_cache, key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', &w, {&x, &w, &out}, a), small, make, run);
 }
 
 void conv2d(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_conv(x, w, &b, nullptr, attrs, out); }
@@ -488,11 +496,6 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
   bool small = numel(x) * w.shape()[1] < kSerialMacs;
   auto make = [&] { return make_matmul(x, w, b, a, scales); };
-  std::shared_ptr<MatMul> site;
-  {
-    SerialScope scope(small);
-    site = cached(matmul_cache, key_of(scales ? 'M' : b ? 'm' : 'u', &w, {&x, &w}, a), make);
-  }
   auto run = [&](MatMul& m) {
     auto& eng = cpu_engine();
     dnnl::stream& s = cpu_stream();
@@ -503,12 +506,7 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
     m.prim.execute(s, args);
     s.wait();
   };
-  if (small) {
-    SerialScope scope(true);
-    run(*site);
-  } else {
-    paced(site, make, run);
-  }
+  call_site(matmul_cache, key_of(scales ? 'M' : b ? 'm' : 'u', &w, {&x, &w}, a), small, make, run);
 }
 
 void matmul(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_matmul(x, w, &b, attrs, out); }
@@ -544,11 +542,6 @@ void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
     bm->prim = dnnl::matmul(dnnl::matmul::primitive_desc(dnnl::matmul::desc(a_md, b_md, c_md), cpu_engine()));
     return bm;
   };
-  std::shared_ptr<BatchMatMul> site;
-  {
-    SerialScope scope(small);
-    site = cached(batch_matmul_cache, key_of('b', nullptr, {&x, &y}, attrs), make);
-  }
   auto run = [&](BatchMatMul& bm) {
     auto& eng = cpu_engine();
     dnnl::stream& s = cpu_stream();
@@ -556,12 +549,7 @@ void batch_matmul(TensorView x, TensorView y, Shape attrs, TensorView out) {
     bm.prim.execute(s, {{DNNL_ARG_SRC, a_mem}, {DNNL_ARG_WEIGHTS, b_mem}, {DNNL_ARG_DST, c_mem}});
     s.wait();
   };
-  if (small) {
-    SerialScope scope(true);
-    run(*site);
-  } else {
-    paced(site, make, run);
-  }
+  call_site(batch_matmul_cache, key_of('b', nullptr, {&x, &y}, attrs), small, make, run);
 }
 
 // Row-major (plain) descriptor of any rank up to 6.
