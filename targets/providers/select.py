@@ -109,10 +109,11 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     timings: dict[str, dict[str, Any]] = {}
     if mode == "auto":
         timings = _measured_choices(chains, target, db_dir, compile_fn, report)
+    choice = {c.workload(): winner(timings.get(c.workload())) for c in chains}
     for chain in chains:
-        if winner(timings.get(chain.workload())) == "winograd":
+        if choice[chain.workload()] == "winograd":
             chain.algo = ALGO_WINOGRAD
-    mod, taken = offload(mod, chains, lambda c: winner(timings.get(c.workload())) != "tvm")
+    mod, taken = offload(mod, chains, lambda c: choice[c.workload()] != "tvm")
     for chain in chains:
         entry = {"workload": chain.workload(), "macs": chain.macs(), **timings.get(chain.workload(), {})}
         if chain.algo == ALGO_WINOGRAD:
