@@ -13,6 +13,11 @@ changes between validation and use is refused.
 tensors exposed and hands each batch's values to a reducer, a few tensors at a
 time, so statistics are streamed rather than every activation kept.
 
+Inputs that hold their samples on another axis: a recurrent state ``[2, batch, 128]``
+(Silero VAD's) has a fixed first dim, not 1, that no other input shares; its samples
+are on its first dim that is dynamic or 1, so a set gives it as ``[2, N, 128]``. Such
+an input with no dim left for samples is given whole, once, for every run.
+
 Inputs that are the same for every sample: a rank-0 input (a sample rate, a
 threshold) is given as a 0-d array (one value for all samples) or as ``[N]`` (one
 value per sample; batches then never mix two values, since the model takes one
@@ -138,7 +143,7 @@ class CalibrationSet:
             counts = {}
             for spec in specs:
                 value = np.asarray(arrays[spec.name])
-                _check_declared(label, spec, value.dtype, value.shape)
+                _check_declared(label, spec, value.dtype, value.shape, sample_axes(specs)[spec.name])
                 _check_finite(label, spec, value)
                 counts[spec.name] = _sample_count(spec, value.shape, specs)
             total += _common_count(label, counts)
@@ -160,7 +165,7 @@ class CalibrationSet:
     def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed)."""
         scalars = {s.name for s in self.inputs if s.shape == ()}
-        whole = _whole_inputs(self.inputs)
+        whole, moved = _whole_inputs(self.inputs), _moved_axes(self.inputs)
         size = self._batch_size(batch_size)
         for arrays in self._chunks():
             n = _samples_in(arrays, whole)
@@ -168,7 +173,8 @@ class CalibrationSet:
                 stop = last - (last - first) % size if _fixed_batch(self.inputs) else last
                 for start in range(first, stop, size):
                     end = min(start + size, last)
-                    yield {k: np.asarray(v[start]) if k in scalars else v if k in whole else np.ascontiguousarray(v[start:end])
+                    yield {k: np.asarray(v[start]) if k in scalars else v if k in whole
+                           else np.ascontiguousarray(np.moveaxis(v[start:end], 0, moved[k]) if k in moved else v[start:end])
                            for k, v in arrays.items()}
 
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
@@ -187,11 +193,10 @@ class CalibrationSet:
         A model whose batch is fixed at 1 gets ``count`` feeds: figures measured on a
         single sample mean little.
         """
-        scalars, whole = {s.name for s in self.inputs if s.shape == ()}, _whole_inputs(self.inputs)
         feeds, seen = [], 0
         for feed in self.batches(count):
             feeds.append(feed)
-            seen += _samples_in({k: v for k, v in feed.items() if k not in scalars}, whole)
+            seen += feed_samples(feed, self.inputs)
             if seen >= count:
                 break
         return feeds
@@ -241,14 +246,19 @@ class CalibrationSet:
                 fit_chunks.append({k: v if k in whole else v[: n - take] for k, v in last.items()})
             count -= take
         mask = self.token_mask
-        fit = CalibrationSet.from_chunks(fit_chunks, model, kind=self.kind, token_mask=mask)
-        held = CalibrationSet.from_chunks(held_chunks, model, kind=f"held-out {self.kind}", token_mask=mask)
+        fit = CalibrationSet.from_chunks([self._as_given(c) for c in fit_chunks], model, kind=self.kind, token_mask=mask)
+        held = CalibrationSet.from_chunks([self._as_given(c) for c in held_chunks], model, kind=f"held-out {self.kind}", token_mask=mask)
         return fit, held
+
+    def _as_given(self, chunk: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A chunk as :meth:`_chunks` gives it (samples on axis 0) back in the layout the model takes."""
+        moved = _moved_axes(self.inputs)
+        return {k: np.moveaxis(v, 0, moved[k]) if k in moved else v for k, v in chunk.items()}
 
 
 def _fixed_batch(specs: Sequence[TensorSpec]) -> int | None:
-    whole = _whole_inputs(specs)
-    dims = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.name not in whole}
+    axes = sample_axes(specs)
+    dims = {s.shape[axes[s.name]] for s in specs if s.shape and axes[s.name] is not None and isinstance(s.shape[axes[s.name]], int)}
     return dims.pop() if len(dims) == 1 else None
 
 
@@ -256,23 +266,53 @@ def _sample_count(spec: TensorSpec, shape: tuple[int, ...], specs: Sequence[Tens
     """Samples an array holds for ``spec``; None: one value for every sample.
 
     That is a 0-d array for a rank-0 input, or the whole array of one run for an input
-    without a sample axis: its first dim is fixed, not 1, and differs from every other
-    input's (a recurrent state ``[2, batch, 128]``). Such an input is fed whole to every
-    run, so those runs take one sample each (the batch it was given for).
+    with no dim for samples (see :func:`sample_axes`). Such an input is fed whole to
+    every run, so those runs take one sample each (the batch it was given for).
     """
     if spec.shape == ():
         return None if shape == () else shape[0]
-    if _without_sample_axis(spec, specs):
-        if not shape or shape[0] != spec.shape[0]:
-            raise ConfigError(f"input '{spec.name}' [{'x'.join(str(d) if isinstance(d, int) else '?' for d in spec.shape)}] has no sample "
-                              f"axis (its first dim is fixed and differs from the other inputs'): give it once, as one run takes it, "
-                              f"not {list(shape)}")
-        return None
-    return shape[0]
+    axis = sample_axes(specs)[spec.name]
+    if axis != 0 and (not shape or shape[0] != spec.shape[0]):
+        dims = [str(d) if isinstance(d, int) else "?" for d in spec.shape]
+        if axis is None:
+            raise ConfigError(f"input '{spec.name}' [{'x'.join(dims)}] has no sample axis (its first dim is fixed and differs "
+                              f"from the other inputs'): give it once, as one run takes it, not {list(shape)}")
+        wanted = [*dims[:axis], "N", *dims[axis + 1:]]
+        raise ConfigError(f"input '{spec.name}' [{'x'.join(dims)}] holds its samples on axis {axis} (its first dim is fixed and "
+                          f"differs from the other inputs'): give [{', '.join(wanted)}] for N samples, not {list(shape)}")
+    return None if axis is None else shape[axis]
+
+
+def sample_axes(specs: Sequence[TensorSpec]) -> dict[str, int | None]:
+    """The axis each input holds its samples on: 0, another axis, or None (given whole to every run).
+
+    An input whose first dim is fixed, not 1, and differs from every other input's
+    first dim (a recurrent state ``[2, batch, 128]``) holds them on its first dim that
+    is dynamic or 1; with none, it has no sample axis. A rank-0 input counts as axis 0
+    (one value per sample).
+    """
+    axes: dict[str, int | None] = {}
+    for spec in specs:
+        axes[spec.name] = 0
+        if spec.shape and _first_dim_not_samples(spec, specs):
+            axes[spec.name] = next((k for k, d in enumerate(spec.shape[1:], 1) if not isinstance(d, int) or d == 1), None)
+    return axes
+
+
+def feed_samples(feed: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> int:
+    """Samples one feed holds (1 when every input is given once)."""
+    axes = sample_axes(specs)
+    counts = [feed[s.name].shape[axes[s.name]] for s in specs
+              if s.shape and axes[s.name] is not None and s.name in feed and np.ndim(feed[s.name]) > axes[s.name]]
+    return counts[0] if counts else 1
+
+
+def _moved_axes(specs: Sequence[TensorSpec]) -> dict[str, int]:
+    return {name: axis for name, axis in sample_axes(specs).items() if axis}
 
 
 def _whole_inputs(specs: Sequence[TensorSpec]) -> set[str]:
-    return {s.name for s in specs if _without_sample_axis(s, specs)}
+    return {name for name, axis in sample_axes(specs).items() if axis is None}
 
 
 def _samples_in(chunk: Mapping[str, np.ndarray], whole: set[str]) -> int:
@@ -280,7 +320,7 @@ def _samples_in(chunk: Mapping[str, np.ndarray], whole: set[str]) -> int:
     return next((len(v) for k, v in chunk.items() if k not in whole), 1)
 
 
-def _without_sample_axis(spec: TensorSpec, specs: Sequence[TensorSpec]) -> bool:
+def _first_dim_not_samples(spec: TensorSpec, specs: Sequence[TensorSpec]) -> bool:
     # A leading 1 is read as a (frozen) batch: that is what optc and exporters freeze batches to.
     others = [s.shape[0] for s in specs if s.name != spec.name and s.shape]
     first = spec.shape[0] if spec.shape else None
@@ -299,12 +339,16 @@ def _common_count(label: str, counts: Mapping[str, int | None]) -> int:
 
 
 def _per_sample(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every input with samples on axis 0 (views, nothing copied); an input without a sample axis stays whole."""
+    """Every input with samples on axis 0 (views, nothing copied; an input that holds them on another axis has
+    it moved first); an input without a sample axis stays whole."""
     counts = {s.name: _sample_count(s, arrays[s.name].shape, specs) for s in specs}
     n = _common_count("data", counts)
+    moved = _moved_axes(specs)
     out = {}
     for spec in specs:
         value = arrays[spec.name]
+        if spec.name in moved:
+            value = np.moveaxis(value, moved[spec.name], 0)
         if counts[spec.name] is None and spec.shape == ():
             value = np.broadcast_to(value, (n,))
         elif counts[spec.name] == 1 and n > 1:
@@ -374,13 +418,13 @@ def _validate_file(
         counts = {}
         for spec in specs:
             declared = data.arrays[spec.name]
-            _check_declared(label, spec, declared.dtype, declared.shape)
+            _check_declared(label, spec, declared.dtype, declared.shape, sample_axes(specs)[spec.name])
             _check_finite(label, spec, data.read(spec.name))
             counts[spec.name] = _sample_count(spec, declared.shape, specs)
         return _common_count(label, counts), data.identity
 
 
-def _check_declared(file: str, spec: TensorSpec, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+def _check_declared(file: str, spec: TensorSpec, dtype: np.dtype, shape: tuple[int, ...], samples: int | None = 0) -> None:
     """dtype, rank and fixed dims, from the array's header (before it is decompressed)."""
     where = f"{file}, input '{spec.name}'"
     if spec.dtype is not None and dtype != spec.dtype:
@@ -396,13 +440,16 @@ def _check_declared(file: str, spec: TensorSpec, dtype: np.dtype, shape: tuple[i
         return
     if not shape:
         raise ConfigError(f"{where}: a scalar; expected samples along the first axis")
+    expected = [str(d) for d in spec.shape]
+    if samples is not None:
+        expected[samples] = "samples"
     if len(shape) != len(spec.shape):
         raise ConfigError(
-            f"{where}: rank {len(shape)} (shape {list(shape)}), the model expects rank {len(spec.shape)} "
-            f"[samples, {', '.join(str(d) for d in spec.shape[1:])}]"
+            f"{where}: rank {len(shape)} (shape {list(shape)}), the model expects rank {len(spec.shape)} [{', '.join(expected)}]"
         )
-    for axis, (want, have) in enumerate(zip(spec.shape[1:], shape[1:]), start=1):
-        if isinstance(want, int) and want != have:
+    # Axis 0 is checked with the sample count (an input that holds its samples elsewhere, or none, is given by its first dim).
+    for axis, (want, have) in enumerate(zip(spec.shape, shape)):
+        if axis not in (0, samples) and isinstance(want, int) and want != have:
             raise ConfigError(f"{where}: shape {list(shape)} has {have} on axis {axis}, the model expects {want}")
 
 

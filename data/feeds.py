@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from optc.data.calibration import CalibrationSet
+from optc.data.calibration import CalibrationSet, feed_samples, sample_axes
 from optc.errors import ConfigError
 from optc.ir.model import Model
 
@@ -64,19 +64,21 @@ def _feed_items(source: Any, kind: str, labelled: bool) -> Iterator[tuple[int, M
 def _group(items: Iterable[tuple[int, Mapping[str, Any], Any]], model: Model, kind: str) -> list[tuple[dict[str, np.ndarray], np.ndarray | None]]:
     """Consecutive feeds of one shape joined: ``[(arrays, labels or None), ...]``."""
     scalars = {s.name for s in model.inputs if s.shape == ()}
+    axes = sample_axes(model.inputs)
     groups: list[tuple[tuple, list[dict[str, np.ndarray]], list[np.ndarray]]] = []
     held = 0
     for index, feed, labels in items:
         arrays = {str(k): np.asarray(v) for k, v in feed.items()}
         if any(a.dtype == object for a in arrays.values()):
             raise ConfigError(f"{kind} feed #{index}: an array of Python objects; give numeric arrays")
-        batched = [a for k, a in arrays.items() if k not in scalars and a.ndim]
-        n = batched[0].shape[0] if batched else 1
+        n = feed_samples(arrays, model.inputs)
         for k in scalars & set(arrays):
             if arrays[k].ndim:
                 raise ConfigError(f"{kind} feed #{index}, input '{k}': shape {list(arrays[k].shape)}; the input is a scalar (0-d)")
             arrays[k] = np.full(n, arrays[k])
-        key = tuple(sorted((k, a.shape[1:], a.dtype.str) for k, a in arrays.items()))
+        # Feeds join when they differ only in samples; an input given whole joins only feeds that give the same value.
+        key = tuple(sorted((k, tuple(d for i, d in enumerate(a.shape) if i != axes.get(k, 0)), a.dtype.str,
+                            a.tobytes() if axes.get(k, 0) is None else b"") for k, a in arrays.items()))
         held += sum(a.nbytes for a in arrays.values())
         if held > MAX_HELD_BYTES:
             raise ConfigError(f"{kind} feeds: more than {MAX_HELD_BYTES >> 30} GiB; optc holds Python feeds in memory: give fewer, or .npz files")
@@ -95,6 +97,8 @@ def _group(items: Iterable[tuple[int, Mapping[str, Any], Any]], model: Model, ki
         raise ConfigError(f"{kind} feeds: the iterable gave no feeds")
     out = []
     for _, feeds, labels in groups:
-        joined = {k: np.concatenate([f[k] for f in feeds]) if feeds[0][k].ndim else feeds[0][k] for k in feeds[0]}
+        # Inputs given whole (no sample axis) are the same in every feed of a group: kept once.
+        joined = {k: np.concatenate([f[k] for f in feeds], axis=axes.get(k, 0)) if feeds[0][k].ndim and axes.get(k, 0) is not None
+                  else feeds[0][k] for k in feeds[0]}
         out.append((joined, np.concatenate(labels) if labels[0] is not None else None))
     return out

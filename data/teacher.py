@@ -21,7 +21,7 @@ import numpy as np
 
 from optc.ir.model import Model
 from optc.ir.session import make_session
-from optc.data.calibration import CalibrationSet
+from optc.data.calibration import CalibrationSet, feed_samples
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class TeacherOutputs:
             if (max_batches is not None and i >= max_batches) or (max_samples is not None and seen >= max_samples):
                 break
             out.append(dict(zip(names, session.run(names, feed))))
-            seen += len(next(iter(feed.values())))
+            seen += feed_samples(feed, calibration.inputs)
         return cls(batch_size, tuple(out))
 
     def with_feeds(self, calibration: CalibrationSet) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:

@@ -145,9 +145,15 @@ class GraphEditor:
         node.inputs.clear()
         return True
 
-    def fold_constants(self, *, fold_shapes: bool, max_bytes: int, exclude: Callable[[Node], bool]) -> None:
-        """Replace every subgraph whose inputs are all constant by its value, computed by onnxruntime."""
-        options = dict(fold_shapes=fold_shapes, size_threshold=max_bytes, should_exclude_node=exclude)
+    def fold_constants(self, *, fold_shapes: bool, max_bytes: int, exclude: Callable[[Node], bool], bodies: bool = True) -> None:
+        """Replace every subgraph whose inputs are all constant by its value, computed by onnxruntime.
+
+        ``bodies=False`` leaves If/Loop/Scan bodies alone (onnx-graphsurgeon does not apply ``exclude`` inside them).
+        """
+        # No inlining of an If whose condition folds: onnx-graphsurgeon renames the branch's outputs and
+        # leaves their consumers reading the old names (Silero VAD's nested Ifs: a model onnxruntime refuses).
+        options = dict(fold_shapes=fold_shapes, size_threshold=max_bytes, should_exclude_node=exclude, flatten_subgraphs=False,
+                       recurse_subgraphs=bodies)
         with quiet_graphsurgeon():
             toposort(self.graph)
             try:
@@ -189,6 +195,7 @@ class GraphEditor:
             for tensor, values in lazy.values():
                 tensor._values = values
         _restore_weights(proto.graph, lazy, frozenset())
+        _hoist_shared_initializers(proto.graph)
         old = self.model.proto
         proto.ir_version = old.ir_version
         if proto.ir_version < IR_INITIALIZERS_NOT_INPUTS:
@@ -236,6 +243,44 @@ def _restore_weights(graph: onnx.GraphProto, lazy: dict[str, Any], outer: frozen
         for attr in node.attribute:
             for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 _restore_weights(body, lazy, scope)
+
+
+def _hoist_shared_initializers(graph: onnx.GraphProto) -> None:
+    """One copy of a weight that gs exported into several bodies: kept in ``graph``, which they all see.
+
+    A ``Constant`` node whose value If/Loop bodies read (Silero VAD's LSTM weights, read by two nested
+    Ifs) becomes a gs constant, and gs's exporter writes it into every body that reads it: the weights
+    grew by half on export. A body's copy is dropped when ``graph`` holds the same tensor, or moved up
+    when another body holds an identical one (a name two bodies define with different values is kept).
+    """
+    from optc.ir.model import iter_graphs
+
+    bodies = list(iter_graphs(graph))[1:]
+    top = {t.name: t for t in graph.initializer}
+    held: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for body in bodies:
+        for t in body.initializer:
+            held.setdefault(t.name, []).append((body, t))
+    drop: dict[int, set[str]] = {}
+    for name, copies in held.items():
+        first = copies[0][1]
+        same = all(t == first for _, t in copies[1:]) and (name not in top or top[name] == first)
+        if not same or (len(copies) < 2 and name not in top):
+            continue
+        if name not in top:
+            graph.initializer.append(first)
+            top[name] = first
+        for body, _ in copies:
+            drop.setdefault(id(body), set()).add(name)
+    for body in bodies:
+        names = drop.get(id(body))
+        if names:
+            kept = [t for t in body.initializer if t.name not in names]
+            copies = [onnx.TensorProto() for _ in kept]
+            for copy, t in zip(copies, kept):
+                copy.CopyFrom(t)
+            del body.initializer[:]
+            body.initializer.extend(copies)
 
 
 def _is_stub(t: onnx.TensorProto) -> bool:

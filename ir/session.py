@@ -124,7 +124,16 @@ def make_session(
                 save_model(model, path, external_data=True)
                 return Session(str(path), options, providers=providers)
         except (*_ORT_ERRORS, RuntimeError, ValueError) as exc:
-            raise OptcError(f"onnxruntime cannot load the model: {_runtime_message(exc)}") from exc
+            raise OptcError(f"onnxruntime cannot load the model: {_runtime_message(exc)}{_frozen_branch_hint(model)}") from exc
+
+
+def _frozen_branch_hint(model: Model) -> str:
+    """Why a model with If nodes may load with dynamic inputs and not with frozen ones."""
+    froze = any(n.startswith("froze input shapes") or "froze the leading batch" in n for n in model.notes)
+    if not froze or not any(n.op_type == "If" for n in iter_all_nodes(model.graph)):
+        return ""
+    return (" (the input shapes were frozen, and onnxruntime checks every If branch against them: a shape only one "
+            "branch accepts is refused; leave that input's dims dynamic)")
 
 
 def unrunnable_reason(model: Model) -> str | None:

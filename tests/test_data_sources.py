@@ -267,24 +267,67 @@ def test_rank0_model_runs_through_every_lossy_pass(tmp_path):
         assert cos > 0.98, spec
 
 
-def test_an_input_without_a_sample_axis_is_given_whole(tmp_path):
-    """Silero VAD's state is [2, batch, 128]: frozen to [2, 1, 128], it has no sample axis and is given once."""
-    state = helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 4])
+def _state_model(tmp_path, state_shape):
+    """y = x + sum(state, axis 0): a recurrent state shaped like Silero VAD's [2, batch, 128]."""
+    state = helper.make_tensor_value_info("state", TensorProto.FLOAT, state_shape)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     nodes = [helper.make_node("ReduceSum", ["state", "axes"], ["s"], keepdims=0, name="sum"),
              helper.make_node("Add", ["x", "s"], ["y"], name="add")]
     proto = make_model(nodes, [x, state], [("y", [1, 4])], [("axes", np.array([0], np.int64))])
     path = tmp_path / "state.onnx"
     onnx.save(proto, path)
-    model = load_model(path)
-    calib = CalibrationSet.from_arrays({"x": rand(12, 4), "state": np.ones((2, 1, 4), np.float32)}, model)
-    assert calib.num_samples == 12
-    feeds = list(calib.batches(4))
+    return load_model(path)
+
+
+def test_a_state_with_its_batch_on_axis_1_is_given_once_or_per_sample(tmp_path):
+    """Silero VAD's state is [2, batch, 128]: frozen to [2, 1, 128], its samples sit on axis 1."""
+    model = _state_model(tmp_path, [2, 1, 4])
+    x = rand(12, 4)
+    once = CalibrationSet.from_arrays({"x": x, "state": np.ones((2, 1, 4), np.float32)}, model)
+    assert once.num_samples == 12
+    feeds = list(once.batches(4))
     assert len(feeds) == 12 and all(f["state"].shape == (2, 1, 4) and f["x"].shape == (1, 4) for f in feeds)
+
+    states = rand(2, 12, 4)  # one state per sample, on axis 1
+    per_sample = CalibrationSet.from_arrays({"x": x, "state": states}, model)
+    feeds = list(per_sample.batches(4))
+    assert per_sample.num_samples == 12 and len(feeds) == 12
+    for i, feed in enumerate(feeds):
+        np.testing.assert_array_equal(feed["state"], states[:, i:i + 1])
+        np.testing.assert_array_equal(feed["x"], x[i:i + 1])
+    fit, held = per_sample.hold_out(model)
+    assert (fit.num_samples, held.num_samples) == (8, 4)
+    np.testing.assert_array_equal(np.concatenate([f["state"] for f in held.batches(1)], axis=1), states[:, 8:])
+    assert len(per_sample.first_samples(3)) == 3
+
+    # Python feeds, one run each, join along the state's sample axis.
+    joined = from_feeds([{"x": x[i:i + 1], "state": states[:, i:i + 1]} for i in range(12)], model)
+    np.testing.assert_array_equal(np.concatenate([f["state"] for f in joined.batches(1)], axis=1), states)
+
+    np.savez(tmp_path / "c.npz", x=x, state=states)
+    assert CalibrationSet.from_path(tmp_path / "c.npz", model).num_samples == 12
+    with pytest.raises(ConfigError, match=r"input 'state' \[2x1x4\] holds its samples on axis 1 .* give \[2, N, 4\] for N samples, not \[12, 1, 4\]"):
+        CalibrationSet.from_arrays({"x": x, "state": np.ones((12, 1, 4), np.float32)}, model)
+    with pytest.raises(ConfigError, match=r"different sample counts \(x: 12, state: 5\)"):
+        CalibrationSet.from_arrays({"x": x, "state": rand(2, 5, 4)}, model)
+    with pytest.raises(ConfigError, match=r"shape \[2, 12, 3\] has 3 on axis 2, the model expects 4"):
+        CalibrationSet.from_arrays({"x": x, "state": rand(2, 12, 3)}, model)
+
+
+def test_an_input_without_a_sample_axis_is_given_whole(tmp_path):
+    """A fixed [2, 3, 4] table beside a batch-1 input has no dim for samples: given once, for every run."""
+    model = _state_model(tmp_path, [2, 3, 4])
+    calib = CalibrationSet.from_arrays({"x": rand(12, 4), "state": np.ones((2, 3, 4), np.float32)}, model)
+    assert calib.num_samples == 12
+    assert all(f["state"].shape == (2, 3, 4) for f in calib.batches(4))
     fit, held = calib.hold_out(model)
     assert (fit.num_samples, held.num_samples) == (8, 4)
-    with pytest.raises(ConfigError, match=r"has no sample axis .* give it once, as one run takes it, not \[12, 1, 4\]"):
-        CalibrationSet.from_arrays({"x": rand(12, 4), "state": np.ones((12, 1, 4), np.float32)}, model)
+    with pytest.raises(ConfigError, match=r"has no sample axis .* give it once, as one run takes it, not \[12, 3, 4\]"):
+        CalibrationSet.from_arrays({"x": rand(12, 4), "state": np.ones((12, 3, 4), np.float32)}, model)
+    # Feeds that give the table once each join only when they give the same table.
+    table = np.ones((2, 3, 4), np.float32)
+    feeds = [{"x": rand(1, 4), "state": table} for _ in range(4)] + [{"x": rand(1, 4), "state": table * 2}]
+    assert [f["state"][0, 0, 0] for f in from_feeds(feeds, model).batches(1)] == [1, 1, 1, 1, 2]
 
 
 def test_fidelity_is_measured_on_several_runs_when_the_batch_is_fixed_at_1(tmp_path):

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from optc.ir.graph import GraphEditor
 from optc.ir.liveness import may_fold
 from optc.ir.model import Model
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
+
+# Folding may grow the stored weights by this factor (plus 16 KiB) before data movement on weights is left unfolded.
+GROWTH_ALLOWED = 1.02
+DATA_MOVEMENT_OPS = {"Slice", "Split", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Concat", "Gather",
+                     "Expand", "Tile", "Cast", "Identity", "Pad"}
+WEIGHT_ELEMENTS = 1024
 
 # Folding these would freeze one random draw into the model.
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -35,10 +43,39 @@ class FoldConstants(Pass[FoldConstantsConfig]):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         if not may_fold(model, fold_shapes=self.config.fold_shapes, exclude_ops=NONDETERMINISTIC_OPS):  # no graph import for nothing
             return PassResult(model, modified=False, stats={"nodes_folded": 0})
+        result = self._fold(model, lambda n: n.op in NONDETERMINISTIC_OPS)
+        if result.modified and result.model.weight_bytes() > model.weight_bytes() * GROWTH_ALLOWED + 16384:
+            # A weight read in several places (Silero's LSTM weights, sliced into gates under two Ifs) is copied
+            # once per place when every Slice/Unsqueeze of it is folded: leave data movement on weights to run time,
+            # and bodies to the manager, which runs this pass on each If branch that holds weights as a model of its own.
+            grown = result.model.weight_bytes()
+            smaller = self._fold(model, lambda n: n.op in NONDETERMINISTIC_OPS or _moves_a_weight(n), bodies=False)
+            if smaller.model.weight_bytes() < grown:
+                smaller.model.notes.append(f"fold-constants: folding everything would grow the weights from {model.weight_bytes()} "
+                                           f"to {grown} bytes (a weight copied per use); Slice/Reshape/... of weights and If/Loop bodies are left unfolded")
+                return smaller
+        return result
+
+    def _fold(self, model: Model, exclude, bodies: bool = True) -> PassResult:
         editor = GraphEditor(model)
         before = editor.signature()
-        editor.fold_constants(fold_shapes=self.config.fold_shapes, max_bytes=self.config.max_bytes, exclude=lambda n: n.op in NONDETERMINISTIC_OPS)
+        editor.fold_constants(fold_shapes=self.config.fold_shapes, max_bytes=self.config.max_bytes, exclude=exclude, bodies=bodies)
         if editor.signature() == before:
             return PassResult(model, modified=False, stats={"nodes_folded": 0})
         removed = len(before) - len(editor.nodes)
         return PassResult(editor.commit(), modified=True, stats={"nodes_folded": removed})
+
+
+def _moves_a_weight(node) -> bool:
+    """Control flow, or a data-movement node reading a tensor of at least :data:`WEIGHT_ELEMENTS` elements or of
+    unknown size (a value computed from weights, whose shape onnx-graphsurgeon has not worked out)."""
+    if node.op in ("If", "Loop", "Scan"):  # a body reading weights: folded whole, it stores what it computes from them
+        return True
+    if node.op not in DATA_MOVEMENT_OPS:
+        return False
+    for t in node.inputs:
+        if t.is_empty():
+            continue
+        if t.shape is None or not all(isinstance(d, int) for d in t.shape) or int(np.prod(t.shape)) >= WEIGHT_ELEMENTS:
+            return True
+    return False

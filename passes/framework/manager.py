@@ -3,7 +3,8 @@
 The manager checks every pass's requirements before the first pass runs,
 provides shape inference when a pass needs it (recomputed only after a pass
 changed the graph), records what each pass did (params, bytes, MACs, time,
-drift) and calls instruments before and after each pass. A pass that raises
+drift) and calls instruments before and after each pass. Every pass also runs
+on the weights inside the main graph's ``If`` branches (:mod:`.branches`). A pass that raises
 something other than an :class:`OptcError` is a bug, reported as a
 :class:`PassCrash` (exit code 1, not 2) that names it and the passes that ran before it.
 """
@@ -22,6 +23,7 @@ from optc.ir.opset import upgrade_opset
 from optc.ir.shapes import infer_shapes
 from optc.ir.stats import ModelStats, compute_stats
 from optc.passes.framework.base import Pass, PassContext, PassResult, Requirement
+from optc.passes.framework.branches import run_with_branches
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,10 @@ class Instrument:
     def after_pass(self, p: Pass, before: Model, result: PassResult, record: PassRecord, ctx: PassContext) -> None: ...
 
 
+def _run(p: Pass, model: Model, ctx: PassContext) -> PassResult:
+    return p.run(model, ctx)
+
+
 def _summary(stats: ModelStats) -> dict[str, int]:
     return {"params": stats.params, "nonzero_params": stats.nonzero_params, "bytes": stats.param_bytes, "macs": stats.macs, "nodes": stats.nodes}
 
@@ -116,7 +122,7 @@ class PassManager:
                 inst.before_pass(p, model, ctx)
             start = time.perf_counter()
             try:
-                result = p.run(model, ctx)
+                result = run_with_branches(p, model, ctx, _run)
             except OptcError:
                 raise
             except Exception as exc:  # a bug in a pass: say which, and what ran before
