@@ -493,3 +493,41 @@ def test_padding_or_slicing_the_channels_freezes_the_group_with_the_reason(tmp_p
     result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.125, criterion="l1")
     assert not result.modified
     assert any("Pad 'pad' pads the channel axis" in s for s in result.skipped), result.skipped
+
+
+def test_sequential_refit_in_stages_matches_a_whole_run_per_layer(tmp_path, save):
+    """The staged refit (one run of each model per batch in all) fits what one whole run per layer fits."""
+    from optc.passes.layers import find_linear_layers, paired_grams, weight_matrix
+    from optc.passes.layers.sequential_refit import RefitTarget, refit_in_graph_order, refit_layer
+
+    nodes = [
+        conv("conv1", "x", "w1", "c1", "b1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv("conv2", "r1", "w2", "c2", "b2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        conv("conv3", "r2", "w3", "c3", "b3"),
+        helper.make_node("Add", ["c3", "c1"], ["y"], name="add"),
+    ]
+    inits = [init("w1", rand(8, 3, 3, 3, seed=1)), init("b1", rand(8, seed=2)), init("w2", rand(8, 8, 3, 3, seed=3) * 0.3),
+             init("b2", rand(8, seed=4)), init("w3", rand(8, 8, 3, 3, seed=5) * 0.3), init("b3", rand(8, seed=6))]
+    model, ctx, _ = prepare(tmp_path, save, make_model(nodes, [("x", ["n", 3, 6, 6])], [("y", ["n", 8, 6, 6])], inits))
+    # A perturbed copy stands in for the compressed model.
+    noisy = [init(t.name, numpy_helper.to_array(t) * (1 + 0.3 * rand(*t.dims, seed=7))) for t in inits]
+    student = load_model(save(make_model(nodes, [("x", ["n", 3, 6, 6])], [("y", ["n", 8, 6, 6])], noisy)))
+    infer_shapes(student)
+    targets = [RefitTarget(n) for n in ("conv1", "conv2", "conv3")]
+    staged, fits = refit_in_graph_order(student, model, targets, ctx.calibration, ridge=1e-3, max_batches=None)
+    current = student
+    reference = {l.node: l for l in find_linear_layers(model)[0]}
+    layers = {l.node: l for l in find_linear_layers(student)[0]}  # names stay valid through the edits
+    for target in targets:
+        layer = layers[target.node]
+        ref = reference[target.node]
+        pg = paired_grams(current, [layer], model, [ref], ctx.calibration, max_rows_per_batch=1024)[layer.node]
+        current, fit = refit_layer(current, layer, pg, weight_matrix(ref, model.initializer_array(ref.weight).astype(np.float64)), ridge=1e-3)
+        assert fits[target.node].rel_error == pytest.approx(fit.rel_error, rel=1e-6, abs=1e-12)
+    assert len(fits) == 3
+    for name in ("conv1", "conv2", "conv3"):
+        a = staged.initializer_array(next(n for n in staged.graph.node if n.name == name).input[1])
+        b = current.initializer_array(next(n for n in current.graph.node if n.name == name).input[1])
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

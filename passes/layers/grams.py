@@ -8,7 +8,7 @@ OBS/SparseGPT, GPTQ, least-squares refits and activation-aware SVD use.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -105,29 +105,42 @@ def paired_grams(
     names_b = sorted({l.input for l in reference_layers})
     session_a = make_session(model, extra_outputs=names_a)
     session_b = make_session(reference, extra_outputs=names_b)
-    rng = np.random.default_rng(seed)
+    acc = PairedAccumulator(layers, reference_layers, max_rows_per_batch, seed)
     mask_name = calibration.token_mask
-    acc: dict[str, PairedGram] = {}
     for i, feed in enumerate(calibration.batches(batch_size)):
         if max_batches is not None and i >= max_batches:
             break
-        mask = feed[mask_name] if mask_name else None
         values_a = dict(zip(names_a, session_a.run(names_a, feed)))
         values_b = dict(zip(names_b, session_b.run(names_b, feed)))
+        acc.add(values_a, values_b, feed[mask_name] if mask_name else None)
+    return acc.grams
+
+
+class PairedAccumulator:
+    """:class:`PairedGram` of layers (by node) summed batch by batch: see :func:`paired_grams`."""
+
+    def __init__(self, layers: Sequence[LinearLayer], reference_layers: Sequence[LinearLayer], max_rows_per_batch: int, seed: int):
+        self.pairs = list(zip(layers, reference_layers))
+        self.max_rows = max_rows_per_batch
+        self.rng = np.random.default_rng(seed)
+        self.grams: dict[str, PairedGram] = {}
+
+    def add(self, values_a: Mapping[str, np.ndarray], values_b: Mapping[str, np.ndarray], mask: np.ndarray | None) -> None:
+        """One batch: ``values_a`` holds the layers' inputs in the model, ``values_b`` the reference layers'."""
         keep: dict[int, np.ndarray] = {}  # one subsample per row count, shared by the layers that have it
-        for la, lb in zip(layers, reference_layers):
+        for la, lb in self.pairs:
             ra = input_rows(la, real_tokens(values_a[la.input], mask).astype(np.float32, copy=False))
             rb = input_rows(lb, real_tokens(values_b[lb.input], mask).astype(np.float32, copy=False))
             rows = ra.shape[1]
-            if rows > max_rows_per_batch:
+            if rows > self.max_rows:
                 if rows not in keep:
-                    keep[rows] = rng.choice(rows, max_rows_per_batch, replace=False)
+                    keep[rows] = self.rng.choice(rows, self.max_rows, replace=False)
                 ra, rb = ra[:, keep[rows]], rb[:, keep[rows]]
-            g = acc.get(la.node)
+            g = self.grams.get(la.node)
             if g is None:
                 # The two inputs may differ in width (a pruned layer reads fewer columns).
                 groups, da, db = ra.shape[0], ra.shape[2], rb.shape[2]
-                g = acc[la.node] = PairedGram(
+                g = self.grams[la.node] = PairedGram(
                     np.zeros((groups, da, da)), np.zeros((groups, da, db)), np.zeros((groups, db, db)), np.zeros((groups, da)), np.zeros((groups, db))
                 )
             g.aa += _gram(ra, ra)
@@ -136,4 +149,3 @@ def paired_grams(
             g.sum_a += ra.sum(axis=1, dtype=np.float64)
             g.sum_b += rb.sum(axis=1, dtype=np.float64)
             g.rows += ra.shape[1]
-    return acc

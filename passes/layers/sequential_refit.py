@@ -5,6 +5,8 @@ Shared by prune-channels (``reconstruct=sequential``) and distill
 input *as the compressed model computes it* (so upstream error is corrected,
 not compounded), against what the original layer produced on the original
 input (:func:`optc.passes.layers.paired_grams`, :func:`optc.passes.numerics.refit.refit_paired`).
+Both models run in stages (:mod:`optc.ir.staged`), so that refitting n layers costs
+about one run of each model per batch rather than n.
 A layer refit to rows ``R`` of the original weight matrix ``W`` gets the weights
 ``W'`` and bias shift ``b`` minimising ``E||x W[R]^T - (x' W'^T + b)||^2 + lam ||W' - W_c||^2``
 over the calibration rows, ``x`` being the original layer's input, ``x'`` the
@@ -22,7 +24,9 @@ from optc import progress
 from optc.ir.model import Model
 from optc.passes.layers.bias_fold import add_to_bias
 from optc.data.calibration import CalibrationSet
-from optc.passes.layers import LinearLayer, find_linear_layers, matrix_to_weight, paired_grams, weight_matrix
+from optc.ir.staged import StagedRun
+from optc.passes.layers import LinearLayer, PairedGram, find_linear_layers, matrix_to_weight, weight_matrix
+from optc.passes.layers.grams import PairedAccumulator
 from optc.passes.numerics.refit import Refit, refit_paired
 
 
@@ -42,12 +46,17 @@ def refit_in_graph_order(
     """``model`` with each target refit by :func:`refit_layer`, in the order given (graph order), and the fits.
 
     Targets that are not a linear layer of ``model``, or are grouped convolutions,
-    are left as they are (and have no fit).
+    are left as they are (and have no fit). Both models run in stages
+    (:class:`~optc.ir.staged.StagedRun`): each target's input is computed from the
+    values the previous targets' stages left, so in graph order every node runs
+    about once per batch, not once per target.
     """
+    targets = list(targets)
     reference_layers = {layer.node: layer for layer in find_linear_layers(reference)[0]}
     # Each layer is edited once, in graph order: the layers not yet refit keep the
     # input tensors and weight names they have in the model compressed so far.
     current_layers = {layer.node: layer for layer in find_linear_layers(model)[0]}
+    runs = StagedRun(model), StagedRun(reference)
     fits: dict[str, Refit] = {}
     for index, target in enumerate(targets, start=1):
         progress.step(index - 1, len(targets), "layers refit")
@@ -56,26 +65,36 @@ def refit_in_graph_order(
             continue
         ref = reference_layers[target.node]
         w = weight_matrix(ref, reference.initializer_array(ref.weight).astype(np.float64))
-        model, fits[target.node] = refit_layer(
-            model, layer, reference, ref, w if target.rows is None else w[target.rows], calibration, ridge=ridge,
-            max_batches=max_batches, seed=seed, bias_already=target.bias_already,
-        )
+        pg = _paired_gram(runs, layer, ref, calibration, max_batches=max_batches, seed=seed)
+        model, fits[target.node] = refit_layer(model, layer, pg, w if target.rows is None else w[target.rows], ridge=ridge,
+                                               bias_already=target.bias_already)
+        runs[0].update(model, [target.node])
     return model, fits
 
 
+def _paired_gram(runs: tuple[StagedRun, StagedRun], layer: LinearLayer, reference_layer: LinearLayer, calibration: CalibrationSet, *,
+                 max_batches: int | None, seed: int) -> PairedGram:
+    """What :func:`~optc.passes.layers.paired_grams` gives for one layer, from the two staged runs."""
+    # 1024 rows a batch: the fit has at most a few thousand columns, and each layer costs a pass.
+    acc = PairedAccumulator([layer], [reference_layer], 1024, seed)
+    mask_name = calibration.token_mask
+    with runs[0].stage([layer.input]) as stage_a, runs[1].stage([reference_layer.input]) as stage_b:
+        for i, feed in enumerate(calibration.batches(16)):
+            if max_batches is not None and i >= max_batches:
+                break
+            acc.add(stage_a.run(feed), stage_b.run(feed), feed[mask_name] if mask_name else None)
+    return acc.grams[layer.node]
+
+
 def refit_layer(
-    model: Model, layer: LinearLayer, reference: Model, reference_layer: LinearLayer, target_w: np.ndarray,
-    calibration: CalibrationSet, *, ridge: float, max_batches: int | None, seed: int = 0,
-    bias_already: np.ndarray | None = None,
+    model: Model, layer: LinearLayer, pg: PairedGram, target_w: np.ndarray, *, ridge: float, bias_already: np.ndarray | None = None,
 ) -> tuple[Model, Refit]:
-    """``model`` with ``layer``'s weight and bias refit so that it reproduces ``target_w`` (``out x d_ref``,
-    rows of the reference layer's weight matrix) applied to ``reference_layer``'s input.
+    """``model`` with ``layer``'s weight and bias refit so that, on the inputs ``pg`` pairs, it reproduces
+    ``target_w`` (``out x d_ref``, rows of the reference layer's weight matrix) applied to the reference input.
 
     ``bias_already``: a bias delta the layer's bias already holds (a previous fit); only the
     difference is added.
     """
-    # 1024 rows a batch: the fit has at most a few thousand columns, and each layer costs a pass.
-    pg = paired_grams(model, [layer], reference, [reference_layer], calibration, max_batches=max_batches, max_rows_per_batch=1024, seed=seed)[layer.node]
     prior = weight_matrix(layer, model.initializer_array(layer.weight).astype(np.float64))
     fit = refit_paired(pg, target_w, prior, ridge=ridge)
     editor = GraphEditor(model)
