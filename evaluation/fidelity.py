@@ -28,6 +28,12 @@ scores over that axis, every position of the leading axes one decision, when
   probability of at least :data:`DECISIVE_PROBABILITY` at at least
   :data:`DECISIVE_SHARE` of the positions (logits, log-probabilities).
 
+One value per sample in [0, 1] (``[N]`` or ``[N, 1]``: a sigmoid, Silero VAD's
+speech probability) is a binary decision at 0.5, read as the two scores
+``[1 - p, p]``. Such an output's per-sample cosine would only compare signs, so
+:func:`sample_cosines` scores an output of one value per sample by the cosine
+over the samples instead.
+
 Measured on the zoo: softmax heads (the ImageNet classifiers, MTCNN's face
 probability, Magika, RapidOCR's CTC recogniser) pass the first test, ddddocr's
 raw CTC logits the second (top class >= 0.5 at 99.7 % of frames); MiniLM's
@@ -83,6 +89,10 @@ def sample_cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
     n = len(reference) if reference.ndim else 1
     r = reference.astype(np.float64).reshape(n, -1)
     a = actual.astype(np.float64).reshape(n, -1)
+    if r.shape[1] == 1 and n > 1:  # one value per sample: its cosine is a sign test; score the samples together
+        r, a = r.reshape(1, -1), a.reshape(1, -1)
+        denom = float(np.linalg.norm(r) * np.linalg.norm(a))
+        return np.full(n, float((r * a).sum() / denom) if denom > 0 else 1.0)
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1)
     return np.where(denom > 0, np.sum(r * a, axis=1) / np.maximum(denom, 1e-300), 1.0)
 
@@ -99,6 +109,9 @@ def class_scores(values: np.ndarray) -> np.ndarray | None:
     shape = list(values.shape)
     while shape and shape[-1] == 1:
         shape.pop()
+    if len(shape) == 1 and values.size and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1:
+        p = values.astype(np.float64).reshape(-1, 1)  # a binary decision at 0.5, as two scores
+        return np.concatenate([1 - p, p], axis=1)
     if len(shape) < 2 or values.size == 0:
         return None
     scores = values.astype(np.float64).reshape(-1, shape[-1])
@@ -119,7 +132,11 @@ def decision_agreement(reference: np.ndarray, actual: np.ndarray) -> float | Non
         return None
     if actual.shape != reference.shape:
         return 0.0
-    other = actual.reshape(scores.shape)
+    if reference.size == len(scores):  # one probability per position, read as [1 - p, p]
+        p = actual.astype(np.float64).reshape(-1, 1)
+        other = np.concatenate([1 - p, p], axis=1)
+    else:
+        other = actual.reshape(scores.shape)
     # NaN in the compressed model's scores is no decision: it never agrees.
     chosen = np.where(np.isnan(other).any(axis=1), -1, np.nan_to_num(other).argmax(axis=1))
     return float(np.mean(chosen == scores.argmax(axis=1)))

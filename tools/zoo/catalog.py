@@ -241,9 +241,10 @@ def prep_silero(m: ZooModel, src: Sources, out: Path, rng) -> Prepared:
 
     return Prepared(feeds(c), feeds(e), batch_axes={"state": 1}, scalars=("sr",),
                     notes=["576-sample windows (64 context + 512) of synthesised speech-like audio at 16 kHz, zero state",
-                           "'state' has its batch on axis 1 and 'sr' is rank 0: the calibration format (samples on axis 0) cannot express either",
-                           "--input-shape input=1x576 state=2x1x128: without it optc's load check runs the model with every dynamic dim "
-                           "set to 1 and the STFT's reflect Pad fails (exit 2)"])
+                           "'state' holds its samples on axis 1 ([2, N, 128]) and 'sr' is rank 0 (one value per sample)",
+                           "no --input-shape: frozen to input=1x576, onnxruntime refuses the model (its 8 kHz branch cannot take "
+                           "576 samples); random data cannot run it either (the STFT's reflect Pad needs real lengths), so a run "
+                           "without --calib measures nothing"])
 
 
 def prep_silero_seq(m: ZooModel, src: Sources, out: Path, rng) -> Prepared:
@@ -383,7 +384,8 @@ MODELS: tuple[ZooModel, ...] = (
              "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "ctc_char", prep_rapidocr_rec, ("x=1x3x48x320",),
              ("ocr", "transformer", "depthwise", "constant-nodes", "dynamic-batch")),
     ZooModel("silero_vad", "Silero VAD v6 (If on the rank-0 sample rate, STFT conv + LSTM)", W["silero-vad"],
-             "silero_vad/data/silero_vad.onnx", "cosine", prep_silero, ("input=1x576", "state=2x1x128"), ("audio", "if", "rank0-input", "lstm")),
+             # Shapes left dynamic: frozen to 1x576, onnxruntime refuses the model (its 8 kHz branch cannot take 576 samples).
+             "silero_vad/data/silero_vad.onnx", "cosine", prep_silero, (), ("audio", "if", "rank0-input", "lstm")),
     ZooModel("silero_vad_seq", "Silero VAD v6, 16 kHz sequence export (explicit h/c state, weights in Constant nodes)", W["silero-vad"],
              "silero_vad/data/silero_vad_16k_sequence.onnx", "cosine", prep_silero_seq, (), ("audio", "lstm", "constant-nodes")),
     ZooModel("basic_pitch", "Spotify Basic Pitch audio-to-MIDI CNN (CQT front end as convs, TF export)", W["basic-pitch"],
