@@ -525,7 +525,7 @@ def test_sequential_refit_in_stages_matches_a_whole_run_per_layer(tmp_path, save
         ref = reference[target.node]
         pg = paired_grams(current, [layer], model, [ref], ctx.calibration, max_rows_per_batch=1024)[layer.node]
         current, fit = refit_layer(current, layer, pg, weight_matrix(ref, model.initializer_array(ref.weight).astype(np.float64)), ridge=1e-3)
-        assert fits[target.node].rel_error == pytest.approx(fit.rel_error, rel=1e-6, abs=1e-12)
+        assert fits[target.node].rel_error == pytest.approx(fit.rel_error, rel=1e-3, abs=1e-6)  # a difference of near-equal sums
     assert len(fits) == 3
     for name in ("conv1", "conv2", "conv3"):
         a = staged.initializer_array(next(n for n in staged.graph.node if n.name == name).input[1])

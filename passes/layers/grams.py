@@ -57,6 +57,17 @@ def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return product.astype(np.float64)
 
 
+def _energy(rows: np.ndarray, wt: np.ndarray) -> float:
+    """``sum ||x W^T||^2`` over ``rows`` (``wt`` is ``W^T``, float32), summed in float64 as :func:`_gram` sums."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = rows @ wt
+        total = float(np.einsum("ij,ij->", out, out, dtype=np.float64))
+    if not np.isfinite(total):
+        out = rows.astype(np.float64) @ wt.astype(np.float64)
+        total = float(np.einsum("ij,ij->", out, out))
+    return total
+
+
 def input_grams(
     model: Model,
     calibration: CalibrationSet,
@@ -117,12 +128,19 @@ def paired_grams(
 
 
 class PairedAccumulator:
-    """:class:`PairedGram` of layers (by node) summed batch by batch: see :func:`paired_grams`."""
+    """:class:`PairedGram` of layers (by node) summed batch by batch: see :func:`paired_grams`.
 
-    def __init__(self, layers: Sequence[LinearLayer], reference_layers: Sequence[LinearLayer], max_rows_per_batch: int, seed: int):
+    ``targets`` (node -> ``W``, ``out x d_ref``): for those layers the reference
+    Gram ``B B^T`` is not summed, only the energy ``sum ||x_b W^T||^2`` a refit
+    to ``W`` reads from it (:func:`~optc.passes.numerics.refit.refit_paired`).
+    """
+
+    def __init__(self, layers: Sequence[LinearLayer], reference_layers: Sequence[LinearLayer], max_rows_per_batch: int, seed: int,
+                 targets: Mapping[str, np.ndarray] | None = None):
         self.pairs = list(zip(layers, reference_layers))
         self.max_rows = max_rows_per_batch
         self.rng = np.random.default_rng(seed)
+        self.targets = {k: np.ascontiguousarray(w.T, dtype=np.float32) for k, w in (targets or {}).items()}
         self.grams: dict[str, PairedGram] = {}
 
     def add(self, values_a: Mapping[str, np.ndarray], values_b: Mapping[str, np.ndarray], mask: np.ndarray | None) -> None:
@@ -141,11 +159,15 @@ class PairedAccumulator:
                 # The two inputs may differ in width (a pruned layer reads fewer columns).
                 groups, da, db = ra.shape[0], ra.shape[2], rb.shape[2]
                 g = self.grams[la.node] = PairedGram(
-                    np.zeros((groups, da, da)), np.zeros((groups, da, db)), np.zeros((groups, db, db)), np.zeros((groups, da)), np.zeros((groups, db))
+                    np.zeros((groups, da, da)), np.zeros((groups, da, db)), None if la.node in self.targets else np.zeros((groups, db, db)),
+                    np.zeros((groups, da)), np.zeros((groups, db)), energy=0.0 if la.node in self.targets else None,
                 )
             g.aa += _gram(ra, ra)
             g.ab += _gram(ra, rb)
-            g.bb += _gram(rb, rb)
+            if g.bb is not None:
+                g.bb += _gram(rb, rb)
+            else:
+                g.energy += _energy(rb[0], self.targets[la.node])
             g.sum_a += ra.sum(axis=1, dtype=np.float64)
             g.sum_b += rb.sum(axis=1, dtype=np.float64)
             g.rows += ra.shape[1]

@@ -65,18 +65,19 @@ def refit_in_graph_order(
             continue
         ref = reference_layers[target.node]
         w = weight_matrix(ref, reference.initializer_array(ref.weight).astype(np.float64))
-        pg = _paired_gram(runs, layer, ref, calibration, max_batches=max_batches, seed=seed)
-        model, fits[target.node] = refit_layer(model, layer, pg, w if target.rows is None else w[target.rows], ridge=ridge,
-                                               bias_already=target.bias_already)
+        target_w = w if target.rows is None else w[target.rows]
+        pg = _paired_gram(runs, layer, ref, target_w, calibration, max_batches=max_batches, seed=seed)
+        model, fits[target.node] = refit_layer(model, layer, pg, target_w, ridge=ridge, bias_already=target.bias_already)
         runs[0].update(model, [target.node])
     return model, fits
 
 
-def _paired_gram(runs: tuple[StagedRun, StagedRun], layer: LinearLayer, reference_layer: LinearLayer, calibration: CalibrationSet, *,
-                 max_batches: int | None, seed: int) -> PairedGram:
-    """What :func:`~optc.passes.layers.paired_grams` gives for one layer, from the two staged runs."""
+def _paired_gram(runs: tuple[StagedRun, StagedRun], layer: LinearLayer, reference_layer: LinearLayer, target_w: np.ndarray,
+                 calibration: CalibrationSet, *, max_batches: int | None, seed: int) -> PairedGram:
+    """What :func:`~optc.passes.layers.paired_grams` gives for one layer, from the two staged runs, with the
+    energy of ``target_w`` on the reference input in place of the reference Gram (all the refit reads of it)."""
     # 1024 rows a batch: the fit has at most a few thousand columns, and each layer costs a pass.
-    acc = PairedAccumulator([layer], [reference_layer], 1024, seed)
+    acc = PairedAccumulator([layer], [reference_layer], 1024, seed, targets={layer.node: target_w})
     mask_name = calibration.token_mask
     with runs[0].stage([layer.input]) as stage_a, runs[1].stage([reference_layer.input]) as stage_b:
         for i, feed in enumerate(calibration.batches(16)):

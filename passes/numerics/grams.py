@@ -43,11 +43,17 @@ class InputGram:
 
 @dataclass
 class PairedGram:
-    """Per group: ``A A^T``, ``A B^T``, ``B B^T`` and the row sums of the fitted (``a``) and reference (``b``) inputs."""
+    """Per group: ``A A^T``, ``A B^T``, ``B B^T`` and the row sums of the fitted (``a``) and reference (``b``) inputs.
+
+    A refit reads ``B B^T`` only through the target's energy ``tr(W B B^T W^T)`` for one
+    known ``W``; then ``bb`` is None and ``energy`` holds ``sum ||x_b W^T||^2`` over the rows
+    (group 0), which costs ``out/d`` of the reference Gram's product.
+    """
 
     aa: np.ndarray  # (groups, d, d)
     ab: np.ndarray
-    bb: np.ndarray
+    bb: np.ndarray | None
     sum_a: np.ndarray  # (groups, d)
     sum_b: np.ndarray
     rows: int = 0
+    energy: float | None = None

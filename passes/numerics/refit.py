@@ -54,21 +54,29 @@ def refit_paired(pg: PairedGram, w: np.ndarray, prior: np.ndarray, *, group: int
     """Refit so that the layer on the fitted model's input (``a``) reproduces ``w`` on the reference input (``b``).
 
     ``w`` (``out x d_ref``) is the reference layer's weight matrix, ``prior``
-    (``out x d_fit``) the weights the fitted model has now.
+    (``out x d_fit``) the weights the fitted model has now. Without ``pg.bb``,
+    ``pg.energy`` must be that of ``w`` (group 0).
     """
     n = max(pg.rows, 1)
+    if pg.bb is None:
+        if pg.energy is None or group != 0:
+            raise ValueError("refit_paired: the paired Gram holds neither B B^T nor the target's energy")
+        bb, target = None, pg.energy / n
+    else:
+        bb, target = pg.bb[group] / n, None
     return refit_from_moments(
-        pg.aa[group] / n, pg.sum_a[group] / n, pg.ab[group] / n, pg.sum_b[group] / n, pg.bb[group] / n,
-        w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias,
+        pg.aa[group] / n, pg.sum_a[group] / n, pg.ab[group] / n, pg.sum_b[group] / n, bb,
+        w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias, target=target,
     )
 
 
-def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool) -> Refit:
+def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool, target: float | None = None) -> Refit:
     """Solve ``min E||x_b W^T - (x_a W'^T + b)||^2 + lam ||W' - prior||^2`` from per-row moments.
 
     ``aa = E[x_a x_a^T]``, ``sa = E[x_a]``, ``ab = E[x_a x_b^T]``, ``sb = E[x_b]``,
     ``bb = E[x_b x_b^T]``. Normal equations over ``z = [x_a, 1]``:
     ``E[z z^T] [W'^T; b^T] = E[z x_b^T] W^T`` (plus the ridge on the weight rows).
+    ``bb`` is read only for the target's energy ``E||x_b W^T||^2``: ``target`` gives it instead.
     """
     k = len(sa)
     zz = np.empty((k + 1, k + 1))
@@ -88,7 +96,8 @@ def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool
     except np.linalg.LinAlgError:
         sol = np.linalg.lstsq(a_reg, b_reg, rcond=None)[0]
     theta = np.vstack([sol, np.zeros((1, w.shape[0]))]) if not bias else sol
-    target = output_energy(w, bb)
+    if target is None:
+        target = output_energy(w, bb)
     energy = max(target, 1e-30)
     plain = np.vstack([prior.T, np.zeros((1, w.shape[0]))])
     zbw = zb @ w.T
