@@ -114,8 +114,9 @@ def paired_grams(
     """
     names_a = sorted({l.input for l in layers})
     names_b = sorted({l.input for l in reference_layers})
-    session_a = make_session(model, extra_outputs=names_a)
-    session_b = make_session(reference, extra_outputs=names_b)
+    # Not spinning: Gram products run between the runs, on the cores spinning workers would hold.
+    session_a = make_session(model, extra_outputs=names_a, spinning=False)
+    session_b = make_session(reference, extra_outputs=names_b, spinning=False)
     acc = PairedAccumulator(layers, reference_layers, max_rows_per_batch, seed)
     mask_name = calibration.token_mask
     for i, feed in enumerate(calibration.batches(batch_size)):
