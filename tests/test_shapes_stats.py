@@ -134,3 +134,33 @@ def test_macs_inside_if_and_loop_bodies():
     n = helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [])
     stats = compute_stats(Model(make_model([if_node, dynamic], [cond, x, n], [("y", [1, 16]), ("z", [1, 8])])))
     assert stats.macs_per_node["loop/body/mm"] == 64 and any("trip count not constant" in u for u in stats.macs_unknown)
+
+
+def _shapes(proto: onnx.ModelProto) -> dict[str, tuple]:
+    return {vi.name: tuple(d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim)
+            for vi in list(proto.graph.value_info) + list(proto.graph.output)}
+
+
+def test_constant_subgraphs_are_typed_as_with_full_data_propagation():
+    """A pack-sparse-decoded weight (cut off before data propagation) and a shape computed from
+    constants (kept for it) type exactly as onnx's own inference with data propagation types them."""
+    from optc.passes.sparsify.pack_sparse import pack_sparse_weights
+
+    w = rand(64, 48)
+    w[np.abs(w) < 0.7] = 0
+    proto = make_model(
+        [
+            helper.make_node("Concat", ["d0", "d1"], ["shape"], axis=0, name="cat"),
+            helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"),
+            helper.make_node("MatMul", ["r", "w"], ["y"], name="mm"),
+        ],
+        [("x", ["n", 8, 8])],
+        [("y", None)],
+        [("d0", np.array([-1], np.int64)), ("d1", np.array([64], np.int64)), ("w", w)],
+    )
+    model = pack_sparse_weights(Model(proto), ["w"]).model
+    expected = onnx.shape_inference.infer_shapes(model.proto, strict_mode=False, data_prop=True)
+    infer_shapes(model)
+    got = _shapes(model.proto)
+    assert got["y"][1:] == (48,) and got["r"][1:] == (64,)
+    assert got == _shapes(expected)
