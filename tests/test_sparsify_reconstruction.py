@@ -111,3 +111,18 @@ def test_stages_split_by_depth(save):
     assert [depths[l.node] for l in layers] == [0, 1, 2, 3, 4]
     assert [[l.node for l in s] for s in split_stages(depths, layers, 2)] == [["mm0", "mm1", "mm2"], ["mm3", "mm4"]]
     assert len(split_stages(depths, layers, 9)) == 5
+
+
+@pytest.mark.parametrize("n", [5, 128, 129, 300])
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_inverse(n):
+    """U^T U = (H + damp)^-1 with U upper triangular: the triangular inverse by halves is exact to rounding."""
+    from optc.passes.numerics.obs import inverse_hessian_factor, inverse_lower
+
+    x = np.random.default_rng(n).standard_normal((2 * n, n))
+    h = x.T @ x / (2 * n)
+    u = inverse_hessian_factor(h, 0.01)
+    damped = h + 0.01 * np.mean(np.diag(h)) * np.eye(n)
+    assert np.array_equal(u, np.triu(u))
+    np.testing.assert_allclose(u.T @ u @ damped, np.eye(n), atol=1e-9)
+    lower = np.linalg.cholesky(damped)
+    np.testing.assert_allclose(inverse_lower(lower), np.linalg.inv(lower), rtol=1e-10, atol=1e-12)
