@@ -265,8 +265,13 @@ class ChainFinder:
                     chain.residual = other
                 else:
                     return chain
-            elif not self._activation(chain, user):
-                return chain
+            else:
+                steps = self._activation(chain, user)
+                if not steps:
+                    return chain
+                chain.end = steps[-1]
+                chain.absorbed.extend(steps)
+                continue
             chain.end = user
             chain.absorbed.append(user)
 
@@ -299,7 +304,8 @@ class ChainFinder:
         chain.absorbed.extend(steps)
         return True
 
-    def _activation(self, chain: Chain, user: Any) -> bool:
+    def _activation(self, chain: Chain, user: Any) -> list[Any]:
+        """The calls of the activation starting at ``user`` (set on ``chain``); [] when there is none."""
         name = op_name(user)
         if name == "relax.nn.relu":
             chain.act = ACT_RELU
@@ -308,11 +314,26 @@ class ChainFinder:
         elif name == "relax.clip":
             lo, hi = (self._prim(a) for a in user.args[1:3])
             if lo is None or hi is None:
-                return False
+                return []
             chain.act, chain.clip = ACT_CLIP, (lo, hi)
+        elif name == "relax.maximum":  # a clip as clip_ops writes it: maximum(x, lo) then minimum(., hi)
+            lo = self._scalar_bound(user)
+            after = self._sole_user(user)
+            hi = self._scalar_bound(after) if op_name(after) == "relax.minimum" and after.args[0].same_as(self.binding_of[user]) else None
+            if lo is None or hi is None or not lo <= hi:
+                return []
+            chain.act, chain.clip = ACT_CLIP, (lo, hi)
+            return [user, after]
         else:
-            return False
-        return True
+            return []
+        return [user]
+
+    def _scalar_bound(self, call: Any) -> float | None:
+        """``b`` of ``op(x, b)`` when ``b`` is a finite scalar constant."""
+        const = self._const(call.args[1])
+        if const is None or const.size != 1 or not np.isfinite(const).all():
+            return None
+        return float(const.reshape(()))
 
     @staticmethod
     def _prim(expr: Any) -> float | None:
@@ -359,9 +380,10 @@ class ChainFinder:
             chain.absorbed.append(gelu_end)
         else:
             user = self._sole_user(chain.end)
-            if user is not None and self._activation(chain, user) and chain.act != ACT_CLIP:
-                chain.end = user
-                chain.absorbed.append(user)
+            steps = self._activation(chain, user) if user is not None else []
+            if steps and chain.act != ACT_CLIP:
+                chain.end = steps[-1]
+                chain.absorbed.extend(steps)
             else:
                 chain.act = ACT_NONE
         return chain

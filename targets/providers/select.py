@@ -44,6 +44,7 @@ from optc.targets.providers.chains import (
     ALGO_WINOGRAD,
     Chain,
 )
+from optc.targets.providers.clip_ops import clips_as_min_max
 from optc.targets.providers.offload import (
     act_attrs,
     conv_attrs,
@@ -99,8 +100,9 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     from tvm import relax
 
     if any(c.kind == "conv2d" for c in find_chains(mod)):
-        # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one.
-        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(mod)
+        # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one. Clips first
+        # become maximum/minimum, which ConvertLayout keeps in NHWC instead of wrapping them in transposes.
+        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(clips_as_min_max(mod))
         report.layout = "NHWC"
     chains = find_chains(mod)
     report.chains = len(chains)
