@@ -117,3 +117,25 @@ def test_explore_searches_the_other_order_with_time_left(sample):
     assert orders == {("sparsify", "prune-channels"), ("prune-channels", "sparsify")}
     assert "every order of the float passes searched" in result.stopped
     assert result.best.feasible and all(not q.feasible or q.bytes >= result.best.bytes for q in result.points)
+
+
+def test_a_search_captures_each_input_gram_and_factor_once(sample, monkeypatch):
+    """Every strength the search tries runs the pass on the same input model: its calibration
+    capture and its inverse-Hessian factors are computed at the first and reused after."""
+    import optc.passes.layers.grams as grams
+    import optc.passes.numerics.obs as obs
+
+    model, calib, _, _ = sample
+    monkeypatch.setattr(grams, "_GRAMS", grams.OrderedDict())
+    monkeypatch.setattr(obs, "_FACTORS", obs.OrderedDict())
+    captures, factors = [], []
+    capture, factor = grams.capture_activations, obs._factor
+    monkeypatch.setattr(grams, "capture_activations", lambda *a, **k: captures.append(1) or capture(*a, **k))
+    monkeypatch.setattr(obs, "_factor", lambda h, damp: factors.append((h.tobytes(), damp)) or factor(h, damp))
+    passes = parse_pass_specs(["canonicalize", "sparsify:sparsity=0.95"])
+    cosine = MetricRunner(load_metric("cosine"), calib, None, model)
+    result = fit_to_budget(passes, PrefixRunner(model, PassContext(calibration=calib)), Budget(cosine, 1e-4), steps=3)
+    runs = sum(1 for p in result.points if p.strengths["sparsify#4"] > 0)
+    assert runs >= 3
+    assert len(captures) == 1
+    assert factors and len(factors) == len(set(factors))  # each distinct Hessian factored once, not once per run
