@@ -132,6 +132,36 @@ def test_clips_stay_in_nhwc_and_relu6_is_a_conv_post_op():
     assert clips_as_min_max(plain) is plain  # nothing to rewrite: the very same module
 
 
+def conv1d_silu() -> onnx.ModelProto:
+    """An audio front end as exporters write it: 1-D convs as [N, C, L, 1] (kernel K x 1), each with SiLU
+    (x * Sigmoid(x), YOLO's and EfficientNet's activation), the second with a residual add."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[4, 1], pads=[30, 0, 30, 0]),
+        helper.make_node("Sigmoid", ["c1"], ["s1"]), helper.make_node("Mul", ["c1", "s1"], ["a1"]),
+        helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], pads=[2, 0, 2, 0]),
+        helper.make_node("Add", ["c2", "a1"], ["r2"]),
+        helper.make_node("Sigmoid", ["r2"], ["s2"]), helper.make_node("Mul", ["s2", "r2"], ["y"]),
+    ]
+    inits = [_w("w1", 16, 1, 64, 1, seed=1), _w("b1", 16, seed=2), _w("w2", 16, 16, 5, 1, seed=3), _w("b2", 16, seed=4)]
+    return make_model(nodes, [("x", [1, 1, 1024, 1])], [("y", [1, 16, 256, 1])], inits)
+
+
+def test_width_one_convs_run_along_w_and_silu_is_a_post_op():
+    from optc.targets.providers.chains import ACT_SWISH
+    from optc.targets.providers.offload import find_chains
+    from tvm import relax
+
+    for mod in (relax_of(conv1d_silu()), relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(relax_of(conv1d_silu()))):
+        chains = find_chains(mod)
+        assert [c.act for c in chains] == [ACT_SWISH, ACT_SWISH]
+        first, second = chains
+        nhwc = first.conv["nhwc"]
+        assert first.given_out_shape == ((1, 256, 1, 16) if nhwc else (1, 16, 256, 1))
+        assert first.out_shape == ((1, 1, 256, 16) if nhwc else (1, 16, 1, 256))
+        assert first.weight.shape == (16, 1, 1, 64) and first.conv["strides"] == (1, 4) and first.conv["padding"] == (0, 30, 0, 30)
+        assert second.residual is not None and second.conv["padding"] == (0, 2, 0, 2)
+
+
 def relax_of(model):
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -162,8 +192,8 @@ def test_value_used_twice_is_not_absorbed():
     assert chain.act == 0 and chain.residual is None
 
 
-@pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block(), normalisations, mobile_block],
-                         ids=["cnn", "attention", "downsample", "normalisations", "mobile"])
+@pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block(), normalisations, mobile_block, conv1d_silu],
+                         ids=["cnn", "attention", "downsample", "normalisations", "mobile", "conv1d-silu"])
 def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
     onednn_or_skip()
     from optc.targets.artifact import load_artifact

@@ -23,8 +23,8 @@ from tvm import relax
 from tvm.ir.expr import Constant
 
 # Activation codes shared with onednn_glue.cc (enum Act).
-ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_GELU_ERF = 0, 1, 2, 3, 4
-ACT_NAMES = {ACT_NONE: "", ACT_RELU: "relu", ACT_CLIP: "clip", ACT_SIGMOID: "sigmoid", ACT_GELU_ERF: "gelu"}
+ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_GELU_ERF, ACT_SWISH = 0, 1, 2, 3, 4, 5
+ACT_NAMES = {ACT_NONE: "", ACT_RELU: "relu", ACT_CLIP: "clip", ACT_SIGMOID: "sigmoid", ACT_GELU_ERF: "gelu", ACT_SWISH: "swish"}
 # Convolution algorithms shared with onednn_glue.cc (enum Algo).
 ALGO_DIRECT, ALGO_WINOGRAD = 0, 1
 
@@ -53,6 +53,8 @@ class Chain:
     axis: int = -1  # softmax: the (non-negative) axis
     eps: float = 0.0  # layer_norm
     algo: int = ALGO_DIRECT  # conv2d: which algorithm the provider runs (a choice made by measurement, not part of the workload)
+    # conv2d along H of a width-1 map, handed to the provider along W (see columns_as_rows): the output shape the graph has.
+    given_out_shape: tuple[int, ...] | None = None
 
     def workload(self) -> str:
         """What the kernel's speed depends on: shapes, attributes and post-ops, never weight values."""
@@ -93,6 +95,38 @@ class Chain:
         if self.kind in ("softmax", "layer_norm"):
             return 0
         return out * int(self.in_shapes[0][-1])
+
+
+def columns_as_rows(chain: Chain) -> None:
+    """A convolution along H of a width-1 map (a 1-D conv exported as [N, C, L, 1]) described along W instead.
+
+    oneDNN's kernels block the output's width: with W = 1 they ran at a fraction of their speed (Magika's
+    256->512 k=5 conv over 512 steps: 14.2 ms; CREPE's 1->128 k=512 conv: 1.53 ms, 0.90 along W). A width-1 map
+    is the same memory as its height-1 transpose (NCHW [N, C, L, 1] = [N, C, 1, L]; NHWC [N, L, 1, C] = [N, 1, L, C];
+    OIHW [O, I, K, 1] = [O, I, 1, K]), so only the shapes and the H/W attributes change; the provider call
+    reshapes its operands (views) and its result back to ``given_out_shape``.
+    """
+    c = chain.conv
+    assert chain.weight is not None
+    w_axis = 2 if c["nhwc"] else 3
+    x_shape, out = chain.in_shapes[0], chain.out_shape
+    t, l, b, r = c["padding"]  # type: ignore[misc]
+    if x_shape[w_axis] != 1 or out[w_axis] != 1 or chain.weight.shape[3] != 1 or chain.weight.shape[2] == 1 \
+            or c["strides"][1] != 1 or c["dilation"][1] != 1 or l or r:  # type: ignore[index]
+        return
+    h_axis = w_axis - 1
+
+    def swapped(shape: tuple[int, ...]) -> tuple[int, ...]:
+        dims = list(shape)
+        dims[h_axis], dims[w_axis] = dims[w_axis], dims[h_axis]
+        return tuple(dims)
+
+    chain.given_out_shape = out
+    chain.out_shape = swapped(out)
+    chain.in_shapes = (swapped(x_shape), *chain.in_shapes[1:])
+    o, i, k, _ = chain.weight.shape
+    chain.weight = chain.weight.reshape(o, i, 1, k)
+    chain.conv = {**c, "strides": c["strides"][::-1], "dilation": c["dilation"][::-1], "padding": (l, t, r, b)}  # type: ignore[index]
 
 
 def op_name(value: Any) -> str:
@@ -152,6 +186,8 @@ class ChainFinder:
             chain = None
             if name == "relax.nn.conv2d":
                 chain = self._conv(value)
+                if chain is not None:
+                    columns_as_rows(chain)
             elif name == "relax.matmul":
                 chain = self._matmul(value)
             elif name == "relax.nn.softmax":
@@ -192,6 +228,22 @@ class ChainFinder:
             axes = expr.attrs.axes
             return np.transpose(inner, None if axes is None else [int(a) for a in axes])
         return None
+
+    def _swish(self, call: Any) -> list[Any]:
+        """``[sigmoid(v), v * sigmoid(v)]`` when those two calls are all that use ``call``'s value ``v``; else []."""
+        var = self.binding_of.get(call)
+        if var is None or var in self.pinned:
+            return []
+        users = self.users.get(var, [])
+        if len(users) != 2 or None in users or any(u in self.claimed for u in users):
+            return []
+        sig = next((u for u in users if op_name(u) == "relax.sigmoid"), None)
+        mul = next((u for u in users if op_name(u) == "relax.multiply"), None)
+        after = None if sig is None or mul is None else self._sole_user(sig)
+        if after is None or not after.same_as(mul):
+            return []
+        other = self._other_arg(mul, var)
+        return [sig, mul] if other is not None and other.same_as(self.binding_of[sig]) else []
 
     def _sole_user(self, call: Any) -> Any:
         """The one call that uses ``call``'s value; None when it has several, is pinned or is unbound."""
@@ -249,6 +301,11 @@ class ChainFinder:
             return None
         while True:
             user = self._sole_user(chain.end)
+            if user is None and chain.act == ACT_NONE:
+                swish = self._swish(chain.end)
+                if swish:  # x * sigmoid(x): SiLU, the activation of YOLOv5/v8 and EfficientNet
+                    chain.act, chain.end = ACT_SWISH, swish[-1]
+                    chain.absorbed.extend(swish)
             if user is None or chain.act != ACT_NONE:
                 return chain
             var = self.binding_of[chain.end]

@@ -39,6 +39,15 @@ def offload(mod: Any, chains: list[Chain], chosen: Callable[[Chain], bool]) -> t
 
 def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = None) -> Any:
     """The ``call_dps_packed`` computing ``chain`` on (already rewritten) inputs."""
+    if chain.given_out_shape is None:
+        return _call(chain, data, other, residual)
+    # a conv along H of a width-1 map runs along W (chains.columns_as_rows): the same memory, other shapes
+    data = relax.op.reshape(data, chain.in_shapes[0])
+    residual = None if residual is None else relax.op.reshape(residual, chain.out_shape)
+    return relax.op.reshape(_call(chain, data, other, residual), chain.given_out_shape)
+
+
+def _call(chain: Chain, data: Any, other: Any, residual: Any) -> Any:
     out_ty = relax.TensorType(list(chain.out_shape), "float32")
     act = act_attrs(chain)
     if chain.scale is not None:

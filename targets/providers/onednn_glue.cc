@@ -91,7 +91,7 @@ float bits_to_float(int64_t v) {
 }
 
 // Activation codes shared with optc/targets/providers/chains.py (ACT_*).
-enum Act : int64_t { kNone = 0, kRelu = 1, kClip = 2, kSigmoid = 3, kGeluErf = 4 };
+enum Act : int64_t { kNone = 0, kRelu = 1, kClip = 2, kSigmoid = 3, kGeluErf = 4, kSwish = 5 };
 
 void append_act(dnnl::post_ops& po, int64_t act, float lo, float hi) {
   using a = dnnl::algorithm;
@@ -101,6 +101,7 @@ void append_act(dnnl::post_ops& po, int64_t act, float lo, float hi) {
     case kClip: po.append_eltwise(1.f, a::eltwise_clip, lo, hi); return;
     case kSigmoid: po.append_eltwise(1.f, a::eltwise_logistic, 0.f, 0.f); return;
     case kGeluErf: po.append_eltwise(1.f, a::eltwise_gelu_erf, 0.f, 0.f); return;
+    case kSwish: po.append_eltwise(1.f, a::eltwise_swish, 1.f, 0.f); return;  // x * sigmoid(1 * x): SiLU
     default: TVM_FFI_THROW(ValueError) << "optc oneDNN: unknown activation code " << act;
   }
 }

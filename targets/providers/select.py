@@ -41,6 +41,7 @@ from optc.targets.providers.chains import (
     ACT_GELU_ERF,
     ACT_RELU,
     ACT_SIGMOID,
+    ACT_SWISH,
     ALGO_WINOGRAD,
     Chain,
 )
@@ -102,8 +103,13 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     if any(c.kind == "conv2d" for c in find_chains(mod)):
         # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one. Clips first
         # become maximum/minimum, which ConvertLayout keeps in NHWC instead of wrapping them in transposes.
-        mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(clips_as_min_max(mod))
-        report.layout = "NHWC"
+        try:
+            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(clips_as_min_max(mod))
+            report.layout = "NHWC"
+        except Exception as exc:  # noqa: BLE001 - TVM's layout rules fail on some ops (Magika's 3-D reductions): NCHW is correct
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            logger.warning("TVM cannot convert this model's layout to NHWC (%s): its convolutions run in NCHW", first[:160])
+            report.layout = "NCHW (NHWC conversion failed)"
     chains = find_chains(mod)
     report.chains = len(chains)
     if not chains:
@@ -248,6 +254,8 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
         y = bb.emit(R.sigmoid(y))
     elif chain.act == ACT_CLIP:
         y = bb.emit(R.clip(y, relax.prim_value(chain.clip[0]), relax.prim_value(chain.clip[1])))
+    elif chain.act == ACT_SWISH:
+        y = bb.emit(R.multiply(y, bb.emit(R.sigmoid(y))))
     elif chain.act == ACT_GELU_ERF:
         erf = bb.emit(R.erf(bb.emit(R.divide(y, relax.const(np.float32(np.sqrt(2.0)))))))
         y = bb.emit(R.multiply(bb.emit(R.multiply(y, bb.emit(R.add(erf, relax.const(np.float32(1.0)))))), relax.const(np.float32(0.5))))
