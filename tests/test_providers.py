@@ -146,6 +146,17 @@ def conv1d_silu() -> onnx.ModelProto:
     return make_model(nodes, [("x", [1, 1, 1024, 1])], [("y", [1, 16, 256, 1])], inits)
 
 
+def decoder_block() -> onnx.ModelProto:
+    """A detector's upsampling head (DBNet, U-Nets): conv + ReLU, then a stride-2 ConvTranspose, which TVM
+    lowers in NCHW only, then a conv with Sigmoid."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("ConvTranspose", ["r1", "wt", "bt"], ["u"], strides=[2, 2]),
+             helper.make_node("Conv", ["u", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Sigmoid", ["c2"], ["y"])]
+    inits = [_w("w1", 16, 8, 3, 3, seed=1), _w("b1", 16, seed=2), _w("wt", 16, 8, 2, 2, seed=3), _w("bt", 8, seed=4),
+             _w("w2", 4, 8, 3, 3, seed=5), _w("b2", 4, seed=6)]
+    return make_model(nodes, [("x", [1, 8, 12, 20])], [("y", [1, 4, 24, 40])], inits)
+
+
 def test_width_one_convs_run_along_w_and_silu_is_a_post_op():
     from optc.targets.providers.chains import ACT_SWISH
     from optc.targets.providers.offload import find_chains
@@ -192,8 +203,9 @@ def test_value_used_twice_is_not_absorbed():
     assert chain.act == 0 and chain.residual is None
 
 
-@pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block(), normalisations, mobile_block, conv1d_silu],
-                         ids=["cnn", "attention", "downsample", "normalisations", "mobile", "conv1d-silu"])
+@pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block(), normalisations, mobile_block, conv1d_silu,
+                                   decoder_block],
+                         ids=["cnn", "attention", "downsample", "normalisations", "mobile", "conv1d-silu", "decoder"])
 def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
     onednn_or_skip()
     from optc.targets.artifact import load_artifact

@@ -86,6 +86,30 @@ class ProviderReport:
         return dict(self.__dict__)
 
 
+# Convolutions in NHWC for oneDNN; a transposed convolution stays NCHW, the only layout TVM can lower it in
+# (RapidOCR's detector: "CodeGenVM cannot emit this Relax operator" after 77 s of compiling).
+NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+
+
+def unlegalizable(mod: Any, target: Any) -> list[str]:
+    """Relax ops that LegalizeOps leaves in ``mod`` (no TIR for them in the layout they now have)."""
+    import tvm
+    from tvm import relax
+
+    with target:
+        lowered = relax.transform.LegalizeOps()(mod)
+    left: set[str] = set()
+    for _, func in lowered.functions_items():
+        if isinstance(func, relax.Function):
+            for block in func.body.blocks:
+                for binding in block.bindings:
+                    value = binding.value
+                    if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name.startswith("relax.") \
+                            and not value.op.name.startswith(("relax.call_", "relax.builtin", "relax.vm", "relax.memory")):
+                        left.add(value.op.name)
+    return sorted(left)
+
+
 def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[Any], Any]) -> tuple[Any, ProviderReport]:
     """``mod`` with the chains the chosen providers compute rewritten into their calls."""
     if mode not in MODES:
@@ -104,8 +128,11 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
         # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one. Clips first
         # become maximum/minimum, which ConvertLayout keeps in NHWC instead of wrapping them in transposes.
         try:
-            mod = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})(clips_as_min_max(mod))
-            report.layout = "NHWC"
+            converted = relax.transform.ConvertLayout(NHWC_LAYOUTS)(clips_as_min_max(mod))
+            stuck = unlegalizable(converted, target)
+            if stuck:
+                raise ValueError(f"no NHWC kernel for {', '.join(stuck)}")
+            mod, report.layout = converted, "NHWC"
         except Exception as exc:  # noqa: BLE001 - TVM's layout rules fail on some ops (Magika's 3-D reductions): NCHW is correct
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             logger.warning("TVM cannot convert this model's layout to NHWC (%s): its convolutions run in NCHW", first[:160])
