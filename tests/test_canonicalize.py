@@ -181,6 +181,26 @@ def test_fold_constants_folds_shape_chain_once_shapes_are_static(save):
     assert_same_outputs(proto, result.model.proto, {"x": rand(2, 3, 4)}, atol=0, rtol=0)
 
 
+def test_fold_constants_folds_chains_of_computed_reshapes_one_behind_the_other(save):
+    """The second Reshape's shape is computed from the first's output, whose shape shape inference learns only
+    once the first Reshape's target is a constant (paddle2onnx exports: RapidOCR's recogniser kept 4 such
+    Reshapes after one round, which TVM's frontend refuses)."""
+    def reshape_of(src, out, tag):
+        return [helper.make_node("Shape", [src], [f"{tag}_s"], name=f"{tag}_shape"),
+                helper.make_node("Slice", [f"{tag}_s", "zero1", "one1"], [f"{tag}_n"], name=f"{tag}_slice"),
+                # an op onnx's shape inference carries no values through (Max): the Reshape's output shape stays unknown
+                helper.make_node("Max", [f"{tag}_n", "one1"], [f"{tag}_n64"], name=f"{tag}_max"),
+                helper.make_node("Concat", [f"{tag}_n64", "minus1"], [f"{tag}_t"], axis=0, name=f"{tag}_concat"),
+                helper.make_node("Reshape", [src, f"{tag}_t"], [out], name=f"{tag}_reshape")]
+    nodes = [*reshape_of("x", "r1", "a"), helper.make_node("Relu", ["r1"], ["h"], name="relu"), *reshape_of("h", "y", "b")]
+    proto = make_model(nodes, [("x", [2, 3, 4])], [("y", [2, 12])],
+                       [("zero1", np.array([0], np.int64)), ("one1", np.array([1], np.int64)), ("minus1", np.array([-1], np.int64))])
+    _, result = run_pass("fold-constants", proto, save)
+    assert ops(result.model) == ["Reshape", "Relu", "Reshape"]
+    assert result.stats["nodes_folded"] == 8
+    assert_same_outputs(proto, result.model.proto, {"x": rand(2, 3, 4)}, atol=0, rtol=0)
+
+
 def test_fold_constants_leaves_dynamic_shapes_and_random_ops(save):
     proto = make_model(
         [

@@ -15,10 +15,12 @@ import numpy as np
 from optc.ir.graph import GraphEditor
 from optc.ir.liveness import may_fold
 from optc.ir.model import Model
+from optc.ir.shapes import infer_shapes
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 
 # Folding may grow the stored weights by this factor (plus 16 KiB) before data movement on weights is left unfolded.
 GROWTH_ALLOWED = 1.02
+MAX_ROUNDS = 8
 DATA_MOVEMENT_OPS = {"Slice", "Split", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Concat", "Gather",
                      "Expand", "Tile", "Cast", "Identity", "Pad"}
 WEIGHT_ELEMENTS = 1024
@@ -41,6 +43,21 @@ class FoldConstants(Pass[FoldConstantsConfig]):
     requires = frozenset({Requirement.SHAPES})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        result = self._round(model)
+        # A folded Reshape gives shape inference the static shape it could not see (a paddle2onnx export's
+        # Shape -> Slice -> Concat -> Reshape chains, one behind the other): fold again while that frees more.
+        # RapidOCR's recogniser kept 4 computed Reshapes after one round, which TVM's frontend refuses.
+        for _ in range(MAX_ROUNDS - 1):
+            if not result.modified:
+                break
+            infer_shapes(result.model)
+            more = self._round(result.model)
+            if not more.modified:
+                break
+            result = PassResult(more.model, True, {"nodes_folded": result.stats["nodes_folded"] + more.stats["nodes_folded"]})
+        return result if result.modified else PassResult(model, modified=False, stats={"nodes_folded": 0})
+
+    def _round(self, model: Model) -> PassResult:
         if not may_fold(model, fold_shapes=self.config.fold_shapes, exclude_ops=NONDETERMINISTIC_OPS):  # no graph import for nothing
             return PassResult(model, modified=False, stats={"nodes_folded": 0})
         result = self._fold(model, lambda n: n.op in NONDETERMINISTIC_OPS)
