@@ -54,6 +54,7 @@ import yaml
 
 from optc import __version__
 from optc.data import CalibrationSet, LabelledSet
+from optc.data.calibration import sample_axes
 from optc.data.images import ImagePreprocess
 from optc.errors import ConfigError, OptcError
 from optc.evaluation import accuracy, compare_outputs, latency_ms
@@ -385,10 +386,12 @@ def prepare_model(
 def _target_batch(model: Model, target: str) -> dict[str, tuple[int, ...]]:
     """Batch-1 shapes for inputs whose only dynamic dim is the leading one; ConfigError for other dynamic dims."""
     dynamic = [s for s in model.inputs if not s.is_static]
-    if all(s.shape and not isinstance(s.shape[0], int) and all(isinstance(d, int) for d in s.shape[1:]) for s in dynamic):
-        return {s.name: (1, *s.shape[1:]) for s in dynamic}  # type: ignore[misc]
+    # the batch is each input's sample axis: 0, or 1 for a recurrent state [2, batch, 128]
+    axes = {name: 0 if axis is None else axis for name, axis in sample_axes(model.inputs).items()}
+    if all(s.shape and [i for i, d in enumerate(s.shape) if not isinstance(d, int)] == [axes[s.name]] for s in dynamic):
+        return {s.name: tuple(1 if i == axes[s.name] else d for i, d in enumerate(s.shape)) for s in dynamic}  # type: ignore[misc, union-attr]
     placeholders: list[str] = []
-    hints = " ".join(f"--input-shape {s.name}={_dims_hint(s, placeholders)}" for s in dynamic)
+    hints = " ".join(f"--input-shape {s.name}={_dims_hint(s, placeholders, axes[s.name])}" for s in dynamic)
     sizes = " and ".join(placeholders)
     raise ConfigError(
         f"--target {target} needs static input shapes ({'; '.join(s.describe() for s in dynamic)}): "
@@ -396,8 +399,9 @@ def _target_batch(model: Model, target: str) -> dict[str, tuple[int, ...]]:
     )
 
 
-def _dims_hint(spec: TensorSpec, placeholders: list[str]) -> str:
-    """``1x3xHEIGHTxWIDTH``: known dims filled in, the batch as 1, the others named in capitals (added to ``placeholders``)."""
+def _dims_hint(spec: TensorSpec, placeholders: list[str], batch: int = 0) -> str:
+    """``1x3xHEIGHTxWIDTH``: known dims filled in, the batch (axis ``batch``) as 1, the others named in capitals
+    (added to ``placeholders``)."""
     if spec.shape is None:
         parts = [f"{spec.name.upper()}_DIMS"]
     else:
@@ -405,7 +409,7 @@ def _dims_hint(spec: TensorSpec, placeholders: list[str]) -> str:
         for i, d in enumerate(spec.shape):
             if isinstance(d, int):
                 parts.append(str(d))
-            elif i == 0:
+            elif i == batch:
                 parts.append("1")
             else:
                 name = re.sub(r"[^A-Za-z0-9]+", "_", d or "").strip("_").upper()

@@ -233,6 +233,17 @@ def test_target_freezes_a_dynamic_batch_dim_only(tmp_path):
     _assert_clean_failure(res, out, "give --input-shape ids=1xSEQ_LEN --input-shape mask=1xSEQ_LEN, with SEQ_LEN the size to compile for")
     res = invoke("compile", tmp_path / "m.onnx", "-o", out, "--target", "x86", "--input-shape", "ids=2x7")
     _assert_clean_failure(res, out, "(mask: float32 [batchxseq_len]): give --input-shape mask=1xSEQ_LEN")
+    # A recurrent state [2, batch, 8] holds its batch on axis 1: frozen there, and shown as 1 there.
+    proto = make_model([helper.make_node("ReduceSum", ["state"], ["s"], keepdims=0, name="sum"),
+                        helper.make_node("Add", ["x", "s"], ["y"], name="add")],
+                       [("x", ["batch", 8]), ("state", [2, "batch", 8])], [("y", ["batch", 8])])
+    onnx.save_model(proto, str(tmp_path / "s.onnx"))
+    model, frozen = prepare_model(tmp_path / "s.onnx", {}, target="x86")
+    assert frozen == {"x": (1, 8), "state": (2, 1, 8)}
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "window"
+    onnx.save_model(proto, str(tmp_path / "s2.onnx"))
+    res = invoke("compile", tmp_path / "s2.onnx", "-o", out, "--target", "x86")
+    _assert_clean_failure(res, out, "give --input-shape x=1xWINDOW --input-shape state=2x1x8, with WINDOW the size to compile for")
 
 
 def test_terminal_output_is_not_read_as_markup(tmp_path):
