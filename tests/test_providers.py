@@ -112,12 +112,12 @@ def test_clips_stay_in_nhwc_and_relu6_is_a_conv_post_op():
     """The frontend's Clip (call_tir of maximum/minimum) and HardSigmoid/HardSwish (R.clip) have no layout rule:
     in NHWC each sat between two transposes. As maximum/minimum they stay in NHWC."""
     from optc.targets.providers.chains import ACT_CLIP
-    from optc.targets.providers.clip_ops import clips_as_min_max
+    from optc.targets.providers.layout_ops import layout_friendly
     from optc.targets.providers.offload import find_chains
     from tvm import relax
 
     mod = relax_of(mobile_block())
-    rewritten = clips_as_min_max(mod)
+    rewritten = layout_friendly(mod)
     nhwc = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
     text = relax.transform.ConvertLayout(nhwc)(rewritten).script()
     assert "R.clip" not in text and "cls.maximum" not in text and "cls.minimum" not in text
@@ -129,7 +129,7 @@ def test_clips_stay_in_nhwc_and_relu6_is_a_conv_post_op():
     relu6 = [c for c in find_chains(relax.transform.ConvertLayout(nhwc)(rewritten)) if c.act == ACT_CLIP]
     assert [(c.conv["groups"], c.clip) for c in relu6] == [(1, (0.0, 6.0))]
     plain = relax_of(attention())
-    assert clips_as_min_max(plain) is plain  # nothing to rewrite: the very same module
+    assert layout_friendly(plain) is plain  # nothing to rewrite: the very same module
 
 
 def conv1d_silu() -> onnx.ModelProto:
@@ -155,6 +155,39 @@ def decoder_block() -> onnx.ModelProto:
     inits = [_w("w1", 16, 8, 3, 3, seed=1), _w("b1", 16, seed=2), _w("wt", 16, 8, 2, 2, seed=3), _w("bt", 8, seed=4),
              _w("w2", 4, 8, 3, 3, seed=5), _w("b2", 4, seed=6)]
     return make_model(nodes, [("x", [1, 8, 12, 20])], [("y", [1, 4, 24, 40])], inits)
+
+
+def sum_residuals() -> onnx.ModelProto:
+    """Residuals as ONNX's variadic ops (ResNet-50 and ShuffleNet from the onnx wheel write them as Sum):
+    Sum of two, Max of three with a broadcast bias, Mean of two."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sum", ["c2", "r1"], ["s"]), helper.make_node("Relu", ["s"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1]),
+             helper.make_node("Max", ["c3", "r2", "k"], ["m"]), helper.make_node("Mean", ["m", "r1"], ["y"])]
+    inits = [_w("w1", 16, 8, 3, 3, seed=1), _w("b1", 16, seed=2), _w("w2", 16, 16, 3, 3, seed=3), _w("b2", 16, seed=4),
+             _w("w3", 16, 16, 3, 3, seed=5), _w("k", 16, 1, 1, seed=6)]
+    return make_model(nodes, [("x", [1, 8, 12, 20])], [("y", [1, 16, 12, 20])], inits)
+
+
+def test_variadic_residuals_become_binary_ops_and_stay_in_nhwc():
+    """The frontend stacks Sum/Max/Mean inputs on a 5-D axis, where ConvertLayout fails ('Invalid SLayout')."""
+    from optc.targets.providers.layout_ops import layout_friendly
+    from optc.targets.providers.offload import find_chains
+    from optc.targets.providers.select import NHWC_LAYOUTS
+    from tvm import relax
+
+    mod = relax_of(sum_residuals())
+    assert "R.stack" in mod.script()
+    with pytest.raises(Exception, match="SLayout"):
+        relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod)
+    rewritten = layout_friendly(mod)
+    text = relax.transform.ConvertLayout(NHWC_LAYOUTS)(rewritten).script()
+    assert "R.stack" not in text and "R.broadcast_to" not in text
+    moved = [line for line in text.splitlines() if "R.permute_dims(" in line and "metadata" not in line]
+    assert len(moved) <= 2 + 3, moved  # the input, the output, constant biases
+    residual = [c for c in find_chains(relax.transform.ConvertLayout(NHWC_LAYOUTS)(rewritten)) if c.residual is not None]
+    assert len(residual) == 1  # Sum(conv, r1) became the conv's residual add
 
 
 def test_width_one_convs_run_along_w_and_silu_is_a_post_op():
@@ -204,8 +237,8 @@ def test_value_used_twice_is_not_absorbed():
 
 
 @pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block(), normalisations, mobile_block, conv1d_silu,
-                                   decoder_block],
-                         ids=["cnn", "attention", "downsample", "normalisations", "mobile", "conv1d-silu", "decoder"])
+                                   decoder_block, sum_residuals],
+                         ids=["cnn", "attention", "downsample", "normalisations", "mobile", "conv1d-silu", "decoder", "sum"])
 def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
     onednn_or_skip()
     from optc.targets.artifact import load_artifact

@@ -373,7 +373,7 @@ class ChainFinder:
             if lo is None or hi is None:
                 return []
             chain.act, chain.clip = ACT_CLIP, (lo, hi)
-        elif name == "relax.maximum":  # a clip as clip_ops writes it: maximum(x, lo) then minimum(., hi)
+        elif name == "relax.maximum":  # a clip as layout_ops writes it: maximum(x, lo) then minimum(., hi)
             lo = self._scalar_bound(user)
             after = self._sole_user(user)
             hi = self._scalar_bound(after) if op_name(after) == "relax.minimum" and after.args[0].same_as(self.binding_of[user]) else None

@@ -45,7 +45,7 @@ from optc.targets.providers.chains import (
     ALGO_WINOGRAD,
     Chain,
 )
-from optc.targets.providers.clip_ops import clips_as_min_max
+from optc.targets.providers.layout_ops import layout_friendly
 from optc.targets.providers.offload import (
     act_attrs,
     conv_attrs,
@@ -125,10 +125,10 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     from tvm import relax
 
     if any(c.kind == "conv2d" for c in find_chains(mod)):
-        # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one. Clips first
-        # become maximum/minimum, which ConvertLayout keeps in NHWC instead of wrapping them in transposes.
+        # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one. Clips and
+        # variadic sums first become binary ops, which ConvertLayout keeps in NHWC (layout_ops).
         try:
-            converted = relax.transform.ConvertLayout(NHWC_LAYOUTS)(clips_as_min_max(mod))
+            converted = relax.transform.ConvertLayout(NHWC_LAYOUTS)(layout_friendly(mod))
             stuck = unlegalizable(converted, target)
             if stuck:
                 raise ValueError(f"no NHWC kernel for {', '.join(stuck)}")

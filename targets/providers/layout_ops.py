@@ -1,0 +1,135 @@
+"""Rewrites that let ConvertLayout keep activations in NHWC: clips and variadic element-wise ops.
+
+**Clips as maximum/minimum.** TVM's ONNX frontend writes ``Clip`` (any opset) as TE
+calls of ``topi.maximum`` and ``topi.minimum``, and ``HardSigmoid``/``HardSwish``
+as ``R.clip``; neither has a layout rule, so converting the convolutions to NHWC
+wraps every clip in two transposes. On a MobileNetV3-style classifier (RapidOCR's
+direction model) the hard-swish kernels with their transposes took 0.5 of the
+artifact's 1.1 ms. ``R.maximum``/``R.minimum`` with a scalar bound are element-wise
+binary ops, which ConvertLayout keeps in any layout. :mod:`.chains` reads the pair
+as the clip post-op a provider fuses. Only calls whose meaning is certain are
+rewritten: ``R.clip``, and ``call_tir`` of a function the TE emitter named
+``maximum``/``minimum`` (``maximum1``, ...) on a tensor and a scalar of its dtype,
+returning the tensor's shape.
+
+**Sum/Max/Min/Mean of several tensors as a chain of binary ops.** The frontend
+broadcasts each input, stacks them on a new axis and reduces it; ConvertLayout
+fails on the 5-D stack (``Invalid SLayout``: ResNet-50 and ShuffleNet from the
+onnx wheel, whose residuals are ``Sum``), and the stack copies every input once
+more. The frontend's own fallback for unknown shapes is the pairwise form,
+which ONNX's multidirectional broadcasting makes equivalent; a residual written
+as ``add`` is also what a provider fuses into the convolution before it.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.ir.expr import Constant
+
+from optc.targets.providers.chains import dtype_of, static_shape
+
+_TE_NAME = re.compile(r"(maximum|minimum)\d*$")
+
+
+def layout_friendly(mod: Any) -> Any:
+    """``mod`` with its clips and variadic element-wise ops rewritten (the same module when there are none)."""
+    rewriter = _Rewriter(mod)
+    new_mod = rewriter.run()
+    if not rewriter.count:
+        return mod
+    # a rewritten call returns a var the mutator binds again (lv188 = lv10_1): ConvertLayout has no rule for such an
+    # alias and put ResNet-50's residual adds back in NCHW, between transposes (22 of its 107 ms)
+    return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(new_mod))
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod: Any) -> None:
+        super().__init__(mod)
+        self.mod = mod
+        self.count = 0
+        self.clip, self.call_tir, self.where, self.stack, self.broadcast_to = (
+            tvm.ir.Op.get(f"relax.{name}") for name in ("clip", "call_tir", "where", "stack", "broadcast_to"))
+
+    def run(self) -> Any:
+        for gvar, func in self.mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call: Any) -> Any:
+        if call.op.same_as(self.clip):
+            bounds = [_prim(a) for a in call.args[1:3]]
+            if None not in bounds and dtype_of(call) in ("float32", "float16", "float64"):
+                self.count += 1
+                out = self.visit_expr(call.args[0])
+                lo, hi = bounds
+                dtype = dtype_of(call)
+                if not math.isinf(lo):
+                    out = self.builder_.emit(relax.op.maximum(out, relax.const(lo, dtype)))
+                return relax.op.minimum(out, relax.const(hi, dtype)) if not math.isinf(hi) else out
+        elif isinstance(call.op, tvm.ir.Op) and call.op.name in _PAIRWISE:
+            stacked = self.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else call.args[0]
+            parts = self._stacked(stacked) if _reduces_axis0(call) else None
+            if parts:
+                self.count += 1
+                out = self.visit_expr(parts[0])
+                for part in parts[1:]:
+                    out = self.builder_.emit(_PAIRWISE[call.op.name](out, self.visit_expr(part)))
+                if call.op.name == "relax.mean":
+                    out = relax.op.divide(out, relax.const(len(parts), dtype_of(call)))
+                return out
+        elif call.op.same_as(self.call_tir) and isinstance(call.args[0], relax.GlobalVar):
+            match = _TE_NAME.match(call.args[0].name_hint)
+            args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else ()
+            if match and len(args) == 2 and static_shape(args[1]) == () and dtype_of(args[0]) == dtype_of(args[1]) == dtype_of(call) \
+                    and static_shape(args[0]) is not None and static_shape(args[0]) == static_shape(call):
+                self.count += 1
+                op = relax.op.maximum if match.group(1) == "maximum" else relax.op.minimum
+                return op(self.visit_expr(args[0]), self._bound(args[1]))
+        return super().visit_call_(call)
+
+    def _stacked(self, value: Any) -> list[Any] | None:
+        """The tensors of ``stack([broadcast_to(x, s), ...], axis=0)``, each before its broadcast; None otherwise."""
+        if not (isinstance(value, relax.Call) and value.op.same_as(self.stack) and int(value.attrs.axis) == 0):
+            return None
+        fields = value.args[0].fields if isinstance(value.args[0], relax.Tuple) else None
+        if not fields or len(fields) < 2:
+            return None
+        parts = []
+        for field in fields:
+            inner = self.lookup_binding(field) if isinstance(field, relax.Var) else field
+            parts.append(inner.args[0] if isinstance(inner, relax.Call) and inner.op.same_as(self.broadcast_to) else field)
+        if any(dtype_of(p) not in ("float32", "float16", "float64") for p in parts):
+            return None
+        return parts
+
+    def _bound(self, expr: Any) -> Any:
+        """The frontend's NaN guard ``where(isnan(c), ±inf, c)`` on a constant ``c`` that is not NaN is ``c``: a
+        constant bound is what :mod:`.chains` fuses as a clip post-op."""
+        value = self.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        if isinstance(value, relax.Call) and value.op.same_as(self.where) and isinstance(value.args[2], Constant):
+            bound = value.args[2].value.numpy()
+            if bound.size == 1 and not np.isnan(bound).any():
+                return value.args[2]
+        return self.visit_expr(expr)
+
+
+_PAIRWISE = {"relax.sum": relax.op.add, "relax.max": relax.op.maximum, "relax.min": relax.op.minimum, "relax.mean": relax.op.add}
+
+
+def _reduces_axis0(call: Any) -> bool:
+    axes = call.attrs.axis
+    return axes is not None and [int(a) for a in axes] == [0] and not bool(call.attrs.keepdims)
+
+
+def _prim(expr: Any) -> float | None:
+    """A clip bound: an IntImm/FloatImm, or a PrimValue holding one."""
+    value = getattr(expr, "value", None)
+    value = getattr(value, "value", value)
+    return float(value) if isinstance(value, (int, float)) else None
