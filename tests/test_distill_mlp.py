@@ -115,6 +115,24 @@ def test_prefix_curve_equals_direct_refits(select):
         assert direct == pytest.approx(curve[k], rel=1e-4, abs=1e-10)  # float64 round-off of two formulas
 
 
+def test_greedy_order_of_a_width_is_the_prefix_of_a_wider_one(monkeypatch):
+    """unit_order remembers the longest order it computed and cuts it: what it cuts is what a
+    fresh forward selection of that width picks (blocks of 2 units, so last steps are cut short)."""
+    import optc.passes.numerics.unit_selection as us
+
+    rng = np.random.default_rng(12)
+    a = np.maximum(rng.standard_normal((600, 30)) @ rng.standard_normal((30, 30)), 0.0)
+    w = rng.standard_normal((6, 30))
+    gram = InputGram((a.T @ a)[None], a.sum(0)[None], len(a))
+    monkeypatch.setattr(us, "_ORDERS", us.OrderedDict())
+    fresh = {k: us.unit_order(gram, w, k, block=2) for k in (25, 7, 14)}  # 7 and 14 cut from 25's
+    assert len(us._ORDERS) == 1
+    for k, order in fresh.items():
+        monkeypatch.setattr(us, "_ORDERS", us.OrderedDict())
+        assert np.array_equal(order, us.unit_order(gram, w, k, block=2))
+        assert np.array_equal(order, select_units(gram, w, k, block=2)[0])
+
+
 def test_greedy_selection_needs_fewer_units_than_magnitude():
     rng = np.random.default_rng(11)
     # Correlated hidden units: magnitude keeps redundant copies, greedy does not.

@@ -20,11 +20,14 @@ that is written is refit_columns'.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 
 import numpy as np
 
 from optc.passes.numerics.grams import InputGram, output_energy
+from optc.passes.numerics.obs import inverse_lower
 
 RIDGE = 1e-4  # refit_columns' default, relative to the mean diagonal of the Gram
 
@@ -36,6 +39,50 @@ def select_units(gram: InputGram, w: np.ndarray, max_width: int, *, select: str 
     ``greedy`` adds ``block`` units per step (default ``ceil(h / 128)``: exact
     forward selection up to 128 units, blocks of the best gains above).
     """
+    a, cross, energy, lam = _moments(gram, w, ridge)
+    order = 1 + unit_order(gram, w, max_width, select=select, ridge=ridge, block=block)
+    perm = np.concatenate([[0], order])
+    return order - 1, _prefix_curve(a[np.ix_(perm, perm)], cross[perm], energy, lam)
+
+
+def unit_order(gram: InputGram, w: np.ndarray, max_width: int, *, select: str = "greedy", ridge: float = RIDGE,
+               block: int | None = None) -> np.ndarray:
+    """The first ``max_width`` units of :func:`select_units`' order, without the error curve.
+
+    The greedy order of a width is the prefix of every wider one (each step picks the
+    best gains; a last, shorter step picks the first of the same ranking), so the
+    longest order computed for the same statistics is remembered (bounded) and cut:
+    the default budget's search asks a layer for several widths.
+    """
+    if select == "magnitude":
+        rows = max(gram.rows, 1)
+        g, s = gram.gram[0] / rows, gram.total[0] / rows
+        std = np.sqrt(np.maximum(np.diag(g) - s**2, 0.0))
+        return np.argsort(-std * np.linalg.norm(w, axis=0), kind="stable")[:max_width]
+    if select != "greedy":
+        raise ValueError(f"select must be greedy or magnitude, got {select!r}")
+    h = gram.gram.shape[-1]
+    block = block or max(1, math.ceil(h / 128))
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (gram.gram[0], gram.total[0], np.asarray(w, dtype=np.float64)):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    key = (digest.digest(), gram.rows, w.shape, ridge, block)
+    held = _ORDERS.get(key)
+    if held is None or len(held) < min(max_width, h):
+        a, cross, _, _ = _moments(gram, w, ridge)
+        held = _ORDERS[key] = _greedy_order(a, cross, max_width, block) - 1
+        while len(_ORDERS) > ORDERS_MAX:
+            _ORDERS.popitem(last=False)
+    _ORDERS.move_to_end(key)
+    return held[:max_width].copy()
+
+
+_ORDERS: OrderedDict[tuple, np.ndarray] = OrderedDict()
+ORDERS_MAX = 256
+
+
+def _moments(gram: InputGram, w: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The ridge-damped second moment ``A`` of ``[1, a]``, ``E[[1, a] y^T]``, the output energy and the ridge."""
     rows = max(gram.rows, 1)
     g, s = gram.gram[0] / rows, gram.total[0] / rows
     h = len(s)
@@ -45,15 +92,7 @@ def select_units(gram: InputGram, w: np.ndarray, max_width: int, *, select: str 
     energy = max(output_energy(w, g), 1e-30)
     lam = ridge * max(float(np.mean(np.diag(g))), 1e-12)
     a[np.diag_indices_from(a)] += lam  # a zero-pulling ridge: see the module docstring
-    if select == "magnitude":
-        std = np.sqrt(np.maximum(np.diag(g) - s**2, 0.0))
-        order = 1 + np.argsort(-std * np.linalg.norm(w, axis=0), kind="stable")[:max_width]
-    elif select == "greedy":
-        order = _greedy_order(a, cross, max_width, block or max(1, math.ceil(h / 128)))
-    else:
-        raise ValueError(f"select must be greedy or magnitude, got {select!r}")
-    perm = np.concatenate([[0], order])
-    return order - 1, _prefix_curve(a[np.ix_(perm, perm)], cross[perm], energy, lam)
+    return a, cross, energy, lam
 
 
 def _greedy_order(a: np.ndarray, cross: np.ndarray, count: int, block: int) -> np.ndarray:
@@ -92,7 +131,7 @@ def _prefix_curve(a: np.ndarray, cross: np.ndarray, energy: float, lam: float) -
     prefixes cost a few matrix products.
     """
     chol = np.linalg.cholesky(a)
-    inv = np.linalg.solve(chol, np.eye(len(a)))
+    inv = inverse_lower(chol)
     z = inv @ cross
     q = inv @ inv.T
     zz = (z * z).sum(axis=1)

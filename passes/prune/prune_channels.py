@@ -32,7 +32,7 @@ from optc.ir.model import Model
 from optc.ir.view import graph_nodes
 from optc.errors import ConfigError
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
-from optc.passes.numerics.unit_selection import select_units
+from optc.passes.numerics.unit_selection import unit_order
 from optc.passes.layers import InputGram, find_linear_layers, input_grams, weight_matrix
 from optc.passes.prune.criteria import (
     NEEDS_GRAMS,
@@ -148,7 +148,7 @@ class PruneChannels(Pass[PruneChannelsConfig]):
             if plan.criterion[group.id] == "forward":
                 consumer = _single_reader(graph, group, layers)
                 w = weight_matrix(layers[consumer], weights[consumer])
-                order, _ = select_units(grams[consumer], w, group.size - count, select="greedy")
+                order = unit_order(grams[consumer], w, group.size - count, select="greedy")
                 removed = np.setdiff1d(np.arange(group.size), order)
             elif plan.criterion[group.id] == "thinet":
                 removed = greedy_removal(costs[group.id], count)
