@@ -1,0 +1,97 @@
+"""The default x86 artifact of every zoo model against onnxruntime, through the real CLI.
+
+For each model built by ``python tools/zoo build`` this runs::
+
+    optc compile MODEL -o OUT --target x86 [--input-shape ...]
+
+(the default pipeline, ``canonicalize``; kernel providers chosen by measurement,
+no tuning) and prints one row from OUT/report.json: the artifact's latency and
+onnxruntime's on the same cores, timed in turns in one process (see
+optc/targets/compare.py), their ratio, the output difference, how many op
+chains went to oneDNN and in which layout, and the compile time. A model the
+compile refuses prints its one-line error. The zoo's models were never used to
+fit a provider or a schedule: this is the check on models the kernels were not
+written for.
+
+Usage: python benchmarks/zoo_x86.py [--cache DIR] [--only NAME,...] [--timeout 900]
+Nothing is downloaded: a missing cache prints how to build it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from zoo import scoring  # noqa: E402
+from zoo.sources import cache_root  # noqa: E402
+
+OPTC = str(Path(sys.executable).with_name("optc"))
+
+
+def row(entry: scoring.Entry, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix="optc-zoo-x86-") as tmp:
+        out = Path(tmp) / "out"
+        cmd = [OPTC, "compile", str(entry.model), "-o", str(out), "--target", "x86"]
+        for shape in entry.input_shapes:
+            cmd += ["--input-shape", shape]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(["nice", *cmd], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"model": entry.name, "error": f"timeout after {timeout:.0f} s"}
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            lines = [line for line in proc.stderr.splitlines() if line.startswith("optc: error")]
+            return {"model": entry.name, "error": (lines[-1] if lines else proc.stderr.strip()[-300:]), "exit": proc.returncode}
+        report = json.loads((out / "report.json").read_text())
+    target = report["target"]
+    latency = target.get("latency") or {}
+    providers = (target.get("tuning") or {}).get("providers") or {}
+    return {
+        "model": entry.name, "seconds": round(seconds, 1), "artifact_ms": latency.get("artifact_ms"),
+        "onnxruntime_ms": latency.get("onnxruntime_ms"), "ratio": latency.get("ratio"), "max_abs_diff": latency.get("max_abs_diff"),
+        "offloaded": len(providers.get("offloaded", [])), "chains": len(providers.get("offloaded", [])) + len(providers.get("kept", [])),
+        "layout": providers.get("layout"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None, help="zoo cache (default: $OPTC_ZOO_CACHE or ~/.cache/optc/zoo)")
+    parser.add_argument("--only", default="", help="comma-separated model names")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compile")
+    args = parser.parse_args()
+    cache = args.cache or cache_root()
+    entries = scoring.entries(cache)
+    if not entries:
+        print(f"no zoo in {cache}: run python tools/zoo fetch && python tools/zoo build", file=sys.stderr)
+        return 2
+    only = {n for n in args.only.split(",") if n}
+    load = os.getloadavg()
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+    print("| model | artifact ms | onnxruntime ms | ratio | max abs diff | chains to oneDNN | layout | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for entry in entries:
+        if only and entry.name not in only:
+            continue
+        r = row(entry, args.timeout)
+        if "error" in r:
+            print(f"| {r['model']} | {r['error']} | | | | | | |", flush=True)
+            continue
+        print(f"| {r['model']} | {r['artifact_ms']:.3f} | {r['onnxruntime_ms']:.3f} | x{r['ratio']:.2f} | {r['max_abs_diff']:.1e} "
+              f"| {r['offloaded']}/{r['chains']} | {r['layout']} | {r['seconds']} |", flush=True)
+    load = os.getloadavg()
+    print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
