@@ -89,6 +89,9 @@ class Chain:
         if self.kind == "conv2d":
             assert self.weight is not None
             return out * int(np.prod(self.weight.shape[1:]))
+        if self.kind == "conv2d_transpose":  # every input element meets OC x kh x kw weights
+            assert self.weight is not None
+            return int(np.prod(self.in_shapes[0])) * int(np.prod(self.weight.shape[1:]))
         if self.kind == "matmul":
             assert self.weight is not None
             return out * int(self.weight.shape[0])
@@ -188,6 +191,8 @@ class ChainFinder:
                 chain = self._conv(value)
                 if chain is not None:
                     columns_as_rows(chain)
+            elif name == "relax.nn.conv2d_transpose":
+                chain = self._deconv(value)
             elif name == "relax.matmul":
                 chain = self._matmul(value)
             elif name == "relax.nn.softmax":
@@ -299,6 +304,31 @@ class ChainFinder:
         bias_shapes = ((channels,), (1, 1, 1, channels)) if nhwc else ((channels,), (channels, 1, 1), (1, channels, 1, 1))
         if int8 and not self._requantised(chain, channels, bias_shapes):
             return None
+        return self._post_ops(chain, channels, bias_shapes)
+
+    def _deconv(self, call: Any) -> Chain | None:
+        """ConvTranspose (NCHW, IOHW weights, one group: as select.NHWC_LAYOUTS leaves it), float32."""
+        attrs = call.attrs
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "IOHW", "NCHW") or int(attrs.groups) != 1:
+            return None
+        if dtype_of(call.args[0]) != "float32" or dtype_of(call) != "float32":
+            return None
+        weight = self._const(call.args[1])
+        x_shape, out_shape = static_shape(call.args[0]), static_shape(call)
+        if weight is None or weight.ndim != 4 or x_shape is None or out_shape is None or len(x_shape) != 4:
+            return None
+        pad = [int(p) for p in attrs.padding]
+        padding = (pad[0], pad[1], pad[0], pad[1]) if len(pad) == 2 else tuple(pad)
+        chain = Chain("conv2d_transpose", call, call.args[0], out_shape, weight=np.ascontiguousarray(weight, dtype=np.float32),
+                      in_shapes=(x_shape,),
+                      conv={"strides": tuple(int(v) for v in attrs.strides), "padding": padding,
+                            "dilation": tuple(int(d) for d in attrs.dilation), "groups": 1, "nhwc": 0})
+        channels = out_shape[1]
+        return self._post_ops(chain, channels, ((channels,), (channels, 1, 1), (1, channels, 1, 1)), residual=False)
+
+    def _post_ops(self, chain: Chain, channels: int, bias_shapes: tuple[tuple[int, ...], ...], residual: bool = True) -> Chain:
+        """Absorb the bias, residual add and activation after a convolution."""
+        out_shape = chain.out_shape
         while True:
             user = self._sole_user(chain.end)
             if user is None and chain.act == ACT_NONE:
@@ -318,7 +348,8 @@ class ChainFinder:
                 if const is not None and chain.bias is None and chain.residual is None and const.size == channels \
                         and const.shape in bias_shapes:
                     chain.bias = const.reshape(channels).astype(np.float32)
-                elif const is None and chain.residual is None and static_shape(other) == out_shape and dtype_of(other) == "float32":
+                elif residual and const is None and chain.residual is None and static_shape(other) == out_shape \
+                        and dtype_of(other) == "float32":
                     chain.residual = other
                 else:
                     return chain

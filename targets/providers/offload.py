@@ -63,6 +63,13 @@ def _call(chain: Chain, data: Any, other: Any, residual: Any) -> Any:
             name, args = "optc_dnnl_conv2d", [*args, relax.const(chain.bias)]
         else:
             name = "optc_dnnl_conv2d_nobias"
+    elif chain.kind == "conv2d_transpose":
+        assert chain.weight is not None
+        attrs, args = conv_attrs(chain, act), [data, relax.const(chain.weight)]
+        if chain.bias is not None:
+            name, args = "optc_dnnl_deconv2d", [*args, relax.const(chain.bias)]
+        else:
+            name = "optc_dnnl_deconv2d_nobias"
     elif chain.kind == "matmul":
         assert chain.weight is not None
         args, attrs = [data, relax.const(chain.weight)], act

@@ -215,7 +215,7 @@ dnnl::stream& cpu_stream() {
 }
 
 struct Conv {
-  dnnl::convolution_forward prim;
+  dnnl::primitive prim;  // a convolution_forward, or a deconvolution_forward (ConvTranspose)
   dnnl::memory weights, bias;  // reordered once into the layout the kernel reads
   bool src_reorder = false, dst_reorder = false;
   dnnl::memory::desc src_md, dst_md;  // the kernel's own layouts, where they differ from the plain ones
@@ -421,12 +421,46 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
   return c;
 }
 
+// ConvTranspose, NCHW: x (N, IC, H, W), w as ONNX stores it (IC, OC, kh, kw), groups 1. attrs as make_conv's; the
+// right/bottom padding is ONNX's end padding less its output padding, which the output's shape carries.
+std::shared_ptr<Conv> make_deconv(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out, const Shape& a) {
+  if (a.size() != 14 || a[8] != 1 || a[12] != 0) TVM_FFI_THROW(ValueError) << "optc oneDNN deconv2d: NCHW, groups 1, 14 attributes";
+  auto& eng = cpu_engine();
+  dnnl::memory::dims wd = dims_of(w);  // IC, OC, kh, kw
+  dnnl::memory::dims wdims = {wd[1], wd[0], wd[2], wd[3]};  // oneDNN's logical order: OC, IC, kh, kw
+  auto xd = dims_of(x), od = dims_of(out);
+  int64_t pr_h = (xd[2] - 1) * a[0] + (wd[2] - 1) * a[6] + 1 - a[2] - od[2];
+  int64_t pr_w = (xd[3] - 1) * a[1] + (wd[3] - 1) * a[7] + 1 - a[3] - od[3];
+  auto src = dnnl::memory::desc(xd, dt::f32, tag::any), dst = dnnl::memory::desc(od, dt::f32, tag::any);
+  auto w_any = dnnl::memory::desc(wdims, dt::f32, tag::any);
+  auto b_md = dnnl::memory::desc({wdims[0]}, dt::f32, tag::x);
+  dnnl::memory::dims strides = {a[0], a[1]}, dil = {a[6] - 1, a[7] - 1}, pl = {a[2], a[3]}, pr = {pr_h, pr_w};
+  auto desc = b ? dnnl::deconvolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::deconvolution_direct, src, w_any,
+                                                    b_md, dst, strides, dil, pl, pr)
+                : dnnl::deconvolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::deconvolution_direct, src, w_any,
+                                                    dst, strides, dil, pl, pr);
+  auto pd = dnnl::deconvolution_forward::primitive_desc(desc, make_attr(false, a[9], a[10], a[11], nullptr, wdims[0]), eng);
+  auto c = std::make_shared<Conv>();
+  c->prim = dnnl::deconvolution_forward(pd);
+  c->weights = packed({wdims, dt::f32, tag::iohw}, raw_of(w), pd.weights_desc());
+  if (b) c->bias = packed(b_md, data_of(*b), b_md);
+  c->src_plain = dnnl::memory::desc(xd, dt::f32, tag::nchw);
+  c->dst_plain = dnnl::memory::desc(od, dt::f32, tag::nchw);
+  c->src_reorder = pd.src_desc() != c->src_plain;
+  c->dst_reorder = pd.dst_desc() != c->dst_plain;
+  c->src_md = pd.src_desc();
+  c->dst_md = pd.dst_desc();
+  if (c->src_reorder) c->to_src = dnnl::reorder(dnnl::reorder::primitive_desc(eng, c->src_plain, eng, pd.src_desc()));
+  if (c->dst_reorder) c->from_dst = dnnl::reorder(dnnl::reorder::primitive_desc(eng, pd.dst_desc(), eng, c->dst_plain));
+  return c;
+}
+
 void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out,
-              const TensorView* scales = nullptr) {
+              const TensorView* scales = nullptr, bool transposed = false) {
   check_operands("conv2d", x, w, scales, out);
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
-  bool small = numel(out) * w.shape()[1] * w.shape()[2] * w.shape()[3] < kSerialMacs;
-  auto make = [&] { return make_conv(x, w, b, out, a, res != nullptr, scales); };
+  bool small = (transposed ? numel(x) * w.shape()[1] : numel(out) * w.shape()[1]) * w.shape()[2] * w.shape()[3] < kSerialMacs;
+  auto make = [&] { return transposed ? make_deconv(x, w, b, out, a) : make_conv(x, w, b, out, a, res != nullptr, scales); };
   auto run = [&](Conv& c) {
     auto& eng = cpu_engine();
     dnnl::stream& s = cpu_stream();
@@ -452,7 +486,8 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
     if (c.dst_reorder) c.from_dst.execute(s, dst, dst_user);
     s.wait();
   };
-  call_site(conv_cache, key_of(scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n', &w, {&x, &w, &out}, a), small, make, run);
+  char op = transposed ? (b ? 'd' : 'e') : scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n';
+  call_site(conv_cache, key_of(op, &w, {&x, &w, &out}, a), small, make, run);
 }
 
 void conv2d(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_conv(x, w, &b, nullptr, attrs, out); }
@@ -460,6 +495,10 @@ void conv2d_nobias(TensorView x, TensorView w, Shape attrs, TensorView out) { ru
 void conv2d_sum(TensorView x, TensorView w, TensorView b, TensorView res, Shape attrs, TensorView out) {
   run_conv(x, w, &b, &res, attrs, out);
 }
+void deconv2d(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) {
+  run_conv(x, w, &b, nullptr, attrs, out, nullptr, true);
+}
+void deconv2d_nobias(TensorView x, TensorView w, Shape attrs, TensorView out) { run_conv(x, w, nullptr, nullptr, attrs, out, nullptr, true); }
 void conv2d_q(TensorView x, TensorView w, TensorView b, TensorView scales, Shape attrs, TensorView out) {
   run_conv(x, w, &b, nullptr, attrs, out, &scales);
 }
@@ -646,6 +685,8 @@ tvm::ffi::String version() {
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d, conv2d);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_nobias, conv2d_nobias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_sum, conv2d_sum);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_deconv2d, deconv2d);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_deconv2d_nobias, deconv2d_nobias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_q, conv2d_q);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_q_sum, conv2d_q_sum);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_matmul_q, matmul_q);

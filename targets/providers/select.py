@@ -266,6 +266,14 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
         y = _requantise(bb, chain, y, shape)
         if chain.bias is not None:
             y = bb.emit(R.add(y, relax.const(chain.bias.reshape(shape))))
+    elif chain.kind == "conv2d_transpose":
+        assert chain.weight is not None
+        c = chain.conv
+        t, l, b, r = c["padding"]  # type: ignore[misc]
+        y = bb.emit(R.nn.conv2d_transpose(x, relax.const(chain.weight), strides=c["strides"], padding=[t, l, b, r],
+                                          output_padding=_output_padding(chain), dilation=c["dilation"]))
+        if chain.bias is not None:
+            y = bb.emit(R.add(y, relax.const(chain.bias.reshape(1, -1, 1, 1))))
     elif chain.kind == "matmul":
         assert chain.weight is not None
         y = _requantise(bb, chain, bb.emit(R.matmul(x, relax.const(chain.weight), out_dtype=out_dtype)), (-1,))
@@ -287,6 +295,15 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
         erf = bb.emit(R.erf(bb.emit(R.divide(y, relax.const(np.float32(np.sqrt(2.0)))))))
         y = bb.emit(R.multiply(bb.emit(R.multiply(y, bb.emit(R.add(erf, relax.const(np.float32(1.0)))))), relax.const(np.float32(0.5))))
     return y
+
+
+def _output_padding(chain: Chain) -> list[int]:
+    """What ONNX's output_padding added to a transposed convolution's output, recovered from its shape."""
+    c, (_, _, h, w), (_, _, kh, kw) = chain.conv, chain.in_shapes[0], chain.weight.shape  # type: ignore[union-attr]
+    t, l, b, r = c["padding"]  # type: ignore[misc]
+    full = [(h - 1) * c["strides"][0] + (kh - 1) * c["dilation"][0] + 1 - t - b,  # type: ignore[index]
+            (w - 1) * c["strides"][1] + (kw - 1) * c["dilation"][1] + 1 - l - r]  # type: ignore[index]
+    return [chain.out_shape[2] - full[0], chain.out_shape[3] - full[1]]
 
 
 def _requantise(bb: Any, chain: Chain, acc: Any, shape: tuple[int, ...]) -> Any:
