@@ -380,7 +380,11 @@ def _race(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
     # a candidate far behind after one block ends its race
     best, _ = in_turns(fns, budget_s=0, max_runs=RUNS, min_blocks=BLOCKS, clear_win=CLEAR_WIN)
     ordered = sorted(best.values())
-    if len(ordered) > 1 and ordered[1] < CLOSE_RACE * ordered[0]:
+    # TVM's untuned kernel winning is the rare outcome and the costly one when wrong (10-50x on a matmul):
+    # it is timed again too, since one burst of load in the first block can drop the provider's candidate
+    # (a BERT-shaped encoder kept 4 of its 46 chains in TVM at load 3 and ran at x1.6 of onnxruntime).
+    tvm_won = "tvm_ms" in best and best["tvm_ms"] == ordered[0]
+    if len(ordered) > 1 and (ordered[1] < CLOSE_RACE * ordered[0] or tvm_won):
         again, _ = in_turns(fns, budget_s=0, max_runs=RUNS, min_blocks=CLOSE_BLOCKS)
         best = {k: min(best[k], again[k]) for k in best}
     return best
