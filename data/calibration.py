@@ -492,7 +492,9 @@ def capture_activations(
     per_group = min(per_group, max_batches) if max_batches is not None else per_group
     done = 0
     for group in groups:
-        session = make_session(model, extra_outputs=group)
+        # no spinning workers between runs: the reducer's numpy work (Gram products) runs on the same cores
+        # (distill on YOLOv8n: 81 -> 18 s; prune-channels 43 -> 30 s)
+        session = make_session(model, extra_outputs=group, spinning=False)
         for i, feed in enumerate(calibration.batches(batch_size)):
             if max_batches is not None and i >= max_batches:
                 break

@@ -23,6 +23,7 @@ from optc.ir.opset import upgrade_opset
 from optc.ir.shapes import infer_shapes
 from optc.ir.stats import ModelStats, compute_stats
 from optc.passes.framework.base import Pass, PassContext, PassResult, Requirement
+from optc.passes.framework.blas import blas_threads_for_load
 from optc.passes.framework.branches import run_with_branches
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class PassManager:
                     raise ConfigError(f"pass '{p.name}' needs static input shapes; freeze with --input-shape ({'; '.join(dynamic)})")
 
     def run(self, model: Model, ctx: PassContext | None = None) -> PipelineResult:
+        with blas_threads_for_load():
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: PassContext | None) -> PipelineResult:
         ctx = ctx or PassContext()
         self.check_requirements(model, ctx)
         infer_shapes(model)
