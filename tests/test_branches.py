@@ -206,3 +206,24 @@ def test_a_branch_model_keeps_its_names_unique_after_a_pass(tmp_path, rate):
     calib = CalibrationSet.from_arrays({"x": rand(32, D), "state": rand(2, 32, O) * 0.1, "sr": np.full(32, rate, np.int64)}, model)
     result = run_checked("quantize", model, PassContext(calibration=calib))
     assert result.modified
+
+
+def test_a_pass_failing_inside_a_branch_leaves_that_branch_and_says_so(tmp_path, monkeypatch):
+    """New ground for every pass: an internal error on a branch keeps the branch as it was, with a note,
+    and the rest of the run goes on (an error in the main graph still fails the run, exit 1)."""
+    from optc.passes.framework import branches
+
+    path = vad_like(tmp_path)
+    model = load_model(path)
+    calib = CalibrationSet.from_arrays({"x": rand(32, D), "state": rand(2, 32, O) * 0.1, "sr": np.full(32, 16000, np.int64)}, model)
+    real = branches.run_with_branches
+
+    def failing_inside(p, m, ctx, run):
+        if m is not model:
+            raise RuntimeError("boom")
+        return real(p, m, ctx, run)
+
+    monkeypatch.setattr(branches, "run_with_branches", failing_inside)
+    result = run_checked("quantize", model, PassContext(calibration=calib))
+    assert not result.modified
+    assert any("pick/then_branch: kept as it was after an internal error in quantize (RuntimeError: boom)" in s for s in result.skipped)

@@ -11,12 +11,13 @@ bodies are reached the same way, one level at a time.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import numpy as np
 
 from optc.data.calibration import CalibrationSet
-from optc.errors import ConfigError
+from optc.errors import ConfigError, OptcError
 from optc.ir.branches import Branch, branch_model, declare_rank, put_back, weighty_branches
 from optc.ir.model import Model
 from optc.ir.session import make_session
@@ -24,6 +25,7 @@ from optc.ir.shapes import infer_shapes
 from optc.passes.framework.base import Pass, PassContext, PassResult, Requirement
 
 Runner = Callable[[Pass, Model, PassContext], PassResult]
+logger = logging.getLogger(__name__)
 
 
 def run_with_branches(p: Pass, model: Model, ctx: PassContext, run: Runner) -> PassResult:
@@ -57,8 +59,17 @@ def run_with_branches(p: Pass, model: Model, ctx: PassContext, run: Runner) -> P
             from optc.data.teacher import TeacherOutputs
 
             sub_ctx = dataclasses.replace(sub_ctx, teacher=TeacherOutputs.capture(sub, sub_ctx.calibration))
-        infer_shapes(sub)
-        sub_result = run_with_branches(p, sub, sub_ctx, run)
+        try:
+            infer_shapes(sub)
+            sub_result = run_with_branches(p, sub, sub_ctx, run)
+        except OptcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - our bug, on a branch: the rest of the model is still compiled
+            # A failure inside a branch (new ground for every pass) keeps that branch as it was and says so,
+            # rather than failing a run whose main graph compiled; the message names it as optc's error.
+            logger.warning("%s: left %s as it was after an internal error: %s: %s", p.name, branch.label, type(exc).__name__, exc)
+            skipped.append(f"{branch.label}: kept as it was after an internal error in {p.name} ({type(exc).__name__}: {exc})")
+            continue
         skipped += [f"{branch.label}: {s}" for s in sub_result.skipped]
         if not sub_result.modified:
             continue
