@@ -23,7 +23,7 @@ from optc.ir.opset import upgrade_opset
 from optc.ir.shapes import infer_shapes
 from optc.ir.stats import ModelStats, compute_stats
 from optc.passes.framework.base import Pass, PassContext, PassResult, Requirement
-from optc.passes.framework.blas import blas_threads_for_load
+from optc.passes.framework.blas import one_blas_thread
 from optc.passes.framework.branches import run_with_branches
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class PassManager:
                     raise ConfigError(f"pass '{p.name}' needs static input shapes; freeze with --input-shape ({'; '.join(dynamic)})")
 
     def run(self, model: Model, ctx: PassContext | None = None) -> PipelineResult:
-        with blas_threads_for_load():
+        with one_blas_thread():
             return self._run(model, ctx)
 
     def _run(self, model: Model, ctx: PassContext | None) -> PipelineResult:
