@@ -34,6 +34,7 @@ class GraphEditor:
         self.model = model
         self.graph: gs.Graph = gs.import_onnx(model.proto)
         self._fresh = 0
+        self._taken: set[str] | None = None  # names in use (fresh_name), read on first need
         _detach_tensor_attributes(self.graph)
 
     # --- queries -----------------------------------------------------------------
@@ -77,11 +78,16 @@ class GraphEditor:
 
     # --- edits -------------------------------------------------------------------
     def fresh_name(self, stem: str) -> str:
-        taken = self.graph.tensors().keys() | {n.name for n in self.graph.nodes}
+        # The names in use are read once per editor, then kept up to date with the names handed out: only this
+        # method makes names of the form ``stem__optcN``, and reading every tensor per call made packing a
+        # MiniLM's sparse weights quadratic (6 % of a sparsify run).
+        if self._taken is None:
+            self._taken = set(self.graph.tensors().keys()) | {n.name for n in self.graph.nodes}
         while True:
             self._fresh += 1
             name = f"{stem}__optc{self._fresh}"
-            if name not in taken:
+            if name not in self._taken:
+                self._taken.add(name)
                 return name
 
     def add_constant(self, stem: str, values: np.ndarray) -> gs.Constant:
