@@ -205,6 +205,24 @@ def test_variadic_residuals_become_binary_ops_and_stay_in_nhwc():
     assert len(residual) == 1  # Sum(conv, r1) became the conv's residual add
 
 
+def test_a_transposed_convolution_whose_kernel_is_its_stride_becomes_a_matmul():
+    """2x2 stride 2 never overlaps its windows: a matmul over the channels and a pixel shuffle, numerically the same."""
+    import tvm
+    from optc.targets.providers.layout_ops import deconvs_as_matmuls
+    from tvm import relax
+
+    mod = relax_of(decoder_block())
+    rewritten = deconvs_as_matmuls(mod)
+    text = rewritten.script()
+    assert text.count("R.nn.conv2d_transpose") == 1 and "R.matmul" in text  # the 3x3 one with padding stays
+    x = rand(1, 8, 12, 20, seed=4)
+    target = tvm.target.Target({"kind": "llvm"})
+    got = relax.VirtualMachine(tvm.compile(rewritten, target=target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, ort_run(decoder_block(), {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    plain = relax_of(attention())
+    assert deconvs_as_matmuls(plain) is plain
+
+
 def test_width_one_convs_run_along_w_and_silu_is_a_post_op():
     from optc.targets.providers.chains import ACT_SWISH
     from optc.targets.providers.offload import find_chains

@@ -120,6 +120,62 @@ class _Rewriter(relax.PyExprMutator):
         return self.visit_expr(expr)
 
 
+def deconvs_as_matmuls(mod: Any) -> Any:
+    """``mod`` with each transposed convolution whose kernel equals its stride written as a matmul and a pixel shuffle.
+
+    Such a ConvTranspose (2x2 stride 2: DBNet's and U-Nets' upsampling) never overlaps its windows: every
+    input pixel's channels times the weight give its own KHxKW block of the output,
+    ``y[n, o, i*KH + a, j*KW + b] = sum_c x[n, c, i, j] w[c, o, a, b]``. As one matmul over the channels
+    (``[N, H, W, C] @ [C, O*KH*KW]``) it is a GEMM a provider runs at full speed; oneDNN's deconvolution took
+    7 ms for RapidOCR detector's 24->24 one and 36 ms for its 24->1 one, TVM's 8. The same module when none.
+    """
+    rewriter = _DeconvRewriter(mod)
+    new_mod = rewriter.run()
+    if not rewriter.count:
+        return mod
+    return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(new_mod))
+
+
+@relax.expr_functor.mutator
+class _DeconvRewriter(relax.PyExprMutator):
+    def __init__(self, mod: Any) -> None:
+        super().__init__(mod)
+        self.mod = mod
+        self.count = 0
+        self.deconv = tvm.ir.Op.get("relax.nn.conv2d_transpose")
+
+    def run(self) -> Any:
+        for gvar, func in self.mod.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call: Any) -> Any:
+        if not call.op.same_as(self.deconv):
+            return super().visit_call_(call)
+        a = call.attrs
+        weight = self.lookup_binding(call.args[1]) if isinstance(call.args[1], relax.Var) else call.args[1]
+        x_shape, out_shape = static_shape(call.args[0]), static_shape(call)
+        if not isinstance(weight, Constant) or x_shape is None or out_shape is None or len(x_shape) != 4:
+            return super().visit_call_(call)
+        w = weight.value.numpy()
+        c, o, kh, kw = w.shape
+        n, _, h, wd = x_shape
+        plain = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "IOHW", "NCHW") and int(a.groups) == 1
+        if not plain or w.dtype != np.float32 or dtype_of(call.args[0]) != "float32" or [int(v) for v in a.strides] != [kh, kw] \
+                or any(int(v) for v in a.padding) or any(int(v) for v in a.output_padding) or any(int(v) != 1 for v in a.dilation) \
+                or out_shape != (n, o, h * kh, wd * kw):
+            return super().visit_call_(call)
+        self.count += 1
+        R = relax.op
+        emit = self.builder_.emit
+        rows = emit(R.permute_dims(self.visit_expr(call.args[0]), [0, 2, 3, 1]))
+        y = emit(R.matmul(rows, relax.const(np.ascontiguousarray(w.reshape(c, o * kh * kw)))))
+        y = emit(R.reshape(y, [n, h, wd, o, kh, kw]))
+        y = emit(R.permute_dims(y, [0, 3, 1, 4, 2, 5]))
+        return R.reshape(y, [n, o, h * kh, wd * kw])
+
+
 _PAIRWISE = {"relax.sum": relax.op.add, "relax.max": relax.op.maximum, "relax.min": relax.op.minimum, "relax.mean": relax.op.add}
 
 

@@ -45,7 +45,7 @@ from optc.targets.providers.chains import (
     ALGO_WINOGRAD,
     Chain,
 )
-from optc.targets.providers.layout_ops import layout_friendly
+from optc.targets.providers.layout_ops import deconvs_as_matmuls, layout_friendly
 from optc.targets.providers.offload import (
     act_attrs,
     conv_attrs,
@@ -137,6 +137,7 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             logger.warning("TVM cannot convert this model's layout to NHWC (%s): its convolutions run in NCHW", first[:160])
             report.layout = "NCHW (NHWC conversion failed)"
+    mod = deconvs_as_matmuls(mod)  # after the conversion: its 6-D shuffle is no layout ConvertLayout should see
     chains = find_chains(mod)
     report.chains = len(chains)
     if not chains:
