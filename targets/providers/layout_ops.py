@@ -32,35 +32,23 @@ from tvm import relax
 from tvm.ir.expr import Constant
 
 from optc.targets.providers.chains import dtype_of, static_shape
+from optc.targets.providers.offload import rewrite_functions
 
 _TE_NAME = re.compile(r"(maximum|minimum)\d*$")
 
 
 def layout_friendly(mod: Any) -> Any:
     """``mod`` with its clips and variadic element-wise ops rewritten (the same module when there are none)."""
-    rewriter = _Rewriter(mod)
-    new_mod = rewriter.run()
-    if not rewriter.count:
-        return mod
-    # a rewritten call returns a var the mutator binds again (lv188 = lv10_1): ConvertLayout has no rule for such an
-    # alias and put ResNet-50's residual adds back in NCHW, between transposes (22 of its 107 ms)
-    return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(new_mod))
+    return _rewritten(_Rewriter(mod), mod)
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod: Any) -> None:
         super().__init__(mod)
-        self.mod = mod
         self.count = 0
         self.clip, self.call_tir, self.where, self.stack, self.broadcast_to = (
             tvm.ir.Op.get(f"relax.{name}") for name in ("clip", "call_tir", "where", "stack", "broadcast_to"))
-
-    def run(self) -> Any:
-        for gvar, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
 
     def visit_call_(self, call: Any) -> Any:
         if call.op.same_as(self.clip):
@@ -129,10 +117,16 @@ def deconvs_as_matmuls(mod: Any) -> Any:
     (``[N, H, W, C] @ [C, O*KH*KW]``) it is a GEMM a provider runs at full speed; oneDNN's deconvolution took
     7 ms for RapidOCR detector's 24->24 one and 36 ms for its 24->1 one, TVM's 8. The same module when none.
     """
-    rewriter = _DeconvRewriter(mod)
-    new_mod = rewriter.run()
+    return _rewritten(_DeconvRewriter(mod), mod)
+
+
+def _rewritten(rewriter: Any, mod: Any) -> Any:
+    """``mod`` through ``rewriter``, or ``mod`` itself when it rewrote nothing."""
+    new_mod = rewrite_functions(rewriter, mod)
     if not rewriter.count:
         return mod
+    # a rewritten call returns a var the mutator binds again (lv188 = lv10_1): ConvertLayout has no rule for such an
+    # alias and put ResNet-50's residual adds back in NCHW, between transposes (22 of its 107 ms)
     return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(new_mod))
 
 
@@ -140,15 +134,8 @@ def deconvs_as_matmuls(mod: Any) -> Any:
 class _DeconvRewriter(relax.PyExprMutator):
     def __init__(self, mod: Any) -> None:
         super().__init__(mod)
-        self.mod = mod
         self.count = 0
         self.deconv = tvm.ir.Op.get("relax.nn.conv2d_transpose")
-
-    def run(self) -> Any:
-        for gvar, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
 
     def visit_call_(self, call: Any) -> Any:
         if not call.op.same_as(self.deconv):

@@ -33,7 +33,7 @@ def offload(mod: Any, chains: list[Chain], chosen: Callable[[Chain], bool]) -> t
     taken = [c for c in chains if chosen(c)]
     if not taken:
         return mod, []
-    new_mod = _Offload(mod, taken).run()
+    new_mod = rewrite_functions(_Offload(mod, taken), mod)
     return relax.transform.DeadCodeElimination()(new_mod), taken
 
 
@@ -122,18 +122,19 @@ def _int8_call(chain: Chain, data: Any, residual: Any, act: list[int], out_ty: A
     return relax.call_dps_packed(name, [*args, relax.ShapeExpr([int(a) for a in attrs])], out_ty)
 
 
+def rewrite_functions(mutator: Any, mod: Any) -> Any:
+    """Every Relax function of ``mod`` through ``mutator`` (a PyExprMutator made on ``mod``): the new module."""
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 @relax.expr_functor.mutator
 class _Offload(relax.PyExprMutator):
     def __init__(self, mod: Any, chains: list[Chain]) -> None:
         super().__init__(mod)
-        self.mod = mod
         self.by_end = {c.end: c for c in chains}
-
-    def run(self) -> Any:
-        for gvar, func in self.mod.functions_items():
-            if isinstance(func, relax.Function):
-                self.builder_.update_func(gvar, self.visit_expr(func))
-        return self.builder_.get()
 
     def visit_call_(self, call: Any) -> Any:
         chain = self.by_end.get(call)
