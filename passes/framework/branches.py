@@ -88,17 +88,16 @@ def run_with_branches(p: Pass, model: Model, ctx: PassContext, run: Runner) -> P
 def branch_calibration(model: Model, branch: Branch, sub: Model, calibration: CalibrationSet) -> CalibrationSet | None:
     """``sub``'s inputs (the branch as a model) on the samples that take ``branch``; None when none does."""
     sub_inputs = [n for n in branch.free if n not in model.initializer_names]
-    computed = [n for n in sub_inputs if n not in {s.name for s in model.inputs}]
-    wanted = [branch.condition, *computed]
-    session = make_session(model, extra_outputs=[n for n in wanted if n not in {s.name for s in model.inputs}])
+    main_inputs = {s.name for s in model.inputs}
+    # the condition and the values the body reads that the main graph computes (not its inputs)
+    computed = [n for n in dict.fromkeys([branch.condition, *sub_inputs]) if n not in main_inputs]
+    session = make_session(model, extra_outputs=computed) if computed else None
     chunks = []
     for feed in calibration.batches(16):
-        fetch = [n for n in wanted if n not in feed]
-        values = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
-        values.update({n: feed[n] for n in wanted if n in feed})
+        values = {**feed, **dict(zip(computed, session.run(computed, feed)))} if session else feed
         if bool(np.asarray(values[branch.condition]).reshape(-1)[0]) != branch.taken_when:
             continue
-        chunks.append({n: feed[n] if n in feed else values[n] for n in sub_inputs})
+        chunks.append({n: values[n] for n in sub_inputs})
     if not chunks:
         return None
     for spec in sub.inputs:
