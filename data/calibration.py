@@ -32,7 +32,9 @@ ranges to them spends the calibration budget on values that never matter.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -152,6 +154,28 @@ class CalibrationSet:
         if batch and total < batch:
             raise ConfigError(f"{label}: {total} samples, fewer than the model's fixed batch of {batch}")
         return cls((), specs, total, _token_mask(specs, token_mask), None, True, kind, tuple(held))
+
+    @cached_property
+    def digest(self) -> str:
+        """Equal for two sets that give the same feeds: what caches of calibration statistics are keyed by.
+
+        A run that misses the default budget compiles again with a budget, on a set
+        opened (and split) again: keyed by object identity, every statistic a pass
+        had captured would be captured again. Files are named by path and ``fstat``
+        identity (:meth:`open` refuses a file that changed since); samples held in
+        memory by their bytes (a set is small next to the activations computed from it).
+        """
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.inputs, self.token_mask, self.num_samples)).encode())
+        if self.chunks is None and self.identities is not None:
+            h.update(repr([(str(f.resolve()), i) for f, i in zip(self.files, self.identities)]).encode())
+            return h.hexdigest()
+        for chunk in self._chunks():
+            for name in sorted(chunk):
+                value = np.ascontiguousarray(chunk[name])
+                h.update(repr((name, value.dtype.str, value.shape)).encode())
+                h.update(value.data if value.dtype.kind != "O" else repr(value.tolist()).encode())
+        return h.hexdigest()
 
     def open(self, index: int) -> NpzArchive:
         """The ``index``-th file, opened again; refused when it is not the file that was validated."""

@@ -6,7 +6,7 @@ Hessian of the layer-wise reconstruction loss ``||W X - W' X||^2`` that
 OBS/SparseGPT, GPTQ, least-squares refits and activation-aware SVD use.
 
 :func:`input_grams` remembers its last results (bounded by bytes), keyed by the
-model's content, the calibration set object and every setting: the default
+model's content, the calibration set's content (:attr:`CalibrationSet.digest`) and every setting: the default
 budget's search runs a pass at several strengths on the same input model, and
 each run's captures were the same (the subsample is seeded). The remembered
 arrays are read-only.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -90,34 +90,34 @@ def input_grams(
     Rows beyond ``max_rows_per_batch`` per batch are subsampled (seeded) so large
     feature maps cost bounded memory and time.
     """
-    key = (model.fingerprint(), id(calibration), tuple(layers), batch_size, max_batches, max_rows_per_batch, seed)
+    key = (model.fingerprint(), calibration.digest, tuple(layers), batch_size, max_batches, max_rows_per_batch, seed)
     held = _GRAMS.get(key)
-    if held is not None and held[0] is calibration:
+    if held is not None:
         _GRAMS.move_to_end(key)
-        return dict(held[1])
+        return dict(held)
     by_tensor: dict[str, list[LinearLayer]] = {}
     for layer in layers:
         by_tensor.setdefault(layer.input, []).append(layer)
     acc = _Accumulator(by_tensor, max_rows_per_batch, np.random.default_rng(seed))
     capture_activations(model, calibration, list(by_tensor), acc, batch_size=batch_size, max_batches=max_batches)
-    _remember(key, calibration, acc.grams)
+    _remember(key, acc.grams)
     return dict(acc.grams)
 
 
-# input_grams' results: key -> (the calibration set, which the key names by id and the entry keeps alive; grams).
-_GRAMS: OrderedDict[tuple, tuple[Any, dict[str, InputGram]]] = OrderedDict()
+# input_grams' results: key -> grams.
+_GRAMS: OrderedDict[tuple, dict[str, InputGram]] = OrderedDict()
 GRAMS_MAX_BYTES = 512 << 20
 
 
-def _remember(key: tuple, calibration: CalibrationSet, grams: dict[str, InputGram]) -> None:
+def _remember(key: tuple, grams: dict[str, InputGram]) -> None:
     size = sum(g.gram.nbytes + g.total.nbytes for g in grams.values())
     if size > GRAMS_MAX_BYTES:
         return
     for g in grams.values():
         g.gram.flags.writeable = False
         g.total.flags.writeable = False
-    _GRAMS[key] = (calibration, grams)
-    while sum(g.gram.nbytes + g.total.nbytes for _, held in _GRAMS.values() for g in held.values()) > GRAMS_MAX_BYTES:
+    _GRAMS[key] = grams
+    while sum(g.gram.nbytes + g.total.nbytes for held in _GRAMS.values() for g in held.values()) > GRAMS_MAX_BYTES:
         _GRAMS.popitem(last=False)
 
 
