@@ -161,14 +161,17 @@ class CalibrationSet:
 
         A run that misses the default budget compiles again with a budget, on a set
         opened (and split) again: keyed by object identity, every statistic a pass
-        had captured would be captured again. Files are named by path and ``fstat``
-        identity (:meth:`open` refuses a file that changed since); samples held in
-        memory by their bytes (a set is small next to the activations computed from it).
+        had captured would be captured again. Files are read by their bytes (a path and
+        its ``fstat`` times would not tell apart two sets written to one file within the
+        clock's tick), samples held in memory by theirs; either is small next to the
+        activations computed from them.
         """
         h = hashlib.blake2b(digest_size=16)
         h.update(repr((self.inputs, self.token_mask, self.num_samples)).encode())
-        if self.chunks is None and self.identities is not None:
-            h.update(repr([(str(f.resolve()), i) for f, i in zip(self.files, self.identities)]).encode())
+        if self.chunks is None:
+            for index in range(len(self.files)):
+                with self.open(index) as archive:
+                    h.update(archive.digest())
             return h.hexdigest()
         for chunk in self._chunks():
             for name in sorted(chunk):

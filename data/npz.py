@@ -14,6 +14,8 @@ inside folders, symbolic links refused) and read from that descriptor.
 """
 from __future__ import annotations
 
+import hashlib
+
 import math
 import os
 import zipfile
@@ -179,6 +181,16 @@ class NpzArchive:
         if info.fortran_order:
             return flat.reshape(info.shape[::-1]).transpose()
         return flat.reshape(info.shape)
+
+    def digest(self) -> bytes:
+        """blake2b of the file's bytes as opened (the archive as stored, not decompressed)."""
+        h = hashlib.blake2b(digest_size=16)
+        position = self._file.tell()
+        self._file.seek(0)
+        while block := self._file.read(1 << 20):
+            h.update(block)
+        self._file.seek(position)
+        return h.digest()
 
     def close(self) -> None:
         self._zip.close()

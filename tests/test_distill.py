@@ -225,3 +225,41 @@ def test_sample_cnn_compiles_within_budget(save, tmp_path):
     assert not any("backed off" in s for s in result.skipped)
     assert result.stats["macs_removed"] > plain.stats["macs_removed"] > 0
     assert all("rel_error_fit" in layer for layer in result.stats["layers"])
+
+
+def test_runs_at_several_budgets_fit_the_students_once(save, monkeypatch):
+    """The default budget's search runs distill at several budgets on one input model, on a set opened
+    again: the students and the teacher's outputs are computed once, and every run gives what a
+    run with nothing remembered gives (the same model, byte for byte)."""
+    import optc.passes.distill.distill as distill
+    from optc.data.teacher import TeacherOutputs
+    from optc.passes.framework.analyses import AnalysisCache
+
+    rng = np.random.default_rng(8)
+    w1, w2 = rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((16, 32)).astype(np.float32)
+    path = save(_mlp(w1, w2, rand(32, seed=2)))
+    model = load_model(path)
+    infer_shapes(model)
+    np.savez(path.with_name("calib.npz"), x=_correlated(128, 32, seed=3).astype(np.float32))
+
+    def opened():
+        return PassContext(calibration=CalibrationSet.from_path(path.with_name("calib.npz"), model))
+
+    def fresh_caches():
+        monkeypatch.setattr(distill, "_CANDIDATES", AnalysisCache("students", 1 << 30))
+        monkeypatch.setattr(distill, "_TEACHER", AnalysisCache("teacher", 1 << 30))
+
+    fits, captures = [], []
+    fit, capture = distill.Distill._fit_candidates, TeacherOutputs.capture
+    monkeypatch.setattr(distill.Distill, "_fit_candidates", lambda self, *a: fits.append(1) or fit(self, *a))
+    monkeypatch.setattr(TeacherOutputs, "capture", lambda *a, **k: captures.append(1) or capture(*a, **k))
+    budgets = (0.05, 0.02, 0.01)
+    fresh_caches()
+    searched = [make_pass("distill", {"budget": b}).run(model, opened()) for b in budgets]
+    assert len(fits) == 1 and len(captures) == 1
+    for budget, result in zip(budgets, searched):
+        fresh_caches()
+        alone = make_pass("distill", {"budget": budget}).run(model, opened())
+        assert result.modified and alone.model.proto.SerializeToString() == result.model.proto.SerializeToString()
+        assert result.skipped == alone.skipped
+    assert len({r.stats["params_removed"] for r in searched}) > 1  # the budgets took different amounts

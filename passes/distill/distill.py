@@ -45,6 +45,7 @@ from optc.ir.session import make_session
 from optc.ir.stats import compute_stats
 from optc.ir.view import graph_nodes
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
+from optc.passes.framework.analyses import AnalysisCache, array_bytes
 from optc.data.calibration import CalibrationSet
 from optc.passes.distill.allocation import KEEP, allocate
 from optc.passes.distill.lowrank_rules import RULES, low_rank_candidate
@@ -118,6 +119,13 @@ class Candidate(Protocol):
     def tradeoff(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+# Budget-independent analyses of the input model (passes/framework/analyses.py): the fitted students
+# (Grams, spectra, unit orders: the Grams themselves are input_grams' and shared with its cache) and
+# the teacher's outputs on the calibration data.
+_CANDIDATES: AnalysisCache[tuple[tuple[Candidate, ...], tuple[str, ...]]] = AnalysisCache("distill: fitted students", 1 << 30)
+_TEACHER: AnalysisCache[TeacherOutputs] = AnalysisCache("distill: teacher outputs", 256 << 20)
+
+
 @register_pass("distill")
 class Distill(Pass[DistillConfig]):
     """Replace subgraphs by smaller students fitted on calibration data (see module docstring)."""
@@ -139,7 +147,11 @@ class Distill(Pass[DistillConfig]):
         plans = self._choose(model, candidates, skipped)
         if not plans:
             return PassResult(model, modified=False, stats={"replaced": 0}, skipped=skipped)
-        reference = TeacherOutputs.capture(model, ctx.calibration, batch_size=cfg.batch_size, max_batches=cfg.max_batches, max_samples=None)
+        reference = _TEACHER.get_or_compute(
+            (model.fingerprint(), ctx.calibration.digest, cfg.batch_size, cfg.max_batches),
+            lambda: TeacherOutputs.capture(model, ctx.calibration, batch_size=cfg.batch_size, max_batches=cfg.max_batches, max_samples=None),
+            array_bytes,
+        )
         student, refit_errors = self._build(model, plans, ctx)
         if cfg.global_budget is not None or cfg.min_cosine is not None:
             student, plans, refit_errors, fidelity = self._back_off(model, student, plans, refit_errors, candidates, reference, ctx, skipped)
@@ -152,7 +164,21 @@ class Distill(Pass[DistillConfig]):
 
     # -- analysis ----------------------------------------------------------------
     def _candidates(self, model: Model, ctx: PassContext, skipped: list[str]) -> list[Candidate]:
+        """Every matched subgraph with its students of every size, and why the others are left alone.
+
+        None of it depends on how much is taken (``budget``, ``target_reduction``, the back-off), so the
+        default budget's search, which runs this pass at several budgets, fits the students once.
+        """
         cfg = self.config
+        key = (model.fingerprint(), ctx.calibration.digest, ctx.seed, cfg.exclude, cfg.students, cfg.mlp_select,
+               cfg.min_reduction, cfg.fit, cfg.damp, cfg.alpha, cfg.batch_size, cfg.max_batches)
+        found, reasons = _CANDIDATES.get_or_compute(key, lambda: self._fit_candidates(model, ctx), array_bytes)
+        skipped.extend(reasons)
+        return list(found)
+
+    def _fit_candidates(self, model: Model, ctx: PassContext) -> tuple[tuple[Candidate, ...], tuple[str, ...]]:
+        cfg = self.config
+        skipped: list[str] = []
         layers, refused = find_linear_layers(model, exclude=cfg.exclude)
         skipped.extend(refused)
         blocks = []
@@ -176,7 +202,7 @@ class Distill(Pass[DistillConfig]):
             else:
                 matched.append(layer)
         if not matched and not blocks:
-            return []
+            return (), tuple(skipped)
         fitted = matched + [b.second for b in blocks]
         grams = input_grams(model, ctx.calibration, fitted, batch_size=cfg.batch_size, max_batches=cfg.max_batches, seed=ctx.seed)
         out: list[Candidate] = []
@@ -195,7 +221,7 @@ class Distill(Pass[DistillConfig]):
                 continue
             out.append(low_rank_candidate(layer, model.initializer_array(layer.weight), gram, method=cfg.fit, damp=cfg.damp,
                                           alpha=cfg.alpha, min_reduction=cfg.min_reduction))
-        return out
+        return tuple(out), tuple(skipped)
 
     def _choose(self, model: Model, candidates: list[Candidate], skipped: list[str]) -> dict[str, Plan]:
         cfg = self.config
