@@ -256,6 +256,7 @@ class TargetReport:
     tuning: Mapping[str, Any] | None = None
     int8: Mapping[str, Any] | None = None  # regions lowered to integer kernels, and those left float
     latency: Mapping[str, Any] | None = None  # the artifact vs onnxruntime on this machine (targets.compare), when it runs here
+    lowered: Sequence[str] | None = None  # ops written out in plain ops for TVM's frontend (recurrent layers unrolled)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TargetReport:
@@ -773,9 +774,10 @@ def _build_target(model: Model, spec: TargetSpec, folder: Path, tuning: TuningOp
     start = time.perf_counter()
     executable, summary = build(model, spec, tune, int8=int8)
     int8_section = summary.pop("int8", None)
+    lowered = summary.pop("lowered", None)
     built = time.perf_counter()
     export(executable, folder / "model.so", spec, linked_libraries(summary))
     return TargetReport.from_dict({
         **spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built,
-        "tuning": {**summary, "db": str(tune.db_dir)}, "int8": int8_section,
+        "tuning": {**summary, "db": str(tune.db_dir)}, "int8": int8_section, "lowered": lowered or None,
     })

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from optc.errors import TargetError
 from optc.ir.model import Model
+from optc.targets.recurrent import unroll_recurrent
 from optc.targets.spec import TargetSpec
 from optc.targets.support import frontend_support, require_tvm
 from optc.targets.tuning import TuneOptions, tune_and_compile
@@ -75,6 +76,8 @@ def tvm_target(spec: TargetSpec) -> Any:
 def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, int8: bool = True) -> tuple[Any, dict[str, Any]]:
     """Compile ``model`` for ``spec``; returns a ``tvm.runtime.Executable`` and a tuning summary.
 
+    Recurrent layers are unrolled first (:mod:`optc.targets.recurrent`); the
+    summary's ``"lowered"`` entry says which, over how many steps.
     With ``int8`` the QDQ regions are lowered to integer kernels first
     (:mod:`optc.targets.int8_lowering`); the summary's ``"int8"`` entry says
     which regions were lowered and which stayed float, and why.
@@ -89,6 +92,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
 
     check_compilable(model)
     spec.check_toolchain()
+    model, unrolled = unroll_recurrent(model)
     mod = to_relax(model)
     int8_summary: dict[str, Any] = {"enabled": False}
     if int8:
@@ -118,7 +122,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TargetError(f"TVM compilation for {spec.name} failed: {type(exc).__name__}: {first}") from exc
     _warn_db_health(tune, summary.get("db_health") or {})
-    return executable, {**summary, "int8": int8_summary}
+    return executable, {**summary, "int8": int8_summary, "lowered": unrolled}
 
 
 def _warn_db_health(tune: TuneOptions | None, health: dict[str, Any]) -> None:

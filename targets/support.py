@@ -15,6 +15,8 @@ from optc.ir.model import Model, iter_all_nodes
 logger = logging.getLogger(__name__)
 
 INSTALL = "pip install 'optc[tvm]'"
+# Ops the frontend lacks that optc writes out in plain ops before importing (targets.recurrent).
+LOWERED_BY_OPTC = frozenset({"LSTM", "GRU", "RNN"})
 
 
 def require_tvm() -> None:
@@ -51,7 +53,7 @@ def tvm_convert_map() -> set[str] | None:
     except Exception as exc:  # ImportError, or a broken TVM install
         logger.info("TVM not importable: %s", exc)
         return None
-    return set(onnx_frontend._get_convert_map())
+    return set(onnx_frontend._get_convert_map()) | LOWERED_BY_OPTC
 
 
 def frontend_support(model: Model) -> FrontendSupport:

@@ -146,6 +146,19 @@ def conv1d_silu() -> onnx.ModelProto:
     return make_model(nodes, [("x", [1, 1, 1024, 1])], [("y", [1, 16, 256, 1])], inits)
 
 
+def voice_encoder() -> onnx.ModelProto:
+    """1-D convolutions on [N, C, L] as Silero VAD's encoder has them: strided conv + bias + ReLU, a conv whose
+    output joins its input (residual) before a ReLU, and a depthwise conv."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], strides=[2], pads=[1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[2, 2]), helper.make_node("Add", ["c2", "r1"], ["s2"]),
+        helper.make_node("Relu", ["s2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["y"], pads=[1, 1], group=16, dilations=[1]),
+    ]
+    inits = [_w("w1", 16, 8, 3, seed=1), _w("b1", 16, seed=2), _w("w2", 16, 16, 5, seed=3), _w("b2", 16, seed=4), _w("w3", 16, 1, 3, seed=5)]
+    return make_model(nodes, [("x", [1, 8, 96])], [("y", [1, 16, 48])], inits)
+
+
 def decoder_block() -> onnx.ModelProto:
     """A detector's upsampling head (DBNet, U-Nets): conv + ReLU, then a stride-2 ConvTranspose, which TVM
     lowers in NCHW only, then a conv with Sigmoid."""
@@ -239,6 +252,24 @@ def test_width_one_convs_run_along_w_and_silu_is_a_post_op():
         assert second.residual is not None and second.conv["padding"] == (0, 2, 0, 2)
 
 
+def test_one_dimensional_convs_are_height_one_conv_chains():
+    """A conv1d is handed to the provider as the conv2d of height 1 its memory is, in NCW and after NWC conversion."""
+    from optc.targets.providers.offload import find_chains
+    from optc.targets.providers.select import NHWC_LAYOUTS
+    from tvm import relax
+
+    for mod in (relax_of(voice_encoder()), relax.transform.ConvertLayout(NHWC_LAYOUTS)(relax_of(voice_encoder()))):
+        first, second, depthwise = find_chains(mod)
+        nwc = first.conv["nhwc"]
+        assert first.given_out_shape == ((1, 48, 16) if nwc else (1, 16, 48))
+        assert first.out_shape == ((1, 1, 48, 16) if nwc else (1, 16, 1, 48))
+        assert first.in_shapes[0] == ((1, 1, 96, 8) if nwc else (1, 8, 1, 96))
+        assert first.weight.shape == (16, 8, 1, 3) and first.conv["strides"] == (1, 2) and first.conv["padding"] == (0, 1, 0, 1)
+        assert first.bias is not None and first.act == 1 and first.residual is None
+        assert second.residual is not None and second.bias is not None and second.act == 1
+        assert depthwise.conv["groups"] == 16 and depthwise.bias is None
+
+
 def relax_of(model):
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -270,8 +301,8 @@ def test_value_used_twice_is_not_absorbed():
 
 
 @pytest.mark.parametrize("build", [residual_cnn, attention, lambda: downsample_block(), normalisations, mobile_block, conv1d_silu,
-                                   decoder_block, sum_residuals],
-                         ids=["cnn", "attention", "downsample", "normalisations", "mobile", "conv1d-silu", "decoder", "sum"])
+                                   decoder_block, sum_residuals, voice_encoder],
+                         ids=["cnn", "attention", "downsample", "normalisations", "mobile", "conv1d-silu", "decoder", "sum", "conv1d"])
 def test_onednn_artifact_matches_onnxruntime(build, tmp_path):
     onednn_or_skip()
     from optc.targets.artifact import load_artifact

@@ -53,7 +53,8 @@ class Chain:
     axis: int = -1  # softmax: the (non-negative) axis
     eps: float = 0.0  # layer_norm
     algo: int = ALGO_DIRECT  # conv2d: which algorithm the provider runs (a choice made by measurement, not part of the workload)
-    # conv2d along H of a width-1 map, handed to the provider along W (see columns_as_rows): the output shape the graph has.
+    # conv2d along H of a width-1 map, handed to the provider along W (see columns_as_rows), or a conv1d handed over as a
+    # conv2d of height 1 (_conv1d): the output shape the graph has.
     given_out_shape: tuple[int, ...] | None = None
 
     def workload(self) -> str:
@@ -191,6 +192,8 @@ class ChainFinder:
                 chain = self._conv(value)
                 if chain is not None:
                     columns_as_rows(chain)
+            elif name == "relax.nn.conv1d":
+                chain = self._conv1d(value)
             elif name == "relax.nn.conv2d_transpose":
                 chain = self._deconv(value)
             elif name == "relax.matmul":
@@ -306,6 +309,33 @@ class ChainFinder:
             return None
         return self._post_ops(chain, channels, bias_shapes)
 
+    def _conv1d(self, call: Any) -> Chain | None:
+        """A 1-D convolution as the 2-D one of height 1 it is: NCW [N, C, W] is the memory of NCHW [N, C, 1, W], NWC of
+        NHWC [N, 1, W, C], so the provider reads the graph's tensors as they are (views); ``given_out_shape`` keeps the
+        graph's 3-D shape. Audio and text CNNs (Silero VAD's encoder) otherwise ran TVM's untuned conv1d kernels."""
+        attrs = call.attrs
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        if layouts not in (("NCW", "OIW", "NCW"), ("NWC", "OWI", "NWC")) or (dtype_of(call.args[0]), dtype_of(call)) != ("float32", "float32"):
+            return None
+        nwc = layouts[0] == "NWC"
+        weight = self._const(call.args[1])
+        x_shape, out_shape = static_shape(call.args[0]), static_shape(call)
+        if weight is None or weight.ndim != 3 or x_shape is None or out_shape is None or len(x_shape) != 3:
+            return None
+        if nwc:
+            weight = weight.transpose(0, 2, 1)  # OWI -> OIW
+        o, i, k = weight.shape
+        lift = (lambda s: (s[0], 1, s[1], s[2])) if nwc else (lambda s: (s[0], s[1], 1, s[2]))
+        left, right = (int(p) for p in attrs.padding)
+        chain = Chain(
+            "conv2d", call, call.args[0], lift(out_shape), weight=np.ascontiguousarray(weight.reshape(o, i, 1, k), dtype=np.float32),
+            in_shapes=(lift(x_shape),), given_out_shape=out_shape,
+            conv={"strides": (1, int(attrs.strides[0])), "padding": (0, left, 0, right), "dilation": (1, int(attrs.dilation[0])),
+                  "groups": int(attrs.groups), "nhwc": int(nwc)},
+        )
+        bias_shapes = ((o,), (1, 1, o)) if nwc else ((o,), (o, 1), (1, o, 1))
+        return self._post_ops(chain, o, bias_shapes)
+
     def _deconv(self, call: Any) -> Chain | None:
         """ConvTranspose (NCHW, IOHW weights, one group: as select.NHWC_LAYOUTS leaves it), float32."""
         attrs = call.attrs
@@ -328,7 +358,7 @@ class ChainFinder:
 
     def _post_ops(self, chain: Chain, channels: int, bias_shapes: tuple[tuple[int, ...], ...], residual: bool = True) -> Chain:
         """Absorb the bias, residual add and activation after a convolution."""
-        out_shape = chain.out_shape
+        out_shape = chain.given_out_shape or chain.out_shape  # the graph's shape, which a residual has
         while True:
             user = self._sole_user(chain.end)
             if user is None and chain.act == ACT_NONE:

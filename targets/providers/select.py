@@ -88,7 +88,11 @@ class ProviderReport:
 
 # Convolutions in NHWC for oneDNN; a transposed convolution stays NCHW, the only layout TVM can lower it in
 # (RapidOCR's detector: "CodeGenVM cannot emit this Relax operator" after 77 s of compiling).
-NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv1d": ["NWC", "OWI"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+
+
+# Ops the VM runs itself, never as TIR: left by LegalizeOps in any layout (a CNN + LSTM reading its feature map's shape).
+VM_OPS = frozenset({"relax.shape_of", "relax.tensor_to_shape", "relax.shape_to_tensor"})
 
 
 def unlegalizable(mod: Any, target: Any) -> list[str]:
@@ -105,7 +109,8 @@ def unlegalizable(mod: Any, target: Any) -> list[str]:
                 for binding in block.bindings:
                     value = binding.value
                     if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name.startswith("relax.") \
-                            and not value.op.name.startswith(("relax.call_", "relax.builtin", "relax.vm", "relax.memory")):
+                            and not value.op.name.startswith(("relax.call_", "relax.builtin", "relax.vm", "relax.memory")) \
+                            and value.op.name not in VM_OPS:
                         left.add(value.op.name)
     return sorted(left)
 

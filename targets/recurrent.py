@@ -1,0 +1,287 @@
+"""LSTM, GRU and RNN layers unrolled into the plain ops TVM's ONNX frontend takes.
+
+TVM 0.27's Relax ONNX frontend converts none of the three recurrent ops (nor
+Loop or Scan), so an OCR model with a bidirectional LSTM, or a voice-activity
+model with one, could not be compiled at all. Once ``--input-shape`` has frozen
+the input shapes the sequence length T is a number, and a layer is exactly T
+steps of MatMul, Add and activations; this module writes those steps out.
+
+The maths is ONNX's definition (operator docs, opset 14), per direction ``d``,
+with ``x_t`` the step's input row, ``H``/``C`` the previous hidden and cell
+state, gate order i, o, f, c for LSTM and z, r, h for GRU:
+
+- LSTM: ``i = f(x_t·Wiᵀ + H·Riᵀ + Pi⊙C + Wbi + Rbi)``, ``f`` likewise with
+  Pf (or ``1 - i`` with ``input_forget``), ``c = g(x_t·Wcᵀ + H·Rcᵀ + Wbc +
+  Rbc)``, ``C' = f⊙C + i⊙c``, ``o = f(x_t·Woᵀ + H·Roᵀ + Po⊙C' + Wbo + Rbo)``,
+  ``H' = o⊙h(C')``.
+- GRU: ``z = f(x_t·Wzᵀ + H·Rzᵀ + Wbz + Rbz)``, ``r`` likewise, ``h = g(x_t·Whᵀ
+  + (r⊙H)·Rhᵀ + Rbh + Wbh)``, or with ``linear_before_reset`` ``h = g(x_t·Whᵀ +
+  r⊙(H·Rhᵀ + Rbh) + Wbh)``; ``H' = (1 - z)⊙h + z⊙H``, written ``h + z⊙(H - h)``.
+- RNN: ``H' = f(x_t·Wᵀ + H·Rᵀ + Wb + Rb)``.
+
+``clip`` bounds each gate's pre-activation to [-clip, clip] (not the cell
+state LSTM's ``h`` reads, as in onnxruntime, the reference). The input part
+``x_t·Wᵀ`` plus every bias that is added unconditionally is one MatMul over all
+T steps at once; each step then adds one ``H·Rᵀ``, so a step costs one small
+MatMul and elementwise ops TVM fuses.
+
+Not unrolled, with the reason given: weights computed at run time (the compile
+path folds constants first, so this means a model whose weights depend on its
+inputs), a ``sequence_lens`` input that is not every sequence's full length,
+and activation functions outside ONNX's list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from optc.errors import TargetError
+from optc.ir.graph import Constant, GraphEditor, Node, Tensor, Variable
+from optc.ir.model import Model
+from optc.ir.shapes import infer_shapes
+
+RECURRENT = {"LSTM": 4, "GRU": 3, "RNN": 1}  # op -> gates
+DEFAULT_ACTIVATIONS = {"LSTM": ("Sigmoid", "Tanh", "Tanh"), "GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
+# Activations that read alpha (and beta): ONNX consumes the activation_alpha/beta lists in the order of the
+# activations that take them; the defaults are the corresponding operators' own.
+ALPHA_DEFAULTS = {"LeakyRelu": (0.01, None), "ThresholdedRelu": (1.0, None), "Elu": (1.0, None),
+                  "HardSigmoid": (0.2, 0.5), "Affine": (1.0, 0.0), "ScaledTanh": (1.0, 1.0)}
+PLAIN = {"Sigmoid", "Tanh", "Relu", "Softsign", "Softplus"}
+INPUTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
+
+
+@dataclass(frozen=True)
+class Activation:
+    op: str
+    alpha: float | None = None
+    beta: float | None = None
+
+
+def unroll_recurrent(model: Model) -> tuple[Model, list[str]]:
+    """``model`` with every top-level LSTM/GRU/RNN written out step by step; one note per layer.
+
+    The model's input shapes must be static. Raises :class:`TargetError` naming
+    the node when a layer cannot be unrolled.
+    """
+    if not any(n.op_type in RECURRENT and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model, []
+    typed = model.copy()
+    infer_shapes(typed)
+    editor = GraphEditor(typed)
+    notes = []
+    for node in [n for n in editor.nodes if n.op in RECURRENT and n.domain in ("", "ai.onnx", None)]:
+        notes.append(_Layer(editor, node).unroll())
+    return editor.commit(), notes
+
+
+class _Layer:
+    """One recurrent node: its checked attributes and inputs, then its steps."""
+
+    def __init__(self, editor: GraphEditor, node: Node):
+        self.editor, self.node, self.op = editor, node, node.op
+        self.gates = RECURRENT[node.op]
+        self.where = f"{node.op} '{node.name}'"
+        attrs = node.attrs
+        self.hidden = int(attrs.get("hidden_size", 0))
+        direction = _text(attrs.get("direction", "forward"))
+        if direction not in ("forward", "reverse", "bidirectional"):
+            raise TargetError(f"{self.where}: unknown direction '{direction}'")
+        self.directions = ("forward", "reverse") if direction == "bidirectional" else (direction,)
+        self.layout = int(attrs.get("layout", 0))
+        self.clip = attrs.get("clip")
+        self.input_forget = bool(attrs.get("input_forget", 0))
+        self.linear_before_reset = bool(attrs.get("linear_before_reset", 0))
+        self.activations = self._activations(attrs)
+        self.inputs = {name: t for name, t in zip(INPUTS, node.inputs) if t is not None and t.name}
+        x = self.inputs["X"]
+        if x.shape is None or len(x.shape) != 3 or not all(isinstance(d, int) for d in x.shape):
+            raise TargetError(f"{self.where}: input '{x.name}' has shape {x.shape}; unrolling needs a static [seq, batch, features] shape "
+                              "(freeze the model's inputs with --input-shape)")
+        self.steps, self.batch = (x.shape[0], x.shape[1]) if self.layout == 0 else (x.shape[1], x.shape[0])
+        self.weights = {k: self._constant(k) for k in ("W", "R", "B", "P") if k in self.inputs}
+        if not self.hidden:
+            self.hidden = self.weights["R"].shape[-1]
+        self._check_lengths()
+        self.dtype = self.weights["W"].dtype
+
+    # --- checks ------------------------------------------------------------------
+    def _constant(self, key: str) -> np.ndarray:
+        value = GraphEditor.constant_value(self.inputs[key])
+        if value is None:
+            raise TargetError(f"{self.where}: its {key} input '{self.inputs[key].name}' is computed at run time; only constant weights can be unrolled")
+        return value
+
+    def _check_lengths(self) -> None:
+        lengths = self.inputs.get("sequence_lens")
+        if lengths is None:
+            return
+        value = GraphEditor.constant_value(lengths)
+        if value is None or not np.all(value == self.steps):
+            raise TargetError(f"{self.where}: sequence_lens '{lengths.name}' is not every sequence's full length ({self.steps}); "
+                              "only full-length sequences can be unrolled")
+
+    def _activations(self, attrs: dict[str, Any]) -> list[tuple[Activation, ...]]:
+        """Per direction, the layer's activation functions (f, g, h for LSTM)."""
+        per = len(DEFAULT_ACTIVATIONS[self.op])
+        names = [_text(a) for a in attrs.get("activations", [])] or list(DEFAULT_ACTIVATIONS[self.op]) * len(self.directions)
+        if len(names) != per * len(self.directions):
+            raise TargetError(f"{self.where}: {len(names)} activations given, {per * len(self.directions)} expected")
+        alphas, betas = list(attrs.get("activation_alpha", [])), list(attrs.get("activation_beta", []))
+        out = []
+        for name in names:
+            canonical = next((k for k in (*PLAIN, *ALPHA_DEFAULTS) if k.lower() == name.lower()), None)
+            if canonical is None:
+                raise TargetError(f"{self.where}: activation '{name}' is not one ONNX defines for recurrent layers")
+            alpha = beta = None
+            if canonical in ALPHA_DEFAULTS:
+                alpha, beta = ALPHA_DEFAULTS[canonical]
+                alpha = alphas.pop(0) if alphas else alpha
+                if beta is not None:
+                    beta = betas.pop(0) if betas else beta
+            out.append(Activation(canonical, alpha, beta))
+        return [tuple(out[i * per:(i + 1) * per]) for i in range(len(self.directions))]
+
+    # --- emission ----------------------------------------------------------------
+    def _const(self, value: Any, dtype: Any = None) -> Constant:
+        return self.editor.add_constant(f"{self.node.name}/const", np.asarray(value, dtype=dtype or self.dtype))
+
+    def _index(self, i: int) -> Constant:
+        return self._const(np.int64(i), np.int64)
+
+    def _shape(self, *dims: int) -> Constant:
+        return self._const(np.array(dims, np.int64), np.int64)
+
+    def _op(self, op: str, *inputs: Tensor, out: Tensor | None = None, **attrs: Any) -> Tensor:
+        output = out if out is not None else Variable(self.editor.fresh_name(f"{self.node.name}/{op}"))
+        self.editor.add_node(op, list(inputs), [output], attrs, name=self.editor.fresh_name(f"{self.node.name}/{op}"))
+        return output
+
+    def _activate(self, act: Activation, x: Tensor, clip: bool = True) -> Tensor:
+        if clip and self.clip is not None:
+            x = self._op("Min", self._op("Max", x, self._const(-float(self.clip))), self._const(float(self.clip)))
+        if act.op in PLAIN:
+            return self._op(act.op, x)
+        if act.op == "Affine":
+            return self._op("Add", self._op("Mul", x, self._const(act.alpha)), self._const(act.beta))
+        if act.op == "ScaledTanh":
+            return self._op("Mul", self._op("Tanh", self._op("Mul", x, self._const(act.beta))), self._const(act.alpha))
+        attrs = {"alpha": float(act.alpha)}
+        if act.beta is not None:
+            attrs["beta"] = float(act.beta)
+        return self._op(act.op, x, **attrs)
+
+    def _state(self, key: str, d: int) -> Tensor:
+        """The direction's initial state [batch, hidden]: the given one, else zeros."""
+        if key not in self.inputs:
+            return self._const(np.zeros((self.batch, self.hidden)))
+        return self._op("Gather", self.inputs[key], self._index(d), axis=0 if self.layout == 0 else 1)
+
+    def unroll(self) -> str:
+        node, outputs = self.node, list(self.node.outputs)
+        x = self.inputs["X"]
+        if self.layout == 1:
+            x = self._op("Transpose", x, perm=[1, 0, 2])
+        finals: list[list[Tensor]] = [[] for _ in outputs]
+        for d, direction in enumerate(self.directions):
+            for slot, tensor in enumerate(self._direction(x, d, direction, outputs)):
+                finals[slot].append(tensor)
+        node.outputs.clear()  # the original tensors are produced by the steps' final nodes from here on
+        node.inputs.clear()
+        layout_perm = {0: [2, 0, 1, 3], 1: [1, 0, 2], 2: [1, 0, 2]}
+        for slot, out in enumerate(outputs):
+            if not out.name or not finals[slot]:
+                continue
+            axis = 1 if slot == 0 else 0
+            joined = finals[slot][0] if len(finals[slot]) == 1 else self._op("Concat", *finals[slot], axis=axis)
+            if self.layout == 1:
+                joined = self._op("Transpose", joined, perm=layout_perm[slot])
+            self._op("Identity", joined, out=out)
+        return (f"{self.where}: {'/'.join(self.directions)} over {self.steps} steps, hidden {self.hidden}, unrolled into plain ops "
+                "(TVM's ONNX frontend has no recurrent layers)")
+
+    def _direction(self, x: Tensor, d: int, direction: str, outputs: list[Tensor]) -> list[Tensor]:
+        """Per output slot (Y, Y_h, Y_c), this direction's part: Y [T, 1, B, H], states [1, B, H]."""
+        g, hid = self.gates, self.hidden
+        w, r = self.weights["W"][d], self.weights["R"][d]
+        bias = self.weights["B"][d] if "B" in self.weights else np.zeros(2 * g * hid, self.dtype)
+        wb, rb = bias[: g * hid], bias[g * hid:].copy()
+        recurrent_bias = None
+        if self.op == "GRU" and self.linear_before_reset:
+            recurrent_bias = rb[2 * hid:].copy()  # Rbh sits inside the reset gate's product
+            rb[2 * hid:] = 0
+        projected = self._op("Add", self._op("MatMul", x, self._const(w.T)), self._const(wb + rb))  # [T, B, G*H]
+        r_gates = r[: 2 * hid] if self.op == "GRU" and not self.linear_before_reset else r
+        r_candidate = r[2 * hid:] if self.op == "GRU" and not self.linear_before_reset else None
+        peep = self.weights["P"][d] if "P" in self.weights else None
+        acts = self.activations[d]
+        h, c = self._state("initial_h", d), self._state("initial_c", d)
+        ys: list[Tensor] = []
+        order = range(self.steps) if direction == "forward" else range(self.steps - 1, -1, -1)
+        r_t, r_cand = self._const(r_gates.T), None if r_candidate is None else self._const(r_candidate.T)
+        rbh = None if recurrent_bias is None else self._const(recurrent_bias)
+        for t in order:
+            xt = self._op("Gather", projected, self._index(t), axis=0)  # [B, G*H]
+            hr = self._op("MatMul", h, r_t)
+            if self.op == "LSTM":
+                gates = self._gate_views(self._op("Add", xt, hr), g)
+                h, c = self._lstm_step(gates, c, peep, acts)
+            elif self.op == "GRU":
+                h = self._gru_step(xt, hr, h, r_cand, rbh, acts)
+            else:
+                h = self._activate(acts[0], self._op("Add", xt, hr))
+            ys.append(h)
+        if direction == "reverse":
+            ys.reverse()
+        parts: list[Tensor] = []
+        if outputs and outputs[0].name:
+            steps = [self._op("Reshape", y, self._shape(1, 1, self.batch, hid)) for y in ys]
+            parts.append(steps[0] if len(steps) == 1 else self._op("Concat", *steps, axis=0))
+        else:
+            parts.append(None)  # type: ignore[arg-type]
+        state_shape = self._shape(1, self.batch, hid)
+        parts.append(self._op("Reshape", h, state_shape))
+        if self.op == "LSTM":
+            parts.append(self._op("Reshape", c, state_shape))
+        return parts[: len(outputs)]
+
+    def _gate_views(self, gates: Tensor, count: int) -> list[Tensor]:
+        """[B, count*H] as ``count`` tensors [B, H], in ONNX's gate order."""
+        grid = self._op("Reshape", gates, self._shape(self.batch, count, self.hidden))
+        return [self._op("Gather", grid, self._index(k), axis=1) for k in range(count)]
+
+    def _lstm_step(self, gates: list[Tensor], c: Tensor, peep: np.ndarray | None, acts: tuple[Activation, ...]) -> tuple[Tensor, Tensor]:
+        hid = self.hidden
+        i_in, o_in, f_in, c_in = gates
+        if peep is not None:
+            i_in = self._op("Add", i_in, self._op("Mul", c, self._const(peep[:hid])))
+            f_in = self._op("Add", f_in, self._op("Mul", c, self._const(peep[2 * hid:])))
+        i = self._activate(acts[0], i_in)
+        f = self._op("Sub", self._const(1.0), i) if self.input_forget else self._activate(acts[0], f_in)
+        cand = self._activate(acts[1], c_in)
+        c = self._op("Add", self._op("Mul", f, c), self._op("Mul", i, cand))
+        if peep is not None:
+            o_in = self._op("Add", o_in, self._op("Mul", c, self._const(peep[hid: 2 * hid])))
+        o = self._activate(acts[0], o_in)
+        # onnxruntime, the reference, does not clip the cell state read by h (nor keep it clipped).
+        return self._op("Mul", o, self._activate(acts[2], c, clip=False)), c
+
+    def _gru_step(self, xt: Tensor, hr: Tensor, h: Tensor, r_cand: Constant | None, rbh: Constant | None,
+                  acts: tuple[Activation, ...]) -> Tensor:
+        x_z, x_r, x_h = self._gate_views(xt, 3)
+        if r_cand is not None:  # hr holds only the z and r parts: H·Rhᵀ needs r first
+            h_z, h_r = self._gate_views(hr, 2)
+            r = self._activate(acts[0], self._op("Add", x_r, h_r))
+            cand_in = self._op("Add", x_h, self._op("MatMul", self._op("Mul", r, h), r_cand))
+        else:
+            h_z, h_r, h_h = self._gate_views(hr, 3)
+            r = self._activate(acts[0], self._op("Add", x_r, h_r))
+            cand_in = self._op("Add", x_h, self._op("Mul", r, self._op("Add", h_h, rbh)))
+        z = self._activate(acts[0], self._op("Add", x_z, h_z))
+        cand = self._activate(acts[1], cand_in)
+        return self._op("Add", cand, self._op("Mul", z, self._op("Sub", h, cand)))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
