@@ -44,15 +44,17 @@ TIMEOUT_S = 900
 # The passes' speed-ups (staged refit, cached Grams and factors, no spinning sessions): nudenet_yolov8n
 # prune-channels -37 % MACs at 0.9969 in 19 s and distill -65 % at 0.9954 in 20 s, basic_pitch distill -31 % at
 # 0.9920 in 16 s (all three were timeouts).
+# session 11 (load 5-8): distill fits its students and captures the teacher once per input model, and Grams survive the
+# re-compile after a missed default budget; no distill or sparsify row times out: ddddocr_det sparsify meets the goal in
+# 79 s (was > 420 s), light_resnet50 sparsify in 89 s (> 300 s), light_resnet50 and light_inception_v1 distill in 53 s and
+# 20 s (> 120 s); the other distill rows finish in 81-152 s, left out by the default budget or (ddddocr_det) missing it.
 # light_densenet121's lossy passes were not benchmarked: canonicalisation alone took 240 s.
 KNOWN: dict[tuple[str, str], str] = {
     ('ddddocr_ocr', 'prune-channels'): 'timeout after 300 s (benchmark limit)',
     ('basic_pitch', 'quantize'): 'cos 0.9531',
-    ('ddddocr_det', 'sparsify'): 'timeout after 420 s (benchmark limit)',
     ('minilm', 'sparsify'): 'cos 0.98997 at -12 % weights (session 10: 74 s, no longer a timeout)',
-    ('light_resnet50', 'sparsify'): 'timeout after 300 s (benchmark limit)',
-    ('ddddocr_ocr', 'distill'): 'timeout after 300 s (benchmark limit)',
-    ('ddddocr_det', 'distill'): 'timeout after 300 s (benchmark limit)',
+    ('ddddocr_ocr', 'distill'): "nothing changed: the default budget left distill out (cosine 0.9428, argmax agreement 0.8580 at default strength; 93 s, session 11)",
+    ('ddddocr_det', 'distill'): 'cos 0.9883 at -50 % MACs (the 8 held-out calibration samples the budget measured on said 0.9919; 152 s, session 11)',
     ('ddddocr_det', 'prune-channels'): 'timeout after 120 s (benchmark limit)',
     ('rapidocr_det', 'prune-channels'): 'timeout after 120 s (benchmark limit)',
     ('rapidocr_cls', 'prune-channels'): '100.0→99.0 (-1.00 pt), cos 0.9923',
@@ -62,13 +64,11 @@ KNOWN: dict[tuple[str, str], str] = {
     ('light_resnet50', 'prune-channels'): "nothing changed: n0: output shape of 'n0' unknown; n4: output shape of 'n4' unknown",
     ('light_shufflenet', 'prune-channels'): "nothing changed: n0: output shape of 'n0' unknown; n201: output shape of 'n201' unknown",
     ('light_inception_v1', 'prune-channels'): "nothing changed: n0: output shape of 'n0' unknown; n4: output shape of 'n4' unknown",
-    ('rapidocr_det', 'distill'): 'timeout after 120 s (benchmark limit)',
-    ('rapidocr_rec', 'distill'): 'timeout after 120 s (benchmark limit)',
+    ('rapidocr_det', 'distill'): "nothing changed: the default budget left distill out (cosine 0.9512 at default strength, 0.9849 at 1/8 of it; 81 s, session 11)",
+    ('rapidocr_rec', 'distill'): "nothing changed: the default budget left distill out (cosine 0.6967, argmax agreement 0.6875 at default strength; 127 s, session 11)",
     ('silero_vad_seq', 'distill'): 'nothing changed: /stft/Conv: only 2-D convolutions; /encoder.0/Conv: only 2-D convolutions',
     ('crepe_tiny', 'distill'): "nothing changed: the default budget left distill out (100.0→100.0, cos 1.0000; session 9, 344 s)",
-    ('minilm', 'distill'): 'timeout after 120 s (benchmark limit)',
-    ('light_resnet50', 'distill'): 'timeout after 120 s (benchmark limit)',
-    ('light_inception_v1', 'distill'): 'timeout after 120 s (benchmark limit)',
+    ('minilm', 'distill'): "nothing changed: the default budget left distill out (cosine 0.7135 at default strength; 93 s, session 11)",
     ('silero_vad', 'quantize'): "nothing changed: the default budget left quantize out (cosine 0.9771, argmax agreement 0.9688 of the speech probability on held-out data; session 10)",
     ('silero_vad', 'distill'): "nothing changed: If_0/then_branch: /stft/Conv: only 2-D convolutions (and the 8 kHz branch takes no calibration sample)",
 }
