@@ -530,4 +530,6 @@ def test_sequential_refit_in_stages_matches_a_whole_run_per_layer(tmp_path, save
     for name in ("conv1", "conv2", "conv3"):
         a = staged.initializer_array(next(n for n in staged.graph.node if n.name == name).input[1])
         b = current.initializer_array(next(n for n in current.graph.node if n.name == name).input[1])
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # The staged fit sums x_a (x_b W^T)^T where the whole run sums x_a x_b^T: float32 products
+        # rounded differently, through the solve (weights about 0.3: 1e-5 is a few float32 ulps of the sums).
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

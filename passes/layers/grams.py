@@ -22,7 +22,7 @@ import numpy as np
 from optc.data.calibration import CalibrationSet, capture_activations, real_tokens
 from optc.ir.model import Model
 from optc.ir.session import make_session
-from optc.passes.layers.linear import LinearLayer, input_rows
+from optc.passes.layers.linear import LinearLayer, input_rows, row_count
 from optc.passes.numerics.grams import InputGram, PairedGram
 
 
@@ -35,10 +35,10 @@ class _Accumulator:
 
     def __call__(self, tensor: str, value: np.ndarray) -> None:
         for layer in self.layers[tensor]:
-            rows = input_rows(layer, value.astype(np.float32, copy=False))
-            if rows.shape[1] > self.max_rows:
-                keep = self.rng.choice(rows.shape[1], self.max_rows, replace=False)
-                rows = rows[:, keep]
+            count = row_count(layer, value.shape)
+            # The same subsample as unfolding every row and choosing among them, unfolding only the chosen.
+            keep = self.rng.choice(count, self.max_rows, replace=False) if count > self.max_rows else None
+            rows = input_rows(layer, value.astype(np.float32, copy=False), keep)
             acc = self.grams.get(layer.node)
             if acc is None:
                 g, _, d = rows.shape
@@ -64,15 +64,13 @@ def _gram(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return product.astype(np.float64)
 
 
-def _energy(rows: np.ndarray, wt: np.ndarray) -> float:
-    """``sum ||x W^T||^2`` over ``rows`` (``wt`` is ``W^T``, float32), summed in float64 as :func:`_gram` sums."""
+def _target_rows(rows: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """``x W^T`` for ``rows`` (``wt`` is ``W^T``, float32), as float32 unless that overflows, as :func:`_gram` does."""
     with np.errstate(over="ignore", invalid="ignore"):
         out = rows @ wt
-        total = float(np.einsum("ij,ij->", out, out, dtype=np.float64))
-    if not np.isfinite(total):
-        out = rows.astype(np.float64) @ wt.astype(np.float64)
-        total = float(np.einsum("ij,ij->", out, out))
-    return total
+    if not np.isfinite(out).all() or not np.isfinite(np.einsum("ij,ij->", out, out, dtype=np.float64)):
+        return rows.astype(np.float64) @ wt.astype(np.float64)
+    return out
 
 
 def input_grams(
@@ -162,8 +160,9 @@ class PairedAccumulator:
     """:class:`PairedGram` of layers (by node) summed batch by batch: see :func:`paired_grams`.
 
     ``targets`` (node -> ``W``, ``out x d_ref``): for those layers the reference
-    Gram ``B B^T`` is not summed, only the energy ``sum ||x_b W^T||^2`` a refit
-    to ``W`` reads from it (:func:`~optc.passes.numerics.refit.refit_paired`).
+    Grams ``B B^T`` and ``A B^T`` are not summed, only what a refit to ``W`` reads of
+    them (:func:`~optc.passes.numerics.refit.refit_paired`): the energy ``sum ||x_b W^T||^2``
+    and the cross moment ``sum x_a (x_b W^T)^T``.
     """
 
     def __init__(self, layers: Sequence[LinearLayer], reference_layers: Sequence[LinearLayer], max_rows_per_batch: int, seed: int,
@@ -178,27 +177,32 @@ class PairedAccumulator:
         """One batch: ``values_a`` holds the layers' inputs in the model, ``values_b`` the reference layers'."""
         keep: dict[int, np.ndarray] = {}  # one subsample per row count, shared by the layers that have it
         for la, lb in self.pairs:
-            ra = input_rows(la, real_tokens(values_a[la.input], mask).astype(np.float32, copy=False))
-            rb = input_rows(lb, real_tokens(values_b[lb.input], mask).astype(np.float32, copy=False))
-            rows = ra.shape[1]
-            if rows > self.max_rows:
-                if rows not in keep:
-                    keep[rows] = self.rng.choice(rows, self.max_rows, replace=False)
-                ra, rb = ra[:, keep[rows]], rb[:, keep[rows]]
+            xa = real_tokens(values_a[la.input], mask).astype(np.float32, copy=False)
+            xb = real_tokens(values_b[lb.input], mask).astype(np.float32, copy=False)
+            rows = row_count(la, xa.shape)
+            if rows > self.max_rows and rows not in keep:
+                keep[rows] = self.rng.choice(rows, self.max_rows, replace=False)
+            chosen = keep.get(rows) if rows > self.max_rows else None
+            ra, rb = input_rows(la, xa, chosen), input_rows(lb, xb, chosen)
             g = self.grams.get(la.node)
+            wt = self.targets.get(la.node)
             if g is None:
                 # The two inputs may differ in width (a pruned layer reads fewer columns).
                 groups, da, db = ra.shape[0], ra.shape[2], rb.shape[2]
+                full = wt is None
                 g = self.grams[la.node] = PairedGram(
-                    np.zeros((groups, da, da)), np.zeros((groups, da, db)), None if la.node in self.targets else np.zeros((groups, db, db)),
-                    np.zeros((groups, da)), np.zeros((groups, db)), energy=0.0 if la.node in self.targets else None,
+                    np.zeros((groups, da, da)), np.zeros((groups, da, db)) if full else None, np.zeros((groups, db, db)) if full else None,
+                    np.zeros((groups, da)), np.zeros((groups, db)), energy=None if full else 0.0,
+                    ay=None if full else np.zeros((da, wt.shape[1])),
                 )
             g.aa += _gram(ra, ra)
-            g.ab += _gram(ra, rb)
-            if g.bb is not None:
+            if wt is None:
+                g.ab += _gram(ra, rb)
                 g.bb += _gram(rb, rb)
             else:
-                g.energy += _energy(rb[0], self.targets[la.node])
+                y = _target_rows(rb[0], wt)
+                g.energy += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
+                g.ay += _gram(ra[:1], y[None])[0]
             g.sum_a += ra.sum(axis=1, dtype=np.float64)
             g.sum_b += rb.sum(axis=1, dtype=np.float64)
             g.rows += ra.shape[1]

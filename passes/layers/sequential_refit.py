@@ -25,6 +25,7 @@ from optc.ir.model import Model
 from optc.passes.layers.bias_fold import add_to_bias
 from optc.data.calibration import CalibrationSet
 from optc.ir.staged import StagedRun
+from optc.ir.view import attribute
 from optc.passes.layers import LinearLayer, PairedGram, find_linear_layers, matrix_to_weight, weight_matrix
 from optc.passes.layers.grams import PairedAccumulator
 from optc.passes.numerics.refit import Refit, refit_paired
@@ -96,13 +97,37 @@ def refit_layer(
     ``bias_already``: a bias delta the layer's bias already holds (a previous fit); only the
     difference is added.
     """
-    prior = weight_matrix(layer, model.initializer_array(layer.weight).astype(np.float64))
-    fit = refit_paired(pg, target_w, prior, ridge=ridge)
+    old_w = model.initializer_array(layer.weight)
+    fit = refit_paired(pg, target_w, weight_matrix(layer, old_w.astype(np.float64)), ridge=ridge)
+    new_w = matrix_to_weight(layer, fit.weight).astype(old_w.dtype)
+    delta = fit.bias_delta - (bias_already if bias_already is not None else 0.0)
+    bias = _own_bias(model, layer, len(delta)) if np.any(delta) else None
+    if not np.any(delta) or bias is not None:
+        # Only values change: no graph round trip (one per layer made the refit quadratic in the model).
+        values = {layer.weight: new_w}
+        if bias is not None:
+            name, scale, value = bias
+            values[name] = (value.astype(np.float64) + scale * delta.reshape(value.shape)).astype(value.dtype)
+        return model.with_initializers(values), fit
     editor = GraphEditor(model)
     node = next(n for n in editor.nodes if n.name == layer.node)
-    dtype = np.asarray(editor.constant_value(node.inputs[1])).dtype
-    node.inputs[1] = editor.add_constant(node.inputs[1].name, matrix_to_weight(layer, fit.weight).astype(dtype))
-    delta = fit.bias_delta - (bias_already if bias_already is not None else 0.0)
-    if np.any(delta):
-        add_to_bias(editor, node, delta)
+    node.inputs[1] = editor.add_constant(node.inputs[1].name, new_w)
+    add_to_bias(editor, node, delta)
     return editor.commit(), fit
+
+
+def _own_bias(model: Model, layer: LinearLayer, size: int) -> tuple[str, float, np.ndarray] | None:
+    """The bias initializer of a Conv/Gemm read by this layer alone (name, delta scale, value), as
+    :func:`~optc.passes.layers.bias_fold.add_to_bias` would update it; None where it would edit the graph."""
+    if layer.op not in ("Conv", "Gemm") or layer.bias is None:
+        return None
+    value = model.initializer_array(layer.bias)
+    if value is None or value.size != size or layer.bias in {o.name for o in model.graph.output}:
+        return None
+    if sum(name == layer.bias for n in model.graph.node for name in n.input) != 1:
+        return None
+    scale = 1.0
+    if layer.op == "Gemm":
+        node = next(n for n in model.graph.node if n.name == layer.node)
+        scale = float(attribute(node, "alpha", 1.0)) / float(attribute(node, "beta", 1.0))
+    return layer.bias, scale, value

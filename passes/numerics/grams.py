@@ -47,13 +47,17 @@ class PairedGram:
 
     A refit reads ``B B^T`` only through the target's energy ``tr(W B B^T W^T)`` for one
     known ``W``; then ``bb`` is None and ``energy`` holds ``sum ||x_b W^T||^2`` over the rows
-    (group 0), which costs ``out/d`` of the reference Gram's product.
+    (group 0), which costs ``out/d`` of the reference Gram's product. It reads ``A B^T``
+    only as ``A B^T W^T``: then ``ab`` is None and ``ay`` holds ``sum x_a (x_b W^T)^T``
+    (group 0, ``d_a x out``), which costs ``out/d`` of the cross product (a 3x3 convolution
+    reads 9 columns per input channel, so that is about a ninth).
     """
 
     aa: np.ndarray  # (groups, d, d)
-    ab: np.ndarray
+    ab: np.ndarray | None
     bb: np.ndarray | None
     sum_a: np.ndarray  # (groups, d)
     sum_b: np.ndarray
     rows: int = 0
     energy: float | None = None
+    ay: np.ndarray | None = None

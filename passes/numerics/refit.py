@@ -47,7 +47,7 @@ def refit_columns(gram: InputGram, w: np.ndarray, keep: np.ndarray, *, group: in
     s = gram.total[group] / n
     keep = np.asarray(keep, dtype=np.int64)
     w = w.astype(np.float64)
-    return refit_from_moments(g[np.ix_(keep, keep)], s[keep], g[keep], s, g, w, w[:, keep], ridge=ridge, bias=bias)
+    return refit_from_moments(g[np.ix_(keep, keep)], s[keep], g[keep] @ w.T, s @ w.T, output_energy(w, g), w[:, keep], ridge=ridge, bias=bias)
 
 
 def refit_paired(pg: PairedGram, w: np.ndarray, prior: np.ndarray, *, group: int = 0, ridge: float = 1e-4, bias: bool = True) -> Refit:
@@ -55,56 +55,60 @@ def refit_paired(pg: PairedGram, w: np.ndarray, prior: np.ndarray, *, group: int
 
     ``w`` (``out x d_ref``) is the reference layer's weight matrix, ``prior``
     (``out x d_fit``) the weights the fitted model has now. Without ``pg.bb``,
-    ``pg.energy`` must be that of ``w`` (group 0).
+    ``pg.energy`` must be that of ``w`` (group 0), and without ``pg.ab``, ``pg.ay`` its cross moment.
     """
     n = max(pg.rows, 1)
+    w = w.astype(np.float64)
     if pg.bb is None:
         if pg.energy is None or group != 0:
             raise ValueError("refit_paired: the paired Gram holds neither B B^T nor the target's energy")
-        bb, target = None, pg.energy / n
+        target = pg.energy / n
     else:
-        bb, target = pg.bb[group] / n, None
+        target = output_energy(w, pg.bb[group] / n)
+    if pg.ab is None:
+        if pg.ay is None or group != 0:
+            raise ValueError("refit_paired: the paired Gram holds neither A B^T nor the target's cross moment")
+        ay = pg.ay / n
+    else:
+        ay = (pg.ab[group] / n) @ w.T
     return refit_from_moments(
-        pg.aa[group] / n, pg.sum_a[group] / n, pg.ab[group] / n, pg.sum_b[group] / n, bb,
-        w.astype(np.float64), prior.astype(np.float64), ridge=ridge, bias=bias, target=target,
+        pg.aa[group] / n, pg.sum_a[group] / n, ay, (pg.sum_b[group] / n) @ w.T, target, prior.astype(np.float64), ridge=ridge, bias=bias,
     )
 
 
-def refit_from_moments(aa, sa, ab, sb, bb, w, prior, *, ridge: float, bias: bool, target: float | None = None) -> Refit:
-    """Solve ``min E||x_b W^T - (x_a W'^T + b)||^2 + lam ||W' - prior||^2`` from per-row moments.
+def refit_from_moments(aa, sa, ay, sy, target: float, prior, *, ridge: float, bias: bool) -> Refit:
+    """Solve ``min E||y - (x_a W'^T + b)||^2 + lam ||W' - prior||^2`` from per-row moments.
 
-    ``aa = E[x_a x_a^T]``, ``sa = E[x_a]``, ``ab = E[x_a x_b^T]``, ``sb = E[x_b]``,
-    ``bb = E[x_b x_b^T]``. Normal equations over ``z = [x_a, 1]``:
-    ``E[z z^T] [W'^T; b^T] = E[z x_b^T] W^T`` (plus the ridge on the weight rows).
-    ``bb`` is read only for the target's energy ``E||x_b W^T||^2``: ``target`` gives it instead.
+    ``aa = E[x_a x_a^T]``, ``sa = E[x_a]``, ``ay = E[x_a y^T]``, ``sy = E[y]`` and
+    ``target = E||y||^2``, the target ``y`` being ``x_b W^T``. Normal equations over
+    ``z = [x_a, 1]``: ``E[z z^T] [W'^T; b^T] = E[z y^T]`` (plus the ridge on the weight rows).
+    Only ``E[z y^T]`` is needed of the cross moments, so a caller may sum ``x_a y^T``
+    directly (``out`` columns) instead of ``x_a x_b^T`` (``d_ref`` columns).
     """
     k = len(sa)
+    out = len(sy)
     zz = np.empty((k + 1, k + 1))
     zz[:k, :k] = aa
     zz[:k, k] = zz[k, :k] = sa
     zz[k, k] = 1.0
-    zb = np.vstack([ab, sb[None]])  # E[z x_b^T]
-    rhs = zb @ w.T
+    zy = np.vstack([ay, sy[None]])  # E[z y^T]
     lam = ridge * max(float(np.mean(np.diag(aa))) if k else 0.0, 1e-12)
     size = k + 1 if bias else k
     a_reg = zz[:size, :size].copy()
     a_reg[np.arange(k), np.arange(k)] += lam
-    b_reg = rhs[:size].copy()
+    b_reg = zy[:size].copy()
     b_reg[:k] += lam * prior.T
     try:
         sol = np.linalg.solve(a_reg, b_reg)
     except np.linalg.LinAlgError:
         sol = np.linalg.lstsq(a_reg, b_reg, rcond=None)[0]
-    theta = np.vstack([sol, np.zeros((1, w.shape[0]))]) if not bias else sol
-    if target is None:
-        target = output_energy(w, bb)
+    theta = np.vstack([sol, np.zeros((1, out))]) if not bias else sol
     energy = max(target, 1e-30)
-    plain = np.vstack([prior.T, np.zeros((1, w.shape[0]))])
-    zbw = zb @ w.T
-    return Refit(theta[:k].T, theta[k], _error(theta, zz, zbw, target) / energy, _error(plain, zz, zbw, target) / energy)
+    plain = np.vstack([prior.T, np.zeros((1, out))])
+    return Refit(theta[:k].T, theta[k], _error(theta, zz, zy, target) / energy, _error(plain, zz, zy, target) / energy)
 
 
-def _error(theta: np.ndarray, zz: np.ndarray, zbw: np.ndarray, target: float) -> float:
-    """``E||x_b W^T - z theta||^2`` expanded over the moments (``zbw = zb W^T``, ``target = tr(W bb W^T)``)."""
-    err = target - 2.0 * np.sum(theta * zbw) + np.sum(theta * (zz @ theta))
+def _error(theta: np.ndarray, zz: np.ndarray, zy: np.ndarray, target: float) -> float:
+    """``E||y - z theta||^2`` expanded over the moments (``zy = E[z y^T]``, ``target = E||y||^2``)."""
+    err = target - 2.0 * np.sum(theta * zy) + np.sum(theta * (zz @ theta))
     return max(float(err), 0.0)
