@@ -7,12 +7,15 @@ permutes, pools, softmaxes and normalisations left between the heavy kernels
 functions are memory-bound, so one schedule serves them: inline what can be
 inlined, then spread the output's outer loops over threads and let the
 innermost loop vectorise. A function the schedule cannot take (or whose
-output is too small to be worth a thread) keeps TVM's default.
+output is too small to be worth a thread) keeps TVM's default. Convolutions
+(NHWC) get optc's register-tiled kernel instead (:mod:`.conv_template`).
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from optc.targets.conv_template import schedule_conv
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +28,16 @@ VECTOR = 16  # lanes the innermost split aims for; LLVM narrows to the target's 
 
 def schedule_function(func: Any) -> Any | None:
     """``func`` scheduled, or None when it is left as it is."""
+    import tvm
     from tvm import s_tir
 
     if func.attrs is not None and func.attrs.get("tir.is_scheduled", False):
         return None
+    target = tvm.target.Target.current(allow_none=True)
+    if target is not None and target.kind.name == "llvm":
+        tiled = schedule_conv(func, target)  # a convolution: optc's register-tiled kernel
+        if tiled is not None:
+            return tiled
     try:
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root")  # a function without one raises: left as it is, below

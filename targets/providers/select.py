@@ -64,6 +64,8 @@ CLOSE_RACE, CLOSE_BLOCKS = 1.3, 6  # winners within 1.3x of the runner-up are ti
 # Winograd transforms change the rounding: measured at 1e-6 to 2e-6 of the output range on ResNet-shaped
 # convolutions (oneDNN 2.6, AVX-512), against 1e-7 for the direct kernel. 1e-4 leaves room, not error.
 WINOGRAD_RTOL = 1e-4
+# The version of optc's own TVM kernels: a race against an older one is run again (2: the register-tiled conv template).
+TVM_KERNELS = 2
 CANDIDATES = {"tvm": "tvm_ms", "onednn": "onednn_ms", "winograd": "winograd_ms"}
 
 
@@ -115,6 +117,28 @@ def unlegalizable(mod: Any, target: Any) -> list[str]:
     return sorted(left)
 
 
+def to_nhwc(mod: Any, target: Any, report: ProviderReport) -> Any:
+    """``mod`` with its convolutions in NHWC, which both oneDNN (in place, no reorders) and optc's own
+    register-tiled kernel (targets.conv_template, vectorised over the channels) read; NCHW where TVM cannot."""
+    from tvm import relax
+
+    if not any(c.kind == "conv2d" for c in find_chains(mod)):
+        return mod
+    # Clips and variadic sums first become binary ops, which ConvertLayout keeps in NHWC (layout_ops).
+    try:
+        converted = relax.transform.ConvertLayout(NHWC_LAYOUTS)(layout_friendly(mod))
+        stuck = unlegalizable(converted, target)
+        if stuck:
+            raise ValueError(f"no NHWC kernel for {', '.join(stuck)}")
+        report.layout = "NHWC"
+        return converted
+    except Exception as exc:  # noqa: BLE001 - TVM's layout rules fail on some ops (Magika's 3-D reductions): NCHW is correct
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        logger.warning("TVM cannot convert this model's layout to NHWC (%s): its convolutions run in NCHW", first[:160])
+        report.layout = "NCHW (NHWC conversion failed)"
+        return mod
+
+
 def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[Any], Any]) -> tuple[Any, ProviderReport]:
     """``mod`` with the chains the chosen providers compute rewritten into their calls."""
     if mode not in MODES:
@@ -122,26 +146,12 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     report = ProviderReport(mode)
     avail = onednn.availability()
     report.onednn = {"available": avail.ok, "version": avail.version, "reason": avail.reason}
+    mod = to_nhwc(mod, target, report)
     if mode == "tvm":
         return mod, report
     if not avail.ok:
         logger.warning("oneDNN kernels unavailable (%s): every op compiles with TVM's own kernels", avail.reason)
         return mod, report
-    from tvm import relax
-
-    if any(c.kind == "conv2d" for c in find_chains(mod)):
-        # oneDNN's convolutions read NHWC in place; NCHW would cost a reorder around each one. Clips and
-        # variadic sums first become binary ops, which ConvertLayout keeps in NHWC (layout_ops).
-        try:
-            converted = relax.transform.ConvertLayout(NHWC_LAYOUTS)(layout_friendly(mod))
-            stuck = unlegalizable(converted, target)
-            if stuck:
-                raise ValueError(f"no NHWC kernel for {', '.join(stuck)}")
-            mod, report.layout = converted, "NHWC"
-        except Exception as exc:  # noqa: BLE001 - TVM's layout rules fail on some ops (Magika's 3-D reductions): NCHW is correct
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            logger.warning("TVM cannot convert this model's layout to NHWC (%s): its convolutions run in NCHW", first[:160])
-            report.layout = "NCHW (NHWC conversion failed)"
     mod = deconvs_as_matmuls(mod)  # after the conversion: its 6-D shuffle is no layout ConvertLayout should see
     chains = find_chains(mod)
     report.chains = len(chains)
@@ -175,7 +185,7 @@ def winner(timing: dict[str, Any] | None) -> str:
 
 def _key(chain: Chain, target: Any, version: str) -> str:
     text = json.dumps([chain.workload(), str(target), cpuinfo_field("model name") or platform.processor() or platform.machine(), version,
-                       onednn.glue_digest()], sort_keys=True)
+                       onednn.glue_digest(), TVM_KERNELS], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

@@ -1,0 +1,107 @@
+"""optc's register-tiled convolution kernel (targets.conv_template): where it applies, tile sizes, exact results."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from helpers import load_tool, make_model, ort_run, rand
+from onnx import helper, numpy_helper
+
+from optc.cli.main import cli
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+
+def _w(name, *shape, seed=0):
+    return numpy_helper.from_array((np.random.default_rng(seed).standard_normal(shape) * 0.2).astype(np.float32), name)
+
+
+def conv_stack() -> onnx.ModelProto:
+    """The shapes the template must tile: 3x3 + bias + ReLU, a stride-2 conv on an odd width, a 1x1 conv
+    joined by a residual, a weight-heavy conv (more weight than input bytes) and a one-channel head."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["c2", "w3"], ["c3"]), helper.make_node("Add", ["c3", "c2"], ["s3"]),
+        helper.make_node("Relu", ["s3"], ["r3"]),
+        helper.make_node("Conv", ["r3", "w4", "b4"], ["c4"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c4", "w5"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    inits = [_w("w1", 24, 3, 3, 3, seed=1), _w("b1", 24, seed=2), _w("w2", 40, 24, 3, 3, seed=3), _w("b2", 40, seed=4),
+             _w("w3", 40, 40, 1, 1, seed=5), _w("w4", 96, 40, 3, 3, seed=6), _w("b4", 96, seed=7), _w("w5", 1, 96, 3, 3, seed=8)]
+    return make_model(nodes, [("x", [1, 3, 22, 26])], [("y", [1, 1, 11, 13])], inits)
+
+
+@pytest.mark.parametrize(("lanes", "registers", "width", "channels", "tile"), [
+    (16, 32, 56, 64, (14, 32)),  # AVX-512: two vectors of channels, 14 pixels: 28 accumulators
+    (8, 16, 56, 64, (4, 16)),    # AVX2: 16 registers leave room for 6 pixels of two vectors; 4 divides 56
+    (4, 32, 28, 64, (14, 8)),    # NEON
+    (16, 32, 13, 1, (13, 1)),    # a one-channel head: one accumulator per pixel
+    (16, 32, 7, 512, (7, 32)),
+])
+def test_register_tiles_fit_the_vector_registers(lanes, registers, width, channels, tile):
+    from optc.targets.conv_template import SPARE_REGISTERS, tiles
+
+    tw, tc = tiles(width, channels, lanes, registers)
+    assert (tw, tc) == tile
+    assert width % tw == 0 and channels % tc == 0 and tw * max(1, tc // lanes) <= registers - SPARE_REGISTERS
+
+
+def test_template_schedules_every_nhwc_convolution():
+    import tvm
+    from optc.targets.conv_template import schedule_conv
+    from optc.targets.providers.select import NHWC_LAYOUTS
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod = fused(relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(conv_stack(), keep_params_in_input=False)), target, True)
+    convs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script()]
+    assert len(convs) == 5
+    for func in convs:
+        scheduled = schedule_conv(func, target)
+        assert scheduled is not None and scheduled.attrs["tir.is_scheduled"]
+        text = scheduled.script()
+        assert "meta_schedule.layout_rewrite_preproc" in text and "T.vectorized" in text
+
+
+def test_tvm_kernels_match_onnxruntime(tmp_path):
+    """``--kernels tvm``: every convolution runs optc's template (no provider), within float rounding of onnxruntime."""
+    from optc.targets.artifact import load_artifact
+
+    model = conv_stack()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "tvm", "--no-latency",
+                                   "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    providers = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
+    assert providers["layout"] == "NHWC" and not providers["offloaded"]
+    x = rand(1, 3, 22, 26, seed=4)
+    np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_arm_artifact_with_the_template_matches_onnxruntime_under_qemu(tmp_path):
+    """On ARM (no vendor provider) the template is the convolution kernel; checked under qemu-user."""
+    tool = load_tool("make_arm_root")
+    reason = tool.unusable_reason()
+    if reason:
+        pytest.skip(f"ARM check under qemu not possible here: {reason}")
+    model = conv_stack()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "arm"
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "arm", "--no-latency", "--json",
+                                   "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["target"]["tuning"]["providers"]["layout"] == "NHWC"
+    x = rand(1, 3, 22, 26, seed=4)
+    run = tool.run_artifact(out, {"x": x})
+    np.testing.assert_allclose(run.outputs["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
