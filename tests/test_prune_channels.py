@@ -178,18 +178,98 @@ def test_depthwise_conv_ties_input_and_output_channels(tmp_path, save):
     np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
 
 
-def test_grouped_conv_is_left_whole_with_a_reason(tmp_path, save):
+def grouped_model(dead=()):
+    """conv1 (8) -> relu -> gconv (group=2, 8 -> 8) -> relu -> gconv2 (group=4, 8 -> 8) -> relu -> conv3 (-> output).
+
+    ``dead``: output channels of conv1 zeroed (with their bias), so that removing them is exact."""
+    w1, b1 = rand(8, 3, 3, 3, seed=1), rand(8, seed=2)
+    w1[list(dead)], b1[list(dead)] = 0, 0
+    nodes = [
+        conv("conv1", "x", "w1", "c1", "b1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        conv("gconv", "r1", "wg", "g", "bg", group=2),
+        helper.make_node("Relu", ["g"], ["r2"], name="relu2"),
+        conv("gconv2", "r2", "wg2", "g2", "bg2", group=4, pads=[0, 0, 0, 0], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["g2"], ["r3"], name="relu3"),
+        conv("conv3", "r3", "w3", "y", "b3"),
+    ]
+    inits = [init("w1", w1), init("b1", b1), init("wg", rand(8, 4, 3, 3, seed=3) * 0.3), init("bg", rand(8, seed=4)),
+             init("wg2", rand(8, 2, 1, 1, seed=5)), init("bg2", rand(8, seed=6)), init("w3", rand(2, 8, 3, 3, seed=7)), init("b3", rand(2, seed=8))]
+    return make_model(nodes, [("x", ["n", 3, 5, 5])], [("y", ["n", 2, 5, 5])], inits)
+
+
+def test_grouped_convs_cut_their_spaces_into_equal_blocks(tmp_path, save):
+    model, ctx, _ = prepare(tmp_path, save, grouped_model())
+    graph = analyse_channels(model)
+    blocks = {g.sources[0].node: (g.blocks, g.prunable) for g in graph.groups if g.sources}
+    # conv1's channels feed a group=2 conv; gconv's are written by 2 groups and read by 4: lcm 4.
+    assert blocks == {"conv1": (2, True), "gconv": (4, True), "gconv2": (4, True), "conv3": (1, False)}
+    assert {c.node: c.group for c in graph.consumers} == {"gconv": 2, "gconv2": 4, "conv3": 1}
+
+
+@pytest.mark.parametrize("criterion", ["forward", "l1", "activation"])
+def test_grouped_convs_lose_as_many_channels_in_every_group(tmp_path, save, criterion):
+    model, ctx, feeds = prepare(tmp_path, save, grouped_model())
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5, criterion=criterion)
+    new = result.model
+    # Every group keeps half of its channels: still group=2 and group=4 convolutions.
+    assert weight_shape(new, "conv1") == (4, 3, 3, 3)
+    assert weight_shape(new, "gconv") == (4, 2, 3, 3) and weight_shape(new, "gconv", 2) == (4,)
+    assert weight_shape(new, "gconv2") == (4, 1, 1, 1)
+    assert weight_shape(new, "conv3") == (2, 4, 3, 3)
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in new.graph.node if n.op_type == "Conv"}
+    assert groups == {"conv1": 1, "gconv": 2, "gconv2": 4, "conv3": 1}
+    # Forward selection ranks a whole group's channels at once: blocks are chosen each alone instead.
+    assert all(entry["criterion"] != "forward" for entry in result.stats["groups"])
+    # A lossy rewrite: half of every width gone, refit by least squares (budget: 35 % of the output energy).
+    assert rel_error(outputs(model, feeds)["y"], outputs(new, feeds)["y"]) < 0.35
+
+
+def test_grouped_conv_reading_dead_channels_loses_them_exactly(tmp_path, save):
+    # Channels 1 and 6 of conv1 are zero: one in each of gconv's two input groups, so removing one
+    # channel per group takes exactly them, and the group=2 conv sliced group by group changes nothing.
+    w1 = rand(8, 3, 3, 3, seed=1)
+    w1[[1, 6]] = 0
+    nodes = [conv("conv1", "x", "w1", "c1"), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"), conv("gconv", "r1", "wg", "y", group=2)]
+    proto = make_model(nodes, [("x", ["n", 3, 5, 5])], [("y", ["n", 4, 5, 5])], [init("w1", w1), init("wg", rand(4, 4, 3, 3, seed=2))])
+    model, ctx, feeds = prepare(tmp_path, save, proto)
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25, criterion="l1", reconstruct="mean")
+    assert weight_shape(result.model, "conv1") == (6, 3, 3, 3)
+    assert weight_shape(result.model, "gconv") == (4, 3, 3, 3)
+    assert [e["channels_after"] for e in result.stats["groups"]] == [6]
+    np.testing.assert_allclose(outputs(result.model, feeds)["y"], outputs(model, feeds)["y"], atol=2e-5, rtol=1e-5)
+
+
+def test_grouped_conv_reading_a_concatenation_is_left_whole_with_a_reason(tmp_path, save):
     nodes = [
         conv("conv1", "x", "w1", "c1"),
-        conv("gconv", "c1", "wg", "g", group=2),
-        conv("conv3", "g", "w3", "y"),
+        conv("conv2", "x", "w2", "c2"),
+        helper.make_node("Concat", ["c1", "c2"], ["c"], name="cat", axis=1),
+        conv("gconv", "c", "wg", "y", group=2),
     ]
-    inits = [init("w1", rand(8, 3, 3, 3)), init("wg", rand(8, 4, 3, 3)), init("w3", rand(2, 8, 3, 3))]
+    inits = [init("w1", rand(4, 3, 3, 3)), init("w2", rand(4, 3, 3, 3)), init("wg", rand(2, 4, 3, 3))]
     model, ctx, _ = prepare(tmp_path, save, make_model(nodes, [("x", ["n", 3, 4, 4])], [("y", ["n", 2, 4, 4])], inits))
     result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5)
     assert not result.modified
-    assert any("conv1" in s and "grouped convolution" in s for s in result.skipped)
-    assert any("gconv" in s and "grouped convolution" in s for s in result.skipped)
+    assert any("conv1" in s and "grouped Conv 'gconv' (group=2) from 2 concatenated spaces" in s for s in result.skipped)
+
+
+def test_channel_shuffle_is_left_whole_with_a_reason(tmp_path, save):
+    """ShuffleNet's shuffle (Reshape to [N, G, C/G, H, W], Transpose, Reshape back) interleaves the groups' channels."""
+    nodes = [
+        conv("gconv", "x", "wg", "g", group=2),
+        helper.make_node("Reshape", ["g", "split"], ["s"], name="split"),
+        helper.make_node("Transpose", ["s"], ["t"], name="swap", perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t", "merge"], ["m"], name="merge"),
+        conv("gconv2", "m", "wg2", "y", group=2),
+    ]
+    inits = [init("wg", rand(8, 2, 3, 3)), init("wg2", rand(4, 4, 3, 3)),
+             numpy_helper.from_array(np.array([1, 2, 4, 4, 4], dtype=np.int64), "split"),
+             numpy_helper.from_array(np.array([1, 8, 4, 4], dtype=np.int64), "merge")]
+    model, ctx, _ = prepare(tmp_path, save, make_model(nodes, [("x", [1, 4, 4, 4])], [("y", [1, 4, 4, 4])], inits))
+    result = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5)
+    assert not result.modified
+    assert any("gconv" in s and "channel shuffle" in s for s in result.skipped), result.skipped
 
 
 @pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])

@@ -64,19 +64,22 @@ def apply_plan(model, nodes, graph, plan, layers, grams, weights, cfg) -> tuple[
         total = sum(s.length * s.block for s in consumer.layout)
         if len(kept_features) == total:
             continue
-        cols = (kept_features[:, None] * unit + np.arange(unit)[None]).ravel()
         w = weight_matrix(layer, weights[consumer.node])
-        if cfg.reconstruct in ("lstsq", "sequential"):
-            fit = refit_columns(grams[consumer.node], w, cols, ridge=cfg.ridge)
-            new_w, delta = fit.weight, fit.bias_delta
-            errors[consumer.node] = (fit.rel_error, fit.rel_error_plain)
-        else:
-            new_w = w[:, cols]
-            removed = np.setdiff1d(np.arange(w.shape[1]), cols)
-            delta = w[:, removed] @ grams[consumer.node].mean[0][removed] if cfg.reconstruct == "mean" else np.zeros(w.shape[0])
+        gram = grams.get(consumer.node)
+        # A grouped Conv's group h reads block h of the channels with its own weight rows and columns:
+        # each group is refit alone, on its block's kept channels (the analysis kept as many in each).
+        per_group, rows = total // consumer.group, w.shape[0] // consumer.group
+        parts = []
+        for h in range(consumer.group):
+            mine = kept_features[(kept_features >= h * per_group) & (kept_features < (h + 1) * per_group)] - h * per_group
+            cols = (mine[:, None] * unit + np.arange(unit)[None]).ravel()
+            parts.append(_refit_columns(w[h * rows : (h + 1) * rows], gram, h, cols, cfg))
+        new_w, delta = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if parts[0][2] is not None:
+            errors[consumer.node] = tuple(max(p[2][i] for p in parts) for i in (0, 1))
         shape = list(layer.weight_shape)
         if layer.op == "Conv":
-            shape[1] = len(kept_features)
+            shape[1] = len(kept_features) // consumer.group
         sliced = dataclasses.replace(layer, weight_shape=tuple(shape))
         matrices[consumer.node] = matrix_to_weight(sliced, new_w)
         if np.any(delta):
@@ -108,14 +111,25 @@ def apply_plan(model, nodes, graph, plan, layers, grams, weights, cfg) -> tuple[
     return _edit(model, nodes, graph, plan, new_values, bias_delta), errors, bias_delta
 
 
+def _refit_columns(w: np.ndarray, gram, group: int, cols: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray, tuple[float, float] | None]:
+    """Weights on columns ``cols`` of ``w`` (one group's rows), the bias delta, and (error, error without refit) if refit."""
+    if cfg.reconstruct in ("lstsq", "sequential"):
+        fit = refit_columns(gram, w, cols, group=group, ridge=cfg.ridge)
+        return fit.weight, fit.bias_delta, (fit.rel_error, fit.rel_error_plain)
+    removed = np.setdiff1d(np.arange(w.shape[1]), cols)
+    delta = w[:, removed] @ gram.mean[group][removed] if cfg.reconstruct == "mean" else np.zeros(w.shape[0])
+    return w[:, cols], delta, None
+
+
 def _edit(model, nodes, graph, plan, new_values, bias_delta) -> Model:
     editor = GraphEditor(model)
     gs_nodes = {n.name: n for n in editor.nodes}
     for (name, index), value in new_values.items():
         node = gs_nodes[name]
+        old_shape = np.shape(editor.constant_value(node.inputs[index]))
         node.inputs[index] = editor.add_constant(node.inputs[index].name, value)
-        if node.op == "Conv" and index == 1 and node.attrs.get("group", 1) > 1:
-            node.attrs["group"] = int(value.shape[0])  # a depthwise conv keeps one group per channel
+        if node.op == "Conv" and index == 1 and node.attrs.get("group", 1) == old_shape[0] > 1 and old_shape[1] == 1:
+            node.attrs["group"] = int(value.shape[0])  # a depthwise conv keeps one group per channel; a grouped one its groups
     for fix in graph.reshapes:
         node = gs_nodes[fix.node]
         target = np.array(editor.constant_value(node.inputs[1]), dtype=np.int64).copy()

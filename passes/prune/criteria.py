@@ -66,40 +66,70 @@ def weight_scores(model: Model, nodes: dict[str, NodeProto], group: ChannelGroup
     return total, criterion
 
 
+def _consumer_views(graph: ChannelGraph, consumer, group: int, layers: dict[str, LinearLayer], grams: dict[str, InputGram],
+                    weights: dict[str, np.ndarray]) -> list[tuple[list[tuple[int, int]], np.ndarray, np.ndarray, slice]]:
+    """Per group of the consumer's Conv (one for any other layer): the column blocks of ``group``'s channels,
+    its weight rows, its input second moment, and the channels of ``group`` its columns read."""
+    layer = layers[consumer.node]
+    unit = feature_unit(layer)
+    w = weight_matrix(layer, weights[consumer.node])
+    gram = grams[consumer.node]
+    moments = gram.gram / max(gram.rows, 1)
+    if consumer.group == 1:
+        blocks = channel_blocks(graph, consumer.layout, group, unit)
+        return [(blocks, w, moments[0], slice(None))] if blocks else []
+    if graph.space_group[consumer.layout[0].space] != group:
+        return []
+    rows, per = w.shape[0] // consumer.group, consumer.layout[0].length // consumer.group
+    return [([(0, unit)], w[h * rows : (h + 1) * rows], moments[h], slice(h * per, (h + 1) * per)) for h in range(consumer.group)]
+
+
 def removal_matrix(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, LinearLayer], grams: dict[str, InputGram], weights: dict[str, np.ndarray]) -> np.ndarray:
-    """``M`` (channels x channels): output error of removing channel pairs, summed over consumers."""
+    """``M`` (channels x channels): output error of removing channel pairs, summed over consumers.
+
+    A grouped consumer's group ``h`` reads only its block of channels: its terms fill that block's
+    diagonal block of ``M``, normalised by the whole consumer's output energy.
+    """
     n = group.size
     m = np.zeros((n, n))
     for consumer in graph.consumers:
-        layer = layers[consumer.node]
-        blocks = channel_blocks(graph, consumer.layout, group.id, feature_unit(layer))
-        if not blocks:
+        views = _consumer_views(graph, consumer, group.id, layers, grams, weights)
+        if not views:
             continue
-        w = weight_matrix(layer, weights[consumer.node])
-        g = grams[consumer.node].gram[0] / max(grams[consumer.node].rows, 1)
-        energy = max(output_energy(w, g), 1e-30)
-        for start_a, width in blocks:
-            cols_a = start_a + np.arange(n * width)
-            for start_b, _ in blocks:
-                cols_b = start_b + np.arange(n * width)
-                q = (w[:, cols_a].T @ w[:, cols_b]) * g[np.ix_(cols_a, cols_b)]
-                m += q.reshape(n, width, n, width).sum(axis=(1, 3)) / energy
+        energy = max(sum(output_energy(w, g) for _, w, g, _ in views), 1e-30)
+        for blocks, w, g, channels in views:
+            k = len(range(n)[channels])
+            for start_a, width in blocks:
+                cols_a = start_a + np.arange(k * width)
+                for start_b, _ in blocks:
+                    cols_b = start_b + np.arange(k * width)
+                    q = (w[:, cols_a].T @ w[:, cols_b]) * g[np.ix_(cols_a, cols_b)]
+                    m[channels, channels] += q.reshape(k, width, k, width).sum(axis=(1, 3)) / energy
     return m
 
 
-def activation_scores(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, LinearLayer], grams: dict[str, InputGram]) -> np.ndarray:
+def activation_scores(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, LinearLayer], grams: dict[str, InputGram],
+                      weights: dict[str, np.ndarray]) -> np.ndarray:
     """RMS of each channel at the consumers' inputs (calibration data)."""
     total = np.zeros(group.size)
-    count = 0
+    count = np.zeros(group.size)
     for consumer in graph.consumers:
-        layer = layers[consumer.node]
-        blocks = channel_blocks(graph, consumer.layout, group.id, feature_unit(layer))
-        gram = grams[consumer.node]
-        diag = np.diag(gram.gram[0]) / max(gram.rows, 1)
-        for start, width in blocks:
-            total += np.sqrt(diag[start : start + group.size * width].reshape(group.size, width).mean(axis=1))
-            count += 1
-    return total / max(count, 1)
+        for blocks, _, g, channels in _consumer_views(graph, consumer, group.id, layers, grams, weights):
+            diag = np.diag(g)
+            k = len(range(group.size)[channels])
+            for start, width in blocks:
+                total[channels] += np.sqrt(np.maximum(diag[start : start + k * width].reshape(k, width).mean(axis=1), 0.0))
+                count[channels] += 1
+    return total / np.maximum(count, 1)
+
+
+def per_block(size: int, blocks: int, choose, count: int) -> np.ndarray:
+    """The channels ``choose(block, how_many)`` removes (indices within the ``block`` slice) in each of ``blocks``
+    equal contiguous blocks, ``count / blocks`` each:
+    a grouped convolution stays one when each of its groups loses as many channels as the others."""
+    width = size // blocks
+    out = [h * width + np.asarray(choose(slice(h * width, (h + 1) * width), count // blocks), dtype=np.int64) for h in range(blocks)]
+    return np.sort(np.concatenate(out))
 
 
 def greedy_removal(m: np.ndarray, count: int) -> np.ndarray:

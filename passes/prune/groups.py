@@ -21,14 +21,29 @@ via networkx) into one :class:`ChannelGroup`. Concat along the channel axis
 concatenates layouts (an index map, no coupling); Flatten into a Gemm
 multiplies ``block``.
 
+Grouped convolutions (``1 < group < channels``): group ``h`` of a Conv with
+``G`` groups reads input channels ``[h C_in/G, (h+1) C_in/G)`` and writes
+output channels ``[h C_out/G, (h+1) C_out/G)``. After pruning it is still a
+Conv with ``G`` groups only if every group keeps the same number of input
+and of output channels. So a grouped conv is a source whose space is cut into
+``G`` equal contiguous *blocks*, and a consumer that cuts its input's space
+into ``G`` blocks; a group's ``blocks`` is the least common multiple over its
+spaces (equal counts in the finer blocks give equal counts in the coarser), and
+the choice keeps the same number of channels in each block. A consumer's group
+``h`` then keeps, of its weight's input columns, those of the channels its
+block kept.
+
 Anything the walk cannot prove safe freezes the spaces involved, with the
-reason kept for the report: graph outputs, ops it does not know, grouped
-convolutions, reshapes other than a flatten, normalisation over the channel
-axis (LayerNorm statistics change when channels go), weights shared between
-nodes, broadcasts it cannot align.
+reason kept for the report: graph outputs, ops it does not know, reshapes other
+than a flatten (a channel shuffle, which interleaves the groups' channels, is
+named as such), normalisation over the channel axis (LayerNorm statistics
+change when channels go), weights shared between nodes, broadcasts it cannot
+align, and grouped convolutions reading several spaces (a concatenation: equal
+counts per group would tie the choices of different groups).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +113,7 @@ class Consumer:
     node: str
     op: str
     layout: Layout
+    group: int = 1  # a grouped Conv: its group h reads block h of the (single-space) layout
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,7 @@ class ChannelGroup:
     size: int
     sources: list[Source] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)  # reasons; empty = prunable
+    blocks: int = 1  # equal contiguous blocks that must each keep the same number of channels (grouped convs)
 
     @property
     def prunable(self) -> bool:
@@ -158,6 +175,7 @@ class _Walker:
         self.readers = consumers_by_tensor(model)  # one entry per input slot that reads the tensor
         self.chan: dict[str, Channelled] = {}
         self.sizes: list[int] = []
+        self.blocks: dict[int, int] = {}  # space -> equal blocks its grouped convolutions cut it into
         self.frozen: dict[int, list[str]] = {}
         self.uf = UnionFind()
         self.sources: list[Source] = []
@@ -250,7 +268,8 @@ class _Walker:
         w = self.inits.spec(node.input[1]) if len(node.input) > 1 and node.input[1] in self.inits else None
         data = self.chan.get(node.input[0])
         why = self.linear_refusal(node, attrs, w)
-        depthwise = why is None and node.op_type == "Conv" and attrs.get("group", 1) > 1
+        group = int(attrs.get("group", 1)) if node.op_type == "Conv" else 1
+        depthwise = why is None and group > 1 and w.shape[1] == 1 and w.shape[0] == group
         if data is not None:
             if why is not None:
                 self.freeze(data.layout, f"feeds {node.op_type} '{node.name}' ({why})")
@@ -258,8 +277,13 @@ class _Walker:
                 return self.depthwise(node, data, w)
             elif data.axis != (1 if node.op_type == "Conv" else data.rank - 1):
                 self.freeze(data.layout, f"channel axis {data.axis} is not the contracted axis of '{node.name}'")
+            elif group > 1 and len(data.layout) != 1:
+                self.freeze(data.layout, f"feeds grouped Conv '{node.name}' (group={group}) from {len(data.layout)} concatenated spaces "
+                                         "(each group must lose as many channels as the others: a tie between the spaces' choices)")
             else:
-                self.consumers.append(Consumer(node.name, node.op_type, data.layout))
+                if group > 1:
+                    self.cut(data.layout[0].space, group)
+                self.consumers.append(Consumer(node.name, node.op_type, data.layout, group))
         for name in node.input[1:]:
             if name in self.chan:
                 self.freeze(self.chan[name].layout, f"used as a weight or bias of '{node.name}'")
@@ -274,6 +298,8 @@ class _Walker:
         elif node.op_type == "Gemm" and not self.gemm_bias_ok(node, out_channels):
             reason = f"bias of Gemm '{node.name}' is not per output channel"
         space = self.new_space(out_channels, reason)
+        if group > 1:
+            self.cut(space, group)
         self.sources.append(Source(node.name, node.op_type, space))
         rank = self.rank(node.output[0])
         axis = 1 if node.op_type == "Conv" else (rank - 1 if rank else -1)
@@ -294,9 +320,14 @@ class _Walker:
         if node.op_type == "Conv":
             group = attrs.get("group", 1)
             cin = self.dim(node.input[0], 1)
-            if group > 1 and not (group == cin and w.shape[1] == 1 and w.shape[0] == cin):
-                return f"grouped convolution (group={group})"
+            depthwise = group == cin and w.shape[1] == 1 and w.shape[0] == cin
+            if group > 1 and not depthwise and (cin is None or w.shape[0] % group or w.shape[1] * group != cin):
+                return f"grouped convolution (group={group}) whose channels do not split into its groups"
         return None
+
+    def cut(self, space: int, blocks: int) -> None:
+        """A grouped convolution reads or writes ``space`` in ``blocks`` groups that must stay equal."""
+        self.blocks[space] = math.lcm(self.blocks.get(space, 1), blocks)
 
     @staticmethod
     def out_channels(node: NodeProto, attrs: dict, w: TensorSpec) -> int:
@@ -424,6 +455,10 @@ class _Walker:
         else:
             ok = ok and len(node.input) > 1 and node.input[1] in self.inits
         if not (ok or dynamic):
+            if self.splits_channels(data, in_shape, out_shape):
+                return self.freeze(data.layout, f"split into [groups, channels] by {node.op_type} '{node.name}' (a channel shuffle: the "
+                                                "permutation it makes interleaves the groups' channels, which a layout of whole spaces "
+                                                "in order cannot follow)")
             return self.freeze(data.layout, f"reshaped by {node.op_type} '{node.name}' (only a flatten of [N, C, ...] into [N, features] is followed)")
         spatial = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
         layout = tuple(Segment(s.space, s.length, s.block * spatial) for s in data.layout)
@@ -433,6 +468,14 @@ class _Walker:
         if node.op_type == "Reshape":
             self.reshapes.append(ReshapeFix(node.name, layout))
         self.set_out(node, 1, layout)
+
+    @staticmethod
+    def splits_channels(data: Channelled, in_shape, out_shape) -> bool:
+        """``[N, C, *S] -> [N, G, C/G, *S]``: the first half of ShuffleNet's channel shuffle."""
+        if data.axis != 1 or in_shape is None or out_shape is None or len(out_shape) != len(in_shape) + 1:
+            return False
+        return list(out_shape[:1]) + list(out_shape[3:]) == list(in_shape[:1]) + list(in_shape[2:]) and (
+            isinstance(out_shape[1], int) and isinstance(out_shape[2], int) and out_shape[1] * out_shape[2] == in_shape[1])
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant node output, else None."""
@@ -575,9 +618,14 @@ class _Walker:
             group = groups[roots[root]]
             group.spaces.append(space)
             space_group[space] = group.id
+            group.blocks = math.lcm(group.blocks, self.blocks.get(space, 1))
             for reason in self.frozen.get(space, []):
                 if reason not in group.frozen:
                     group.frozen.append(reason)
+        for group in groups:
+            if group.size % group.blocks:
+                group.frozen.append(f"its grouped convolutions cut its {group.size} channels into {group.blocks} equal blocks, "
+                                    "which do not divide them")
         for source in self.sources:
             groups[space_group[source.space]].sources.append(source)
         return ChannelGraph(groups, space_group, self.params, self.consumers, self.reshapes)

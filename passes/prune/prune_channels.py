@@ -43,6 +43,7 @@ from optc.passes.prune.criteria import (
     feature_unit,
     greedy_removal,
     kept_count,
+    per_block,
     removal_matrix,
     weight_scores,
 )
@@ -152,9 +153,11 @@ class PruneChannels(Pass[PruneChannelsConfig]):
             if cfg.criterion in ("thinet", "forward") or cfg.allocation == "global":
                 costs[group.id] = removal_matrix(group, graph, layers, grams, weights)
             if cfg.criterion == "activation":
-                scores, used = activation_scores(group, graph, layers, grams), "activation"
+                scores, used = activation_scores(group, graph, layers, grams, weights), "activation"
             elif cfg.criterion in ("thinet", "forward"):
-                used = "forward" if cfg.criterion == "forward" and _single_reader(graph, group, layers) else "thinet"
+                # Forward selection picks across the whole group; blocks of grouped convolutions choose each alone.
+                forward = cfg.criterion == "forward" and group.blocks == 1 and _single_reader(graph, group, layers)
+                used = "forward" if forward else "thinet"
                 scores = np.diag(costs[group.id]).copy()
             else:
                 scores, used = weight_scores(model, nodes, group, graph, cfg.criterion)
@@ -170,16 +173,18 @@ class PruneChannels(Pass[PruneChannelsConfig]):
                 order = unit_order(grams[consumer], w, group.size - count, select="greedy")
                 removed = np.setdiff1d(np.arange(group.size), order)
             elif plan.criterion[group.id] == "thinet":
-                removed = greedy_removal(costs[group.id], count)
+                cost = costs[group.id]
+                removed = per_block(group.size, group.blocks, lambda b, c: greedy_removal(cost[b, b], c), count)
             else:
-                removed = np.sort(np.argsort(plan.scores[group.id], kind="stable")[:count])
+                scores = plan.scores[group.id]
+                removed = per_block(group.size, group.blocks, lambda b, c: np.argsort(scores[b], kind="stable")[:c], count)
             plan.keep[group.id] = np.setdiff1d(np.arange(group.size), removed)
         return plan
 
     def _removal_counts(self, candidates: list[ChannelGroup], plan: PrunePlan, costs: dict[int, np.ndarray]) -> dict[int, int]:
         cfg = self.config
         if cfg.allocation == "uniform":
-            return {g.id: g.size - kept_count(g.size, cfg.ratio, cfg.round_to) for g in candidates}
+            return {g.id: g.size - _whole_blocks(kept_count(g.size, cfg.ratio, cfg.round_to), g.blocks) for g in candidates}
         # Global: each channel's own relative output error (diag M), comparable across groups.
         entries = [(float(c), g.id) for g in candidates for c in np.diag(costs[g.id])]
         entries.sort()
@@ -192,9 +197,9 @@ class PruneChannels(Pass[PruneChannelsConfig]):
             if counts[gid] < caps[gid]:
                 counts[gid] += 1
                 budget -= 1
-        sizes = {g.id: g.size for g in candidates}
+        sizes, blocks = {g.id: g.size for g in candidates}, {g.id: g.blocks for g in candidates}
         # Round each kept width to round_to, as the uniform allocation does.
-        return {gid: sizes[gid] - kept_count(sizes[gid], n / sizes[gid], cfg.round_to) for gid, n in counts.items()}
+        return {gid: sizes[gid] - _whole_blocks(kept_count(sizes[gid], n / sizes[gid], cfg.round_to), blocks[gid]) for gid, n in counts.items()}
 
     def _stats(self, graph: ChannelGraph, pruned: list[ChannelGroup], plan: PrunePlan, errors: dict[str, tuple[float, float]]) -> dict:
         groups = []
@@ -238,6 +243,11 @@ def _private(result: PassResult, model: Model) -> PassResult:
     return dataclasses.replace(
         result, model=result.model.copy() if result.modified else model, stats=copy.deepcopy(result.stats), skipped=list(result.skipped)
     )
+
+
+def _whole_blocks(kept: int, blocks: int) -> int:
+    """``kept`` rounded down to a multiple of ``blocks`` (at least one channel per block)."""
+    return max(blocks, kept // blocks * blocks)
 
 
 def _single_reader(graph: ChannelGraph, group: ChannelGroup, layers) -> str | None:
