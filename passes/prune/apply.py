@@ -42,10 +42,16 @@ class PrunePlan:
 
 
 def layout_keep(graph: ChannelGraph, plan: PrunePlan, layout: Layout) -> np.ndarray:
-    """Feature positions along a channelled axis that survive the plan."""
+    """Feature positions along a channelled axis that survive the plan, in the order the pruned model has them."""
     parts, offset = [], 0
     for seg in layout:
         kept = plan.keep[graph.space_group[seg.space]]
+        if seg.shuffle > 1:
+            # The pruned shuffle puts the r-th kept channel of group g at r G + g (the analysis kept as
+            # many in each group): those positions, as positions of the unpruned shuffle, in that order.
+            width = seg.length // seg.shuffle
+            ranked = kept.reshape(seg.shuffle, -1) - (np.arange(seg.shuffle) * width)[:, None]  # (g, r) -> i
+            kept = (ranked * seg.shuffle + np.arange(seg.shuffle)[:, None]).T.ravel()
         parts.append(offset + (kept[:, None] * seg.block + np.arange(seg.block)[None]).ravel())
         offset += seg.length * seg.block
     return np.concatenate(parts).astype(np.int64)
@@ -133,7 +139,7 @@ def _edit(model, nodes, graph, plan, new_values, bias_delta) -> Model:
     for fix in graph.reshapes:
         node = gs_nodes[fix.node]
         target = np.array(editor.constant_value(node.inputs[1]), dtype=np.int64).copy()
-        target[1] = len(layout_keep(graph, plan, fix.layout))
+        target[fix.axis] = len(layout_keep(graph, plan, fix.layout)) // fix.divide
         node.inputs[1] = editor.add_constant(node.inputs[1].name, target)
     for name, delta in bias_delta.items():
         add_to_bias(editor, gs_nodes[name], delta)

@@ -25,18 +25,21 @@ from optc.ir.model import Model
 from optc.ir.view import NodeProto, attribute
 from optc.passes.layers import InputGram, LinearLayer, weight_matrix
 from optc.passes.numerics.grams import output_energy
-from optc.passes.prune.groups import ChannelGraph, ChannelGroup, Layout
+from optc.passes.prune.groups import ChannelGraph, ChannelGroup, Layout, position_order
 
 NEEDS_GRAMS = frozenset({"activation", "thinet", "forward"})
 
 
-def channel_blocks(graph: ChannelGraph, layout: Layout, group: int, unit: int) -> list[tuple[int, int]]:
-    """``(start, width)`` per segment of ``group`` in ``layout``; ``unit`` = columns per feature."""
+def channel_columns(graph: ChannelGraph, layout: Layout, group: int, unit: int) -> list[np.ndarray]:
+    """Per segment of ``group`` in ``layout``, the consumer's columns of each of its channels, in channel order
+    (``width = block * unit`` columns per channel); ``unit`` = columns per feature."""
     out = []
     offset = 0
     for seg in layout:
         if graph.space_group[seg.space] == group:
-            out.append((offset * unit, seg.block * unit))
+            width = seg.block * unit
+            position = np.argsort(position_order(seg.length, seg.shuffle))  # of each channel
+            out.append(offset * unit + (position[:, None] * width + np.arange(width)[None]).ravel())
         offset += seg.length * seg.block
     return out
 
@@ -67,28 +70,32 @@ def weight_scores(model: Model, nodes: dict[str, NodeProto], group: ChannelGroup
 
 
 def _consumer_views(graph: ChannelGraph, consumer, group: int, layers: dict[str, LinearLayer], grams: dict[str, InputGram],
-                    weights: dict[str, np.ndarray]) -> list[tuple[list[tuple[int, int]], np.ndarray, np.ndarray, slice]]:
-    """Per group of the consumer's Conv (one for any other layer): the column blocks of ``group``'s channels,
-    its weight rows, its input second moment, and the channels of ``group`` its columns read."""
+                    weights: dict[str, np.ndarray]) -> list[tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]]:
+    """Per group of the consumer's Conv (one for any other layer): the columns of ``group``'s channels (per
+    segment, see :func:`channel_columns`), its weight rows, its input second moment, and those channels."""
     layer = layers[consumer.node]
     unit = feature_unit(layer)
     w = weight_matrix(layer, weights[consumer.node])
     gram = grams[consumer.node]
     moments = gram.gram / max(gram.rows, 1)
     if consumer.group == 1:
-        blocks = channel_blocks(graph, consumer.layout, group, unit)
-        return [(blocks, w, moments[0], slice(None))] if blocks else []
-    if graph.space_group[consumer.layout[0].space] != group:
+        columns = channel_columns(graph, consumer.layout, group, unit)
+        return [(columns, w, moments[0], np.arange(graph.groups[group].size))] if columns else []
+    (seg,) = consumer.layout
+    if graph.space_group[seg.space] != group:
         return []
-    rows, per = w.shape[0] // consumer.group, consumer.layout[0].length // consumer.group
-    return [([(0, unit)], w[h * rows : (h + 1) * rows], moments[h], slice(h * per, (h + 1) * per)) for h in range(consumer.group)]
+    # Group h reads positions [h per, (h+1) per): their channels (a shuffle interleaves them), in position order.
+    rows, per = w.shape[0] // consumer.group, seg.length // consumer.group
+    order = position_order(seg.length, seg.shuffle)
+    local = (np.arange(per)[:, None] * unit + np.arange(unit)[None]).ravel()
+    return [([local], w[h * rows : (h + 1) * rows], moments[h], order[h * per : (h + 1) * per]) for h in range(consumer.group)]
 
 
 def removal_matrix(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, LinearLayer], grams: dict[str, InputGram], weights: dict[str, np.ndarray]) -> np.ndarray:
     """``M`` (channels x channels): output error of removing channel pairs, summed over consumers.
 
     A grouped consumer's group ``h`` reads only its block of channels: its terms fill that block's
-    diagonal block of ``M``, normalised by the whole consumer's output energy.
+    rows and columns of ``M``, normalised by the whole consumer's output energy.
     """
     n = group.size
     m = np.zeros((n, n))
@@ -97,14 +104,13 @@ def removal_matrix(group: ChannelGroup, graph: ChannelGraph, layers: dict[str, L
         if not views:
             continue
         energy = max(sum(output_energy(w, g) for _, w, g, _ in views), 1e-30)
-        for blocks, w, g, channels in views:
-            k = len(range(n)[channels])
-            for start_a, width in blocks:
-                cols_a = start_a + np.arange(k * width)
-                for start_b, _ in blocks:
-                    cols_b = start_b + np.arange(k * width)
+        for columns, w, g, channels in views:
+            k = len(channels)
+            for cols_a in columns:
+                width = len(cols_a) // k
+                for cols_b in columns:
                     q = (w[:, cols_a].T @ w[:, cols_b]) * g[np.ix_(cols_a, cols_b)]
-                    m[channels, channels] += q.reshape(k, width, k, width).sum(axis=(1, 3)) / energy
+                    m[np.ix_(channels, channels)] += q.reshape(k, width, k, width).sum(axis=(1, 3)) / energy
     return m
 
 
@@ -114,11 +120,10 @@ def activation_scores(group: ChannelGroup, graph: ChannelGraph, layers: dict[str
     total = np.zeros(group.size)
     count = np.zeros(group.size)
     for consumer in graph.consumers:
-        for blocks, _, g, channels in _consumer_views(graph, consumer, group.id, layers, grams, weights):
+        for columns, _, g, channels in _consumer_views(graph, consumer, group.id, layers, grams, weights):
             diag = np.diag(g)
-            k = len(range(group.size)[channels])
-            for start, width in blocks:
-                total[channels] += np.sqrt(np.maximum(diag[start : start + k * width].reshape(k, width).mean(axis=1), 0.0))
+            for cols in columns:
+                total[channels] += np.sqrt(np.maximum(diag[cols].reshape(len(channels), -1).mean(axis=1), 0.0))
                 count[channels] += 1
     return total / np.maximum(count, 1)
 

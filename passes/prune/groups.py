@@ -33,13 +33,24 @@ the choice keeps the same number of channels in each block. A consumer's group
 ``h`` then keeps, of its weight's input columns, those of the channels its
 block kept.
 
+A channel shuffle (ShuffleNet: Reshape ``[N, C, *S] -> [N, G, C/G, *S]``,
+Transpose of axes 1 and 2, Reshape back) puts channel ``g C/G + i`` of its
+input at position ``i G + g``: the segment is marked ``shuffle=G`` and keeps its
+space. Pruned, the split needs the same count ``k`` in each of the ``G`` groups
+(``G`` blocks), and the kept channel ranked ``r`` in group ``g`` goes to
+position ``r G + g``. A grouped Conv with ``G'`` groups after it reads, in its
+group ``h``, channels ``[h c/G', (h+1) c/G')`` of every shuffle group ``g``
+(``c = C/G``): the space is cut into ``G G'`` blocks of ``c/G'``, and with equal
+counts in each, group ``h`` of the pruned Conv again reads exactly what its
+block kept (``c`` must be a multiple of ``G'``).
+
 Anything the walk cannot prove safe freezes the spaces involved, with the
 reason kept for the report: graph outputs, ops it does not know, reshapes other
-than a flatten (a channel shuffle, which interleaves the groups' channels, is
-named as such), normalisation over the channel axis (LayerNorm statistics
-change when channels go), weights shared between nodes, broadcasts it cannot
-align, and grouped convolutions reading several spaces (a concatenation: equal
-counts per group would tie the choices of different groups).
+than a flatten or a channel shuffle, normalisation over the channel axis
+(LayerNorm statistics change when channels go), weights shared between nodes,
+broadcasts it cannot align, grouped convolutions reading several spaces (a
+concatenation: equal counts per group would tie the choices of different
+groups), and shuffles of anything but one whole space.
 """
 from __future__ import annotations
 
@@ -71,6 +82,13 @@ class Segment:
     space: int
     length: int  # channels
     block: int = 1  # features per channel
+    shuffle: int = 1  # > 1: the space's channels in channel-shuffle order over this many groups (see position_order)
+
+
+def position_order(length: int, shuffle: int) -> np.ndarray:
+    """The space's channel at each position of a segment: after a shuffle over ``G`` groups of
+    ``c = length / G``, position ``i G + g`` holds channel ``g c + i``."""
+    return np.arange(length).reshape(shuffle, length // shuffle).T.ravel()
 
 
 Layout = tuple[Segment, ...]
@@ -118,10 +136,13 @@ class Consumer:
 
 @dataclass(frozen=True)
 class ReshapeFix:
-    """A flattening Reshape whose constant target holds the feature count."""
+    """A Reshape whose constant target holds, at ``axis``, the feature count of ``layout`` divided by ``divide``:
+    a flatten (axis 1), or a channel shuffle's split into ``[N, G, C/G, ...]`` (axis 2, divide G) and merge back."""
 
     node: str
     layout: Layout
+    axis: int = 1
+    divide: int = 1
 
 
 @dataclass
@@ -280,9 +301,13 @@ class _Walker:
             elif group > 1 and len(data.layout) != 1:
                 self.freeze(data.layout, f"feeds grouped Conv '{node.name}' (group={group}) from {len(data.layout)} concatenated spaces "
                                          "(each group must lose as many channels as the others: a tie between the spaces' choices)")
+            elif group > 1 and data.layout[0].shuffle > 1 and (data.layout[0].length // data.layout[0].shuffle) % group:
+                seg = data.layout[0]
+                self.freeze(data.layout, f"feeds grouped Conv '{node.name}' (group={group}) after a channel shuffle over {seg.shuffle} groups "
+                                         f"of {seg.length // seg.shuffle} channels, which its {group} groups do not divide")
             else:
                 if group > 1:
-                    self.cut(data.layout[0].space, group)
+                    self.cut(data.layout[0].space, group * data.layout[0].shuffle)
                 self.consumers.append(Consumer(node.name, node.op_type, data.layout, group))
         for name in node.input[1:]:
             if name in self.chan:
@@ -391,7 +416,7 @@ class _Walker:
         axis = axes.pop()
         first = layouts[0]
         for layout in layouts[1:]:
-            if [(s.length, s.block) for s in layout] != [(s.length, s.block) for s in first]:
+            if [(s.length, s.block, s.shuffle) for s in layout] != [(s.length, s.block, s.shuffle) for s in first]:
                 return fail(f"{node.op_type} '{node.name}' joins tensors with different channel layouts")
         for layout in layouts[1:]:
             for a, b in zip(first, layout):
@@ -455,19 +480,44 @@ class _Walker:
         else:
             ok = ok and len(node.input) > 1 and node.input[1] in self.inits
         if not (ok or dynamic):
-            if self.splits_channels(data, in_shape, out_shape):
-                return self.freeze(data.layout, f"split into [groups, channels] by {node.op_type} '{node.name}' (a channel shuffle: the "
-                                                "permutation it makes interleaves the groups' channels, which a layout of whole spaces "
-                                                "in order cannot follow)")
+            if node.op_type == "Reshape" and self.splits_channels(data, in_shape, out_shape):
+                return self.shuffle(node, data, out_shape[1])
             return self.freeze(data.layout, f"reshaped by {node.op_type} '{node.name}' (only a flatten of [N, C, ...] into [N, features] is followed)")
         spatial = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
-        layout = tuple(Segment(s.space, s.length, s.block * spatial) for s in data.layout)
+        layout = tuple(Segment(s.space, s.length, s.block * spatial, s.shuffle) for s in data.layout)
         if dynamic:  # nothing to rewrite, and the inferred output shape need not know the feature count
             self.chan[node.output[0]] = Channelled(1, 2, layout)
             return
         if node.op_type == "Reshape":
             self.reshapes.append(ReshapeFix(node.name, layout))
         self.set_out(node, 1, layout)
+
+    def shuffle(self, split: NodeProto, data: Channelled, groups: int) -> None:
+        """A channel shuffle starting at ``split`` (see module docstring), else freeze with the reason."""
+        def refuse(why: str) -> None:
+            self.freeze(data.layout, f"split into [groups, channels] by Reshape '{split.name}', {why}")
+
+        readers = self.readers.get(split.output[0], [])
+        swap = readers[0] if len(readers) == 1 else None
+        perm = attribute(swap, "perm") if swap is not None and swap.op_type == "Transpose" else None
+        rank = data.rank + 1
+        if perm is None or list(perm) != [0, 2, 1, *range(3, rank)] or split.output[0] in self.outputs:
+            return refuse("not followed by a Transpose of those two axes alone (only a channel shuffle is followed)")
+        after = self.readers.get(swap.output[0], [])
+        merge = after[0] if len(after) == 1 else None
+        if (merge is None or merge.op_type != "Reshape" or swap.output[0] in self.outputs or len(merge.input) < 2
+                or merge.input[1] not in self.inits or self.shapes.get(merge.output[0]) != self.shapes.get(split.input[0])):
+            return refuse("then not reshaped back to its input's shape by a Reshape of a constant target")
+        if split.input[1] not in self.inits:
+            return refuse("a Reshape of a non-constant target")
+        if len(data.layout) != 1 or data.layout[0].block != 1 or data.layout[0].shuffle != 1:
+            return refuse("a channel shuffle of several spaces, or of one already shuffled (only one whole space is followed)")
+        seg = data.layout[0]
+        self.cut(seg.space, groups)
+        layout = (Segment(seg.space, seg.length, 1, groups),)
+        self.reshapes.append(ReshapeFix(split.name, data.layout, axis=2, divide=groups))
+        self.reshapes.append(ReshapeFix(merge.name, layout))
+        self.chan[merge.output[0]] = Channelled(1, data.rank, layout)
 
     @staticmethod
     def splits_channels(data: Channelled, in_shape, out_shape) -> bool:

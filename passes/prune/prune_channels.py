@@ -253,7 +253,7 @@ def _whole_blocks(kept: int, blocks: int) -> int:
 def _single_reader(graph: ChannelGraph, group: ChannelGroup, layers) -> str | None:
     """The one consumer reading ``group`` as its whole input, one column per channel, if that is the case."""
     readers = graph.readers(group.id)
-    if len(readers) != 1 or len(readers[0].layout) != 1 or readers[0].layout[0].block != 1:
+    if len(readers) != 1 or len(readers[0].layout) != 1 or readers[0].layout[0].block != 1 or readers[0].layout[0].shuffle != 1:
         return None
     layer = layers[readers[0].node]
     return layer.node if feature_unit(layer) == 1 and layer.group == 1 else None
