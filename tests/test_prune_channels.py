@@ -651,3 +651,22 @@ def test_sequential_refit_in_stages_matches_a_whole_run_per_layer(tmp_path, save
         # The staged fit sums x_a (x_b W^T)^T where the whole run sums x_a x_b^T: float32 products
         # rounded differently, through the solve (weights about 0.3: 1e-5 is a few float32 ulps of the sums).
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_remembered_result_is_the_result_a_fresh_run_gives(tmp_path, save):
+    """The default budget's re-runs hit the remembered result: it must be what running again gives (deterministic),
+    and handed out as a copy that later edits cannot reach."""
+    from optc.passes.prune import prune_channels
+
+    model, ctx, _ = prepare(tmp_path, save, residual_model())
+    prune_channels._RESULTS.clear()
+    first = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25)
+    hits = prune_channels._RESULTS.hits
+    again = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25)
+    assert prune_channels._RESULTS.hits == hits + 1 and again.model is not first.model
+    prune_channels._RESULTS.clear()
+    fresh = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25)
+    assert first.model.fingerprint() == again.model.fingerprint() == fresh.model.fingerprint()
+    assert first.stats == again.stats == fresh.stats
+    del again.model.graph.initializer[:]  # a later pass editing its copy in place
+    assert run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25).model.fingerprint() == fresh.model.fingerprint()
