@@ -154,6 +154,22 @@ class Model:
                 proto.graph.initializer.add().CopyFrom(t)
         return Model(proto, self.source, list(self.notes))
 
+    def set_initializers(self, values: Mapping[str, np.ndarray]) -> None:
+        """Give the named initializers of the main graph new values (names kept), in place.
+
+        For a model the caller made and owns (see :meth:`copy`): a layer-by-layer refit rewrites
+        its weights one layer at a time, and a new model per layer copied every weight per layer
+        (quadratic in the model). upb keeps a replaced payload's memory until the model goes,
+        so each weight replaced costs its size once more, at most.
+        """
+        missing = set(values)
+        for t in self.graph.initializer:
+            if t.name in values:
+                t.CopyFrom(numpy_helper.from_array(np.asarray(values[t.name]), t.name))
+                missing.discard(t.name)
+        if missing:
+            raise KeyError(f"not initializers of the main graph: {', '.join(sorted(missing))}")
+
     def copy(self) -> "Model":
         """A deep copy (doubles memory: avoid for very large models)."""
         proto = onnx.ModelProto()

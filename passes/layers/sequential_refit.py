@@ -57,6 +57,9 @@ def refit_in_graph_order(
     # Each layer is edited once, in graph order: the layers not yet refit keep the
     # input tensors and weight names they have in the model compressed so far.
     current_layers = {layer.node: layer for layer in find_linear_layers(model)[0]}
+    # A private copy, its weights rewritten in place layer by layer (a new model per layer copied every
+    # weight per layer); the staged run reads the current weights from it.
+    model = model.copy()
     runs = StagedRun(model), StagedRun(reference)
     feeds = _HeldFeeds(calibration, max_batches)
     fits: dict[str, Refit] = {}
@@ -69,7 +72,12 @@ def refit_in_graph_order(
         w = weight_matrix(ref, reference.initializer_array(ref.weight).astype(np.float64))
         target_w = w if target.rows is None else w[target.rows]
         pg = _paired_gram(runs, layer, ref, target_w, feeds, calibration.token_mask, seed=seed)
-        model, fits[target.node] = refit_layer(model, layer, pg, target_w, ridge=ridge, bias_already=target.bias_already)
+        fit, values, new_w, delta = _refit_values(model, layer, pg, target_w, ridge=ridge, bias_already=target.bias_already)
+        if values is not None:
+            model.set_initializers(values)
+        else:
+            model = _with_bias_node(model, layer, new_w, delta)
+        fits[target.node] = fit
         runs[0].update(model, [target.node])
     return model, fits
 
@@ -121,23 +129,37 @@ def refit_layer(
     ``bias_already``: a bias delta the layer's bias already holds (a previous fit); only the
     difference is added.
     """
+    fit, values, new_w, delta = _refit_values(model, layer, pg, target_w, ridge=ridge, bias_already=bias_already)
+    if values is not None:
+        return model.with_initializers(values), fit
+    return _with_bias_node(model, layer, new_w, delta), fit
+
+
+def _refit_values(model: Model, layer: LinearLayer, pg: PairedGram, target_w: np.ndarray, *, ridge: float,
+                  bias_already: np.ndarray | None) -> tuple[Refit, dict[str, np.ndarray] | None, np.ndarray, np.ndarray]:
+    """The fit, the new initializer values when only values change (else None), the new weight and the bias delta."""
     old_w = model.initializer_array(layer.weight)
     fit = refit_paired(pg, target_w, weight_matrix(layer, old_w.astype(np.float64)), ridge=ridge)
     new_w = matrix_to_weight(layer, fit.weight).astype(old_w.dtype)
     delta = fit.bias_delta - (bias_already if bias_already is not None else 0.0)
     bias = _own_bias(model, layer, len(delta)) if np.any(delta) else None
-    if not np.any(delta) or bias is not None:
-        # Only values change: no graph round trip (one per layer made the refit quadratic in the model).
-        values = {layer.weight: new_w}
-        if bias is not None:
-            name, scale, value = bias
-            values[name] = (value.astype(np.float64) + scale * delta.reshape(value.shape)).astype(value.dtype)
-        return model.with_initializers(values), fit
+    if np.any(delta) and bias is None:
+        return fit, None, new_w, delta
+    # Only values change: no graph round trip (one per layer made the refit quadratic in the model).
+    values = {layer.weight: new_w}
+    if bias is not None:
+        name, scale, value = bias
+        values[name] = (value.astype(np.float64) + scale * delta.reshape(value.shape)).astype(value.dtype)
+    return fit, values, new_w, delta
+
+
+def _with_bias_node(model: Model, layer: LinearLayer, new_w: np.ndarray, delta: np.ndarray) -> Model:
+    """``model`` with the layer's new weight and the bias delta added where it needs the graph edited."""
     editor = GraphEditor(model)
     node = next(n for n in editor.nodes if n.name == layer.node)
     node.inputs[1] = editor.add_constant(node.inputs[1].name, new_w)
     add_to_bias(editor, node, delta)
-    return editor.commit(), fit
+    return editor.commit()
 
 
 def _own_bias(model: Model, layer: LinearLayer, size: int) -> tuple[str, float, np.ndarray] | None:
