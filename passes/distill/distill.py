@@ -143,12 +143,14 @@ class Distill(Pass[DistillConfig]):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
         skipped: list[str] = []
-        candidates = self._candidates(model, ctx, skipped)
+        # What the remembered analyses are keyed by; serialising the model is 1 s for MiniLM, so once a run.
+        identity = (model.fingerprint(), ctx.calibration.digest)
+        candidates = self._candidates(model, ctx, identity, skipped)
         plans = self._choose(model, candidates, skipped)
         if not plans:
             return PassResult(model, modified=False, stats={"replaced": 0}, skipped=skipped)
         reference = _TEACHER.get_or_compute(
-            (model.fingerprint(), ctx.calibration.digest, cfg.batch_size, cfg.max_batches),
+            (*identity, cfg.batch_size, cfg.max_batches),
             lambda: TeacherOutputs.capture(model, ctx.calibration, batch_size=cfg.batch_size, max_batches=cfg.max_batches, max_samples=None),
             array_bytes,
         )
@@ -163,14 +165,14 @@ class Distill(Pass[DistillConfig]):
         return PassResult(student, modified=True, stats=stats, skipped=skipped)
 
     # -- analysis ----------------------------------------------------------------
-    def _candidates(self, model: Model, ctx: PassContext, skipped: list[str]) -> list[Candidate]:
+    def _candidates(self, model: Model, ctx: PassContext, identity: tuple[str, str], skipped: list[str]) -> list[Candidate]:
         """Every matched subgraph with its students of every size, and why the others are left alone.
 
         None of it depends on how much is taken (``budget``, ``target_reduction``, the back-off), so the
         default budget's search, which runs this pass at several budgets, fits the students once.
         """
         cfg = self.config
-        key = (model.fingerprint(), ctx.calibration.digest, ctx.seed, cfg.exclude, cfg.students, cfg.mlp_select,
+        key = (*identity, ctx.seed, cfg.exclude, cfg.students, cfg.mlp_select,
                cfg.min_reduction, cfg.fit, cfg.damp, cfg.alpha, cfg.batch_size, cfg.max_batches)
         found, reasons = _CANDIDATES.get_or_compute(key, lambda: self._fit_candidates(model, ctx), array_bytes)
         skipped.extend(reasons)
