@@ -8,14 +8,14 @@ functions are memory-bound, so one schedule serves them: inline what can be
 inlined, then spread the output's outer loops over threads and let the
 innermost loop vectorise. A function the schedule cannot take (or whose
 output is too small to be worth a thread) keeps TVM's default. Convolutions
-(NHWC) get optc's register-tiled kernel instead (:mod:`.conv_template`).
+(NHWC) get optc's register-tiled kernel instead (:mod:`.tiled_kernels`).
 """
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from optc.targets.conv_template import schedule_conv
+from optc.targets.tiled_kernels import schedule_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def schedule_function(func: Any) -> Any | None:
         return None
     target = tvm.target.Target.current(allow_none=True)
     if target is not None and target.kind.name == "llvm":
-        tiled = schedule_conv(func, target)  # a convolution: optc's register-tiled kernel
+        tiled = schedule_tiled(func, target)  # a convolution: optc's register-tiled kernel
         if tiled is not None:
             return tiled
     try:

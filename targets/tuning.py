@@ -204,7 +204,7 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
 
     from optc.targets.providers.select import ProviderReport, place, to_nhwc
 
-    # Without a provider, convolutions still go to NHWC: optc's own kernel (targets.conv_template) reads it.
+    # Without a provider, convolutions still go to NHWC: optc's own kernel (targets.tiled_kernels) reads it.
     if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
         report = ProviderReport(opts.kernels, {"available": False, "reason": "kernel providers serve x86 targets only"})
         return to_nhwc(mod, target, report), report.to_dict()

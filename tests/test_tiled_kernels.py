@@ -1,4 +1,4 @@
-"""optc's register-tiled convolution kernel (targets.conv_template): where it applies, tile sizes, exact results."""
+"""optc's register-tiled convolution kernel (targets.tiled_kernels): where it applies, tile sizes, exact results."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,20 @@ def conv_stack() -> onnx.ModelProto:
     return make_model(nodes, [("x", [1, 3, 22, 26])], [("y", [1, 1, 11, 13])], inits)
 
 
+def dense_stack() -> onnx.ModelProto:
+    """Dense layers as transformers and LSTM steps have them: 3-D activations by a weight + bias + ReLU, a
+    matrix-vector product, and Q·Kᵀ between two activations (no weight: the template leaves it)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("Transpose", ["r1"], ["t1"], perm=[0, 2, 1]), helper.make_node("MatMul", ["r1", "t1"], ["s"]),
+        helper.make_node("ReduceMean", ["s"], ["v"], axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["v", "w2"], ["y"]),
+    ]
+    inits = [_w("w1", 48, 64, seed=1), _w("b1", 64, seed=2), _w("w2", 24, 32, seed=3)]
+    return make_model(nodes, [("x", [2, 24, 48])], [("y", [2, 32])], inits, opset=17)
+
+
 @pytest.mark.parametrize(("lanes", "registers", "width", "channels", "tile"), [
     (16, 32, 56, 64, (14, 32)),  # AVX-512: two vectors of channels, 14 pixels: 28 accumulators
     (8, 16, 56, 64, (4, 16)),    # AVX2: 16 registers leave room for 6 pixels of two vectors; 4 divides 56
@@ -44,7 +58,7 @@ def conv_stack() -> onnx.ModelProto:
     (16, 32, 7, 512, (7, 32)),
 ])
 def test_register_tiles_fit_the_vector_registers(lanes, registers, width, channels, tile):
-    from optc.targets.conv_template import SPARE_REGISTERS, tiles
+    from optc.targets.tiled_kernels import SPARE_REGISTERS, tiles
 
     tw, tc = tiles(width, channels, lanes, registers)
     assert (tw, tc) == tile
@@ -53,7 +67,7 @@ def test_register_tiles_fit_the_vector_registers(lanes, registers, width, channe
 
 def test_template_schedules_every_nhwc_convolution():
     import tvm
-    from optc.targets.conv_template import schedule_conv
+    from optc.targets.tiled_kernels import schedule_tiled
     from optc.targets.providers.select import NHWC_LAYOUTS
     from optc.targets.tuned_compile import fused
     from tvm import relax
@@ -64,17 +78,32 @@ def test_template_schedules_every_nhwc_convolution():
     convs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script()]
     assert len(convs) == 5
     for func in convs:
-        scheduled = schedule_conv(func, target)
+        scheduled = schedule_tiled(func, target)
         assert scheduled is not None and scheduled.attrs["tir.is_scheduled"]
         text = scheduled.script()
         assert "meta_schedule.layout_rewrite_preproc" in text and "T.vectorized" in text
 
 
-def test_tvm_kernels_match_onnxruntime(tmp_path):
-    """``--kernels tvm``: every convolution runs optc's template (no provider), within float rounding of onnxruntime."""
+def test_template_takes_matmuls_by_a_weight_only():
+    import tvm
+    from optc.targets.tiled_kernels import schedule_tiled
+    from optc.targets.tuned_compile import fused
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 2})
+    mod = fused(from_onnx(dense_stack(), keep_params_in_input=False), target, True)
+    matmuls = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and 'T.sblock("matmul")' in f.script()]
+    tiled = [f for f in matmuls if schedule_tiled(f, target) is not None]
+    assert len(matmuls) == 3 and len(tiled) == 2  # the two by a weight; Q·Kᵀ reads two activations
+    assert all("layout_free_buffers" in str(f.attrs) for f in tiled)
+
+
+@pytest.mark.parametrize("build", [conv_stack, dense_stack], ids=["conv", "dense"])
+def test_tvm_kernels_match_onnxruntime(build, tmp_path):
+    """``--kernels tvm``: convolutions and dense layers run optc's template (no provider), within float rounding of onnxruntime."""
     from optc.targets.artifact import load_artifact
 
-    model = conv_stack()
+    model = build()
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     out = tmp_path / "out"
@@ -82,8 +111,8 @@ def test_tvm_kernels_match_onnxruntime(tmp_path):
                                    "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     providers = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
-    assert providers["layout"] == "NHWC" and not providers["offloaded"]
-    x = rand(1, 3, 22, 26, seed=4)
+    assert providers["layout"] == ("NHWC" if build is conv_stack else "NCHW") and not providers["offloaded"]
+    x = rand(*[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], seed=4)
     np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
 

@@ -119,7 +119,7 @@ def unlegalizable(mod: Any, target: Any) -> list[str]:
 
 def to_nhwc(mod: Any, target: Any, report: ProviderReport) -> Any:
     """``mod`` with its convolutions in NHWC, which both oneDNN (in place, no reorders) and optc's own
-    register-tiled kernel (targets.conv_template, vectorised over the channels) read; NCHW where TVM cannot."""
+    register-tiled kernel (targets.tiled_kernels, vectorised over the channels) read; NCHW where TVM cannot."""
     from tvm import relax
 
     if not any(c.kind == "conv2d" for c in find_chains(mod)):
