@@ -39,7 +39,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-CONV_BLOCK = "conv2d_nhwc"
+CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")  # grouped and depthwise: the same loops, the group in the index
 MATMUL_BLOCK = "matmul"
 SPARE_REGISTERS = 4  # for the broadcast input value and the weight vectors in flight
 # Below this many multiply-adds a convolution runs on the calling thread: waking the pool costs tens of
@@ -67,9 +67,10 @@ def _divisor(extent: int, candidates: list[int] | tuple[int, ...]) -> int:
     return next((c for c in candidates if c > 0 and extent % c == 0), 1)
 
 
-def tiles(out_width: int, out_channels: int, lanes: int, registers: int) -> tuple[int, int]:
-    """(tw, tc): pixels and channels per register tile."""
-    tc = _divisor(out_channels, (2 * lanes, lanes, lanes // 2, lanes // 4)) if out_channels >= 4 else out_channels
+def tiles(out_width: int, out_channels: int, lanes: int, registers: int, group: int | None = None) -> tuple[int, int]:
+    """(tw, tc): pixels and channels per register tile; ``group`` caps tc (a grouped conv's output channels per group)."""
+    widths = [w for w in (2 * lanes, lanes, lanes // 2, lanes // 4) if group is None or group % w == 0]
+    tc = _divisor(out_channels, widths) if out_channels >= 4 else out_channels
     vectors = max(1, tc // lanes)
     budget = max(1, (registers - SPARE_REGISTERS) // vectors)
     return _divisor(out_width, list(range(min(budget, 14), 0, -1))), tc
@@ -81,7 +82,7 @@ def schedule_tiled(func: Any, target: Any) -> Any | None:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    for name, shape in ((CONV_BLOCK, _conv_roles), (MATMUL_BLOCK, _matmul_roles)):
+    for name, shape in ((CONV_BLOCKS[0], _conv_roles), (CONV_BLOCKS[1], _conv_roles), (MATMUL_BLOCK, _matmul_roles)):
         try:
             block = sch.get_sblock(name)
         except Exception:  # noqa: BLE001, S112 - no such block
@@ -105,6 +106,7 @@ class _Roles:
     cols: Any
     reduce: list[Any]
     pack: Callable[[int], Callable[..., tuple[Any, ...]]]
+    group: int | None = None  # a grouped conv's output channels per group: a tile must not straddle two groups
 
 
 def _conv_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
@@ -112,7 +114,13 @@ def _conv_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
     if len(loops) != 7:
         return None
     n, oh, ow, oc, rh, rw, rc = loops
-    return _Roles([n, oh], ow, oc, [rh, rw, rc], lambda tc: lambda o, h, w, i: (o // tc, h, w, i, o % tc))
+    group = None
+    reads = sch.get(block).reads
+    if sch.get(block).name_hint == CONV_BLOCKS[1] and len(reads) == 2:
+        channels, per_group = int(reads[0].source.shape[-1]), int(reads[1].source.shape[-1])
+        if per_group > 1:  # not depthwise: a tile's channels must read one group's inputs (else a gather per lane)
+            group = int(sch.get(oc).extent) // (channels // per_group)
+    return _Roles([n, oh], ow, oc, [rh, rw, rc], lambda tc: lambda o, h, w, i: (o // tc, h, w, i, o % tc), group)
 
 
 def _matmul_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
@@ -139,7 +147,7 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> Any | None:
     threaded = macs >= PARALLEL_MACS
     lanes, registers = vector_shape(target)
     cols = int(sch.get(roles.cols).extent)
-    tw, tc = tiles(int(sch.get(roles.rows).extent), cols, lanes, registers)
+    tw, tc = tiles(int(sch.get(roles.rows).extent), cols, lanes, registers, roles.group)
     if tc == 1 and cols > 1:  # no power-of-two channel tile divides the columns (8210 classes): nothing to vectorise
         return None
     packed = sch.cache_read(block, 1, "global")

@@ -22,17 +22,21 @@ def _w(name, *shape, seed=0):
 
 def conv_stack() -> onnx.ModelProto:
     """The shapes the template must tile: 3x3 + bias + ReLU, a stride-2 conv on an odd width, a 1x1 conv
-    joined by a residual, a weight-heavy conv (more weight than input bytes) and a one-channel head."""
+    joined by a residual, a weight-heavy conv (more weight than input bytes), a depthwise and a grouped conv
+    (which the template tiles as well: its schedule keeps the group's channel mapping), and a one-channel head."""
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Conv", ["c2", "w3"], ["c3"]), helper.make_node("Add", ["c3", "c2"], ["s3"]),
         helper.make_node("Relu", ["s3"], ["r3"]),
         helper.make_node("Conv", ["r3", "w4", "b4"], ["c4"], pads=[1, 1, 1, 1]),
-        helper.make_node("Conv", ["c4", "w5"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c4", "wd", "bd"], ["d4"], pads=[1, 1, 1, 1], group=96), helper.make_node("Relu", ["d4"], ["r4"]),
+        helper.make_node("Conv", ["r4", "wg"], ["g4"], group=4),
+        helper.make_node("Conv", ["g4", "w5"], ["y"], pads=[1, 1, 1, 1]),
     ]
     inits = [_w("w1", 24, 3, 3, 3, seed=1), _w("b1", 24, seed=2), _w("w2", 40, 24, 3, 3, seed=3), _w("b2", 40, seed=4),
-             _w("w3", 40, 40, 1, 1, seed=5), _w("w4", 96, 40, 3, 3, seed=6), _w("b4", 96, seed=7), _w("w5", 1, 96, 3, 3, seed=8)]
+             _w("w3", 40, 40, 1, 1, seed=5), _w("w4", 96, 40, 3, 3, seed=6), _w("b4", 96, seed=7), _w("w5", 1, 32, 3, 3, seed=8),
+             _w("wd", 96, 1, 3, 3, seed=9), _w("bd", 96, seed=10), _w("wg", 32, 24, 1, 1, seed=11)]
     return make_model(nodes, [("x", [1, 3, 22, 26])], [("y", [1, 1, 11, 13])], inits)
 
 
@@ -56,11 +60,12 @@ def dense_stack() -> onnx.ModelProto:
     (4, 32, 28, 64, (14, 8)),    # NEON
     (16, 32, 13, 1, (13, 1)),    # a one-channel head: one accumulator per pixel
     (16, 32, 7, 512, (7, 32)),
+    (16, 32, 28, 64, (14, 16)),  # grouped, 16 output channels a group: a tile stays inside one group
 ])
 def test_register_tiles_fit_the_vector_registers(lanes, registers, width, channels, tile):
     from optc.targets.tiled_kernels import SPARE_REGISTERS, tiles
 
-    tw, tc = tiles(width, channels, lanes, registers)
+    tw, tc = tiles(width, channels, lanes, registers, 16 if tile == (14, 16) else None)
     assert (tw, tc) == tile
     assert width % tw == 0 and channels % tc == 0 and tw * max(1, tc // lanes) <= registers - SPARE_REGISTERS
 
@@ -76,7 +81,7 @@ def test_template_schedules_every_nhwc_convolution():
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
     mod = fused(relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(conv_stack(), keep_params_in_input=False)), target, True)
     convs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script()]
-    assert len(convs) == 5
+    assert len(convs) == 7
     for func in convs:
         scheduled = schedule_tiled(func, target)
         assert scheduled is not None and scheduled.attrs["tir.is_scheduled"]
