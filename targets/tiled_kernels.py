@@ -39,7 +39,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc")  # grouped and depthwise: the same loops, the group in the index
+# grouped and depthwise: the same loops, the group in the index; 1-D convolutions (NWC) have one spatial loop fewer
+CONV_BLOCKS = ("conv2d_nhwc", "group_conv2d_nhwc", "conv1d_nwc", "group_conv1d_nwc")
 MATMUL_BLOCK = "matmul"
 SPARE_REGISTERS = 4  # for the broadcast input value and the weight vectors in flight
 # Below this many multiply-adds a convolution runs on the calling thread: waking the pool costs tens of
@@ -82,7 +83,7 @@ def schedule_tiled(func: Any, target: Any) -> Any | None:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    for name, shape in ((CONV_BLOCKS[0], _conv_roles), (CONV_BLOCKS[1], _conv_roles), (MATMUL_BLOCK, _matmul_roles)):
+    for name, shape in [*((b, _conv_roles) for b in CONV_BLOCKS), (MATMUL_BLOCK, _matmul_roles)]:
         try:
             block = sch.get_sblock(name)
         except Exception:  # noqa: BLE001, S112 - no such block
@@ -111,16 +112,27 @@ class _Roles:
 
 def _conv_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
     loops = sch.get_loops(block)
-    if len(loops) != 7:
+    if len(loops) == 7:  # n, oh, ow, oc | kh, kw, ic
+        n, oh, ow, oc, *reduce = loops
+        outer = [n, oh]
+
+        def pack(tc: int) -> Callable[..., tuple[Any, ...]]:
+            return lambda o, h, w, i: (o // tc, h, w, i, o % tc)
+    elif len(loops) == 5:  # n, ow, oc | kw, ic
+        n, ow, oc, *reduce = loops
+        outer = [n]
+
+        def pack(tc: int) -> Callable[..., tuple[Any, ...]]:
+            return lambda o, w, i: (o // tc, w, i, o % tc)
+    else:
         return None
-    n, oh, ow, oc, rh, rw, rc = loops
     group = None
     reads = sch.get(block).reads
-    if sch.get(block).name_hint == CONV_BLOCKS[1] and len(reads) == 2:
+    if sch.get(block).name_hint.startswith("group_") and len(reads) == 2:
         channels, per_group = int(reads[0].source.shape[-1]), int(reads[1].source.shape[-1])
         if per_group > 1:  # not depthwise: a tile's channels must read one group's inputs (else a gather per lane)
             group = int(sch.get(oc).extent) // (channels // per_group)
-    return _Roles([n, oh], ow, oc, [rh, rw, rc], lambda tc: lambda o, h, w, i: (o // tc, h, w, i, o % tc), group)
+    return _Roles(outer, ow, oc, reduce, pack, group)
 
 
 def _matmul_roles(sch: Any, block: Any, func: Any) -> _Roles | None:

@@ -11,6 +11,7 @@ from helpers import load_tool, make_model, ort_run, rand
 from onnx import helper, numpy_helper
 
 from optc.cli.main import cli
+from test_providers import voice_encoder
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -103,7 +104,7 @@ def test_template_takes_matmuls_by_a_weight_only():
     assert all("layout_free_buffers" in str(f.attrs) for f in tiled)
 
 
-@pytest.mark.parametrize("build", [conv_stack, dense_stack], ids=["conv", "dense"])
+@pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder], ids=["conv", "dense", "conv1d"])
 def test_tvm_kernels_match_onnxruntime(build, tmp_path):
     """``--kernels tvm``: convolutions and dense layers run optc's template (no provider), within float rounding of onnxruntime."""
     from optc.targets.artifact import load_artifact
@@ -116,7 +117,7 @@ def test_tvm_kernels_match_onnxruntime(build, tmp_path):
                                    "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     providers = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
-    assert providers["layout"] == ("NHWC" if build is conv_stack else "NCHW") and not providers["offloaded"]
+    assert providers["layout"] == ("NCHW" if build is dense_stack else "NHWC") and not providers["offloaded"]
     x = rand(*[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], seed=4)
     np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
