@@ -151,7 +151,8 @@ def _matmul_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
 
 def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> Any | None:
     node = sch.get(block)
-    if len(node.writes) != 1 or str(getattr(node.writes[0].source, "dtype", "")) != "float32":
+    # float32, or the int32 accumulators of an int8 region (targets.int8_lowering): both 4 bytes a lane
+    if len(node.writes) != 1 or str(getattr(node.writes[0].source, "dtype", "")) not in ("float32", "int32"):
         return None
     macs = 1
     for loop in sch.get_loops(block):
