@@ -73,17 +73,18 @@ def _consumer_views(graph: ChannelGraph, consumer, group: int, layers: dict[str,
                     weights: dict[str, np.ndarray]) -> list[tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]]:
     """Per group of the consumer's Conv (one for any other layer): the columns of ``group``'s channels (per
     segment, see :func:`channel_columns`), its weight rows, its input second moment, and those channels."""
+    if not any(graph.space_group[seg.space] == group for seg in consumer.layout):
+        return []  # before anything is computed: called for every (group, consumer) pair
     layer = layers[consumer.node]
     unit = feature_unit(layer)
     w = weight_matrix(layer, weights[consumer.node])
     gram = grams[consumer.node]
-    moments = gram.gram / max(gram.rows, 1)
+    samples = max(gram.rows, 1)
     if consumer.group == 1:
         columns = channel_columns(graph, consumer.layout, group, unit)
-        return [(columns, w, moments[0], np.arange(graph.groups[group].size))] if columns else []
+        return [(columns, w, gram.gram[0] / samples, np.arange(graph.groups[group].size))]
     (seg,) = consumer.layout
-    if graph.space_group[seg.space] != group:
-        return []
+    moments = gram.gram / samples
     # Group h reads positions [h per, (h+1) per): their channels (a shuffle interleaves them), in position order.
     rows, per = w.shape[0] // consumer.group, seg.length // consumer.group
     order = position_order(seg.length, seg.shuffle)
