@@ -289,6 +289,24 @@ def test_chains_absorb_bias_residual_and_activations():
     assert first.bias is not None and first.act == 1
 
 
+def test_clip_after_an_nchw_convolution_is_its_post_op():
+    """TVM writes R.clip's bounds as bare IntImm/FloatImm (a model left in NCHW when the NHWC conversion fails)."""
+    from optc.targets.providers.chains import ACT_CLIP
+    from optc.targets.providers.offload import find_chains
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 4, 8, 8], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = relax.const(np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32))
+            y = bb.emit(relax.op.nn.conv2d(x, w, padding=[1, 1, 1, 1]))
+            out = bb.emit_output(bb.emit(relax.op.clip(y, 0, 6)))
+        bb.emit_func_output(out)
+    (chain,) = find_chains(bb.get())
+    assert chain.act == ACT_CLIP and chain.clip == (0.0, 6.0)
+
+
 def test_value_used_twice_is_not_absorbed():
     """relu(conv) also feeds the output: the Relu may not disappear into the conv's post-ops."""
     from optc.targets.providers.offload import find_chains

@@ -133,6 +133,13 @@ def columns_as_rows(chain: Chain) -> None:
     chain.conv = {**c, "strides": c["strides"][::-1], "dilation": c["dilation"][::-1], "padding": (l, t, r, b)}  # type: ignore[index]
 
 
+def prim_number(expr: Any) -> float | None:
+    """A clip bound as TVM writes it: a PrimValue holding an IntImm/FloatImm, or the bare IntImm/FloatImm."""
+    value = getattr(expr, "value", None)
+    value = getattr(value, "value", value)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def op_name(value: Any) -> str:
     return str(value.op.name) if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else ""
 
@@ -430,7 +437,7 @@ class ChainFinder:
         elif name == "relax.sigmoid":
             chain.act = ACT_SIGMOID
         elif name == "relax.clip":
-            lo, hi = (self._prim(a) for a in user.args[1:3])
+            lo, hi = (prim_number(a) for a in user.args[1:3])
             if lo is None or hi is None:
                 return []
             chain.act, chain.clip = ACT_CLIP, (lo, hi)
@@ -452,13 +459,6 @@ class ChainFinder:
         if const is None or const.size != 1 or not np.isfinite(const).all():
             return None
         return float(const.reshape(()))
-
-    @staticmethod
-    def _prim(expr: Any) -> float | None:
-        value = getattr(expr, "value", None)
-        if isinstance(value, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):
-            return float(value.value)
-        return None
 
     # --- matmul ----------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of, static_shape
+from optc.targets.providers.chains import dtype_of, prim_number, static_shape
 from optc.targets.providers.offload import rewrite_functions
 
 _TE_NAME = re.compile(r"(maximum|minimum)\d*$")
@@ -52,7 +52,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: Any) -> Any:
         if call.op.same_as(self.clip):
-            bounds = [_prim(a) for a in call.args[1:3]]
+            bounds = [prim_number(a) for a in call.args[1:3]]
             if None not in bounds and dtype_of(call) in ("float32", "float16", "float64"):
                 self.count += 1
                 out = self.visit_expr(call.args[0])
@@ -170,9 +170,3 @@ def _reduces_axis0(call: Any) -> bool:
     axes = call.attrs.axis
     return axes is not None and [int(a) for a in axes] == [0] and not bool(call.attrs.keepdims)
 
-
-def _prim(expr: Any) -> float | None:
-    """A clip bound: an IntImm/FloatImm, or a PrimValue holding one."""
-    value = getattr(expr, "value", None)
-    value = getattr(value, "value", value)
-    return float(value) if isinstance(value, (int, float)) else None
