@@ -115,6 +115,8 @@ def _conv_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
     if len(loops) == 7:  # n, oh, ow, oc | kh, kw, ic
         n, oh, ow, oc, *reduce = loops
         outer = [n, oh]
+        if int(sch.get(ow).extent) == 1:  # a 1-D conv exported as [N, C, L, 1]: tile along L, as the race timed it
+            outer, ow = [n, ow], oh
 
         def pack(tc: int) -> Callable[..., tuple[Any, ...]]:
             return lambda o, h, w, i: (o // tc, h, w, i, o % tc)

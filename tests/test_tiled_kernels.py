@@ -11,7 +11,7 @@ from helpers import load_tool, make_model, ort_run, rand
 from onnx import helper, numpy_helper
 
 from optc.cli.main import cli
-from test_providers import voice_encoder
+from test_providers import conv1d_silu, voice_encoder
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -104,7 +104,7 @@ def test_template_takes_matmuls_by_a_weight_only():
     assert all("layout_free_buffers" in str(f.attrs) for f in tiled)
 
 
-@pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder], ids=["conv", "dense", "conv1d"])
+@pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder, conv1d_silu], ids=["conv", "dense", "conv1d", "width-one"])
 def test_tvm_kernels_match_onnxruntime(build, tmp_path):
     """``--kernels tvm``: convolutions and dense layers run optc's template (no provider), within float rounding of onnxruntime."""
     from optc.targets.artifact import load_artifact
