@@ -25,7 +25,7 @@ from optc.ir.model import Model
 from optc.passes.layers.bias_fold import add_to_bias
 from optc.data.calibration import CalibrationSet
 from optc.ir.staged import StagedRun
-from optc.ir.view import attribute
+from optc.ir.view import attribute, graph_nodes, output_names
 from optc.passes.layers import LinearLayer, PairedGram, find_linear_layers, matrix_to_weight, weight_matrix
 from optc.passes.layers.grams import PairedAccumulator
 from optc.passes.numerics.refit import Refit, refit_paired
@@ -168,12 +168,13 @@ def _own_bias(model: Model, layer: LinearLayer, size: int) -> tuple[str, float, 
     if layer.op not in ("Conv", "Gemm") or layer.bias is None:
         return None
     value = model.initializer_array(layer.bias)
-    if value is None or value.size != size or layer.bias in {o.name for o in model.graph.output}:
+    if value is None or value.size != size or layer.bias in output_names(model):
         return None
-    if sum(name == layer.bias for n in model.graph.node for name in n.input) != 1:
+    nodes = graph_nodes(model)
+    if sum(name == layer.bias for n in nodes for name in n.input) != 1:
         return None
     scale = 1.0
     if layer.op == "Gemm":
-        node = next(n for n in model.graph.node if n.name == layer.node)
+        node = next(n for n in nodes if n.name == layer.node)
         scale = float(attribute(node, "alpha", 1.0)) / float(attribute(node, "beta", 1.0))
     return layer.bias, scale, value
