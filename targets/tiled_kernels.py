@@ -106,7 +106,7 @@ class _Roles:
     rows: Any
     cols: Any
     reduce: list[Any]
-    pack: Callable[[int], Callable[..., tuple[Any, ...]]]
+    pack: Callable[[int], Callable[..., tuple[Any, ...]]] | None  # None: B is an activation, read as it is
     group: int | None = None  # a grouped conv's output channels per group: a tile must not straddle two groups
 
 
@@ -138,17 +138,21 @@ def _conv_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
 
 
 def _matmul_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
-    """``A[..., i, k] · B[k, j]`` with B a weight (a layout-free parameter, which prepacking folds): a dense layer."""
+    """``A[..., i, k] · B[k, j]``: with B a weight (a layout-free parameter, which prepacking folds), a dense layer whose
+    B is packed; with B an activation ``[..., k, j]`` (attention's Q·Kᵀ and P·V), read as it is, j already innermost."""
     loops = sch.get_loops(block)
     reads = sch.get(block).reads
-    if len(loops) < 3 or len(reads) != 2 or len(getattr(reads[1].source, "shape", ())) != 2:
+    if len(loops) < 3 or len(reads) != 2:
         return None
+    b_shape = getattr(reads[1].source, "shape", ())
+    *outer, i, j, k = loops
     free = {int(i) for i in (func.attrs.get("layout_free_buffers", []) if func.attrs is not None else [])}
     weights = {func.params[i].name for i in free if i < len(func.params)}  # params are the buffers (TVM 0.27)
-    if reads[1].source.name not in weights:
-        return None
-    *outer, i, j, k = loops
-    return _Roles(list(outer), i, j, [k], lambda tc: lambda kk, jj: (jj // tc, kk, jj % tc))
+    if reads[1].source.name in weights and len(b_shape) == 2:
+        return _Roles(list(outer), i, j, [k], lambda tc: lambda kk, jj: (jj // tc, kk, jj % tc))
+    if len(b_shape) < 2 or int(b_shape[-1]) != int(sch.get(j).extent) or int(b_shape[-2]) != int(sch.get(k).extent):
+        return None  # not B[..., k, j] (a transposed operand): left to TVM's default
+    return _Roles(list(outer), i, j, [k], None)
 
 
 def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> Any | None:
@@ -165,9 +169,10 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> Any | None:
     tw, tc = tiles(int(sch.get(roles.rows).extent), cols, lanes, registers, roles.group)
     if tc == 1 and cols > 1:  # no power-of-two channel tile divides the columns (8210 classes): nothing to vectorise
         return None
-    packed = sch.cache_read(block, 1, "global")
-    sch.transform_layout(packed, ("write", 0), roles.pack(tc))
-    sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
+    if roles.pack is not None:
+        packed = sch.cache_read(block, 1, "global")
+        sch.transform_layout(packed, ("write", 0), roles.pack(tc))
+        sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
     sch.cache_write(block, 0, "local")
     write_back = sch.get_consumers(block)[0]
     while len(consumers := sch.get_consumers(write_back)) == 1:  # bias, residual, activation: on the tile
