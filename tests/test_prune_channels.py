@@ -654,8 +654,8 @@ def test_sequential_refit_in_stages_matches_a_whole_run_per_layer(tmp_path, save
 
 
 def test_a_remembered_result_is_the_result_a_fresh_run_gives(tmp_path, save):
-    """The default budget's re-runs hit the remembered result: it must be what running again gives (deterministic),
-    and handed out as a copy that later edits cannot reach."""
+    """The default budget's re-runs hit the remembered result (and other strengths the remembered removal costs):
+    it must be what running again gives (deterministic), and handed out as a copy that later edits cannot reach."""
     from optc.passes.prune import prune_channels
 
     model, ctx, _ = prepare(tmp_path, save, residual_model())
@@ -665,8 +665,15 @@ def test_a_remembered_result_is_the_result_a_fresh_run_gives(tmp_path, save):
     again = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25)
     assert prune_channels._RESULTS.hits == hits + 1 and again.model is not first.model
     prune_channels._RESULTS.clear()
+    prune_channels._COSTS.clear()
     fresh = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25)
     assert first.model.fingerprint() == again.model.fingerprint() == fresh.model.fingerprint()
     assert first.stats == again.stats == fresh.stats
+    hits = prune_channels._COSTS.hits
+    other = run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5)  # another strength: the removal costs are remembered
+    assert prune_channels._COSTS.hits == hits + 1
+    prune_channels._RESULTS.clear()
+    prune_channels._COSTS.clear()
+    assert run_checked("prune-channels", model, ctx, round_to=1, ratio=0.5).model.fingerprint() == other.model.fingerprint()
     del again.model.graph.initializer[:]  # a later pass editing its copy in place
     assert run_checked("prune-channels", model, ctx, round_to=1, ratio=0.25).model.fingerprint() == fresh.model.fingerprint()

@@ -34,7 +34,7 @@ from optc.ir.model import Model
 from optc.ir.view import graph_nodes
 from optc.errors import ConfigError
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
-from optc.passes.framework.analyses import AnalysisCache
+from optc.passes.framework.analyses import AnalysisCache, array_bytes
 from optc.passes.numerics.unit_selection import unit_order
 from optc.passes.layers import InputGram, find_linear_layers, input_grams, weight_matrix
 from optc.passes.prune.criteria import (
@@ -101,17 +101,19 @@ class PruneChannels(Pass[PruneChannelsConfig]):
         # The default budget's search runs this pass again with the very settings it ran with before
         # (the run that missed the budget, then the point it chose): a deterministic function of the
         # model, the data, the seed and the options, remembered under all four (see AnalysisCache).
-        key = (model.fingerprint(), ctx.calibration.digest, ctx.seed, repr(self.config))
+        data = (model.fingerprint(), ctx.calibration.digest, ctx.seed)
+        key = (*data, repr(self.config))
         fresh: list[PassResult] = []
 
         def compute() -> PassResult:
-            fresh.append(self._run(model, ctx))
+            fresh.append(self._run(model, ctx, data))
             return _private(fresh[0], model)
 
         held = _RESULTS.get_or_compute(key, compute, lambda r: r.model.weight_bytes())
         return fresh[0] if fresh else _private(held, model)
 
-    def _run(self, model: Model, ctx: PassContext) -> PassResult:
+    def _run(self, model: Model, ctx: PassContext, data: tuple | None = None) -> PassResult:
+        """The pass; ``data`` names the model, calibration data and seed when analyses may be remembered."""
         cfg = self.config
         graph = analyse_channels(model, protect=frozenset(cfg.exclude))
         skipped = [f"{g.name}: {g.frozen[0]}" for g in graph.groups if g.frozen and g.sources and not _placeholder(g)]
@@ -135,7 +137,16 @@ class PruneChannels(Pass[PruneChannelsConfig]):
                 raise ConfigError(f"pass '{self.name}' needs calibration data with reconstruct={self.config.reconstruct}, criterion={self.config.criterion}: give --calib FILE.npz")
             wanted = [layers_by_node[c] for c in sorted(consumers) if c in layers_by_node]
             grams = input_grams(model, ctx.calibration, wanted, max_batches=cfg.max_batches, seed=ctx.seed)
-        plan = self._plan(model, nodes, graph, candidates, layers_by_node, grams, weights)
+        costs: dict[int, np.ndarray] = {}
+        if cfg.criterion in ("thinet", "forward") or cfg.allocation == "global":
+            def compute() -> dict[int, np.ndarray]:
+                return {g.id: removal_matrix(g, graph, layers_by_node, grams, weights) for g in candidates}
+
+            # The removal costs depend on the model, the data and the groups, not on how much is taken: the
+            # default budget's search asks for them at every strength it tries (light_resnet50: 38 s a run).
+            key = (*data, cfg.max_batches, cfg.exclude, tuple(g.id for g in candidates)) if data is not None else None
+            costs = _COSTS.get_or_compute(key, compute, array_bytes) if key is not None else compute()
+        plan = self._plan(model, nodes, graph, candidates, layers_by_node, grams, weights, costs)
         pruned = [g for g in candidates if len(plan.keep[g.id]) < g.size]
         if not pruned:
             return unchanged
@@ -145,13 +156,10 @@ class PruneChannels(Pass[PruneChannelsConfig]):
         return PassResult(new_model, modified=True, stats=self._stats(graph, pruned, plan, errors), skipped=skipped)
 
     # --- choosing ---------------------------------------------------------------
-    def _plan(self, model, nodes, graph, candidates, layers, grams, weights) -> PrunePlan:
+    def _plan(self, model, nodes, graph, candidates, layers, grams, weights, costs: dict[int, np.ndarray]) -> PrunePlan:
         cfg = self.config
         plan = PrunePlan({g.id: np.arange(g.size) for g in graph.groups})
-        costs: dict[int, np.ndarray] = {}
         for group in candidates:
-            if cfg.criterion in ("thinet", "forward") or cfg.allocation == "global":
-                costs[group.id] = removal_matrix(group, graph, layers, grams, weights)
             if cfg.criterion == "activation":
                 scores, used = activation_scores(group, graph, layers, grams, weights), "activation"
             elif cfg.criterion in ("thinet", "forward"):
@@ -235,6 +243,8 @@ class PruneChannels(Pass[PruneChannelsConfig]):
 
 # Whole results by (model, data, seed, options): at most a few models' weights.
 _RESULTS: AnalysisCache[PassResult] = AnalysisCache("prune-channels results", 512 << 20)
+# Every candidate group's removal cost matrix, by (model, data, seed, the options the groups and Grams read).
+_COSTS: AnalysisCache[dict[int, np.ndarray]] = AnalysisCache("prune-channels removal costs", 512 << 20)
 
 
 def _private(result: PassResult, model: Model) -> PassResult:
