@@ -78,11 +78,18 @@ def tiles(out_width: int, out_channels: int, lanes: int, registers: int, group: 
 
 
 def schedule_tiled(func: Any, target: Any) -> Any | None:
-    """``func`` with its NHWC float32 convolution, or its matmul by a constant matrix, register-tiled; None
-    when it holds neither or the schedule fails (TVM's default lowering then stays)."""
+    """``func`` with its NHWC convolution, or its matmul, register-tiled; None when it holds neither or the schedule
+    fails (TVM's default lowering then stays)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True) if tile(sch, target) else None
+
+
+def tile(sch: Any, target: Any) -> bool:
+    """Register-tile the schedule's convolution or matmul in place (also MetaSchedule's design space for such a
+    task, tuning.py); False when it holds neither or the schedule fails."""
+    func = sch.mod["main"]
     for name, shape in [*((b, _conv_roles) for b in CONV_BLOCKS), (MATMUL_BLOCK, _matmul_roles)]:
         try:
             block = sch.get_sblock(name)
@@ -90,11 +97,11 @@ def schedule_tiled(func: Any, target: Any) -> Any | None:
             continue
         try:
             roles = shape(sch, block, func)
-            return None if roles is None else _tiled(sch, block, roles, target)
+            return roles is not None and _tiled(sch, block, roles, target)
         except Exception as exc:  # noqa: BLE001 - an unusual fused function: TVM's default lowering is always correct
             logger.debug("%s template not applied: %s", name, exc)
-            return None
-    return None
+            return False
+    return False
 
 
 @dataclass
@@ -155,11 +162,11 @@ def _matmul_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
     return _Roles(list(outer), i, j, [k], None)
 
 
-def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> Any | None:
+def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
     node = sch.get(block)
     # float32, or the int32 accumulators of an int8 region (targets.int8_lowering): both 4 bytes a lane
     if len(node.writes) != 1 or str(getattr(node.writes[0].source, "dtype", "")) not in ("float32", "int32"):
-        return None
+        return False
     macs = 1
     for loop in sch.get_loops(block):
         macs *= int(sch.get(loop).extent)
@@ -168,7 +175,7 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> Any | None:
     cols = int(sch.get(roles.cols).extent)
     tw, tc = tiles(int(sch.get(roles.rows).extent), cols, lanes, registers, roles.group)
     if tc == 1 and cols > 1:  # no power-of-two channel tile divides the columns (8210 classes): nothing to vectorise
-        return None
+        return False
     if roles.pack is not None:
         packed = sch.cache_read(block, 1, "global")
         sch.transform_layout(packed, ("write", 0), roles.pack(tc))
@@ -203,7 +210,7 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> Any | None:
     sch.vectorize(sch.get_loops(write_back)[-1])
     for producer in sch.get_producers(block):
         _parallel_copy(sch, producer, threaded)
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return True
 
 
 def _weights_dominate(node: Any) -> bool:
