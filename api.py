@@ -44,7 +44,7 @@ from optc.evaluation import interleaved_latency_ms
 from optc.ir.io import load_model, save_model
 from optc.ir.model import Model
 from optc.ir.session import make_session
-from optc.passes.framework import Instrument, Pass, PassContext, PassManager, PassRecord, make_pass
+from optc.passes.framework import Instrument, Pass, PassContext, PassManager, PassRecord, PipelineResult, make_pass
 from optc.passes.framework.instruments import DumpAfter, TimePasses, VerifyEach
 from optc.passes.framework.pipeline import NAMED_PIPELINES, parse_pass_spec
 from optc.reporting import render_html
@@ -440,6 +440,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     budget: BudgetSpec | None = None,
     default_budget: bool = True,
     _notes: Sequence[str] = (),
+    _ran: tuple[Sequence[Pass], PipelineResult] | None = None,
 ) -> CompileResult:
     """Run ``passes`` on ``model``, measure the result against the input, and (with ``target``) build it with TVM.
 
@@ -527,32 +528,37 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
             run_notes.append(skipped)
     ctx = PassContext(calibration=calib, seed=seed)
     PassManager(passes).check_requirements(model, ctx)
-    search_section = None
+    search_section, searched = None, None
     if budget is not None and budget.active:
         interim = _publish_interim(outdir) if budget.time_budget_s is not None and outdir is not None else None
-        chosen = choose_pipeline(passes, model, ctx, budget_data, budget, on_improve=interim)
-        passes, search_section = chosen.passes, chosen.section
+        chosen = choose_pipeline(passes, model, ctx, budget_data, budget, on_improve=interim, ran=_ran)
+        passes, search_section, searched = chosen.passes, chosen.section, chosen.run
+        del chosen
     # Hashed before any work, while the files are the ones validated.
     digests = (driver.file_digest(source_path) if source_path is not None and source_path.is_file() else None,
                _digests(calib.files or calib.sources if calib else ()),
                _digests(labelled.inputs.files or labelled.inputs.sources if labelled else ()))
 
     try:
-        return _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, digests,
+        return _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, searched, digests,
                     source_path, shapes, outdir, target, tuning, int8_lowering, seed, instruments, verify_each, time_passes,
                     dump_after, measure_latency, external_data, data_section)
     except _DefaultBudgetMissed as missed:
         logger.warning(missed.message)
         # A default held to the default budget: strengths to 1/8 of the default are precise enough, in 3 steps.
         implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop, search_steps=3)
-        return compile(**{**call, "budget": implicit, "default_budget": False, "_notes": [*_notes, missed.message]})
+        # The redo opens the same data and splits it the same way, so the run that missed is the search's
+        # first point as it stands: the search need not run every pass of it again.
+        ran, missed.ran = missed.ran, None
+        return compile(**{**call, "budget": implicit, "default_budget": False, "_notes": [*_notes, missed.message], "_ran": ran})
 
 
 class _DefaultBudgetMissed(Exception):
     """The pipeline as asked missed the default budget: redo the run searching within it."""
 
-    def __init__(self, guard: default_budget_guard.Guard, figures: str, drop: float):
+    def __init__(self, guard: default_budget_guard.Guard, figures: str, drop: float, ran: tuple[Sequence[Pass], PipelineResult]):
         self.guard = guard
+        self.ran: tuple[Sequence[Pass], PipelineResult] | None = ran  # the pipeline that missed and its run, for the search
         self.message = (f"{', '.join(guard.passes)} at default strength: {figures} on held-out data "
                         f"(drop {drop:.4f}) misses the default budget ({guard.describe()}); took the strongest setting "
                         "within it (set the strength to run as asked, or give --max-drop / --min-fidelity)")
@@ -577,10 +583,13 @@ def _target_presets(passes: list[Pass], target: TargetSpec | None, notes: list[s
     return out
 
 
-def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, digests,  # noqa: PLR0913
+def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, search_section, searched, digests,  # noqa: PLR0913
          source_path, shapes, outdir, target, tuning, int8_lowering, seed, instruments, verify_each, time_passes,
          dump_after, measure_latency, external_data, data_section) -> CompileResult:
-    """The pipeline, its measurements, the report and the files: everything after the checks."""
+    """The pipeline, its measurements, the report and the files: everything after the checks.
+
+    ``searched``: ``passes`` as a budget search already ran them on ``model`` with ``ctx`` (None: run them here).
+    """
     with driver.Staging(outdir) as staging:
         all_instruments: list[Instrument] = list(instruments)
         if time_passes:
@@ -603,12 +612,20 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         opsets, notes = model.opset_imports, list(model.notes)
         holder = [model]
         del model
-        result = PassManager(passes, all_instruments).run(holder.pop(), ctx)
+        if searched is not None and not all_instruments:
+            # The search ran this pipeline on this model and context and measured it within the budget: its run
+            # is what running the passes again would give (same bytes, records and stats), without the time.
+            # Instruments (verify, timing, dumps, the caller's) are there to see passes run, so with any of
+            # them the passes run again.
+            result = searched
+            holder.clear()
+        else:
+            result = PassManager(passes, all_instruments).run(holder.pop(), ctx)
         notes += run_notes
         if guard is not None:
             _, drop, within, figures = guard.check(result.model)
             if not within:
-                raise _DefaultBudgetMissed(guard, figures, drop)
+                raise _DefaultBudgetMissed(guard, figures, drop, (passes, result))
             notes.append(f"{', '.join(guard.passes)} at default strength within the default budget ({guard.describe()}): {figures}")
         final = driver.measure(result.model, feeds, labelled, measure_latency and not in_turns and bool(feeds))
         if baseline_session is not None:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from optc.evaluation.metrics import MetricRunner
 from optc.ir.model import Model
 from optc.ir.stats import compute_stats
-from optc.passes.framework import Pass
+from optc.passes.framework import Pass, PipelineResult
 from optc.search.points import Point
 from optc.search.prefix import PrefixRunner
 
@@ -49,24 +49,29 @@ class Budget:
 
 
 def measure_pipeline(prefix: PrefixRunner, budget: Budget, pipeline: Sequence[Pass], strengths: dict[str, Any],
-                     latency_ms: Callable[[Model], float] | None = None) -> tuple[Point, Model]:
-    """Run ``pipeline`` (reusing computed prefixes) and measure it: one explored point and its model."""
+                     latency_ms: Callable[[Model], float] | None = None) -> tuple[Point, PipelineResult]:
+    """Run ``pipeline`` (reusing computed prefixes) and measure it: one explored point and its run (model, records)."""
     start = time.perf_counter()
-    model = prefix.run(pipeline)
+    run = prefix.run_pipeline(pipeline)
+    model = run.model
     score, drop, ok = budget.measure(model)
     stats = compute_stats(model)
     point = Point(strengths, score, drop, stats.param_bytes, stats.macs, ok, latency_ms=latency_ms(model) if latency_ms else None,
                   seconds=time.perf_counter() - start, passes=[repr(p) for p in pipeline])
-    return point, model
+    return point, run
 
 
 @dataclass
 class BudgetResult:
     passes: list[Pass]
-    model: Model
+    run: PipelineResult  # the chosen pipeline's run: the caller reports it rather than running it again
     chosen: Point
     points: list[Point]
     notes: list[str]
+
+    @property
+    def model(self) -> Model:
+        return self.run.model
 
 
 def configure(passes: Sequence[Pass], scale: float, off: frozenset[int] = frozenset(), fallback: dict[int, Pass] | None = None) -> list[Pass]:
@@ -109,19 +114,19 @@ class _Evaluator:
     def __init__(self, passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, on_point: OnPoint | None):
         self.passes, self.runner, self.budget, self.on_point = list(passes), runner, budget, on_point
         self.points: list[Point] = []
-        self.models: dict[int, Model] = {}
+        self.runs: dict[int, PipelineResult] = {}
 
     def __call__(self, scale: float, off: frozenset[int], fallback: dict[int, Pass]) -> Point:
         pipeline = configure(self.passes, scale, off, fallback)
-        point, model = measure_pipeline(self.runner, self.budget, pipeline, strengths(self.passes, scale, off, fallback))
+        point, run = measure_pipeline(self.runner, self.budget, pipeline, strengths(self.passes, scale, off, fallback))
         self.points.append(point)
         # Keep models only for this point and the most compressed feasible one: a
         # search over a large model must not hold a copy of it per point.
         best = min((q for q in self.points if q.feasible), key=lambda q: q.bytes, default=None)
-        self.models = {k: m for k, m in self.models.items() if best is not None and k == id(best)}
-        self.models[id(point)] = model
+        self.runs = {k: r for k, r in self.runs.items() if best is not None and k == id(best)}
+        self.runs[id(point)] = run
         if self.on_point is not None:
-            self.on_point(point, model)
+            self.on_point(point, run.model)
         return point
 
 
@@ -185,6 +190,6 @@ def _fields(p: Pass) -> set[str]:
 
 def _result(evaluate: _Evaluator, point: Point, scale: float, off: frozenset[int], fallback: dict[int, Pass], notes: list[str]) -> BudgetResult:
     point.chosen = True
-    if id(point) not in evaluate.models:  # dropped to save memory: the prefix cache makes this cheap
-        evaluate.models[id(point)] = evaluate.runner.run(configure(evaluate.passes, scale, off, fallback))
-    return BudgetResult(configure(evaluate.passes, scale, off, fallback), evaluate.models[id(point)], point, evaluate.points, notes)
+    if id(point) not in evaluate.runs:  # dropped to save memory: the prefix cache makes this cheap
+        evaluate.runs[id(point)] = evaluate.runner.run_pipeline(configure(evaluate.passes, scale, off, fallback))
+    return BudgetResult(configure(evaluate.passes, scale, off, fallback), evaluate.runs[id(point)], point, evaluate.points, notes)

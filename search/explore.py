@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from optc.ir.model import Model
-from optc.passes.framework import Pass
+from optc.passes.framework import Pass, PipelineResult
 from optc.search.budget import Budget, configure, measure_pipeline
 from optc.search.points import Point, pareto_front
 from optc.search.prefix import PrefixRunner
@@ -38,11 +38,15 @@ OnImprove = Callable[[Point, Model, list[Pass]], None]
 @dataclass
 class ExploreResult:
     best: Point
-    model: Model
+    run: PipelineResult  # the best pipeline's run: the caller reports it rather than running it again
     passes: list[Pass]
     points: list[Point]
     front: list[Point]
     stopped: str
+
+    @property
+    def model(self) -> Model:
+        return self.run.model
 
 
 class _Space:
@@ -84,19 +88,19 @@ def explore(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, *, obj
     deadline = time.monotonic() + time_budget_s
     points: list[Point] = []
     seen: dict[tuple[int, ...], Point] = {}
-    best: list = [None, None, None]  # point, model, passes
+    best: list = [None, None, None]  # point, run, passes
 
     def evaluate(levels: tuple[int, ...]) -> Point:
         if levels in seen:
             return seen[levels]
         pipeline = space.pipeline(levels)
-        point, model = measure_pipeline(runner, budget, pipeline, space.strengths(levels), latency_ms)
+        point, run = measure_pipeline(runner, budget, pipeline, space.strengths(levels), latency_ms)
         points.append(point)
         seen[levels] = point
         if point.feasible and (best[0] is None or point.cost(objective) < best[0].cost(objective)):
-            best[:] = [point, model, pipeline]
+            best[:] = [point, run, pipeline]
             if on_improve is not None:
-                on_improve(point, model, pipeline)
+                on_improve(point, run.model, pipeline)
         return point
 
     strongest = tuple(GRID for _ in space.lossy)

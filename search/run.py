@@ -14,7 +14,7 @@ from optc.errors import ConfigError
 from optc.evaluation.latency import latency_ms
 from optc.evaluation.metrics import Metric, MetricRunner, load_metric
 from optc.ir.model import Model
-from optc.passes.framework import Pass, PassContext
+from optc.passes.framework import Pass, PassContext, PipelineResult
 from optc.search.budget import Budget, fit_to_budget
 from optc.search.explore import OnImprove, explore
 from optc.search.prefix import PrefixRunner
@@ -76,17 +76,24 @@ class BudgetSpec:
 @dataclass
 class Chosen:
     passes: list[Pass]
+    run: PipelineResult  # ``passes`` run on the input (model, records, stats), as measured by the search
     section: dict[str, Any] = field(default_factory=dict)  # report.json's "search"
 
 
 def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labelled: LabelledSet | None, spec: BudgetSpec,
-                    on_improve: OnImprove | None = None) -> Chosen:
-    """The strongest pipeline within the budget (see :mod:`optc.search.budget` and :mod:`optc.search.explore`)."""
+                    on_improve: OnImprove | None = None, ran: tuple[Sequence[Pass], PipelineResult] | None = None) -> Chosen:
+    """The strongest pipeline within the budget (see :mod:`optc.search.budget` and :mod:`optc.search.explore`).
+
+    ``ran``: a pipeline the caller already ran on ``model`` with ``ctx`` and its result (the run the default
+    budget found too lossy); the search takes it as computed instead of running it again.
+    """
     if labelled is None:
         raise ConfigError("an accuracy budget is measured on held-out data: give --eval LABELLED.npz (data no pass fits on)")
     metric, drop = spec.resolve()
     runner = MetricRunner(metric, labelled.inputs, labelled.labels, model)
     prefix = PrefixRunner(model, ctx)
+    if ran is not None:
+        prefix.remember(*ran)
     budget = Budget(runner, drop)
     section: dict[str, Any] = {"metric": metric.name, "max_drop": drop, "baseline": runner.baseline, "samples": labelled.inputs.num_samples,
                                "objective": {"size": "bytes"}.get(spec.objective, spec.objective)}
@@ -96,10 +103,10 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
         found = explore(passes, prefix, budget, objective=section["objective"], time_budget_s=spec.time_budget_s, on_improve=on_improve, latency_ms=timing)
         section.update(points=[p.to_dict() for p in found.points], stopped=found.stopped, time_budget_s=spec.time_budget_s,
                        chosen=found.best.to_dict(), notes=[])
-        chosen = found.passes
+        chosen, run = found.passes, found.run
     else:
         fitted = fit_to_budget(passes, prefix, budget, steps=spec.search_steps)
         section.update(points=[p.to_dict() for p in fitted.points], chosen=fitted.chosen.to_dict(), notes=fitted.notes)
-        chosen = fitted.passes
+        chosen, run = fitted.passes, fitted.run
     section["passes_run"], section["passes_reused"] = prefix.passes_run, prefix.passes_reused
-    return Chosen(list(chosen), section)
+    return Chosen(list(chosen), run, section)

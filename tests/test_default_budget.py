@@ -210,3 +210,40 @@ def ort_scores(model, x):
     from optc.ir.session import make_session
 
     return {"scores": make_session(model).run(["scores"], {"x": x})[0]}
+
+
+@pytest.mark.slow
+def test_a_default_that_misses_runs_no_pipeline_twice(tmp_path, monkeypatch):
+    """The run that missed the default budget is the search's first point, and the pipeline the search chose
+    is written as the search ran it: every distill configuration runs once (before: the one asked for three
+    times, the chosen one twice), and the model is the one a replay of pipeline.yaml, running every pass, gives."""
+    import optc.passes.framework.manager as manager
+    from optc.api import compile as compile_api
+    from optc.driver import read_pipeline_file
+    from optc.passes import parse_pass_specs
+
+    runs: list[str] = []
+    run_pass = manager._run
+    monkeypatch.setattr(manager, "_run", lambda p, model, ctx: runs.append(repr(p)) or run_pass(p, model, ctx))
+    asked = parse_pass_specs(["canonicalize", "distill"])
+    # With --eval the passes fit on all of calib.npz, as a replay's do (without, on the part not held out).
+    auto = compile_api(MODEL, asked, calibration=CALIB, evaluation=TEST, output=tmp_path / "auto", measure_latency=False)
+    search = auto.report.search
+    assert search is not None and any("misses the default budget" in n for n in auto.report.notes)
+    assert search["points"][0]["passes"] == [repr(p) for p in asked] and not search["points"][0]["feasible"]
+    # Passes ran in the first run and in the search, nowhere else; the search ran none of the first run's again.
+    assert len(runs) == len(asked) + search["passes_run"]
+    assert search["passes_reused"] >= len(asked)
+    distills = [r for r in runs if r.startswith("distill")]
+    assert len(distills) == len(set(distills)) == sum(1 for p in search["points"] if p["strengths"]["distill#4"]) >= 3
+    chosen = search["chosen"]["passes"]
+    assert auto.report.pipeline == tuple(chosen) and [p.name for p in auto.report.passes] == [s.split(":")[0] for s in chosen]
+    assert auto.report.passes[-1].modified and auto.report.after.macs < auto.report.before.macs
+
+    runs.clear()
+    replay = compile_api(MODEL, read_pipeline_file(tmp_path / "auto" / "pipeline.yaml").passes, calibration=CALIB, evaluation=TEST,
+                         output=tmp_path / "replay", measure_latency=False)
+    assert runs == chosen  # a replay runs every pass: no search, nothing remembered from the run above
+    assert (tmp_path / "replay" / "model.onnx").read_bytes() == (tmp_path / "auto" / "model.onnx").read_bytes()
+    assert [p.to_dict() | {"seconds": 0} for p in replay.report.passes] == [p.to_dict() | {"seconds": 0} for p in auto.report.passes]
+    assert replay.report.after == auto.report.after
