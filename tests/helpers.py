@@ -62,6 +62,17 @@ def load_tool(name: str):
     return module
 
 
+def arm_runner():
+    """tools/make_arm_root.py, which runs aarch64 artifacts under qemu-user; a skip saying what is missing without it."""
+    import pytest
+
+    tool = load_tool("make_arm_root")
+    reason = tool.unusable_reason()
+    if reason:
+        pytest.skip(f"ARM check under qemu not possible here: {reason}")
+    return tool
+
+
 def run_checked(name: str, model, ctx=None, **options):
     """Run one pass the way every rewrite test does: the input must stay untouched,
     a change must pass the full checker, and "no change" must return the same model."""

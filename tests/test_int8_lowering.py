@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import SAMPLE, load_tool, make_model, ort_run, rand
-from onnx import helper, numpy_helper
+from helpers import SAMPLE, arm_runner, make_model, ort_run, rand
+from onnx import helper
 
 from optc.errors import TargetError
 from optc.ir import infer_shapes, load_model
@@ -323,10 +323,7 @@ def test_int8_arm_artifact_under_qemu_matches_onnxruntime(tmp_path):
 
     from optc.cli.main import cli
 
-    tool = load_tool("make_arm_root")
-    reason = tool.unusable_reason()
-    if reason:
-        pytest.skip(f"ARM check under qemu not possible here: {reason}")
+    tool = arm_runner()
     out = tmp_path / "arm"
     res = CliRunner().invoke(
         cli,

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import SAMPLE, load_tool, make_model, ort_run, rand
+from helpers import SAMPLE, arm_runner, make_model, ort_run, rand
 from onnx import helper
 
 from optc.cli.main import cli
@@ -36,11 +36,7 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def arm_root():
-    tool = load_tool("make_arm_root")
-    reason = tool.unusable_reason()
-    if reason:
-        pytest.skip(f"ARM check under qemu not possible here: {reason}")
-    return tool
+    return arm_runner()
 
 
 def compile_arm(model_path, out, db, *shape_args):
