@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import SAMPLE, make_model, rand  # noqa: E402
 
-from optc.ir import infer_shapes, load_model, save_model  # noqa: E402
+from optc.ir import infer_shapes, load_model  # noqa: E402
 from optc.ir.model import Model  # noqa: E402
 from optc.ir.shapes import freeze_input_shapes  # noqa: E402
 from optc.data import CalibrationSet

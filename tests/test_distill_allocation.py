@@ -14,7 +14,7 @@ from optc.ir import infer_shapes, load_model
 from optc.ir.stats import compute_stats
 from optc.data import CalibrationSet
 from optc.passes import PassContext
-from optc.passes.distill.allocation import KEEP, allocate, common_budget, least_total_budgets
+from optc.passes.distill.allocation import allocate, common_budget, least_total_budgets
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ def _relu(shape=(2, 3)) -> onnx.ModelProto:
 def test_add_constant_keeps_0d_scalars(save):
     model = load_model(save(_relu()))
     editor = GraphEditor(model)
-    x, y = editor.tensor("x"), editor.tensor("y")
+    x = editor.tensor("x")
     scale = editor.add_constant("scale", np.array(0.05, dtype=np.float32))
     zero = editor.add_constant("zero", np.uint8(128))
     matrix = editor.add_constant("m", np.arange(6, dtype=np.float32).reshape(2, 3).T)  # not C-contiguous

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from helpers import make_model, ort_run, rand
 from onnx import helper
 

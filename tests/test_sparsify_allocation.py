@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import rand
 
 from optc.errors import ConfigError
 from optc.passes.framework.options import build_config
 from optc.passes.sparsify.sparsify import SparsifyConfig
 from optc.passes.sparsify.allocation import LayerCosts, owl_counts, sensitivity_counts, uniform_counts
-from optc.passes.sparsify.patterns import parse_pattern
 from test_sparsify import _run, _small_cnn
 
 

@@ -16,7 +16,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from optc.errors import ConfigError
 from optc.ir.model import Model
 from optc.passes.framework.options import Bounds, check_options
 
