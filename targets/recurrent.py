@@ -105,6 +105,7 @@ class _Layer:
             self.hidden = self.weights["R"].shape[-1]
         self._check_lengths()
         self.dtype = self.weights["W"].dtype
+        self._scalars: dict[float, Constant] = {}
 
     # --- checks ------------------------------------------------------------------
     def _constant(self, key: str) -> np.ndarray:
@@ -147,6 +148,12 @@ class _Layer:
     def _const(self, value: Any, dtype: Any = None) -> Constant:
         return self.editor.add_constant(f"{self.node.name}/const", np.asarray(value, dtype=dtype or self.dtype))
 
+    def _scalar(self, value: float) -> Constant:
+        """One initializer per scalar of a layer (clip bounds, 1, an activation's alpha), not one per step and gate."""
+        if value not in self._scalars:
+            self._scalars[value] = self._const(value)
+        return self._scalars[value]
+
     def _split(self, tensor: Tensor, axis: int, parts: int) -> list[Tensor]:
         """``tensor`` cut into ``parts`` equal pieces along ``axis``. One Split, not a Gather per piece: TVM's
         frontend writes a Gather's index as ``where(i < 0, i + n, i)`` on a constant, which its FoldConstant then
@@ -169,13 +176,13 @@ class _Layer:
 
     def _activate(self, act: Activation, x: Tensor, clip: bool = True) -> Tensor:
         if clip and self.clip is not None:
-            x = self._op("Min", self._op("Max", x, self._const(-float(self.clip))), self._const(float(self.clip)))
+            x = self._op("Min", self._op("Max", x, self._scalar(-float(self.clip))), self._scalar(float(self.clip)))
         if act.op in PLAIN:
             return self._op(act.op, x)
         if act.op == "Affine":
-            return self._op("Add", self._op("Mul", x, self._const(act.alpha)), self._const(act.beta))
+            return self._op("Add", self._op("Mul", x, self._scalar(act.alpha)), self._scalar(act.beta))
         if act.op == "ScaledTanh":
-            return self._op("Mul", self._op("Tanh", self._op("Mul", x, self._const(act.beta))), self._const(act.alpha))
+            return self._op("Mul", self._op("Tanh", self._op("Mul", x, self._scalar(act.beta))), self._scalar(act.alpha))
         attrs = {"alpha": float(act.alpha)}
         if act.beta is not None:
             attrs["beta"] = float(act.beta)
@@ -194,7 +201,7 @@ class _Layer:
         if self.layout == 1:
             x = self._op("Transpose", x, perm=[1, 0, 2])
         x = self._op("Reshape", x, self._shape(self.steps * self.batch, -1))  # [T*B, I]: one step is B rows
-        finals: list[list[Tensor]] = [[] for _ in outputs]
+        finals: list[list[Tensor | None]] = [[] for _ in outputs]
         states = list(zip(self._initial_states("initial_h"), self._initial_states("initial_c")))
         for d, direction in enumerate(self.directions):
             for slot, tensor in enumerate(self._direction(x, d, direction, outputs, *states[d])):
@@ -213,7 +220,7 @@ class _Layer:
         return (f"{self.where}: {'/'.join(self.directions)} over {self.steps} steps, hidden {self.hidden}, unrolled into plain ops "
                 "(TVM's ONNX frontend has no recurrent layers)")
 
-    def _direction(self, x: Tensor, d: int, direction: str, outputs: list[Tensor], h: Tensor | None, c: Tensor | None) -> list[Tensor]:
+    def _direction(self, x: Tensor, d: int, direction: str, outputs: list[Tensor], h: Tensor | None, c: Tensor | None) -> list[Tensor | None]:
         """Per output slot (Y, Y_h, Y_c), this direction's part: Y [T, 1, B, H], states [1, B, H]. ``h``/``c``: the
         initial states, None for zeros (then the first step has no H·Rᵀ, and f⊙C is zero)."""
         g, hid = self.gates, self.hidden
@@ -227,7 +234,8 @@ class _Layer:
         projected = self._op("Add", self._op("MatMul", x, self._const(w.T)), self._const(wb + rb))  # [T*B, G*H]
         r_gates = r[: 2 * hid] if self.op == "GRU" and not self.linear_before_reset else r
         r_candidate = r[2 * hid:] if self.op == "GRU" and not self.linear_before_reset else None
-        peep = self.weights["P"][d] if "P" in self.weights else None
+        # the peepholes' i, o, f parts: one initializer each per direction, read by every step
+        peep = None if "P" not in self.weights else tuple(self._const(p) for p in np.split(self.weights["P"][d], 3))
         acts = self.activations[d]
         ys: list[Tensor] = []
         order = range(self.steps) if direction == "forward" else range(self.steps - 1, -1, -1)
@@ -247,34 +255,31 @@ class _Layer:
             ys.append(h)
         if direction == "reverse":
             ys.reverse()
-        parts: list[Tensor] = []
+        parts: list[Tensor | None] = [None]  # Y, when the model reads it
         if outputs and outputs[0].name:
             stacked = ys[0] if len(ys) == 1 else self._op("Concat", *ys, axis=0)  # [T*B, H]
-            parts.append(self._op("Reshape", stacked, self._shape(self.steps, 1, self.batch, hid)))
-        else:
-            parts.append(None)  # type: ignore[arg-type]
+            parts[0] = self._op("Reshape", stacked, self._shape(self.steps, 1, self.batch, hid))
         state_shape = self._shape(1, self.batch, hid)
         parts.append(self._op("Reshape", h, state_shape))
         if self.op == "LSTM":
             parts.append(self._op("Reshape", c, state_shape))
         return parts[: len(outputs)]
 
-    def _lstm_step(self, gates: list[Tensor], c: Tensor | None, peep: np.ndarray | None,
+    def _lstm_step(self, gates: list[Tensor], c: Tensor | None, peep: tuple[Constant, ...] | None,
                    acts: tuple[Activation, ...]) -> tuple[Tensor, Tensor]:
         """One step from the gates' pre-activations; ``c`` None is a zero cell state (its terms vanish)."""
-        hid = self.hidden
         i_in, o_in, f_in, c_in = gates
         if peep is not None and c is not None:
-            i_in = self._op("Add", i_in, self._op("Mul", c, self._const(peep[:hid])))
-            f_in = self._op("Add", f_in, self._op("Mul", c, self._const(peep[2 * hid:])))
+            i_in = self._op("Add", i_in, self._op("Mul", c, peep[0]))
+            f_in = self._op("Add", f_in, self._op("Mul", c, peep[2]))
         i = self._activate(acts[0], i_in)
         cand = self._activate(acts[1], c_in)
         new_c = self._op("Mul", i, cand)
         if c is not None:
-            f = self._op("Sub", self._const(1.0), i) if self.input_forget else self._activate(acts[0], f_in)
+            f = self._op("Sub", self._scalar(1.0), i) if self.input_forget else self._activate(acts[0], f_in)
             new_c = self._op("Add", self._op("Mul", f, c), new_c)
         if peep is not None:
-            o_in = self._op("Add", o_in, self._op("Mul", new_c, self._const(peep[hid: 2 * hid])))
+            o_in = self._op("Add", o_in, self._op("Mul", new_c, peep[1]))
         o = self._activate(acts[0], o_in)
         # onnxruntime, the reference, does not clip the cell state read by h (nor keep it clipped).
         return self._op("Mul", o, self._activate(acts[2], new_c, clip=False)), new_c
