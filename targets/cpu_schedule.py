@@ -8,7 +8,7 @@ functions are memory-bound, so one schedule serves them: inline what can be
 inlined, then spread the output's outer loops over threads and let the
 innermost loop vectorise. A function the schedule cannot take (or whose
 output is too small to be worth a thread) keeps TVM's default. Convolutions
-(NHWC) get optc's register-tiled kernel instead (:mod:`.tiled_kernels`).
+and matmuls get optc's register-tiled kernels instead (:mod:`.tiled_kernels`).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def schedule_function(func: Any) -> Any | None:
         return None
     target = tvm.target.Target.current(allow_none=True)
     if target is not None and target.kind.name == "llvm":
-        tiled = schedule_tiled(func, target)  # a convolution: optc's register-tiled kernel
+        tiled = schedule_tiled(func, target)  # a convolution or a matmul: optc's register-tiled kernel
         if tiled is not None:
             return tiled
     try:

@@ -204,16 +204,16 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
 
     from optc.targets.providers.select import ProviderReport, place, to_nhwc
 
-    # Without a provider, convolutions still go to NHWC: optc's own kernel (targets.tiled_kernels) reads it.
     if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
         report = ProviderReport(opts.kernels, {"available": False, "reason": "kernel providers serve x86 targets only"})
-        return to_nhwc(mod, target, report), report.to_dict()
-    if opts.rpc_tracker and opts.kernels == "auto":
+    elif opts.rpc_tracker and opts.kernels == "auto":
         # Candidates would be timed here, not on the board, and the board may lack the library.
         report = ProviderReport("tvm", {"available": False, "reason": "with --rpc-tracker every op is tuned on the board (TVM kernels)"})
-        return to_nhwc(mod, target, report), report.to_dict()
-    mod, report = place(mod, target, opts.kernels, opts.db_dir, compile_fn)
-    return mod, report.to_dict()
+    else:
+        mod, report = place(mod, target, opts.kernels, opts.db_dir, compile_fn)
+        return mod, report.to_dict()
+    # Without a provider, convolutions still go to NHWC: optc's own kernels (targets.tiled_kernels) read it.
+    return to_nhwc(mod, target, report), report.to_dict()
 
 
 @contextlib.contextmanager
