@@ -25,6 +25,9 @@ LABEL_KEYS = frozenset({"label", "labels"})
 class LabelledSet:
     inputs: CalibrationSet
     labels: np.ndarray | None  # None: held-out inputs without labels (a metric measured against the input model)
+    # Samples split off the calibration data (a few, chosen by optc, not the user's own evaluation set):
+    # budgets on them hold a confidence bound, not the mean (optc.evaluation.metrics.held_out_bound).
+    split_from_calibration: bool = False
 
     @classmethod
     def checked(cls, data: CalibrationSet, labels: np.ndarray) -> "LabelledSet":

@@ -13,6 +13,8 @@ Four views of the same comparison, each for a different reader:
   positions dominate it, while the decisions that flip are the near-ties (a CTC
   OCR model kept cosine 0.992 and lost 1.5 points of character accuracy; the
   argmax of its frames agreed at 97.5 %).
+* :func:`sample_agreements` and :func:`lower_bound`: the same per sample, and
+  a confidence bound on their mean for budgets checked on few samples.
 * :func:`fidelity_drop`: a loss for accuracy budgets, ``1 - mean per-sample
   cosine`` or ``1 - top-1 agreement`` with the reference.
 
@@ -127,11 +129,30 @@ def class_scores(values: np.ndarray) -> np.ndarray | None:
 def decision_agreement(reference: np.ndarray, actual: np.ndarray) -> float | None:
     """The fraction of positions whose argmax over the class axis is the reference's; None when
     ``reference`` is not class scores (:func:`class_scores`)."""
+    matches = _decision_matches(reference, actual)
+    return None if matches is None else float(np.mean(matches))
+
+
+def sample_agreements(reference: np.ndarray, actual: np.ndarray) -> np.ndarray | None:
+    """:func:`decision_agreement` of each sample (the leading axis) on its own; None when not class scores.
+
+    Whether an output holds class scores is read from all samples together, so one
+    indecisive sample does not change how the others are judged.
+    """
+    matches = _decision_matches(reference, actual)
+    if matches is None:
+        return None
+    n = len(reference) if reference.ndim else 1
+    return matches.reshape(n, -1).mean(axis=1) if n and matches.size % n == 0 else np.full(max(n, 1), float(np.mean(matches)))
+
+
+def _decision_matches(reference: np.ndarray, actual: np.ndarray) -> np.ndarray | None:
+    """Per position, whether ``actual``'s argmax is ``reference``'s (bool); None when ``reference`` is not class scores."""
     scores = class_scores(reference)
     if scores is None:
         return None
     if actual.shape != reference.shape:
-        return 0.0
+        return np.zeros(len(scores), dtype=bool)
     if reference.size == len(scores):  # one probability per position, read as [1 - p, p]
         p = actual.astype(np.float64).reshape(-1, 1)
         other = np.concatenate([1 - p, p], axis=1)
@@ -139,7 +160,32 @@ def decision_agreement(reference: np.ndarray, actual: np.ndarray) -> float | Non
         other = actual.reshape(scores.shape)
     # NaN in the compressed model's scores is no decision: it never agrees.
     chosen = np.where(np.isnan(other).any(axis=1), -1, np.nan_to_num(other).argmax(axis=1))
-    return float(np.mean(chosen == scores.argmax(axis=1)))
+    return chosen == scores.argmax(axis=1)
+
+
+# One-sided 90 % quantiles of Student's t by degrees of freedom (1..30); beyond, a Cornish-Fisher
+# expansion of the normal quantile is within 1e-3 of the table.
+_T90 = (3.078, 1.886, 1.638, 1.533, 1.476, 1.440, 1.415, 1.397, 1.383, 1.372, 1.363, 1.356, 1.350, 1.345, 1.341,
+        1.337, 1.333, 1.330, 1.328, 1.325, 1.323, 1.321, 1.319, 1.318, 1.316, 1.315, 1.314, 1.313, 1.311, 1.310)
+_Z90 = 1.2816
+
+
+def lower_bound(values: np.ndarray) -> float:
+    """One-sided 90 % lower confidence bound of the mean of per-sample ``values`` (Student's t).
+
+    A budget checked on a handful of held-out samples is an estimate: 8 samples
+    of an OCR detector read a mean cosine of 0.9911 where 48 others read 0.9901.
+    Holding the bound, not the mean, to the floor keeps what passes the check
+    within the floor on data the check never saw, at the price of a little
+    compression when the samples disagree among themselves.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean
+    df = values.size - 1
+    t = _T90[df - 1] if df <= len(_T90) else _Z90 + (_Z90 ** 3 + _Z90) / (4 * df)
+    return mean - t * float(values.std(ddof=1)) / float(np.sqrt(values.size))
 
 
 def fidelity_drop(reference: Sequence[np.ndarray], actual: Sequence[np.ndarray], metric: str) -> float:

@@ -18,6 +18,10 @@ Built-ins:
   fraction of positions whose argmax is the input model's: a floor on it holds
   decisions, not only the cosine (the label-free default budget, :mod:`optc.search.guard`).
 
+Measured on held-out *calibration* samples (no ``--eval``), ``cosine`` and
+``fidelity`` score the 90 % lower confidence bound of their per-sample mean
+(:func:`held_out_bound`): a handful of samples is an estimate, not the truth.
+
 A custom metric is ``--metric path/to/file.py:function``. One that raises or
 returns something that is not a finite number is the user's error and is
 reported naming the function.
@@ -34,7 +38,7 @@ import numpy as np
 
 from optc.data.calibration import CalibrationSet
 from optc.errors import ConfigError
-from optc.evaluation.fidelity import class_scores, decision_agreement, sample_cosines
+from optc.evaluation.fidelity import class_scores, decision_agreement, lower_bound, sample_agreements, sample_cosines
 from optc.ir.model import Model
 from optc.ir.session import make_session
 
@@ -50,6 +54,7 @@ class Metric:
     fn: MetricFn
     needs_labels: bool
     needs_reference: bool = False
+    bounded: bool = False  # scores the 90 % lower confidence bound of the per-sample mean (:func:`held_out_bound`)
 
     def __call__(self, outputs: Mapping[str, np.ndarray], labels: Any, reference: Mapping[str, np.ndarray] | None = None) -> float:
         try:
@@ -97,6 +102,41 @@ def mean_cosine_and_agreement(outputs: Mapping[str, np.ndarray], reference: Mapp
         raise ConfigError("metric fidelity needs the input model's outputs")
     agreements = [decision_agreement(reference[n], outputs[n]) for n in reference]
     return min([mean_cosine(outputs, reference), *(a for a in agreements if a is not None)])
+
+
+def _sample_cosine(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Each sample's cosine, averaged over the float outputs (its mean is :func:`mean_cosine`); None: no float output."""
+    per_output = [sample_cosines(reference[n], outputs[n]) for n in reference if reference[n].dtype.kind == "f"]
+    return np.mean(per_output, axis=0) if per_output else None
+
+
+def _bounded_cosine(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> float:
+    if reference is None:
+        raise ConfigError("metric cosine needs the input model's outputs")
+    cosines = _sample_cosine(outputs, reference)
+    return 1.0 if cosines is None else lower_bound(cosines)
+
+
+def _bounded_fidelity(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None) -> float:
+    if reference is None:
+        raise ConfigError("metric fidelity needs the input model's outputs")
+    agreements = [sample_agreements(reference[n], outputs[n]) for n in reference]
+    return min([_bounded_cosine(outputs, reference), *(lower_bound(a) for a in agreements if a is not None)])
+
+
+def held_out_bound(metric: Metric) -> Metric:
+    """``cosine`` or ``fidelity`` scored by the 90 % lower confidence bound of their per-sample mean.
+
+    For budgets measured on the few calibration samples split off as held-out
+    data (:meth:`CalibrationSet.hold_out`, a quarter of them): the mean of 8
+    samples can clear a floor that the model misses on the user's data
+    (:func:`~optc.evaluation.fidelity.lower_bound`). Other metrics, and data the
+    user gave for evaluation (``--eval``), are scored as they are.
+    """
+    if metric.bounded or metric.name not in ("cosine", "fidelity"):
+        return metric
+    fn = _bounded_cosine if metric.name == "cosine" else _bounded_fidelity
+    return Metric(metric.name, fn, needs_labels=False, needs_reference=True, bounded=True)
 
 
 def load_metric(spec: str) -> Metric:

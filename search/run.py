@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from optc.data.labelled import LabelledSet
 from optc.errors import ConfigError
 from optc.evaluation.latency import latency_ms
-from optc.evaluation.metrics import Metric, MetricRunner, load_metric
+from optc.evaluation.metrics import Metric, MetricRunner, held_out_bound, load_metric
 from optc.ir.model import Model
 from optc.passes.framework import Pass, PassContext, PipelineResult
 from optc.search.budget import Budget, fit_to_budget
@@ -90,6 +90,8 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
     if labelled is None:
         raise ConfigError("an accuracy budget is measured on held-out data: give --eval LABELLED.npz (data no pass fits on)")
     metric, drop = spec.resolve()
+    if labelled.split_from_calibration:
+        metric = held_out_bound(metric)
     runner = MetricRunner(metric, labelled.inputs, labelled.labels, model)
     prefix = PrefixRunner(model, ctx)
     if ran is not None:
@@ -97,6 +99,8 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
     budget = Budget(runner, drop)
     section: dict[str, Any] = {"metric": metric.name, "max_drop": drop, "baseline": runner.baseline, "samples": labelled.inputs.num_samples,
                                "objective": {"size": "bytes"}.get(spec.objective, spec.objective)}
+    if metric.bounded:
+        section["score"] = "the 90 % lower confidence bound of the per-sample mean (held-out calibration samples)"
     if spec.time_budget_s is not None:
         feeds = labelled.inputs.take(8)
         timing: Callable[[Model], float] | None = (lambda m: latency_ms(m, feeds, repeats=20, budget_s=1.0)) if spec.objective == "latency" else None

@@ -77,16 +77,68 @@ def test_default_that_misses_is_scaled_down_and_held_on_the_test_set(tmp_path):
 def test_without_eval_the_default_is_held_on_held_out_calibration_samples(tmp_path):
     report, output = compile_(tmp_path, "q", "--pass", "quantize")
     assert report.get("search") is None  # int8 of the sample keeps cosine 0.99: nothing searched
-    assert any("within the default budget (output cosine at least 0.99 and argmax agreement at least 0.99 (logits) on 64 held-out "
-               "calibration samples): cosine 0.99" in n for n in report["notes"])
+    assert any("within the default budget (the 90 % lower confidence bound of the mean output cosine at least 0.99 and argmax "
+               "agreement at least 0.99 (logits) on 64 held-out calibration samples): cosine 0.99" in n for n in report["notes"])
     report, _ = compile_(tmp_path, "mf", "--pass", "prune-channels:ratio=0.6", "--min-fidelity", "0.995")
     assert report["search"]["metric"] == "cosine" and report["search"]["samples"] == 64
+    assert "lower confidence bound" in report["search"]["score"]  # a handful of split-off samples: their bound, not their mean
     assert report["search"]["chosen"]["strengths"]["prune-channels#4"] < 0.6
     # The metric a missed label-free default is searched with, named: held out of the calibration data too.
     report, _ = compile_(tmp_path, "fid", "--pass", "prune-channels:ratio=0.6", "--metric", "fidelity", "--max-drop", "0.01")
     search = report["search"]
     assert search["metric"] == "fidelity" and search["samples"] == 64 and search["chosen"]["metric"] >= 0.99
     assert 0 < search["chosen"]["strengths"]["prune-channels#4"] < 0.6
+
+
+def _scores(n: int, flips: dict[int, int], noise: dict[int, float]) -> tuple[dict, dict]:
+    """Reference logits [n, 10 positions, 5 classes] and a copy with ``flips[i]`` positions of sample i
+    decided otherwise and ``noise[i]`` of the reference's size added to sample i."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(n, 10, 5)) * 4
+    ref[..., 0] += 20  # decisive: the top class is near certain at every position
+    out = ref.copy()
+    for i, k in flips.items():
+        out[i, :k, 1] = out[i, :k, 0] + 1
+    for i, scale in noise.items():
+        out[i] += scale * np.linalg.norm(ref[i]) / np.sqrt(ref[i].size) * rng.normal(size=ref[i].shape)
+    return {"logits": out.astype(np.float32)}, {"logits": ref.astype(np.float32)}
+
+
+def test_lower_bound_is_students_t_bound_of_the_mean():
+    from optc.evaluation.fidelity import lower_bound
+
+    assert lower_bound(np.ones(8)) == 1.0 and lower_bound(np.array([0.7])) == 0.7
+    values = np.array([0.999] * 7 + [0.95])
+    expected = values.mean() - 1.415 * values.std(ddof=1) / np.sqrt(8)  # t(0.90, 7 df) = 1.415
+    assert lower_bound(values) == pytest.approx(expected, abs=1e-12)
+    wide = np.linspace(0.98, 1.0, 61)  # 60 df: t(0.90) = 1.296, from the expansion beyond the table
+    assert lower_bound(wide) == pytest.approx(wide.mean() - 1.296 * wide.std(ddof=1) / np.sqrt(61), abs=2e-5)
+
+
+def test_sample_agreements_judge_each_sample_on_its_own_positions():
+    from optc.evaluation.fidelity import decision_agreement, sample_agreements
+
+    out, ref = _scores(4, {0: 3, 2: 1}, {})
+    per_sample = sample_agreements(ref["logits"], out["logits"])
+    np.testing.assert_allclose(per_sample, [0.7, 1.0, 0.9, 1.0])
+    assert per_sample.mean() == pytest.approx(decision_agreement(ref["logits"], out["logits"]))
+    assert sample_agreements(np.linspace(-3, 3, 40).reshape(4, 10), np.zeros((4, 10))) is None  # not class scores
+
+
+def test_held_out_bound_refuses_a_mean_that_one_bad_sample_hides_in():
+    """Seven faithful samples and one poor one: the mean clears 0.99 of fidelity, the bound does not."""
+    from optc.evaluation.metrics import held_out_bound
+
+    out, ref = _scores(8, {}, {7: 0.35})
+    plain, bounded = load_metric("fidelity"), held_out_bound(load_metric("fidelity"))
+    assert bounded.bounded and bounded.name == "fidelity" and not plain.bounded
+    assert plain(out, None, ref) > 0.99 > bounded(out, None, ref)
+    cosine = held_out_bound(load_metric("cosine"))
+    assert load_metric("cosine")(out, None, ref) > cosine(out, None, ref)
+    same, ref = _scores(8, {}, {i: 0.01 for i in range(8)})  # alike samples: the bound is the mean, near enough
+    assert bounded(same, None, ref) == pytest.approx(plain(same, None, ref), abs=1e-4)
+    top1 = load_metric("top1")
+    assert held_out_bound(top1) is top1  # labelled metrics are scored on the user's own data, as they are
 
 
 def test_weights_that_grow_are_said_so():
@@ -164,9 +216,12 @@ def test_label_free_guard_holds_argmax_decisions_not_only_cosine(tmp_path):
     assert load_metric("cosine")(ort_scores(twin, held), None, ort_scores(model, held)) > 0.999  # which cosine cannot see
     score, drop, within, figures = guard.check(twin)
     assert not within and score == pytest.approx(1 - drop) and score < 0.95
-    cosine, agreement = (float(f.split()[-1]) for f in figures.removesuffix(" (scores)").split(", "))
-    assert figures.startswith("cosine ") and cosine > 0.999 and agreement == pytest.approx(score, abs=1e-4)
-    assert guard.describe() == "output cosine at least 0.99 and argmax agreement at least 0.99 (scores) on 64 held-out calibration samples"
+    means, bound = figures.removesuffix(")").split(" (lower bound ")
+    cosine, agreement = (float(f.split()[-1]) for f in means.removesuffix(" (scores)").split(", "))
+    # One decision per sample: the bound of 64 samples' agreement sits below their mean, and is what is held.
+    assert figures.startswith("cosine ") and cosine > 0.999 and agreement > score and float(bound) == pytest.approx(score, abs=1e-4)
+    assert guard.describe() == ("the 90 % lower confidence bound of the mean output cosine at least 0.99 and argmax agreement "
+                                "at least 0.99 (scores) on 64 held-out calibration samples")
     assert guard.check(model)[2]
 
 
@@ -182,8 +237,13 @@ def test_label_free_guard_does_not_read_an_embedding_as_decisions(tmp_path):
     assert ((held @ twin_weights).argmax(1) != (held @ weights).argmax(1)).mean() > 0.01  # the argmax moves beyond one point...
     score, _, within, figures = guard.check(twin)
     assert within and 0.99 <= score < 1  # ...but the cosine holds, and the cosine is what is held
-    assert score == pytest.approx(load_metric("cosine")(ort_scores(twin, held), None, ort_scores(model, held)))
-    assert "(no output holds class scores to hold by argmax)" in guard.describe() and figures == f"cosine {score:.4f}"
+    from optc.evaluation.metrics import held_out_bound
+
+    twin_out, reference = ort_scores(twin, held), ort_scores(model, held)
+    mean = load_metric("cosine")(twin_out, None, reference)
+    assert score == pytest.approx(held_out_bound(load_metric("cosine"))(twin_out, None, reference)) and score < mean
+    assert "(no output holds class scores to hold by argmax)" in guard.describe()
+    assert figures == f"cosine {mean:.4f} (lower bound {score:.4f})"
 
 
 def test_which_outputs_hold_class_scores():
