@@ -384,24 +384,33 @@ def prepare_model(
 
 
 def _target_batch(model: Model, target: str) -> dict[str, tuple[int, ...]]:
-    """Batch-1 shapes for inputs whose only dynamic dim is the leading one; ConfigError for other dynamic dims."""
+    """Batch-1 shapes for inputs whose only dynamic dim is the leading one; ConfigError for other dynamic dims.
+
+    A recurrent layer's time axis is never taken for the batch, even when it leads (``[T, batch, features]``):
+    its length is the user's to give.
+    """
+    from optc.targets.recurrent import time_axes
+
     dynamic = [s for s in model.inputs if not s.is_static]
     # the batch is each input's sample axis: 0, or 1 for a recurrent state [2, batch, 128]
     axes = {name: 0 if axis is None else axis for name, axis in sample_axes(model.inputs).items()}
-    if all(s.shape and [i for i, d in enumerate(s.shape) if not isinstance(d, int)] == [axes[s.name]] for s in dynamic):
+    sequences = {name: hit for name, hit in time_axes(model).items() if hit[0] == axes.get(name)} if dynamic else {}
+    if all(s.shape and s.name not in sequences and [i for i, d in enumerate(s.shape) if not isinstance(d, int)] == [axes[s.name]]
+           for s in dynamic):
         return {s.name: tuple(1 if i == axes[s.name] else d for i, d in enumerate(s.shape)) for s in dynamic}  # type: ignore[misc, union-attr]
     placeholders: list[str] = []
-    hints = " ".join(f"--input-shape {s.name}={_dims_hint(s, placeholders, axes[s.name])}" for s in dynamic)
+    hints = " ".join(f"--input-shape {s.name}={_dims_hint(s, placeholders, -1 if s.name in sequences else axes[s.name])}" for s in dynamic)
     sizes = " and ".join(placeholders)
+    why = "".join(f"; dim {axis} of {name} is the sequence length of {layer}" for name, (axis, layer) in sequences.items())
     raise ConfigError(
-        f"--target {target} needs static input shapes ({'; '.join(s.describe() for s in dynamic)}): "
+        f"--target {target} needs static input shapes ({'; '.join(s.describe() for s in dynamic)}{why}): "
         f"give {hints}, with {sizes} the size{'s' if len(placeholders) > 1 else ''} to compile for"
     )
 
 
 def _dims_hint(spec: TensorSpec, placeholders: list[str], batch: int = 0) -> str:
-    """``1x3xHEIGHTxWIDTH``: known dims filled in, the batch (axis ``batch``) as 1, the others named in capitals
-    (added to ``placeholders``)."""
+    """``1x3xHEIGHTxWIDTH``: known dims filled in, the batch (axis ``batch``; -1: none) as 1, the others named in
+    capitals (added to ``placeholders``)."""
     if spec.shape is None:
         parts = [f"{spec.name.upper()}_DIMS"]
     else:

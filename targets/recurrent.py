@@ -76,6 +76,41 @@ def unroll_recurrent(model: Model) -> tuple[Model, list[str]]:
     return editor.commit(), notes
 
 
+# Ops whose output keeps its first input's axes, so the time axis of a recurrent layer's X can be followed
+# back through them to the graph input it comes from (Transpose maps it through its permutation).
+_SAME_AXES = {"Identity", "Cast", "Dropout", "Relu", "LeakyRelu", "Tanh", "Sigmoid", "Neg", "Abs", "Exp", "Log", "Sqrt",
+              "Clip", "Add", "Sub", "Mul", "Div", "Pow", "Transpose"}
+
+
+def time_axes(model: Model) -> dict[str, tuple[int, str]]:
+    """Graph inputs that hold a top-level recurrent layer's time axis: ``input -> (axis, 'LSTM node_name')``.
+
+    X is ``[T, batch, features]`` (``layout=1``: ``[batch, T, features]``). A
+    driver that freezes an input's leading dynamic dim as the batch must not take
+    a time-major sequence's length for it: a 1-step model would compile.
+    """
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    inputs = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    found: dict[str, tuple[int, str]] = {}
+    for node in graph.node:
+        if node.op_type not in RECURRENT or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+        name, axis = node.input[0], 1 if layout else 0
+        while name not in inputs and name in producers and producers[name].op_type in _SAME_AXES:
+            step = producers[name]
+            if step.op_type == "Transpose":
+                perm = next((list(a.ints) for a in step.attribute if a.name == "perm"), None)
+                if perm is None or axis >= len(perm):
+                    break
+                axis = perm[axis]
+            name = step.input[0]
+        if name in inputs:
+            found.setdefault(name, (axis, f"{node.op_type} {node.name or node.output[0]}"))
+    return found
+
+
 class _Layer:
     """One recurrent node: its checked attributes and inputs, then its steps."""
 

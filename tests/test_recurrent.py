@@ -158,3 +158,32 @@ def test_lstm_model_compiles_for_x86_and_matches_onnxruntime(tmp_path):
     got, want = load_artifact(out).run(feeds), ort_run(model, feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_a_leading_time_axis_is_not_frozen_as_the_batch(tmp_path):
+    """``--target`` freezes a dynamic leading batch dim to 1, but a time-major sequence's leading dim is its
+    length: frozen to 1 it compiled a one-step model with exit 0. Now the error names the layer and the shape to give."""
+    from optc.driver import prepare_model
+    from optc.errors import ConfigError
+    from optc.targets.recurrent import time_axes
+
+    model = _dynamic(recurrent_model("LSTM", batch=1, states=False))  # X: [T, 1, 3]
+    with pytest.raises(ConfigError, match=r"dim 0 of X is the sequence length of LSTM rnn\): give --input-shape X=Tx1x3, with T"):
+        prepare_model(Model(model), {}, target="x86")
+    assert prepare_model(Model(model), {"X": (7, 1, 3)}, target="x86")[1] == {"X": (7, 1, 3)}
+
+    batch_major = recurrent_model("GRU", batch=2, states=False, layout=1)  # X: [N, T, 3], the batch leads
+    batch_major.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    assert time_axes(Model(batch_major)) == {"X": (1, "GRU rnn")}
+    assert prepare_model(Model(batch_major), {}, target="x86")[1] == {"X": (1, 5, 3)}
+
+    # X reaches the layer through a Transpose and a Cast: batch-major in the graph's input, time-major at the layer.
+    through = recurrent_model("RNN", batch=1, states=False)
+    through.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    through.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "T"
+    through.graph.input[0].name = "frames"
+    through.graph.node.insert(0, helper.make_node("Transpose", ["frames"], ["tm"], perm=[1, 0, 2]))
+    through.graph.node.insert(1, helper.make_node("Cast", ["tm"], ["X"], to=TensorProto.FLOAT))
+    assert time_axes(Model(through)) == {"frames": (1, "RNN rnn")}
+    with pytest.raises(ConfigError, match=r"give --input-shape frames=1xTx3"):
+        prepare_model(Model(through), {}, target="x86")
