@@ -439,6 +439,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     external_data: bool | None = None,
     budget: BudgetSpec | None = None,
     default_budget: bool = True,
+    held_out: int | None = None,
     _notes: Sequence[str] = (),
     _ran: tuple[Sequence[Pass], PipelineResult] | None = None,
 ) -> CompileResult:
@@ -485,6 +486,10 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
             ``evaluation``'s metric, else output cosine 0.99 and, on outputs holding class
             scores, argmax agreement 0.99): the pipeline runs as asked,
             and only when it misses are the strengths searched. False runs as asked.
+        held_out: the last ``held_out`` calibration samples are held out and no pass fits on
+            them, as in the run whose ``pipeline.yaml`` records it (``data.held_out``): a
+            replay then fits on the same samples. None: only a budget measured on
+            calibration samples holds some out (a quarter of them).
 
     Raises:
         OptcError: bad input (a one-line message saying what and where); nothing is written.
@@ -514,18 +519,30 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     data_section = _data_section(model, calibration, evaluation)
     # A re-run (default budget missed) gets the opened sets: an iterable of feeds may be read only once.
     call.update({k: v for k, v, given in (("calibration", calib, calibration), ("evaluation", labelled, evaluation)) if is_feed_source(given)})
-    feeds, feeds_source = driver.sample_feeds(model, calib, labelled, seed)
     guard, run_notes = None, list(_notes)
     passes = _target_presets(passes, target, run_notes)
     budget_data = labelled
+    split = False  # whether passes fit on calibration data less held-out samples: pipeline.yaml records how many
     if budget is not None and budget.active:
         if labelled is None and not budget.resolve()[0].needs_labels:
-            calib, budget_data = default_budget_guard.held_out(calib, model)  # --min-fidelity (or --metric fidelity) without --eval
+            # --min-fidelity (or --metric fidelity) without --eval
+            calib, budget_data = default_budget_guard.held_out(calib, model, held_out)
+            split = True
     elif default_budget:
-        guard, calib, skipped = default_budget_guard.plan(passes, model, calib, labelled, budget.named_metric() if budget is not None else None)
+        guard, calib, skipped = default_budget_guard.plan(passes, model, calib, labelled, budget.named_metric() if budget is not None else None,
+                                                          held_out)
+        split = guard is not None and guard.data.split_from_calibration
         if skipped:
             logger.warning(skipped)
             run_notes.append(skipped)
+    held: CalibrationSet | None = None  # calibration samples no pass fits on: the fidelity figures are measured on them
+    if split:
+        held = (budget_data or guard.data).inputs  # type: ignore[union-attr]
+    elif held_out is not None and calib is not None:
+        calib, held = calib.hold_out(model, held_out)
+    if held is not None:
+        data_section = {**(data_section or {}), "held_out": held.num_samples}
+    feeds, feeds_source = driver.sample_feeds(model, calib, labelled, seed, held)
     ctx = PassContext(calibration=calib, seed=seed)
     PassManager(passes).check_requirements(model, ctx)
     search_section, searched = None, None

@@ -439,12 +439,13 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; larger or negative
 RANDOM_SKIPPED = "not measured: random inputs cannot be valid for this model; give --calib or --eval"
 
 
-def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int) -> tuple[list[dict], str]:
+def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None, seed: int,
+                 held: CalibrationSet | None = None) -> tuple[list[dict], str]:
     """Inputs for verify-each, fidelity and latency, one batch per feed, and where they come from.
 
     Evaluation data first: the passes never saw it, so fidelity on it is not
-    flattered by what they fitted. Then calibration data (seen by the passes),
-    then random inputs. :data:`FIDELITY_SAMPLES` samples in all, so a model
+    flattered by what they fitted. Then calibration samples held out of the
+    passes' fit (``held``), then calibration data (seen by the passes), then random inputs. :data:`FIDELITY_SAMPLES` samples in all, so a model
     whose batch is fixed at 1 is measured on several runs, not one.
     """
     unrunnable = unrunnable_reason(model)
@@ -452,6 +453,8 @@ def sample_feeds(model: Model, calib: CalibrationSet | None, labelled: LabelledS
         return [], f"not measured: {unrunnable}"
     if labelled is not None:
         return labelled.inputs.first_samples(FIDELITY_SAMPLES), "evaluation data"
+    if held is not None:
+        return held.first_samples(FIDELITY_SAMPLES), "held-out calibration data, which no pass fitted on"
     if calib is not None:
         return calib.first_samples(FIDELITY_SAMPLES), "calibration data, which the passes fitted on"
     try:
@@ -583,7 +586,8 @@ def _json_default(value: Any) -> Any:
 
 def pipeline_document(passes: Sequence[Pass], seed: int, shapes: Mapping[str, Sequence[int]],
                       data: Mapping[str, Any] | None = None) -> str:
-    """``pipeline.yaml``: every option of every pass, the seed, the frozen input dims and how images were read, for ``--pipeline``."""
+    """``pipeline.yaml``: every option of every pass, the seed, the frozen input dims, how images were read and how many
+    calibration samples were held out, for ``--pipeline``."""
     entries = []
     for p in passes:
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in p.describe_config().items()}
@@ -610,15 +614,16 @@ class PipelineFile:
     seed: int | None
     input_shapes: dict[str, tuple[int, ...]]
     images: ImagePreprocess | None = None
+    held_out: int | None = None  # the last calibration samples no pass fitted on (``data.held_out``)
 
 
 def read_pipeline_file(path: Path) -> PipelineFile:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) pipeline file, as written by hand or as ``pipeline.yaml``."""
     data = read_pipeline_data(path)
-    seed, shapes, images = None, {}, None
+    seed, shapes, images, held_out = None, {}, None, None
     if isinstance(data, dict):
         data = dict(data)
-        images = _data_section(data.pop("data", None), path)
+        images, held_out = _data_section(data.pop("data", None), path)
         seed = data.pop("seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
             raise ConfigError(f"pipeline file {path}: 'seed' must be an integer from 0 to {MAX_SEED}, not {seed!r}")
@@ -632,16 +637,22 @@ def read_pipeline_file(path: Path) -> PipelineFile:
                 shapes[str(name)] = tuple(dims)
             else:
                 raise ConfigError(f"pipeline file {path}: input_shapes.{name} must be a list of integers from 1 to {MAX_DIM}, not {dims!r}")
-    return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes, images)
+    return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes, images, held_out)
 
 
-def _data_section(raw: Any, path: Path) -> ImagePreprocess | None:
-    """A pipeline file's ``data`` mapping: today only ``images``, how image folders become inputs."""
+def _data_section(raw: Any, path: Path) -> tuple[ImagePreprocess | None, int | None]:
+    """A pipeline file's ``data`` mapping: ``images`` (how image folders become inputs) and ``held_out``
+    (how many of the last calibration samples no pass fitted on)."""
     if raw is None:
-        return None
-    if not isinstance(raw, dict) or set(raw) - {"images"}:
-        raise ConfigError(f"pipeline file {path}: 'data' takes one key, 'images' (how image folders become inputs)")
-    return ImagePreprocess.from_dict(raw["images"], f"pipeline file {path}: data.images") if raw.get("images") is not None else None
+        return None, None
+    if not isinstance(raw, dict) or set(raw) - {"images", "held_out"}:
+        raise ConfigError(f"pipeline file {path}: 'data' takes 'images' (how image folders become inputs) and 'held_out' "
+                          "(the last calibration samples no pass fits on)")
+    held_out = raw.get("held_out")
+    if held_out is not None and (isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 1):
+        raise ConfigError(f"pipeline file {path}: data.held_out must be a positive number of samples, not {held_out!r}")
+    images = ImagePreprocess.from_dict(raw["images"], f"pipeline file {path}: data.images") if raw.get("images") is not None else None
+    return images, held_out
 
 
 # --------------------------------------------------------------------------- inspect

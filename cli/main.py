@@ -163,6 +163,7 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
                 external_data=external_data,
                 budget=budget,
                 default_budget=default_budget,
+                held_out=pipeline.held_out if pipeline is not None else None,
             )
     finally:
         if tuning_view is not None:

@@ -238,11 +238,12 @@ class CalibrationSet:
             return 1  # an input given whole (a state) is shaped for one run, not for a batch of several
         return _fixed_batch(self.inputs) or max(1, min(wanted, self.num_samples))
 
-    def hold_out(self, model: Model) -> tuple["CalibrationSet", "CalibrationSet"]:
+    def hold_out(self, model: Model, count: int | None = None) -> tuple["CalibrationSet", "CalibrationSet"]:
         """Split off the last samples as held-out data no pass fits on: ``(fit, held_out)``.
 
         A quarter of the samples (at least :data:`HOLD_OUT_MIN`, at most
-        :data:`HOLD_OUT_MAX`) are held out; both parts are held in memory.
+        :data:`HOLD_OUT_MAX`) are held out, or ``count`` of them (a replayed
+        ``pipeline.yaml`` fits on what its run fitted on); both parts are held in memory.
 
         Raises:
             ConfigError: too few samples to split, or more bytes than a split should hold in memory.
@@ -250,7 +251,10 @@ class CalibrationSet:
         fixed = _fixed_batch(self.inputs)
         if fixed is not None and fixed > 1:
             raise ConfigError(f"the model's batch is fixed at {fixed}: held-out samples cannot be split from {self.kind} data; give --eval")
-        if self.num_samples < HOLD_OUT_MIN * 2:
+        if count is not None and not 0 < count < self.num_samples:
+            raise ConfigError(f"{self.kind} data has {self.num_samples} samples: cannot hold the last {count} out "
+                              "(the pipeline file's data.held_out) and fit on the rest")
+        if count is None and self.num_samples < HOLD_OUT_MIN * 2:
             raise ConfigError(f"{self.kind} data has {self.num_samples} samples, too few to hold {HOLD_OUT_MIN} out for measuring; "
                               f"give at least {HOLD_OUT_MIN * 2}, or --eval")
         chunks: list[dict[str, np.ndarray]] = []
@@ -261,7 +265,8 @@ class CalibrationSet:
             if held_bytes > HOLD_OUT_MAX_BYTES:
                 raise ConfigError(f"{self.kind} data is over {HOLD_OUT_MAX_BYTES >> 20} MiB: give held-out data with --eval "
                                   "instead of splitting it off in memory")
-        count = min(HOLD_OUT_MAX, max(HOLD_OUT_MIN, self.num_samples // 4))
+        if count is None:
+            count = min(HOLD_OUT_MAX, max(HOLD_OUT_MIN, self.num_samples // 4))
         fit_chunks, held_chunks = list(chunks), []
         whole = _whole_inputs(self.inputs)
         while count:  # the last samples, taken from the last chunks (which may differ in dynamic dims)

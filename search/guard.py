@@ -90,17 +90,20 @@ class Guard:
         return f"{what} on {self.data.inputs.num_samples} held-out {self.data.inputs.kind.removeprefix('held-out ')} samples"
 
 
-def held_out(calib: CalibrationSet | None, model: Model) -> tuple[CalibrationSet, LabelledSet]:
-    """Calibration data split into what passes fit on and unlabelled held-out samples."""
+def held_out(calib: CalibrationSet | None, model: Model, count: int | None = None) -> tuple[CalibrationSet, LabelledSet]:
+    """Calibration data split into what passes fit on and unlabelled held-out samples (``count``: how many; None, a quarter)."""
     if calib is None:
         raise ConfigError("no held-out data to measure on: give --calib or --eval")
-    fit, held = calib.hold_out(model)
+    fit, held = calib.hold_out(model, count)
     return fit, LabelledSet(held, None, split_from_calibration=True)
 
 
 def plan(passes: Sequence[Pass], model: Model, calib: CalibrationSet | None, labelled: LabelledSet | None,
-         metric: Metric | None) -> tuple[Guard | None, CalibrationSet | None, str | None]:
-    """The default budget for this pipeline, the calibration data passes should fit on, and a note when none applies."""
+         metric: Metric | None, count: int | None = None) -> tuple[Guard | None, CalibrationSet | None, str | None]:
+    """The default budget for this pipeline, the calibration data passes should fit on, and a note when none applies.
+
+    ``count``: how many calibration samples to hold out when it measures on them (None: a quarter).
+    """
     guarded = tuple(p.name for p in passes if at_default_strength(p))
     if not guarded:
         return None, calib, None
@@ -111,7 +114,7 @@ def plan(passes: Sequence[Pass], model: Model, calib: CalibrationSet | None, lab
             max_drop = 1 - DEFAULT_MIN_FIDELITY if chosen.name in ("cosine", "fidelity") else DEFAULT_MAX_DROP
             return Guard(MetricRunner(chosen, labelled.inputs, labelled.labels, model), max_drop, labelled, guarded), calib, None
     try:
-        fit, data = held_out(calib, model)
+        fit, data = held_out(calib, model, count)
     except ConfigError as exc:
         return None, calib, f"default strengths of {', '.join(guarded)} not checked on held-out data: {exc}"
     return Guard(MetricRunner(held_out_bound(load_metric("fidelity")), data.inputs, None, model), 1 - DEFAULT_MIN_FIDELITY, data, guarded), fit, None

@@ -112,6 +112,34 @@ def test_report_pipeline_strings_are_valid_pass_values(cli_output):
     assert [repr(p) for p in replayed] == pipeline
 
 
+@pytest.mark.slow
+def test_pipeline_yaml_replays_a_run_that_held_calibration_samples_out(tmp_path):
+    """Without --eval the default budget holds the last quarter of --calib out and passes fit on the rest; the
+    replay, whose strengths are written (so no budget applies), fits on the same samples and gives the same bytes."""
+    first = tmp_path / "first"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", first, "--pass", "canonicalize", "--pass", "quantize",
+                 "--calib", SAMPLE / "calib.npz", "--no-latency")
+    assert res.exit_code == 0, res.output
+    from optc.driver import read_pipeline_file
+
+    assert read_pipeline_file(first / "pipeline.yaml").held_out == 64 and "held_out: 64" in (first / "pipeline.yaml").read_text()
+    again = tmp_path / "again"
+    res = subprocess.run([sys.executable, "-m", "optc.cli.main", "compile", str(SAMPLE / "mnist_cnn.onnx"), "--pipeline",
+                          str(first / "pipeline.yaml"), "--calib", str(SAMPLE / "calib.npz"), "-o", str(again), "--no-latency"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (again / "model.onnx").read_bytes() == (first / "model.onnx").read_bytes()
+    assert read_pipeline_file(again / "pipeline.yaml").held_out == 64  # and a replay of the replay does the same
+
+    # What the file cannot mean is refused in one line, before any work.
+    for value, message in (("0", "data.held_out must be a positive number"), ("100000", "cannot hold the last 100000 out")):
+        bad = tmp_path / f"bad{value}.yaml"
+        bad.write_text((first / "pipeline.yaml").read_text().replace("held_out: 64", f"held_out: {value}"))
+        res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / f"out{value}", "--pipeline", bad,
+                     "--calib", SAMPLE / "calib.npz", "--no-latency")
+        assert res.exit_code == 2 and message in res.output and not (tmp_path / f"out{value}").exists(), res.output
+
+
 def test_pipeline_yaml_records_seed_and_frozen_shapes(tmp_path):
     out = tmp_path / "out"
     res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=4x1x28x28", "--seed", "7", "--no-latency",

@@ -302,6 +302,9 @@ def test_fidelity_is_measured_on_data_the_passes_did_not_fit(tmp_path):
     seen = json.loads(invoke(*common, "-o", tmp_path / "b").output)
     assert held["evaluation"]["fidelity_data"] == "evaluation data"
     assert seen["evaluation"]["fidelity_data"] == "calibration data, which the passes fitted on"
+    # The default budget holds calibration samples out of the fit: the figures are measured on those.
+    split = json.loads(invoke(*common, "-o", tmp_path / "c", "--pass", "quantize").output)
+    assert split["evaluation"]["fidelity_data"] == "held-out calibration data, which no pass fitted on"
 
 
 @pytest.mark.tvm
