@@ -29,7 +29,7 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
         # exp/erf/tanh (softmax, GELU, sigmoid) as vectorisable polynomials instead of one libm call
         # per element; onnxruntime's MLAS does the same. Within 1e-6 relative of the exact functions.
         relax.transform.FastMathTransform(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map={"relax.round": _round_half_even}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -38,6 +38,20 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     return passes
+
+
+def _round_half_even(bb: Any, call: Any) -> Any:
+    """``R.round`` as ``tir.round``, which TVM's LLVM backend emits as ``llvm.nearbyint``: half to even, as ONNX's
+    Round and QuantizeLinear and as TVM's own ``R.quantize``, in one vector instruction. TVM's default legalisation
+    writes ``tir.nearbyint``, which it emits as a call to libm per element: 9x slower on a 800 K-element
+    requantisation (:mod:`optc.targets.providers.layout_ops` writes per-tensor quantize with ``R.round``)."""
+    from tvm import te, tirx
+
+    def compute(x: Any) -> Any:
+        floating = str(x.dtype).startswith("float")  # an integer rounds to itself
+        return te.compute(x.shape, lambda *i: tirx.round(x(*i)) if floating else x(*i), name="round_half_even")
+
+    return bb.call_te(compute, call.args[0], primfunc_name_hint="round")
 
 
 def fused(mod: Any, target: Any, prepack: bool) -> Any:

@@ -612,3 +612,77 @@ def test_a_kernel_hit_by_a_burst_of_load_in_the_first_block_is_not_dropped():
 
     best = _race({"tvm_ms": lambda: time.sleep(0.005), "onednn_ms": onednn})
     assert best["onednn_ms"] < best["tvm_ms"], best
+
+
+def _qdq_module(shape):
+    """``dequantize(quantize(x))`` per tensor, and a per-channel quantize of the same values (left as it is)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.quantize(x, relax.const(0.02, "float32"), relax.const(3, "uint8"), axis=1, out_dtype="uint8"))
+            d = bb.emit(relax.op.dequantize(q, relax.const(0.02, "float32"), relax.const(3, "uint8"), axis=1, out_dtype="float32"))
+            per_channel = bb.emit(relax.op.quantize(x, relax.const(np.full(shape[1], 0.05, np.float32)),
+                                                    relax.const(np.zeros(shape[1], np.int8)), axis=1, out_dtype="int8"))
+            out = bb.emit_output(relax.Tuple([q, d, per_channel]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_per_tensor_quantize_is_element_wise_and_bit_exact():
+    """R.quantize/R.dequantize have no layout rule: an int8 model's activations went back to NCHW around each one.
+    Written as the element-wise ops TVM's legalisation computes, ties included (half to even), they stay in NHWC."""
+    import tvm
+    from optc.targets.providers.layout_ops import layout_friendly
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+
+    shape = (2, 8, 6, 5)
+    mod = _qdq_module(shape)
+    rewritten = layout_friendly(mod)
+    text = rewritten.script()
+    assert text.count("R.quantize(") == 1 and "R.dequantize(" not in text and "R.round(" in text  # per-channel one kept
+    rng = np.random.default_rng(0)
+    ties = (np.round(rng.standard_normal(shape) * 60) + 0.5) * np.float32(0.02)  # x / s lands on .5: rounding decides
+    x = np.where(rng.random(shape) < 0.5, rng.standard_normal(shape) * 4, ties).astype(np.float32)
+    target = tvm.target.Target({"kind": "llvm"})
+    outs = []
+    for m in (mod, rewritten, fused(rewritten, target, False)):  # TVM's legalisation; optc's R.round legalisation
+        vm = relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())
+        outs.append([v.numpy() for v in vm["main"](tvm.runtime.tensor(x))])
+    expected = np.clip(np.round(x / np.float32(0.02)) + 3, 0, 255).astype(np.uint8)  # numpy rounds half to even
+    np.testing.assert_array_equal(outs[0][0], expected)
+    for got in outs[1:]:
+        for want, have in zip(outs[0], got):
+            np.testing.assert_array_equal(have, want)
+
+
+def test_an_int8_models_activations_stay_in_nhwc_between_convolutions():
+    """The sample CNN quantised: after ConvertLayout only the input and the pooled output change layout."""
+    import tvm
+    from helpers import SAMPLE
+    from optc.data import CalibrationSet
+    from optc.ir.io import load_model
+    from optc.passes import make_pass
+    from optc.passes.framework import PassContext, PassManager
+    from optc.targets.build import to_relax
+    from optc.targets.int8_lowering import lower_int8, weight_owners
+    from optc.targets.providers.select import ProviderReport, to_nhwc
+
+    model = load_model(SAMPLE / "mnist_cnn.onnx")
+    calib = CalibrationSet.from_path(SAMPLE / "calib.npz", model)
+    quantized = PassManager([make_pass("fold-batchnorm"), make_pass("quantize")]).run(model, PassContext(calibration=calib)).model
+    from optc.driver import freeze_input_shapes
+
+    freeze_input_shapes(quantized, {"input": (4, 1, 28, 28)})
+    mod, _ = lower_int8(to_relax(quantized), weight_owners(quantized))
+    target = tvm.target.Target({"kind": "llvm"})
+    report = ProviderReport("tvm")
+    with target:
+        text = to_nhwc(mod, target, report)["main"].script()
+    assert report.layout == "NHWC"
+    # activations (batch 4; the others are constant biases, folded at compile time)
+    moved = [line.split("=")[0].strip() for line in text.splitlines() if "R.permute_dims(" in line and "R.Tensor((4," in line]
+    assert len(moved) == 2, moved  # the one-channel input and the pooled output: it was one pair per requantisation

@@ -12,6 +12,17 @@ rewritten: ``R.clip``, and ``call_tir`` of a function the TE emitter named
 ``maximum``/``minimum`` (``maximum1``, ...) on a tensor and a scalar of its dtype,
 returning the tensor's shape.
 
+**Per-tensor quantize and dequantize as element-wise ops.** ``R.quantize`` and
+``R.dequantize`` have no layout rule either: in an int8 model every activation
+between two NHWC convolutions went back to NCHW to be requantised, and forward
+again (on the sample CNN at batch 64, 0.7 of the artifact's 3.2 ms were these
+transposes and their copies). With a scalar scale and zero point both are
+element-wise, written as TVM's own legalisation computes them (``round(x / s) +
+zp`` clipped to the type's range and cast; ``(int32(q) - zp) · s``), so the
+values are bit for bit the same and FuseOps fuses them back into one kernel.
+Per-channel ones (an axis that moves with the layout) and constants (biases,
+which :mod:`.chains` reads as ``dequantize`` calls) are left as they are.
+
 **Sum/Max/Min/Mean of several tensors as a chain of binary ops.** The frontend
 broadcasts each input, stacks them on a new axis and reduces it; ConvertLayout
 fails on the 5-D stack (``Invalid SLayout``: ResNet-50 and ShuffleNet from the
@@ -47,11 +58,16 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod: Any) -> None:
         super().__init__(mod)
         self.count = 0
-        self.clip, self.call_tir, self.where, self.stack, self.broadcast_to = (
-            tvm.ir.Op.get(f"relax.{name}") for name in ("clip", "call_tir", "where", "stack", "broadcast_to"))
+        self.clip, self.call_tir, self.where, self.stack, self.broadcast_to, self.quantize, self.dequantize = (
+            tvm.ir.Op.get(f"relax.{name}") for name in ("clip", "call_tir", "where", "stack", "broadcast_to", "quantize", "dequantize"))
 
     def visit_call_(self, call: Any) -> Any:
-        if call.op.same_as(self.clip):
+        if call.op.same_as(self.quantize) or call.op.same_as(self.dequantize):
+            out = self._qdq(call)
+            if out is not None:
+                self.count += 1
+                return out
+        elif call.op.same_as(self.clip):
             bounds = [prim_number(a) for a in call.args[1:3]]
             if None not in bounds and dtype_of(call) in ("float32", "float16", "float64"):
                 self.count += 1
@@ -81,6 +97,32 @@ class _Rewriter(relax.PyExprMutator):
                 op = relax.op.maximum if match.group(1) == "maximum" else relax.op.minimum
                 return op(self.visit_expr(args[0]), self._bound(args[1]))
         return super().visit_call_(call)
+
+    def _qdq(self, call: Any) -> Any:
+        """A per-tensor quantize or dequantize of an activation as element-wise ops (module docstring); None otherwise."""
+        data = call.args[0]
+        if isinstance(self.lookup_binding(data) if isinstance(data, relax.Var) else data, Constant):
+            return None
+        params = [(self.lookup_binding(a) if isinstance(a, relax.Var) else a) for a in call.args[1:3]]
+        if not all(isinstance(a, Constant) and a.value.numpy().size == 1 for a in params):
+            return None
+        scale, zero = (a.value.numpy().reshape(()) for a in params)
+        out_dtype, in_dtype = str(call.attrs.out_dtype), dtype_of(data)
+        if scale.dtype != np.float32:
+            return None
+        x = self.visit_expr(data)
+        if call.op.same_as(self.quantize):
+            if in_dtype != "float32" or out_dtype not in ("uint8", "int8"):
+                return None
+            info = np.iinfo(out_dtype)
+            value = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(scale, "float32"))), relax.const(float(zero), "float32"))
+            value = relax.op.maximum(relax.op.minimum(self.builder_.emit(value), relax.const(float(info.max), "float32")),
+                                     relax.const(float(info.min), "float32"))
+            return relax.op.astype(self.builder_.emit(value), out_dtype)
+        if in_dtype not in ("uint8", "int8") or out_dtype != "float32":
+            return None
+        shifted = relax.op.subtract(relax.op.astype(x, "int32"), relax.const(int(zero), "int32"))
+        return relax.op.multiply(relax.op.astype(self.builder_.emit(shifted), "float32"), relax.const(scale, "float32"))
 
     def _stacked(self, value: Any) -> list[Any] | None:
         """The tensors of ``stack([broadcast_to(x, s), ...], axis=0)``, each before its broadcast; None otherwise."""
