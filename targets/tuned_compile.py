@@ -29,7 +29,7 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
         # exp/erf/tanh (softmax, GELU, sigmoid) as vectorisable polynomials instead of one libm call
         # per element; onnxruntime's MLAS does the same. Within 1e-6 relative of the exact functions.
         relax.transform.FastMathTransform(),
-        relax.transform.LegalizeOps(customize_legalize_map={"relax.round": _round_half_even}),
+        relax.transform.LegalizeOps(customize_legalize_map={"relax.round": _round_half_even, "relax.sigmoid": _fast_sigmoid}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -52,6 +52,23 @@ def _round_half_even(bb: Any, call: Any) -> Any:
         return te.compute(x.shape, lambda *i: tirx.round(x(*i)) if floating else x(*i), name="round_half_even")
 
     return bb.call_te(compute, call.args[0], primfunc_name_hint="round")
+
+
+def _fast_sigmoid(bb: Any, call: Any) -> Any:
+    """``R.sigmoid`` as ``1 / (1 + fast_exp(-x))``: FastMathTransform takes exp, erf and tanh but not sigmoid,
+    which TVM lowers to one libm ``expf`` call per element. In an int8 SiLU network the requantisation
+    around each SiLU took 2.5x its convolutions' time (64x64x32: 0.43 ms) for that reason. Within 1e-6 of
+    the exact sigmoid (tests/test_providers.py); onnxruntime's MLAS also evaluates a polynomial."""
+    from tvm import te, topi
+
+    def compute(x: Any) -> Any:
+        if str(x.dtype) != "float32":
+            return topi.sigmoid(x)
+        one = te.const(1.0, "float32")
+        exp = topi.fast_exp(topi.negative(x))
+        return te.compute(x.shape, lambda *i: one / (one + exp(*i)), name="fast_sigmoid")
+
+    return bb.call_te(compute, call.args[0], primfunc_name_hint="sigmoid")
 
 
 def fused(mod: Any, target: Any, prepack: bool) -> Any:

@@ -686,3 +686,30 @@ def test_an_int8_models_activations_stay_in_nhwc_between_convolutions():
     # activations (batch 4; the others are constant biases, folded at compile time)
     moved = [line.split("=")[0].strip() for line in text.splitlines() if "R.permute_dims(" in line and "R.Tensor((4," in line]
     assert len(moved) == 2, moved  # the one-channel input and the pooled output: it was one pair per requantisation
+
+
+def test_sigmoid_is_a_vectorisable_polynomial_within_a_micro():
+    """TVM lowers R.sigmoid to one libm expf per element (FastMathTransform skips it); optc's legalisation uses
+    fast_exp. Checked over the whole range, saturation and infinities included."""
+    import tvm
+    from optc.targets.cpu_schedule import default_schedules
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+
+    x = np.concatenate([np.linspace(-100, 100, 20001), np.random.default_rng(0).standard_normal(10000) * 5,
+                        [0, -0.0, 88.7, -88.7, 1e4, -1e4, np.inf, -np.inf]]).astype(np.float32)
+    bb = relax.BlockBuilder()
+    v = relax.Var("x", relax.TensorType([len(x)], "float32"))
+    with bb.function("main", [v]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.sigmoid(v))
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm"})
+    with target:
+        mod, _ = default_schedules(fused(bb.get(), target, False))
+    assert "fast_sigmoid" in mod.script() and "T.sigmoid(" not in mod.script()
+    got = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    with np.errstate(over="ignore"):
+        want = 1 / (1 + np.exp(-x.astype(np.float64)))
+    assert not np.isnan(got).any() and np.abs(got - want).max() < 1e-6
+    assert got[-2] == 1.0 and got[-1] == 0.0
