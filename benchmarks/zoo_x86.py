@@ -13,7 +13,12 @@ compile refuses prints its one-line error. The zoo's models were never used to
 fit a provider or a schedule: this is the check on models the kernels were not
 written for.
 
-Usage: python benchmarks/zoo_x86.py [--cache DIR] [--only NAME,...] [--timeout 900]
+``--int8`` compiles ``--pass canonicalize --pass quantize --calib calib.npz``
+instead (the default budget may leave quantize out: the int8 column says how many
+regions were lowered to integer kernels); onnxruntime then runs the same QDQ
+model, with its own int8 kernels.
+
+Usage: python benchmarks/zoo_x86.py [--cache DIR] [--only NAME,...] [--timeout 900] [--int8]
 Nothing is downloaded: a missing cache prints how to build it.
 """
 from __future__ import annotations
@@ -36,10 +41,12 @@ from zoo.sources import cache_root  # noqa: E402
 OPTC = str(Path(sys.executable).with_name("optc"))
 
 
-def row(entry: scoring.Entry, timeout: float) -> dict:
+def row(entry: scoring.Entry, timeout: float, int8: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="optc-zoo-x86-") as tmp:
         out = Path(tmp) / "out"
         cmd = [OPTC, "compile", str(entry.model), "-o", str(out), "--target", "x86"]
+        if int8:
+            cmd += ["--pass", "canonicalize", "--pass", "quantize", "--calib", str(entry.calib)]
         for shape in entry.input_shapes:
             cmd += ["--input-shape", shape]
         start = time.perf_counter()
@@ -59,7 +66,7 @@ def row(entry: scoring.Entry, timeout: float) -> dict:
         "model": entry.name, "seconds": round(seconds, 1), "artifact_ms": latency.get("artifact_ms"),
         "onnxruntime_ms": latency.get("onnxruntime_ms"), "ratio": latency.get("ratio"), "max_abs_diff": latency.get("max_abs_diff"),
         "offloaded": len(providers.get("offloaded", [])), "chains": len(providers.get("offloaded", [])) + len(providers.get("kept", [])),
-        "layout": providers.get("layout"),
+        "layout": providers.get("layout"), "int8_regions": (target.get("int8") or {}).get("lowered", 0),
     }
 
 
@@ -68,6 +75,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=None, help="zoo cache (default: $OPTC_ZOO_CACHE or ~/.cache/optc/zoo)")
     parser.add_argument("--only", default="", help="comma-separated model names")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compile")
+    parser.add_argument("--int8", action="store_true", help="quantize first (canonicalize + quantize with the zoo's calib.npz)")
     args = parser.parse_args()
     cache = args.cache or cache_root()
     entries = scoring.entries(cache)
@@ -77,17 +85,18 @@ def main() -> int:
     only = {n for n in args.only.split(",") if n}
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
-    print("| model | artifact ms | onnxruntime ms | ratio | max abs diff | chains to oneDNN | layout | compile s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | artifact ms | onnxruntime ms | ratio | max abs diff | chains to oneDNN | layout | compile s |"
+          + (" int8 regions |" if args.int8 else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.int8 else ""))
     for entry in entries:
         if only and entry.name not in only:
             continue
-        r = row(entry, args.timeout)
+        r = row(entry, args.timeout, args.int8)
         if "error" in r:
-            print(f"| {r['model']} | {r['error']} | | | | | | |", flush=True)
+            print(f"| {r['model']} | {r['error']} | | | | | | |" + (" |" if args.int8 else ""), flush=True)
             continue
         print(f"| {r['model']} | {r['artifact_ms']:.3f} | {r['onnxruntime_ms']:.3f} | x{r['ratio']:.2f} | {r['max_abs_diff']:.1e} "
-              f"| {r['offloaded']}/{r['chains']} | {r['layout']} | {r['seconds']} |", flush=True)
+              f"| {r['offloaded']}/{r['chains']} | {r['layout']} | {r['seconds']} |" + (f" {r['int8_regions']} |" if args.int8 else ""), flush=True)
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
