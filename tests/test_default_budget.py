@@ -307,3 +307,16 @@ def test_a_default_that_misses_runs_no_pipeline_twice(tmp_path, monkeypatch):
     assert (tmp_path / "replay" / "model.onnx").read_bytes() == (tmp_path / "auto" / "model.onnx").read_bytes()
     assert [p.to_dict() | {"seconds": 0} for p in replay.report.passes] == [p.to_dict() | {"seconds": 0} for p in auto.report.passes]
     assert replay.report.after == auto.report.after
+
+
+def test_held_out_bound_takes_outputs_whose_leading_axis_is_not_the_samples():
+    """Silero VAD's state is [2, N, 128]: its per-'sample' cosines number 2, the probability's N. Bounded on its own
+    (the zoo's Silero rows failed with 'setting an array element with a sequence' before)."""
+    from optc.evaluation.metrics import held_out_bound
+
+    rng = np.random.default_rng(0)
+    ref = {"p": rng.random((8, 1)).astype(np.float32), "state": rng.standard_normal((2, 8, 16)).astype(np.float32)}
+    out = {"p": ref["p"] * 1.01, "state": ref["state"] + 0.05 * rng.standard_normal((2, 8, 16)).astype(np.float32)}
+    for name in ("cosine", "fidelity"):
+        plain, bounded = load_metric(name)(out, None, ref), held_out_bound(load_metric(name))(out, None, ref)
+        assert 0.9 < bounded < plain <= 1.0
