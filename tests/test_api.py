@@ -89,16 +89,21 @@ def test_report_records_versions_and_input_digests(tmp_path):
     assert report["seed"] == 0 and report["input_shapes"] == {}
 
 
-@pytest.mark.slow
-def test_pipeline_yaml_replays_the_same_model(cli_output, tmp_path):
-    # In a fresh process: passes remember results within one (prune-channels' AnalysisCache), and a replay that
-    # read them would not show that the passes are deterministic.
-    out = tmp_path / "replay"
+def _replay(output: Path, out: Path) -> None:
+    """``output``'s pipeline.yaml replayed on the sample with its calibration data into ``out``, which must write
+    the same model.onnx. In a fresh process: passes remember results within one (prune-channels' AnalysisCache),
+    and a replay that read them would not show that the passes are deterministic."""
     res = subprocess.run([sys.executable, "-m", "optc.cli.main", "compile", str(SAMPLE / "mnist_cnn.onnx"), "--pipeline",
-                          str(cli_output / "pipeline.yaml"), "--calib", str(SAMPLE / "calib.npz"), "-o", str(out), "--no-latency"],
+                          str(output / "pipeline.yaml"), "--calib", str(SAMPLE / "calib.npz"), "-o", str(out), "--no-latency"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (out / "model.onnx").read_bytes() == (cli_output / "model.onnx").read_bytes()
+    assert (out / "model.onnx").read_bytes() == (output / "model.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_pipeline_yaml_replays_the_same_model(cli_output, tmp_path):
+    out = tmp_path / "replay"
+    _replay(cli_output, out)
     first = json.loads((cli_output / "report.json").read_text())
     again = json.loads((out / "report.json").read_text())
     assert again["pipeline"] == first["pipeline"] and [p["options"] for p in again["passes"]] == [p["options"] for p in first["passes"]]
@@ -124,11 +129,7 @@ def test_pipeline_yaml_replays_a_run_that_held_calibration_samples_out(tmp_path)
 
     assert read_pipeline_file(first / "pipeline.yaml").held_out == 64 and "held_out: 64" in (first / "pipeline.yaml").read_text()
     again = tmp_path / "again"
-    res = subprocess.run([sys.executable, "-m", "optc.cli.main", "compile", str(SAMPLE / "mnist_cnn.onnx"), "--pipeline",
-                          str(first / "pipeline.yaml"), "--calib", str(SAMPLE / "calib.npz"), "-o", str(again), "--no-latency"],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert (again / "model.onnx").read_bytes() == (first / "model.onnx").read_bytes()
+    _replay(first, again)
     assert read_pipeline_file(again / "pipeline.yaml").held_out == 64  # and a replay of the replay does the same
 
     # What the file cannot mean is refused in one line, before any work.
