@@ -204,6 +204,37 @@ class CalibrationSet:
                            else np.ascontiguousarray(np.moveaxis(v[start:end], 0, moved[k]) if k in moved else v[start:end])
                            for k, v in arrays.items()}
 
+    def padded_batches(self, batch_size: int = 16) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Every sample, in feeds as :meth:`batches` makes them, each with how many of its samples are real.
+
+        A model whose batch is fixed takes no partial feed, so the samples left over
+        (the last 52 of 500 at a frozen batch of 64) come in one feed padded with
+        copies of the last sample; the caller keeps the first ``real`` outputs. An
+        evaluation must see every sample: its labels count them.
+        """
+        fixed = _fixed_batch(self.inputs)
+        if fixed is None:
+            for feed in self.batches(batch_size):
+                yield feed, feed_samples(feed, self.inputs)
+            return
+        scalars = {s.name for s in self.inputs if s.shape == ()}
+        whole, moved = _whole_inputs(self.inputs), _moved_axes(self.inputs)
+        for arrays in self._chunks():
+            n = _samples_in(arrays, whole)
+            for first, last in _runs_of_equal_scalars(arrays, scalars, n):
+                for start in range(first, last, fixed):
+                    end = min(start + fixed, last)
+                    feed = {}
+                    for k, v in arrays.items():
+                        if k in scalars or k in whole:
+                            feed[k] = np.asarray(v[start]) if k in scalars else v
+                            continue
+                        part = v[start:end]
+                        if end - start < fixed:
+                            part = np.concatenate([part, np.repeat(part[-1:], fixed - (end - start), axis=0)])
+                        feed[k] = np.ascontiguousarray(np.moveaxis(part, 0, moved[k]) if k in moved else part)
+                    yield feed, end - start
+
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
         """Every input's samples, one file (or the in-memory arrays) at a time."""
         if self.chunks is not None:

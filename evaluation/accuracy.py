@@ -11,9 +11,8 @@ def accuracy(model: Model, data: LabelledSet, batch_size: int = 64) -> float:
     session = make_session(model)
     first = session.get_outputs()[0].name
     correct = seen = 0
-    for feed in data.inputs.batches(batch_size):
-        logits = session.run([first], feed)[0]
-        n = len(logits)
+    for feed, n in data.inputs.padded_batches(batch_size):  # every sample, a fixed batch's last feed padded
+        logits = session.run([first], feed)[0][:n]
         correct += int((logits.reshape(n, -1).argmax(axis=-1) == data.labels[seen : seen + n]).sum())
         seen += n
     return correct / seen if seen else float("nan")

@@ -173,9 +173,10 @@ def model_outputs(model: Model, inputs: CalibrationSet, batch_size: int = 64) ->
     session = make_session(model)
     names = [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in inputs.batches(batch_size):
+    for feed, real in inputs.padded_batches(batch_size):
         for name, value in zip(names, session.run(names, feed)):
-            parts[name].append(value if value.ndim else value[None])
+            value = value if value.ndim else value[None]
+            parts[name].append(value[:real] if len(value) > real else value)  # a padded last feed: its real samples
     return {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in parts.items() if v}
 
 

@@ -340,3 +340,27 @@ def test_fidelity_is_measured_on_several_runs_when_the_batch_is_fixed_at_1(tmp_p
                              input_shapes={"x": (1, 8)}, measure_latency=False)
         evaluation = result.report.evaluation
         assert evaluation.fidelity_samples == 8 and evaluation.fidelity_data.startswith(source)
+
+
+def test_a_fixed_batch_model_is_evaluated_on_every_sample(tmp_path):
+    """Frozen to batch 64, 100 labelled digits are a full feed and 36 left over. The leftovers were dropped (and the
+    top-1 metric failed: 'cannot reshape array of size 640 into shape (100, newaxis)'); they now come in one padded
+    feed whose padding is cut off, so accuracy and outputs equal the dynamic model's on all 100."""
+    from optc.data.labelled import LabelledSet
+    from optc.driver import freeze_input_shapes
+    from optc.evaluation import accuracy, load_metric
+    from optc.evaluation.metrics import model_outputs
+
+    dynamic = load_model(SAMPLE / "mnist_cnn.onnx")
+    fixed = dynamic.copy()
+    freeze_input_shapes(fixed, {"input": (64, 1, 28, 28)})
+    with np.load(SAMPLE / "test.npz") as data:
+        x, labels = data["input"][:100], data["label"][:100]
+    sets = [LabelledSet.from_arrays({"input": x}, labels, m) for m in (dynamic, fixed)]
+    assert [n for _, n in sets[1].inputs.padded_batches(16)] == [64, 36]
+    outs = [model_outputs(m, s.inputs) for m, s in zip((dynamic, fixed), sets)]
+    assert len(outs[1]["logits"]) == 100
+    np.testing.assert_allclose(outs[1]["logits"], outs[0]["logits"], rtol=1e-5, atol=1e-5)
+    assert accuracy(fixed, sets[1]) == accuracy(dynamic, sets[0]) and 0.9 < accuracy(fixed, sets[1]) < 1
+    top1 = load_metric("top1")
+    assert top1(outs[1], labels) == top1(outs[0], labels) == accuracy(dynamic, sets[0])
