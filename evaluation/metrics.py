@@ -61,8 +61,10 @@ class Metric:
             value = self.fn(outputs, reference) if self.needs_reference else self.fn(outputs, labels)
         except ConfigError:
             raise
-        except Exception as exc:  # the user's function failed: their error, named
-            raise ConfigError(f"metric {self.name} raised {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            if self.name in BUILTIN or self.bounded:
+                raise  # a built-in metric checks what it is given (ConfigError): anything else is optc's bug, exit 1
+            raise ConfigError(f"metric {self.name} raised {type(exc).__name__}: {exc}") from exc  # the user's function, named
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -78,6 +80,9 @@ def topk(k: int) -> MetricFn:
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iu":
             raise ConfigError(f"top{k} needs integer class labels, got {labels.dtype}")
+        if labels.size == 0 or first.size % labels.size:
+            raise ConfigError(f"top{k}: {labels.size} labels cannot index the first output's {first.size} scores "
+                              f"(shape {list(first.shape)}): one label per sample (or per position of a sequence)")
         scores = first.reshape(*labels.shape, -1) if first.size != labels.size else first.reshape(*labels.shape, 1)
         best = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
         return float(np.mean((best == labels[..., None]).any(axis=-1)))

@@ -335,7 +335,7 @@ def test_fidelity_is_measured_on_several_runs_when_the_batch_is_fixed_at_1(tmp_p
     path = _mlp(tmp_path)
     calib = tmp_path / "c.npz"
     np.savez(calib, x=rand(40, 8))
-    for data, source in ((calib, "calibration data"), (None, "random inputs")):
+    for data, source in ((calib, "held-out calibration data"), (None, "random inputs")):  # the default budget held 10 out
         result = api.compile(path, [api.make_pass("quantize")] if data else None, calibration=data,
                              input_shapes={"x": (1, 8)}, measure_latency=False)
         evaluation = result.report.evaluation
