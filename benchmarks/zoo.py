@@ -44,17 +44,6 @@ CANON = ("fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-
 OPTC = [str(Path(sys.executable).with_name("optc"))]
 
 
-def optc_command(entry: scoring.Entry, pass_name: str, outdir: Path) -> list[str]:
-    cmd = [*OPTC, "compile", str(entry.model), "-o", str(outdir), "--pass", "canonicalize", "--no-latency"]
-    if pass_name != "canonicalize":
-        cmd += ["--pass", pass_name, "--calib", str(entry.calib)]
-        if entry.metric in ("top1", "pitch50"):
-            cmd += ["--eval", str(entry.eval)]
-    for shape in entry.input_shapes:
-        cmd += ["--input-shape", shape]
-    return cmd
-
-
 def run_optc(cmd: list[str], timeout: float) -> dict:
     """Run under ``/usr/bin/time -v`` and ``nice``; exit code, seconds, peak RSS, optc's own stderr."""
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
@@ -98,7 +87,7 @@ def summarise_report(report: dict, pass_name: str) -> dict:
 def bench_one(entry: scoring.Entry, pass_name: str, timeout: float, work: Path) -> dict:
     outdir = work / f"{entry.name}-{pass_name}"
     shutil.rmtree(outdir, ignore_errors=True)
-    cmd = optc_command(entry, pass_name, outdir)
+    cmd = scoring.optc_command(OPTC, entry, pass_name, outdir)
     row = {"model": entry.name, "pass": pass_name, "command": " ".join(cmd[1:]), **run_optc(cmd, timeout)}
     if row["exit"] == 0:
         report = json.loads((outdir / "report.json").read_text())

@@ -89,12 +89,8 @@ def _cases(passes):
 
 
 def compile_with(entry: scoring.Entry, pass_name: str, outdir: Path) -> dict:
-    cmd = [OPTC, "compile", str(entry.model), "-o", str(outdir), "--pass", "canonicalize", "--no-latency"]
-    if pass_name != "canonicalize":
-        cmd += ["--pass", pass_name, "--calib", str(entry.calib)]
-    for shape in entry.input_shapes:
-        cmd += ["--input-shape", shape]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    # the command benchmarks/zoo.py runs, whose figures KNOWN quotes (labelled models get --eval)
+    proc = subprocess.run(scoring.optc_command([OPTC], entry, pass_name, outdir), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"
     return json.loads((outdir / "report.json").read_text())
 

@@ -46,6 +46,20 @@ class Entry:
         return list(self.meta.get("input_shapes", []))
 
 
+def optc_command(optc: list[str], entry: Entry, pass_name: str, outdir: Path) -> list[str]:
+    """``optc compile`` of ``entry`` with ``canonicalize`` and ``pass_name`` at its defaults, as the zoo runs it:
+    the calibration file, and for models labelled with class indices the evaluation file (the default budget
+    then holds top-1 there, as a user with labels would run it)."""
+    cmd = [*optc, "compile", str(entry.model), "-o", str(outdir), "--pass", "canonicalize", "--no-latency"]
+    if pass_name != "canonicalize":
+        cmd += ["--pass", pass_name, "--calib", str(entry.calib)]
+        if entry.metric in ("top1", "pitch50"):
+            cmd += ["--eval", str(entry.eval)]
+    for shape in entry.input_shapes:
+        cmd += ["--input-shape", shape]
+    return cmd
+
+
 def entries(cache: Path) -> list[Entry]:
     """The built models of a cache, in catalogue order (empty when there is none)."""
     index = cache / "zoo.json"
