@@ -576,8 +576,9 @@ class _DefaultBudgetMissed(Exception):
     def __init__(self, guard: default_budget_guard.Guard, figures: str, drop: float, ran: tuple[Sequence[Pass], PipelineResult]):
         self.guard = guard
         self.ran: tuple[Sequence[Pass], PipelineResult] | None = ran  # the pipeline that missed and its run, for the search
-        self.message = (f"{', '.join(guard.passes)} at default strength: {figures} on held-out data "
-                        f"(drop {drop:.4f}) misses the default budget ({guard.describe()}); took the strongest setting "
+        shown = "" if "upper bound" in figures else f" (drop {drop:.4f})"  # a bounded labelled figure says its drops
+        self.message = (f"{', '.join(guard.passes)} at default strength: {figures} on held-out data"
+                        f"{shown} misses the default budget ({guard.describe()}); took the strongest setting "
                         "within it (set the strength to run as asked, or give --max-drop / --min-fidelity)")
         super().__init__(self.message)
 

@@ -25,8 +25,8 @@ LABEL_KEYS = frozenset({"label", "labels"})
 class LabelledSet:
     inputs: CalibrationSet
     labels: np.ndarray | None  # None: held-out inputs without labels (a metric measured against the input model)
-    # Samples split off the calibration data (a few, chosen by optc, not the user's own evaluation set):
-    # budgets on them hold a confidence bound, not the mean (optc.evaluation.metrics.held_out_bound).
+    # Samples split off the calibration data (a few, chosen by optc, not the user's own evaluation set): the
+    # passes fit on the rest, and pipeline.yaml records how many (data.held_out) so that a replay fits on the same.
     split_from_calibration: bool = False
 
     @classmethod

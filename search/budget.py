@@ -43,8 +43,7 @@ class Budget:
     max_drop: float
 
     def measure(self, model: Model) -> tuple[float, float, bool]:
-        score = self.runner.score(model)
-        drop = self.runner.baseline - score
+        score, drop = self.runner.measure(model)
         return score, drop, drop <= self.max_drop + 1e-12
 
 

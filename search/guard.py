@@ -18,8 +18,8 @@ the run to a default budget measured on held-out data no pass fits on:
   OCR model's character accuracy at cosine 0.992 (its frames' argmax agreed at
   97.5 % on the labelled set). Labels that are not class indices are held the same way on ``--eval``.
   Those few held-out samples are an estimate: the floor holds the 90 % lower
-  confidence bound of their mean (:func:`optc.evaluation.metrics.held_out_bound`),
-  not the mean itself.
+  confidence bound of their mean (:func:`optc.evaluation.metrics.bounded`), not the
+  mean itself; with ``--eval`` the point of top-1 holds the upper bound of the paired drop.
 
 The pipeline runs as asked first; only when it misses does optc search the
 strengths (:mod:`optc.search.budget`), so a default that suits the model costs
@@ -35,7 +35,7 @@ from optc.data.calibration import CalibrationSet
 from optc.data.labelled import LabelledSet
 from optc.errors import ConfigError
 from optc.evaluation.fidelity import decision_agreement
-from optc.evaluation.metrics import Metric, MetricRunner, decision_outputs, held_out_bound, load_metric, mean_cosine, model_outputs
+from optc.evaluation.metrics import Metric, MetricRunner, bounded, decision_outputs, load_metric, mean_cosine, model_outputs
 from optc.ir.model import Model
 from optc.passes.framework import Pass
 
@@ -63,8 +63,7 @@ class Guard:
     def check(self, model: Model) -> tuple[float, float, bool, str]:
         """(score, drop, within) of ``model``, and its figures in words (for ``fidelity``: the cosine and each agreement)."""
         outputs = model_outputs(model, self.runner.inputs)
-        score = self.runner.metric(outputs, self.runner.labels, self.runner.reference)
-        drop = self.runner.baseline - score
+        score, drop = self.runner.judge(outputs)
         reference = self.runner.reference
         if self.runner.metric.name == "fidelity":
             figures = ", ".join([f"cosine {mean_cosine(outputs, reference):.4f}"] + [
@@ -73,11 +72,15 @@ class Guard:
                 figures += f" (lower bound {score:.4f})"
         else:
             figures = f"{self.runner.metric.name} {score:.4f}"
+            mean_drop = self.runner.baseline - score
+            if abs(drop - mean_drop) > 1e-12:
+                figures += f" (drop {mean_drop:.4f}, upper bound {drop:.4f})"
         return score, drop, drop <= self.max_drop + 1e-12, figures
 
     def describe(self) -> str:
         name, floor = self.runner.metric.name, 1 - self.max_drop
         mean = "the 90 % lower confidence bound of the mean " if self.runner.metric.bounded else ""
+        upper = "the 90 % upper confidence bound of the " if self.runner.metric.bounded and self.runner.metric.per_sample else ""
         if name == "cosine":
             what = f"{mean}output cosine at least {floor:g}"
         elif name == "fidelity":
@@ -86,7 +89,7 @@ class Guard:
                 f" and argmax agreement at least {floor:g} ({', '.join(decisions)})" if decisions
                 else " (no output holds class scores to hold by argmax)")
         else:
-            what = f"{name} drop at most {self.max_drop:g}"
+            what = f"{upper}{name} drop at most {self.max_drop:g}"
         return f"{what} on {self.data.inputs.num_samples} held-out {self.data.inputs.kind.removeprefix('held-out ')} samples"
 
 
@@ -112,9 +115,9 @@ def plan(passes: Sequence[Pass], model: Model, calib: CalibrationSet | None, lab
         chosen = metric or load_metric("top1" if labelled.class_indices else "fidelity")
         if not chosen.needs_labels or labelled.labels is not None:
             max_drop = 1 - DEFAULT_MIN_FIDELITY if chosen.name in ("cosine", "fidelity") else DEFAULT_MAX_DROP
-            return Guard(MetricRunner(chosen, labelled.inputs, labelled.labels, model), max_drop, labelled, guarded), calib, None
+            return Guard(MetricRunner(bounded(chosen), labelled.inputs, labelled.labels, model), max_drop, labelled, guarded), calib, None
     try:
         fit, data = held_out(calib, model, count)
     except ConfigError as exc:
         return None, calib, f"default strengths of {', '.join(guarded)} not checked on held-out data: {exc}"
-    return Guard(MetricRunner(held_out_bound(load_metric("fidelity")), data.inputs, None, model), 1 - DEFAULT_MIN_FIDELITY, data, guarded), fit, None
+    return Guard(MetricRunner(bounded(load_metric("fidelity")), data.inputs, None, model), 1 - DEFAULT_MIN_FIDELITY, data, guarded), fit, None

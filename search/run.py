@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 from optc.data.labelled import LabelledSet
 from optc.errors import ConfigError
 from optc.evaluation.latency import latency_ms
-from optc.evaluation.metrics import Metric, MetricRunner, held_out_bound, load_metric
+from optc.evaluation.metrics import Metric, MetricRunner, bounded, load_metric
 from optc.ir.model import Model
 from optc.passes.framework import Pass, PassContext, PipelineResult
 from optc.search.budget import Budget, fit_to_budget
@@ -90,8 +90,7 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
     if labelled is None:
         raise ConfigError("an accuracy budget is measured on held-out data: give --eval LABELLED.npz (data no pass fits on)")
     metric, drop = spec.resolve()
-    if labelled.split_from_calibration:
-        metric = held_out_bound(metric)
+    metric = bounded(metric)  # the budget's data is a sample of the user's: held with a confidence bound
     runner = MetricRunner(metric, labelled.inputs, labelled.labels, model)
     prefix = PrefixRunner(model, ctx)
     if ran is not None:
@@ -100,7 +99,8 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
     section: dict[str, Any] = {"metric": metric.name, "max_drop": drop, "baseline": runner.baseline, "samples": labelled.inputs.num_samples,
                                "objective": {"size": "bytes"}.get(spec.objective, spec.objective)}
     if metric.bounded:
-        section["score"] = "the 90 % lower confidence bound of the per-sample mean (held-out calibration samples)"
+        section["score"] = ("the mean; the drop is the 90 % upper confidence bound of the paired per-sample drop" if metric.per_sample
+                            else "the 90 % lower confidence bound of the per-sample mean")
     if spec.time_budget_s is not None:
         feeds = labelled.inputs.take(8)
         timing: Callable[[Model], float] | None = (lambda m: latency_ms(m, feeds, repeats=20, budget_s=1.0)) if spec.objective == "latency" else None
