@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from optc.data.calibration import CalibrationSet
+from optc.data.calibration import CalibrationSet, feed_samples
 from optc.errors import ConfigError
 from optc.evaluation.fidelity import class_scores, decision_agreement, lower_bound, sample_agreements, sample_cosines
 from optc.ir.model import Model
@@ -198,9 +198,11 @@ def model_outputs(model: Model, inputs: CalibrationSet, batch_size: int = 64) ->
     names = [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed, real in inputs.padded_batches(batch_size):
+        fed = feed_samples(feed, inputs.inputs)
         for name, value in zip(names, session.run(names, feed)):
             value = value if value.ndim else value[None]
-            parts[name].append(value[:real] if len(value) > real else value)  # a padded last feed: its real samples
+            # a padded last feed: the real samples of outputs that lead with the batch (a time-major [T, N, C] does not)
+            parts[name].append(value[:real] if real < fed and len(value) == fed else value)
     return {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in parts.items() if v}
 
 

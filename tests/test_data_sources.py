@@ -364,3 +364,20 @@ def test_a_fixed_batch_model_is_evaluated_on_every_sample(tmp_path):
     assert accuracy(fixed, sets[1]) == accuracy(dynamic, sets[0]) and 0.9 < accuracy(fixed, sets[1]) < 1
     top1 = load_metric("top1")
     assert top1(outs[1], labels) == top1(outs[0], labels) == accuracy(dynamic, sets[0])
+
+
+def test_outputs_that_do_not_lead_with_the_batch_are_kept_whole(tmp_path):
+    """A CTC OCR model at a fixed batch of 1 returns [T, 1, C]: trimming every output to the feed's real samples cut
+    it to its first time step, and the default budget compared one frame of ddddocr's 22."""
+    from optc.evaluation.metrics import model_outputs
+
+    shape = onnx.numpy_helper.from_array(np.array([3, 1, 2], np.int64), "shape")
+    model_proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 2])], [shape]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model_proto, tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx")
+    x = rand(5, 6)
+    out = model_outputs(model, CalibrationSet.from_arrays({"x": x}, model))["y"]
+    assert out.shape == (15, 1, 2)
+    np.testing.assert_array_equal(out, x.reshape(5, 3, 1, 2).reshape(15, 1, 2))
