@@ -121,18 +121,11 @@ def main() -> int:
     import logging
 
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on every model
-    cache = args.cache or cache_root()
-    entries = scoring.entries(cache)
-    if not entries:
-        print(f"no zoo in {cache}: run python tools/zoo fetch && python tools/zoo build", file=sys.stderr)
-        return 2
-    only = {n for n in args.only.split(",") if n}
+    entries = scoring.chosen_entries(args.cache or cache_root(), args.only)
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("| model | fp32 | optc quantize (default budget) | optc as asked | onnxruntime quantize_static | KiB fp32 / optc / as asked / ort |")
     print("|---|---|---|---|---|---|")
     for entry in entries:
-        if only and entry.name not in only:
-            continue
         with tempfile.TemporaryDirectory(prefix="optc-zoo-q-") as tmp:
             work = Path(tmp)
             cells, sizes = [], []

@@ -77,20 +77,13 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compile")
     parser.add_argument("--int8", action="store_true", help="quantize first (canonicalize + quantize with the zoo's calib.npz)")
     args = parser.parse_args()
-    cache = args.cache or cache_root()
-    entries = scoring.entries(cache)
-    if not entries:
-        print(f"no zoo in {cache}: run python tools/zoo fetch && python tools/zoo build", file=sys.stderr)
-        return 2
-    only = {n for n in args.only.split(",") if n}
+    entries = scoring.chosen_entries(args.cache or cache_root(), args.only)
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
     print("| model | artifact ms | onnxruntime ms | ratio | max abs diff | chains to oneDNN | layout | compile s |"
           + (" int8 regions |" if args.int8 else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|" if args.int8 else ""))
     for entry in entries:
-        if only and entry.name not in only:
-            continue
         r = row(entry, args.timeout, args.int8)
         if "error" in r:
             print(f"| {r['model']} | {r['error']} | | | | | | |" + (" |" if args.int8 else ""), flush=True)

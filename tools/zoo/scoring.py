@@ -60,6 +60,18 @@ def optc_command(optc: list[str], entry: Entry, pass_name: str, outdir: Path) ->
     return cmd
 
 
+def chosen_entries(cache: Path, only: str = "") -> list[Entry]:
+    """The built models a benchmark runs (``only``: comma-separated names); exits 2 saying how to build a missing zoo."""
+    found = entries(cache)
+    if not found:
+        import sys
+
+        print(f"no zoo in {cache}: run python tools/zoo fetch && python tools/zoo build", file=sys.stderr)
+        raise SystemExit(2)
+    names = {n for n in only.split(",") if n}
+    return [e for e in found if not names or e.name in names]
+
+
 def entries(cache: Path) -> list[Entry]:
     """The built models of a cache, in catalogue order (empty when there is none)."""
     index = cache / "zoo.json"
