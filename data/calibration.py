@@ -190,19 +190,10 @@ class CalibrationSet:
         return archive
 
     def batches(self, batch_size: int = 16) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed)."""
-        scalars = {s.name for s in self.inputs if s.shape == ()}
-        whole, moved = _whole_inputs(self.inputs), _moved_axes(self.inputs)
-        size = self._batch_size(batch_size)
-        for arrays in self._chunks():
-            n = _samples_in(arrays, whole)
-            for first, last in _runs_of_equal_scalars(arrays, scalars, n):
-                stop = last - (last - first) % size if _fixed_batch(self.inputs) else last
-                for start in range(first, stop, size):
-                    end = min(start + size, last)
-                    yield {k: np.asarray(v[start]) if k in scalars else v if k in whole
-                           else np.ascontiguousarray(np.moveaxis(v[start:end], 0, moved[k]) if k in moved else v[start:end])
-                           for k, v in arrays.items()}
+        """Feeds of at most ``batch_size`` samples (exactly the model's batch when it is fixed: the samples
+        left over after the last full feed are not fed)."""
+        for feed, _ in self._feeds(batch_size, pad=False):
+            yield feed
 
     def padded_batches(self, batch_size: int = 16) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         """Every sample, in feeds as :meth:`batches` makes them, each with how many of its samples are real.
@@ -212,26 +203,28 @@ class CalibrationSet:
         copies of the last sample; the caller keeps the first ``real`` outputs. An
         evaluation must see every sample: its labels count them.
         """
-        fixed = _fixed_batch(self.inputs)
-        if fixed is None:
-            for feed in self.batches(batch_size):
-                yield feed, feed_samples(feed, self.inputs)
-            return
+        return self._feeds(batch_size, pad=True)
+
+    def _feeds(self, batch_size: int, pad: bool) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         scalars = {s.name for s in self.inputs if s.shape == ()}
         whole, moved = _whole_inputs(self.inputs), _moved_axes(self.inputs)
+        size = self._batch_size(batch_size)
+        fixed = _fixed_batch(self.inputs) is not None
         for arrays in self._chunks():
             n = _samples_in(arrays, whole)
             for first, last in _runs_of_equal_scalars(arrays, scalars, n):
-                for start in range(first, last, fixed):
-                    end = min(start + fixed, last)
+                stop = last - (last - first) % size if fixed and not pad else last
+                for start in range(first, stop, size):
+                    end = min(start + size, last)
+                    missing = size - (end - start) if fixed else 0  # only a padded feed is short of a fixed batch
                     feed = {}
                     for k, v in arrays.items():
                         if k in scalars or k in whole:
                             feed[k] = np.asarray(v[start]) if k in scalars else v
                             continue
                         part = v[start:end]
-                        if end - start < fixed:
-                            part = np.concatenate([part, np.repeat(part[-1:], fixed - (end - start), axis=0)])
+                        if missing:
+                            part = np.concatenate([part, np.repeat(part[-1:], missing, axis=0)])
                         feed[k] = np.ascontiguousarray(np.moveaxis(part, 0, moved[k]) if k in moved else part)
                     yield feed, end - start
 

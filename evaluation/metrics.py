@@ -192,10 +192,10 @@ def load_metric(spec: str) -> Metric:
     return Metric(f"{file.name}:{func}", fn, needs_labels=True)
 
 
-def model_outputs(model: Model, inputs: CalibrationSet, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Every output of ``model`` on every sample of ``inputs``, concatenated on axis 0, one batch at a time."""
+def model_outputs(model: Model, inputs: CalibrationSet, batch_size: int = 64, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Every output of ``model`` (or those ``names``) on every sample of ``inputs``, concatenated on axis 0, one batch at a time."""
     session = make_session(model)
-    names = [o.name for o in session.get_outputs()]
+    names = names or [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for feed, real in inputs.padded_batches(batch_size):
         fed = feed_samples(feed, inputs.inputs)
@@ -217,9 +217,6 @@ class MetricRunner:
         self.baseline = self.metric(self.reference, labels, self.reference)
         paired = metric.bounded and metric.per_sample is not None
         self._baseline_hits = metric.per_sample(self.reference, labels) if paired else None  # type: ignore[misc]
-
-    def score(self, model: Model) -> float:
-        return self.metric(model_outputs(model, self.inputs), self.labels, self.reference)
 
     def measure(self, model: Model) -> tuple[float, float]:
         """``model``'s score and the drop a budget holds it to (:meth:`judge`)."""
