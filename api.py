@@ -394,7 +394,8 @@ def make_target(name: str, *, cpu: str | None = None, arch: str | None = None) -
     """The spec of ``x86``, ``arm`` or ``gpu``; without TVM installed, a ConfigError that gives the install command.
 
     Args:
-        cpu: x86: LLVM CPU name (default: this machine's).
+        cpu: LLVM CPU name. x86: default this machine's; arm: the board's, which decides its instructions
+            (``cortex-a76`` has the dot products int8 kernels use; default a generic Armv8-A with NEON).
         arch: gpu: CUDA arch such as ``sm_80`` (the default).
     """
     driver.require_tvm(name)

@@ -85,7 +85,7 @@ class _LogFormat(logging.Formatter):
 @click.option("--seed", type=int, help="Seed for sample inputs and tuning (default: the --pipeline file's, else 0).")
 @click.option("--target", type=click.Choice(["none", "x86", "arm", "gpu"]), default="none", show_default=True,
               help="Compile with TVM for this target (none: passes only); a dynamic batch dim is frozen to 1.")
-@click.option("--cpu", help="x86: LLVM CPU name (default: this machine's).")
+@click.option("--cpu", help="LLVM CPU name. x86: default this machine's; arm: the board's (default a generic Armv8-A with NEON; a core with dot products, such as cortex-a55/a76 or neoverse-n1, gets sdot int8 kernels).")
 @click.option("--arch", help="gpu: CUDA arch, e.g. sm_80 (default) or sm_90.")
 @click.option("--tune-trials", default=0, show_default=True, help="MetaSchedule trials per task the tuning database lacks (x86/arm); 0 compiles with what the database holds.")
 @click.option("--tuning-db", type=click.Path(path_type=Path), help="Tuning database folder (default: ~/.cache/optc/tuning).")

@@ -95,12 +95,14 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
     model, unrolled = unroll_recurrent(model)
     mod = to_relax(model)
     int8_summary: dict[str, Any] = {"enabled": False}
+    target = tvm_target(spec)
     if int8:
         from optc.targets.int8_lowering import lower_int8, weight_owners
+        from optc.targets.tiled_kernels import has_dot_product
 
-        mod, int8_report = lower_int8(mod, weight_owners(model))
-        int8_summary = int8_report.to_dict()
-    target = tvm_target(spec)
+        dot = spec.device == "cpu" and has_dot_product(target)
+        mod, int8_report = lower_int8(mod, weight_owners(model), signed=dot)
+        int8_summary = {**int8_report.to_dict(), **({"dot_product": "sdot (int8 activations: uint8 ones shifted by 128)"} if dot else {})}
     try:
         with quiet_native_stderr():
             if spec.device == "cpu" and tune is not None:

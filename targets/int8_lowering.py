@@ -32,6 +32,11 @@ The result equals onnxruntime's float evaluation of the QDQ graph up to float32
 rounding of the sum (ours is exact before the scale); an intermediate value that
 lands within rounding of a ``.5`` boundary can quantise one step apart.
 
+Armv8.2's ``sdot`` multiplies int8 by int8 only. For such targets (``signed``) a
+uint8 activation enters the integer kernel as ``x_q - 128`` in int8 with zero point
+``z_x - 128``: ``x_q - z_x`` is unchanged, so the sum, the correction and the
+output are exactly those of the uint8 kernel.
+
 Regions that do not fit (per-tensor activation scale and zero point, constant
 int8 weight with zero weight zero point and scales along the output channel,
 NCHW/OIHW layouts, an int32 sum that cannot overflow) stay in float and are
@@ -120,8 +125,10 @@ def weight_owners(model: Model) -> dict[str, str]:
     return owners
 
 
-def lower_int8(mod: Any, owners: Mapping[str, str] | None = None) -> tuple[Any, Int8Report]:
+def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, signed: bool = False) -> tuple[Any, Int8Report]:
     """Rewrite every lowerable int8 region of ``mod`` (a Relax IRModule from the ONNX frontend).
+
+    ``signed``: uint8 activations enter the integer kernels shifted to int8 (for Armv8.2's ``sdot``, int8 by int8).
 
     Returns the new module (dead float weight dequantisations removed) and a
     report of the regions lowered and those left in float, with reasons.
@@ -129,7 +136,7 @@ def lower_int8(mod: Any, owners: Mapping[str, str] | None = None) -> tuple[Any, 
     from optc.targets import int8_relax  # imports TVM
 
     try:
-        new_mod, report = int8_relax.lower(mod, owners or {})
+        new_mod, report = int8_relax.lower(mod, owners or {}, signed)
     except Exception as exc:  # TVM raises many kinds; the float module still compiles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TargetError(f"int8 lowering failed ({type(exc).__name__}: {first}); compile with --no-int8-lowering to keep QDQ in float") from exc

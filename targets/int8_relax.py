@@ -43,10 +43,14 @@ class Weight:
     key: str  # digest of the ONNX initializer it came from
 
 
-def lower(mod: Any, owners: Mapping[str, str]) -> tuple[Any, Int8Report]:
-    """Rewrite the lowerable regions of ``mod``; the very same module when none was lowered."""
+def lower(mod: Any, owners: Mapping[str, str], signed: bool = False) -> tuple[Any, Int8Report]:
+    """Rewrite the lowerable regions of ``mod``; the very same module when none was lowered.
+
+    ``signed``: feed the integer kernels int8 activations only (uint8 ones shifted by 128), for targets whose
+    dot-product instructions multiply int8 by int8 (Armv8.2's ``sdot``).
+    """
     report = Int8Report()
-    new_mod = Int8Lowering(mod, dict(owners), report).run()
+    new_mod = Int8Lowering(mod, dict(owners), report, signed).run()
     if not report.lowered:
         return mod, report  # nothing rewritten: hand back the very same module
     return relax.transform.DeadCodeElimination()(new_mod), report
@@ -56,9 +60,10 @@ def lower(mod: Any, owners: Mapping[str, str]) -> tuple[Any, Int8Report]:
 class Int8Lowering(relax.PyExprMutator):
     """Rewrites each lowerable conv2d/matmul of every Relax function and records each region in ``report``."""
 
-    def __init__(self, mod: Any, owners: dict[str, str], report: Int8Report) -> None:
+    def __init__(self, mod: Any, owners: dict[str, str], report: Int8Report, signed: bool = False) -> None:
         super().__init__(mod)
         self.mod = mod
+        self.signed = signed
         self.owners = owners
         self.report = report
         self.var2val: dict[Any, Any] = {}
@@ -181,12 +186,12 @@ class Int8Lowering(relax.PyExprMutator):
         if overflow:
             return overflow
         bb = self.builder_
-        data = self.visit_expr(x.data)
+        data, zero_point = self._input(x)
         padding = [int(p) for p in attrs.padding]  # top, left, bottom, right
-        if x.zero_point != 0 and any(padding):
+        if zero_point != 0 and any(padding):
             # float zero padding is z_x in the quantised domain
             top, left, bottom, right = padding
-            data = bb.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], "constant", float(x.zero_point)))
+            data = bb.emit(relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], "constant", float(zero_point)))
             padding = [0, 0, 0, 0]
         acc = bb.emit(
             relax.op.nn.conv2d(
@@ -200,8 +205,8 @@ class Int8Lowering(relax.PyExprMutator):
             )
         )
         out = q.shape[0]
-        if x.zero_point != 0:
-            correction = (x.zero_point * q.reshape(out, -1).sum(axis=1)).astype(np.int32).reshape(1, out, 1, 1)
+        if zero_point != 0:
+            correction = (zero_point * q.reshape(out, -1).sum(axis=1)).astype(np.int32).reshape(1, out, 1, 1)
             acc = bb.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
         scale = (np.float64(x.scale) * w.scale.astype(np.float64)).astype(np.float32).reshape(1, out, 1, 1)
         return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w
@@ -228,12 +233,27 @@ class Int8Lowering(relax.PyExprMutator):
         if overflow:
             return overflow
         bb = self.builder_
-        acc = bb.emit(relax.op.matmul(self.visit_expr(x.data), relax.const(w.q, "int8"), out_dtype="int32"))
-        if x.zero_point != 0:
-            correction = (x.zero_point * q.sum(axis=0)).astype(np.int32)
+        data, zero_point = self._input(x)
+        acc = bb.emit(relax.op.matmul(data, relax.const(w.q, "int8"), out_dtype="int32"))
+        if zero_point != 0:
+            correction = (zero_point * q.sum(axis=0)).astype(np.int32)
             acc = bb.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
         scale = (np.float64(x.scale) * w.scale.astype(np.float64)).astype(np.float32)
         return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w
+
+
+    def _input(self, x: Activation) -> tuple[Any, int]:
+        """The 8-bit input the integer kernel reads, and its zero point.
+
+        For ``signed`` targets a uint8 input ``x_q`` becomes the int8 ``x_q - 128`` with zero point ``z_x - 128``: the same
+        real values, exactly (``x_q - z_x`` is unchanged), so ``sdot`` can multiply it by the int8 weights. FuseOps puts
+        the shift into the producer's requantisation epilogue.
+        """
+        data = self.visit_expr(x.data)
+        if not (self.signed and x.dtype == "uint8"):
+            return data, x.zero_point
+        wide = relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16"))
+        return self.builder_.emit(relax.op.astype(wide, "int8")), x.zero_point - 128
 
 
 def overflow_reason(x: Activation, abs_row_sums: np.ndarray) -> str:

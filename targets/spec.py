@@ -35,7 +35,7 @@ class TargetSpec:
     device: str = "cpu"
     cross_compiler: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
-    cpu_from_user: bool = False  # x86: --cpu named another machine's CPU (its features are unknown here)
+    cpu_from_user: bool = False  # --cpu named a CPU (x86: another machine's, whose features are unknown here)
 
     def check_toolchain(self) -> None:
         """Fail before any compilation when the linker ``model.so`` needs is not installed."""
@@ -88,18 +88,35 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+def check_cpu(cpu: str, target: dict[str, Any], name: str, examples: str) -> None:
+    """A ConfigError when LLVM does not know ``cpu`` for ``target`` (LLVM itself would only warn and ignore it)."""
+    from optc.targets.support import require_tvm
+
+    require_tvm()
+    import tvm
+    from tvm.target import codegen
+
+    known = set(codegen.llvm_get_cpu_archlist(tvm.target.Target(target)))
+    if cpu not in known:
+        raise ConfigError(f"--cpu {cpu}: not a CPU LLVM knows for --target {name} (e.g. {examples})")
+
+
 def make_target(name: str, *, cpu: str | None = None, arch: str | None = None, arm_dotprod: bool = False, cores: int | None = None) -> TargetSpec:
-    """Build a spec. ``cpu`` overrides host detection (x86); ``arch`` is the CUDA arch (gpu)."""
+    """Build a spec. ``cpu``: the LLVM CPU name (x86: default this machine's; arm: the board's, which decides its
+    instructions, e.g. ``cortex-a76`` has Armv8.2's dot products; default a generic Armv8-A with NEON).
+    ``arch`` is the CUDA arch (gpu)."""
     cores = cores or _cores()
     if name == "x86":
+        if cpu is not None:
+            check_cpu(cpu, {"kind": "llvm"}, "x86", "skylake-avx512, znver3")
         return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu or host_cpu(), "num-cores": cores}, cpu_from_user=cpu is not None)
     if name == "arm":
         mattr = ["+neon"] + (["+v8.2a", "+dotprod"] if arm_dotprod else [])
-        return TargetSpec(
-            "arm",
-            {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr, "num-cores": cores},
-            cross_compiler="aarch64-linux-gnu-g++",
-        )
+        target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr, "num-cores": cores}
+        if cpu is not None:
+            check_cpu(cpu, target, "arm", "cortex-a53, cortex-a76, neoverse-n1")
+            target = {**target, "mcpu": cpu}
+        return TargetSpec("arm", target, cross_compiler="aarch64-linux-gnu-g++", cpu_from_user=cpu is not None)
     if name == "gpu":
         arch = arch or "sm_80"
         if not arch.startswith("sm_"):

@@ -31,6 +31,10 @@ on this machine (AVX-512, 2 threads), conv + bias + ReLU, untuned -> template:
 ReLU 128x256 @ 256x1024 127 -> 0.68 ms (oneDNN 0.67), an LSTM step's 1x512 @ 512x2048 7.2 -> 0.053 ms (0.064).
 A BERT-shaped encoder with TVM's kernels only: 716 -> 9.8 ms (onnxruntime 11.9). Columns no power-of-two tile
 divides (8210 classes) keep TVM's default lowering.
+
+int8 x int8 reductions on an aarch64 core with dot products (``--cpu cortex-a76``) split the input channels by 4
+innermost, pack the weight as ``[oc / tc, .., ic / 4, tc, 4]`` and compute each 4-lane accumulator's 4-deep step with
+one ``sdot`` (:mod:`optc.targets.arm_dot`).
 """
 from __future__ import annotations
 
@@ -48,6 +52,9 @@ SPARE_REGISTERS = 4  # for the broadcast input value and the weight vectors in f
 # Below this many multiply-adds a convolution runs on the calling thread: waking the pool costs tens of
 # microseconds (the oneDNN glue draws the same line, onednn_glue.cc).
 PARALLEL_MACS = 1 << 22
+# Armv8.2's sdot: four int32 lanes, each adding a 4-deep int8 dot product (16 multiply-adds an instruction, against
+# 4 for the widening multiply-accumulate the vectoriser emits otherwise).
+DOT_LANES = DOT_DEPTH = 4
 
 
 def vector_shape(target: Any) -> tuple[int, int]:
@@ -115,7 +122,8 @@ class _Roles:
     rows: Any
     cols: Any
     reduce: list[Any]
-    pack: Callable[[int], Callable[..., tuple[Any, ...]]] | None  # None: B is an activation, read as it is
+    # (tc, depth) -> the weight's packed index; depth > 1 also splits the reduction innermost (dot products)
+    pack: Callable[..., Callable[..., tuple[Any, ...]]] | None  # None: B is an activation, read as it is
     group: int | None = None  # a grouped conv's output channels per group: a tile must not straddle two groups
 
 
@@ -127,13 +135,17 @@ def _conv_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
         if int(sch.get(ow).extent) == 1:  # a 1-D conv exported as [N, C, L, 1]: tile along L, as the race timed it
             outer, ow = [n, ow], oh
 
-        def pack(tc: int) -> Callable[..., tuple[Any, ...]]:
+        def pack(tc: int, depth: int = 1) -> Callable[..., tuple[Any, ...]]:
+            if depth > 1:
+                return lambda o, h, w, i: (o // tc, h, w, i // depth, o % tc, i % depth)
             return lambda o, h, w, i: (o // tc, h, w, i, o % tc)
     elif len(loops) == 5:  # n, ow, oc | kw, ic
         n, ow, oc, *reduce = loops
         outer = [n]
 
-        def pack(tc: int) -> Callable[..., tuple[Any, ...]]:
+        def pack(tc: int, depth: int = 1) -> Callable[..., tuple[Any, ...]]:
+            if depth > 1:
+                return lambda o, w, i: (o // tc, w, i // depth, o % tc, i % depth)
             return lambda o, w, i: (o // tc, w, i, o % tc)
     else:
         return None
@@ -158,7 +170,12 @@ def _matmul_roles(sch: Any, block: Any, func: Any) -> _Roles | None:
     free = {int(i) for i in (func.attrs.get("layout_free_buffers", []) if func.attrs is not None else [])}
     weights = {func.params[i].name for i in free if i < len(func.params)}  # params are the buffers (TVM 0.27)
     if reads[1].source.name in weights and len(b_shape) == 2:
-        return _Roles(list(outer), i, j, [k], lambda tc: lambda kk, jj: (jj // tc, kk, jj % tc))
+
+        def pack(tc: int, depth: int = 1) -> Callable[..., tuple[Any, ...]]:
+            if depth > 1:
+                return lambda kk, jj: (jj // tc, kk // depth, jj % tc, kk % depth)
+            return lambda kk, jj: (jj // tc, kk, jj % tc)
+        return _Roles(list(outer), i, j, [k], pack)
     if len(b_shape) < 2 or int(b_shape[-1]) != int(sch.get(j).extent) or int(b_shape[-2]) != int(sch.get(k).extent):
         return None  # not B[..., k, j] (a transposed operand): left to TVM's default
     return _Roles(list(outer), i, j, [k], None)
@@ -178,9 +195,10 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
     tw, tc = tiles(int(sch.get(roles.rows).extent), cols, lanes, registers, roles.group)
     if tc == 1 and cols > 1:  # no power-of-two channel tile divides the columns (8210 classes): nothing to vectorise
         return False
+    depth = DOT_DEPTH if _dot_product(sch, node, roles, tc, target) else 1
     if roles.pack is not None:
         packed = sch.cache_read(block, 1, "global")
-        sch.transform_layout(packed, ("write", 0), roles.pack(tc))
+        sch.transform_layout(packed, ("write", 0), roles.pack(tc, depth))
         sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
     sch.cache_write(block, 0, "local")
     write_back = sch.get_consumers(block)[0]
@@ -191,28 +209,65 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
             break
     rows_o, rows_i = sch.split(roles.rows, [None, tw])
     cols_o, cols_i = sch.split(roles.cols, [None, tc])
+    reduce, inner = roles.reduce, [rows_i, cols_i]
+    if depth > 1:  # ic by 4 innermost, under each 4-lane accumulator: one sdot per (pixel, 4 channels, 4 inputs)
+        red_o, red_i = sch.split(roles.reduce[-1], [None, depth])
+        lanes_o, lanes_i = sch.split(cols_i, [None, DOT_LANES])
+        reduce, inner = [*roles.reduce[:-1], red_o], [rows_i, lanes_o, lanes_i, red_i]
     *batch, last = roles.outer or [None]
     if _weights_dominate(node):
         # Deep layers (512 channels at 7x7) and matrix-vector products: the weights outweigh the activations,
         # and with rows outermost every row streamed all of them again (6.5 ms against oneDNN's 1.4). Column
         # tiles outermost keep one tile's weights in cache across the rows.
         order = [*batch, cols_o, *([last] if last is not None else []), rows_o]
-        sch.reorder(*order, *roles.reduce, rows_i, cols_i)
+        sch.reorder(*order, *reduce, *inner)
         sch.reverse_compute_at(write_back, rows_o)
     else:
         order = [*roles.outer, rows_o, cols_o]
-        sch.reorder(*order, *roles.reduce, rows_i, cols_i)
+        sch.reorder(*order, *reduce, *inner)
         sch.reverse_compute_at(write_back, cols_o)
     if threaded:
         parallel = order[:-1] if len(order) > 2 else order
         sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
     sch.unroll(rows_i)
-    sch.vectorize(cols_i)
-    sch.decompose_reduction(block, roles.reduce[0])  # after parallel: the init must not sit between the fused loops
+    if depth > 1:
+        sch.unroll(inner[1])
+    else:
+        sch.vectorize(cols_i)
+    sch.decompose_reduction(block, reduce[0])  # after parallel: the init must not sit between the fused loops
+    if depth > 1:
+        from optc.targets.arm_dot import sdot_intrin
+
+        sch.tensorize(inner[2], sdot_intrin())
     sch.vectorize(sch.get_loops(write_back)[-1])
     for producer in sch.get_producers(block):
         _parallel_copy(sch, producer, threaded)
     return True
+
+
+def has_dot_product(target: Any) -> bool:
+    """Whether ``target`` is an aarch64 CPU with Armv8.2's 8-bit dot products (``sdot``), e.g. ``--cpu cortex-a76``."""
+    from tvm.target import codegen
+
+    if not str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
+        return False
+    try:
+        return bool(codegen.target_has_features("dotprod", target))
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no dot products assumed
+        return False
+
+
+def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> bool:
+    """Whether ``sdot`` can compute this block: int8 x int8 into int32 (the int8 lowering shifts uint8 activations to
+    int8 on such targets), a packed weight, no groups, 4 | tc and 4 | the innermost reduction (input channels)."""
+    reads = node.reads
+    if roles.pack is None or roles.group is not None or node.name_hint.startswith("group_") or len(reads) != 2:
+        return False
+    if any(str(getattr(r.source, "dtype", "")) != "int8" for r in reads):
+        return False
+    if tc % DOT_LANES or int(sch.get(roles.reduce[-1]).extent) % DOT_DEPTH:
+        return False
+    return has_dot_product(target)
 
 
 def _weights_dominate(node: Any) -> bool:
