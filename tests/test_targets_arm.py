@@ -135,3 +135,13 @@ def test_arm_tuning_without_a_board_is_refused(tmp_path):
                  "--tune-trials", "4", "--no-latency", "--tuning-db", tmp_path / "db")
     assert res.exit_code == 2 and not out.exists() and len(res.output.strip().splitlines()) == 1
     assert "tuning for aarch64-linux-gnu measures candidates on such a board: add --rpc-tracker" in res.output
+
+
+@pytest.mark.parametrize("target", ["arm", "x86"])
+def test_unknown_cpu_is_one_line_exit_2(tmp_path, target):
+    """LLVM only warns about a CPU it does not know and compiles for a generic one: optc refuses it first."""
+    out = tmp_path / "out"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", out, "--input-shape", "input=1x1x28x28", "--target", target,
+                 "--cpu", "cortex-a99", "--no-latency", "--tuning-db", tmp_path / "db")
+    assert res.exit_code == 2 and not out.exists() and len(res.output.strip().splitlines()) == 1
+    assert f"--cpu cortex-a99: not a CPU LLVM knows for --target {target}" in res.output
