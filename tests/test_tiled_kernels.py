@@ -55,6 +55,40 @@ def dense_stack() -> onnx.ModelProto:
     return make_model(nodes, [("x", [2, 24, 48])], [("y", [2, 32])], inits, opset=17)
 
 
+def squeeze_excite() -> onnx.ModelProto:
+    """A squeeze-excite gate: a 1x1 conv of the pooled vector, a sigmoid, and the product with the whole map it gates
+    (FuseOps puts that product, over H x W x C, in the conv's function, after the conv's C-value tile)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["p"]),
+        helper.make_node("Conv", ["p", "w2", "b2"], ["c2"]), helper.make_node("Sigmoid", ["c2"], ["g"]),
+        helper.make_node("Mul", ["r1", "g"], ["y"]),
+    ]
+    inits = [_w("w1", 32, 8, 3, 3, seed=1), _w("b1", 32, seed=2), _w("w2", 32, 32, 1, 1, seed=3), _w("b2", 32, seed=4)]
+    return make_model(nodes, [("x", [1, 8, 64, 64])], [("y", [1, 32, 64, 64])], inits)
+
+
+def test_element_wise_ops_after_a_tiled_kernel_get_threads_and_vectors():
+    """The gated map (64x64x32 products) in the gate conv's function is threaded and vectorised, not left scalar."""
+    import tvm
+    from optc.targets.cpu_schedule import schedule_function
+    from optc.targets.providers.select import NHWC_LAYOUTS
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod = fused(relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(squeeze_excite(), keep_params_in_input=False)), target, True)
+    gates = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script()
+             and [int(d) for d in f.params[-1].shape] == [1, 64, 64, 32] and int(f.params[0].shape[1]) == 1]
+    assert len(gates) == 1, "FuseOps no longer puts the gated product in the gate conv's function"
+    with target:
+        text = schedule_function(gates[0]).script()
+    assert 'T.sblock("conv2d_nhwc_update")' in text and 'T.sblock("T_multiply")' in text, text
+    nest = [line for line in text[:text.index('T.sblock("T_multiply")')].splitlines() if line.strip().startswith("for ")][-3:]
+    assert any("T.parallel" in line for line in nest) and any("T.vectorized" in line for line in nest), nest
+
+
 @pytest.mark.parametrize(("lanes", "registers", "width", "channels", "tile"), [
     (16, 32, 56, 64, (14, 32)),  # AVX-512: two vectors of channels, 14 pixels: 28 accumulators
     (8, 16, 56, 64, (4, 16)),    # AVX2: 16 registers leave room for 6 pixels of two vectors; 4 divides 56
@@ -105,7 +139,8 @@ def test_template_packs_weights_and_reads_activations_as_they_are():
     assert sorted("layout_rewrite_preproc" in f.script() for f in tiled) == [False, True, True]
 
 
-@pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder, conv1d_silu], ids=["conv", "dense", "conv1d", "width-one"])
+@pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder, conv1d_silu, squeeze_excite],
+                         ids=["conv", "dense", "conv1d", "width-one", "squeeze-excite"])
 def test_tvm_kernels_match_onnxruntime(build, tmp_path):
     """``--kernels tvm``: convolutions and dense layers run optc's template (no provider), within float rounding of onnxruntime."""
     from optc.targets.artifact import load_artifact
