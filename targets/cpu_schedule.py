@@ -47,8 +47,11 @@ def schedule_function(func: Any) -> Any | None:
             return None
         for block in blocks[:-1]:
             _inline(sch, block)
+        before = len(blocks)
         blocks = sch.get_child_blocks(root)
-        changed = False
+        # fewer blocks is already a gain: each one left is a pass over memory (an input's quantize, pad and transpose
+        # to NHWC: 7 passes, 0.18 ms for a 64x1x28x28 batch, when its one channel left nothing to vectorise)
+        changed = len(blocks) < before
         for block in blocks:
             changed |= _parallelise(sch, block)
         if not changed:
@@ -185,6 +188,16 @@ def _vectorise_innermost(sch: Any, spatial: list[Any], extents: list[int]) -> bo
     if not spatial:
         return False
     extent = extents[-1]
+    if extent == 1 and len(spatial) > 1:  # one channel innermost (NHWC, C = 1): vectorise the loops fused
+        total = 1
+        for e in extents:
+            total *= e
+        width = next((w for w in (VECTOR, VECTOR // 2, VECTOR // 4) if total % w == 0 and total > w), None)
+        if width is None:
+            return False
+        _, inner = sch.split(sch.fuse(*spatial), factors=[None, width])
+        sch.vectorize(inner)
+        return True
     width = next((w for w in (VECTOR, VECTOR // 2, VECTOR // 4) if extent % w == 0 and extent > w), None)
     if extent % VECTOR == 0 and extent > VECTOR or width is not None and extent > 64:
         _, inner = sch.split(spatial[-1], factors=[None, width])
