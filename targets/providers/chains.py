@@ -50,6 +50,10 @@ class Chain:
     src_dtype: str = "float32"  # uint8 / int8 for an int8 chain
     scale: np.ndarray | None = None  # float32 per output channel
     comp: np.ndarray | None = None  # int32 per output channel: the input zero point's share of the accumulator
+    # int8 chains whose output is requantised per tensor (the next layer's QuantizeLinear): 8-bit out, its scale and zero point
+    out_dtype: str = "float32"
+    out_scale: float = 0.0
+    out_zero: int = 0
     axis: int = -1  # softmax: the (non-negative) axis
     eps: float = 0.0  # layer_norm
     algo: int = ALGO_DIRECT  # conv2d: which algorithm the provider runs (a choice made by measurement, not part of the workload)
@@ -73,6 +77,7 @@ class Chain:
                 value = self.conv[key]
                 parts.append(f"{key[0]}{'_'.join(map(str, value)) if isinstance(value, tuple) else value}")
         parts += ["b" if self.bias is not None else "", "r" if self.residual is not None else "", ACT_NAMES[self.act]]
+        parts.append(f"q{self.out_dtype}" if self.out_dtype != "float32" else "")
         return "/".join(p for p in parts if p)
 
     def winograd_candidate(self) -> bool:
@@ -210,6 +215,8 @@ class ChainFinder:
             elif name == "relax.nn.layer_norm":
                 chain = self._layer_norm(value)
             if chain is not None:
+                if chain.scale is not None and chain.residual is None and chain.act in (ACT_NONE, ACT_RELU, ACT_CLIP):
+                    self._quantised_output(chain)
                 chains.append(chain)
                 self.claimed.update(chain.absorbed)
         return chains
@@ -399,6 +406,42 @@ class ChainFinder:
                 continue
             chain.end = user
             chain.absorbed.append(user)
+
+    def _quantised_output(self, chain: Chain) -> None:
+        """Absorb the per-tensor quantize after an int8 chain, as layout_ops writes it:
+        ``astype(maximum(minimum(round(y / s) + z, hi), lo), uint8|int8)`` with (lo, hi) the type's range.
+
+        The provider then writes the 8-bit tensor the next layer reads, instead of a float one that a kernel of
+        its own reads again to quantise (two passes over the map, four bytes an element written and read)."""
+        steps = []
+        user = self._sole_user(chain.end)
+        if op_name(user) != "relax.divide" or not user.args[0].same_as(self.binding_of[chain.end]):
+            return
+        scale = self._scalar(user.args[1])
+        steps.append(user)
+        user = self._sole_user(user)
+        if op_name(user) != "relax.round":
+            return
+        steps.append(user)
+        bounds = []
+        for name in ("relax.add", "relax.minimum", "relax.maximum"):
+            user = self._sole_user(steps[-1])
+            if op_name(user) != name:
+                return
+            bounds.append(self._scalar(self._other_arg(user, self.binding_of[steps[-1]])))
+            steps.append(user)
+        user = self._sole_user(steps[-1])
+        if op_name(user) != "relax.astype" or str(user.attrs.dtype) not in ("uint8", "int8"):
+            return
+        zero, hi, lo = bounds
+        info = np.iinfo(str(user.attrs.dtype))
+        if scale is None or not (np.isfinite(scale) and scale > 0) or zero is None or zero != round(zero) \
+                or not info.min <= zero <= info.max or (lo, hi) != (float(info.min), float(info.max)):
+            return
+        steps.append(user)
+        chain.out_dtype, chain.out_scale, chain.out_zero = str(user.attrs.dtype), float(scale), int(zero)
+        chain.end = user
+        chain.absorbed.extend(steps)
 
     def _requantised(self, chain: Chain, channels: int, shapes: tuple[tuple[int, ...], ...]) -> bool:
         """Absorb ``astype(acc - comp, float32) · scale`` after an int32 accumulator; False when it is not there."""

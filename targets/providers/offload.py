@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from optc.targets.providers.chains import ACT_CLIP, Chain, ChainFinder
+from optc.targets.providers.chains import ACT_CLIP, ACT_RELU, Chain, ChainFinder
 from tvm import relax
 
 
@@ -48,7 +48,7 @@ def provider_call(chain: Chain, data: Any, other: Any = None, residual: Any = No
 
 
 def _call(chain: Chain, data: Any, other: Any, residual: Any) -> Any:
-    out_ty = relax.TensorType(list(chain.out_shape), "float32")
+    out_ty = relax.TensorType(list(chain.out_shape), chain.out_dtype)
     act = act_attrs(chain)
     if chain.scale is not None:
         return _int8_call(chain, data, residual, act, out_ty)
@@ -109,9 +109,30 @@ def int8_bias(chain: Chain) -> np.ndarray:
     return (bias / scale).astype(np.float32)
 
 
+def requantised(chain: Chain) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(bias, scales, activation attributes) of an int8 chain whose output is quantised to 8 bits (``out_scale`` s,
+    ``out_zero`` z): oneDNN computes ``v = scales' · (acc + bias')`` then the clip, and rounds and saturates to the
+    output type. With ``scales' = scale / s`` and ``bias' = bias + z / scales'``, ``v = y / s + z``: ReLU becomes a clip
+    from z, and a clip's bounds map to ``bound / s + z``; ``round(v)`` is the quantize (half to even, like ``R.round``)."""
+    s, z = np.float64(chain.out_scale), np.float64(chain.out_zero)
+    assert chain.scale is not None
+    scales = chain.scale.astype(np.float64) / s
+    bias = int8_bias(chain).astype(np.float64) + z / scales
+    if chain.act == ACT_RELU:
+        act = [ACT_CLIP, float_bits(float(z)), float_bits(float(np.finfo(np.float32).max))]
+    elif chain.act == ACT_CLIP:
+        act = [ACT_CLIP, float_bits(float(chain.clip[0] / s + z)), float_bits(float(chain.clip[1] / s + z))]
+    else:
+        act = act_attrs(chain)
+    return bias.astype(np.float32), scales.astype(np.float32), act
+
+
 def _int8_call(chain: Chain, data: Any, residual: Any, act: list[int], out_ty: Any) -> Any:
     assert chain.weight is not None and chain.scale is not None
-    args = [data, relax.const(chain.weight, "int8"), relax.const(int8_bias(chain)), relax.const(chain.scale)]
+    bias, scales = int8_bias(chain), chain.scale
+    if chain.out_dtype != "float32":
+        bias, scales, act = requantised(chain)
+    args = [data, relax.const(chain.weight, "int8"), relax.const(bias), relax.const(scales)]
     if chain.kind == "conv2d":
         attrs = conv_attrs(chain, act)
         name = "optc_dnnl_conv2d_q"

@@ -314,10 +314,13 @@ void check_operands(const char* op, const TensorView& x, const TensorView& w, co
     check_int8(x, (name + " input").c_str());
     check_int8(w, (name + " weight").c_str());
     check_f32(*scales, (name + " scales").c_str());
-  } else {
-    check_f32(x, (name + " input").c_str());
-    check_f32(w, (name + " weight").c_str());
+    // float, or requantised to 8 bits (the scales, bias and clip then include the output's scale and zero point)
+    if (out.dtype().bits == 8) check_int8(out, (name + " output").c_str());
+    else check_f32(out, (name + " output").c_str());
+    return;
   }
+  check_f32(x, (name + " input").c_str());
+  check_f32(w, (name + " weight").c_str());
   check_f32(out, (name + " output").c_str());
 }
 
@@ -359,11 +362,12 @@ enum Algo : int64_t { kDirect = 0, kWinograd = 1 };
 // kernels read a blocked layout, never NHWC: the reorders around them are what `run_conv` does for NCHW.
 dnnl::convolution_forward::primitive_desc conv_pd(const dnnl::memory::dims& xd, const dnnl::memory::dims& od, dt src_dt,
                                                    const dnnl::memory::desc& w_any, const dnnl::memory::desc* b_md,
-                                                   const Shape& a, const dnnl::primitive_attr& attr, bool nhwc) {
+                                                   const Shape& a, const dnnl::primitive_attr& attr, bool nhwc,
+                                                   dt dst_dt = dt::f32) {
   auto& eng = cpu_engine();
   dnnl::memory::dims strides = {a[0], a[1]}, dil = {a[6] - 1, a[7] - 1}, pl = {a[2], a[3]}, pr = {a[4], a[5]};
   auto make = [&](dnnl::algorithm alg, tag layout) {
-    auto src = dnnl::memory::desc(xd, src_dt, layout), dst = dnnl::memory::desc(od, dt::f32, layout);
+    auto src = dnnl::memory::desc(xd, src_dt, layout), dst = dnnl::memory::desc(od, dst_dt, layout);
     auto desc = b_md ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg, src, w_any, *b_md, dst, strides, dil, pl, pr)
                      : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg, src, w_any, dst, strides, dil, pl, pr);
     return dnnl::convolution_forward::primitive_desc(desc, attr, eng);
@@ -380,7 +384,8 @@ dnnl::convolution_forward::primitive_desc conv_pd(const dnnl::memory::dims& xd, 
 }
 
 // attrs: stride h,w; pad top,left,bottom,right; dilation h,w; groups; act; clip lo,hi (float bits); nhwc; algorithm
-// int8 (scales given): x u8/s8, w s8, dst f32 = scales[oc] · (x ⊛ w + b[oc]) (oneDNN 2.x scales the bias too).
+// int8 (scales given): x u8/s8, w s8, dst f32 = scales[oc] · (x ⊛ w + b[oc]) (oneDNN 2.x scales the bias too); a u8/s8
+// dst is that value rounded half to even and saturated (offload.py folds the requantisation into scales, b and the clip).
 std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView& out,
                                 const Shape& a, bool sum, const TensorView* scales = nullptr) {
   if (a.size() != 14) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: expected 14 attributes, got " << a.size();
@@ -395,18 +400,18 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
     wdims = {groups, wd[0] / groups, wd[1], wd[2], wd[3]};
     wtag = tag::goihw;
   }
-  dt src_dt = dtype_of(x), w_dt = scales ? dt::s8 : dt::f32;
+  dt src_dt = dtype_of(x), w_dt = scales ? dt::s8 : dt::f32, dst_dt = dtype_of(out);
   auto w_any = dnnl::memory::desc(wdims, w_dt, tag::any);
   auto b_md = dnnl::memory::desc({wd[0]}, dt::f32, tag::x);
   auto pd = conv_pd(nchw_dims(x, nhwc), nchw_dims(out, nhwc), src_dt, w_any, b ? &b_md : nullptr, a,
-                    make_attr(sum, a[9], a[10], a[11], scales, wd[0]), nhwc);
+                    make_attr(sum, a[9], a[10], a[11], scales, wd[0]), nhwc, dst_dt);
 
   auto c = std::make_shared<Conv>();
   c->prim = dnnl::convolution_forward(pd);
   c->weights = packed({wdims, w_dt, wtag}, raw_of(w), pd.weights_desc());
   if (b) c->bias = packed(b_md, data_of(*b), b_md);
   c->src_plain = dnnl::memory::desc(nchw_dims(x, nhwc), src_dt, plain);
-  c->dst_plain = dnnl::memory::desc(nchw_dims(out, nhwc), dt::f32, plain);
+  c->dst_plain = dnnl::memory::desc(nchw_dims(out, nhwc), dst_dt, plain);
   c->src_reorder = pd.src_desc() != c->src_plain;
   c->dst_reorder = pd.dst_desc() != c->dst_plain;
   c->src_md = pd.src_desc();
@@ -486,7 +491,7 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
     if (c.dst_reorder) c.from_dst.execute(s, dst, dst_user);
     s.wait();
   };
-  char op = transposed ? (b ? 'd' : 'e') : scales ? (res ? 'S' : 'Q') : res ? 's' : b ? 'c' : 'n';
+  char op = transposed ? (b ? 'd' : 'e') : scales ? (res ? 'S' : out.dtype().bits == 8 ? 'R' : 'Q') : res ? 's' : b ? 'c' : 'n';
   call_site(conv_cache, key_of(op, &w, {&x, &w, &out}, a), small, make, run);
 }
 
@@ -508,7 +513,7 @@ void conv2d_q_sum(TensorView x, TensorView w, TensorView b, TensorView scales, T
 
 // x: (..., K) activations; w: (K, N) constant weights; bias: (N,). attrs: act, clip lo, hi.
 std::shared_ptr<MatMul> make_matmul(const TensorView& x, const TensorView& w, const TensorView* b, const Shape& a,
-                                    const TensorView* scales = nullptr) {
+                                    const TensorView& out, const TensorView* scales = nullptr) {
   auto& eng = cpu_engine();
   int64_t k = w.shape()[0], n = w.shape()[1];
   int64_t m = 1;
@@ -516,7 +521,7 @@ std::shared_ptr<MatMul> make_matmul(const TensorView& x, const TensorView& w, co
   auto m_ = std::make_shared<MatMul>();
   dt w_dt = scales ? dt::s8 : dt::f32;
   m_->src_md = dnnl::memory::desc({m, k}, dtype_of(x), tag::ab);
-  m_->dst_md = dnnl::memory::desc({m, n}, dt::f32, tag::ab);
+  m_->dst_md = dnnl::memory::desc({m, n}, dtype_of(out), tag::ab);
   auto w_any = dnnl::memory::desc({k, n}, w_dt, tag::any);
   auto b_md = dnnl::memory::desc({1, n}, dt::f32, tag::ab);
   auto desc = b ? dnnl::matmul::desc(m_->src_md, w_any, b_md, m_->dst_md) : dnnl::matmul::desc(m_->src_md, w_any, m_->dst_md);
@@ -535,7 +540,7 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
   check_operands("matmul", x, w, scales, out);
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
   bool small = numel(x) * w.shape()[1] < kSerialMacs;
-  auto make = [&] { return make_matmul(x, w, b, a, scales); };
+  auto make = [&] { return make_matmul(x, w, b, a, out, scales); };
   auto run = [&](MatMul& m) {
     auto& eng = cpu_engine();
     dnnl::stream& s = cpu_stream();
@@ -546,7 +551,8 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
     m.prim.execute(s, args);
     s.wait();
   };
-  call_site(matmul_cache, key_of(scales ? 'M' : b ? 'm' : 'u', &w, {&x, &w}, a), small, make, run);
+  char op = scales ? (out.dtype().bits == 8 ? 'P' : 'M') : b ? 'm' : 'u';
+  call_site(matmul_cache, key_of(op, &w, {&x, &w}, a), small, make, run);
 }
 
 void matmul(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_matmul(x, w, &b, attrs, out); }

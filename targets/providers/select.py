@@ -310,6 +310,12 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
     elif chain.act == ACT_GELU_ERF:
         erf = bb.emit(R.erf(bb.emit(R.divide(y, relax.const(np.float32(np.sqrt(2.0)))))))
         y = bb.emit(R.multiply(bb.emit(R.multiply(y, bb.emit(R.add(erf, relax.const(np.float32(1.0)))))), relax.const(np.float32(0.5))))
+    if chain.out_dtype != "float32":  # the per-tensor quantize the chain absorbed, as layout_ops writes it
+        info = np.iinfo(chain.out_dtype)
+        q = bb.emit(R.add(bb.emit(R.round(bb.emit(R.divide(y, relax.const(np.float32(chain.out_scale)))))),
+                          relax.const(np.float32(chain.out_zero))))
+        q = bb.emit(R.maximum(bb.emit(R.minimum(q, relax.const(np.float32(info.max)))), relax.const(np.float32(info.min))))
+        y = bb.emit(R.astype(q, chain.out_dtype))
     return y
 
 
