@@ -148,6 +148,18 @@ def _parallelise(sch: Any, block: Any) -> bool:
         if extents[-1] % VECTOR == 0 or extents[-1] <= 64:
             sch.vectorize(inner)
         return True
+    if not reduction and len(spatial) > 2 and extents[-1] <= 4 and _reads_along(sch, block, spatial[-2]):
+        # An image's few channels innermost, read from NCHW (its quantize, pad and transpose to NHWC): vectors along
+        # the width read each channel's row as it lies, instead of gathering pixels across the planes (1x3x224x224:
+        # 0.67 ms with the loops fused and cut into vectors)
+        *outer, width, channels = spatial
+        sch.reorder(*outer, channels, width)
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        lanes = next((w for w in (VECTOR, 12, 10, VECTOR // 2, 6, 5, VECTOR // 4) if extents[-2] % w == 0 and extents[-2] > w), None)
+        if lanes is not None:
+            _, inner = sch.split(width, factors=[None, lanes])
+            sch.vectorize(inner)
+        return True
     if reduction:
         # threads over the outer spatial loops; the innermost (channels, in NHWC) stays for LLVM to vectorise
         outer = spatial[:-1] if len(spatial) > 1 and extents[-1] >= VECTOR // 2 else spatial
@@ -159,6 +171,18 @@ def _parallelise(sch: Any, block: Any) -> bool:
     _, inner_inner = sch.split(inner, factors=[None, VECTOR])
     sch.vectorize(inner_inner)
     return True
+
+
+def _reads_along(sch: Any, block: Any, loop: Any) -> bool:
+    """Whether ``loop`` moves ``block``'s first read along that buffer's innermost axis (a read from NCHW, the width)."""
+    from tvm.tirx.analysis import undefined_vars
+
+    node = sch.get(block)
+    loops = [sch.get(lp) for lp in sch.get_loops(block)]
+    if not node.reads or len(node.iter_vars) != len(loops):
+        return False
+    var = node.iter_vars[next(i for i, lp in enumerate(loops) if lp.same_as(sch.get(loop)))].var
+    return any(v.same_as(var) for v in undefined_vars(node.reads[0].region[-1].min))
 
 
 def _vectorise_reduction(sch: Any, block: Any, loops: list[Any], spatial: list[Any], extents: list[int]) -> bool:

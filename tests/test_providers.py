@@ -659,6 +659,38 @@ def test_per_tensor_quantize_is_element_wise_and_bit_exact():
             np.testing.assert_array_equal(have, want)
 
 
+def test_max_pool_between_a_dequantize_and_a_quantize_pools_the_8_bit_values():
+    """quantize(max_pool2d(dequantize(q))) with one scale and zero point is max_pool2d(q): bit for bit, padding
+    included; with another zero point after the pool it stays as it was."""
+    import tvm
+    from optc.targets.providers.layout_ops import layout_friendly
+    from tvm import relax
+
+    def module(zero_after):
+        bb = relax.BlockBuilder()
+        q = relax.Var("q", relax.TensorType([1, 8, 9, 9], "uint8"))
+        with bb.function("main", [q]):
+            with bb.dataflow():
+                d = bb.emit(relax.op.dequantize(q, relax.const(0.05, "float32"), relax.const(7, "uint8"), axis=1))
+                p = bb.emit(relax.op.nn.max_pool2d(d, pool_size=[3, 3], strides=[2, 2], padding=[1, 1, 1, 1]))
+                out = bb.emit_output(bb.emit(relax.op.quantize(p, relax.const(0.05, "float32"), relax.const(zero_after, "uint8"),
+                                                               axis=1, out_dtype="uint8")))
+            bb.emit_func_output(out)
+        return bb.get()
+
+    q = np.random.default_rng(0).integers(0, 256, (1, 8, 9, 9)).astype(np.uint8)
+    q[0, 0] = 3  # a plane below the zero point: negative values, which the 8-bit pool's padding must not beat
+    target = tvm.target.Target({"kind": "llvm"})
+    for zero_after, pooled in ((7, True), (9, False)):
+        mod = module(zero_after)
+        rewritten = layout_friendly(mod)
+        text = rewritten["main"].script()
+        assert ("R.dequantize(" not in text and "R.round(" not in text) == pooled, text
+        outs = [relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"](tvm.runtime.tensor(q)).numpy()
+                for m in (mod, rewritten)]
+        np.testing.assert_array_equal(outs[1], outs[0])
+
+
 def test_an_int8_models_activations_stay_in_nhwc_between_convolutions():
     """The sample CNN quantised: after ConvertLayout only the input and the pooled output change layout."""
     import tvm
@@ -713,3 +745,37 @@ def test_sigmoid_is_a_vectorisable_polynomial_within_a_micro():
         want = 1 / (1 + np.exp(-x.astype(np.float64)))
     assert not np.isnan(got).any() and np.abs(got - want).max() < 1e-6
     assert got[-2] == 1.0 and got[-1] == 0.0
+
+
+@pytest.mark.parametrize(("shape", "pad"), [((1, 3, 224, 224), 0), ((1, 3, 224, 224), 3), ((64, 1, 28, 28), 1)])
+def test_a_few_channels_go_to_nhwc_along_the_rows_they_are_read_from(shape, pad):
+    """An image's quantize, pad and transpose to NHWC: vectors along the width (each channel's row read as it lies),
+    with the channels outside, or, one channel, the whole loop nest fused into vectors; the values are numpy's."""
+    import tvm
+    from optc.targets.cpu_schedule import default_schedules
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    v = relax.Var("x", relax.TensorType(list(shape), "float32"))
+    with bb.function("main", [v]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.astype(relax.op.round(relax.op.divide(v, relax.const(np.float32(0.02)))), "int8"))
+            if pad:
+                q = bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, pad, pad, pad, pad], "constant", 5.0))
+            out = bb.emit_output(relax.op.permute_dims(q, [0, 2, 3, 1]))
+        bb.emit_func_output(out)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    with target:
+        mod, count = default_schedules(fused(bb.get(), target, False))
+    assert count == 1
+    text = next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)).script()
+    loops = [line.strip() for line in text.splitlines() if line.strip().startswith("for ")]
+    assert len(loops) <= 4 and "T.vectorized" in loops[-1], loops  # one loop nest: quantize, pad and transpose inlined
+    if shape[1] == 3:
+        assert "T.parallel" in loops[0] and ("T.int64(3)," in loops[1] or "T.int64(3))" in loops[1]), loops  # rows, then channels
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = np.round(x / np.float32(0.02)).astype(np.int8)
+    want = np.pad(want, [(0, 0), (0, 0), (pad, pad), (pad, pad)], constant_values=5).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(got, want)
