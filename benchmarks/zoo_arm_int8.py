@@ -63,7 +63,8 @@ def row(entry: scoring.Entry, tool, samples: int, timeout: float) -> dict:
         names = [i.name for i in session.get_inputs()]
         axes, scalars = entry.meta.get("batch_axes", {}), set(entry.meta.get("scalars", []))
         # one sample at a time (the batch may be frozen), on each input's own sample axis; a rank-0 input per sample
-        feeds = [{n: data[n][i] if n in scalars else np.take(data[n], [i], axis=axes.get(n, 0)) for n in names} for i in range(samples)]
+        feeds = [{n: np.asarray(data[n][i]) if n in scalars else np.take(data[n], [i], axis=axes.get(n, 0)) for n in names}
+                 for i in range(samples)]
         ref = [dict(zip([o.name for o in session.get_outputs()], session.run(None, f))) for f in feeds]
         out: dict = {"model": entry.name}
         got = {}
@@ -107,6 +108,8 @@ def main() -> None:
             result = row(entry, tool, args.samples, args.timeout)
         except subprocess.TimeoutExpired:
             result = {"model": entry.name, "error": f"timeout after {args.timeout:.0f} s"}
+        except Exception as exc:  # noqa: BLE001 - one model's failure (under qemu, or onnxruntime's) is its row
+            result = {"model": entry.name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"}
         print(json.dumps(result), flush=True)
 
 
