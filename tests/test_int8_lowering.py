@@ -480,3 +480,42 @@ def test_onednn_writes_requantised_outputs_within_a_step(save, tmp_path):
         assert cos > 0.99999 and float(np.abs(got - ref).max()) <= 2 * step, (cos, float(np.abs(got - ref).max()), step)
     # measured: both kernels 0.0176 from onnxruntime at most, one step being 0.024 (logits up to 4.5)
     assert float(np.abs(outputs["onednn"] - outputs["tvm"]).max()) <= 2 * step
+
+
+@pytest.mark.slow
+def test_onednn_requantises_in_a_model_without_convolutions(save, tmp_path):
+    """Without a convolution no layout rewrite runs and the next layer's quantize stays the frontend's R.quantize:
+    a matmul chain absorbs that one too."""
+    import json
+
+    from click.testing import CliRunner
+
+    from optc.cli.main import cli
+    from optc.targets.artifact import load_artifact
+    from optc.targets.providers import onednn
+
+    if not onednn.availability().ok:
+        pytest.skip(f"oneDNN provider unavailable: {onednn.availability().reason}")
+    mlp = make_model(
+        [helper.make_node("Gemm", ["x", "G1", "C1"], ["g1"], transB=1, name="fc1"), helper.make_node("Relu", ["g1"], ["r1"], name="relu"),
+         helper.make_node("Gemm", ["r1", "G2", "C2"], ["g2"], transB=1, name="fc2"),
+         helper.make_node("Gemm", ["g2", "G3", "C3"], ["y"], transB=1, name="fc3")],
+        [("x", [4, 32])],
+        [("y", [4, 5])],
+        [("G1", rand(24, 32) * 0.2), ("C1", rand(24, seed=1)), ("G2", rand(16, 24, seed=2) * 0.2), ("C2", rand(16, seed=3)),
+         ("G3", rand(5, 16, seed=4) * 0.25), ("C3", rand(5, seed=5))],
+    )
+    q = _quantize(save, tmp_path, mlp, reduce_range=False)
+    model = tmp_path / "q.onnx"
+    onnx.save_model(q.proto, str(model))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compile", str(model), "-o", str(out), "--target", "x86", "--kernels", "onednn",
+                                   "--tuning-db", str(tmp_path / "db"), "--no-latency"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    offloaded = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]["offloaded"]
+    assert sorted(e["workload"].rsplit("/", 1)[-1] for e in offloaded) == ["b", "quint8", "quint8"], offloaded  # ReLU; none
+    artifact = load_artifact(out)
+    step = _last_layer_step(q, "y")
+    for seed in range(5):
+        x = rand(4, 32, seed=700 + seed)
+        assert float(np.abs(artifact.run({"x": x})["y"] - ort_run(q.proto, {"x": x})["y"]).max()) <= step

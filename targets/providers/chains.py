@@ -415,6 +415,16 @@ class ChainFinder:
         its own reads again to quantise (two passes over the map, four bytes an element written and read)."""
         steps = []
         user = self._sole_user(chain.end)
+        if op_name(user) == "relax.quantize" and user.args[0].same_as(self.binding_of[chain.end]):
+            # as the frontend writes it (a model without convolutions never goes through layout_ops)
+            scale, zero = self._scalar(user.args[1]), self._scalar(user.args[2])
+            dtype = str(user.attrs.out_dtype)
+            if scale is None or zero is None or not (np.isfinite(scale) and scale > 0) or dtype not in ("uint8", "int8"):
+                return
+            chain.out_dtype, chain.out_scale, chain.out_zero = dtype, float(scale), int(zero)
+            chain.end = user
+            chain.absorbed.append(user)
+            return
         if op_name(user) != "relax.divide" or not user.args[0].same_as(self.binding_of[chain.end]):
             return
         scale = self._scalar(user.args[1])
