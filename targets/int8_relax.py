@@ -241,7 +241,6 @@ class Int8Lowering(relax.PyExprMutator):
         scale = (np.float64(x.scale) * w.scale.astype(np.float64)).astype(np.float32)
         return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w
 
-
     def _input(self, x: Activation) -> tuple[Any, int]:
         """The 8-bit input the integer kernel reads, and its zero point.
 
