@@ -4,7 +4,8 @@
 multiply-adds in one instruction, where the widening multiply-accumulate that LLVM's vectoriser emits does 4.
 The intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for four output channels ``i`` and four inputs ``k``: ``A`` is
 four consecutive input channels of one pixel (broadcast to every lane as one 32-bit word), ``B`` the 16 bytes of
-the packed weight ``[.., ic / 4, tc, 4]`` for those channels.
+the packed weight ``[.., ic / 4, tc, 4]`` for those channels. ``C`` is the tile's accumulator, a ``local`` buffer
+(tensorize matches storage scopes).
 
 TVM ships the same intrinsic (``tvm.s_tir.tensor_intrin.arm_cpu``), but importing it parses every target's
 intrinsics, CUDA's included: 45 s on this machine for a compile that otherwise takes 10. This module parses two
@@ -31,7 +32,7 @@ def _sdot_functions() -> tuple[object, object]:
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), dtype="int8", offset_factor=1)
         B = T.match_buffer(b, (4, 4), dtype="int8", offset_factor=1)
-        C = T.match_buffer(c, (4,), dtype="int32", offset_factor=1)
+        C = T.match_buffer(c, (4,), dtype="int32", offset_factor=1, scope="local")
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], B[0:4, 0:4])
             T.writes(C[0:4])
@@ -45,7 +46,7 @@ def _sdot_functions() -> tuple[object, object]:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), dtype="int8", offset_factor=1)
         B = T.match_buffer(b, (4, 4), dtype="int8", offset_factor=1)
-        C = T.match_buffer(c, (4,), dtype="int32", offset_factor=1)
+        C = T.match_buffer(c, (4,), dtype="int32", offset_factor=1, scope="local")
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], B[0:4, 0:4])
             T.writes(C[0:4])

@@ -235,13 +235,13 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
     else:
         sch.vectorize(cols_i)
     sch.decompose_reduction(block, reduce[0])  # after parallel: the init must not sit between the fused loops
-    if depth > 1:
-        from optc.targets.arm_dot import sdot_intrin
-
-        sch.tensorize(inner[2], sdot_intrin())
     sch.vectorize(sch.get_loops(write_back)[-1])
     for producer in sch.get_producers(block):
         _parallel_copy(sch, producer, threaded)
+    if depth > 1:  # last: the block it replaces is gone afterwards
+        from optc.targets.arm_dot import sdot_intrin
+
+        sch.tensorize(inner[2], sdot_intrin())
     return True
 
 
@@ -259,9 +259,10 @@ def has_dot_product(target: Any) -> bool:
 
 def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> bool:
     """Whether ``sdot`` can compute this block: int8 x int8 into int32 (the int8 lowering shifts uint8 activations to
-    int8 on such targets), a packed weight, no groups, 4 | tc and 4 | the innermost reduction (input channels)."""
+    int8 on such targets), a packed weight, 4 | tc and 4 | the innermost reduction (input channels; a grouped conv's
+    per group, its tile inside one group; a depthwise one has a single input channel and stays on the NEON kernels)."""
     reads = node.reads
-    if roles.pack is None or roles.group is not None or node.name_hint.startswith("group_") or len(reads) != 2:
+    if roles.pack is None or len(reads) != 2:
         return False
     if any(str(getattr(r.source, "dtype", "")) != "int8" for r in reads):
         return False

@@ -73,14 +73,16 @@ def _gemm_model():
 
 
 def _dot_model():
-    """Channels in fours, as Armv8.2's sdot takes them: Conv 3x3 (pad) -> Relu -> 1x1 Conv (stride 2) -> Relu ->
-    depthwise Conv (no sdot: one input per group) -> Relu -> Flatten -> Gemm (transB=1)."""
+    """Channels in fours, as Armv8.2's sdot takes them: Conv 3x3 (pad) -> Relu -> 1x1 Conv (stride 2) -> Relu -> 3x3 Conv
+    in 2 groups of 8 -> Relu -> depthwise Conv (no sdot: one input per group) -> Relu -> Flatten -> Gemm (transB=1)."""
     return make_model(
         [
             helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
             helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], strides=[2, 2], name="pw"),
-            helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+            helper.make_node("Relu", ["c2"], ["g"], name="relu2"),
+            helper.make_node("Conv", ["g", "W4"], ["c4"], pads=[1, 1, 1, 1], group=2, name="grouped"),
+            helper.make_node("Relu", ["c4"], ["r2"], name="relu4"),
             helper.make_node("Conv", ["r2", "W3", "B3"], ["c3"], pads=[1, 1, 1, 1], group=16, name="dw"),
             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
             helper.make_node("Flatten", ["r3"], ["f"], name="flatten"),
@@ -89,7 +91,8 @@ def _dot_model():
         [("x", [1, 8, 12, 12])],
         [("y", [1, 24])],
         [("W1", rand(16, 8, 3, 3)), ("B1", rand(16, seed=1)), ("W2", rand(16, 16, 1, 1, seed=2)), ("B2", rand(16, seed=3)),
-         ("W3", rand(16, 1, 3, 3, seed=4)), ("B3", rand(16, seed=5)), ("G", rand(24, 576, seed=6)), ("C", rand(24, seed=7))],
+         ("W3", rand(16, 1, 3, 3, seed=4)), ("B3", rand(16, seed=5)), ("G", rand(24, 576, seed=6)), ("C", rand(24, seed=7)),
+         ("W4", rand(16, 8, 3, 3, seed=8) * 0.2)],
     )
 
 
@@ -217,9 +220,9 @@ def test_signed_lowering_shifts_uint8_inputs_and_computes_the_same(save, tmp_pat
     q = _quantize(save, tmp_path, _dot_model(), reduce_range=False)
     plain, _ = _lower(q)
     signed, report = _lower(q, signed=True)
-    assert [r.name for r in report.lowered] == ["conv1", "pw", "dw", "fc"] and not report.left_float
+    assert [r.name for r in report.lowered] == ["conv1", "pw", "grouped", "dw", "fc"] and not report.left_float
     kernels = [c for c in _calls(signed) if c[0] in ("relax.nn.conv2d", "relax.matmul")]
-    assert [c[1] for c in kernels] == [["int8", "int8"]] * 4 and all(c[2] == "int32" for c in kernels)
+    assert [c[1] for c in kernels] == [["int8", "int8"]] * 5 and all(c[2] == "int32" for c in kernels)
     assert {c[1][0] for c in _calls(plain) if c[0] in ("relax.nn.conv2d", "relax.matmul")} == {"uint8"}
     a, b = _compile(plain), _compile(signed)
     for seed in range(3):
@@ -385,8 +388,8 @@ def test_int8_arm_artifact_under_qemu_matches_onnxruntime(tmp_path):
 
 @pytest.mark.slow
 def test_arm_dot_product_kernels_under_qemu(save, tmp_path):
-    """--cpu cortex-a76 (Armv8.2, dot products): the int8 convolutions and the Gemm whose inputs come in fours run on
-    sdot; a Cortex-A53 (no dot products) gets the widening NEON kernels. Both, under qemu, give the same bits, within
+    """--cpu cortex-a76 (Armv8.2, dot products): the int8 convolutions (grouped too) and the Gemm whose inputs come in
+    fours run on sdot; a Cortex-A53 (no dot products) gets the widening NEON kernels. Both, under qemu, give the same bits, within
     one step of onnxruntime on x86; the manifest of the first asks the board for asimddp."""
     import json
     import subprocess
@@ -406,13 +409,13 @@ def test_arm_dot_product_kernels_under_qemu(save, tmp_path):
                                        str(tmp_path / "db"), "--no-latency", "--json"], catch_exceptions=False)
         assert res.exit_code == 0, res.output
         int8 = json.loads(res.stdout)["target"]["int8"]
-        assert int8["lowered"] == 4 and ("dot_product" in int8) == (cpu == "cortex-a76")
+        assert int8["lowered"] == 5 and ("dot_product" in int8) == (cpu == "cortex-a76")
         features = json.loads((out / "manifest.json").read_text())["runtime"]["cpu"]
         assert features["mcpu"] == cpu and ("asimddp" in features["features"]) == (cpu == "cortex-a76")
         code = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(out / "model.so")], capture_output=True, text=True, check=True).stdout
         sdots[cpu] = code.count("\tsdot\t")
         outputs[cpu] = tool.run_artifact(out, {"x": x}, cpu=board).outputs["y"]
-    assert sdots["cortex-a76"] >= 3 and sdots["cortex-a53"] == 0  # conv1, pw and fc on sdot; the depthwise conv not
+    assert sdots["cortex-a76"] >= 4 and sdots["cortex-a53"] == 0  # conv1, pw, the grouped conv and fc; the depthwise not
     np.testing.assert_array_equal(outputs["cortex-a76"], outputs["cortex-a53"])
     q = load_model(model)
     assert float(np.abs(outputs["cortex-a76"] - ort_run(q.proto, {"x": x})["y"]).max()) <= _last_layer_step(q, "y")

@@ -173,3 +173,30 @@ def test_arm_artifact_with_the_tiled_kernels_matches_onnxruntime_under_qemu(tmp_
     x = rand(1, 3, 22, 26, seed=4)
     run = tool.run_artifact(out, {"x": x})
     np.testing.assert_allclose(run.outputs["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("groups", "dot"), [(1, True), (2, True), (16, False)], ids=["plain", "two-groups", "depthwise"])
+def test_int8_convolutions_use_sdot_where_the_core_has_it(groups, dot):
+    """On a core with dot products an int8 x int8 NHWC convolution is tensorized with sdot, grouped ones too (8 inputs a
+    group); a depthwise one (one input a group) keeps the widening kernel, and so does a core without them."""
+    import tvm
+    from optc.targets.cpu_schedule import schedule_function
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 10, 10, 16], "int8"))
+    w = np.random.default_rng(0).integers(-127, 128, (16, 3, 3, 16 // groups)).astype(np.int8)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1], groups=groups, data_layout="NHWC",
+                                           kernel_layout="OHWI", out_dtype="int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    for cpu, has in (("cortex-a76", dot), ("cortex-a53", False)):
+        target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "mcpu": cpu, "num-cores": 2})
+        mod = fused(bb.get(), target, True)
+        conv = next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script())
+        with target:
+            text = schedule_function(conv).script()
+        assert ("llvm.aarch64.neon.sdot" in text) == has, (cpu, groups)
