@@ -90,9 +90,13 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         if int8["left_float"]:
             line += f"; {len(int8['left_float'])} left in float: " + "; ".join(f"{shown(r['node'])} ({shown(r['reason'])})" for r in int8["left_float"])
         lines.append(line)
-    providers = ((report.get("target") or {}).get("tuning") or {}).get("providers")
-    if providers:
-        lines.append(kernels_line(providers))
+    tuning = (report.get("target") or {}).get("tuning") or {}
+    if tuning.get("providers"):
+        lines.append(kernels_line(tuning["providers"]))
+    failures = tuning.get("template_failures") or []
+    if failures:
+        lines.append(f"warning: optc's tiled kernel could not schedule {len(failures)} convolution/matmul function(s), which run TVM's "
+                     f"default schedule (correct, slower; an optc bug to report): {shown(failures[0])}")
     timed = (report.get("target") or {}).get("latency")
     if timed:
         lines.append(f"artifact ({shown(report['target']['name'])}) on this machine: {timed['artifact_ms']:.3f} ms vs onnxruntime "

@@ -38,8 +38,10 @@ one ``sdot`` (:mod:`optc.targets.arm_dot`).
 """
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,22 @@ PARALLEL_MACS = 1 << 22
 # Armv8.2's sdot: four int32 lanes, each adding a 4-deep int8 dot product (16 multiply-adds an instruction, against
 # 4 for the widening multiply-accumulate the vectoriser emits otherwise).
 DOT_LANES = DOT_DEPTH = 4
+
+
+# Why the template failed on blocks it matched, while a build records them (TVM's default schedule then runs those
+# blocks, correct and slower; a failure that stayed invisible once cost every ARM int8 convolution its tiling).
+_failures: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("optc_tiled_failures", default=None)
+
+
+@contextmanager
+def recording_failures() -> Iterator[list[str]]:
+    """Collect, within this block, one line per convolution or matmul the template matched but could not schedule."""
+    found: list[str] = []
+    token = _failures.set(found)
+    try:
+        yield found
+    finally:
+        _failures.reset(token)
 
 
 def vector_shape(target: Any) -> tuple[int, int]:
@@ -109,8 +127,20 @@ def tile(sch: Any, target: Any) -> bool:
             return roles is not None and _tiled(sch, block, roles, target)
         except Exception as exc:  # noqa: BLE001 - an unusual fused function: TVM's default lowering is always correct
             logger.debug("%s template not applied: %s", name, exc)
+            found = _failures.get()
+            if found is not None:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                found.append(f"{name} -> {_output_shape(func)}: {type(exc).__name__}: {first}"[:200])
             return False
     return False
+
+
+def _output_shape(func: Any) -> str:
+    """The shape of a PrimFunc's last parameter (its output), for messages."""
+    try:
+        return "x".join(str(int(d)) for d in func.params[-1].shape)
+    except Exception:  # noqa: BLE001 - a message only
+        return "?"
 
 
 @dataclass

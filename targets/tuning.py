@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from optc.errors import TargetError
+from optc.targets.tiled_kernels import recording_failures
 from optc.targets.tuned_compile import compile_with_database, fused
 from optc.targets.tuning_progress import ProgressTracker, TuneProgress, progress_callback
 from optc.targets.untunable import UntunableTasks, task_key
@@ -79,12 +80,13 @@ class TuneReport:
     estimated_ms: float | None = None  # MetaSchedule's estimate for the tasks tuned in this run
     db_health: dict[str, Any] = field(default_factory=dict)  # damaged lines skipped, a database moved aside
     providers: dict[str, Any] = field(default_factory=dict)  # which kernels compute each heavy op (targets/providers)
+    template_failures: list[str] = field(default_factory=list)  # heavy ops optc's tiled kernel could not schedule
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "tasks": self.tasks, "tuned": self.tuned, "reused_from_db": self.reused, "trials_per_task": self.trials,
             "untunable": self.untunable, "failed_trials": self.failed_trials, "estimated_ms": self.estimated_ms,
-            "db_health": self.db_health, "providers": self.providers,
+            "db_health": self.db_health, "providers": self.providers, "template_failures": self.template_failures,
         }
 
 
@@ -194,7 +196,9 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
                     report.untunable.append(task.task_name)
             with locked(opts.db_dir):
                 untunable.save()
-        executable = compile_with_database(database, mod, target, opts.prepack)
+        with recording_failures() as failures:
+            executable = compile_with_database(database, mod, target, opts.prepack)
+        report.template_failures = failures
     return executable, report
 
 

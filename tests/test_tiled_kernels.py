@@ -152,8 +152,10 @@ def test_tvm_kernels_match_onnxruntime(build, tmp_path):
     res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "tvm", "--no-latency",
                                    "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    providers = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
+    tuning = json.loads((out / "report.json").read_text())["target"]["tuning"]
+    providers = tuning["providers"]
     assert providers["layout"] == ("NCHW" if build is dense_stack else "NHWC") and not providers["offloaded"]
+    assert tuning["template_failures"] == []  # every convolution and matmul got the template
     x = rand(*[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], seed=4)
     np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
@@ -200,3 +202,28 @@ def test_int8_convolutions_use_sdot_where_the_core_has_it(groups, dot):
         with target:
             text = schedule_function(conv).script()
         assert ("llvm.aarch64.neon.sdot" in text) == has, (cpu, groups)
+
+
+def test_a_template_failure_is_reported_not_silent(tmp_path, monkeypatch):
+    """A convolution the tiled template matched but could not schedule still compiles (TVM's default schedule), and
+    the report and the terminal say so: such a failure once cost every ARM int8 convolution its tiling unseen."""
+    import optc.targets.tiled_kernels as tk
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tile broken for the test")
+
+    monkeypatch.setattr(tk, "_tiled", broken)
+    model = conv_stack()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "tvm", "--no-latency",
+                                   "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    failures = json.loads((out / "report.json").read_text())["target"]["tuning"]["template_failures"]
+    assert len(failures) == 7 and all("RuntimeError: tile broken for the test" in f for f in failures), failures
+    assert "warning: optc's tiled kernel could not schedule 7 convolution/matmul function(s)" in " ".join(res.output.split())
+    from optc.targets.artifact import load_artifact
+
+    x = rand(1, 3, 22, 26, seed=4)
+    np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
