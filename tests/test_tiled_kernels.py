@@ -139,6 +139,17 @@ def test_template_packs_weights_and_reads_activations_as_they_are():
     assert sorted("layout_rewrite_preproc" in f.script() for f in tiled) == [False, True, True]
 
 
+def _compile_tvm_kernels(model, tmp_path):
+    """``optc compile --target x86 --kernels tvm`` of ``model``: (output folder, CLI result)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "tvm", "--no-latency",
+                                   "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out, res
+
+
 @pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder, conv1d_silu, squeeze_excite],
                          ids=["conv", "dense", "conv1d", "width-one", "squeeze-excite"])
 def test_tvm_kernels_match_onnxruntime(build, tmp_path):
@@ -146,12 +157,7 @@ def test_tvm_kernels_match_onnxruntime(build, tmp_path):
     from optc.targets.artifact import load_artifact
 
     model = build()
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "tvm", "--no-latency",
-                                   "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
+    out, _ = _compile_tvm_kernels(model, tmp_path)
     tuning = json.loads((out / "report.json").read_text())["target"]["tuning"]
     providers = tuning["providers"]
     assert providers["layout"] == ("NCHW" if build is dense_stack else "NHWC") and not providers["offloaded"]
@@ -214,12 +220,7 @@ def test_a_template_failure_is_reported_not_silent(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tk, "_tiled", broken)
     model = conv_stack()
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "tvm", "--no-latency",
-                                   "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
+    out, res = _compile_tvm_kernels(model, tmp_path)
     failures = json.loads((out / "report.json").read_text())["target"]["tuning"]["template_failures"]
     assert len(failures) == 7 and all("RuntimeError: tile broken for the test" in f for f in failures), failures
     assert "warning: optc's tiled kernel could not schedule 7 convolution/matmul function(s)" in " ".join(res.output.split())
