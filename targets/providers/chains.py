@@ -106,6 +106,16 @@ class Chain:
         return out * int(self.in_shapes[0][-1])
 
 
+def _absorb_quantize(chain: Chain, steps: list[Any], dtype: str, scale: float | None, zero: float | None) -> None:
+    """Make ``steps`` (ending in the quantize's cast) the end of ``chain``, whose output becomes ``dtype`` with that
+    scale and zero point; nothing when the parameters are not a finite positive scale and a zero point of uint8/int8."""
+    if scale is None or zero is None or not (np.isfinite(scale) and scale > 0) or dtype not in ("uint8", "int8"):
+        return
+    chain.out_dtype, chain.out_scale, chain.out_zero = dtype, float(scale), int(zero)
+    chain.end = steps[-1]
+    chain.absorbed.extend(steps)
+
+
 def columns_as_rows(chain: Chain) -> None:
     """A convolution along H of a width-1 map (a 1-D conv exported as [N, C, L, 1]) described along W instead.
 
@@ -417,13 +427,7 @@ class ChainFinder:
         user = self._sole_user(chain.end)
         if op_name(user) == "relax.quantize" and user.args[0].same_as(self.binding_of[chain.end]):
             # as the frontend writes it (a model without convolutions never goes through layout_ops)
-            scale, zero = self._scalar(user.args[1]), self._scalar(user.args[2])
-            dtype = str(user.attrs.out_dtype)
-            if scale is None or zero is None or not (np.isfinite(scale) and scale > 0) or dtype not in ("uint8", "int8"):
-                return
-            chain.out_dtype, chain.out_scale, chain.out_zero = dtype, float(scale), int(zero)
-            chain.end = user
-            chain.absorbed.append(user)
+            _absorb_quantize(chain, [user], str(user.attrs.out_dtype), self._scalar(user.args[1]), self._scalar(user.args[2]))
             return
         if op_name(user) != "relax.divide" or not user.args[0].same_as(self.binding_of[chain.end]):
             return
@@ -445,13 +449,9 @@ class ChainFinder:
             return
         zero, hi, lo = bounds
         info = np.iinfo(str(user.attrs.dtype))
-        if scale is None or not (np.isfinite(scale) and scale > 0) or zero is None or zero != round(zero) \
-                or not info.min <= zero <= info.max or (lo, hi) != (float(info.min), float(info.max)):
+        if zero is None or zero != round(zero) or not info.min <= zero <= info.max or (lo, hi) != (float(info.min), float(info.max)):
             return
-        steps.append(user)
-        chain.out_dtype, chain.out_scale, chain.out_zero = str(user.attrs.dtype), float(scale), int(zero)
-        chain.end = user
-        chain.absorbed.extend(steps)
+        _absorb_quantize(chain, [*steps, user], str(user.attrs.dtype), scale, zero)
 
     def _requantised(self, chain: Chain, channels: int, shapes: tuple[tuple[int, ...], ...]) -> bool:
         """Absorb ``astype(acc - comp, float32) · scale`` after an int32 accumulator; False when it is not there."""

@@ -147,11 +147,7 @@ class _Rewriter(relax.PyExprMutator):
         if call.op.same_as(self.quantize):
             if in_dtype != "float32" or out_dtype not in ("uint8", "int8"):
                 return None
-            info = np.iinfo(out_dtype)
-            value = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(scale, "float32"))), relax.const(float(zero), "float32"))
-            value = relax.op.maximum(relax.op.minimum(self.builder_.emit(value), relax.const(float(info.max), "float32")),
-                                     relax.const(float(info.min), "float32"))
-            return relax.op.astype(self.builder_.emit(value), out_dtype)
+            return quantize_ops(self.builder_.emit, x, float(scale), zero, out_dtype)
         if in_dtype not in ("uint8", "int8") or out_dtype != "float32":
             return None
         shifted = relax.op.subtract(relax.op.astype(x, "int32"), relax.const(int(zero), "int32"))
@@ -181,6 +177,16 @@ class _Rewriter(relax.PyExprMutator):
             if bound.size == 1 and not np.isnan(bound).any():
                 return value.args[2]
         return self.visit_expr(expr)
+
+
+def quantize_ops(emit: Any, x: Any, scale: float, zero: int, dtype: str) -> Any:
+    """A per-tensor ``R.quantize`` of float32 ``x`` as the element-wise ops TVM's legalisation computes:
+    ``round(x / s) + z`` clipped to ``dtype``'s range, then cast (the cast returned, not emitted). :mod:`.chains`
+    reads this form as the quantize a provider's int8 chain absorbs."""
+    info = np.iinfo(dtype)
+    value = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(scale, "float32"))), relax.const(float(zero), "float32"))
+    value = relax.op.maximum(relax.op.minimum(emit(value), relax.const(float(info.max), "float32")), relax.const(float(info.min), "float32"))
+    return relax.op.astype(emit(value), dtype)
 
 
 def deconvs_as_matmuls(mod: Any) -> Any:

@@ -45,7 +45,7 @@ from optc.targets.providers.chains import (
     ALGO_WINOGRAD,
     Chain,
 )
-from optc.targets.providers.layout_ops import deconvs_as_matmuls, layout_friendly
+from optc.targets.providers.layout_ops import deconvs_as_matmuls, layout_friendly, quantize_ops
 from optc.targets.providers.offload import (
     act_attrs,
     conv_attrs,
@@ -311,11 +311,7 @@ def reference(bb: Any, chain: Chain, x: Any, other: Any, residual: Any) -> Any:
         erf = bb.emit(R.erf(bb.emit(R.divide(y, relax.const(np.float32(np.sqrt(2.0)))))))
         y = bb.emit(R.multiply(bb.emit(R.multiply(y, bb.emit(R.add(erf, relax.const(np.float32(1.0)))))), relax.const(np.float32(0.5))))
     if chain.out_dtype != "float32":  # the per-tensor quantize the chain absorbed, as layout_ops writes it
-        info = np.iinfo(chain.out_dtype)
-        q = bb.emit(R.add(bb.emit(R.round(bb.emit(R.divide(y, relax.const(np.float32(chain.out_scale)))))),
-                          relax.const(np.float32(chain.out_zero))))
-        q = bb.emit(R.maximum(bb.emit(R.minimum(q, relax.const(np.float32(info.max)))), relax.const(np.float32(info.min))))
-        y = bb.emit(R.astype(q, chain.out_dtype))
+        y = bb.emit(quantize_ops(bb.emit, y, chain.out_scale, chain.out_zero, chain.out_dtype))
     return y
 
 
