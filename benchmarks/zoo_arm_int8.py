@@ -61,10 +61,8 @@ def row(entry: scoring.Entry, tool, samples: int, timeout: float) -> dict:
         data = np.load(entry.eval)
         session = ort.InferenceSession(str(qdq))
         names = [i.name for i in session.get_inputs()]
-        axes, scalars = entry.meta.get("batch_axes", {}), set(entry.meta.get("scalars", []))
-        # one sample at a time (the batch may be frozen), on each input's own sample axis; a rank-0 input per sample
-        feeds = [{n: np.asarray(data[n][i]) if n in scalars else np.take(data[n], [i], axis=axes.get(n, 0)) for n in names}
-                 for i in range(samples)]
+        arrays = {n: data[n] for n in names}
+        feeds = [scoring.sample_feed(entry, arrays, i) for i in range(samples)]  # one at a time: the batch may be frozen
         ref = [dict(zip([o.name for o in session.get_outputs()], session.run(None, f))) for f in feeds]
         out: dict = {"model": entry.name}
         got = {}

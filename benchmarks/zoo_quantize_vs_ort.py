@@ -80,12 +80,7 @@ def ort_quantize(entry: scoring.Entry, float_model: Path, out: Path) -> str | No
         def get_next(self):  # noqa: ANN201 - onnxruntime's interface
             if self.i >= n:
                 return None
-            feed = {}
-            for k, v in arrays.items():
-                if k in scalars:
-                    feed[k] = np.asarray(v[self.i] if v.ndim else v)
-                else:
-                    feed[k] = np.ascontiguousarray(np.take(v, [self.i], axis=batch_axes.get(k, 0)))
+            feed = scoring.sample_feed(entry, arrays, self.i)
             self.i += 1
             return feed
 

@@ -112,14 +112,7 @@ def run_outputs(model: Path, entry: Entry, limit: int | None = None) -> list[lis
     float_outputs = [i for i, o in enumerate(sess.get_outputs()) if o.type == "tensor(float)"]
     samples: list[list[np.ndarray]] = []
     for start in range(0, n, batch):
-        feed = {}
-        for name, arr in arrays.items():
-            if name in scalars:
-                feed[name] = np.asarray(arr[start])
-            else:
-                axis = batch_axes.get(name, 0)
-                feed[name] = np.ascontiguousarray(np.take(arr, range(start, start + batch), axis=axis))
-        outs = sess.run(None, feed)
+        outs = sess.run(None, sample_feed(entry, arrays, start, batch))
         for k in range(batch):
             per = []
             for i in float_outputs:
@@ -127,6 +120,20 @@ def run_outputs(model: Path, entry: Entry, limit: int | None = None) -> list[lis
                 per.append(o.reshape(-1) if batch == 1 else o[k].reshape(-1))
             samples.append(per)
     return samples
+
+
+def sample_feed(entry: Entry, arrays: dict[str, np.ndarray], start: int, count: int = 1) -> dict[str, np.ndarray]:
+    """The feed of samples ``start`` to ``start + count`` of the zoo arrays ``arrays``: each input on its own sample
+    axis (the meta's ``batch_axes``: Silero's state holds them on axis 1), a rank-0 input (``scalars``) one value."""
+    batch_axes = entry.meta.get("batch_axes", {})
+    scalars = set(entry.meta.get("scalars", []))
+    feed = {}
+    for name, arr in arrays.items():
+        if name in scalars:
+            feed[name] = np.asarray(arr[start] if arr.ndim else arr)
+        else:
+            feed[name] = np.ascontiguousarray(np.take(arr, range(start, start + count), axis=batch_axes.get(name, 0)))
+    return feed
 
 
 def _labels(entry: Entry, n: int) -> np.ndarray:
