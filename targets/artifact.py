@@ -43,7 +43,7 @@ from optc import __version__
 from optc.errors import ConfigError, OptcError, TargetError
 from optc.ir.io import open_regular_file
 from optc.ir.model import Model
-from optc.targets.deploy.run_artifact import Refused, apply_env, check_cpu, check_feeds, hash_stream, place_verified, read_npy, vm_outputs
+from optc.targets.deploy.run_artifact import Refused, apply_env, check_cpu, check_feeds, hash_stream, place_verified, read_npy, share_thread_pool, vm_outputs
 from optc.targets.spec import TargetSpec
 
 MANIFEST = "manifest.json"
@@ -355,6 +355,7 @@ def load_verified(verified: VerifiedArtifact) -> LoadedArtifact:
     # memfd behind ours has no path of its own that ends in ".so".
     try:
         lib = tvm_ffi.load_module(str(verified.library_path()))
+        share_thread_pool(lib)
         vm = relax.VirtualMachine(lib, device)
     except RuntimeError as exc:  # it matched the manifest, but is no library of this machine or no TVM module
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

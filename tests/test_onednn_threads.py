@@ -54,6 +54,10 @@ def conv_model(channels: int, size: int) -> onnx.ModelProto:
 def run_compiled(model: onnx.ModelProto, tmp_path, script: str, *args: str, **env: str) -> dict:
     """``model`` compiled for x86 with every chain sent to oneDNN, then ``script`` run on the artifact in a
     fresh process (TVM's pool held to the calling thread, OpenBLAS to one, ``env`` on top); its last line as JSON."""
+    return run_script(compile_onednn(model, tmp_path), script, *args, **env)
+
+
+def compile_onednn(model: onnx.ModelProto, tmp_path):
     from optc.targets.providers import onednn
 
     avail = onednn.availability()
@@ -64,9 +68,13 @@ def run_compiled(model: onnx.ModelProto, tmp_path, script: str, *args: str, **en
     res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "onednn",
                                    "--no-latency", "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "TVM_"))}
-    clean.update(TVM_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", **env)
-    done = subprocess.run([sys.executable, "-c", script, str(out), *args], env=clean, capture_output=True, text=True, check=True)
+    return out
+
+
+def run_script(artifact, script: str, *args: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "TVM_", "OPTC_THREAD"))}
+    clean.update({"TVM_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **env})
+    done = subprocess.run([sys.executable, "-c", script, str(artifact), *args], env=clean, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -75,8 +83,8 @@ def threads_started(model: onnx.ModelProto, tmp_path) -> int:
 
 
 def test_small_convolution_starts_no_openmp_thread(tmp_path):
-    # 16 -> 16 channels, 3x3, 14x14: 0.45 M multiply-adds, below kSerialMacs (4 M).
-    assert threads_started(conv_model(16, 14), tmp_path) == 0
+    # 8 -> 8 channels, 3x3, 14x14: 0.11 M multiply-adds, below kSerialMacs (256 K).
+    assert threads_started(conv_model(8, 14), tmp_path) == 0
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenMP starts no thread anyway")
@@ -116,3 +124,57 @@ def test_large_call_also_runs_on_one_thread_with_the_same_results(tmp_path):
     assert result["spread"] <= 1e-5, result
     want = ort_run(model, {"x": np.load(tmp_path / "x.npy")})["y"]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), want, rtol=1e-4, atol=1e-4)
+
+
+# The artifact's TVM kernels and oneDNN on one pool (openmp_pool.h): which pool, how many threads the runs
+# started, and the output.
+SHARED_POOL = """
+import json, os, sys
+from pathlib import Path
+import numpy as np, tvm
+from optc.targets.deploy import run_artifact as ra
+folder = Path(sys.argv[1])
+manifest = ra.read_manifest(folder)
+ra.apply_env(manifest["runtime"]["env"])
+before = len(os.listdir("/proc/self/task"))
+vm, dev = ra.load_vm(folder, manifest)
+x = np.load(sys.argv[3])
+outs = [vm["main"](tvm.runtime.tensor(x, dev)).numpy() for _ in range(40)]
+np.save(sys.argv[2], outs[0])
+print(json.dumps({"pool": str(vm.module.get_function("optc_dnnl_thread_pool", query_imports=True)()),
+                  "started": len(os.listdir("/proc/self/task")) - before,
+                  "spread": max(float(np.abs(o - outs[0]).max()) for o in outs)}))
+"""
+
+
+def conv_pool_model() -> onnx.ModelProto:
+    """A convolution oneDNN runs (85 M multiply-adds: paced, threaded) and a 3x3 max-pool TVM threads (147 K outputs,
+    above cpu_schedule.PARALLEL_MIN): both kinds of parallel region in one inference."""
+    w = (np.random.default_rng(3).standard_normal((64, 64, 3, 3)) * 0.05).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    shape = [1, 64, 48, 48]
+    return make_model(nodes, [("x", shape)], [("y", shape)], [numpy_helper.from_array(w, "w")])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no pool to share")
+def test_tvm_kernels_run_on_onednn_openmp_threads(tmp_path):
+    """TVM's parallel loops run on OpenMP's threads, so an inference that calls oneDNN starts OpenMP's one extra
+    thread and no TVM worker; OPTC_THREAD_POOL=tvm keeps TVM's own pool, which starts its own. Same outputs,
+    run after run, as onnxruntime's."""
+    from helpers import ort_run
+
+    model = conv_pool_model()
+    x = np.random.default_rng(4).standard_normal((1, 64, 48, 48)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    want = ort_run(model, {"x": x})["y"]
+    artifact, results = compile_onednn(model, tmp_path), {}
+    for pool in ("openmp", "tvm"):
+        out = tmp_path / f"y_{pool}.npy"
+        results[pool] = run_script(artifact, SHARED_POOL, str(out), str(tmp_path / "x.npy"),
+                                   OMP_NUM_THREADS="2", TVM_NUM_THREADS="2", OPTC_THREAD_POOL=pool)
+        assert results[pool]["spread"] <= 1e-5, results
+        np.testing.assert_allclose(np.load(out), want, rtol=1e-4, atol=1e-4)
+    assert results["openmp"]["pool"] == "openmp" and results["tvm"]["pool"] == "tvm", results
+    assert results["openmp"]["started"] == 1, results  # OpenMP's second thread; TVM's pool never started
+    assert results["tvm"]["started"] > results["openmp"]["started"], results

@@ -304,7 +304,19 @@ def load_vm(folder: Path, manifest: Mapping[str, Any]) -> tuple[Any, Any]:
         if fd is not None:
             os.close(fd)  # the loaded library keeps its own mapping
         shutil.rmtree(private, ignore_errors=True)
+    share_thread_pool(lib)
     return relax.VirtualMachine(lib, device), device
+
+
+def share_thread_pool(lib: Any) -> None:
+    """An artifact that calls oneDNN runs its TVM kernels on oneDNN's OpenMP threads (onednn_glue's openmp_pool.h):
+    set up now, so the first inference's kernels already use them (the plain TVM runtime does it at the first oneDNN
+    call). Artifacts without oneDNN, or built before optc had it, keep TVM's pool."""
+    try:
+        choose = lib.get_function("optc_dnnl_thread_pool", query_imports=True)
+    except AttributeError:
+        return
+    choose()
 
 
 def run(folder: Path, inputs: Sequence[str], repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:

@@ -31,6 +31,7 @@ from optc.errors import TargetError
 NAME = "onednn"
 SONAME = "libdnnl.so.2"
 GLUE = Path(__file__).with_name("onednn_glue.cc")
+GLUE_HEADERS = (Path(__file__).with_name("openmp_pool.h"),)  # included by the glue: part of its cache key
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 VERSION_HEADER = Path("/usr/include/oneapi/dnnl/dnnl_version.h")
 COMPILER = "g++"
@@ -87,7 +88,7 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def glue_digest() -> str:
-    return hashlib.sha256(GLUE.read_bytes()).hexdigest()[:16]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in (GLUE, *GLUE_HEADERS))).hexdigest()[:16]
 
 
 def glue_object() -> Path:
@@ -95,7 +96,7 @@ def glue_object() -> Path:
     import tvm_ffi
 
     include = tvm_ffi.libinfo.find_include_path()
-    flags = ["-O3", "-std=c++17", "-fPIC", "-c"]
+    flags = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-c"]
     key = hashlib.sha256((glue_digest() + header_version() + str(include) + " ".join(flags)).encode()).hexdigest()[:20]
     target = _cache_dir() / f"onednn_glue-{key}.o"
     if target.is_file():

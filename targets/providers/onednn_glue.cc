@@ -10,19 +10,17 @@
 // first call and cached under the weight buffer's address (constants of a
 // loaded artifact do not move) plus the shapes and attributes.
 //
-// Threads: oneDNN runs its kernels on OpenMP threads. A small call (below kSerialMacs
-// multiply-adds, or kSerialElements elements for softmax and layer norm) runs on the calling thread
-// alone: its primitive is made and run with the calling thread's OpenMP thread count set to 1
-// (omp_set_num_threads is per thread, and restored after). A parallel region costs a handoff
-// to the other threads, a few microseconds on idle cores; on a loaded machine where the
-// scheduler leaves two OpenMP threads on one core, each handoff waits out the other thread's
-// spin (GOMP_SPINCOUNT), about 1-3 ms: the MNIST sample (convolutions of 0.1-1.8 M MACs, 0.1 ms
-// in all) then ran 40-150 ms per inference for the whole life of some processes (issue 14;
-// benchmarks/process_stalls.py).
-// A larger call learns, per call site, whether all threads pay (class Pacer): on quiet cores they do;
-// on oversubscribed ones each parallel region waits for a descheduled thread (ResNet-18 at 2 threads
-// took 226 ms against onnxruntime's 60 beside another busy process), and the calling thread alone is
-// faster. The site keeps a running mean of both and runs the faster, trying the other now and then.
+// Threads: oneDNN runs its kernels on OpenMP threads, and so do the artifact's TVM kernels once the
+// first oneDNN call has run (openmp_pool.h): one pool, where two pools on the same cores each waited
+// for the other's spinning threads. A small call (below kSerialMacs multiply-adds, or
+// kSerialElements elements for softmax and layer norm) runs on the calling thread alone: its
+// primitive is made and run with the calling thread's OpenMP thread count set to 1
+// (omp_set_num_threads is per thread, and restored after). A larger call learns, per call site,
+// whether all threads pay (pacer.h): on quiet cores they do; on a loaded machine where the
+// scheduler leaves two OpenMP threads on one core, each parallel region waits out the other
+// thread's spin (GOMP_SPINCOUNT), about 1-3 ms: the MNIST sample then ran 40-150 ms per inference
+// for the whole life of some processes (issue 14; benchmarks/process_stalls.py), and the site
+// goes to the calling thread alone.
 #include <dnnl.hpp>
 #include <omp.h>
 #include <tvm/ffi/container/shape.h>
@@ -39,6 +37,9 @@
 #include <string>
 #include <unordered_map>
 
+#include "openmp_pool.h"
+#include "pacer.h"
+
 namespace {
 
 using tvm::ffi::Shape;
@@ -46,7 +47,14 @@ using tvm::ffi::TensorView;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
 
+// Whether this library's TVM kernels run on OpenMP's threads (openmp_pool.h): decided by the first oneDNN call.
+bool shared_pool() {
+  static const bool installed = openmp_pool::install();
+  return installed;
+}
+
 dnnl::engine& cpu_engine() {
+  shared_pool();
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
 }
@@ -121,11 +129,12 @@ std::string key_of(char op, const TensorView* weight, std::initializer_list<cons
   return k;
 }
 
-// Below these, a call runs on the calling thread alone (see the top of this file). 4 M
-// multiply-adds take about 0.1 ms on one core here: the MNIST sample's largest convolution has
-// 1.8 M, ResNet-18's smallest 116 M. 128 K elements is where optc's TVM code starts threading
-// its light (elementwise, reduction) functions.
-constexpr int64_t kSerialMacs = int64_t{1} << 22;
+// Below these, a call runs on the calling thread alone (see the top of this file); above, it is paced.
+// 256 K multiply-adds take about 5 us on one core here, a parallel region's handoff about 1 us on
+// quiet cores. Session 13 drew the line at 4 M, before calls were paced: ShuffleNet's grouped 1x1
+// convolutions (0.3-3 M each) then all ran on one thread, 4.7 ms at 2 threads against 3.2 ms now.
+// 128 K elements is where optc's TVM code starts threading its light (elementwise, reduction) functions.
+constexpr int64_t kSerialMacs = int64_t{1} << 18;
 constexpr int64_t kSerialElements = int64_t{1} << 17;
 
 int64_t numel(const TensorView& t) {
@@ -150,64 +159,6 @@ class SerialScope {
   int saved_;
 };
 
-// Whether a call site runs its next call on all of OpenMP's threads or on the calling thread alone,
-// learnt from the times of both (see the top of this file). Shared by the threads that call the site.
-class Pacer {
- public:
-  bool serial_next() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    uint64_t n = calls_++;
-    if (n < kLearnCalls) return n % 2 == 1;  // all threads, one, all, one, ...: both measured from the start
-    bool serial_better = serial_.estimate() < parallel_.estimate();
-    bool other = probe_ || n % kExploreEvery == 0;
-    probe_ = false;
-    return other ? !serial_better : serial_better;
-  }
-  void record(bool serial, double ns) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    bool serial_chosen = serial_.estimate() < parallel_.estimate();
-    (serial ? serial_ : parallel_).add(ns);
-    // A run of the kind not chosen that beat the chosen kind's estimate: try it again at once, so a
-    // load that went away is noticed in a few calls, not a few hundred (five runs, one per 64 calls).
-    if (calls_ > kLearnCalls && serial != serial_chosen && ns < (serial_chosen ? serial_ : parallel_).estimate()) probe_ = true;
-  }
-
- private:
-  // The median of a kind's last five runs (its first run, which also touches its scratch first, left
-  // out): one burst of another process's threads moves it by nothing, a machine that stays oversubscribed
-  // moves it within three runs. A mean of all runs let a few stalls in a benchmark's alternating blocks
-  // hold a quiet machine's ResNet-18 on one thread (29.8 ms against 17.2).
-  struct Recent {
-    double ns[5] = {0, 0, 0, 0, 0};
-    uint64_t runs = 0;
-    void add(double t) {
-      if (runs++ > 0) ns[(runs - 2) % 5] = t;
-    }
-    double estimate() const {
-      uint64_t n = runs > 1 ? std::min<uint64_t>(runs - 1, 5) : 0;
-      if (n == 0) return 0.0;
-      double v[5];
-      std::copy(ns, ns + n, v);
-      std::nth_element(v, v + n / 2, v + n);
-      return v[n / 2];
-    }
-  };
-  // Four runs of each first; then the faster, with the other tried every 64th call, so the choice comes
-  // back when the load goes (and a site that did not stall pays for one serial run in 64).
-  static constexpr uint64_t kLearnCalls = 8, kExploreEvery = 64;
-  std::mutex mutex_;
-  uint64_t calls_ = 0;
-  bool probe_ = false;
-  Recent parallel_, serial_;
-};
-
-// Paced calls run on all threads and on one, over the life of the process (optc_dnnl_pacing).
-std::atomic<uint64_t> parallel_runs{0}, serial_runs{0};
-
-double now_ns() {
-  return std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 // One stream per calling thread: streams are cheap to keep and not meant for concurrent use.
 dnnl::stream& cpu_stream() {
   thread_local dnnl::stream stream(cpu_engine());
@@ -225,7 +176,7 @@ struct Conv {
   // A call large enough for all threads: the same convolution made for the calling thread alone (oneDNN
   // fixes a kernel's thread count when it makes it), on first need, and what the site has learnt.
   std::shared_ptr<Conv> serial;
-  Pacer pacer;
+  pacing::Pacer pacer;
 };
 
 struct MatMul {
@@ -234,7 +185,7 @@ struct MatMul {
   bool has_bias = false;
   dnnl::memory::desc src_md, dst_md;
   std::shared_ptr<MatMul> serial;  // as Conv::serial
-  Pacer pacer;
+  pacing::Pacer pacer;
 };
 
 // Every cached primitive sits in one of these maps, all under one lock (taken only to look up or build).
@@ -279,12 +230,9 @@ void paced(const std::shared_ptr<T>& site, Make make_serial, Run run) {
     kernel = site->serial.get();
   }
   SerialScope scope(serial);
-  double start = now_ns();
+  double start = pacing::now_ns();
   run(*kernel);
-  if (threaded) {
-    site->pacer.record(serial, now_ns() - start);
-    (serial ? serial_runs : parallel_runs)++;
-  }
+  if (threaded) site->pacer.record(serial, pacing::now_ns() - start);
 }
 
 // One call of a cached kernel: looked up under `key` (made on the first call, with one OpenMP thread when
@@ -566,7 +514,7 @@ void matmul_q(TensorView x, TensorView w, TensorView b, TensorView scales, Shape
 struct BatchMatMul {
   dnnl::matmul prim;
   std::shared_ptr<BatchMatMul> serial;  // as Conv::serial
-  Pacer pacer;
+  pacing::Pacer pacer;
 };
 Cache<BatchMatMul> batch_matmul_cache;
 
@@ -674,9 +622,12 @@ tvm::ffi::String conv2d_impl(Shape x, Shape w, Shape out, Shape a) {
 }
 
 // How many paced calls ran on all threads and on the calling thread alone, e.g. "parallel=120 serial=3".
-tvm::ffi::String pacing() {
-  return "parallel=" + std::to_string(parallel_runs.load()) + " serial=" + std::to_string(serial_runs.load());
+tvm::ffi::String paced_runs() {
+  return "parallel=" + std::to_string(pacing::parallel_runs.load()) + " serial=" + std::to_string(pacing::serial_runs.load());
 }
+
+// Which pool this library's TVM kernels use once oneDNN has run: "openmp" (shared with oneDNN) or "tvm".
+tvm::ffi::String thread_pool() { return shared_pool() ? "openmp" : "tvm"; }
 
 // The oneDNN version the artifact was linked against, checked by optc before it loads.
 tvm::ffi::String version() {
@@ -703,4 +654,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_softmax, softmax);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_layer_norm, layer_norm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_version, version);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_impl, conv2d_impl);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_pacing, pacing);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_pacing, paced_runs);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_thread_pool, thread_pool);
