@@ -176,6 +176,7 @@ struct Conv {
   // A call large enough for all threads: the same convolution made for the calling thread alone (oneDNN
   // fixes a kernel's thread count when it makes it), on first need, and what the site has learnt.
   std::shared_ptr<Conv> serial;
+  int threads = 0;  // the OpenMP thread count it was made for
   pacing::Pacer pacer;
 };
 
@@ -185,6 +186,7 @@ struct MatMul {
   bool has_bias = false;
   dnnl::memory::desc src_md, dst_md;
   std::shared_ptr<MatMul> serial;  // as Conv::serial
+  int threads = 0;
   pacing::Pacer pacer;
 };
 
@@ -215,8 +217,10 @@ void share_weights(BatchMatMul&, const BatchMatMul&) {}  // no weights: both ope
 // agree). Runs `run(kernel)` with the thread count that kernel was made for, timed for the pacer.
 template <class T, class Make, class Run>
 void paced(const std::shared_ptr<T>& site, Make make_serial, Run run) {
-  bool threaded = omp_get_max_threads() > 1;  // one thread in all: nothing to choose, nothing to learn
-  bool serial = threaded && site->pacer.serial_next();
+  // The calling thread held to one (OMP_NUM_THREADS=1, or omp_set_num_threads(1) as optc's kernel race does):
+  // nothing to choose or learn, and a site made for more threads runs its single-thread twin.
+  bool threaded = omp_get_max_threads() > 1;
+  bool serial = threaded ? site->pacer.serial_next() : site->threads > 1;
   T* kernel = site.get();
   if (serial) {
     {
@@ -242,7 +246,11 @@ void call_site(Cache<T>& cache, const std::string& key, bool small, Make make, R
   std::shared_ptr<T> site;
   {
     SerialScope scope(small);
-    site = cached(cache, key, make);
+    site = cached(cache, key, [&] {
+      auto made = make();
+      made->threads = omp_get_max_threads();
+      return made;
+    });
   }
   if (small) {
     SerialScope scope(true);
@@ -514,6 +522,7 @@ void matmul_q(TensorView x, TensorView w, TensorView b, TensorView scales, Shape
 struct BatchMatMul {
   dnnl::matmul prim;
   std::shared_ptr<BatchMatMul> serial;  // as Conv::serial
+  int threads = 0;
   pacing::Pacer pacer;
 };
 Cache<BatchMatMul> batch_matmul_cache;
