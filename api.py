@@ -41,6 +41,7 @@ from optc.data.feeds import is_feed_source
 from optc.data.sources import open_calibration, open_evaluation
 from optc.errors import ConfigError
 from optc.evaluation import interleaved_latency_ms
+from optc.ir.bind import describe_values
 from optc.ir.io import load_model, save_model
 from optc.ir.model import Model
 from optc.ir.session import make_session
@@ -428,6 +429,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     evaluation: LabelledSet | ImageFolder | str | os.PathLike[str] | Iterable[tuple[Mapping[str, Any], Any]] | None = None,
     target: TargetSpec | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
     output: str | os.PathLike[str] | None = None,
     instruments: Sequence[Instrument] = (),
     seed: int = 0,
@@ -462,6 +464,9 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
             A target needs static shapes: a dynamic leading batch dim is frozen to 1
             (with a note); other dynamic dims must be given in ``input_shapes``.
         input_shapes: input name -> dims, freezing dynamic dims before any pass.
+        input_values: input name -> a number or a list of numbers: the input becomes a constant of the model
+            (``--input-value``; :mod:`optc.ir.bind`), and what it decides folds away (an ``If`` on a sample rate).
+            Data that still holds the input must hold that value.
         output: a folder for ``model.onnx``, ``report.json``, ``pipeline.yaml`` (and
             the TVM library). Written to a temporary folder and swapped into place;
             an existing folder is replaced only when it is optc's own, unchanged output.
@@ -514,7 +519,9 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         target.check_toolchain()
         target.check_tuning(tuning.trials_per_task, tuning.rpc_tracker)
     source_path = Path(model) if not isinstance(model, Model) else model.source
-    model, shapes = driver.prepare_model(model, shapes, target=target.name if target is not None else None)
+    values = {str(name): [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+              for name, value in (input_values or {}).items()}
+    model, shapes = driver.prepare_model(model, shapes, target=target.name if target is not None else None, values=values)
     calib = open_calibration(calibration, model)
     labelled = open_evaluation(evaluation, model)
     data_section = _data_section(model, calibration, evaluation)
@@ -628,7 +635,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         elif verify_each:
             all_instruments.insert(len(instruments), VerifyEach(feeds[0]))
         baseline_session = make_session(model) if in_turns else None
-        opsets, notes = model.opset_imports, list(model.notes)
+        opsets, notes, bound_values = model.opset_imports, list(model.notes), describe_values(model)
         holder = [model]
         del model
         if searched is not None and not all_instruments:
@@ -709,7 +716,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
                 write_manifest(staging.path, result.model, target, linked_libraries(tuning_section))
                 files.append(staging.path / "manifest.json")
             # After the manifest: the artifact's manifest covers what `optc run` loads.
-            (staging.path / driver.PIPELINE_NAME).write_text(driver.pipeline_document(passes, seed, shapes, data_section))
+            (staging.path / driver.PIPELINE_NAME).write_text(driver.pipeline_document(passes, seed, shapes, data_section, bound_values))
             files.append(staging.path / driver.PIPELINE_NAME)
             staging.publish()
     written = tuple(outdir / f.relative_to(staging.path) for f in files) if outdir is not None and staging.path is not None else ()

@@ -43,7 +43,7 @@ import socket
 import sys
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path, PurePosixPath
@@ -61,6 +61,7 @@ from optc.evaluation import accuracy, compare_outputs, latency_ms
 from optc.ir.io import load_model
 from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session, run, sample_feeds as random_feeds, unrunnable_reason
+from optc.ir.bind import bind_inputs, values_from_document
 from optc.ir.shapes import MAX_DIM, freeze_input_shapes, parse_shape_spec
 from optc.passes.framework import Pass
 from optc.passes.framework.pipeline import pipeline_from_data, read_pipeline_data
@@ -351,9 +352,11 @@ def _alive(pid: int) -> bool:
 
 
 def prepare_model(
-    model: Model | str | os.PathLike[str], shapes: Mapping[str, tuple[int, ...]], *, target: str | None = None
+    model: Model | str | os.PathLike[str], shapes: Mapping[str, tuple[int, ...]], *, target: str | None = None,
+    values: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[Model, dict[str, tuple[int, ...]]]:
-    """Load (or take) the model and freeze input dims; returns it and the dims frozen.
+    """Load (or take) the model, freeze input dims and bind ``values`` (``--input-value``: those inputs become
+    constants, :mod:`optc.ir.bind`); returns it and the dims frozen.
 
     A target needs static shapes: a dynamic leading batch dim left after ``shapes``
     is frozen to 1 (with a warning and a note in the report); any other dynamic dim
@@ -369,6 +372,10 @@ def prepare_model(
             model, given = model.copy(), False
         if freeze_input_shapes(model, frozen):
             model.notes.append("froze input shapes: " + _shapes_text(frozen))
+    if values:
+        if given:
+            model, given = model.copy(), False
+        bind_inputs(model, {name: list(v) for name, v in values.items()})
     if target is not None:
         batch = _target_batch(model, target)
         if batch:
@@ -585,15 +592,15 @@ def _json_default(value: Any) -> Any:
 
 
 def pipeline_document(passes: Sequence[Pass], seed: int, shapes: Mapping[str, Sequence[int]],
-                      data: Mapping[str, Any] | None = None) -> str:
+                      data: Mapping[str, Any] | None = None, values: Mapping[str, Any] | None = None) -> str:
     """``pipeline.yaml``: every option of every pass, the seed, the frozen input dims, how images were read and how many
     calibration samples were held out, for ``--pipeline``."""
     entries = []
     for p in passes:
         options = {k: list(v) if isinstance(v, tuple) else v for k, v in p.describe_config().items()}
         entries.append({"name": p.name, "options": options} if {"name", "options"} & set(options) else {"name": p.name, **options})
-    document = {"seed": seed, "input_shapes": {k: list(v) for k, v in shapes.items()}, **({"data": dict(data)} if data else {}),
-                "passes": entries}
+    document = {"seed": seed, "input_shapes": {k: list(v) for k, v in shapes.items()}, **({"input_values": dict(values)} if values else {}),
+                **({"data": dict(data)} if data else {}), "passes": entries}
     header = (f"# optc {__version__}: the resolved pipeline of this output (every option of every pass, the seed, the input shapes).\n"
               "# Replay it: optc compile MODEL --pipeline pipeline.yaml [--calib DATA] [--eval DATA] -o OUTDIR\n")
     return header + yaml.dump(document, Dumper=_PlainDumper, sort_keys=False, default_flow_style=None)
@@ -614,15 +621,17 @@ class PipelineFile:
     seed: int | None
     input_shapes: dict[str, tuple[int, ...]]
     images: ImagePreprocess | None = None
+    input_values: dict[str, list[str]] = field(default_factory=dict)  # inputs bound to constants (--input-value)
     held_out: int | None = None  # the last calibration samples no pass fitted on (``data.held_out``)
 
 
 def read_pipeline_file(path: Path) -> PipelineFile:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) pipeline file, as written by hand or as ``pipeline.yaml``."""
     data = read_pipeline_data(path)
-    seed, shapes, images, held_out = None, {}, None, None
+    seed, shapes, images, held_out, values = None, {}, None, None, {}
     if isinstance(data, dict):
         data = dict(data)
+        values = values_from_document(data.pop("input_values", None), f"pipeline file {path}")
         images, held_out = _data_section(data.pop("data", None), path)
         seed = data.pop("seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
@@ -637,7 +646,7 @@ def read_pipeline_file(path: Path) -> PipelineFile:
                 shapes[str(name)] = tuple(dims)
             else:
                 raise ConfigError(f"pipeline file {path}: input_shapes.{name} must be a list of integers from 1 to {MAX_DIM}, not {dims!r}")
-    return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes, images, held_out)
+    return PipelineFile(pipeline_from_data(data, source=str(path)), seed, shapes, images, held_out=held_out, input_values=values)
 
 
 def _data_section(raw: Any, path: Path) -> tuple[ImagePreprocess | None, int | None]:

@@ -52,7 +52,7 @@ def row(entry: scoring.Entry, tool, samples: int, timeout: float) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="optc-zoo-arm-") as tmp:
         tmp = Path(tmp)
-        shapes = [a for s in entry.input_shapes for a in ("--input-shape", s)]
+        shapes = entry.target_options()
         proc = _optc([str(entry.model), "-o", str(tmp / "q"), "--pass", "canonicalize", "--pass", "quantize",
                       "--calib", str(entry.calib), "--no-latency", *shapes], timeout)
         if proc.returncode != 0:

@@ -2,14 +2,15 @@
 
 For each model built by ``python tools/zoo build`` this runs::
 
-    optc compile MODEL -o OUT --target x86 [--input-shape ...]
+    optc compile MODEL -o OUT --target x86 [--input-shape ...] [--input-value ...]
 
 (the default pipeline, ``canonicalize``; kernel providers chosen by measurement,
 no tuning) and prints one row from OUT/report.json: the artifact's latency and
 onnxruntime's on the same cores, timed in turns in one process (see
 optc/targets/compare.py), their ratio, the output difference, how many op
 chains went to oneDNN and in which layout, and the compile time. A model the
-compile refuses prints its one-line error. The zoo's models were never used to
+compile refuses prints its one-line error. A model with a rank-0 setting (Silero VAD's
+sample rate) is compiled with it bound to the first evaluation sample's value, one sample's shapes. The zoo's models were never used to
 fit a provider or a schedule: this is the check on models the kernels were not
 written for.
 
@@ -47,8 +48,7 @@ def row(entry: scoring.Entry, timeout: float, int8: bool = False) -> dict:
         cmd = [OPTC, "compile", str(entry.model), "-o", str(out), "--target", "x86"]
         if int8:
             cmd += ["--pass", "canonicalize", "--pass", "quantize", "--calib", str(entry.calib)]
-        for shape in entry.input_shapes:
-            cmd += ["--input-shape", shape]
+        cmd += entry.target_options()
         start = time.perf_counter()
         try:
             proc = subprocess.run(["nice", *cmd], capture_output=True, text=True, timeout=timeout)

@@ -82,6 +82,7 @@ class _LogFormat(logging.Formatter):
 @click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name, samples first), a folder of them, or a folder of images (with data.images in --pipeline).")
 @click.option("--eval", "eval_data", type=click.Path(path_type=Path), help=".npz with the inputs and a 'label' array, or image folders per class (with data.images in --pipeline): accuracy before/after.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...", help="Freeze an input's dynamic dims; repeatable.")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V[,V...]", help="Bind an input to a constant (a setting such as a sample rate: sr=16000); what it decides folds away and the artifact no longer takes it; repeatable.")
 @click.option("--seed", type=int, help="Seed for sample inputs and tuning (default: the --pipeline file's, else 0).")
 @click.option("--target", type=click.Choice(["none", "x86", "arm", "gpu"]), default="none", show_default=True,
               help="Compile with TVM for this target (none: passes only); a dynamic batch dim is frozen to 1.")
@@ -106,7 +107,7 @@ class _LogFormat(logging.Formatter):
 @click.option("--time-budget", type=float, metavar="SECONDS", help="With a budget: search per-pass strengths for the best --objective for this long; the best model so far is always in OUTDIR.")
 @click.option("--objective", type=click.Choice(["size", "macs", "latency"]), default="size", show_default=True, help="What --time-budget minimises (latency: onnxruntime on this machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, eval_data, input_shapes, seed, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, default_budget, kernels, weight_prepack, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, metric, max_drop, min_fidelity, time_budget, objective, as_json) -> None:
+def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, eval_data, input_shapes, input_values, seed, target, cpu, arch, tune_trials, tuning_db, rpc_tracker, rpc_key, default_budget, kernels, weight_prepack, int8_lowering, verify_each, time_passes, dump_after, no_latency, external_data, metric, max_drop, min_fidelity, time_budget, objective, as_json) -> None:
     """Run a pass pipeline on MODEL and write the result to an output folder (-o)."""
     from rich.markup import escape
 
@@ -117,6 +118,7 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
     from optc.data.images import holds_images
     from optc.driver import MAX_SEED, parse_shape_spec, read_pipeline_file
     from optc.errors import ConfigError
+    from optc.ir.bind import parse_value_spec
     from optc.passes import parse_pass_specs
 
     # Strings become objects here; everything else is optc.api.compile, as for library users.
@@ -125,6 +127,8 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
     pass_list = pass_list or api.named_pipeline("canonicalize")
     shapes = dict(pipeline.input_shapes) if pipeline else {}
     shapes.update(parse_shape_spec(s) for s in input_shapes)
+    values = dict(pipeline.input_values) if pipeline else {}
+    values.update(parse_value_spec(s) for s in input_values)
     if seed is None:
         seed = pipeline.seed if pipeline is not None and pipeline.seed is not None else 0
     elif not 0 <= seed <= MAX_SEED:
@@ -151,6 +155,7 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
                 evaluation=eval_data,
                 target=spec,
                 input_shapes=shapes,
+                input_values=values,
                 output=outdir if outdir is not None else api.default_output(model),
                 instruments=instruments,
                 seed=seed,

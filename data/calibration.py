@@ -42,6 +42,7 @@ import numpy as np
 
 from optc.data.npz import FileIdentity, NpzArchive
 from optc.errors import ConfigError
+from optc.ir.bind import check_bound_arrays
 from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session
 from optc import progress
@@ -100,7 +101,7 @@ class CalibrationSet:
             raise ConfigError(f"{kind} data {path}: no such file or folder")
         follow = not path.is_dir()
         specs = tuple(model.inputs)
-        checked = [_validate_file(f, specs, extra_keys, kind, follow) for f in files]
+        checked = [_validate_file(f, specs, extra_keys, kind, follow, model.bound) for f in files]
         counts = [n for n, _ in checked]
         batch = _fixed_batch(specs)
         short = [(f, n) for f, n in zip(files, counts) if batch and n < batch]
@@ -137,6 +138,8 @@ class CalibrationSet:
             raise ConfigError(f"{label}: no samples")
         held, total = [], 0
         for arrays in chunks:
+            check_bound_arrays(model.bound, arrays, label)
+            arrays = {k: v for k, v in arrays.items() if k not in model.bound}
             missing = [n for n in names if n not in arrays]
             extra = sorted(set(arrays) - set(names))
             if missing or extra:
@@ -455,17 +458,20 @@ def real_tokens(value: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def _validate_file(
-    path: Path, specs: Sequence[TensorSpec], extra_keys: frozenset[str], kind: str, follow_symlinks: bool
+    path: Path, specs: Sequence[TensorSpec], extra_keys: frozenset[str], kind: str, follow_symlinks: bool,
+    bound: Mapping[str, np.ndarray],
 ) -> tuple[int, FileIdentity]:
-    """Check one archive against the model; returns its sample count and identity."""
+    """Check one archive against the model; returns its sample count and identity. Arrays for inputs bound to
+    constants (``bound``) must hold those values and are otherwise not read."""
     label = f"{kind} file {path.name}"
     with NpzArchive(path, label, follow_symlinks=follow_symlinks) as data:
         keys = set(data.arrays)
         names = [s.name for s in specs]
         if not keys:
             raise ConfigError(f"{label}: empty archive; expected arrays named {', '.join(names)}")
+        check_bound_arrays(bound, {k: data.read(k) for k in bound if k in keys}, label)
         missing = [n for n in names if n not in keys]
-        extra = sorted(keys - set(names) - extra_keys)
+        extra = sorted(keys - set(names) - extra_keys - set(bound))
         if missing:
             hint = f" (it has {', '.join(sorted(keys)[:10])}{', ...' if len(keys) > 10 else ''})"
             raise ConfigError(f"{label}: no array for model input '{missing[0]}'{hint}; expected {', '.join(names)}")

@@ -20,6 +20,7 @@ import numpy as np
 
 from optc.data.calibration import CalibrationSet, feed_samples, sample_axes
 from optc.errors import ConfigError
+from optc.ir.bind import check_bound_arrays
 from optc.ir.model import Model
 
 MAX_HELD_BYTES = 2 << 30
@@ -71,6 +72,8 @@ def _group(items: Iterable[tuple[int, Mapping[str, Any], Any]], model: Model, ki
         arrays = {str(k): np.asarray(v) for k, v in feed.items()}
         if any(a.dtype == object for a in arrays.values()):
             raise ConfigError(f"{kind} feed #{index}: an array of Python objects; give numeric arrays")
+        check_bound_arrays(model.bound, arrays, f"{kind} feed #{index}")  # inputs bound to constants: checked, dropped
+        arrays = {k: a for k, a in arrays.items() if k not in model.bound}
         n = feed_samples(arrays, model.inputs)
         for k in scalars & set(arrays):
             if arrays[k].ndim:

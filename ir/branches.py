@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from optc.ir.model import Model, iter_graphs, iter_all_tensors, tensor_nbytes
 
@@ -153,3 +154,90 @@ def _rename(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
         for node in g.node:
             node.input[:] = [mapping.get(i, i) for i in node.input]
             node.output[:] = [mapping.get(o, o) for o in node.output]
+
+
+# An If whose condition is computed from constants is inlined when at most this many nodes compute it (a comparison of a
+# bound setting with a constant, a cast or two); a longer computation is fold-constants' to fold, not this step's.
+MAX_CONDITION_NODES = 32
+
+
+def inline_decided_ifs(model: Model) -> list[str]:
+    """Replace, in place, each main-graph ``If`` whose condition is a constant by the body it takes; returns their labels.
+
+    What makes a condition constant is an input bound to a value (:mod:`optc.ir.bind`: Silero VAD's ``sr == 16000``).
+    optc inlines these itself, before onnxruntime sees the model: onnxruntime's own inlining of a constant ``If`` refuses
+    Silero's nested bodies, and so does onnx-graphsurgeon's. The body's nodes and initializers join the main graph (names
+    the rest of the model already defines are renamed), and an Identity gives each of its outputs the ``If``'s name."""
+    done = []
+    while True:
+        decided = next(((i, n, v) for i, n in enumerate(model.graph.node)
+                        if n.op_type == "If" and n.domain in ("", "ai.onnx") and (v := _constant(model, n.input[0])) is not None), None)
+        if decided is None:
+            return done
+        index, node, value = decided
+        taken = "then_branch" if bool(np.asarray(value).ravel()[0]) else "else_branch"
+        body = onnx.GraphProto()
+        body.CopyFrom(next(a.g for a in node.attribute if a.name == taken))
+        others = {vi.name for vi in model.graph.input} | {t.name for t in model.graph.initializer}
+        for j, other in enumerate(model.graph.node):
+            if j != index:
+                others |= set(other.output)
+                for attr in other.attribute:
+                    for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                        others |= _defined(sub)
+        clashes = sorted(_defined(body) & others)
+        if clashes:
+            _rename(body, {name: _fresh(name, others | _defined(body)) for name in clashes})
+        label = f"{node.name or f'If#{index}'} ({taken.split('_')[0]})"
+        nodes = list(body.node) + [helper.make_node("Identity", [inner.name], [outer], name=f"{node.name or 'If'}_{taken}_out{k}")
+                                   for k, (inner, outer) in enumerate(zip(body.output, node.output))]
+        model.graph.initializer.extend(body.initializer)
+        kept = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(kept[:index] + nodes + kept[index + 1:])
+        done.append(label)
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    new, k = f"{name}__inlined", 1
+    while new in taken:
+        new, k = f"{name}__inlined{k}", k + 1
+    taken.add(new)
+    return new
+
+
+def _constant(model: Model, name: str) -> np.ndarray | None:
+    """The value of main-graph tensor ``name`` when only initializers and Constant nodes feed it (at most
+    :data:`MAX_CONDITION_NODES` nodes, none with a body), computed by onnx's reference evaluator; else None."""
+    inits = {t.name: t for t in model.graph.initializer}
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    graph_inputs = {vi.name for vi in model.graph.input} - set(inits)
+    needed, todo, used_inits = [], [name], {}
+    while todo:
+        current = todo.pop()
+        if current in inits:
+            used_inits[current] = inits[current]
+            continue
+        node = producer.get(current)
+        if node is None or current in graph_inputs or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        if node in needed:
+            continue
+        needed.append(node)
+        if len(needed) > MAX_CONDITION_NODES:
+            return None
+        todo.extend(i for i in node.input if i)
+    order = [n for n in model.graph.node if n in needed]  # the model's own order is topological
+    graph = helper.make_graph(order, "condition", [], [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
+                              initializer=list(used_inits.values()))
+    proto = helper.make_model(graph, opset_imports=list(model.proto.opset_import), ir_version=model.proto.ir_version)
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        (value,) = ReferenceEvaluator(proto).run(None, {})
+    except Exception:  # noqa: BLE001 - what the evaluator cannot compute stays an If for the runtime to decide
+        return None
+    value = np.asarray(value)
+    return value if value.size == 1 else None

@@ -217,7 +217,7 @@ class GraphEditor:
             setattr(proto, field, getattr(old, field))
         del proto.metadata_props[:]
         proto.metadata_props.extend(old.metadata_props)
-        return Model(proto, self.model.source, list(self.model.notes) + [n for n in notes if n not in self.model.notes])
+        return Model(proto, self.model.source, list(self.model.notes) + [n for n in notes if n not in self.model.notes], dict(self.model.bound))
 
 
 def _restore_weights(graph: onnx.GraphProto, lazy: dict[str, Any], outer: frozenset[str]) -> None:

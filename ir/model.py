@@ -75,11 +75,14 @@ class Model:
         proto: the model; weights are held in memory (external data is loaded).
         source: the file it was loaded from, for messages.
         notes: facts learnt while loading or lifting (shown in reports).
+        bound: inputs bound to constants (``--input-value``, :mod:`optc.ir.bind`): now initializers; data that
+            still holds them is checked against these values.
     """
 
     proto: onnx.ModelProto
     source: Path | None = None
     notes: list[str] = field(default_factory=list)
+    bound: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -152,7 +155,7 @@ class Model:
                 proto.graph.initializer.append(numpy_helper.from_array(np.asarray(values[t.name]), t.name))
             else:
                 proto.graph.initializer.add().CopyFrom(t)
-        return Model(proto, self.source, list(self.notes))
+        return Model(proto, self.source, list(self.notes), dict(self.bound))
 
     def set_initializers(self, values: Mapping[str, np.ndarray]) -> None:
         """Give the named initializers of the main graph new values (names kept), in place.
@@ -174,7 +177,7 @@ class Model:
         """A deep copy (doubles memory: avoid for very large models)."""
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
-        return Model(proto, self.source, list(self.notes))
+        return Model(proto, self.source, list(self.notes), dict(self.bound))
 
 
 def _copy_fields_except(src, dst, skip: str) -> None:

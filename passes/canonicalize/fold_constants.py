@@ -1,4 +1,4 @@
-"""fold-constants: evaluate every subgraph whose inputs are all constant.
+"""fold-constants: evaluate every subgraph whose inputs are all constant, and inline every If whose condition folds.
 
 Values are computed by onnxruntime (through onnx-graphsurgeon's folder), so a
 folded constant is bit-for-bit what the runtime would have computed. With
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optc.ir.branches import inline_decided_ifs
 from optc.ir.graph import GraphEditor
 from optc.ir.liveness import may_fold
 from optc.ir.model import Model
@@ -47,6 +48,7 @@ class FoldConstants(Pass[FoldConstantsConfig]):
         # A folded Reshape gives shape inference the static shape it could not see (a paddle2onnx export's
         # Shape -> Slice -> Concat -> Reshape chains, one behind the other): fold again while that frees more.
         # RapidOCR's recogniser kept 4 computed Reshapes after one round, which TVM's frontend refuses.
+        # An If inlined brings its body's constants into the main graph: the same.
         for _ in range(MAX_ROUNDS - 1):
             if not result.modified:
                 break
@@ -54,10 +56,25 @@ class FoldConstants(Pass[FoldConstantsConfig]):
             more = self._round(result.model)
             if not more.modified:
                 break
-            result = PassResult(more.model, True, {"nodes_folded": result.stats["nodes_folded"] + more.stats["nodes_folded"]})
+            result = PassResult(more.model, True, {k: result.stats.get(k, 0) + more.stats.get(k, 0) for k in (*result.stats, *more.stats)})
         return result if result.modified else PassResult(model, modified=False, stats={"nodes_folded": 0})
 
     def _round(self, model: Model) -> PassResult:
+        return self._inline_decided(self._fold_round(model))
+
+    @staticmethod
+    def _inline_decided(result: PassResult) -> PassResult:
+        """An If whose condition folded to a constant is replaced by the body it takes (:func:`inline_decided_ifs`:
+        onnx-graphsurgeon's own flattening breaks nested bodies such as Silero VAD's)."""
+        if not any(n.op_type == "If" for n in result.model.graph.node):
+            return result
+        model = result.model if result.modified else result.model.copy()  # the pass's input is never changed in place
+        inlined = inline_decided_ifs(model)
+        if not inlined:
+            return result
+        return PassResult(model, True, {**result.stats, "ifs_inlined": result.stats.get("ifs_inlined", 0) + len(inlined)})
+
+    def _fold_round(self, model: Model) -> PassResult:
         if not may_fold(model, fold_shapes=self.config.fold_shapes, exclude_ops=NONDETERMINISTIC_OPS):  # no graph import for nothing
             return PassResult(model, modified=False, stats={"nodes_folded": 0})
         result = self._fold(model, lambda n: n.op in NONDETERMINISTIC_OPS)

@@ -45,6 +45,23 @@ class Entry:
     def input_shapes(self) -> list[str]:
         return list(self.meta.get("input_shapes", []))
 
+    def target_options(self) -> list[str]:
+        """``optc compile --target`` options for one sample: the meta's ``--input-shape``s; a model with rank-0 inputs
+        (``scalars``: Silero VAD's sample rate) has them bound to the first evaluation sample's values
+        (``--input-value``) and every other input frozen to one sample's shape."""
+        options = [f"--input-shape={shape}" for shape in self.input_shapes]
+        scalars = self.meta.get("scalars", [])
+        if not scalars:
+            return options
+        with np.load(self.eval, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files if name != "label"}
+        for name, value in sample_feed(self, arrays, 0).items():
+            if name in scalars:
+                options.append(f"--input-value={name}={value.item()}")
+            elif not any(o.startswith(f"--input-shape={name}=") for o in options):
+                options.append(f"--input-shape={name}={'x'.join(map(str, value.shape))}")
+        return options
+
 
 def optc_command(optc: list[str], entry: Entry, pass_name: str, outdir: Path) -> list[str]:
     """``optc compile`` of ``entry`` with ``canonicalize`` and ``pass_name`` at its defaults, as the zoo runs it:
