@@ -83,7 +83,7 @@ def threads_started(model: onnx.ModelProto, tmp_path) -> int:
 
 
 def test_small_convolution_starts_no_openmp_thread(tmp_path):
-    # 8 -> 8 channels, 3x3, 14x14: 0.11 M multiply-adds, below kSerialMacs (256 K).
+    # 8 -> 8 channels, 3x3, 14x14: 0.11 M multiply-adds, below kSerialMacs (2 M).
     assert threads_started(conv_model(8, 14), tmp_path) == 0
 
 

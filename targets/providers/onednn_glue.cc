@@ -130,11 +130,13 @@ std::string key_of(char op, const TensorView* weight, std::initializer_list<cons
 }
 
 // Below these, a call runs on the calling thread alone (see the top of this file); above, it is paced.
-// 256 K multiply-adds take about 5 us on one core here, a parallel region's handoff about 1 us on
-// quiet cores. Session 13 drew the line at 4 M, before calls were paced: ShuffleNet's grouped 1x1
-// convolutions (0.3-3 M each) then all ran on one thread, 4.7 ms at 2 threads against 3.2 ms now.
-// 128 K elements is where optc's TVM code starts threading its light (elementwise, reduction) functions.
-constexpr int64_t kSerialMacs = int64_t{1} << 18;
+// 2 M multiply-adds take about 40 us on one core here. Below that, a second thread gained nothing on
+// a quiet machine (the MNIST sample's 0.9 and 1.8 M convolutions: 0.075 ms on 1 or 2 threads), and
+// beside a busy process each parallel region the pacer tried cost a stall (1.5 % of its runs over
+// 10x the median, against 0.01 % on one thread). Above it, ShuffleNet's 3.6 M grouped convolutions
+// gain: at 4 M (session 13's line, before calls were paced) all 51 of its convolutions ran on one
+// thread. 128 K elements is where optc's TVM code starts threading its light (elementwise, reduction) functions.
+constexpr int64_t kSerialMacs = int64_t{1} << 21;
 constexpr int64_t kSerialElements = int64_t{1} << 17;
 
 int64_t numel(const TensorView& t) {

@@ -22,6 +22,18 @@ inline double now_ns() {
 // Paced runs on all threads and on one, over the life of the process (optc_dnnl_pacing).
 inline std::atomic<uint64_t> parallel_runs{0}, serial_runs{0};
 
+// Tries of the kind a site did not choose, spread over time for the whole process: on a loaded machine each
+// try of all threads can stall for milliseconds, and ShuffleNet's 30 paced sites all came due in the same
+// inference (one run of 250 ms). A try takes the gate only when the last one is kExploreGapNs old (a
+// stall closes it for kStallGapNs); a site whose try is due and finds the gate closed tries on a later call.
+inline std::atomic<double> explore_gate_ns{0.0};
+constexpr double kExploreGapNs = 20e6, kStallGapNs = 1e9;
+
+inline bool take_explore_gate(double now) {
+  double open = explore_gate_ns.load(std::memory_order_relaxed);
+  return now >= open && explore_gate_ns.compare_exchange_strong(open, now + kExploreGapNs, std::memory_order_relaxed);
+}
+
 class Pacer {
  public:
   bool serial_next() {
@@ -29,8 +41,9 @@ class Pacer {
     uint64_t n = calls_++;
     if (n < kLearnCalls) return n % 2 == 1;  // all threads, one, all, one, ...: both measured from the start
     bool serial_better = serial_.estimate() < parallel_.estimate();
-    bool other = probe_ || n >= next_explore_;
-    if (n >= next_explore_) next_explore_ = n + explore_every_;
+    bool due = n >= next_explore_ && take_explore_gate(now_ns());
+    if (due) next_explore_ = n + explore_every_;
+    bool other = probe_ || due;
     probe_ = false;
     return other ? !serial_better : serial_better;
   }
@@ -42,10 +55,16 @@ class Pacer {
     if (calls_ <= kLearnCalls || serial == serial_chosen) return;
     // A run of the kind not chosen that beat the chosen kind's estimate: try it again at once, so a load
     // that went away is noticed in a few calls. One that lost: wait twice as long before the next try, so
-    // a site that stays slow on all threads (a loaded machine) pays for a stall ever more rarely.
-    if (ns < (serial_chosen ? serial_ : parallel_).estimate()) {
+    // a site that stays slow on all threads (a loaded machine) pays for a stall ever more rarely; one that
+    // stalled (kStall times the chosen kind's time: a parallel region waiting out a descheduled thread,
+    // about 5 ms against 0.03 on the MNIST sample beside a busy process) waits the longest at once.
+    double chosen = (serial_chosen ? serial_ : parallel_).estimate();
+    if (ns < chosen) {
       probe_ = true;
       explore_every_ = kExploreFirst;
+    } else if (ns > kStall * chosen) {
+      explore_every_ = kExploreMost;
+      explore_gate_ns.store(now_ns() + kStallGapNs, std::memory_order_relaxed);
     } else {
       explore_every_ = std::min(explore_every_ * 2, kExploreMost);
     }
@@ -74,6 +93,7 @@ class Pacer {
   // Four runs of each first; then the faster, with the other tried after 64 calls, then 128, ... up to
   // 4096 while it keeps losing, so the choice comes back when the load goes.
   static constexpr uint64_t kLearnCalls = 8, kExploreFirst = 64, kExploreMost = 4096;
+  static constexpr double kStall = 4.0;
   std::mutex mutex_;
   uint64_t calls_ = 0, next_explore_ = kLearnCalls + kExploreFirst, explore_every_ = kExploreFirst;
   bool probe_ = false;
