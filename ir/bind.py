@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from optc.errors import ConfigError
 from optc.ir.branches import inline_decided_ifs
 from optc.ir.model import Model, spec_from_value_info
+from optc.ir.shapes import graph_input
 
 _VALUE_RE = re.compile(r"^(?P<name>[^=]+)=(?P<values>[^=]+)$")
 MAX_ELEMENTS = 4096  # a setting, or a small table: a tensor of data belongs in the data
@@ -44,12 +45,9 @@ def bind_inputs(model: Model, values: Mapping[str, list[str] | list[float] | flo
     Raises:
         ConfigError: unknown input, a value its dtype cannot hold exactly, or a count that fits no declared shape.
     """
-    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in model.initializer_names}
     changed = False
     for name, given in values.items():
-        vi = inputs.get(name)
-        if vi is None:
-            raise ConfigError(f"--input-value names '{name}', but the model's inputs are: {', '.join(inputs) or '(none)'}")
+        vi = graph_input(model, name, "--input-value")
         array = _array_for(name, spec_from_value_info(vi), given if isinstance(given, list) else [given])
         model.graph.initializer.append(numpy_helper.from_array(array, name))
         model.graph.input.remove(vi)

@@ -187,18 +187,23 @@ def parse_shape_spec(spec: str) -> tuple[str, tuple[int, ...]]:
     return m.group("name"), dims
 
 
+def graph_input(model: Model, name: str, option: str) -> onnx.ValueInfoProto:
+    """Graph input ``name`` (an initializer listed as an input is not one), or a ConfigError naming ``option``."""
+    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in model.initializer_names}
+    if name not in inputs:
+        raise ConfigError(f"{option} names '{name}', but the model's inputs are: {', '.join(inputs) or '(none)'}")
+    return inputs[name]
+
+
 def freeze_input_shapes(model: Model, shapes: dict[str, tuple[int, ...]]) -> bool:
     """Fix the dims of graph inputs. Returns True when anything changed.
 
     Raises:
         ConfigError: unknown input, wrong rank, or a fixed dim contradicted.
     """
-    inputs = {vi.name: vi for vi in model.graph.input if vi.name not in model.initializer_names}
     changed = False
     for name, dims in shapes.items():
-        vi = inputs.get(name)
-        if vi is None:
-            raise ConfigError(f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs) or '(none)'}")
+        vi = graph_input(model, name, "--input-shape")
         current = spec_from_value_info(vi).shape
         if current is not None and len(current) != len(dims):
             raise ConfigError(f"--input-shape {name}: rank {len(dims)} given, the model declares rank {len(current)} {_fmt(current)}")

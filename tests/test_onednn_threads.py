@@ -24,9 +24,8 @@ from optc.cli.main import cli
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-# Threads this process starts while running the artifact, TVM's pool held to the calling thread
-# and OpenBLAS (numpy) to one: what is left is OpenMP's.
-COUNT_THREADS = """
+# A fresh process loads the artifact (argv[1]) as optc's runners do, counting its threads before.
+LOAD = """
 import json, os, sys
 from pathlib import Path
 from optc.targets.deploy import run_artifact as ra
@@ -36,6 +35,11 @@ manifest = ra.read_manifest(folder)
 ra.apply_env(manifest["runtime"]["env"])
 before = len(os.listdir("/proc/self/task"))
 vm, dev = ra.load_vm(folder, manifest)
+"""
+
+# Threads this process starts while running the artifact, TVM's pool held to the calling thread
+# and OpenBLAS (numpy) to one: what is left is OpenMP's.
+COUNT_THREADS = LOAD + """
 x = tvm.runtime.tensor(np.ones(manifest["inputs"][0]["shape"], dtype="float32"), dev)
 for _ in range(3):
     vm["main"](x)
@@ -128,16 +132,7 @@ def test_large_call_also_runs_on_one_thread_with_the_same_results(tmp_path):
 
 # The artifact's TVM kernels and oneDNN on one pool (openmp_pool.h): which pool, how many threads the runs
 # started, and the output.
-SHARED_POOL = """
-import json, os, sys
-from pathlib import Path
-import numpy as np, tvm
-from optc.targets.deploy import run_artifact as ra
-folder = Path(sys.argv[1])
-manifest = ra.read_manifest(folder)
-ra.apply_env(manifest["runtime"]["env"])
-before = len(os.listdir("/proc/self/task"))
-vm, dev = ra.load_vm(folder, manifest)
+SHARED_POOL = LOAD + """
 x = np.load(sys.argv[3])
 outs = [vm["main"](tvm.runtime.tensor(x, dev)).numpy() for _ in range(40)]
 np.save(sys.argv[2], outs[0])
