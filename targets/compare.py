@@ -18,6 +18,7 @@ import numpy as np
 from optc.ir.model import Model
 from optc.ir.session import make_session
 from optc.targets.artifact import LoadedArtifact, apply_runtime_env, io_specs
+from optc.targets.deploy.run_artifact import share_thread_pool
 from optc.targets.spec import TargetSpec
 
 BUDGET_S = 3.0  # about this long in all; at least three blocks of each
@@ -91,6 +92,8 @@ def artifact_vs_onnxruntime(model: Model, library: Path, feeds: Mapping[str, np.
     from tvm import relax
 
     apply_runtime_env()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    lib = tvm.runtime.load_module(str(library))
+    share_thread_pool(lib)  # as optc's runners load it: its TVM kernels on oneDNN's OpenMP threads from the first run
+    vm = relax.VirtualMachine(lib, tvm.cpu())
     artifact = LoadedArtifact(io_specs(model), vm, tvm.cpu())
     return {**versus_onnxruntime(artifact, model, feeds), "threads": os.environ.get("TVM_NUM_THREADS") or "all cores"}

@@ -14,7 +14,7 @@ import numpy as np
 
 from optc.ir.branches import inline_decided_ifs
 from optc.ir.graph import GraphEditor
-from optc.ir.liveness import may_fold
+from optc.ir.liveness import has_ops, may_fold
 from optc.ir.model import Model
 from optc.ir.shapes import infer_shapes
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
@@ -66,7 +66,7 @@ class FoldConstants(Pass[FoldConstantsConfig]):
     def _inline_decided(result: PassResult) -> PassResult:
         """An If whose condition folded to a constant is replaced by the body it takes (:func:`inline_decided_ifs`:
         onnx-graphsurgeon's own flattening breaks nested bodies such as Silero VAD's)."""
-        if not any(n.op_type == "If" for n in result.model.graph.node):
+        if not has_ops(result.model, {"If"}):
             return result
         model = result.model if result.modified else result.model.copy()  # the pass's input is never changed in place
         inlined = inline_decided_ifs(model)

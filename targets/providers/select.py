@@ -390,6 +390,11 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
                     out = bb.emit_output(y)
                 bb.emit_func_output(out)
     executable = compile_fn(bb.get())
+    # OpenMP reads GOMP_SPINCOUNT once, when the first library that needs it loads: this race is usually that
+    # load in a compile, so the candidates (and the artifact timed after them) run with the artifact's settings.
+    from optc.targets.artifact import apply_runtime_env
+
+    apply_runtime_env()
     with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
         path = Path(tmp) / "kernels.so"
         executable.export_library(str(path), addons=[str(onednn.glue_object())], options=onednn.link_options())
