@@ -61,7 +61,7 @@ from optc.evaluation import accuracy, compare_outputs, latency_ms
 from optc.ir.io import load_model
 from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session, run, sample_feeds as random_feeds, unrunnable_reason
-from optc.ir.bind import bind_inputs, values_from_document
+from optc.ir.bind import bind_inputs, parse_value_spec, values_from_document
 from optc.ir.shapes import MAX_DIM, freeze_input_shapes, parse_shape_spec
 from optc.passes.framework import Pass
 from optc.passes.framework.pipeline import pipeline_from_data, read_pipeline_data
@@ -667,8 +667,10 @@ def _data_section(raw: Any, path: Path) -> tuple[ImagePreprocess | None, int | N
 # --------------------------------------------------------------------------- inspect
 
 
-def inspect_model(path: Path, shape_specs: Sequence[str] = (), *, check_frontend: bool = True) -> dict[str, Any]:
-    """What ``optc inspect`` shows: interface, opsets, ops, size, MACs, blockers."""
+def inspect_model(path: Path, shape_specs: Sequence[str] = (), *, check_frontend: bool = True,
+                  value_specs: Sequence[str] = ()) -> dict[str, Any]:
+    """What ``optc inspect`` shows: interface, opsets, ops, size, MACs, blockers (with ``value_specs``, of the model
+    with those inputs bound, as ``optc compile --input-value`` would see it)."""
     from optc.ir.constants import count_constant_weights
     from optc.ir.shapes import infer_shapes
     from optc.ir.stats import compute_stats
@@ -677,7 +679,7 @@ def inspect_model(path: Path, shape_specs: Sequence[str] = (), *, check_frontend
     raw = load_model(path, lift_constants=False)
     constant_weights = count_constant_weights(raw)
     del raw
-    model, _ = prepare_model(path, dict(parse_shape_spec(s) for s in shape_specs))
+    model, _ = prepare_model(path, dict(parse_shape_spec(s) for s in shape_specs), values=dict(parse_value_spec(s) for s in value_specs))
     shapes = infer_shapes(model)
     stats = compute_stats(model)
     dynamic = {s.name: [d for d in (s.shape or ()) if not isinstance(d, int)] for s in model.inputs if not s.is_static}

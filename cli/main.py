@@ -187,14 +187,15 @@ def compile_cmd(model: Path, outdir: Path | None, passes, pipeline_file, calib, 
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DxDx...", help="Freeze an input's dynamic dims; repeatable.")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V[,V...]", help="Bind an input to a constant, as compile does; repeatable.")
 @click.option("--no-tvm", is_flag=True, help="Skip asking TVM's frontend which ops it can import.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def inspect_cmd(model: Path, input_shapes, no_tvm: bool, as_json: bool) -> None:
+def inspect_cmd(model: Path, input_shapes, input_values, no_tvm: bool, as_json: bool) -> None:
     """Show MODEL's interface, opsets, ops, size, MACs and what blocks compilation."""
     from optc.cli.render import render_inspect
     from optc.driver import inspect_model
 
-    info = inspect_model(model, tuple(input_shapes), check_frontend=not no_tvm)
+    info = inspect_model(model, tuple(input_shapes), check_frontend=not no_tvm, value_specs=tuple(input_values))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:

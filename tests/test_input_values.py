@@ -128,3 +128,14 @@ def test_a_bound_model_compiles_for_x86_and_matches_the_original(tmp_path):
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-5, atol=1e-5)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [i["name"] for i in manifest["inputs"]] == ["x", "state"]
+
+
+def test_inspect_shows_the_model_with_its_inputs_bound(tmp_path):
+    path = vad_like(tmp_path, nested=True)
+    res = invoke("inspect", path, "--input-value", "sr=16000", "--no-tvm", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert [i.split(":")[0] for i in info["inputs"]] == ["x", "state"]
+    assert "If" not in info["stats"]["op_histogram"], info["stats"]["op_histogram"]
+    res = invoke("inspect", path, "--input-value", "sr=abc", "--no-tvm")
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
