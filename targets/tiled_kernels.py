@@ -53,7 +53,7 @@ MATMUL_BLOCK = "matmul"
 SPARE_REGISTERS = 4  # for the broadcast input value and the weight vectors in flight
 # Below this many multiply-adds a convolution runs on the calling thread: waking the pool costs tens of
 # microseconds (the oneDNN glue draws the same line, onednn_glue.cc).
-PARALLEL_MACS = 1 << 22
+PARALLEL_MACS = 1 << 21
 # Armv8.2's sdot: four int32 lanes, each adding a 4-deep int8 dot product (16 multiply-adds an instruction, against
 # 4 for the widening multiply-accumulate the vectoriser emits otherwise).
 DOT_LANES = DOT_DEPTH = 4
@@ -257,8 +257,10 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
         sch.reorder(*order, *reduce, *inner)
         sch.reverse_compute_at(write_back, cols_o)
     if threaded:
-        parallel = order[:-1] if len(order) > 2 else order
-        sch.parallel(sch.fuse(*parallel) if len(parallel) > 1 else parallel[0])
+        # Every loop above the reduction, the innermost tile loop too. With that one left out, decompose_reduction
+        # (below) fused it into the threaded loop and the loop it made was serial: every tiled convolution ran on one
+        # thread whatever the thread count (an image's first int8 convolution at batch 64: 0.25 ms on 1 or 2 threads).
+        sch.parallel(sch.fuse(*order) if len(order) > 1 else order[0])
     sch.unroll(rows_i)
     if depth > 1:
         sch.unroll(inner[1])

@@ -89,6 +89,31 @@ def test_element_wise_ops_after_a_tiled_kernel_get_threads_and_vectors():
     assert any("T.parallel" in line for line in nest) and any("T.vectorized" in line for line in nest), nest
 
 
+@pytest.mark.parametrize("out_channels", [16, 64])
+def test_a_convolution_above_the_line_is_threaded_however_few_its_column_tiles(out_channels):
+    """decompose_reduction fused the innermost tile loop (one or several column tiles) into the threaded loops above it,
+    and the loop it made was serial: the tiled convolutions ran on one thread at any count."""
+    import tvm
+    from optc.targets.cpu_schedule import schedule_function
+    from optc.targets.providers.select import NHWC_LAYOUTS
+    from optc.targets.tiled_kernels import PARALLEL_MACS
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    model = make_model(nodes, [("x", [32, 1, 28, 28])], [("y", [32, out_channels, 28, 28])],
+                       [_w("w", out_channels, 1, 3, 3, seed=1), _w("b", out_channels, seed=2)])
+    assert 32 * 28 * 28 * out_channels * 9 >= PARALLEL_MACS
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod = fused(relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(model, keep_params_in_input=False)), target, True)
+    (conv,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script()]
+    with target:
+        text = schedule_function(conv).script()
+    nest = [line for line in text[:text.index('T.sblock("conv2d_nhwc_update")')].splitlines() if line.strip().startswith("for ")]
+    assert any("T.parallel" in line for line in nest[-6:]), nest  # the reduction's own loop nest, not the padded copy's
+
+
 @pytest.mark.parametrize(("lanes", "registers", "width", "channels", "tile"), [
     (16, 32, 56, 64, (14, 32)),  # AVX-512: two vectors of channels, 14 pixels: 28 accumulators
     (8, 16, 56, 64, (4, 16)),    # AVX2: 16 registers leave room for 6 pixels of two vectors; 4 divides 56
