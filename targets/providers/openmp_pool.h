@@ -43,8 +43,6 @@ struct GroupEnv {
   int32_t num_task;
 };
 using Lambda = int (*)(int task_id, GroupEnv* env, void* cdata);
-using Launch = int (*)(Lambda lambda, void* cdata, int num_task);
-using Barrier = int (*)(int task_id, GroupEnv* env);
 
 inline int thread_cap() {
   static const int cap = [] {
