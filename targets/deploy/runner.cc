@@ -516,6 +516,9 @@ int Run(const Options& o) {
   ffi::Module lib = LoadVerified(bytes);
   bytes.clear();
   bytes.shrink_to_fit();
+  // An artifact that calls oneDNN runs its TVM kernels on oneDNN's OpenMP threads from the first inference on, as
+  // optc's Python loaders set it up (run_artifact.share_thread_pool); older artifacts and others have no such function.
+  if (auto pool = lib->GetFunction("optc_dnnl_thread_pool", true)) (*pool)();
 
   ffi::Module vm = lib->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   // one CPU device (kDLCPU, id 0) with the pooled allocator (2), as relax.VirtualMachine does
