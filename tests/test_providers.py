@@ -737,6 +737,26 @@ def test_an_int8_models_activations_stay_in_nhwc_between_convolutions():
     assert len(moved) == 2, moved  # the one-channel input and the pooled output: it was one pair per requantisation
 
 
+def test_a_failed_layout_conversion_keeps_nchw_and_says_why(monkeypatch):
+    """TVM's ConvertLayout fails on some models (Silero VAD: std::bad_alloc): the model stays as it was, in NCHW, and the
+    report says why, not only that it failed."""
+    import tvm
+    from optc.targets.providers.select import ProviderReport, to_nhwc
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(residual_cnn(), keep_params_in_input=False)
+
+    def refuse(_layouts):
+        raise RuntimeError("TVMError: no layout rule for relax.demo_op")
+
+    monkeypatch.setattr(relax.transform, "ConvertLayout", refuse)
+    report = ProviderReport("auto")
+    with tvm.target.Target({"kind": "llvm"}) as target:
+        assert to_nhwc(mod, target, report) is mod
+    assert report.layout == "NCHW (NHWC conversion failed: TVMError: no layout rule for relax.demo_op)", report.layout
+
+
 def test_sigmoid_is_a_vectorisable_polynomial_within_a_micro():
     """TVM lowers R.sigmoid to one libm expf per element (FastMathTransform skips it); optc's legalisation uses
     fast_exp. Checked over the whole range, saturation and infinities included."""

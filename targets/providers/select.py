@@ -141,7 +141,7 @@ def to_nhwc(mod: Any, target: Any, report: ProviderReport) -> Any:
     except Exception as exc:  # noqa: BLE001 - TVM's layout rules fail on some ops (Magika's 3-D reductions): NCHW is correct
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         logger.warning("TVM cannot convert this model's layout to NHWC (%s): its convolutions run in NCHW", first[:160])
-        report.layout = "NCHW (NHWC conversion failed)"
+        report.layout = f"NCHW (NHWC conversion failed: {first[:100]})"  # the why, in the report and the CLI's line
         return mod
 
 
