@@ -519,9 +519,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
         target.check_toolchain()
         target.check_tuning(tuning.trials_per_task, tuning.rpc_tracker)
     source_path = Path(model) if not isinstance(model, Model) else model.source
-    values = {str(name): [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-              for name, value in (input_values or {}).items()}
-    model, shapes = driver.prepare_model(model, shapes, target=target.name if target is not None else None, values=values)
+    model, shapes = driver.prepare_model(model, shapes, target=target.name if target is not None else None, values=input_values)
     calib = open_calibration(calibration, model)
     labelled = open_evaluation(evaluation, model)
     data_section = _data_section(model, calibration, evaluation)

@@ -353,7 +353,7 @@ def _alive(pid: int) -> bool:
 
 def prepare_model(
     model: Model | str | os.PathLike[str], shapes: Mapping[str, tuple[int, ...]], *, target: str | None = None,
-    values: Mapping[str, Sequence[str]] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> tuple[Model, dict[str, tuple[int, ...]]]:
     """Load (or take) the model, freeze input dims and bind ``values`` (``--input-value``: those inputs become
     constants, :mod:`optc.ir.bind`); returns it and the dims frozen.
@@ -375,7 +375,7 @@ def prepare_model(
     if values:
         if given:
             model, given = model.copy(), False
-        bind_inputs(model, {name: list(v) for name, v in values.items()})
+        bind_inputs(model, values)
     if target is not None:
         batch = _target_batch(model, target)
         if batch:

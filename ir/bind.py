@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from onnx import numpy_helper
@@ -36,10 +37,11 @@ def parse_value_spec(spec: str) -> tuple[str, list[str]]:
     return m.group("name").strip(), values
 
 
-def bind_inputs(model: Model, values: Mapping[str, list[str] | list[float] | float | int]) -> bool:
+def bind_inputs(model: Model, values: Mapping[str, Any]) -> bool:
     """Turn each named graph input into an initializer holding the value given; True when anything changed.
 
-    The value takes the input's declared dtype; a single value fills a rank-0 input, or any static shape whose
+    A value is a number, a boolean or a string of one (as ``--input-value`` or ``pipeline.yaml`` give it), or a list or
+    tuple of them. It takes the input's declared dtype; a single value fills a rank-0 input, or any static shape whose
     elements it is repeated over; a list must have as many values as the declared shape has elements.
 
     Raises:
@@ -48,7 +50,7 @@ def bind_inputs(model: Model, values: Mapping[str, list[str] | list[float] | flo
     changed = False
     for name, given in values.items():
         vi = graph_input(model, name, "--input-value")
-        array = _array_for(name, spec_from_value_info(vi), given if isinstance(given, list) else [given])
+        array = _array_for(name, spec_from_value_info(vi), list(given) if isinstance(given, (list, tuple)) else [given])
         model.graph.initializer.append(numpy_helper.from_array(array, name))
         model.graph.input.remove(vi)
         model.bound[name] = array

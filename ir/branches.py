@@ -170,8 +170,7 @@ def inline_decided_ifs(model: Model) -> list[str]:
     the rest of the model already defines are renamed), and an Identity gives each of its outputs the ``If``'s name."""
     done = []
     while True:
-        decided = next(((i, n, v) for i, n in enumerate(model.graph.node)
-                        if n.op_type == "If" and n.domain in ("", "ai.onnx") and (v := _constant(model, n.input[0])) is not None), None)
+        decided = decided_if(model)
         if decided is None:
             return done
         index, node, value = decided
@@ -196,6 +195,13 @@ def inline_decided_ifs(model: Model) -> list[str]:
         del model.graph.node[:]
         model.graph.node.extend(kept[:index] + nodes + kept[index + 1:])
         done.append(label)
+
+
+def decided_if(model: Model) -> tuple[int, onnx.NodeProto, np.ndarray] | None:
+    """The first main-graph ``If`` whose condition is a constant: its index, node and condition value; None when none is.
+    Reads the model only."""
+    return next(((i, n, v) for i, n in enumerate(model.graph.node)
+                 if n.op_type == "If" and n.domain in ("", "ai.onnx") and (v := _constant(model, n.input[0])) is not None), None)
 
 
 def _fresh(name: str, taken: set[str]) -> str:

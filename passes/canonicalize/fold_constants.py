@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optc.ir.branches import inline_decided_ifs
+from optc.ir.branches import decided_if, inline_decided_ifs
 from optc.ir.graph import GraphEditor
 from optc.ir.liveness import has_ops, may_fold
 from optc.ir.model import Model
@@ -66,12 +66,10 @@ class FoldConstants(Pass[FoldConstantsConfig]):
     def _inline_decided(result: PassResult) -> PassResult:
         """An If whose condition folded to a constant is replaced by the body it takes (:func:`inline_decided_ifs`:
         onnx-graphsurgeon's own flattening breaks nested bodies such as Silero VAD's)."""
-        if not has_ops(result.model, {"If"}):
-            return result
+        if not has_ops(result.model, {"If"}) or decided_if(result.model) is None:
+            return result  # no copy of a model whose Ifs all wait on run-time values (an unbound Silero VAD, each round)
         model = result.model if result.modified else result.model.copy()  # the pass's input is never changed in place
         inlined = inline_decided_ifs(model)
-        if not inlined:
-            return result
         return PassResult(model, True, {**result.stats, "ifs_inlined": result.stats.get("ifs_inlined", 0) + len(inlined)})
 
     def _fold_round(self, model: Model) -> PassResult:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from optc.targets.artifact import apply_runtime_env
 from optc.targets.compare import in_turns
 from optc.targets.deploy.run_artifact import share_thread_pool
 from optc.targets.presets import cpuinfo_field
@@ -392,8 +393,6 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
     executable = compile_fn(bb.get())
     # OpenMP reads GOMP_SPINCOUNT once, when the first library that needs it loads: this race is usually that
     # load in a compile, so the candidates (and the artifact timed after them) run with the artifact's settings.
-    from optc.targets.artifact import apply_runtime_env
-
     apply_runtime_env()
     with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
         path = Path(tmp) / "kernels.so"
