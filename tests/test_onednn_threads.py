@@ -173,3 +173,23 @@ def test_tvm_kernels_run_on_onednn_openmp_threads(tmp_path):
     assert results["openmp"]["pool"] == "openmp" and results["tvm"]["pool"] == "tvm", results
     assert results["openmp"]["started"] == 1, results  # OpenMP's second thread; TVM's pool never started
     assert results["tvm"]["started"] > results["openmp"]["started"], results
+
+
+# Two copies of one artifact in one process (as a compile holds its kernel race's library and then its artifact).
+TWO_COPIES = LOAD + """
+second, _ = ra.load_vm(folder, manifest)
+x = tvm.runtime.tensor(np.ones(manifest["inputs"][0]["shape"], dtype="float32"), dev)
+for lib in (vm, second):
+    for _ in range(20):
+        lib["main"](x)
+print(json.dumps({"pools": [str(v.module.get_function("optc_dnnl_thread_pool", query_imports=True)()) for v in (vm, second)],
+                  "started": len(os.listdir("/proc/self/task")) - before}))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no pool to share")
+def test_two_libraries_in_one_process_each_share_the_pool(tmp_path):
+    """Each library repoints its own TVM kernels (openmp_pool.h finds its own symbols): both report the shared pool,
+    and running both starts OpenMP's one extra thread and no TVM worker."""
+    result = run_compiled(conv_pool_model(), tmp_path, TWO_COPIES, OMP_NUM_THREADS="2", TVM_NUM_THREADS="2")
+    assert result == {"pools": ["openmp", "openmp"], "started": 1}, result

@@ -35,6 +35,10 @@
 #include "pacer.h"
 
 namespace openmp_pool {
+// Internal to the library that includes it: own_symbol's own address must be this library's, and an inline
+// function of default visibility may resolve to another loaded copy's (two optc libraries in one process: a
+// compile's kernel race and its artifact).
+namespace {
 
 // TVM's ABI (tvm/runtime/c_backend_api.h: TVMParallelGroupEnv, FTVMParallelLambda), declared here so the
 // glue needs only TVM-FFI's headers.
@@ -122,4 +126,5 @@ inline bool install() {
   return true;
 }
 
+}  // namespace
 }  // namespace openmp_pool
