@@ -37,6 +37,37 @@ AARCH64_FLAGS: dict[str, tuple[str, ...]] = {
 FLAGS_BY_ARCH = {"x86_64": X86_FLAGS, "aarch64": AARCH64_FLAGS}
 
 
+def host_x86_mattr(mcpu: str, flags: frozenset[str] | None = None) -> list[str]:
+    """LLVM ``mattr`` that makes ``mcpu`` (this machine's CPU name) match what this machine's CPU has.
+
+    LLVM names the host's CPU by its model (``emeraldrapids``), and the name implies every
+    feature of that model. A virtual machine often hides some of them: clouds disable AMX or
+    AVX-512 in the guest, and ``/proc/cpuinfo`` (the kernel's view) lacks them. Code compiled for
+    the name alone would use instructions the CPU faults on, and the manifest check refuses it.
+    As clang's ``-march=native`` does, features are turned off (``-amx-tile``) where the CPU
+    lacks them and on (``+avx512fp16``) where it has ones the name does not imply (a CPU newer
+    than this LLVM). Only features of :data:`X86_FLAGS` are considered: those are the ones
+    compiled numeric code uses and the manifest records. ``flags``: /proc/cpuinfo's (tests pass others).
+    """
+    import tvm
+    from tvm.target import codegen
+
+    from optc.targets.presets import cpu_flags
+
+    have = cpu_flags() if flags is None else flags
+    if not have:
+        return []  # no /proc/cpuinfo: trust LLVM's name
+    implied = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+    mattr = []
+    for feature, linux in X86_FLAGS.items():
+        present = all(flag in have for flag in linux)
+        if feature in implied and not present:
+            mattr.append(f"-{feature}")
+        elif present and feature not in implied:
+            mattr.append(f"+{feature}")
+    return mattr
+
+
 def required_cpu(spec: TargetSpec) -> dict[str, Any]:
     """The manifest's ``runtime.cpu``: architecture, the LLVM ``mcpu``/``mattr`` used, and the Linux feature names they imply."""
     import tvm

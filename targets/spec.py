@@ -109,7 +109,12 @@ def make_target(name: str, *, cpu: str | None = None, arch: str | None = None, a
     if name == "x86":
         if cpu is not None:
             check_cpu(cpu, {"kind": "llvm"}, "x86", "skylake-avx512, znver3")
-        return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu or host_cpu(), "num-cores": cores}, cpu_from_user=cpu is not None)
+            return TargetSpec("x86", {"kind": "llvm", "mcpu": cpu, "num-cores": cores}, cpu_from_user=True)
+        from optc.targets.cpu_features import host_x86_mattr  # it imports this module
+
+        mcpu = host_cpu()
+        mattr = host_x86_mattr(mcpu)
+        return TargetSpec("x86", {"kind": "llvm", "mcpu": mcpu, **({"mattr": mattr} if mattr else {}), "num-cores": cores})
     if name == "arm":
         mattr = ["+neon"] + (["+v8.2a", "+dotprod"] if arm_dotprod else [])
         target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr, "num-cores": cores}

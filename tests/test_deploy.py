@@ -156,6 +156,32 @@ def test_manifest_records_the_cpu_features_of_the_target(artifact):
     assert {"sse2", "ssse3", "sse4_2"} <= set(cpu["features"]) <= host_cpu_features("x86_64")  # compiled for this CPU
 
 
+def test_the_host_target_drops_features_a_virtual_cpu_hides_and_adds_ones_the_name_lacks():
+    """LLVM names this CPU by its model; a VM may hide some of its features (AMX, often), and a CPU newer than
+    LLVM gets an older name. The host target follows /proc/cpuinfo, as clang's -march=native does."""
+    from optc.targets.cpu_features import X86_FLAGS, host_x86_mattr, required_cpu
+    from optc.targets.spec import TargetSpec
+
+    sapphire = frozenset(flag for flags in X86_FLAGS.values() for flag in flags) - {"amx_tile", "amx_int8", "amx_bf16", "sse4a", "fma4",
+                                                                                     "avx512_vp2intersect"}
+    mattr = host_x86_mattr("sapphirerapids", sapphire)
+    assert mattr == ["-amx-tile", "-amx-int8", "-amx-bf16"]
+    spec = TargetSpec("x86", {"kind": "llvm", "mcpu": "sapphirerapids", "mattr": mattr, "num-cores": 1})
+    features = set(required_cpu(spec)["features"])
+    assert not features & {"amx_tile", "amx_int8", "amx_bf16"} and {"avx512_vnni", "avx512_fp16", "avx512_bf16"} <= features
+
+    assert host_x86_mattr("x86-64", frozenset({"sse", "sse2", "avx", "avx2", "fma"})) == ["+avx", "+avx2", "+fma"]
+    assert host_x86_mattr("haswell", frozenset()) == []  # no /proc/cpuinfo: LLVM's name is all there is
+
+
+def test_the_default_x86_target_uses_only_what_this_cpu_has():
+    from optc.targets.cpu_features import required_cpu
+    from optc.targets.deploy.run_artifact import host_cpu_features
+    from optc.targets.spec import make_target
+
+    assert set(required_cpu(make_target("x86", cores=1))["features"]) <= host_cpu_features("x86_64")
+
+
 def test_arm_targets_record_their_mattr_features():
     from optc.targets.cpu_features import required_cpu
     from optc.targets.spec import make_target
@@ -201,7 +227,9 @@ def test_missing_cpu_feature_refused_everywhere(artifact, sample, python_runner,
     absent = next(f for f in ("amx_tile", "avx512_fp16", "avx512_vp2intersect", "fma4") if f not in host_cpu_features("x86_64"))
     manifest["runtime"]["cpu"]["features"].append(absent)
     (copy / "manifest.json").write_text(json.dumps(manifest))  # the manifest lists the files, not itself: nothing to re-hash
-    message = f"this CPU lacks {absent}, which the artifact's code uses (compiled for {manifest['runtime']['cpu']['mcpu']})"
+    cpu = manifest["runtime"]["cpu"]
+    compiled_for = " ".join(filter(None, [cpu["mcpu"], ",".join(cpu["mattr"])]))  # the host's name, and what this CPU lacks of it
+    message = f"this CPU lacks {absent}, which the artifact's code uses (compiled for {compiled_for})"
     with pytest.raises(TargetError, match=re.escape(message)):
         load_artifact(copy)
     for args in (["run", copy, "--input", f"input={sample[0]}"], ["bench", copy]):
