@@ -8,14 +8,16 @@ BIN := $(VENV)/bin
 # zoo (tests/test_zoo.py, ~20 models from PyPI wheels) runs with `make test-zoo`.
 PYTEST_ARGS ?= -m "not gpu" -n auto --ignore=tests/test_zoo.py
 
+# What the default `--target x86` path links: oneDNN's convolutions and matmuls (without it
+# optc compiles every op with TVM's own kernels and the report says so). Defined before the
+# list below: `:=` expands at once, and that list had silently lost it (the tests then ran
+# without oneDNN, its tests skipping).
+RUNTIME_PACKAGES := libdnnl-dev
 # Debian packages some tests need: the aarch64 cross compiler and qemu (ARM artifacts
 # are cross-compiled and run under emulation) and Chromium (report.html is checked in a
 # real headless browser). Installed where this runs as root with apt-get; elsewhere
 # those tests skip and say what is missing.
 SYSTEM_PACKAGES := g++-aarch64-linux-gnu qemu-user-static chromium $(RUNTIME_PACKAGES)
-# What the default `--target x86` path links: oneDNN's convolutions and matmuls (without it
-# optc compiles every op with TVM's own kernels and the report says so).
-RUNTIME_PACKAGES := libdnnl-dev
 
 .PHONY: demo test test-zoo setup setup-test setup-system setup-runtime clean
 

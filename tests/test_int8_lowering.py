@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import SAMPLE, arm_runner, make_model, ort_run, rand
+from helpers import SAMPLE, arm_runner, make_model, onednn_or_skip, ort_run, rand
 from onnx import helper
 
 from optc.errors import TargetError
@@ -289,10 +289,7 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantiz
     from optc.targets.artifact import load_artifact
 
     if kernels == "onednn":
-        from optc.targets.providers import onednn
-
-        if not onednn.availability().ok:
-            pytest.skip(f"oneDNN provider unavailable: {onednn.availability().reason}")
+        onednn_or_skip()
     db = tmp_path / "db"
     common = ["--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", str(db), "--kernels", kernels]
     runner = CliRunner()
@@ -456,10 +453,7 @@ def test_onednn_writes_requantised_outputs_within_a_step(save, tmp_path):
 
     from optc.cli.main import cli
     from optc.targets.artifact import load_artifact
-    from optc.targets.providers import onednn
-
-    if not onednn.availability().ok:
-        pytest.skip(f"oneDNN provider unavailable: {onednn.availability().reason}")
+    onednn_or_skip()
     model = tmp_path / "q.onnx"
     q = _quantize(save, tmp_path, _requant_model(), reduce_range=False)
     onnx.save_model(q.proto, str(model))
@@ -495,10 +489,7 @@ def test_onednn_requantises_in_a_model_without_convolutions(save, tmp_path):
 
     from optc.cli.main import cli
     from optc.targets.artifact import load_artifact
-    from optc.targets.providers import onednn
-
-    if not onednn.availability().ok:
-        pytest.skip(f"oneDNN provider unavailable: {onednn.availability().reason}")
+    onednn_or_skip()
     mlp = make_model(
         [helper.make_node("Gemm", ["x", "G1", "C1"], ["g1"], transB=1, name="fc1"), helper.make_node("Relu", ["g1"], ["r1"], name="relu"),
          helper.make_node("Gemm", ["r1", "G2", "C2"], ["g2"], transB=1, name="fc2"),

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import make_model
+from helpers import make_model, onednn_or_skip
 from onnx import helper, numpy_helper
 from optc.cli.main import cli
 
@@ -62,11 +62,7 @@ def run_compiled(model: onnx.ModelProto, tmp_path, script: str, *args: str, **en
 
 
 def compile_onednn(model: onnx.ModelProto, tmp_path):
-    from optc.targets.providers import onednn
-
-    avail = onednn.availability()
-    if not avail.ok:
-        pytest.skip(f"oneDNN provider unavailable: {avail.reason}")
+    onednn_or_skip()
     path, out = tmp_path / "m.onnx", tmp_path / "out"
     onnx.save(model, path)
     res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(out), "--target", "x86", "--kernels", "onednn",

@@ -8,21 +8,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import make_model, ort_run, rand
+from helpers import make_model, onednn_or_skip, ort_run, rand
 from onnx import helper, numpy_helper
 from optc.cli.main import cli
 from optc.errors import TargetError
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
-
-
-def onednn_or_skip():
-    from optc.targets.providers import onednn
-
-    avail = onednn.availability()
-    if not avail.ok:
-        pytest.skip(f"oneDNN provider unavailable: {avail.reason}")
 
 
 def invoke(*args):
