@@ -32,6 +32,11 @@ The result equals onnxruntime's float evaluation of the QDQ graph up to float32
 rounding of the sum (ours is exact before the scale); an intermediate value that
 lands within rounding of a ``.5`` boundary can quantise one step apart.
 
+A convolution with fewer than 4 input channels (an image model's first) computes in float32 on
+the 8-bit input instead, ``conv2d(x_q - z_x, W_q s_x s_w)``: int8 dot products multiply channels in
+groups of 4 and would mostly multiply padding, and the float kernels serve such a shape better. Its
+products are those onnxruntime's QDQ evaluation forms; the report says ``computes`` for it.
+
 Armv8.2's ``sdot`` multiplies int8 by int8 only. For such targets (``signed``) a
 uint8 activation enters the integer kernel as ``x_q - 128`` in int8 with zero point
 ``z_x - 128``: ``x_q - z_x`` is unchanged, so the sum, the correction and the
@@ -68,11 +73,14 @@ class Region:
     name: str  # the ONNX node (found through its weight), else a description
     lowered: bool
     reason: str = ""  # why it stayed float
+    computes: str = "int8"  # how a lowered region computes its integer accumulator
 
     def to_dict(self) -> dict[str, Any]:
         out = {"op": self.op, "node": self.name}
         if not self.lowered:
             out["reason"] = self.reason
+        elif self.computes != "int8":
+            out["computes"] = self.computes
         return out
 
 

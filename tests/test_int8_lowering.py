@@ -176,9 +176,12 @@ def test_conv_regions_become_integer_convolutions(save, tmp_path, options):
     mod, report = _lower(q)
     assert report.to_dict()["lowered"] == 3 and not report.left_float
     assert [r.name for r in report.lowered] == ["conv1", "dw", "pw"]
+    # conv1 has 3 input channels, fewer than int8 dot products multiply at once: float32 on the 8-bit input
+    assert [r.to_dict().get("computes") for r in report.lowered] == ["float32 on the 8-bit input (fewer than 4 input channels)", None, None]
     convs = [c for c in _calls(mod) if c[0] == "relax.nn.conv2d"]
     assert len(convs) == 3
-    for _, (x_dtype, w_dtype), out in convs:
+    assert convs[0][1:] == (["float32", "float32"], "float32")
+    for _, (x_dtype, w_dtype), out in convs[1:]:
         assert x_dtype in ("uint8", "int8") and w_dtype == "int8" and out == "int32"
     # weights are no longer dequantized; only the float biases' int32 constants may be
     weight_dq = [c for c in _calls(mod) if c[0] == "relax.dequantize" and c[2] == "float32" and c[1][0] == "int8"]
@@ -304,10 +307,11 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantiz
     report = json.loads((tmp_path / "int8" / "report.json").read_text())
     assert report["target"]["int8"]["lowered"] == 8 and report["target"]["int8"]["left_float"] == []
     providers = report["target"]["tuning"]["providers"]
-    if kernels == "onednn":  # every integer conv and matmul chain, in oneDNN's int8 kernels
-        assert len(providers["offloaded"]) == 8 and all("int8" in e["workload"] for e in providers["offloaded"]), providers
-        # those whose output the next layer quantizes write it in 8 bits (the requantisation folded in; all but the logits)
-        assert sum(e["workload"].endswith(("/quint8", "/qint8")) for e in providers["offloaded"]) == 7, providers
+    if kernels == "onednn":  # every conv and matmul chain in oneDNN: the 1-channel stem in float32, the rest in int8
+        workloads = [e["workload"] for e in providers["offloaded"]]
+        assert len(workloads) == 8 and [w for w in workloads if "int8" not in w] == ["conv2d/1x28x28x1/w16x1x3x3/s1_1/p1_1_1_1/d1_1/g1/n1/b/relu"]
+        # int8 chains whose output the next layer quantizes write it in 8 bits (the requantisation folded in; all but the logits)
+        assert sum(w.endswith(("/quint8", "/qint8")) for w in workloads) == 6, providers
     else:
         assert providers["offloaded"] == []
     res = runner.invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "fp32"), *common], catch_exceptions=False)
