@@ -102,6 +102,15 @@ def test_run_lends_aligned_inputs_and_copies_outputs(x86_artifact):
     with pytest.raises(ConfigError, match="the artifact takes float32"):
         art.run({"input": data.astype(np.float64)})
 
+    # The array last passed is remembered (its DLPack view reused): the same array refilled is read anew each run.
+    other = np.random.default_rng(1).standard_normal(data.shape).astype(np.float32)
+    expected = art.run({"input": other.copy()})[name]
+    for buffer in (aligned, unaligned):
+        buffer[...] = data
+        np.testing.assert_array_equal(art.run({"input": buffer})[name], kept)
+        buffer[...] = other
+        np.testing.assert_array_equal(art.run({"input": buffer})[name], expected)
+
 
 def test_bench_reports_both(x86_artifact):
     from optc.targets.bench import bench_artifact
