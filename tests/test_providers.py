@@ -572,6 +572,36 @@ def test_winograd_request_without_a_kernel_falls_back_to_direct():
         np.testing.assert_allclose(vm["dnn"](data).numpy(), vm["ref"](data).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_new_weight_at_a_reused_address_gets_its_own_kernel(tmp_path):
+    """The glue caches a kernel (with its packed weights) by the weight buffer's address. A constant of a later artifact
+    can land where a freed one was: the key also samples the weight's bytes, so new values there are not computed
+    with the old packed ones. Here the very same buffer is refilled; and the caller's input and output buffers, which
+    the glue points its kept memory objects at on each call, change between calls too."""
+    onednn_or_skip()
+    import tvm
+    from optc.targets.providers import onednn
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x, w = relax.Var("x", relax.TensorType([4, 16], "float32")), relax.Var("w", relax.TensorType([16, 8], "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.call_dps_packed(
+                "optc_dnnl_matmul_nobias", [x, w, relax.ShapeExpr([0, 0, 0])], relax.TensorType([4, 8], "float32"))))
+        bb.emit_func_output(out)
+    path = tmp_path / "k.so"
+    tvm.compile(bb.get(), target=tvm.target.Target({"kind": "llvm"})).export_library(
+        str(path), addons=[str(onednn.glue_object())], options=onednn.link_options())
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    rng = np.random.default_rng(0)
+    weight = tvm.runtime.tensor(rng.standard_normal((16, 8)).astype(np.float32))
+    for _ in range(3):
+        values = rng.standard_normal((16, 8)).astype(np.float32)
+        weight.copyfrom(values)  # same buffer, new values
+        data = rng.standard_normal((4, 16)).astype(np.float32)
+        np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(data), weight).numpy(), data @ values, rtol=1e-5, atol=1e-5)
+
+
 def test_winograd_artifact_matches_onnxruntime(tmp_path):
     """A ResNet-style block whose 3x3 convolutions are wide enough for Winograd to win here, end to end."""
     onednn_or_skip()

@@ -36,6 +36,7 @@
 #include <sstream>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "openmp_pool.h"
 #include "pacer.h"
@@ -115,12 +116,19 @@ void append_act(dnnl::post_ops& po, int64_t act, float lo, float hi) {
 }
 
 // A call site's cache key: the weight buffer's address when there is one (constants of a loaded
-// artifact do not move; activations do, between runs) plus every shape and attribute, as raw bytes
-// (no formatting per call).
-std::string key_of(char op, const TensorView* weight, std::initializer_list<const TensorView*> ts, const Shape& attrs) {
-  std::string k(1, op);
-  auto put = [&k](int64_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
-  put(weight ? static_cast<int64_t>(reinterpret_cast<uintptr_t>(weight->data_ptr())) : 0);
+// artifact do not move; activations do, between runs) and a sample of its bytes (a later artifact's
+// constant of the same shape can land at a freed one's address), plus every shape and attribute, as
+// raw bytes. Written into one buffer per thread: a call formats nothing and allocates nothing.
+const std::string& key_of(char op, const TensorView* weight, std::initializer_list<const TensorView*> ts, const Shape& attrs) {
+  thread_local std::string k;
+  k.assign(1, op);
+  auto put = [](int64_t v) { k.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  if (weight) {
+    put(static_cast<int64_t>(reinterpret_cast<uintptr_t>(weight->data_ptr())));
+    const unsigned char* bytes = static_cast<const unsigned char*>(weight->data_ptr()) + weight->byte_offset();
+    size_t size = static_cast<size_t>(weight->numel()) * ((weight->dtype().bits + 7) / 8), step = size / 16 + 1;
+    for (size_t i = 0; i < size; i += step) k.push_back(static_cast<char>(bytes[i]));
+  }
   for (const TensorView* t : ts) {
     put(t->ndim());
     for (int i = 0; i < t->ndim(); ++i) put(t->shape()[i]);
@@ -197,12 +205,41 @@ std::mutex cache_mutex;
 template <class T>
 using Cache = std::unordered_map<std::string, std::shared_ptr<T>>;
 
+// Each thread keeps the kernels it has used in a map of its own, so a call takes no lock.
 template <class T, class Make>
 std::shared_ptr<T> cached(Cache<T>& cache, const std::string& key, Make make) {
+  thread_local Cache<T> mine;
+  auto found = mine.find(key);
+  if (found != mine.end()) return found->second;
+  std::string owned(key);  // key_of's buffer, which building a kernel may reuse
   std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, make()).first;
+  auto it = cache.find(owned);
+  if (it == cache.end()) it = cache.emplace(owned, make()).first;
+  mine.emplace(owned, it->second);
   return it->second;
+}
+
+// The memory objects and argument map of one kernel on one thread, made on its first call; later calls point
+// them at the call's buffers. Making them each call (dnnl_memory_create for each buffer, a hash map, and their
+// frees) cost about a microsecond, a tenth of one of the MNIST sample's convolutions. Per thread: two VMs of one
+// model in two threads share the cached kernel (and its packed weights), not these.
+struct Bound {
+  std::vector<dnnl::memory> user;  // the caller's buffers, in the order the kernel's run gives them
+  std::unordered_map<int, dnnl::memory> args;
+};
+
+template <class T, class Make>
+Bound& bound(const T& kernel, std::initializer_list<void*> buffers, Make make) {
+  thread_local std::unordered_map<const T*, Bound> all;
+  auto [it, fresh] = all.try_emplace(&kernel);
+  Bound& b = it->second;
+  if (fresh) {
+    make(b);
+    return b;
+  }
+  size_t i = 0;
+  for (void* p : buffers) b.user[i++].set_data_handle(p);
+  return b;
 }
 
 // A single-thread twin reads the site's packed weights where its kernel wants them in the same layout.
@@ -425,28 +462,25 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
   bool small = (transposed ? numel(x) * w.shape()[1] : numel(out) * w.shape()[1]) * w.shape()[2] * w.shape()[3] < kSerialMacs;
   auto make = [&] { return transposed ? make_deconv(x, w, b, out, a) : make_conv(x, w, b, out, a, res != nullptr, scales); };
   auto run = [&](Conv& c) {
-    auto& eng = cpu_engine();
     dnnl::stream& s = cpu_stream();
-    dnnl::memory src_user(c.src_plain, eng, raw_of(x));
-    dnnl::memory dst_user(c.dst_plain, eng, data_of(out));
-    // Scratch for the reordered src and dst, one pair per thread: two VMs of one model in two threads
-    // share the cached primitive (same weight buffer) but must not share its scratch.
-    thread_local std::unordered_map<const Conv*, std::pair<dnnl::memory, dnnl::memory>> scratch;
-    auto& mine = scratch[&c];
-    if (c.src_reorder && !mine.first) mine.first = dnnl::memory(c.src_md, eng);
-    if (c.dst_reorder && !mine.second) mine.second = dnnl::memory(c.dst_md, eng);
-    dnnl::memory src = c.src_reorder ? mine.first : src_user;
-    dnnl::memory dst = c.dst_reorder ? mine.second : dst_user;
-    if (c.src_reorder) c.to_src.execute(s, src_user, src);
+    // user: src, dst, then the residual; args: the kernel's src and dst (scratch where it reorders), weights, bias
+    Bound& m = bound(c, {raw_of(x), data_of(out), res ? data_of(*res) : nullptr}, [&](Bound& m) {
+      auto& eng = cpu_engine();
+      m.user = {dnnl::memory(c.src_plain, eng, raw_of(x)), dnnl::memory(c.dst_plain, eng, data_of(out)),
+                dnnl::memory(c.dst_plain, eng, res ? data_of(*res) : nullptr)};
+      m.args = {{DNNL_ARG_SRC, c.src_reorder ? dnnl::memory(c.src_md, eng) : m.user[0]}, {DNNL_ARG_WEIGHTS, c.weights},
+                {DNNL_ARG_DST, c.dst_reorder ? dnnl::memory(c.dst_md, eng) : m.user[1]}};
+      if (b) m.args[DNNL_ARG_BIAS] = c.bias;
+    });
+    dnnl::memory& src = m.args[DNNL_ARG_SRC];
+    dnnl::memory& dst = m.args[DNNL_ARG_DST];
+    if (c.src_reorder) c.to_src.execute(s, m.user[0], src);
     if (res) {
-      dnnl::memory res_user(c.dst_plain, eng, data_of(*res));
-      if (c.dst_reorder) c.to_dst.execute(s, res_user, dst);
+      if (c.dst_reorder) c.to_dst.execute(s, m.user[2], dst);
       else std::memcpy(data_of(out), data_of(*res), c.dst_plain.get_size());
     }
-    std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, c.weights}, {DNNL_ARG_DST, dst}};
-    if (b) args[DNNL_ARG_BIAS] = c.bias;
-    c.prim.execute(s, args);
-    if (c.dst_reorder) c.from_dst.execute(s, dst, dst_user);
+    c.prim.execute(s, m.args);
+    if (c.dst_reorder) c.from_dst.execute(s, dst, m.user[1]);
     s.wait();
   };
   char op = transposed ? (b ? 'd' : 'e') : scales ? (res ? 'S' : out.dtype().bits == 8 ? 'R' : 'Q') : res ? 's' : b ? 'c' : 'n';
@@ -499,14 +533,15 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
   bool small = numel(x) * w.shape()[1] < kSerialMacs;
   auto make = [&] { return make_matmul(x, w, b, a, out, scales); };
-  auto run = [&](MatMul& m) {
-    auto& eng = cpu_engine();
+  auto run = [&](MatMul& mm) {
     dnnl::stream& s = cpu_stream();
-    dnnl::memory src(m.src_md, eng, raw_of(x));
-    dnnl::memory dst(m.dst_md, eng, data_of(out));
-    std::unordered_map<int, dnnl::memory> args = {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, m.weights}, {DNNL_ARG_DST, dst}};
-    if (m.has_bias) args[DNNL_ARG_BIAS] = m.bias;
-    m.prim.execute(s, args);
+    Bound& m = bound(mm, {raw_of(x), data_of(out)}, [&](Bound& m) {
+      auto& eng = cpu_engine();
+      m.user = {dnnl::memory(mm.src_md, eng, raw_of(x)), dnnl::memory(mm.dst_md, eng, data_of(out))};
+      m.args = {{DNNL_ARG_SRC, m.user[0]}, {DNNL_ARG_WEIGHTS, mm.weights}, {DNNL_ARG_DST, m.user[1]}};
+      if (mm.has_bias) m.args[DNNL_ARG_BIAS] = mm.bias;
+    });
+    mm.prim.execute(s, m.args);
     s.wait();
   };
   char op = scales ? (out.dtype().bits == 8 ? 'P' : 'M') : b ? 'm' : 'u';
