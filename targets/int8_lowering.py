@@ -73,7 +73,7 @@ class Region:
     name: str  # the ONNX node (found through its weight), else a description
     lowered: bool
     reason: str = ""  # why it stayed float
-    computes: str = "int8"  # how a lowered region computes its integer accumulator
+    computes: str = "int8"  # how a lowered region computes: int8 kernels, or float32 on the 8-bit input
 
     def to_dict(self) -> dict[str, Any]:
         out = {"op": self.op, "node": self.name}
