@@ -518,6 +518,17 @@ def test_the_kernel_choice_weighs_one_thread_and_all_threads():
     assert winner(None) == "onednn"
 
 
+def test_a_one_thread_figure_more_than_the_threads_can_explain_is_timed_again():
+    from optc.targets.providers.select import implausible_single
+
+    # the sample's stem as once recorded here (ms): 40x slower on one thread than on two is a stall, not the kernel
+    threaded = {"tvm_ms": .0063, "onednn_ms": .0140, "winograd_ms": .0387, "winograd_kernel": "jit_fp32_wino_2x3"}
+    single = {"tvm_ms": .2527, "onednn_ms": .0877, "winograd_ms": .0300}
+    assert implausible_single(threaded, single, threads=2) == ["tvm_ms", "onednn_ms"]
+    assert implausible_single(threaded, {"tvm_ms": .0120, "onednn_ms": .0280}, threads=2) == []  # a 2x speed-up is possible
+    assert implausible_single({"tvm_ms": .0063}, {"tvm_ms": .0190}, threads=1) == ["tvm_ms"]
+
+
 def test_winograd_is_a_measured_candidate_checked_against_the_direct_kernel():
     """3x3 stride-1 fp32 convolutions race oneDNN's Winograd kernel too, where this CPU has one;
     its outputs must agree with the direct kernel's, and the report says which kernel ran or why not."""

@@ -412,10 +412,24 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
             results[chain.workload()] = {**_race(fns), **extra}
             with one_thread() as held:
                 if held:
-                    results[chain.workload()].update({k.replace("_ms", ONE_THREAD): v for k, v in _race(fns).items()})
+                    single = _race(fns)
+                    stalled = implausible_single(results[chain.workload()], single)
+                    if stalled:  # timed again, the lower figure kept
+                        again = _race({k: fns[k] for k in stalled})
+                        single.update({k: min(single[k], again[k]) for k in stalled})
+                    results[chain.workload()].update({k.replace("_ms", ONE_THREAD): v for k, v in single.items()})
             logger.info("kernels: %s  %s", chain.workload(),
                         "  ".join(f"{k[:-3]} {v:.3f} ms" for k, v in results[chain.workload()].items() if k.endswith("_ms")))
     return results
+
+
+def implausible_single(threaded: dict[str, Any], single: dict[str, float], threads: int | None = None) -> list[str]:
+    """The candidates whose one-thread time is more than 1.5x ``threads`` times their all-thread time. N threads cannot
+    make a kernel N times faster, so such a figure is a stall (a burst of another process's load), not the kernel: once
+    on this machine, the MNIST sample's stem read 252 us on one thread against 6.3 on two, and the race kept oneDNN's
+    kernel, 2.2x slower than TVM's, for every later compile."""
+    threads = threads or (os.cpu_count() or 1)
+    return [k for k, t in single.items() if isinstance(threaded.get(k), (int, float)) and t > 1.5 * threads * threaded[k]]
 
 
 @contextlib.contextmanager
