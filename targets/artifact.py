@@ -43,7 +43,7 @@ from optc import __version__
 from optc.errors import ConfigError, OptcError, TargetError
 from optc.ir.io import open_regular_file
 from optc.ir.model import Model
-from optc.targets.deploy.run_artifact import Refused, apply_env, check_cpu, check_feeds, hash_stream, place_verified, read_npy, share_thread_pool
+from optc.targets.deploy.run_artifact import Refused, apply_env, check_cpu, check_feeds, hash_stream, place_verified, read_npy, share_thread_pool, vm_outputs
 from optc.targets.spec import TargetSpec
 
 MANIFEST = "manifest.json"
@@ -274,7 +274,6 @@ class LoadedArtifact:
     _specs: list[tuple[str, tuple[int, ...], np.dtype]] = field(default_factory=list, init=False, repr=False)
     _views: list[np.ndarray | None] = field(default_factory=list, init=False, repr=False)  # numpy views of _inputs on the host
     _output_names: list[str] = field(default_factory=list, init=False, repr=False)
-    _single: bool = field(default=True, init=False, repr=False)
     _from_dlpack: Any = field(default=None, init=False, repr=False)
     _lent: list[tuple[np.ndarray, Any] | None] = field(default_factory=list, init=False, repr=False)  # (array, its DLPack view)
 
@@ -305,9 +304,7 @@ class LoadedArtifact:
                 else:
                     np.copyto(view, value)  # 1 us where copyfrom takes 10-20
             args.append(buffer)
-        result = self._main(*args)
-        results = [result] if self._single else result
-        return {name: _to_numpy(v) for name, v in zip(self._output_names, results)}
+        return {name: _to_numpy(v) for name, v in zip(self._output_names, vm_outputs(self._main(*args)))}
 
     def _prepare(self) -> None:
         import tvm
@@ -317,7 +314,6 @@ class LoadedArtifact:
         self._from_dlpack = tvm_ffi.from_dlpack
         self._specs = [(s["name"], tuple(s["shape"]), np.dtype(s["dtype"])) for s in self.manifest["inputs"]]
         self._output_names = [s["name"] for s in self.manifest["outputs"]]
-        self._single = len(self._output_names) == 1  # one output comes back bare, several as a tuple
         self._inputs = [tvm.runtime.empty(shape, dtype.name, self.device) for _, shape, dtype in self._specs]
         on_cpu = self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type()
         self._views = [_host_view(b) if on_cpu else None for b in self._inputs]

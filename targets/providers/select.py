@@ -410,10 +410,10 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
                 if usable:
                     fns["winograd_ms"] = lambda i=i, a=args: vm[f"wino_{i}"](*a)
             results[chain.workload()] = {**_race(fns), **extra}
-            with one_thread() as held:
-                if held:
+            with one_thread() as threads:
+                if threads:
                     single = _race(fns)
-                    stalled = implausible_single(results[chain.workload()], single)
+                    stalled = implausible_single(results[chain.workload()], single, threads)
                     if stalled:  # timed again, the lower figure kept
                         again = _race({k: fns[k] for k in stalled})
                         single.update({k: min(single[k], again[k]) for k in stalled})
@@ -423,31 +423,30 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any]) 
     return results
 
 
-def implausible_single(threaded: dict[str, Any], single: dict[str, float], threads: int | None = None) -> list[str]:
-    """The candidates whose one-thread time is more than 1.5x ``threads`` times their all-thread time. N threads cannot
-    make a kernel N times faster, so such a figure is a stall (a burst of another process's load), not the kernel: once
-    on this machine, the MNIST sample's stem read 252 us on one thread against 6.3 on two, and the race kept oneDNN's
-    kernel, 2.2x slower than TVM's, for every later compile."""
-    threads = threads or (os.cpu_count() or 1)
+def implausible_single(threaded: dict[str, Any], single: dict[str, float], threads: int) -> list[str]:
+    """The candidates whose one-thread time is more than 1.5x ``threads`` (the all-thread figures' count) times their
+    all-thread time. N threads cannot make a kernel N times faster, so such a figure is a stall (a burst of another
+    process's load), not the kernel: once on this machine, the MNIST sample's stem read 252 us on one thread against 6.3
+    on two, and the race kept oneDNN's kernel, 2.2x slower than TVM's, for every later compile."""
     return [k for k, t in single.items() if isinstance(threaded.get(k), (int, float)) and t > 1.5 * threads * threaded[k]]
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[bool]:
-    """The calling thread held to one OpenMP thread (oneDNN's calls and, on the shared pool, TVM's loops): True when it
-    was, False on a one-core machine or without libgomp (nothing to measure apart)."""
+def one_thread() -> Iterator[int]:
+    """The calling thread held to one OpenMP thread (oneDNN's calls and, on the shared pool, TVM's loops): yields the
+    thread count it had, or 0 on a one-core machine or without libgomp (nothing to measure apart)."""
     if (os.cpu_count() or 1) < 2:
-        yield False
+        yield 0
         return
     try:
         gomp = ctypes.CDLL("libgomp.so.1")
     except OSError:
-        yield False
+        yield 0
         return
     before = gomp.omp_get_max_threads()
     gomp.omp_set_num_threads(1)
     try:
-        yield True
+        yield before
     finally:
         gomp.omp_set_num_threads(before)
 
