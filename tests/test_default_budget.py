@@ -126,6 +126,23 @@ def test_sample_agreements_judge_each_sample_on_its_own_positions():
     assert sample_agreements(np.linspace(-3, 3, 40).reshape(4, 10), np.zeros((4, 10))) is None  # not class scores
 
 
+def test_fidelity_drop_holds_flipped_decisions_that_the_cosine_hides():
+    """A pass's own fallback judged by the cosine alone kept every layer int8 where a frame's argmax flipped."""
+    from optc.evaluation.fidelity import fidelity_drop
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((50, 10)) * 0.1
+    logits[np.arange(50), rng.integers(0, 10, 50)] += 5.0  # decisive frames
+    near = logits.copy()
+    top = logits.argmax(1)
+    near[:5, (top[:5] + 1) % 10] = logits[:5, top[:5]] + 0.01  # five of 50 decisions flip by a hair
+    reference, actual = [logits.astype(np.float32)], [near.astype(np.float32)]
+    cosine = fidelity_drop(reference, actual, "cosine")
+    assert cosine < 0.05
+    assert fidelity_drop(reference, actual, "fidelity") == pytest.approx(0.1)
+    embedding = [rng.standard_normal((50, 10)).astype(np.float32)]  # not class scores: held to the cosine only
+    assert fidelity_drop(embedding, [embedding[0] * 1.01], "fidelity") == pytest.approx(0.0, abs=1e-9)
+
+
 def test_bounded_refuses_a_mean_that_one_bad_sample_hides_in():
     """Seven faithful samples and one poor one: the mean clears 0.99 of fidelity, the bound does not."""
     from optc.evaluation.metrics import bounded

@@ -225,6 +225,33 @@ def test_max_drop_keeps_sensitive_layers_float(save, tmp_path):
     assert any("kept float" in s for s in record.skipped)
 
 
+def test_a_fixed_batch_of_one_is_judged_on_every_sample(save, tmp_path):
+    """Once the fallback of a batch-1 model measured its first sample only: 22 frames of ddddocr's OCR
+    said every layer could stay int8, and 352 held-out frames disagreed."""
+    proto = _conv_gemm_model()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    q, record = _run(save, tmp_path, proto, max_drop=1e-7, metric="fidelity", eval_samples=40)
+    assert record.stats["fallback_samples"] == 40
+    assert record.stats["float"]
+
+
+def test_a_tighter_fallback_reuses_the_drops_measured_and_writes_the_same_model(save, tmp_path):
+    """The default budget tightens a fallback that missed: the same model, data and options measure nothing again."""
+    from optc.passes.quantize.quantize import _DROPS
+    _DROPS.clear()
+    misses, hits = _DROPS.misses, _DROPS.hits
+    _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-3, metric="fidelity", eval_samples=32)
+    measured = _DROPS.misses - misses
+    tight, record = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-9, metric="fidelity", eval_samples=32)
+    assert _DROPS.hits - hits >= 4  # the full drop and the 3 one-layer ones, at least
+    assert _DROPS.misses - misses - measured < measured
+    _DROPS.clear()
+    fresh, again = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-9, metric="fidelity", eval_samples=32)
+    assert tight.proto.SerializeToString() == fresh.proto.SerializeToString()
+    assert record.stats["float"] == again.stats["float"]
+
+
 def test_too_few_samples_is_a_clear_error(save, tmp_path):
     model = load_model(save(_conv_gemm_model()))
     np.savez(tmp_path / "few.npz", x=rand(3, 3, 8, 8))

@@ -81,15 +81,20 @@ def test_explore_publishes_every_improvement_and_marks_the_front(sample):
 
 
 @pytest.mark.slow
-def test_a_lossy_pass_without_a_scalable_strength_that_misses_is_left_out(sample):
-    """quantize with every layer forced int8 and a zero budget: no strength to scale, so the floor
-    is the pipeline without it (once this re-measured nothing and returned the missing point)."""
+@pytest.mark.parametrize("metric", ["cosine", "fidelity"])
+def test_a_lossy_pass_without_a_scalable_strength_that_misses_is_left_out(sample, metric):
+    """quantize with every layer forced int8 and a zero budget: no strength to scale, so it falls back
+    per layer, judged by the pass's measure nearest the budget's, then tighter, then the floor is the
+    pipeline without it (once this re-measured nothing and returned the missing point)."""
     model, calib, budget_set, _ = sample
     passes = parse_pass_specs(["canonicalize", "quantize:reduce_range=true,calibrator=minmax"])
-    cosine = load_metric("cosine")
     runner = PrefixRunner(model, PassContext(calibration=calib))
-    result = fit_to_budget(passes, runner, Budget(MetricRunner(cosine, budget_set.inputs, None, model), 1e-7))
+    result = fit_to_budget(passes, runner, Budget(MetricRunner(load_metric(metric), budget_set.inputs, None, model), 1e-7))
     assert not result.points[0].feasible
+    fallbacks = [p.passes[-1] for p in result.points[1:3]]
+    assert "max_drop=5e-08" in fallbacks[0] and "max_drop=1.25e-08" in fallbacks[1], fallbacks
+    assert all(f"metric={metric}," in f for f in fallbacks), fallbacks
+    assert [n.split(" (")[0] for n in result.notes[:2]] == ["quantize: its most sensitive layers fall back"] * 2
     assert result.chosen.feasible
     assert all(p.name != "quantize" for p in result.passes)
 
