@@ -26,13 +26,15 @@ BLOCK_RUNS = 5
 
 
 def in_turns(fns: Mapping[str, Callable[[], Any]], budget_s: float = BUDGET_S, max_runs: int = BLOCK_RUNS,
-             min_blocks: int = 3, clear_win: float | None = None, fixed_runs: bool = False) -> tuple[dict[str, float], int]:
+             min_blocks: int = 3, clear_win: float | None = None, fixed_runs: bool = False,
+             before: Callable[[], Any] | None = None) -> tuple[dict[str, float], int]:
     """Lowest block median (ms) of each function, timed in alternating blocks so that load from other
     users of the machine hits them alike; at least ``min_blocks`` blocks, more while ``budget_s`` lasts
     (at most 20). Each function is called once first (caches, lazily built kernels); a slow one gets
     fewer runs per block. With ``clear_win``, a first block in which one function is that many times
     slower than another ends the timing. Also the number of blocks. ``fixed_runs``: every block has
-    ``max_runs`` runs (benchmarks that say how many they take)."""
+    ``max_runs`` runs (benchmarks that say how many they take). ``before``: called, untimed, before every
+    timed call (a kernel race evicts the caches as the rest of a model would)."""
     warm = []
     for fn in fns.values():
         start = time.perf_counter()
@@ -45,6 +47,8 @@ def in_turns(fns: Mapping[str, Callable[[], Any]], budget_s: float = BUDGET_S, m
         for key, fn in fns.items():
             times = []
             for _ in range(runs):
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1000)
