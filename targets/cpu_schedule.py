@@ -198,8 +198,6 @@ def _vectorise_reduction(sch: Any, block: Any, loops: list[Any], spatial: list[A
 
     Only when that loop walks the input's innermost axis: a global pool over NHWC then adds whole rows of
     channels (1x24x96x16: 32 us scalar, one channel at a time down a stride of 16 floats)."""
-    from tvm import tirx
-
     if not spatial or extents[-1] < 4 or not _reads_channels_innermost(sch, block):
         return False
     sch.reorder(*spatial[:-1], *loops[len(spatial):], spatial[-1])
