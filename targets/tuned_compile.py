@@ -17,8 +17,11 @@ from optc.targets.cpu_schedule import default_schedules
 
 
 def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
+    import tvm
     from tvm import relax
     from tvm.relax import pipeline
+
+    from optc.targets.providers.reciprocal_scale import reciprocal_quantize
 
     try:
         dispatch = pipeline.library_dispatch_passes(target)
@@ -26,6 +29,8 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
         dispatch = []
     passes = [
         *dispatch,
+        # after the providers took their chains: the quantizes left to TVM multiply by 1/scale (providers/reciprocal_scale.py)
+        tvm.transform.module_pass(lambda mod, _ctx: reciprocal_quantize(mod), opt_level=0, name="ReciprocalQuantize"),
         # exp/erf/tanh (softmax, GELU, sigmoid) as vectorisable polynomials instead of one libm call
         # per element; onnxruntime's MLAS does the same. Within 1e-6 relative of the exact functions.
         relax.transform.FastMathTransform(),
