@@ -24,8 +24,8 @@ removes that shift exactly in expectation.
 Fallback: the fidelity drop of a model on calibration samples is ``1 - mean
 cosine`` of its outputs to the float model's (or ``1 - top-1 agreement`` of the
 first output, or with ``fidelity`` also the disagreement of every output holding
-class scores, per position: a CTC model's frames). A layer's sensitivity is the drop with only that layer
-quantised. With ``max_drop`` set, the most sensitive layers are put back to
+class scores, per position: a CTC model's frames). A layer's sensitivity is the
+drop with only that layer quantised. With ``max_drop`` set, the most sensitive layers are put back to
 float one at a time until the drop is within budget or ``time_budget_s`` runs
 out; the best model seen is kept.
 """
@@ -200,13 +200,17 @@ class Quantize(Pass[QuantizeConfig]):
         # The default budget runs this search again with a tighter max_drop on the same model and data: the
         # drops it measured are remembered (rapidocr's recogniser: 47 sensitivities and 8 trials, 144 s a run).
         base = original.fingerprint()
-        identity = (base, base if model is original else model.fingerprint(), calib.digest, seed, repr(dataclasses.replace(cfg, max_drop=None, time_budget_s=0.0, sensitivity=False)))
+        form = dataclasses.replace(cfg, max_drop=None, time_budget_s=0.0, sensitivity=False)  # what shapes the int8 model
+        identity = (base, base if model is original else model.fingerprint(), calib.digest, seed, repr(form))
 
         def drop(float_set: frozenset[str] | None, only: str | None = None) -> float:
             def measure() -> float:
                 if "reference" not in outputs:
                     outputs["reference"] = _outputs(original, feeds)
-                trial = write_qdq(model, {only: plans[only]}, acts, cfg, set()) if only else write_qdq(model, plans, acts, cfg, set(float_set or ()))
+                if only is not None:
+                    trial = write_qdq(model, {only: plans[only]}, acts, cfg, set())
+                else:
+                    trial = write_qdq(model, plans, acts, cfg, set(float_set or ()))
                 return fidelity_drop(outputs["reference"], _outputs(trial, feeds), cfg.metric)
             return _DROPS.get_or_compute((identity, float_set, only), measure, lambda _: 64)
 
