@@ -175,9 +175,9 @@ def _relax_fixed(evaluate: _Evaluator, passes: Sequence[Pass], fixed: list[int],
         # The fallback holds its drop on the calibration data it fits; the budget holds a confidence bound
         # on held-out data, so a fallback at half the budget can still miss it (ddddocr's OCR: 0.9886 of
         # its frames agreed, bounded at 0.9814 < 0.99). One tighter try costs far less than losing the pass.
-        level = budget.max_drop / 2 if i not in fallback else fallback[i].config.max_drop / FALLBACK_TIGHTEN
-        if level < budget.max_drop / (2 * FALLBACK_TIGHTEN) - 1e-15:
-            continue
+        if i in fallback and fallback[i].config.max_drop < budget.max_drop / 2:
+            continue  # tightened once already
+        level = budget.max_drop / 2 if i not in fallback else budget.max_drop / (2 * FALLBACK_TIGHTEN)
         changes: dict[str, Any] = {"max_drop": level}
         if "metric" in _fields(p):
             changes["metric"] = _fallback_metric(budget)

@@ -166,12 +166,12 @@ def _parallelise(sch: Any, block: Any) -> bool:
         # loops moved outside it, where it walks the input's innermost axis: LLVM does not vectorise a loop with a
         # reduction inside it (NHWC 3x3 max-pool of 112x112x64, 1 thread: 375 us one channel at a time)
         outer = spatial[:-1] if len(spatial) > 1 and extents[-1] >= VECTOR // 2 else spatial
-        if len(outer) < len(spatial) and _reads_channels_innermost(sch, block):
-            sch.reorder(*spatial[:-1], *loops[len(spatial):], spatial[-1])
-            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-            _vectorise_innermost(sch, spatial, extents)
-            return True
+        channels = len(outer) < len(spatial) and _reads_channels_innermost(sch, block)
+        if channels:
+            _window_outside(sch, loops, spatial)
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        if channels:
+            _vectorise_innermost(sch, spatial, extents)
         return True
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     outer, inner = sch.split(fused, factors=[None, VECTOR * 4])
@@ -200,8 +200,13 @@ def _vectorise_reduction(sch: Any, block: Any, loops: list[Any], spatial: list[A
     channels (1x24x96x16: 32 us scalar, one channel at a time down a stride of 16 floats)."""
     if not spatial or extents[-1] < 4 or not _reads_channels_innermost(sch, block):
         return False
-    sch.reorder(*spatial[:-1], *loops[len(spatial):], spatial[-1])
+    _window_outside(sch, loops, spatial)
     return _vectorise_innermost(sch, spatial, extents)
+
+
+def _window_outside(sch: Any, loops: list[Any], spatial: list[Any]) -> None:
+    """The reduction's loops moved between the outer output loops and the innermost one."""
+    sch.reorder(*spatial[:-1], *loops[len(spatial):], spatial[-1])
 
 
 def _reads_channels_innermost(sch: Any, block: Any) -> bool:

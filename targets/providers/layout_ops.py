@@ -50,7 +50,7 @@ _TE_NAME = re.compile(r"(maximum|minimum)\d*$")
 
 def layout_friendly(mod: Any) -> Any:
     """``mod`` with its clips and variadic element-wise ops rewritten (the same module when there are none)."""
-    return _rewritten(_Rewriter(mod), mod)
+    return rewritten(_Rewriter(mod), mod)
 
 
 @relax.expr_functor.mutator
@@ -198,10 +198,10 @@ def deconvs_as_matmuls(mod: Any) -> Any:
     (``[N, H, W, C] @ [C, O*KH*KW]``) it is a GEMM a provider runs at full speed; oneDNN's deconvolution took
     7 ms for RapidOCR detector's 24->24 one and 36 ms for its 24->1 one, TVM's 8. The same module when none.
     """
-    return _rewritten(_DeconvRewriter(mod), mod)
+    return rewritten(_DeconvRewriter(mod), mod)
 
 
-def _rewritten(rewriter: Any, mod: Any) -> Any:
+def rewritten(rewriter: Any, mod: Any) -> Any:
     """``mod`` through ``rewriter``, or ``mod`` itself when it rewrote nothing."""
     new_mod = rewrite_functions(rewriter, mod)
     if not rewriter.count:

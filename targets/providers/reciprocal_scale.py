@@ -23,12 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of
-from optc.targets.providers.offload import rewrite_functions
+from optc.targets.providers.chains import dtype_of, op_name
+from optc.targets.providers.layout_ops import rewritten
 
 # What may lie between the rounding and the cast: the zero point and the type's bounds (a ReLU's maximum at the
 # zero point, or relu itself where the frontend kept it).
@@ -38,10 +37,7 @@ _BETWEEN = ("relax.add", "relax.subtract", "relax.minimum", "relax.maximum", "re
 def reciprocal_quantize(mod: Any) -> Any:
     """``mod`` with each quantize's division by its scale a multiplication by the reciprocal (the same module when none)."""
     rewriter = _Reciprocal(mod)
-    if not rewriter.divisions:
-        return mod
-    new_mod = rewrite_functions(rewriter, mod)
-    return relax.transform.DeadCodeElimination()(new_mod) if rewriter.count else mod
+    return rewritten(rewriter, mod) if rewriter.divisions else mod
 
 
 def _scalar(expr: Any) -> float | None:
@@ -62,19 +58,15 @@ class _Reciprocal(relax.PyExprMutator):
     @staticmethod
     def _quantizing_division(value: Any, values: dict[Any, Any]) -> Any:
         """The ``x / s`` behind ``astype(...round(x / s)..., int8|uint8)``, or None."""
-        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == "relax.astype"
-                and str(value.attrs.dtype) in ("int8", "uint8")):
+        if op_name(value) != "relax.astype" or str(value.attrs.dtype) not in ("int8", "uint8"):
             return None
         expr = value.args[0]
         for _ in range(8):
-            call = values.get(expr) if isinstance(expr, relax.Var) else expr
-            if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)):
-                return None
-            name = call.op.name
+            call = values.get(expr, expr)
+            name = op_name(call)
             if name == "relax.round":
-                division = values.get(call.args[0]) if isinstance(call.args[0], relax.Var) else call.args[0]
-                ok = (isinstance(division, relax.Call) and isinstance(division.op, tvm.ir.Op) and division.op.name == "relax.divide"
-                      and dtype_of(division) == "float32" and _scalar(division.args[1]) not in (None, 0.0))
+                division = values.get(call.args[0], call.args[0])
+                ok = op_name(division) == "relax.divide" and dtype_of(division) == "float32" and _scalar(division.args[1]) not in (None, 0.0)
                 return division if ok else None
             if name not in _BETWEEN:
                 return None
