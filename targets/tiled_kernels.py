@@ -54,6 +54,10 @@ SPARE_REGISTERS = 4  # for the broadcast input value and the weight vectors in f
 # Below this many multiply-adds a convolution runs on the calling thread: waking the pool costs tens of
 # microseconds (the oneDNN glue draws the same line, onednn_glue.cc).
 PARALLEL_MACS = 1 << 21
+# ... unless it reads at least this many bytes of weights: a matrix-vector product (an LSTM step's 1x512 @ 512x2048,
+# 1 M multiply-adds) is bound by its 4 MB of weights, 180 us a call from L3 on one core. Threaded, each core reads
+# its own columns, and consecutive steps find them in that core's L2.
+PARALLEL_WEIGHT_BYTES = 1 << 20
 # Armv8.2's sdot: four int32 lanes, each adding a 4-deep int8 dot product (16 multiply-adds an instruction, against
 # 4 for the widening multiply-accumulate the vectoriser emits otherwise).
 DOT_LANES = DOT_DEPTH = 4
@@ -219,7 +223,7 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
     macs = 1
     for loop in sch.get_loops(block):
         macs *= int(sch.get(loop).extent)
-    threaded = macs >= PARALLEL_MACS
+    threaded = macs >= PARALLEL_MACS or _weight_bytes(node) >= PARALLEL_WEIGHT_BYTES
     lanes, registers = vector_shape(target)
     cols = int(sch.get(roles.cols).extent)
     tw, tc = tiles(int(sch.get(roles.rows).extent), cols, lanes, registers, roles.group)
@@ -303,18 +307,30 @@ def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> bo
     return has_dot_product(target)
 
 
-def _weights_dominate(node: Any) -> bool:
-    """Whether the block reads more bytes of its second operand (the weights) than of its first (the input)."""
+def _read_sizes(node: Any) -> list[int] | None:
+    """Elements of the block's first two operands (input, weights); None where a shape is unknown."""
     sizes = []
     for region in node.reads[:2]:
         shape = getattr(region.source, "shape", None)
         if shape is None:
-            return False
+            return None
         size = 1
         for dim in shape:
             size *= int(dim)
         sizes.append(size)
-    return len(sizes) == 2 and sizes[1] > sizes[0]
+    return sizes if len(sizes) == 2 else None
+
+
+def _weights_dominate(node: Any) -> bool:
+    """Whether the block reads more bytes of its second operand (the weights) than of its first (the input)."""
+    sizes = _read_sizes(node)
+    return sizes is not None and sizes[1] > sizes[0]
+
+
+def _weight_bytes(node: Any) -> int:
+    """Bytes of the block's second operand (the weights), 0 where unknown."""
+    sizes = _read_sizes(node)
+    return 0 if sizes is None else sizes[1] * node.reads[1].source.dtype.bits // 8
 
 
 def _parallel_copy(sch: Any, block: Any, threaded: bool) -> None:

@@ -114,6 +114,38 @@ def test_a_convolution_above_the_line_is_threaded_however_few_its_column_tiles(o
     assert any("T.parallel" in line for line in nest[-6:]), nest  # the reduction's own loop nest, not the padded copy's
 
 
+def _matrix_vector(k: int, n: int) -> onnx.ModelProto:
+    """An LSTM step's product: one row by a [k, n] weight, plus a bias."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    return make_model(nodes, [("x", [1, k])], [("y", [1, n])], [_w("w", k, n, seed=1), _w("b", n, seed=2)])
+
+
+@pytest.mark.parametrize(("k", "n", "threaded"), [(512, 2048, True), (128, 512, False)],
+                         ids=["4MB-of-weights", "256KB-of-weights"])
+def test_a_matrix_vector_product_is_threaded_by_its_weight_bytes_not_its_multiply_adds(k, n, threaded, tmp_path):
+    """An LSTM step's 1x512 @ 512x2048 is 1 M multiply-adds, under the line that keeps small calls on one thread, but
+    reads 4 MB of weights: on one thread it took 190 us, threaded 105 (each core reads its own columns). A small
+    one stays on the calling thread (waking the pool costs more than it saves). Outputs as onnxruntime's."""
+    import tvm
+    from optc.targets.artifact import load_artifact
+    from optc.targets.tiled_kernels import PARALLEL_MACS, PARALLEL_WEIGHT_BYTES, schedule_tiled
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = _matrix_vector(k, n)
+    assert k * n < PARALLEL_MACS and (k * n * 4 >= PARALLEL_WEIGHT_BYTES) == threaded
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod = fused(from_onnx(model, keep_params_in_input=False), target, True)
+    (matmul,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and 'T.sblock("matmul")' in f.script()]
+    text = schedule_tiled(matmul, target).script()
+    nest = [line for line in text[:text.index('T.sblock("matmul_update")')].splitlines() if line.strip().startswith("for ")]
+    assert any("T.parallel" in line for line in nest) == threaded, nest
+    out, _ = _compile_tvm_kernels(model, tmp_path)
+    x = rand(1, k, seed=4)
+    np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("lanes", "registers", "width", "channels", "tile"), [
     (16, 32, 56, 64, (14, 32)),  # AVX-512: two vectors of channels, 14 pixels: 28 accumulators
     (8, 16, 56, 64, (4, 16)),    # AVX2: 16 registers leave room for 6 pixels of two vectors; 4 divides 56

@@ -146,11 +146,20 @@ const std::string& key_of(char op, const TensorView* weight, std::initializer_li
 // thread. 128 K elements is where optc's TVM code starts threading its light (elementwise, reduction) functions.
 constexpr int64_t kSerialMacs = int64_t{1} << 21;
 constexpr int64_t kSerialElements = int64_t{1} << 17;
+// ... but a call that reads this many bytes of weights is bound by them, not by its multiply-adds: an LSTM
+// step's 1x512 @ 512x2048 (1 M multiply-adds, 4 MB) took 190 us on one thread, 105 threaded (each core reads
+// its own columns). optc's TVM kernels draw the same line (tiled_kernels.PARALLEL_WEIGHT_BYTES).
+constexpr int64_t kParallelWeightBytes = int64_t{1} << 20;
 
 int64_t numel(const TensorView& t) {
   int64_t n = 1;
   for (int i = 0; i < t.ndim(); ++i) n *= t.shape()[i];
   return n;
+}
+
+// A call small enough for the calling thread alone: few multiply-adds and few weight bytes.
+bool serial_call(int64_t macs, const TensorView& w) {
+  return macs < kSerialMacs && numel(w) * (w.dtype().bits / 8) < kParallelWeightBytes;
 }
 
 // While alive, primitives made or run on this thread use one OpenMP thread when `serial`.
@@ -459,7 +468,7 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
               const TensorView* scales = nullptr, bool transposed = false) {
   check_operands("conv2d", x, w, scales, out);
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
-  bool small = (transposed ? numel(x) * w.shape()[1] : numel(out) * w.shape()[1]) * w.shape()[2] * w.shape()[3] < kSerialMacs;
+  bool small = serial_call((transposed ? numel(x) * w.shape()[1] : numel(out) * w.shape()[1]) * w.shape()[2] * w.shape()[3], w);
   auto make = [&] { return transposed ? make_deconv(x, w, b, out, a) : make_conv(x, w, b, out, a, res != nullptr, scales); };
   auto run = [&](Conv& c) {
     dnnl::stream& s = cpu_stream();
@@ -531,7 +540,7 @@ void run_matmul(TensorView x, TensorView w, const TensorView* b, const Shape& a,
                 const TensorView* scales = nullptr) {
   check_operands("matmul", x, w, scales, out);
   if (w.ndim() != 2 || a.size() != 3) TVM_FFI_THROW(ValueError) << "optc oneDNN matmul: a 2-d weight and 3 attributes";
-  bool small = numel(x) * w.shape()[1] < kSerialMacs;
+  bool small = serial_call(numel(x) * w.shape()[1], w);
   auto make = [&] { return make_matmul(x, w, b, a, out, scales); };
   auto run = [&](MatMul& mm) {
     dnnl::stream& s = cpu_stream();
