@@ -47,6 +47,15 @@ class Weight:
     key: str  # digest of the ONNX initializer it came from
 
 
+@dataclass(frozen=True)
+class Lowered:
+    """A region's integer form: the expression that replaces it, the weight it read, and how it computes."""
+
+    expr: Any
+    weight: Weight
+    computes: str = "int8"
+
+
 def lower(mod: Any, owners: Mapping[str, str], signed: bool = False) -> tuple[Any, Int8Report]:
     """Rewrite the lowerable regions of ``mod``; the very same module when none was lowered.
 
@@ -114,10 +123,9 @@ class Int8Lowering(relax.PyExprMutator):
             return None
         dtype = str(call.ty.dtype)
         result = lower(call) if dtype == "float32" else f"computes in {dtype}, not float32"
-        if isinstance(result, tuple):
-            expr, weight, *computes = result
-            self.report.regions.append(Region(op, self._name(op, call, weight), True, computes=computes[0] if computes else "int8"))
-            return expr
+        if isinstance(result, Lowered):
+            self.report.regions.append(Region(op, self._name(op, call, result.weight), True, computes=result.computes))
+            return result.expr
         self.report.regions.append(Region(op, self._name(op, call, None), False, result))
         logger.info("int8 lowering: %s stays float: %s", op, result)
         return None
@@ -175,7 +183,7 @@ class Int8Lowering(relax.PyExprMutator):
 
     # --- rewriting -------------------------------------------------------------
 
-    def _conv2d(self, call: Any) -> tuple[Any, Weight] | tuple[Any, Weight, str] | str:
+    def _conv2d(self, call: Any) -> Lowered | str:
         attrs = call.attrs
         if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
             return f"layout {attrs.data_layout}/{attrs.kernel_layout} (NCHW/OIHW needed)"
@@ -191,7 +199,7 @@ class Int8Lowering(relax.PyExprMutator):
             return overflow
         bb = self.builder_
         if q.shape[1] < DOT_GROUP and int(attrs.groups) == 1:
-            return self._conv2d_float(call, x, w), w, "float32 on the 8-bit input (fewer than 4 input channels)"
+            return Lowered(self._conv2d_float(call, x, w), w, "float32 on the 8-bit input (fewer than 4 input channels)")
         data, zero_point = self._input(x)
         padding = [int(p) for p in attrs.padding]  # top, left, bottom, right
         if zero_point != 0 and any(padding):
@@ -215,7 +223,7 @@ class Int8Lowering(relax.PyExprMutator):
             correction = (zero_point * q.reshape(out, -1).sum(axis=1)).astype(np.int32).reshape(1, out, 1, 1)
             acc = bb.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
         scale = (np.float64(x.scale) * w.scale.astype(np.float64)).astype(np.float32).reshape(1, out, 1, 1)
-        return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w
+        return Lowered(relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w)
 
     def _conv2d_float(self, call: Any, x: Activation, w: Weight) -> Any:
         """The convolution in float32 on the 8-bit input: ``conv2d(x_q - z_x, W_q s_x s_w)``, the products onnxruntime's
@@ -238,7 +246,7 @@ class Int8Lowering(relax.PyExprMutator):
             out_dtype="float32",
         )
 
-    def _matmul(self, call: Any) -> tuple[Any, Weight] | str:
+    def _matmul(self, call: Any) -> Lowered | str:
         x = self._activation(call.args[0])
         if isinstance(x, str):
             return x
@@ -266,7 +274,7 @@ class Int8Lowering(relax.PyExprMutator):
             correction = (zero_point * q.sum(axis=0)).astype(np.int32)
             acc = bb.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
         scale = (np.float64(x.scale) * w.scale.astype(np.float64)).astype(np.float32)
-        return relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w
+        return Lowered(relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w)
 
     def _input(self, x: Activation) -> tuple[Any, int]:
         """The 8-bit input the integer kernel reads, and its zero point.

@@ -101,12 +101,19 @@ def _divisor(extent: int, candidates: list[int] | tuple[int, ...]) -> int:
 
 
 def tiles(out_width: int, out_channels: int, lanes: int, registers: int, group: int | None = None) -> tuple[int, int]:
-    """(tw, tc): pixels and channels per register tile; ``group`` caps tc (a grouped conv's output channels per group)."""
+    """(tw, tc): pixels and channels per register tile; ``group`` caps tc (a grouped conv's output channels per group).
+
+    tw divides the width where a divisor of at least a third of the register budget does. Otherwise (an OCR model's
+    43-pixel rows: only 1 divides, and a 1-pixel tile has 2 accumulators, latency-bound at a quarter of the FMA rate)
+    near-equal tiles cover the row and the last one is guarded: 43 -> 4 tiles of 11, one pixel computed and dropped."""
     widths = [w for w in (2 * lanes, lanes, lanes // 2, lanes // 4) if group is None or group % w == 0]
     tc = _divisor(out_channels, widths) if out_channels >= 4 else out_channels
     vectors = max(1, tc // lanes)
-    budget = max(1, (registers - SPARE_REGISTERS) // vectors)
-    return _divisor(out_width, list(range(min(budget, 14), 0, -1))), tc
+    cap = min(max(1, (registers - SPARE_REGISTERS) // vectors), 14)
+    tw = _divisor(out_width, list(range(cap, 0, -1)))
+    if 3 * tw < cap < out_width:
+        tw = -(-out_width // -(-out_width // cap))
+    return tw, tc
 
 
 def schedule_tiled(func: Any, target: Any) -> Any | None:
