@@ -290,10 +290,11 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
     sch.unroll(rows_i)
     if depth > 1:
         sch.unroll(inner[1])
-    else:
+    elif tc > 1:  # one column (a 1-channel head): nothing to vectorise, and TVM refuses to (a reduction under it)
         sch.vectorize(cols_i)
     sch.decompose_reduction(block, reduce[0])  # after parallel: the init must not sit between the fused loops
-    sch.vectorize(sch.get_loops(write_back)[-1])
+    if tc > 1:
+        sch.vectorize(sch.get_loops(write_back)[-1])
     if epilogue is not None and threaded:
         sch.parallel(sch.get_loops(epilogue)[0])
     for producer in sch.get_producers(block):

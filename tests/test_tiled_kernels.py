@@ -234,6 +234,13 @@ def test_template_packs_weights_and_reads_activations_as_they_are():
     assert sorted("layout_rewrite_preproc" in f.script() for f in tiled) == [False, True, True]
 
 
+def one_output() -> onnx.ModelProto:
+    """A 1-D convolution down to one value (Silero's voice-activity head): a 1x1 tile, one column; TVM refused to
+    vectorise its column loop and the template was reported failed."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]), helper.make_node("Sigmoid", ["c"], ["y"])]
+    return make_model(nodes, [("x", [1, 64, 1])], [("y", [1, 1, 1])], [_w("w", 1, 64, 1, seed=1), _w("b", 1, seed=2)])
+
+
 def _compile_tvm_kernels(model, tmp_path):
     """``optc compile --target x86 --kernels tvm`` of ``model``: (output folder, CLI result)."""
     path = tmp_path / "m.onnx"
@@ -245,8 +252,8 @@ def _compile_tvm_kernels(model, tmp_path):
     return out, res
 
 
-@pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder, conv1d_silu, squeeze_excite],
-                         ids=["conv", "dense", "conv1d", "width-one", "squeeze-excite"])
+@pytest.mark.parametrize("build", [conv_stack, dense_stack, voice_encoder, conv1d_silu, squeeze_excite, one_output],
+                         ids=["conv", "dense", "conv1d", "width-one", "squeeze-excite", "one-output"])
 def test_tvm_kernels_match_onnxruntime(build, tmp_path):
     """``--kernels tvm``: convolutions and dense layers run optc's template (no provider), within float rounding of onnxruntime."""
     from optc.targets.artifact import load_artifact
