@@ -130,7 +130,6 @@ def test_a_matrix_vector_product_is_threaded_by_its_weight_bytes_not_its_multipl
     from optc.targets.artifact import load_artifact
     from optc.targets.tiled_kernels import PARALLEL_MACS, PARALLEL_WEIGHT_BYTES, schedule_tiled
     from optc.targets.tuned_compile import fused
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model = _matrix_vector(k, n)
@@ -162,7 +161,6 @@ def test_a_dense_layer_whose_columns_no_vector_divides_is_padded_not_left_scalar
     from optc.targets.artifact import load_artifact
     from optc.targets.tiled_kernels import schedule_tiled
     from optc.targets.tuned_compile import fused
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model = odd_classifier()
