@@ -17,7 +17,7 @@ from rich.table import Table
 from optc.errors import visible_text
 from optc.reporting.format import describe_stats as _describe_stats
 from optc.reporting.format import drift_summary as _drift
-from optc.reporting.format import human_bytes, human_count
+from optc.reporting.format import human_bytes, human_count, macs_label
 from optc.reporting.format import params_text as _params
 
 # Longer names are cut in the middle for display (JSON output keeps them whole).
@@ -44,7 +44,7 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     table = Table(title="optc passes", title_justify="left")
     table.add_column("pass", no_wrap=True)
     table.add_column("changed")
-    for col in ("params", "bytes", "MACs/sample", "nodes"):
+    for col in ("params", "bytes", macs_label(report), "nodes"):
         table.add_column(col, justify="right", no_wrap=True)
     if show_time:
         table.add_column("time", justify="right", no_wrap=True)

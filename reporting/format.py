@@ -57,3 +57,11 @@ def params_text(stats: dict[str, Any]) -> str:
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def macs_label(report: dict[str, Any]) -> str:
+    """What the MACs column counts: shapes frozen with a leading dim above 1 (``--input-shape input=64x...``) are
+    counted whole, a run of that batch; otherwise a symbolic batch counts as 1, a sample."""
+    shapes = report.get("input_shapes") or {}
+    batches = {int(s[0]) for s in shapes.values() if isinstance(s, (list, tuple)) and s and isinstance(s[0], int)}
+    return f"MACs/run of {max(batches)}" if batches and max(batches) > 1 else "MACs/sample"

@@ -13,7 +13,7 @@ import json
 from html import escape
 from typing import Any, Mapping
 
-from optc.reporting.format import describe_stats, drift_summary, human_bytes, human_count, params_text
+from optc.reporting.format import describe_stats, drift_summary, human_bytes, human_count, macs_label, params_text
 from optc.reporting.svg import bar_chart, scatter
 
 STYLE = """
@@ -57,7 +57,7 @@ def _summary(report: Mapping[str, Any]) -> str:
         rows.append(_row("parameters", params_text(before), params_text(after), _ratio(before.get("params"), after.get("params"))))
         rows.append(_row("weight bytes", human_bytes(before.get("param_bytes", 0)), human_bytes(after.get("param_bytes", 0)),
                          _ratio(before.get("param_bytes"), after.get("param_bytes"))))
-        rows.append(_row("MACs per sample", human_count(before.get("macs")), human_count(after.get("macs")), _ratio(before.get("macs"), after.get("macs"))))
+        rows.append(_row(macs_label(report).replace("/", " per "), human_count(before.get("macs")), human_count(after.get("macs")), _ratio(before.get("macs"), after.get("macs"))))
     if "accuracy" in ev:
         acc = ev["accuracy"]
         delta = acc["delta"] * 100

@@ -86,3 +86,18 @@ def test_a_real_browser_renders_the_report(compiled, tmp_path):
     subprocess.run([*common, "--window-size=1200,1600", f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a blank page compresses to a few KB
+
+
+@pytest.mark.parametrize(("shapes", "label"), [
+    ({"input": [64, 1, 28, 28]}, "MACs/run of 64"),  # frozen at 64: the count is a whole run's (303.87M for the sample)
+    ({"input": [1, 1, 64, 170]}, "MACs/sample"),
+    ({}, "MACs/sample"),  # a symbolic batch counts as 1
+])
+def test_the_macs_column_says_what_it_counts(shapes, label):
+    """The column read "MACs/sample" over a batch-64 compile's whole-run count, 64x the per-sample figure."""
+    from optc.reporting.format import macs_label
+
+    assert macs_label({"input_shapes": shapes}) == label
+    report = {"model": {"source": "m.onnx"}, "input_shapes": shapes, "before": {"params": 1, "param_bytes": 4, "macs": 10, "nodes": 1},
+              "after": {"params": 1, "param_bytes": 4, "macs": 10, "nodes": 1}, "passes": [], "evaluation": {}}
+    assert label.replace("/", " per ") in render_html(report)
