@@ -255,9 +255,9 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
         sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
     sch.cache_write(block, 0, "local")
     write_back = sch.get_consumers(block)[0]
-    # Padded columns: the epilogue stays a loop of its own over the real columns. Inlined into the tile's write-back
-    # it lost pad_einsum's bound and wrote the padding past each row's end (into the next row).
-    epilogue = _unpad(sch, write_back) if padded is not None else None
+    # Padded columns, or rows widened by row_padding: the epilogue stays a loop of its own over the real ones. Inlined
+    # into the tile's write-back it lost the bound and wrote the padding past each row's end (into the next row).
+    epilogue = _unpad(sch, write_back) if padded is not None or _sliced(sch, write_back) else None
     while epilogue is None and len(consumers := sch.get_consumers(write_back)) == 1:  # bias, residual, activation: on the tile
         try:
             sch.reverse_compute_inline(consumers[0])
@@ -295,8 +295,8 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
     sch.decompose_reduction(block, reduce[0])  # after parallel: the init must not sit between the fused loops
     if tc > 1:
         sch.vectorize(sch.get_loops(write_back)[-1])
-    if epilogue is not None and threaded:
-        sch.parallel(sch.get_loops(epilogue)[0])
+    if epilogue is not None:
+        _epilogue_loop(sch, epilogue, threaded, lanes)
     for producer in sch.get_producers(block):
         _parallel_copy(sch, producer, threaded)
     if depth > 1:  # last: the block it replaces is gone afterwards
@@ -319,9 +319,35 @@ def _pad_columns(sch: Any, block: Any, roles: _Roles, cols: int, tc: int) -> tup
     return pad, tc
 
 
+def _epilogue_loop(sch: Any, block: Any, threaded: bool, lanes: int) -> None:
+    """A padded or widened kernel's epilogue as one loop: the element-wise ops after it inlined, the outer loops
+    threaded, the innermost (channels, or columns) in vectors where the lanes divide it."""
+    while len(consumers := sch.get_consumers(block)) == 1:
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001 - a consumer that is not element-wise stays a loop of its own
+            break
+    *outer, last = sch.get_loops(block)
+    if threaded and outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if int(sch.get(last).extent) % lanes == 0:
+        sch.vectorize(sch.split(last, [None, lanes])[1])
+
+
+def _sliced(sch: Any, write_back: Any) -> bool:
+    """Whether the write-back's one consumer writes a smaller tensor than the tile's output (the slice after a
+    convolution whose rows row_padding widened): reverse-inlined, its bound would be lost as pad_einsum's was."""
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1:
+        return False
+    shape = [int(d) for d in sch.get(write_back).writes[0].source.shape]
+    return [int(d) for d in sch.get(consumers[0]).writes[0].source.shape] != shape
+
+
 def _unpad(sch: Any, write_back: Any) -> Any:
-    """The block after a padded matmul's write-back that reads its real columns: the copy pad_einsum made, inlined
-    into the bias or activation that follows where there is one."""
+    """The block after a padded matmul's or widened convolution's write-back that reads its real columns or pixels
+    (the copy pad_einsum made, or row_padding's slice), inlined into the bias or activation that follows where there
+    is one."""
     (copy,) = sch.get_consumers(write_back)
     consumers = sch.get_consumers(copy)
     if len(consumers) == 1:
