@@ -241,7 +241,7 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
         # with zero columns to a multiple of two vectors, at compile time with its packing; the extra outputs are
         # computed and never read. TVM's default lowering of such a layer was 350 ms where oneDNN took 5.
         # (Rows are not padded so: a guarded last row tile cost less than the input's padded copy, 197x768 @ 768x768
-        # 2.09 against 2.48 ms. A convolution's guard cost more, and row_padding widens those.)
+        # 2.09 against 2.48 ms. A convolution's guard cost more, and tile_padding widens those.)
         if roles.pack is None or roles.group is not None or len(roles.reduce) != 1:
             return False
         try:
@@ -257,8 +257,8 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
         sch.annotate(packed, "meta_schedule.layout_rewrite_preproc", True)
     sch.cache_write(block, 0, "local")
     write_back = sch.get_consumers(block)[0]
-    # Padded columns, or rows widened by row_padding: the epilogue stays a loop of its own over the real ones. Inlined
-    # into the tile's write-back it lost the bound and wrote the padding past each row's end (into the next row).
+    # Padded columns, or rows or channels widened by tile_padding: the epilogue stays a loop of its own over the real
+    # ones. Inlined into the tile's write-back it lost the bound and wrote the padding past each row's end.
     epilogue = _unpad(sch, write_back) if _sliced(sch, write_back) else None
     while epilogue is None and len(consumers := sch.get_consumers(write_back)) == 1:  # bias, residual, activation: on the tile
         try:
@@ -338,7 +338,7 @@ def _epilogue_loop(sch: Any, block: Any, threaded: bool, lanes: int) -> None:
 
 def _sliced(sch: Any, write_back: Any) -> bool:
     """Whether the write-back's one consumer writes a slice of the tile's output (the copy pad_einsum makes, or the
-    slice after a convolution row_padding widened): reverse-inlined, TVM dropped its bound."""
+    slice after a convolution tile_padding widened): reverse-inlined, TVM dropped its bound."""
     consumers = sch.get_consumers(write_back)
     if len(consumers) != 1:
         return False
@@ -349,7 +349,7 @@ def _sliced(sch: Any, write_back: Any) -> bool:
 
 def _unpad(sch: Any, write_back: Any) -> Any:
     """The block after a padded matmul's or widened convolution's write-back that reads its real columns or pixels
-    (the copy pad_einsum made, or row_padding's slice), inlined into the bias or activation that follows where there
+    (the copy pad_einsum made, or tile_padding's slice), inlined into the bias or activation that follows where there
     is one."""
     (copy,) = sch.get_consumers(write_back)
     consumers = sch.get_consumers(copy)

@@ -22,7 +22,7 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
     from tvm.relax import pipeline
 
     from optc.targets.providers.reciprocal_scale import reciprocal_quantize
-    from optc.targets.row_padding import pad_rows
+    from optc.targets.tile_padding import pad_tiles
 
     try:
         dispatch = pipeline.library_dispatch_passes(target)
@@ -32,8 +32,8 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
         *dispatch,
         # after the providers took their chains: the quantizes left to TVM multiply by 1/scale (providers/reciprocal_scale.py)
         tvm.transform.module_pass(lambda mod, _ctx: reciprocal_quantize(mod), opt_level=0, name="ReciprocalQuantize"),
-        # convolutions left to the tiled kernel get whole register tiles along their rows (row_padding.py)
-        *([tvm.transform.module_pass(lambda mod, _ctx: pad_rows(mod, target), opt_level=0, name="PadRows")]
+        # convolutions left to the tiled kernel get whole register tiles, rows and channels (tile_padding.py)
+        *([tvm.transform.module_pass(lambda mod, _ctx: pad_tiles(mod, target), opt_level=0, name="PadTiles")]
           if str(target.kind.name) == "llvm" else []),
         # exp/erf/tanh (softmax, GELU, sigmoid) as vectorisable polynomials instead of one libm call
         # per element; onnxruntime's MLAS does the same. Within 1e-6 relative of the exact functions.

@@ -1,6 +1,7 @@
-"""Convolutions left to the tiled kernel are widened to whole register tiles along their rows, and sliced back."""
+"""Convolutions left to the tiled kernel are widened to whole register tiles, rows and channels, and sliced back."""
 from __future__ import annotations
 
+import re
 import numpy as np
 import onnx
 import pytest
@@ -19,22 +20,38 @@ pytestmark = pytest.mark.tvm
     ([1, 16, 43, 32], 32, [32, 3, 3, 1], (2, 44)),    # depthwise
 ])
 def test_the_row_the_tiled_kernel_would_guard_is_padded_to_whole_tiles(out_shape, groups, weight, expected):
-    from optc.targets.row_padding import padded_rows
+    from optc.targets.tile_padding import padded_rows
 
     assert padded_rows(out_shape, groups, weight, 16, 32) == expected
 
 
-def _conv(width: int, stride: int = 1, groups: int = 1, channels: int = 48) -> onnx.ModelProto:
+@pytest.mark.parametrize(("channels", "groups", "expected"), [
+    (10, 1, 16),     # MTCNN's box regression: no vector width divides 10
+    (255, 1, 256),   # a YOLO head's 3 x 85
+    (6, 1, 8),       # fewer than half a vector: a quarter-vector multiple
+    (48, 1, None),   # 16 divides it
+    (10, 2, None),   # grouped: a filter belongs to its group
+    (3, 1, None),    # under 4 channels the template tiles them as they are
+])
+def test_channels_no_vector_divides_are_padded_to_one(channels, groups, expected):
+    from optc.targets.tile_padding import padded_channels
+
+    assert padded_channels(channels, groups, 16) == expected
+
+
+def _conv(width: int, stride: int = 1, groups: int = 1, out: int = 96, channels: int = 48) -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[stride, stride], group=groups),
              helper.make_node("Relu", ["c"], ["y"])]
-    out = (width + 2 - 3) // stride + 1
-    return make_model(nodes, [("x", [1, channels, 8, width])], [("y", [1, 96 if groups == 1 else channels, 8 // stride, out])],
-                      [_w("w", 96 if groups == 1 else channels, channels // groups, 3, 3, seed=1),
-                       _w("b", 96 if groups == 1 else channels, seed=2)])
+    out = out if groups == 1 else channels
+    return make_model(nodes, [("x", [1, channels, 8, width])], [("y", [1, out, 8 // stride, (width - 1) // stride + 1])],
+                      [_w("w", out, channels // groups, 3, 3, seed=1), _w("b", out, seed=2)])
 
 
-@pytest.mark.parametrize(("width", "stride", "groups"), [(43, 1, 1), (86, 2, 1), (43, 1, 48)], ids=["43", "stride-2", "depthwise"])
-def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxruntime(width, stride, groups, tmp_path):
+@pytest.mark.parametrize(("width", "stride", "groups", "out", "wide"), [
+    (43, 1, 1, 96, "T.int64(44)"), (86, 2, 1, 96, "T.int64(44)"), (43, 1, 48, 48, "T.int64(44)"),
+    (44, 1, 1, 10, "T.int64(16)"), (43, 1, 1, 10, "T.int64(44)"),
+], ids=["43", "stride-2", "depthwise", "10-channels", "43-by-10"])
+def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxruntime(width, stride, groups, out, wide, tmp_path):
     """43 output pixels: four tiles of 11 with the last one guarded cost 1.6x (a predicate inside the unrolled
     reduction). Widened to 44, the reduction has no predicate; bias and ReLU run over the 43 real pixels, and the
     outputs are onnxruntime's (a write past a row's end would land in the next row)."""
@@ -45,19 +62,21 @@ def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxrun
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    model = _conv(width, stride, groups)
+    model = _conv(width, stride, groups, out)
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
     mod = fused(relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(model, keep_params_in_input=False)), target, True)
     (conv,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script()]
     text = schedule_tiled(conv, target).script()
     update = text[text.index('conv2d_nhwc_update")'):].split("T.sblock(")[0]  # grouped: group_conv2d_nhwc_update
-    assert "T.where" not in update and "T.int64(44)" in update, update
+    assert "T.where" not in update and wide in update and "T.vectorized" in text[:text.index("conv2d_nhwc_update")], update
     # TVM inlined the epilogue past the slice into the tile's write-back, writing pixel 44 of each row into the next
     # row (and past the buffer's end): outputs came out right only because the next row's tile was written later.
     output = conv.params[-1].name
+    real = {int(d) for d in conv.params[-1].shape}
     for block in text.split("T.sblock(")[1:]:
         if f"T.writes({output}[" in block:
-            assert "T.axis.spatial(T.int64(44)" not in block, block
+            extents = {int(e) for e in re.findall(r"T\.axis\.spatial\(T\.int64\((\d+)\)", block)}
+            assert extents <= real, block
     out, _ = _compile_tvm_kernels(model, tmp_path)
     from optc.targets.artifact import load_artifact
 

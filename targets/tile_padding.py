@@ -1,0 +1,125 @@
+"""Convolutions left to optc's tiled kernel compute whole register tiles: rows and channels padded, the extra dropped.
+
+The tiled kernel (:mod:`optc.targets.tiled_kernels`) computes ``tw`` output pixels of a row by
+``tc`` channels per register tile, and both must divide the convolution's output.
+
+- **Rows.** Where only small numbers divide a row (an OCR model's 43-pixel maps), ``tiles``
+  picks near-equal tiles that cover it and the last one is guarded: a predicate inside the
+  unrolled reduction, which cost about 1.6x (48->192 3x3 at 16x43, 1 thread: 1.95 ms guarded,
+  1.17 at 16x44 unguarded). TVM's ``pad_einsum`` pads a matmul's loops but refuses a
+  convolution (its input index ``x + kx`` is not an iterator). So the right padding grows by
+  what the extra output pixels read (``stride`` input columns each, zeros).
+- **Channels.** Where no vector width divides the output channels (MTCNN's 10, a YOLO head's
+  255), the template gave up and TVM's scalar lowering ran (on ARM, the only kernel there is).
+  The weight gets zero filters up to a multiple of the vector width (of a quarter of it for
+  fewer than half a vector's channels), at compile time.
+
+Then a slice keeps the real output. Exact: each real output reads what it read before. The
+slice stops the tile's epilogue from being inlined past it (the template runs bias and
+activation as one loop of their own over the real outputs, :func:`tiled_kernels._tiled`).
+
+Runs after the providers took their chains, so oneDNN's convolutions are left as they are; only
+NHWC ``conv2d`` (1-D convolutions exported as ``[N, C, L, 1]`` tile along their height, which
+is padded then). Grouped convolutions keep their channels (a filter belongs to its group).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tvm import relax
+from tvm.ir.expr import Constant
+
+from optc.targets.providers.chains import op_name
+from optc.targets.providers.layout_ops import rewritten
+from optc.targets.tiled_kernels import tiles, vector_shape
+
+
+def pad_tiles(mod: Any, target: Any) -> Any:
+    """``mod`` with each NHWC ``conv2d`` the tiled kernel could not cover in whole tiles widened to them and sliced
+    back; the same module when there is none."""
+    lanes, registers = vector_shape(target)
+    return rewritten(_TilePadder(mod, lanes, registers), mod)
+
+
+def padded_channels(channels: int, groups: int, lanes: int) -> int | None:
+    """The output channels to compute where no vector width the template uses divides ``channels``; else None."""
+    if groups != 1 or channels < 4 or any(channels % w == 0 for w in (2 * lanes, lanes, lanes // 2, lanes // 4)):
+        return None
+    step = lanes if channels > lanes // 2 else max(lanes // 4, 1)
+    return -(-channels // step) * step
+
+
+def padded_rows(out_shape: list[int], groups: int, weight_shape: list[int], lanes: int, registers: int) -> tuple[int, int] | None:
+    """(axis, padded extent) of the row the tiled kernel tiles in an NHWC convolution's output, where its tile does
+    not divide it; else None. ``weight_shape`` is OHWI: a grouped convolution's tile stays inside a group."""
+    n, h, w, c = out_shape
+    axis = 1 if w == 1 else 2  # as tiled_kernels._conv_roles: a [N, C, L, 1] 1-D convolution tiles along L
+    row = out_shape[axis]
+    group = c // groups if groups > 1 and weight_shape[-1] > 1 else None  # grouped, not depthwise
+    tw, _ = tiles(row, c, lanes, registers, group)
+    if row % tw == 0:
+        return None
+    return axis, -(-row // tw) * tw
+
+
+@relax.expr_functor.mutator
+class _TilePadder(relax.PyExprMutator):
+    def __init__(self, mod: Any, lanes: int, registers: int) -> None:
+        super().__init__(mod)
+        self.count = 0
+        self.lanes, self.registers = lanes, registers
+
+    def visit_call_(self, call: Any) -> Any:
+        if op_name(call) != "relax.nn.conv2d":
+            return super().visit_call_(call)
+        attrs = call.attrs
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "OHWI", "NHWC"):
+            return super().visit_call_(call)
+        try:
+            out_shape = [int(d) for d in call.ty.shape]
+            weight_shape = [int(d) for d in call.args[1].ty.shape]
+        except (AttributeError, TypeError, ValueError):  # symbolic shapes: nothing the template tiles
+            return super().visit_call_(call)
+        groups = int(attrs.groups)
+        weight = self.visit_expr(call.args[1])
+        channels = padded_channels(out_shape[3], groups, self.lanes)
+        value = self._constant(call.args[1]) if channels is not None else None
+        if value is not None:
+            zeros = np.zeros((channels - value.shape[0], *value.shape[1:]), value.dtype)
+            weight = relax.const(np.concatenate([value, zeros]), str(value.dtype))
+        else:
+            channels = None
+        rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers)
+        if channels is None and rows is None:
+            return super().visit_call_(call)
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        axes, ends = [], []
+        if rows is not None:
+            axis, extent = rows
+            extra = (extent - out_shape[axis]) * int(attrs.strides[axis - 1])
+            bottom, right = (bottom + extra, right) if axis == 1 else (bottom, right + extra)
+            axes.append(axis)
+            ends.append(out_shape[axis])
+        if channels is not None:
+            axes.append(3)
+            ends.append(out_shape[3])
+        wide = self.builder_.emit(relax.op.nn.conv2d(
+            self.visit_expr(call.args[0]), weight, strides=[int(s) for s in attrs.strides], padding=[top, left, bottom, right],
+            dilation=[int(d) for d in attrs.dilation], groups=groups, data_layout="NHWC", kernel_layout="OHWI",
+            out_layout="NHWC", out_dtype=attrs.out_dtype))
+        self.count += 1
+        return relax.op.strided_slice(wide, axes=axes, begin=[0] * len(axes), end=ends)
+
+    def _constant(self, expr: Any) -> np.ndarray | None:
+        """The weight's value: a constant, or ConvertLayout's ``permute_dims`` of one (folded only after this pass)."""
+        if isinstance(expr, relax.Var):
+            expr = self.lookup_binding(expr)
+        if op_name(expr) == "relax.permute_dims":
+            inner = expr.args[0]
+            if isinstance(inner, relax.Var):
+                inner = self.lookup_binding(inner)
+            if not isinstance(inner, Constant):
+                return None
+            return np.transpose(inner.value.numpy(), [int(a) for a in expr.attrs.axes])
+        return expr.value.numpy() if isinstance(expr, Constant) else None
