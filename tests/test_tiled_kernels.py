@@ -167,6 +167,12 @@ def test_rows_only_one_divides_are_covered_by_guarded_tiles_not_cut_into_single_
     np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
 
+def odd_conv() -> onnx.ModelProto:
+    """A convolution over 43-pixel rows to 10 channels: tile_padding widens both to whole tiles."""
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    return make_model(nodes, [("x", [1, 16, 6, 43])], [("y", [1, 10, 6, 43])], [_w("w", 10, 16, 3, 3, seed=1), _w("b", 10, seed=2)])
+
+
 def odd_classifier() -> onnx.ModelProto:
     """A dense layer over 1002 classes: no power-of-two vector width divides them."""
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["r"]),
@@ -289,7 +295,7 @@ def test_tvm_kernels_match_onnxruntime(build, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [conv_stack, odd_classifier], ids=["conv", "odd-columns"])
+@pytest.mark.parametrize("build", [conv_stack, odd_classifier, odd_conv], ids=["conv", "odd-columns", "odd-rows-and-channels"])
 def test_arm_artifact_with_the_tiled_kernels_matches_onnxruntime_under_qemu(build, tmp_path):
     """On ARM (no vendor provider) the tiled kernels compute every convolution and dense layer, a padded one too;
     checked under qemu-user."""
@@ -302,7 +308,7 @@ def test_arm_artifact_with_the_tiled_kernels_matches_onnxruntime_under_qemu(buil
                                    "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     tuning = json.loads(res.stdout)["target"]["tuning"]
-    assert tuning["providers"]["layout"] == ("NHWC" if build is conv_stack else "NCHW") and tuning["template_failures"] == []
+    assert tuning["providers"]["layout"] == ("NCHW" if build is odd_classifier else "NHWC") and tuning["template_failures"] == []
     x = rand(*[d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], seed=4)
     run = tool.run_artifact(out, {"x": x})
     np.testing.assert_allclose(run.outputs["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
