@@ -39,9 +39,9 @@ TIMEOUT_S = 900
 # with --eval: the upper bound of the paired drop; label-free: the lower bound of the held-out cosine and argmax agreement).
 # Regenerate with `python benchmarks/zoo.py --results FILE --known`. Earlier sessions' history is in the closing notes.
 KNOWN: dict[tuple[str, str], str] = {
-    ('ddddocr_ocr', 'prune-channels'): 'nothing changed: prune-channels at default strength: cosine 0.9790, argmax agreement 0.9631 (387) (lower bound 0.9501) on held-out data (drop 0.0499) misses the default budget (the 90 % lower confidence bound of the mean output cosine at least 0.99 and argmax agreement at least 0.99 (387) on 16 held',
     # session 16, this machine (Intel, VNNI): 4 of its 352 held-out frames flip with every layer int8, 3 with the
     # fallback judged by the budget's own measure; the budget allows one. Its character accuracy moves by +0.25 points.
+    # At the budget's edge: session 17's zoo, built again on a fresh machine of the same kind, passed (BORDERLINE).
     ('ddddocr_ocr', 'quantize'): 'quantize left out: argmax agreement 0.9892 (lower bound) after its fallback, 0.9814 without',
     ('ddddocr_ocr', 'distill'): 'nothing changed: distill at default strength: cosine 0.9428, argmax agreement 0.8580 (387) (lower bound 0.8340) on held-out data (drop 0.1660) misses the default budget (the 90 % lower confidence bound of the mean output cosine at least 0.99 and argmax agreement at least 0.99 (387) on 16 held-out ca',
     ('ddddocr_det', 'distill'): 'cos 0.9883',
@@ -63,6 +63,10 @@ KNOWN: dict[tuple[str, str], str] = {
     ('light_squeezenet', 'distill'): 'nothing changed: distill at default strength: cosine 0.9990, argmax agreement 0.7500 (softmaxout_1) (lower bound 0.3405) on held-out data (drop 0.6595) misses the default budget (the 90 % lower confidence bound of the mean output cosine at least 0.99 and argmax agreement at least 0.99 (softmaxout_1)',
 }
 
+# Entries at the budget's edge, which one zoo build passes and another misses: non-strict xfails. (ddddocr's
+# prune-channels, which session 12 measured missing, now passes at the strength the budget settles on: removed.)
+BORDERLINE = {('ddddocr_ocr', 'quantize')}
+
 pytestmark = pytest.mark.slow
 
 
@@ -72,7 +76,8 @@ def _cases(passes):
     out = []
     for name in ENTRIES:
         for p in passes:
-            marks = [pytest.mark.xfail(strict=True, reason=KNOWN[(name, p)])] if (name, p) in KNOWN else []
+            known = (name, p) in KNOWN
+            marks = [pytest.mark.xfail(strict=(name, p) not in BORDERLINE, reason=KNOWN[(name, p)])] if known else []
             out.append(pytest.param(name, p, marks=marks, id=f"{name}-{p}"))
     return out
 
