@@ -31,7 +31,8 @@ on this machine (AVX-512, 2 threads), conv + bias + ReLU, untuned -> template:
 ReLU 128x256 @ 256x1024 127 -> 0.68 ms (oneDNN 0.67), an LSTM step's 1x512 @ 512x2048 7.2 -> 0.053 ms (0.064).
 A BERT-shaped encoder with TVM's kernels only: 716 -> 9.8 ms (onnxruntime 11.9). A dense layer whose columns no
 power-of-two tile divides (8210 classes) has its weight padded with zero columns at compile time (ddddocr's
-22x1024 @ 1024x8210: 350 -> 5 ms); a convolution with such channels keeps TVM's default lowering.
+22x1024 @ 1024x8210: 350 -> 5 ms); a convolution's channels and rows are widened to whole tiles before fusion
+(:mod:`optc.targets.tile_padding`). Rows that only 1 divides (197 tokens) are covered by guarded tiles.
 
 int8 x int8 reductions on an aarch64 core with dot products (``--cpu cortex-a76``) split the input channels by 4
 innermost, pack the weight as ``[oc / tc, .., ic / 4, tc, 4]`` and compute each 4-lane accumulator's 4-deep step with
