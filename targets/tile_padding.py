@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 from tvm import relax
-from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import op_name
+from optc.targets.providers.chains import constant_value, module_bindings, op_name
 from optc.targets.providers.layout_ops import rewritten
-from optc.targets.tiled_kernels import tiles, vector_shape
+from optc.targets.tiled_kernels import channel_widths, tiles, vector_shape
 
 
 def pad_tiles(mod: Any, target: Any) -> Any:
@@ -44,7 +43,7 @@ def pad_tiles(mod: Any, target: Any) -> Any:
 
 def padded_channels(channels: int, groups: int, lanes: int) -> int | None:
     """The output channels to compute where no vector width the template uses divides ``channels``; else None."""
-    if groups != 1 or channels < 4 or any(channels % w == 0 for w in (2 * lanes, lanes, lanes // 2, lanes // 4)):
+    if groups != 1 or channels < 4 or any(channels % w == 0 for w in channel_widths(lanes)):
         return None
     step = lanes if channels > lanes // 2 else max(lanes // 4, 1)
     return -(-channels // step) * step
@@ -69,6 +68,8 @@ class _TilePadder(relax.PyExprMutator):
         super().__init__(mod)
         self.count = 0
         self.lanes, self.registers = lanes, registers
+        # the weight behind ConvertLayout's permute_dims of a constant, folded only after this pass
+        self.values = module_bindings(mod)
 
     def visit_call_(self, call: Any) -> Any:
         if op_name(call) != "relax.nn.conv2d":
@@ -82,17 +83,18 @@ class _TilePadder(relax.PyExprMutator):
         except (AttributeError, TypeError, ValueError):  # symbolic shapes: nothing the template tiles
             return super().visit_call_(call)
         groups = int(attrs.groups)
-        weight = self.visit_expr(call.args[1])
         channels = padded_channels(out_shape[3], groups, self.lanes)
-        value = self._constant(call.args[1]) if channels is not None else None
-        if value is not None:
-            zeros = np.zeros((channels - value.shape[0], *value.shape[1:]), value.dtype)
-            weight = relax.const(np.concatenate([value, zeros]), str(value.dtype))
-        else:
+        value = constant_value(call.args[1], self.values) if channels is not None else None
+        if value is None:  # a weight computed at run time keeps its channels
             channels = None
         rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers)
         if channels is None and rows is None:
             return super().visit_call_(call)
+        if channels is None:
+            weight = self.visit_expr(call.args[1])
+        else:
+            zeros = np.zeros((channels - value.shape[0], *value.shape[1:]), value.dtype)
+            weight = relax.const(np.concatenate([value, zeros]), str(value.dtype))
         top, left, bottom, right = (int(p) for p in attrs.padding)
         axes, ends = [], []
         if rows is not None:
@@ -110,16 +112,3 @@ class _TilePadder(relax.PyExprMutator):
             out_layout="NHWC", out_dtype=attrs.out_dtype))
         self.count += 1
         return relax.op.strided_slice(wide, axes=axes, begin=[0] * len(axes), end=ends)
-
-    def _constant(self, expr: Any) -> np.ndarray | None:
-        """The weight's value: a constant, or ConvertLayout's ``permute_dims`` of one (folded only after this pass)."""
-        if isinstance(expr, relax.Var):
-            expr = self.lookup_binding(expr)
-        if op_name(expr) == "relax.permute_dims":
-            inner = expr.args[0]
-            if isinstance(inner, relax.Var):
-                inner = self.lookup_binding(inner)
-            if not isinstance(inner, Constant):
-                return None
-            return np.transpose(inner.value.numpy(), [int(a) for a in expr.attrs.axes])
-        return expr.value.numpy() if isinstance(expr, Constant) else None

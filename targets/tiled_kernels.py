@@ -101,13 +101,18 @@ def _divisor(extent: int, candidates: list[int] | tuple[int, ...]) -> int:
     return next((c for c in candidates if c > 0 and extent % c == 0), 1)
 
 
+def channel_widths(lanes: int) -> tuple[int, ...]:
+    """The channel tiles the template tries, widest first: two vectors, one, a half and a quarter of one."""
+    return 2 * lanes, lanes, lanes // 2, lanes // 4
+
+
 def tiles(out_width: int, out_channels: int, lanes: int, registers: int, group: int | None = None) -> tuple[int, int]:
     """(tw, tc): pixels and channels per register tile; ``group`` caps tc (a grouped conv's output channels per group).
 
     tw divides the width where a divisor of at least a third of the register budget does. Otherwise (an OCR model's
     43-pixel rows: only 1 divides, and a 1-pixel tile has 2 accumulators, latency-bound at a quarter of the FMA rate)
     near-equal tiles cover the row and the last one is guarded: 43 -> 4 tiles of 11, one pixel computed and dropped."""
-    widths = [w for w in (2 * lanes, lanes, lanes // 2, lanes // 4) if group is None or group % w == 0]
+    widths = [w for w in channel_widths(lanes) if group is None or group % w == 0]
     tc = _divisor(out_channels, widths) if out_channels >= 4 else out_channels
     vectors = max(1, tc // lanes)
     cap = min(max(1, (registers - SPARE_REGISTERS) // vectors), 14)

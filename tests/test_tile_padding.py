@@ -7,7 +7,7 @@ import onnx
 import pytest
 from helpers import make_model, ort_run, rand
 from onnx import helper
-from test_tiled_kernels import _compile_tvm_kernels, _w
+from test_tiled_kernels import _compile_tvm_kernels, _w, scheduled_one
 
 pytestmark = pytest.mark.tvm
 
@@ -55,18 +55,8 @@ def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxrun
     """43 output pixels: four tiles of 11 with the last one guarded cost 1.6x (a predicate inside the unrolled
     reduction). Widened to 44, the reduction has no predicate; bias and ReLU run over the 43 real pixels, and the
     outputs are onnxruntime's (a write past a row's end would land in the next row)."""
-    import tvm
-    from optc.targets.providers.select import NHWC_LAYOUTS
-    from optc.targets.tiled_kernels import schedule_tiled
-    from optc.targets.tuned_compile import fused
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
     model = _conv(width, stride, groups, out)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-    mod = fused(relax.transform.ConvertLayout(NHWC_LAYOUTS)(from_onnx(model, keep_params_in_input=False)), target, True)
-    (conv,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script()]
-    text = schedule_tiled(conv, target).script()
+    conv, text = scheduled_one(model, "conv2d_nhwc", nhwc=True)
     update = text[text.index('conv2d_nhwc_update")'):].split("T.sblock(")[0]  # grouped: group_conv2d_nhwc_update
     assert "T.where" not in update and wide in update and "T.vectorized" in text[:text.index("conv2d_nhwc_update")], update
     # TVM inlined the epilogue past the slice into the tile's write-back, writing pixel 44 of each row into the next

@@ -114,6 +114,25 @@ def test_a_convolution_above_the_line_is_threaded_however_few_its_column_tiles(o
     assert any("T.parallel" in line for line in nest[-6:]), nest  # the reduction's own loop nest, not the padded copy's
 
 
+def scheduled_one(model: onnx.ModelProto, marker: str, nhwc: bool = False) -> tuple[object, str]:
+    """The one fused PrimFunc of ``model`` whose script holds ``marker`` (compiled for an AVX-512 target, NHWC where
+    asked), and its script after the tiled template; fails where the template gives up."""
+    import tvm
+    from optc.targets.providers.select import NHWC_LAYOUTS
+    from optc.targets.tiled_kernels import schedule_tiled
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    mod = from_onnx(model, keep_params_in_input=False)
+    mod = fused(relax.transform.ConvertLayout(NHWC_LAYOUTS)(mod) if nhwc else mod, target, True)
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and marker in f.script()]
+    scheduled = schedule_tiled(func, target)
+    assert scheduled is not None, f"the template gave up on {marker}"
+    return func, scheduled.script()
+
+
 def _matrix_vector(k: int, n: int) -> onnx.ModelProto:
     """An LSTM step's product: one row by a [k, n] weight, plus a bias."""
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
@@ -126,18 +145,12 @@ def test_a_matrix_vector_product_is_threaded_by_its_weight_bytes_not_its_multipl
     """An LSTM step's 1x512 @ 512x2048 is 1 M multiply-adds, under the line that keeps small calls on one thread, but
     reads 4 MB of weights: on one thread it took 190 us, threaded 105 (each core reads its own columns). A small
     one stays on the calling thread (waking the pool costs more than it saves). Outputs as onnxruntime's."""
-    import tvm
     from optc.targets.artifact import load_artifact
-    from optc.targets.tiled_kernels import PARALLEL_MACS, PARALLEL_WEIGHT_BYTES, schedule_tiled
-    from optc.targets.tuned_compile import fused
-    from tvm.relax.frontend.onnx import from_onnx
+    from optc.targets.tiled_kernels import PARALLEL_MACS, PARALLEL_WEIGHT_BYTES
 
     model = _matrix_vector(k, n)
     assert k * n < PARALLEL_MACS and (k * n * 4 >= PARALLEL_WEIGHT_BYTES) == threaded
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-    mod = fused(from_onnx(model, keep_params_in_input=False), target, True)
-    (matmul,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and 'T.sblock("matmul")' in f.script()]
-    text = schedule_tiled(matmul, target).script()
+    _, text = scheduled_one(model, 'T.sblock("matmul")')
     nest = [line for line in text[:text.index('T.sblock("matmul_update")')].splitlines() if line.strip().startswith("for ")]
     assert any("T.parallel" in line for line in nest) == threaded, nest
     out, _ = _compile_tvm_kernels(model, tmp_path)
@@ -149,18 +162,11 @@ def test_rows_only_one_divides_are_covered_by_guarded_tiles_not_cut_into_single_
     """197 tokens (a ViT's): only 1 divides 197, and 1-row tiles keep 2 accumulators. Tiles of 14 cover the rows,
     the last guarded: 197x768 @ 768x768 took 4.99 ms in 1-row tiles and 1.70 in these (onnxruntime 1.5), 1 thread.
     Padding the rows instead (the input copied each call) was slower, 2.48 ms."""
-    import tvm
     from optc.targets.artifact import load_artifact
-    from optc.targets.tiled_kernels import schedule_tiled
-    from optc.targets.tuned_compile import fused
-    from tvm.relax.frontend.onnx import from_onnx
 
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [197, 64])], [("y", [197, 256])],
                        [_w("w", 64, 256, seed=1)])
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-    mod = fused(from_onnx(model, keep_params_in_input=False), target, True)
-    (matmul,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and 'T.sblock("matmul")' in f.script()]
-    text = schedule_tiled(matmul, target).script()
+    _, text = scheduled_one(model, 'T.sblock("matmul")')
     assert "T.unroll(T.int64(14))" in text and "< T.int64(197)" in text, text
     out, _ = _compile_tvm_kernels(model, tmp_path)
     x = rand(197, 64, seed=4)
@@ -185,19 +191,10 @@ def test_a_dense_layer_whose_columns_no_vector_divides_is_padded_not_left_scalar
     22x1024 @ 1024x8210 took 350 ms (oneDNN 5; on ARM there is no oneDNN). The weight is padded with zero columns
     to two vectors at compile time; the padded outputs are never written (an epilogue inlined into the tile wrote
     them past each row's end, into the next row)."""
-    import tvm
     from optc.targets.artifact import load_artifact
-    from optc.targets.tiled_kernels import schedule_tiled
-    from optc.targets.tuned_compile import fused
-    from tvm.relax.frontend.onnx import from_onnx
 
     model = odd_classifier()
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
-    mod = fused(from_onnx(model, keep_params_in_input=False), target, True)
-    (matmul,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and 'T.sblock("matmul")' in f.script()]
-    scheduled = schedule_tiled(matmul, target)
-    assert scheduled is not None
-    text = scheduled.script()
+    _, text = scheduled_one(model, 'T.sblock("matmul")')
     assert "layout_rewrite_preproc" in text and "T.vectorized(T.int64(32))" in text and "T.int64(1024)" in text, text
     out, _ = _compile_tvm_kernels(model, tmp_path)
     for seed in (4, 5):  # the last row too: a write past a row's end lands in the next one, or past the buffer

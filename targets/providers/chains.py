@@ -183,6 +183,41 @@ def dtype_of(expr: Any) -> str:
     return str(getattr(getattr(expr, "ty", None), "dtype", ""))
 
 
+def module_bindings(mod: Any) -> dict[Any, Any]:
+    """Every Relax function's bindings in ``mod``: var -> the value bound to it."""
+    return {k: v for func in mod.functions.values() if isinstance(func, relax.Function) for k, v in relax.analysis.get_var2val(func).items()}
+
+
+def constant_value(expr: Any, values: dict[Any, Any]) -> np.ndarray | None:
+    """The value of a constant, through ``values`` (var -> bound value) and reshapes, permutations and
+    dequantizes of constants; None for anything computed at run time."""
+    if isinstance(expr, relax.Var):
+        expr = values.get(expr, expr)
+    if isinstance(expr, Constant):
+        return expr.value.numpy()
+    name = op_name(expr)
+    if name == "relax.reshape":
+        inner = constant_value(expr.args[0], values)
+        shape = static_shape(expr)
+        return None if inner is None or shape is None else inner.reshape(shape)
+    if name == "relax.dequantize":  # an int8 model's bias: int32 values, their scale and zero point
+        q, scale, zero = (constant_value(a, values) for a in expr.args[:3])
+        if q is None or scale is None or zero is None:
+            return None
+        shape = [1] * q.ndim
+        if q.ndim and scale.size > 1:
+            shape[int(expr.attrs.axis) % q.ndim] = -1
+        value = (q.astype(np.float64) - zero.astype(np.float64).reshape(shape)) * scale.astype(np.float64).reshape(shape)
+        return value.astype(np.float32)
+    if name == "relax.permute_dims":
+        inner = constant_value(expr.args[0], values)
+        if inner is None:
+            return None
+        axes = expr.attrs.axes
+        return np.transpose(inner, None if axes is None else [int(a) for a in axes])
+    return None
+
+
 class ChainFinder:
     """Chains of one Relax function, found by walking forward from each heavy op."""
 
@@ -237,32 +272,7 @@ class ChainFinder:
     # --- helpers ---------------------------------------------------------------
 
     def _const(self, expr: Any) -> np.ndarray | None:
-        """The value of a constant, through bindings and reshapes/permutations of constants."""
-        if isinstance(expr, relax.Var):
-            expr = self.var2val.get(expr, expr)
-        if isinstance(expr, Constant):
-            return expr.value.numpy()
-        name = op_name(expr)
-        if name == "relax.reshape":
-            inner = self._const(expr.args[0])
-            shape = static_shape(expr)
-            return None if inner is None or shape is None else inner.reshape(shape)
-        if name == "relax.dequantize":  # an int8 model's bias: int32 values, their scale and zero point
-            q, scale, zero = (self._const(a) for a in expr.args[:3])
-            if q is None or scale is None or zero is None:
-                return None
-            shape = [1] * q.ndim
-            if q.ndim and scale.size > 1:
-                shape[int(expr.attrs.axis) % q.ndim] = -1
-            value = (q.astype(np.float64) - zero.astype(np.float64).reshape(shape)) * scale.astype(np.float64).reshape(shape)
-            return value.astype(np.float32)
-        if name == "relax.permute_dims":
-            inner = self._const(expr.args[0])
-            if inner is None:
-                return None
-            axes = expr.attrs.axes
-            return np.transpose(inner, None if axes is None else [int(a) for a in axes])
-        return None
+        return constant_value(expr, self.var2val)
 
     def _swish(self, call: Any) -> list[Any]:
         """``[sigmoid(v), v * sigmoid(v)]`` when those two calls are all that use ``call``'s value ``v``; else []."""

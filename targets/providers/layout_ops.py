@@ -42,7 +42,7 @@ import tvm
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of, prim_number, static_shape
+from optc.targets.providers.chains import dtype_of, module_bindings, prim_number, static_shape
 from optc.targets.providers.offload import rewrite_functions
 
 _TE_NAME = re.compile(r"(maximum|minimum)\d*$")
@@ -58,8 +58,7 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod: Any) -> None:
         super().__init__(mod)
         self.count = 0
-        self.var2val = {k: v for func in mod.functions.values() if isinstance(func, relax.Function)
-                        for k, v in relax.analysis.get_var2val(func).items()}
+        self.var2val = module_bindings(mod)
         self.clip, self.call_tir, self.where, self.stack, self.broadcast_to, self.quantize, self.dequantize, self.max_pool2d = (
             tvm.ir.Op.get(f"relax.{name}")
             for name in ("clip", "call_tir", "where", "stack", "broadcast_to", "quantize", "dequantize", "nn.max_pool2d"))

@@ -26,7 +26,7 @@ import numpy as np
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of, op_name
+from optc.targets.providers.chains import dtype_of, module_bindings, op_name
 from optc.targets.providers.layout_ops import rewritten
 
 # What may lie between the rounding and the cast: the zero point and the type's bounds (a ReLU's maximum at the
@@ -51,8 +51,7 @@ class _Reciprocal(relax.PyExprMutator):
     def __init__(self, mod: Any) -> None:
         super().__init__(mod)
         self.count = 0
-        values = {k: v for func in mod.functions.values() if isinstance(func, relax.Function)
-                  for k, v in relax.analysis.get_var2val(func).items()}
+        values = module_bindings(mod)
         self.divisions = {d for d in (self._quantizing_division(v, values) for v in values.values()) if d is not None}
 
     @staticmethod
