@@ -98,11 +98,11 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
     target = tvm_target(spec)
     if int8:
         from optc.targets.int8_lowering import lower_int8, weight_owners
-        from optc.targets.tiled_kernels import has_dot_product
+        from optc.targets.tiled_kernels import dot_product
 
-        dot = spec.device == "cpu" and has_dot_product(target)
-        mod, int8_report = lower_int8(mod, weight_owners(model), signed=dot)
-        int8_summary = {**int8_report.to_dict(), **({"dot_product": "sdot (int8 activations: uint8 ones shifted by 128)"} if dot else {})}
+        dot = dot_product(target) if spec.device == "cpu" else None
+        mod, int8_report = lower_int8(mod, weight_owners(model), activations=dot.activation if dot else None)
+        int8_summary = {**int8_report.to_dict(), **({"dot_product": dot.describe()} if dot else {})}
     try:
         with quiet_native_stderr():
             if spec.device == "cpu" and tune is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from optc.targets.tiled_kernels import tile
+from optc.targets.tiled_kernels import tile, vectorize_short
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,10 @@ def _parallelise(sch: Any, block: Any) -> bool:
         inner = spatial[-1]
         if extents[-1] % VECTOR == 0 and extents[-1] > VECTOR:
             _, inner = sch.split(inner, factors=[None, VECTOR])
-        if extents[-1] % VECTOR == 0 or extents[-1] <= 64:
+        if extents[-1] % VECTOR == 0:
             sch.vectorize(inner)
+        elif extents[-1] <= 64:
+            vectorize_short(sch, inner)
         return True
     if not reduction and len(spatial) > 2 and extents[-1] <= 4 and _reads_along(sch, block, spatial[-2]):
         # An image's few channels innermost, read from NCHW (its quantize, pad and transpose to NHWC): vectors along
@@ -226,9 +228,9 @@ def _reads_channels_innermost(sch: Any, block: Any) -> bool:
 
 
 def _vectorise_innermost(sch: Any, spatial: list[Any], extents: list[int]) -> bool:
-    """One thread: vectorise the innermost loop, in vector-width pieces when it divides evenly, whole when it
-    is short (24 channels: a hard-swish over 1x24x96x24 took 294 us scalar, against 6 us vectorised at 16),
-    else in pieces of 8 or 4."""
+    """One thread: vectorise the innermost loop, in vector-width pieces when it divides evenly, whole (or in pieces
+    of 8 or 4 lanes, :func:`vectorize_short`) when it is short (24 channels: a hard-swish over 1x24x96x24 took 294 us
+    scalar, against 6 us vectorised), else in pieces of 8 or 4."""
     if not spatial:
         return False
     extent = extents[-1]
@@ -255,7 +257,7 @@ def _vectorise_innermost(sch: Any, spatial: list[Any], extents: list[int]) -> bo
         _, inner = sch.split(spatial[-1], factors=[None, width])
         sch.vectorize(inner)
     elif 2 <= extent <= 64:
-        sch.vectorize(spatial[-1])
+        vectorize_short(sch, spatial[-1])
     else:
         return False
     return True

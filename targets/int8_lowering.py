@@ -37,10 +37,12 @@ the 8-bit input instead, ``conv2d(x_q - z_x, W_q s_x s_w)``: int8 dot products m
 groups of 4 and would mostly multiply padding, and the float kernels serve such a shape better. Its
 products are those onnxruntime's QDQ evaluation forms; the report says ``computes`` for it.
 
-Armv8.2's ``sdot`` multiplies int8 by int8 only. For such targets (``signed``) a
-uint8 activation enters the integer kernel as ``x_q - 128`` in int8 with zero point
-``z_x - 128``: ``x_q - z_x`` is unchanged, so the sum, the correction and the
-output are exactly those of the uint8 kernel.
+Dot-product instructions take one activation type: Armv8.2's ``sdot`` multiplies
+int8 by int8, x86's VNNI ``vpdpbusd`` uint8 by int8. For such targets an activation
+of the other type enters the integer kernel shifted by 128 (uint8 ``x_q`` as the int8
+``x_q - 128`` with zero point ``z_x - 128``, or the reverse): ``x_q - z_x`` is
+unchanged, so the sum, the correction and the output are exactly those of the
+unshifted kernel.
 
 Regions that do not fit (per-tensor activation scale and zero point, constant
 int8 weight with zero weight zero point and scales along the output channel,
@@ -133,10 +135,11 @@ def weight_owners(model: Model) -> dict[str, str]:
     return owners
 
 
-def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, signed: bool = False) -> tuple[Any, Int8Report]:
+def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, activations: str | None = None) -> tuple[Any, Int8Report]:
     """Rewrite every lowerable int8 region of ``mod`` (a Relax IRModule from the ONNX frontend).
 
-    ``signed``: uint8 activations enter the integer kernels shifted to int8 (for Armv8.2's ``sdot``, int8 by int8).
+    ``activations``: the 8-bit type the target's dot product multiplies by int8 weights (int8 for Armv8.2's ``sdot``,
+    uint8 for x86's ``vpdpbusd``); activations of the other type enter the integer kernels shifted by 128.
 
     Returns the new module (dead float weight dequantisations removed) and a
     report of the regions lowered and those left in float, with reasons.
@@ -144,7 +147,7 @@ def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, signed: boo
     from optc.targets import int8_relax  # imports TVM
 
     try:
-        new_mod, report = int8_relax.lower(mod, owners or {}, signed)
+        new_mod, report = int8_relax.lower(mod, owners or {}, activations)
     except Exception as exc:  # TVM raises many kinds; the float module still compiles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TargetError(f"int8 lowering failed ({type(exc).__name__}: {first}); compile with --no-int8-lowering to keep QDQ in float") from exc

@@ -56,14 +56,14 @@ class Lowered:
     computes: str = "int8"
 
 
-def lower(mod: Any, owners: Mapping[str, str], signed: bool = False) -> tuple[Any, Int8Report]:
+def lower(mod: Any, owners: Mapping[str, str], activations: str | None = None) -> tuple[Any, Int8Report]:
     """Rewrite the lowerable regions of ``mod``; the very same module when none was lowered.
 
-    ``signed``: feed the integer kernels int8 activations only (uint8 ones shifted by 128), for targets whose
-    dot-product instructions multiply int8 by int8 (Armv8.2's ``sdot``).
+    ``activations``: feed the integer kernels 8-bit activations of this type only (the other one shifted by 128), for
+    targets whose dot-product instruction takes one: int8 for Armv8.2's ``sdot``, uint8 for x86's ``vpdpbusd``.
     """
     report = Int8Report()
-    new_mod = Int8Lowering(mod, dict(owners), report, signed).run()
+    new_mod = Int8Lowering(mod, dict(owners), report, activations).run()
     if not report.lowered:
         return mod, report  # nothing rewritten: hand back the very same module
     return relax.transform.DeadCodeElimination()(new_mod), report
@@ -73,10 +73,10 @@ def lower(mod: Any, owners: Mapping[str, str], signed: bool = False) -> tuple[An
 class Int8Lowering(relax.PyExprMutator):
     """Rewrites each lowerable conv2d/matmul of every Relax function and records each region in ``report``."""
 
-    def __init__(self, mod: Any, owners: dict[str, str], report: Int8Report, signed: bool = False) -> None:
+    def __init__(self, mod: Any, owners: dict[str, str], report: Int8Report, activations: str | None = None) -> None:
         super().__init__(mod)
         self.mod = mod
-        self.signed = signed
+        self.activations = activations
         self.owners = owners
         self.report = report
         self.var2val: dict[Any, Any] = {}
@@ -279,21 +279,24 @@ class Int8Lowering(relax.PyExprMutator):
     def _input(self, x: Activation) -> tuple[Any, int]:
         """The 8-bit input the integer kernel reads, and its zero point.
 
-        For ``signed`` targets a uint8 input ``x_q`` becomes the int8 ``x_q - 128`` with zero point ``z_x - 128``: the same
-        real values, exactly (``x_q - z_x`` is unchanged), so ``sdot`` can multiply it by the int8 weights. FuseOps puts
-        the shift into the producer's requantisation epilogue.
+        Where the target's dot product takes the other 8-bit type, the input is shifted by 128 into it: uint8 ``x_q``
+        becomes the int8 ``x_q - 128`` with zero point ``z_x - 128`` (Armv8.2's ``sdot``), int8 ``x_q`` the uint8
+        ``x_q + 128`` with zero point ``z_x + 128`` (x86's ``vpdpbusd``). The same real values, exactly (``x_q - z_x``
+        is unchanged), so the instruction can multiply it by the int8 weights. FuseOps puts the shift into the
+        producer's requantisation epilogue.
         """
         data = self.visit_expr(x.data)
-        if not (self.signed and x.dtype == "uint8"):
+        if self.activations is None or x.dtype == self.activations:
             return data, x.zero_point
-        wide = relax.op.subtract(relax.op.astype(data, "int16"), relax.const(128, "int16"))
-        return self.builder_.emit(relax.op.astype(wide, "int8")), x.zero_point - 128
+        shift = -128 if self.activations == "int8" else 128
+        wide = relax.op.add(relax.op.astype(data, "int16"), relax.const(shift, "int16"))
+        return self.builder_.emit(relax.op.astype(wide, self.activations)), x.zero_point + shift
 
 
 def overflow_reason(x: Activation, abs_row_sums: np.ndarray) -> str:
-    """A reason when ``sum |x_q| |W_q|`` could leave int32 for some output channel, else ''."""
-    peak = 255 if x.dtype == "uint8" else 128
-    worst = int(abs_row_sums.max(initial=0)) * peak + abs(x.zero_point) * int(abs_row_sums.max(initial=0))
+    """A reason when ``sum |x_q| |W_q|`` could leave int32 for some output channel, else ''. Bounded for either 8-bit
+    type, as ``_input`` may shift the activation into the other one (values up to 255, zero point moved by 128)."""
+    worst = int(abs_row_sums.max(initial=0)) * (255 + abs(x.zero_point) + 128)
     if worst > INT32_MAX:
         return f"int32 accumulator could overflow (bound {worst:.3g})"
     return ""

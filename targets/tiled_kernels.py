@@ -60,9 +60,9 @@ PARALLEL_MACS = 1 << 21
 # 1 M multiply-adds) is bound by its 4 MB of weights, 180 us a call from L3 on one core. Threaded, each core reads
 # its own columns, and consecutive steps find them in that core's L2.
 PARALLEL_WEIGHT_BYTES = 1 << 20
-# Armv8.2's sdot: four int32 lanes, each adding a 4-deep int8 dot product (16 multiply-adds an instruction, against
-# 4 for the widening multiply-accumulate the vectoriser emits otherwise).
-DOT_LANES = DOT_DEPTH = 4
+# 8-bit dot products (Armv8.2's sdot, x86's VNNI): each int32 lane adds a 4-deep product of 8-bit pairs (sdot: 16
+# multiply-adds an instruction against 4 for the widening multiply-accumulate the vectoriser emits otherwise).
+DOT_DEPTH = 4
 
 
 # Why the template failed on blocks it matched, while a build records them (TVM's default schedule then runs those
@@ -256,7 +256,8 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
             logger.debug("columns of %s not padded: %s", _output_shape(sch.mod["main"]), exc)
             return False
         tw, _ = tiles(int(sch.get(roles.rows).extent), tc, lanes, registers)
-    depth = DOT_DEPTH if _dot_product(sch, node, roles, tc, target) else 1
+    dot = _dot_product(sch, node, roles, tc, target)
+    depth = DOT_DEPTH if dot is not None else 1
     if roles.pack is not None:
         packed = padded if padded is not None else sch.cache_read(block, 1, "global")
         sch.transform_layout(packed, ("write", 0), roles.pack(tc, depth))
@@ -274,9 +275,9 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
     rows_o, rows_i = sch.split(roles.rows, [None, tw])
     cols_o, cols_i = sch.split(roles.cols, [None, tc])
     reduce, inner = roles.reduce, [rows_i, cols_i]
-    if depth > 1:  # ic by 4 innermost, under each 4-lane accumulator: one sdot per (pixel, 4 channels, 4 inputs)
+    if dot is not None:  # ic by 4 innermost, under each accumulator vector: one instruction per (pixel, vector, 4 inputs)
         red_o, red_i = sch.split(roles.reduce[-1], [None, depth])
-        lanes_o, lanes_i = sch.split(cols_i, [None, DOT_LANES])
+        lanes_o, lanes_i = sch.split(cols_i, [None, dot[1]])
         reduce, inner = [*roles.reduce[:-1], red_o], [rows_i, lanes_o, lanes_i, red_i]
     *batch, last = roles.outer or [None]
     if _weights_dominate(node):
@@ -307,10 +308,8 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
         _epilogue_loop(sch, epilogue, threaded, lanes)
     for producer in sch.get_producers(block):
         _parallel_copy(sch, producer, threaded)
-    if depth > 1:  # last: the block it replaces is gone afterwards
-        from optc.targets.arm_dot import sdot_intrin
-
-        sch.tensorize(inner[2], sdot_intrin())
+    if dot is not None:  # last: the block it replaces is gone afterwards
+        sch.tensorize(inner[2], dot[0].intrin(dot[1]))
     return True
 
 
@@ -368,30 +367,63 @@ def _unpad(sch: Any, write_back: Any) -> Any:
     return copy
 
 
-def has_dot_product(target: Any) -> bool:
-    """Whether ``target`` is an aarch64 CPU with Armv8.2's 8-bit dot products (``sdot``), e.g. ``--cpu cortex-a76``."""
+@dataclass(frozen=True)
+class DotProduct:
+    """A CPU's 4-deep 8-bit dot-product instruction: ``name``, the activation dtype it multiplies by int8 weights, and
+    the accumulator widths (int32 lanes) it comes in, widest first."""
+
+    name: str
+    activation: str
+    lanes: tuple[int, ...]
+
+    def intrin(self, lanes: int) -> str:
+        """The tensor intrinsic computing ``lanes`` accumulators' 4-deep step."""
+        if self.name == "sdot":
+            from optc.targets.arm_dot import sdot_intrin
+
+            return sdot_intrin()
+        from optc.targets.x86_dot import vnni_intrin
+
+        return vnni_intrin(lanes)
+
+    def describe(self) -> str:
+        other = "uint8" if self.activation == "int8" else "int8"
+        return f"{self.name} ({self.activation} activations: {other} ones shifted by 128)"
+
+
+def dot_product(target: Any) -> DotProduct | None:
+    """The 8-bit dot product ``target`` has: Armv8.2's ``sdot`` (int8 x int8, e.g. ``--cpu cortex-a76``), x86's VNNI
+    ``vpdpbusd`` (uint8 x int8; 16 lanes with AVX512-VNNI, 8 and 4 with AVX512-VL or AVX-VNNI), or None."""
     from tvm.target import codegen
 
-    if not str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
-        return False
-    try:
-        return bool(codegen.target_has_features("dotprod", target))
-    except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no dot products assumed
-        return False
+    def has(feature: str) -> bool:
+        try:
+            return bool(codegen.target_has_features(feature, target))
+        except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no dot products assumed
+            return False
+
+    if str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
+        return DotProduct("sdot", "int8", (DOT_DEPTH,)) if has("dotprod") else None
+    if str(target.kind.name) != "llvm":
+        return None
+    narrow = (8, 4) if has("avxvnni") or (has("avx512vnni") and has("avx512vl")) else ()
+    wide = (16,) if has("avx512vnni") and vector_shape(target)[0] == 16 else ()
+    return DotProduct("vpdpbusd", "uint8", wide + narrow) if wide or narrow else None
 
 
-def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> bool:
-    """Whether ``sdot`` can compute this block: int8 x int8 into int32 (the int8 lowering shifts uint8 activations to
-    int8 on such targets), a packed weight, 4 | tc and 4 | the innermost reduction (input channels; a grouped conv's
-    per group, its tile inside one group; a depthwise one has a single input channel and stays on the NEON kernels)."""
+def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> tuple[DotProduct, int] | None:
+    """The dot product computing this block and its accumulator width, where one can: 8-bit activations of the
+    instruction's type (the int8 lowering shifts the other type by 128 on such targets) times int8 weights into int32,
+    a packed weight, a width dividing tc and 4 | the innermost reduction (input channels; a grouped conv's per group, its
+    tile inside one group; a depthwise one has a single input channel and stays on the widening kernels)."""
     reads = node.reads
-    if roles.pack is None or len(reads) != 2:
-        return False
-    if any(str(getattr(r.source, "dtype", "")) != "int8" for r in reads):
-        return False
-    if tc % DOT_LANES or int(sch.get(roles.reduce[-1]).extent) % DOT_DEPTH:
-        return False
-    return has_dot_product(target)
+    if roles.pack is None or len(reads) != 2 or int(sch.get(roles.reduce[-1]).extent) % DOT_DEPTH:
+        return None
+    dot = dot_product(target)
+    if dot is None or [str(getattr(r.source, "dtype", "")) for r in reads] != [dot.activation, "int8"]:
+        return None
+    lanes = next((n for n in dot.lanes if tc % n == 0), None)
+    return (dot, lanes) if lanes is not None else None
 
 
 def _read_sizes(node: Any) -> list[int] | None:
@@ -431,6 +463,21 @@ def _parallel_copy(sch: Any, block: Any, threaded: bool) -> None:
         if threaded:
             sch.parallel(sch.fuse(loops[0], loops[1]))
         if int(sch.get(loops[3]).extent) <= 64:
-            sch.vectorize(loops[3])
+            vectorize_short(sch, loops[3])
     except Exception as exc:  # noqa: BLE001 - left serial: correct, slower
         logger.debug("padding copy left serial: %s", exc)
+
+
+def vectorize_short(sch: Any, loop: Any) -> None:
+    """Vectorise a loop of at most 64 iterations (channels): whole when its extent is a power of two, else in the
+    widest pieces of 16 or 8 lanes that divide it (whole when neither does).
+
+    LLVM legalises a vector of 24 lanes poorly where it converts types: an int8 residual's requantisation over
+    64x14x14x24 (uint8 -> int32 -> float, round, float -> uint8) took 1.0 ms as 24-lane vectors, 0.27 as 3 x 8.
+    Pieces of 4 lose to the whole vector: a quantise-and-move of 28-pixel rows took 19 us as 7 x 4, 9.5 whole."""
+    extent = int(sch.get(loop).extent)
+    width = next((w for w in (16, 8) if extent % w == 0), None)
+    if extent & (extent - 1) == 0 or width is None:
+        sch.vectorize(loop)
+    else:
+        sch.vectorize(sch.split(loop, [None, width])[1])

@@ -109,13 +109,13 @@ def _quantize(save, tmp_path, proto, **options):
 # --- helpers ------------------------------------------------------------------------
 
 
-def _lower(model, signed=False):
+def _lower(model, activations=None):
     from tvm.relax.frontend.onnx import from_onnx
 
     from optc.targets.int8_lowering import lower_int8, weight_owners
 
     mod = from_onnx(model.proto, keep_params_in_input=False)
-    return lower_int8(mod, weight_owners(model), signed=signed)
+    return lower_int8(mod, weight_owners(model), activations=activations)
 
 
 def _compile(mod):
@@ -217,17 +217,19 @@ def test_matmul_and_gemm_regions_become_integer_matmuls(save, tmp_path):
     assert worst <= step, f"max |diff| {worst:.3g} > one step {step:.3g}"
 
 
-def test_signed_lowering_shifts_uint8_inputs_and_computes_the_same(save, tmp_path):
-    """For sdot targets uint8 activations enter the integer kernels as int8 (x_q - 128, zero point z_x - 128): the same
-    integers reach the float epilogue, so the output equals the unsigned lowering's bit for bit."""
-    q = _quantize(save, tmp_path, _dot_model(), reduce_range=False)
+@pytest.mark.parametrize(("stored", "taken"), [("uint8", "int8"), ("int8", "uint8")], ids=["sdot", "vpdpbusd"])
+def test_activations_shifted_to_the_dot_products_type_compute_the_same(save, tmp_path, stored, taken):
+    """Where the target's dot product takes the other 8-bit type (sdot: int8; VNNI: uint8) the activations enter the
+    integer kernels shifted by 128, zero point too: the same integers reach the float epilogue, so the output equals the
+    unshifted lowering's bit for bit."""
+    q = _quantize(save, tmp_path, _dot_model(), reduce_range=False, activation_type=stored)
     plain, _ = _lower(q)
-    signed, report = _lower(q, signed=True)
+    shifted, report = _lower(q, activations=taken)
     assert [r.name for r in report.lowered] == ["conv1", "pw", "grouped", "dw", "fc"] and not report.left_float
-    kernels = [c for c in _calls(signed) if c[0] in ("relax.nn.conv2d", "relax.matmul")]
-    assert [c[1] for c in kernels] == [["int8", "int8"]] * 5 and all(c[2] == "int32" for c in kernels)
-    assert {c[1][0] for c in _calls(plain) if c[0] in ("relax.nn.conv2d", "relax.matmul")} == {"uint8"}
-    a, b = _compile(plain), _compile(signed)
+    kernels = [c for c in _calls(shifted) if c[0] in ("relax.nn.conv2d", "relax.matmul")]
+    assert [c[1] for c in kernels] == [[taken, "int8"]] * 5 and all(c[2] == "int32" for c in kernels)
+    assert {c[1][0] for c in _calls(plain) if c[0] in ("relax.nn.conv2d", "relax.matmul")} == {stored}
+    a, b = _compile(plain), _compile(shifted)
     for seed in range(3):
         x = rand(1, 8, 12, 12, seed=300 + seed)
         np.testing.assert_array_equal(_run(b, x), _run(a, x))

@@ -338,6 +338,71 @@ def test_int8_convolutions_use_sdot_where_the_core_has_it(groups, dot):
         assert ("llvm.aarch64.neon.sdot" in text) == has, (cpu, groups)
 
 
+def _int8_conv(channels: int, out_channels: int, groups: int, dtype: str = "uint8"):
+    """An int8 NHWC convolution into int32 as the int8 lowering emits it: 1x6x7xC (7 pixels: a guarded last tile), 3x3."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 6, 7, channels], dtype))
+    w = np.random.default_rng(0).integers(-127, 128, (out_channels, 3, 3, channels // groups)).astype(np.int8)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1], groups=groups, data_layout="NHWC",
+                                           kernel_layout="OHWI", out_dtype="int32"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get(), w
+
+
+def _int8_conv_reference(x: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
+    xp = np.pad(x.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((*x.shape[:3], w.shape[0]), np.int64)
+    per_in, per_out = x.shape[-1] // groups, w.shape[0] // groups
+    for g in range(groups):
+        for kh in range(3):
+            for kw in range(3):
+                patch = xp[:, kh:kh + x.shape[1], kw:kw + x.shape[2], g * per_in:(g + 1) * per_in]
+                out[..., g * per_out:(g + 1) * per_out] += patch @ w[g * per_out:(g + 1) * per_out, kh, kw].astype(np.int64).T
+    return out
+
+
+@pytest.mark.parametrize(("channels", "out_channels", "groups", "cpu", "lanes"), [
+    (32, 32, 1, "icelake-server", 16),  # AVX512-VNNI: 16-lane accumulators, two per tile
+    (24, 24, 1, "icelake-server", 8),  # 24 channels: 8-lane tiles (AVX512-VL)
+    (16, 32, 2, "icelake-server", 16),  # two groups of 8 inputs
+    (32, 32, 1, "alderlake", 8),  # AVX-VNNI without AVX-512: 256-bit
+    (32, 32, 1, "skylake-avx512", 0),  # AVX-512 without VNNI: the widening kernel
+    (16, 16, 16, "icelake-server", 0),  # depthwise: one input a group, nothing to take 4 at a time
+], ids=["zmm", "ymm-24", "grouped", "avx-vnni", "no-vnni", "depthwise"])
+def test_int8_convolutions_use_vnni_where_the_core_has_it(channels, out_channels, groups, cpu, lanes):
+    """On an x86 core with VNNI an int8 NHWC convolution (uint8 activations by int8 weights) is tensorized with
+    vpdpbusd, as wide as the tile allows; without VNNI, and for a depthwise one, the vectoriser's kernel stays. Where
+    this machine can run the code, its output equals the exact integer convolution."""
+    import tvm
+    from optc.targets.cpu_schedule import schedule_function
+    from optc.targets.tiled_kernels import dot_product
+    from optc.targets.tuned_compile import fused
+    from tvm import relax
+
+    mod, w = _int8_conv(channels, out_channels, groups)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
+    mod = fused(mod, target, True)
+    gvar, conv = next((g, f) for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script())
+    with target:
+        scheduled = schedule_function(conv)
+    text = scheduled.script()
+    assert ("llvm.x86.avx512.vpdpbusd" in text) == bool(lanes), text
+    if lanes:
+        assert f"llvm.x86.avx512.vpdpbusd.{32 * lanes}" in text
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if lanes and (dot_product(host) is None or lanes not in dot_product(host).lanes):
+        return  # this machine cannot run these instructions: the schedule's structure is what is checked here
+    mod[gvar] = scheduled
+    vm = relax.VirtualMachine(tvm.compile(mod, target=host), tvm.cpu())  # the TIR as scheduled, for this CPU
+    x = np.random.default_rng(1).integers(0, 256, (1, 6, 7, channels)).astype(np.uint8)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _int8_conv_reference(x, w, groups))
+
+
 def test_a_template_failure_is_reported_not_silent(tmp_path, monkeypatch):
     """A convolution the tiled template matched but could not schedule still compiles (TVM's default schedule), and
     the report and the terminal say so: such a failure once cost every ARM int8 convolution its tiling unseen."""
