@@ -20,7 +20,9 @@ activation as one loop of their own over the real outputs, :func:`tiled_kernels.
 
 Runs after the providers took their chains, so oneDNN's convolutions are left as they are; only
 NHWC ``conv2d`` (1-D convolutions exported as ``[N, C, L, 1]`` tile along their height, which
-is padded then). Grouped convolutions keep their channels (a filter belongs to its group).
+is padded then). A grouped convolution's filters stay in their group: each group gets its zero
+filters (ShuffleNet's 1x1 convolutions in 4 groups of 34 channels: 34 -> 48), and a
+``[N, H, W, G, og']`` view of the output is sliced to the real ones.
 """
 from __future__ import annotations
 
@@ -41,12 +43,14 @@ def pad_tiles(mod: Any, target: Any) -> Any:
     return rewritten(_TilePadder(mod, lanes, registers), mod)
 
 
-def padded_channels(channels: int, groups: int, lanes: int) -> int | None:
-    """The output channels to compute where no vector width the template uses divides ``channels``; else None."""
-    if groups != 1 or channels < 4 or any(channels % w == 0 for w in channel_widths(lanes)):
+def padded_channels(channels: int, groups: int, lanes: int, depthwise: bool = False) -> int | None:
+    """The output channels to compute where no vector width the template uses divides ``channels`` (a grouped
+    convolution's: each group's, padded alike); else None. A depthwise convolution tiles its channels as they are."""
+    per_group = channels // groups
+    if depthwise or per_group < (4 if groups == 1 else 2) or any(per_group % w == 0 for w in channel_widths(lanes)):
         return None
-    step = lanes if channels > lanes // 2 else max(lanes // 4, 1)
-    return -(-channels // step) * step
+    step = lanes if per_group > lanes // 2 else max(lanes // 4, 1)
+    return -(-per_group // step) * step * groups
 
 
 def padded_rows(out_shape: list[int], groups: int, weight_shape: list[int], lanes: int, registers: int) -> tuple[int, int] | None:
@@ -83,18 +87,15 @@ class _TilePadder(relax.PyExprMutator):
         except (AttributeError, TypeError, ValueError):  # symbolic shapes: nothing the template tiles
             return super().visit_call_(call)
         groups = int(attrs.groups)
-        channels = padded_channels(out_shape[3], groups, self.lanes)
+        channels = padded_channels(out_shape[3], groups, self.lanes, depthwise=groups > 1 and weight_shape[-1] == 1)
         value = constant_value(call.args[1], self.values) if channels is not None else None
         if value is None:  # a weight computed at run time keeps its channels
             channels = None
         rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers)
         if channels is None and rows is None:
             return super().visit_call_(call)
-        if channels is None:
-            weight = self.visit_expr(call.args[1])
-        else:
-            zeros = np.zeros((channels - value.shape[0], *value.shape[1:]), value.dtype)
-            weight = relax.const(np.concatenate([value, zeros]), str(value.dtype))
+        weight = self.visit_expr(call.args[1]) if channels is None else relax.const(_zero_filters(value, groups, channels),
+                                                                                    str(value.dtype))
         top, left, bottom, right = (int(p) for p in attrs.padding)
         axes, ends = [], []
         if rows is not None:
@@ -103,12 +104,24 @@ class _TilePadder(relax.PyExprMutator):
             bottom, right = (bottom + extra, right) if axis == 1 else (bottom, right + extra)
             axes.append(axis)
             ends.append(out_shape[axis])
-        if channels is not None:
-            axes.append(3)
-            ends.append(out_shape[3])
         wide = self.builder_.emit(relax.op.nn.conv2d(
             self.visit_expr(call.args[0]), weight, strides=[int(s) for s in attrs.strides], padding=[top, left, bottom, right],
             dilation=[int(d) for d in attrs.dilation], groups=groups, data_layout="NHWC", kernel_layout="OHWI",
             out_layout="NHWC", out_dtype=attrs.out_dtype))
         self.count += 1
-        return relax.op.strided_slice(wide, axes=axes, begin=[0] * len(axes), end=ends)
+        if channels is None:
+            return relax.op.strided_slice(wide, axes=axes, begin=[0] * len(axes), end=ends)
+        if groups == 1:
+            return relax.op.strided_slice(wide, axes=[*axes, 3], begin=[0] * (len(axes) + 1), end=[*ends, out_shape[3]])
+        # each group's real channels: a [N, H, W, G, og'] view sliced to og and flattened back
+        n, h, w = [rows[1] if rows is not None and i == rows[0] else d for i, d in enumerate(out_shape[:3])]
+        view = relax.op.reshape(wide, [n, h, w, groups, channels // groups])
+        real = relax.op.strided_slice(view, axes=[*axes, 4], begin=[0] * (len(axes) + 1), end=[*ends, out_shape[3] // groups])
+        return relax.op.reshape(self.builder_.emit(real), out_shape)
+
+
+def _zero_filters(value: np.ndarray, groups: int, channels: int) -> np.ndarray:
+    """The OHWI weight ``value`` with zero filters appended to each group's, ``channels`` in all."""
+    per_group = value.reshape(groups, value.shape[0] // groups, *value.shape[1:])
+    zeros = np.zeros((groups, channels // groups - per_group.shape[1], *value.shape[1:]), value.dtype)
+    return np.concatenate([per_group, zeros], axis=1).reshape(channels, *value.shape[1:])

@@ -337,26 +337,47 @@ def _epilogue_loop(sch: Any, block: Any, threaded: bool, lanes: int) -> None:
     *outer, last = sch.get_loops(block)
     if threaded and outer:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    if int(sch.get(last).extent) % lanes == 0:
-        sch.vectorize(sch.split(last, [None, lanes])[1])
+    width = next((w for w in (lanes, lanes // 2) if w > 1 and int(sch.get(last).extent) % w == 0), None)
+    if width is not None:
+        sch.vectorize(sch.split(last, [None, width])[1])
+
+
+def _slice_chain(sch: Any, write_back: Any) -> list[Any] | None:
+    """The blocks from the write-back's consumer to the one that writes a slice of the tile's output (the copy
+    pad_einsum makes, tile_padding's slice after a widened convolution, or a grouped one's reshape, slice and reshape),
+    each the only consumer of the one before; None where the output is not sliced."""
+    size = _elements(sch.get(write_back).writes[0].source)
+    chain, block = [], write_back
+    while len(consumers := sch.get_consumers(block)) == 1:
+        block = consumers[0]
+        chain.append(block)
+        node = sch.get(block)
+        if len(node.writes) != 1 or _elements(node.writes[0].source) > size:
+            return None
+        if _elements(node.writes[0].source) < size:
+            return chain
+    return None
+
+
+def _elements(buffer: Any) -> int:
+    count = 1
+    for d in buffer.shape:
+        count *= int(d)
+    return count
 
 
 def _sliced(sch: Any, write_back: Any) -> bool:
-    """Whether the write-back's one consumer writes a slice of the tile's output (the copy pad_einsum makes, or the
-    slice after a convolution tile_padding widened): reverse-inlined, TVM dropped its bound."""
-    consumers = sch.get_consumers(write_back)
-    if len(consumers) != 1:
-        return False
-    shape = [int(d) for d in sch.get(write_back).writes[0].source.shape]
-    sliced = [int(d) for d in sch.get(consumers[0]).writes[0].source.shape]
-    return len(sliced) == len(shape) and sliced != shape and all(a <= b for a, b in zip(sliced, shape))
+    """Whether the write-back's consumers write a slice of the tile's output: reverse-inlined, TVM dropped its bound."""
+    return _slice_chain(sch, write_back) is not None
 
 
 def _unpad(sch: Any, write_back: Any) -> Any:
     """The block after a padded matmul's or widened convolution's write-back that reads its real columns or pixels
     (the copy pad_einsum made, or tile_padding's slice), inlined into the bias or activation that follows where there
     is one."""
-    (copy,) = sch.get_consumers(write_back)
+    *reshapes, copy = _slice_chain(sch, write_back) or []
+    for block in reshapes:  # a grouped convolution's [.., G, og'] view: into the slice that reads it
+        sch.compute_inline(block)
     consumers = sch.get_consumers(copy)
     if len(consumers) == 1:
         try:

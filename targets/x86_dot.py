@@ -15,8 +15,6 @@ TVM ships the 16-lane one (``tvm.s_tir.tensor_intrin.x86``), but importing it re
 """
 from __future__ import annotations
 
-VNNI_LANES = (16, 8, 4)
-
 
 def vnni_intrin(lanes: int) -> str:
     """The registered name of the ``lanes``-wide ``vpdpbusd`` intrinsic (registered on first use)."""

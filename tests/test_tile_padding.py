@@ -25,18 +25,21 @@ def test_the_row_the_tiled_kernel_would_guard_is_padded_to_whole_tiles(out_shape
     assert padded_rows(out_shape, groups, weight, 16, 32) == expected
 
 
-@pytest.mark.parametrize(("channels", "groups", "expected"), [
-    (10, 1, 16),     # MTCNN's box regression: no vector width divides 10
-    (255, 1, 256),   # a YOLO head's 3 x 85
-    (6, 1, 8),       # fewer than half a vector: a quarter-vector multiple
-    (48, 1, None),   # 16 divides it
-    (10, 2, None),   # grouped: a filter belongs to its group
-    (3, 1, None),    # under 4 channels the template tiles them as they are
+@pytest.mark.parametrize(("channels", "groups", "depthwise", "expected"), [
+    (10, 1, False, 16),     # MTCNN's box regression: no vector width divides 10
+    (255, 1, False, 256),   # a YOLO head's 3 x 85
+    (6, 1, False, 8),       # fewer than half a vector: a quarter-vector multiple
+    (48, 1, False, None),   # 16 divides it
+    (136, 4, False, 192),   # ShuffleNet: 4 groups of 34, each padded to a whole vector, 48
+    (10, 2, False, 16),     # 2 groups of 5, each padded to 8
+    (64, 4, False, None),   # 16 divides each group's
+    (34, 34, True, None),   # depthwise: its channels are tiled as they are
+    (3, 1, False, None),    # under 4 channels the template tiles them as they are
 ])
-def test_channels_no_vector_divides_are_padded_to_one(channels, groups, expected):
+def test_channels_no_vector_divides_are_padded_to_one(channels, groups, depthwise, expected):
     from optc.targets.tile_padding import padded_channels
 
-    assert padded_channels(channels, groups, 16) == expected
+    assert padded_channels(channels, groups, 16, depthwise) == expected
 
 
 def _conv(width: int, stride: int = 1, groups: int = 1, out: int = 96, channels: int = 48) -> onnx.ModelProto:
@@ -47,15 +50,18 @@ def _conv(width: int, stride: int = 1, groups: int = 1, out: int = 96, channels:
                       [_w("w", out, channels // groups, 3, 3, seed=1), _w("b", out, seed=2)])
 
 
-@pytest.mark.parametrize(("width", "stride", "groups", "out", "wide"), [
-    (43, 1, 1, 96, "T.int64(44)"), (86, 2, 1, 96, "T.int64(44)"), (43, 1, 48, 48, "T.int64(44)"),
-    (44, 1, 1, 10, "T.int64(16)"), (43, 1, 1, 10, "T.int64(44)"),
-], ids=["43", "stride-2", "depthwise", "10-channels", "43-by-10"])
-def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxruntime(width, stride, groups, out, wide, tmp_path):
+@pytest.mark.parametrize(("width", "stride", "groups", "out", "channels", "wide"), [
+    (43, 1, 1, 96, 48, "T.int64(44)"), (86, 2, 1, 96, 48, "T.int64(44)"), (43, 1, 48, 48, 48, "T.int64(44)"),
+    (44, 1, 1, 10, 48, "T.int64(16)"), (43, 1, 1, 10, 48, "T.int64(44)"),
+    (44, 1, 4, 136, 136, "T.int64(192)"), (43, 1, 4, 136, 136, "T.int64(44)"),
+], ids=["43", "stride-2", "depthwise", "10-channels", "43-by-10", "4-groups-of-34", "43-by-4-groups-of-34"])
+def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxruntime(width, stride, groups, out, channels,
+                                                                                    wide, tmp_path):
     """43 output pixels: four tiles of 11 with the last one guarded cost 1.6x (a predicate inside the unrolled
     reduction). Widened to 44, the reduction has no predicate; bias and ReLU run over the 43 real pixels, and the
-    outputs are onnxruntime's (a write past a row's end would land in the next row)."""
-    model = _conv(width, stride, groups, out)
+    outputs are onnxruntime's (a write past a row's end would land in the next row). A grouped convolution whose groups
+    no vector width divides (ShuffleNet's 4 x 34) gets zero filters in each group: it was left to TVM's scalar loop."""
+    model = _conv(width, stride, groups, out, channels)
     conv, text = scheduled_one(model, "conv2d_nhwc", nhwc=True)
     update = text[text.index('conv2d_nhwc_update")'):].split("T.sblock(")[0]  # grouped: group_conv2d_nhwc_update
     assert "T.where" not in update and wide in update and "T.vectorized" in text[:text.index("conv2d_nhwc_update")], update
@@ -71,5 +77,5 @@ def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxrun
     from optc.targets.artifact import load_artifact
 
     for seed in (4, 5):
-        x = rand(1, 48, 8, width, seed=seed)
+        x = rand(1, channels, 8, width, seed=seed)
         np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
