@@ -248,13 +248,15 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
         # computed and never read. TVM's default lowering of such a layer was 350 ms where oneDNN took 5.
         # (Rows are not padded so: a guarded last row tile cost less than the input's padded copy, 197x768 @ 768x768
         # 2.09 against 2.48 ms. A convolution's guard cost more, and tile_padding widens those.)
+        # Raised, not returned: tile() records it, and the report says which op kept TVM's scalar loop (ShuffleNet's
+        # grouped convolutions did so unseen, 45 of its 55 ms, before tile_padding gave each group its zero filters).
         if roles.pack is None or roles.group is not None or len(roles.reduce) != 1:
-            return False
+            what = "an activation's" if roles.pack is None else "a grouped convolution's" if roles.group else "these"
+            raise ValueError(f"no vector tile divides {what} {cols} columns{f' (groups of {roles.group})' if roles.group else ''}")
         try:
             padded, tc = _pad_columns(sch, block, roles, cols, 2 * lanes)
-        except Exception as exc:  # noqa: BLE001 - not an einsum TVM can pad: its default lowering, as before
-            logger.debug("columns of %s not padded: %s", _output_shape(sch.mod["main"]), exc)
-            return False
+        except Exception as exc:  # noqa: BLE001 - not an einsum TVM can pad: its default lowering, reported
+            raise ValueError(f"{cols} columns no vector tile divides, not padded: {exc}") from exc
         tw, _ = tiles(int(sch.get(roles.rows).extent), tc, lanes, registers)
     dot = _dot_product(sch, node, roles, tc, target)
     depth = DOT_DEPTH if dot is not None else 1

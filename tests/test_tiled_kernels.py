@@ -403,6 +403,20 @@ def test_int8_convolutions_use_vnni_where_the_core_has_it(channels, out_channels
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _int8_conv_reference(x, w, groups))
 
 
+def test_a_matmul_the_template_cannot_tile_is_reported_with_why(tmp_path):
+    """Attention scores over 13 tokens: Q·Kᵀ's columns are an activation's 13 tokens, which no vector tile divides and
+    no weight padding can widen. It keeps TVM's default loop, correct, and the report says so instead of nothing."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]), helper.make_node("MatMul", ["x", "t"], ["y"])]
+    model = make_model(nodes, [("x", [1, 13, 32])], [("y", [1, 13, 13])], [], opset=17)
+    out, _ = _compile_tvm_kernels(model, tmp_path)
+    failures = json.loads((out / "report.json").read_text())["target"]["tuning"]["template_failures"]
+    assert len(failures) == 1 and "no vector tile divides an activation's 13 columns" in failures[0], failures
+    from optc.targets.artifact import load_artifact
+
+    x = rand(1, 13, 32, seed=3)
+    np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
 def test_a_template_failure_is_reported_not_silent(tmp_path, monkeypatch):
     """A convolution the tiled template matched but could not schedule still compiles (TVM's default schedule), and
     the report and the terminal say so: such a failure once cost every ARM int8 convolution its tiling unseen."""
