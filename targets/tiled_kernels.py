@@ -34,9 +34,9 @@ power-of-two tile divides (8210 classes) has its weight padded with zero columns
 22x1024 @ 1024x8210: 350 -> 5 ms); a convolution's channels and rows are widened to whole tiles before fusion
 (:mod:`optc.targets.tile_padding`). Rows that only 1 divides (197 tokens) are covered by guarded tiles.
 
-int8 x int8 reductions on an aarch64 core with dot products (``--cpu cortex-a76``) split the input channels by 4
-innermost, pack the weight as ``[oc / tc, .., ic / 4, tc, 4]`` and compute each 4-lane accumulator's 4-deep step with
-one ``sdot`` (:mod:`optc.targets.arm_dot`).
+8-bit reductions on a core with dot products (an aarch64 core with ``sdot``, ``--cpu cortex-a76``; an x86 core with
+VNNI's ``vpdpbusd``) split the input channels by 4 innermost, pack the weight as ``[oc / tc, .., ic / 4, tc, 4]`` and
+compute each accumulator vector's 4-deep step with one instruction (:mod:`optc.targets.dot_intrinsics`).
 """
 from __future__ import annotations
 
@@ -401,13 +401,9 @@ class DotProduct:
 
     def intrin(self, lanes: int) -> str:
         """The tensor intrinsic computing ``lanes`` accumulators' 4-deep step."""
-        if self.name == "sdot":
-            from optc.targets.arm_dot import sdot_intrin
+        from optc.targets.dot_intrinsics import sdot_intrin, vnni_intrin
 
-            return sdot_intrin()
-        from optc.targets.x86_dot import vnni_intrin
-
-        return vnni_intrin(lanes)
+        return sdot_intrin() if self.name == "sdot" else vnni_intrin(lanes)
 
     def describe(self) -> str:
         other = "uint8" if self.activation == "int8" else "int8"

@@ -311,39 +311,13 @@ def test_arm_artifact_with_the_tiled_kernels_matches_onnxruntime_under_qemu(buil
     np.testing.assert_allclose(run.outputs["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("groups", "dot"), [(1, True), (2, True), (16, False)], ids=["plain", "two-groups", "depthwise"])
-def test_int8_convolutions_use_sdot_where_the_core_has_it(groups, dot):
-    """On a core with dot products an int8 x int8 NHWC convolution is tensorized with sdot, grouped ones too (8 inputs a
-    group); a depthwise one (one input a group) keeps the widening kernel, and so does a core without them."""
-    import tvm
-    from optc.targets.cpu_schedule import schedule_function
-    from optc.targets.tuned_compile import fused
+def _int8_conv(channels: int, out_channels: int, groups: int, dtype: str = "uint8", size: tuple[int, int] = (6, 7)):
+    """An 8-bit NHWC convolution into int32 as the int8 lowering emits it: 1 x size x C (7 pixels: a guarded last tile),
+    3x3, int8 weights."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, 10, 10, 16], "int8"))
-    w = np.random.default_rng(0).integers(-127, 128, (16, 3, 3, 16 // groups)).astype(np.int8)
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1], groups=groups, data_layout="NHWC",
-                                           kernel_layout="OHWI", out_dtype="int32"))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    for cpu, has in (("cortex-a76", dot), ("cortex-a53", False)):
-        target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "mcpu": cpu, "num-cores": 2})
-        mod = fused(bb.get(), target, True)
-        conv = next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script())
-        with target:
-            text = schedule_function(conv).script()
-        assert ("llvm.aarch64.neon.sdot" in text) == has, (cpu, groups)
-
-
-def _int8_conv(channels: int, out_channels: int, groups: int, dtype: str = "uint8"):
-    """An int8 NHWC convolution into int32 as the int8 lowering emits it: 1x6x7xC (7 pixels: a guarded last tile), 3x3."""
-    from tvm import relax
-
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, 6, 7, channels], dtype))
+    x = relax.Var("x", relax.TensorType([1, *size, channels], dtype))
     w = np.random.default_rng(0).integers(-127, 128, (out_channels, 3, 3, channels // groups)).astype(np.int8)
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -352,6 +326,24 @@ def _int8_conv(channels: int, out_channels: int, groups: int, dtype: str = "uint
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get(), w
+
+
+@pytest.mark.parametrize(("groups", "dot"), [(1, True), (2, True), (16, False)], ids=["plain", "two-groups", "depthwise"])
+def test_int8_convolutions_use_sdot_where_the_core_has_it(groups, dot):
+    """On a core with dot products an int8 x int8 NHWC convolution is tensorized with sdot, grouped ones too (8 inputs a
+    group); a depthwise one (one input a group) keeps the widening kernel, and so does a core without them."""
+    import tvm
+    from optc.targets.cpu_schedule import schedule_function
+    from optc.targets.tuned_compile import fused
+
+    conv_mod, _ = _int8_conv(16, 16, groups, "int8", (10, 10))
+    for cpu, has in (("cortex-a76", dot), ("cortex-a53", False)):
+        target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "mcpu": cpu, "num-cores": 2})
+        mod = fused(conv_mod, target, True)
+        conv = next(f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script())
+        with target:
+            text = schedule_function(conv).script()
+        assert ("llvm.aarch64.neon.sdot" in text) == has, (cpu, groups)
 
 
 def _int8_conv_reference(x: np.ndarray, w: np.ndarray, groups: int) -> np.ndarray:
