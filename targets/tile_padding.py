@@ -20,7 +20,7 @@ activation as one loop of their own over the real outputs, :func:`tiled_kernels.
 
 Runs after the providers took their chains, so oneDNN's convolutions are left as they are; only
 NHWC ``conv2d`` (1-D convolutions exported as ``[N, C, L, 1]`` tile along their height, which
-is padded then). A grouped convolution's filters stay in their group: each group gets its zero
+is padded then) and NWC ``conv1d``, whose channels only are padded (Silero's 258-channel STFT). A grouped convolution's filters stay in their group: each group gets its zero
 filters (ShuffleNet's 1x1 convolutions in 4 groups of 34 channels: 34 -> 48), and a
 ``[N, H, W, G, og']`` view of the output is sliced to the real ones.
 """
@@ -76,6 +76,8 @@ class _TilePadder(relax.PyExprMutator):
         self.values = module_bindings(mod)
 
     def visit_call_(self, call: Any) -> Any:
+        if op_name(call) == "relax.nn.conv1d":
+            return self._conv1d(call)
         if op_name(call) != "relax.nn.conv2d":
             return super().visit_call_(call)
         attrs = call.attrs
@@ -117,6 +119,35 @@ class _TilePadder(relax.PyExprMutator):
         n, h, w = [rows[1] if rows is not None and i == rows[0] else d for i, d in enumerate(out_shape[:3])]
         view = relax.op.reshape(wide, [n, h, w, groups, channels // groups])
         real = relax.op.strided_slice(view, axes=[*axes, 4], begin=[0] * (len(axes) + 1), end=[*ends, out_shape[3] // groups])
+        return relax.op.reshape(self.builder_.emit(real), out_shape)
+
+
+    def _conv1d(self, call: Any) -> Any:
+        """An NWC 1-D convolution (Silero's STFT: 258 output channels) gets its channels padded alike; its rows are
+        tiled along W, which the tiled kernel guards."""
+        attrs = call.attrs
+        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NWC", "OWI", "NWC"):
+            return super().visit_call_(call)
+        try:
+            out_shape = [int(d) for d in call.ty.shape]
+            weight_shape = [int(d) for d in call.args[1].ty.shape]
+        except (AttributeError, TypeError, ValueError):
+            return super().visit_call_(call)
+        groups = int(attrs.groups)
+        channels = padded_channels(out_shape[2], groups, self.lanes, depthwise=groups > 1 and weight_shape[-1] == 1)
+        value = constant_value(call.args[1], self.values) if channels is not None else None
+        if value is None:
+            return super().visit_call_(call)
+        wide = self.builder_.emit(relax.op.nn.conv1d(
+            self.visit_expr(call.args[0]), relax.const(_zero_filters(value, groups, channels), str(value.dtype)),
+            strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
+            dilation=[int(d) for d in attrs.dilation], groups=groups, data_layout="NWC", kernel_layout="OWI",
+            out_layout="NWC", out_dtype=attrs.out_dtype))
+        self.count += 1
+        if groups == 1:
+            return relax.op.strided_slice(wide, axes=[2], begin=[0], end=[out_shape[2]])
+        view = relax.op.reshape(wide, [*out_shape[:2], groups, channels // groups])
+        real = relax.op.strided_slice(view, axes=[3], begin=[0], end=[out_shape[2] // groups])
         return relax.op.reshape(self.builder_.emit(real), out_shape)
 
 

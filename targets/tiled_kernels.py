@@ -65,6 +65,10 @@ PARALLEL_WEIGHT_BYTES = 1 << 20
 DOT_DEPTH = 4
 
 
+class Untileable(ValueError):
+    """A shape the template matched and does not cover (not a failure of its schedule): reported as such."""
+
+
 # Why the template failed on blocks it matched, while a build records them (TVM's default schedule then runs those
 # blocks, correct and slower; a failure that stayed invisible once cost every ARM int8 convolution its tiling).
 _failures: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("optc_tiled_failures", default=None)
@@ -252,11 +256,11 @@ def _tiled(sch: Any, block: Any, roles: _Roles, target: Any) -> bool:
         # grouped convolutions did so unseen, 45 of its 55 ms, before tile_padding gave each group its zero filters).
         if roles.pack is None or roles.group is not None or len(roles.reduce) != 1:
             what = "an activation's" if roles.pack is None else "a grouped convolution's" if roles.group else "these"
-            raise ValueError(f"no vector tile divides {what} {cols} columns{f' (groups of {roles.group})' if roles.group else ''}")
+            raise Untileable(f"no vector tile divides {what} {cols} columns{f' (groups of {roles.group})' if roles.group else ''}")
         try:
             padded, tc = _pad_columns(sch, block, roles, cols, 2 * lanes)
         except Exception as exc:  # noqa: BLE001 - not an einsum TVM can pad: its default lowering, reported
-            raise ValueError(f"{cols} columns no vector tile divides, not padded: {exc}") from exc
+            raise Untileable(f"{cols} columns no vector tile divides, not padded: {exc}") from exc
         tw, _ = tiles(int(sch.get(roles.rows).extent), tc, lanes, registers)
     dot = _dot_product(sch, node, roles, tc, target)
     depth = DOT_DEPTH if dot is not None else 1

@@ -79,3 +79,19 @@ def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxrun
     for seed in (4, 5):
         x = rand(1, channels, 8, width, seed=seed)
         np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_1d_convolutions_channels_no_vector_divides_are_padded(tmp_path):
+    """A 1-D convolution (NWC) to 258 channels, Silero's STFT: no vector width divides 258, and its weight is padded
+    with zero filters to 272 and sliced back, where it ran TVM's scalar loop (4x onnxruntime for the whole model). No
+    template failure; outputs onnxruntime's."""
+    model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+                       [("x", [1, 16, 20])], [("y", [1, 258, 20])], [_w("w", 258, 16, 3, seed=1), _w("b", 258, seed=2)])
+    out, _ = _compile_tvm_kernels(model, tmp_path)
+    import json
+
+    from optc.targets.artifact import load_artifact
+
+    assert json.loads((out / "report.json").read_text())["target"]["tuning"]["template_failures"] == []
+    x = rand(1, 16, 20, seed=3)
+    np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
