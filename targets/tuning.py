@@ -206,6 +206,7 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
     """Send the heavy op chains whose provider kernel measured faster to that provider (x86 hosts and targets only)."""
     import platform
 
+    from optc.targets.providers.layout_ops import deconvs_as_matmuls
     from optc.targets.providers.select import ProviderReport, place, to_nhwc
 
     if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
@@ -216,8 +217,9 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
     else:
         mod, report = place(mod, target, opts.kernels, opts.db_dir, compile_fn)
         return mod, report.to_dict()
-    # Without a provider, convolutions still go to NHWC: optc's own kernels (targets.tiled_kernels) read it.
-    return to_nhwc(mod, target, report), report.to_dict()
+    # Without a provider, convolutions still go to NHWC: optc's own kernels (targets.tiled_kernels) read it; and an
+    # upsampling ConvTranspose becomes the matmul they tile (select.place does the same for x86).
+    return deconvs_as_matmuls(to_nhwc(mod, target, report)), report.to_dict()
 
 
 @contextlib.contextmanager
