@@ -9,6 +9,7 @@ TVM's default pipeline (untuned: see the targets issue for MetaSchedule).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 import logging
 import os
 import tempfile
@@ -100,8 +101,16 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
         from optc.targets.int8_lowering import lower_int8, weight_owners
         from optc.targets.tiled_kernels import dot_product
 
+        from optc.targets.tuning import tvm_computes_all
+
         dot = dot_product(target) if spec.device == "cpu" else None
-        mod, int8_report = lower_int8(mod, weight_owners(model), activations=dot.activation if dot else None)
+        # Activations of the other 8-bit type are shifted into the instruction's where TVM's kernels compute every
+        # layer. Where oneDNN may take them (which multiplies either type), the shift would be one more pass for it;
+        # TVM's candidate then races without the instruction on such layers.
+        if dot is not None and not tvm_computes_all(target, tune):
+            dot = None if dot.name != "vpdpbusd" else replace(dot, shifted=False)
+        shift = dot.activation if dot is not None and dot.shifted else None
+        mod, int8_report = lower_int8(mod, weight_owners(model), activations=shift)
         int8_summary = {**int8_report.to_dict(), **({"dot_product": dot.describe()} if dot else {})}
     try:
         with quiet_native_stderr():

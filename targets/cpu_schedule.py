@@ -228,8 +228,8 @@ def _reads_channels_innermost(sch: Any, block: Any) -> bool:
 
 
 def _vectorise_innermost(sch: Any, spatial: list[Any], extents: list[int]) -> bool:
-    """One thread: vectorise the innermost loop, in vector-width pieces when it divides evenly, whole (or in pieces
-    of 8 or 4 lanes, :func:`vectorize_short`) when it is short (24 channels: a hard-swish over 1x24x96x24 took 294 us
+    """One thread: vectorise the innermost loop, in vector-width pieces when it divides evenly, whole or in pieces of
+    16 or 8 lanes (:func:`vectorize_short`) when it is short (24 channels: a hard-swish over 1x24x96x24 took 294 us
     scalar, against 6 us vectorised), else in pieces of 8 or 4."""
     if not spatial:
         return False

@@ -77,6 +77,7 @@ class Int8Lowering(relax.PyExprMutator):
         super().__init__(mod)
         self.mod = mod
         self.activations = activations
+        self.shifted: dict[Any, Any] = {}  # an 8-bit tensor -> its copy shifted into ``activations``
         self.owners = owners
         self.report = report
         self.var2val: dict[Any, Any] = {}
@@ -86,6 +87,7 @@ class Int8Lowering(relax.PyExprMutator):
         for gvar, func in self.mod.functions_items():
             if isinstance(func, relax.Function):
                 self.var2val = relax.analysis.get_var2val(func)
+                self.shifted = {}
                 self.builder_.update_func(gvar, self.visit_expr(func))
         return self.builder_.get()
 
@@ -194,7 +196,7 @@ class Int8Lowering(relax.PyExprMutator):
         if isinstance(w, str):
             return w
         q = w.q.astype(np.int64)
-        overflow = overflow_reason(x, np.abs(q).reshape(q.shape[0], -1).sum(axis=1))
+        overflow = overflow_reason(x, np.abs(q).reshape(q.shape[0], -1).sum(axis=1), self.activations)
         if overflow:
             return overflow
         bb = self.builder_
@@ -264,7 +266,7 @@ class Int8Lowering(relax.PyExprMutator):
             if isinstance(w, str):
                 return w
         q = w.q.astype(np.int64)
-        overflow = overflow_reason(x, np.abs(q).sum(axis=0))
+        overflow = overflow_reason(x, np.abs(q).sum(axis=0), self.activations)
         if overflow:
             return overflow
         bb = self.builder_
@@ -289,14 +291,20 @@ class Int8Lowering(relax.PyExprMutator):
         if self.activations is None or x.dtype == self.activations:
             return data, x.zero_point
         shift = -128 if self.activations == "int8" else 128
-        wide = relax.op.add(relax.op.astype(data, "int16"), relax.const(shift, "int16"))
-        return self.builder_.emit(relax.op.astype(wide, self.activations)), x.zero_point + shift
+        if data not in self.shifted:  # once per tensor, however many kernels read it
+            wide = relax.op.add(relax.op.astype(data, "int16"), relax.const(shift, "int16"))
+            self.shifted[data] = self.builder_.emit(relax.op.astype(wide, self.activations))
+        return self.shifted[data], x.zero_point + shift
 
 
-def overflow_reason(x: Activation, abs_row_sums: np.ndarray) -> str:
-    """A reason when ``sum |x_q| |W_q|`` could leave int32 for some output channel, else ''. Bounded for either 8-bit
-    type, as ``_input`` may shift the activation into the other one (values up to 255, zero point moved by 128)."""
-    worst = int(abs_row_sums.max(initial=0)) * (255 + abs(x.zero_point) + 128)
+def overflow_reason(x: Activation, abs_row_sums: np.ndarray, activations: str | None = None) -> str:
+    """A reason when ``sum |x_q| |W_q|`` could leave int32 for some output channel, else ''. Bounded for the type the
+    kernel reads: ``activations``, where ``_input`` shifts the other type into it (zero point moved by 128)."""
+    dtype, zero_point = x.dtype, x.zero_point
+    if activations is not None and dtype != activations:
+        dtype, zero_point = activations, zero_point + (128 if activations == "uint8" else -128)
+    peak = 255 if dtype == "uint8" else 128
+    worst = int(abs_row_sums.max(initial=0)) * (peak + abs(zero_point))
     if worst > INT32_MAX:
         return f"int32 accumulator could overflow (bound {worst:.3g})"
     return ""

@@ -20,9 +20,12 @@ activation as one loop of their own over the real outputs, :func:`tiled_kernels.
 
 Runs after the providers took their chains, so oneDNN's convolutions are left as they are; only
 NHWC ``conv2d`` (1-D convolutions exported as ``[N, C, L, 1]`` tile along their height, which
-is padded then) and NWC ``conv1d``, whose channels only are padded (Silero's 258-channel STFT). A grouped convolution's filters stay in their group: each group gets its zero
-filters (ShuffleNet's 1x1 convolutions in 4 groups of 34 channels: 34 -> 48), and a
-``[N, H, W, G, og']`` view of the output is sliced to the real ones.
+is padded then) and NWC ``conv1d``, whose channels only are padded (Silero's 258-channel STFT).
+A grouped convolution's filters stay in their group: each group gets its zero filters
+(ShuffleNet's 1x1 convolutions in 4 groups of 34 channels: 34 -> 48), and a ``[N, H, W, G, og']``
+view of the output is sliced to the real ones. That reshape is not element-wise, so FuseOps
+leaves it, the slice and the bias after it to a function of their own: one more pass over the
+output, against TVM's scalar loop for the whole convolution before.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from optc.targets.tiled_kernels import channel_widths, tiles, vector_shape
 
 
 def pad_tiles(mod: Any, target: Any) -> Any:
-    """``mod`` with each NHWC ``conv2d`` the tiled kernel could not cover in whole tiles widened to them and sliced
-    back; the same module when there is none."""
+    """``mod`` with each NHWC ``conv2d`` (NWC ``conv1d``) the tiled kernel could not cover in whole tiles widened to
+    them and sliced back; the same module when there is none."""
     lanes, registers = vector_shape(target)
     return rewritten(_TilePadder(mod, lanes, registers), mod)
 
@@ -47,7 +50,8 @@ def padded_channels(channels: int, groups: int, lanes: int, depthwise: bool = Fa
     """The output channels to compute where no vector width the template uses divides ``channels`` (a grouped
     convolution's: each group's, padded alike); else None. A depthwise convolution tiles its channels as they are."""
     per_group = channels // groups
-    if depthwise or per_group < (4 if groups == 1 else 2) or any(per_group % w == 0 for w in channel_widths(lanes)):
+    # a width of one lane (a quarter of NEON's four) is no vector: ARM's 255-channel YOLO head is padded to 256 too
+    if depthwise or per_group < (4 if groups == 1 else 2) or any(per_group % w == 0 for w in channel_widths(lanes) if w > 1):
         return None
     step = lanes if per_group > lanes // 2 else max(lanes // 4, 1)
     return -(-per_group // step) * step * groups

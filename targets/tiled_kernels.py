@@ -348,42 +348,22 @@ def _epilogue_loop(sch: Any, block: Any, threaded: bool, lanes: int) -> None:
         sch.vectorize(sch.split(last, [None, width])[1])
 
 
-def _slice_chain(sch: Any, write_back: Any) -> list[Any] | None:
-    """The blocks from the write-back's consumer to the one that writes a slice of the tile's output (the copy
-    pad_einsum makes, tile_padding's slice after a widened convolution, or a grouped one's reshape, slice and reshape),
-    each the only consumer of the one before; None where the output is not sliced."""
-    size = _elements(sch.get(write_back).writes[0].source)
-    chain, block = [], write_back
-    while len(consumers := sch.get_consumers(block)) == 1:
-        block = consumers[0]
-        chain.append(block)
-        node = sch.get(block)
-        if len(node.writes) != 1 or _elements(node.writes[0].source) > size:
-            return None
-        if _elements(node.writes[0].source) < size:
-            return chain
-    return None
-
-
-def _elements(buffer: Any) -> int:
-    count = 1
-    for d in buffer.shape:
-        count *= int(d)
-    return count
-
-
 def _sliced(sch: Any, write_back: Any) -> bool:
-    """Whether the write-back's consumers write a slice of the tile's output: reverse-inlined, TVM dropped its bound."""
-    return _slice_chain(sch, write_back) is not None
+    """Whether the write-back's one consumer writes a slice of the tile's output (the copy pad_einsum makes, or the
+    slice after a convolution tile_padding widened): reverse-inlined, TVM dropped its bound."""
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1:
+        return False
+    shape = [int(d) for d in sch.get(write_back).writes[0].source.shape]
+    sliced = [int(d) for d in sch.get(consumers[0]).writes[0].source.shape]
+    return len(sliced) == len(shape) and sliced != shape and all(a <= b for a, b in zip(sliced, shape))
 
 
 def _unpad(sch: Any, write_back: Any) -> Any:
     """The block after a padded matmul's or widened convolution's write-back that reads its real columns or pixels
     (the copy pad_einsum made, or tile_padding's slice), inlined into the bias or activation that follows where there
     is one."""
-    *reshapes, copy = _slice_chain(sch, write_back) or []
-    for block in reshapes:  # a grouped convolution's [.., G, og'] view: into the slice that reads it
-        sch.compute_inline(block)
+    (copy,) = sch.get_consumers(write_back)
     consumers = sch.get_consumers(copy)
     if len(consumers) == 1:
         try:
@@ -402,6 +382,7 @@ class DotProduct:
     name: str
     activation: str
     lanes: tuple[int, ...]
+    shifted: bool = True  # whether the int8 lowering shifts activations of the other type into ``activation``
 
     def intrin(self, lanes: int) -> str:
         """The tensor intrinsic computing ``lanes`` accumulators' 4-deep step."""
@@ -411,7 +392,8 @@ class DotProduct:
 
     def describe(self) -> str:
         other = "uint8" if self.activation == "int8" else "int8"
-        return f"{self.name} ({self.activation} activations: {other} ones shifted by 128)"
+        how = f"{other} ones shifted by 128" if self.shifted else f"{other} ones unshifted, for oneDNN: the widening kernel"
+        return f"{self.name} ({self.activation} activations; {how})"
 
 
 def dot_product(target: Any) -> DotProduct | None:
@@ -427,7 +409,8 @@ def dot_product(target: Any) -> DotProduct | None:
 
     if str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
         return DotProduct("sdot", "int8", (DOT_DEPTH,)) if has("dotprod") else None
-    if str(target.kind.name) != "llvm":
+    # LLVM 22 declares vpdpbusd on i8 vectors (dot_intrinsics); the pinned TVM wheel links it, older builds go without
+    if str(target.kind.name) != "llvm" or codegen.llvm_version_major() < 22:
         return None
     narrow = (8, 4) if has("avxvnni") or (has("avx512vnni") and has("avx512vl")) else ()
     wide = (16,) if has("avx512vnni") and vector_shape(target)[0] == 16 else ()

@@ -202,6 +202,18 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
     return executable, report
 
 
+def tvm_computes_all(target: Any, opts: TuneOptions | None) -> bool:
+    """Whether TVM's kernels compute every heavy op of this compile: no provider can take a chain (not an x86 host and
+    target, ``--kernels tvm``, ``--rpc-tracker`` with auto kernels, or no oneDNN here)."""
+    import platform
+
+    from optc.targets.providers import onednn
+
+    if opts is None or opts.kernels == "tvm" or (opts.rpc_tracker and opts.kernels == "auto"):
+        return True
+    return bool(_foreign_triple(target)) or platform.machine() not in ("x86_64", "AMD64") or not onednn.availability().ok
+
+
 def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
     """Send the heavy op chains whose provider kernel measured faster to that provider (x86 hosts and targets only)."""
     import platform

@@ -42,6 +42,14 @@ def test_channels_no_vector_divides_are_padded_to_one(channels, groups, depthwis
     assert padded_channels(channels, groups, 16, depthwise) == expected
 
 
+def test_neon_pads_channels_no_vector_of_two_or_more_lanes_divides():
+    """NEON's 4 lanes: the template's narrowest tile (a quarter of a vector) is one lane, which divides anything; a
+    YOLO head's 255 channels are padded all the same (a 1-channel tile is no vector), 10 are tiled by 2."""
+    from optc.targets.tile_padding import padded_channels
+
+    assert padded_channels(255, 1, 4) == 256 and padded_channels(10, 1, 4) is None and padded_channels(102, 2, 4) == 104
+
+
 def _conv(width: int, stride: int = 1, groups: int = 1, out: int = 96, channels: int = 48) -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[stride, stride], group=groups),
              helper.make_node("Relu", ["c"], ["y"])]
