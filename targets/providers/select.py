@@ -175,7 +175,8 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     timings: dict[str, dict[str, Any]] = {}
     if mode == "auto":
         timings = _measured_choices(chains, target, db_dir, compile_fn, report)
-    choice = settle_ties([(c.workload(), c.macs()) for c in chains], timings, {c.workload(): winner(timings.get(c.workload())) for c in chains})
+    raced = {c.workload(): winner(timings.get(c.workload())) for c in chains}
+    choice = settle_ties([(c.workload(), c.macs()) for c in chains], timings, raced)
     for chain in chains:
         if choice[chain.workload()] == "winograd":
             chain.algo = ALGO_WINOGRAD
@@ -184,6 +185,9 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
         entry = {"workload": chain.workload(), "macs": chain.macs(), **timings.get(chain.workload(), {})}
         if chain.algo == ALGO_WINOGRAD:
             entry["algorithm"] = "winograd"
+        if choice[chain.workload()] != raced[chain.workload()]:  # the report's timings alone would contradict the choice
+            entry["near_tie"] = (f"{raced[chain.workload()]} led by less than {SWITCH_MARGIN}x; "
+                                 f"{choice[chain.workload()]}, which computes most of the model, kept")
         (report.offloaded if any(c is chain for c in taken) else report.kept).append(entry)
     if taken:
         report.libraries = [{"name": "oneDNN", "soname": onednn.SONAME, "version": avail.version}]
