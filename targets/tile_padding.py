@@ -80,12 +80,10 @@ class _TilePadder(relax.PyExprMutator):
         self.values = module_bindings(mod)
 
     def visit_call_(self, call: Any) -> Any:
-        if op_name(call) == "relax.nn.conv1d":
-            return self._conv1d(call)
-        if op_name(call) != "relax.nn.conv2d":
-            return super().visit_call_(call)
+        name = op_name(call)
+        layouts = {"relax.nn.conv2d": ("NHWC", "OHWI", "NHWC"), "relax.nn.conv1d": ("NWC", "OWI", "NWC")}.get(name)
         attrs = call.attrs
-        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NHWC", "OHWI", "NHWC"):
+        if layouts is None or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != layouts:
             return super().visit_call_(call)
         try:
             out_shape = [int(d) for d in call.ty.shape]
@@ -93,65 +91,46 @@ class _TilePadder(relax.PyExprMutator):
         except (AttributeError, TypeError, ValueError):  # symbolic shapes: nothing the template tiles
             return super().visit_call_(call)
         groups = int(attrs.groups)
-        channels = padded_channels(out_shape[3], groups, self.lanes, depthwise=groups > 1 and weight_shape[-1] == 1)
+        channels = padded_channels(out_shape[-1], groups, self.lanes, depthwise=groups > 1 and weight_shape[-1] == 1)
         value = constant_value(call.args[1], self.values) if channels is not None else None
         if value is None:  # a weight computed at run time keeps its channels
             channels = None
-        rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers)
+        # a 1-D convolution's channels only: its rows are tiled along W, which the tiled kernel guards
+        rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers) \
+            if name == "relax.nn.conv2d" else None
         if channels is None and rows is None:
             return super().visit_call_(call)
         weight = self.visit_expr(call.args[1]) if channels is None else relax.const(_zero_filters(value, groups, channels),
                                                                                     str(value.dtype))
-        top, left, bottom, right = (int(p) for p in attrs.padding)
+        padding = [int(p) for p in attrs.padding]
+        wide_shape = [*out_shape[:-1], channels or out_shape[-1]]
         axes, ends = [], []
         if rows is not None:
             axis, extent = rows
             extra = (extent - out_shape[axis]) * int(attrs.strides[axis - 1])
-            bottom, right = (bottom + extra, right) if axis == 1 else (bottom, right + extra)
+            padding[2 + axis - 1] += extra  # [top, left, bottom, right]: bottom for H, right for W
+            wide_shape[axis] = extent
             axes.append(axis)
             ends.append(out_shape[axis])
-        wide = self.builder_.emit(relax.op.nn.conv2d(
-            self.visit_expr(call.args[0]), weight, strides=[int(s) for s in attrs.strides], padding=[top, left, bottom, right],
-            dilation=[int(d) for d in attrs.dilation], groups=groups, data_layout="NHWC", kernel_layout="OHWI",
-            out_layout="NHWC", out_dtype=attrs.out_dtype))
+        conv = relax.op.nn.conv2d if name == "relax.nn.conv2d" else relax.op.nn.conv1d
+        wide = self.builder_.emit(conv(
+            self.visit_expr(call.args[0]), weight, strides=[int(s) for s in attrs.strides], padding=padding,
+            dilation=[int(d) for d in attrs.dilation], groups=groups, data_layout=layouts[0], kernel_layout=layouts[1],
+            out_layout=layouts[2], out_dtype=attrs.out_dtype))
         self.count += 1
-        if channels is None:
+        return self._real(wide, wide_shape, out_shape, groups, axes, ends)
+
+    def _real(self, wide: Any, wide_shape: list[int], out_shape: list[int], groups: int, axes: list[int],
+              ends: list[int]) -> Any:
+        """The real outputs of the widened ``wide`` (channels last): rows ``axes`` cut to ``ends``, and each group's
+        real channels, through a ``[.., G, og']`` view where the convolution is grouped."""
+        c = len(out_shape) - 1
+        if wide_shape[c] == out_shape[c] or groups == 1:
+            if wide_shape[c] != out_shape[c]:
+                axes, ends = [*axes, c], [*ends, out_shape[c]]
             return relax.op.strided_slice(wide, axes=axes, begin=[0] * len(axes), end=ends)
-        if groups == 1:
-            return relax.op.strided_slice(wide, axes=[*axes, 3], begin=[0] * (len(axes) + 1), end=[*ends, out_shape[3]])
-        # each group's real channels: a [N, H, W, G, og'] view sliced to og and flattened back
-        n, h, w = [rows[1] if rows is not None and i == rows[0] else d for i, d in enumerate(out_shape[:3])]
-        view = relax.op.reshape(wide, [n, h, w, groups, channels // groups])
-        real = relax.op.strided_slice(view, axes=[*axes, 4], begin=[0] * (len(axes) + 1), end=[*ends, out_shape[3] // groups])
-        return relax.op.reshape(self.builder_.emit(real), out_shape)
-
-
-    def _conv1d(self, call: Any) -> Any:
-        """An NWC 1-D convolution (Silero's STFT: 258 output channels) gets its channels padded alike; its rows are
-        tiled along W, which the tiled kernel guards."""
-        attrs = call.attrs
-        if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NWC", "OWI", "NWC"):
-            return super().visit_call_(call)
-        try:
-            out_shape = [int(d) for d in call.ty.shape]
-            weight_shape = [int(d) for d in call.args[1].ty.shape]
-        except (AttributeError, TypeError, ValueError):
-            return super().visit_call_(call)
-        groups = int(attrs.groups)
-        channels = padded_channels(out_shape[2], groups, self.lanes, depthwise=groups > 1 and weight_shape[-1] == 1)
-        value = constant_value(call.args[1], self.values) if channels is not None else None
-        if value is None:
-            return super().visit_call_(call)
-        wide = self.builder_.emit(relax.op.nn.conv1d(
-            self.visit_expr(call.args[0]), relax.const(_zero_filters(value, groups, channels), str(value.dtype)),
-            strides=[int(s) for s in attrs.strides], padding=[int(p) for p in attrs.padding],
-            dilation=[int(d) for d in attrs.dilation], groups=groups, data_layout="NWC", kernel_layout="OWI",
-            out_layout="NWC", out_dtype=attrs.out_dtype))
-        self.count += 1
-        if groups == 1:
-            return relax.op.strided_slice(wide, axes=[2], begin=[0], end=[out_shape[2]])
-        view = relax.op.reshape(wide, [*out_shape[:2], groups, channels // groups])
-        real = relax.op.strided_slice(view, axes=[3], begin=[0], end=[out_shape[2] // groups])
+        view = relax.op.reshape(wide, [*wide_shape[:c], groups, wide_shape[c] // groups])
+        real = relax.op.strided_slice(view, axes=[*axes, c + 1], begin=[0] * (len(axes) + 1), end=[*ends, out_shape[c] // groups])
         return relax.op.reshape(self.builder_.emit(real), out_shape)
 
 
