@@ -9,10 +9,10 @@ TVM's default pipeline (untuned: see the targets issue for MetaSchedule).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -100,7 +100,6 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
     if int8:
         from optc.targets.int8_lowering import lower_int8, weight_owners
         from optc.targets.tiled_kernels import dot_product
-
         from optc.targets.tuning import tvm_computes_all
 
         dot = dot_product(target) if spec.device == "cpu" else None
@@ -108,7 +107,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
         # layer. Where oneDNN may take them (which multiplies either type), the shift would be one more pass for it;
         # TVM's candidate then races without the instruction on such layers.
         if dot is not None and not tvm_computes_all(target, tune):
-            dot = None if dot.name != "vpdpbusd" else replace(dot, shifted=False)
+            dot = replace(dot, shifted=False)
         shift = dot.activation if dot is not None and dot.shifted else None
         mod, int8_report = lower_int8(mod, weight_owners(model), activations=shift)
         int8_summary = {**int8_report.to_dict(), **({"dot_product": dot.describe()} if dot else {})}

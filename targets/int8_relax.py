@@ -288,21 +288,28 @@ class Int8Lowering(relax.PyExprMutator):
         producer's requantisation epilogue.
         """
         data = self.visit_expr(x.data)
-        if self.activations is None or x.dtype == self.activations:
+        shift = activation_shift(x.dtype, self.activations)
+        if not shift:
             return data, x.zero_point
-        shift = -128 if self.activations == "int8" else 128
         if data not in self.shifted:  # once per tensor, however many kernels read it
             wide = relax.op.add(relax.op.astype(data, "int16"), relax.const(shift, "int16"))
             self.shifted[data] = self.builder_.emit(relax.op.astype(wide, self.activations))
         return self.shifted[data], x.zero_point + shift
 
 
+def activation_shift(dtype: str, activations: str | None) -> int:
+    """What a ``dtype`` activation is shifted by to become ``activations`` (+128 into uint8, -128 into int8); 0 when it
+    already is, or no type is asked for."""
+    if activations is None or dtype == activations:
+        return 0
+    return 128 if activations == "uint8" else -128
+
+
 def overflow_reason(x: Activation, abs_row_sums: np.ndarray, activations: str | None = None) -> str:
     """A reason when ``sum |x_q| |W_q|`` could leave int32 for some output channel, else ''. Bounded for the type the
     kernel reads: ``activations``, where ``_input`` shifts the other type into it (zero point moved by 128)."""
-    dtype, zero_point = x.dtype, x.zero_point
-    if activations is not None and dtype != activations:
-        dtype, zero_point = activations, zero_point + (128 if activations == "uint8" else -128)
+    shift = activation_shift(x.dtype, activations)
+    dtype, zero_point = (activations, x.zero_point + shift) if shift else (x.dtype, x.zero_point)
     peak = 255 if dtype == "uint8" else 128
     worst = int(abs_row_sums.max(initial=0)) * (peak + abs(zero_point))
     if worst > INT32_MAX:

@@ -202,36 +202,36 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
     return executable, report
 
 
-def tvm_computes_all(target: Any, opts: TuneOptions | None) -> bool:
-    """Whether TVM's kernels compute every heavy op of this compile: no provider can take a chain (not an x86 host and
-    target, ``--kernels tvm``, ``--rpc-tracker`` with auto kernels, or no oneDNN here)."""
+def _no_provider(target: Any, opts: TuneOptions) -> tuple[str, str] | None:
+    """(kernel mode, reason) where no provider may take a chain of this compile whatever the library; else None."""
     import platform
 
+    if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
+        return opts.kernels, "kernel providers serve x86 targets only"
+    if opts.rpc_tracker and opts.kernels == "auto":
+        # Candidates would be timed here, not on the board, and the board may lack the library.
+        return "tvm", "with --rpc-tracker every op is tuned on the board (TVM kernels)"
+    return None
+
+
+def tvm_computes_all(target: Any, opts: TuneOptions | None) -> bool:
+    """Whether TVM's kernels compute every heavy op of this compile: no provider can take a chain (:func:`_no_provider`,
+    ``--kernels tvm``, or no oneDNN here)."""
     from optc.targets.providers import onednn
 
-    if opts is None or opts.kernels == "tvm" or (opts.rpc_tracker and opts.kernels == "auto"):
-        return True
-    return bool(_foreign_triple(target)) or platform.machine() not in ("x86_64", "AMD64") or not onednn.availability().ok
+    return opts is None or opts.kernels == "tvm" or _no_provider(target, opts) is not None or not onednn.availability().ok
 
 
 def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
     """Send the heavy op chains whose provider kernel measured faster to that provider (x86 hosts and targets only)."""
-    import platform
+    from optc.targets.providers.select import ProviderReport, place, tvm_layout
 
-    from optc.targets.providers.layout_ops import deconvs_as_matmuls
-    from optc.targets.providers.select import ProviderReport, place, to_nhwc
-
-    if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
-        report = ProviderReport(opts.kernels, {"available": False, "reason": "kernel providers serve x86 targets only"})
-    elif opts.rpc_tracker and opts.kernels == "auto":
-        # Candidates would be timed here, not on the board, and the board may lack the library.
-        report = ProviderReport("tvm", {"available": False, "reason": "with --rpc-tracker every op is tuned on the board (TVM kernels)"})
-    else:
+    refused = _no_provider(target, opts)
+    if refused is None:
         mod, report = place(mod, target, opts.kernels, opts.db_dir, compile_fn)
         return mod, report.to_dict()
-    # Without a provider, convolutions still go to NHWC: optc's own kernels (targets.tiled_kernels) read it; and an
-    # upsampling ConvTranspose becomes the matmul they tile (select.place does the same for x86).
-    return deconvs_as_matmuls(to_nhwc(mod, target, report)), report.to_dict()
+    report = ProviderReport(refused[0], {"available": False, "reason": refused[1]})
+    return tvm_layout(mod, target, report), report.to_dict()
 
 
 @contextlib.contextmanager

@@ -130,6 +130,14 @@ def unlegalizable(mod: Any, target: Any) -> list[str]:
     return sorted(left)
 
 
+def tvm_layout(mod: Any, target: Any, report: ProviderReport) -> Any:
+    """``mod`` as both providers' kernels read it: convolutions in NHWC (:func:`to_nhwc`), then each upsampling
+    ConvTranspose (kernel = stride) a matmul and a pixel shuffle (after the conversion: its 6-D shuffle is no layout
+    ConvertLayout should see). TVM's conv2d_transpose has no tiled kernel: RapidOCR's detector with TVM's kernels
+    spent 54 of its 73 ms in two of them."""
+    return deconvs_as_matmuls(to_nhwc(mod, target, report))
+
+
 def to_nhwc(mod: Any, target: Any, report: ProviderReport) -> Any:
     """``mod`` with its convolutions in NHWC, which both oneDNN (in place, no reorders) and optc's own
     register-tiled kernel (targets.tiled_kernels, vectorised over the channels) read; NCHW where TVM cannot."""
@@ -159,10 +167,7 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     report = ProviderReport(mode)
     avail = onednn.availability()
     report.onednn = {"available": avail.ok, "version": avail.version, "reason": avail.reason}
-    mod = to_nhwc(mod, target, report)
-    # after the conversion: its 6-D shuffle is no layout ConvertLayout should see. For TVM's kernels too: its
-    # conv2d_transpose has no tiled kernel (RapidOCR's detector with TVM's kernels: 54 of its 73 ms in two of them)
-    mod = deconvs_as_matmuls(mod)
+    mod = tvm_layout(mod, target, report)
     if mode == "tvm":
         return mod, report
     if not avail.ok:
