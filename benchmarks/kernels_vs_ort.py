@@ -22,7 +22,12 @@ with labels runs it); accuracy is reported on the other 500, which nothing fitte
 ``--int8`` adds, per model, ``canonicalize`` + ``quantize`` compiled for x86 and timed against
 that model's fp32 artifact (and onnxruntime's fp32) in the same blocks.
 
-    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product] [--product-batch 1,64] [--int8]
+``--avx2`` measures as on a CPU with AVX2 and FMA but neither AVX-512 nor VNNI (the issue's Zen 3), on this one:
+every compile gets ``--cpu haswell`` and oneDNN runs under ``ONEDNN_MAX_CPU_ISA=AVX2``, in the compile's provider
+race and in the timings. onnxruntime cannot be held to AVX2 so: its figures stay this CPU's, and only the
+int8-over-fp32 ratios are the AVX2 machine's. ``--kernels tvm`` compiles with TVM's kernels only (the ARM path's).
+
+    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product] [--product-batch 1,64] [--int8] [--avx2] [--kernels tvm]
 """
 from __future__ import annotations
 
@@ -40,6 +45,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT.parent / "tests" / "models" / "sample"
 sys.path.insert(0, str(ROOT))
+# set by main: flags every compile gets, and the environment of compiles and timings
+COMPILE_FLAGS: list[str] = []
+ENV: dict[str, str] = {}
 
 
 def build_model(key: str, work: Path) -> tuple[Path, dict[str, str]]:
@@ -53,11 +61,11 @@ def build_model(key: str, work: Path) -> tuple[Path, dict[str, str]]:
 
 def compile_(model: Path, out: Path, shapes: dict[str, str], db: Path, *extra: str) -> float:
     cmd = [sys.executable, "-m", "optc.cli.main", "compile", str(model), "-o", str(out), "--target", "x86",
-           "--tuning-db", str(db), "--no-latency", *extra]
+           "--tuning-db", str(db), "--no-latency", *COMPILE_FLAGS, *extra]
     for name, shape in shapes.items():
         cmd += ["--input-shape", f"{name}={shape}"]
     start = time.perf_counter()
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **ENV})
     if done.returncode != 0:
         raise SystemExit(f"optc compile {model.name} failed: {done.stderr.strip().splitlines()[-1:]}")
     return time.perf_counter() - start
@@ -89,7 +97,7 @@ def time_child(folder: Path, reference: Path, threads: int, blocks: int, runs: i
 
 
 def timed(folder: Path, reference: Path, threads: int, blocks: int, runs: int, other: Path | None = None) -> dict:
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, **ENV, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--child", str(folder), str(reference), str(threads), str(blocks), str(runs), str(other or "")]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -125,8 +133,8 @@ def product(work: Path, threads: list[int], blocks: int, runs: int, batches: lis
         cmd = [sys.executable, "-m", "optc.cli.main", "compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out),
                "--pass", "canonicalize", "--pass", "prune-channels", "--pass", "quantize", "--calib", str(SAMPLE / "calib.npz"),
                "--eval", str(work / "budget.npz"), "--input-shape", f"input={batch}x1x28x28", "--target", "x86", "--no-latency",
-               "--tuning-db", str(work / "product-db")]
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+               "--tuning-db", str(work / "product-db"), *COMPILE_FLAGS]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **ENV})
         if done.returncode != 0:
             raise SystemExit(f"product compile failed: {done.stderr.strip().splitlines()[-1:]}")
         artifact = load_artifact(out)
@@ -177,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--product", action="store_true")
     parser.add_argument("--product-batch", default="1,64", help="batches the product path is compiled and timed at")
     parser.add_argument("--int8", action="store_true", help="also quantize each model and time its int8 artifact against the fp32 one")
+    parser.add_argument("--avx2", action="store_true", help="compile and run as on an AVX2 CPU without AVX-512 or VNNI")
+    parser.add_argument("--kernels", choices=("auto", "tvm", "onednn"), default="auto")
     args = parser.parse_args(argv)
+    if args.avx2:
+        COMPILE_FLAGS.extend(["--cpu", "haswell"])
+        ENV.update(ONEDNN_MAX_CPU_ISA="AVX2", DNNL_MAX_CPU_ISA="AVX2")
+    if args.kernels != "auto":
+        COMPILE_FLAGS.extend(["--kernels", args.kernels])
     threads = [int(t) for t in args.threads.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="optc-kernels-bench-") as tmp:

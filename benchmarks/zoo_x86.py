@@ -19,7 +19,11 @@ instead (the default budget may leave quantize out: the int8 column says how man
 regions were lowered to integer kernels); onnxruntime then runs the same QDQ
 model, with its own int8 kernels.
 
-Usage: python benchmarks/zoo_x86.py [--cache DIR] [--only NAME,...] [--timeout 900] [--int8]
+``--avx2`` compiles as for a CPU with AVX2 but neither AVX-512 nor VNNI (``--cpu haswell``, oneDNN held to
+``ONEDNN_MAX_CPU_ISA=AVX2``), on this one; onnxruntime keeps this CPU's kernels, so read the ratio as indicative
+and the output difference as the check. ``--kernels tvm`` compiles with TVM's kernels only (the ARM path's).
+
+Usage: python benchmarks/zoo_x86.py [--cache DIR] [--only NAME,...] [--timeout 900] [--int8] [--avx2] [--kernels tvm]
 Nothing is downloaded: a missing cache prints how to build it.
 """
 from __future__ import annotations
@@ -42,16 +46,16 @@ from zoo.sources import cache_root  # noqa: E402
 OPTC = str(Path(sys.executable).with_name("optc"))
 
 
-def row(entry: scoring.Entry, timeout: float, int8: bool = False) -> dict:
+def row(entry: scoring.Entry, timeout: float, int8: bool = False, flags: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="optc-zoo-x86-") as tmp:
         out = Path(tmp) / "out"
-        cmd = [OPTC, "compile", str(entry.model), "-o", str(out), "--target", "x86"]
+        cmd = [OPTC, "compile", str(entry.model), "-o", str(out), "--target", "x86", *flags]
         if int8:
             cmd += ["--pass", "canonicalize", "--pass", "quantize", "--calib", str(entry.calib)]
         cmd += entry.target_options()
         start = time.perf_counter()
         try:
-            proc = subprocess.run(["nice", *cmd], capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(["nice", *cmd], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
         except subprocess.TimeoutExpired:
             return {"model": entry.name, "error": f"timeout after {timeout:.0f} s"}
         seconds = time.perf_counter() - start
@@ -76,7 +80,11 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated model names")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per compile")
     parser.add_argument("--int8", action="store_true", help="quantize first (canonicalize + quantize with the zoo's calib.npz)")
+    parser.add_argument("--avx2", action="store_true", help="compile as for an AVX2 CPU without AVX-512 or VNNI")
+    parser.add_argument("--kernels", choices=("auto", "tvm", "onednn"), default="auto")
     args = parser.parse_args()
+    flags = (*(("--cpu", "haswell") if args.avx2 else ()), *(("--kernels", args.kernels) if args.kernels != "auto" else ()))
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"} if args.avx2 else {}
     entries = scoring.chosen_entries(args.cache or cache_root(), args.only)
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
@@ -84,7 +92,7 @@ def main() -> int:
           + (" int8 regions |" if args.int8 else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|" if args.int8 else ""))
     for entry in entries:
-        r = row(entry, args.timeout, args.int8)
+        r = row(entry, args.timeout, args.int8, flags, env)
         if "error" in r:
             print(f"| {r['model']} | {r['error']} | | | | | | |" + (" |" if args.int8 else ""), flush=True)
             continue

@@ -12,6 +12,10 @@ lane by lane.
   multiply-adds an instruction), 8 or 4 in ymm / xmm for narrower tiles (AVX512-VL, or the VEX-encoded AVX-VNNI of
   client cores; LLVM picks the encoding from the target's features). TVM's int8 3x3 24->24 convolution at batch 64:
   5.4 ms widening, 0.6 with it, oneDNN's speed.
+- x86 without VNNI (AVX2, AVX-512BW): ``vpmaddubsw`` multiplies uint8 by int8 and adds each pair into a saturating
+  int16, ``vpmaddwd`` by ones adds those pairs into int32: what oneDNN and onnxruntime's MLAS run on such cores. Exact
+  only while no pair leaves int16 (255 x (64 + 64) = 32640 <= 32767): weights within +-64, the 7-bit weights optc's
+  quantize writes for such CPUs. The kernels check that bound (``tiled_kernels.WEIGHT_MAX_ATTR``) before using it.
 
 TVM ships such intrinsics (``tvm.s_tir.tensor_intrin.arm_cpu``, ``.x86``), but importing one parses every target's
 intrinsics, CUDA's included: 45 s on this machine for a compile that otherwise takes 10; and x86's accumulator is a
@@ -32,6 +36,20 @@ def vnni_intrin(lanes: int) -> str:
     return _registered(f"optc_vpdpbusd_{lanes}x4_u8i8i32", lanes, "uint8", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
 
 
+# lanes -> (uint8 x int8 pairs into int16, int16 pairs into int32): zmm (AVX-512BW), ymm (AVX2), xmm (SSSE3)
+PMADD = {
+    16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+    8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+    4: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
+}
+
+
+def pmaddubsw_intrin(lanes: int) -> str:
+    """The registered name of the ``lanes``-wide ``vpmaddubsw`` + ``vpmaddwd`` intrinsic (16, 8 or 4). Exact for
+    weights within +-64 only (module docstring)."""
+    return _registered(f"optc_pmaddubsw_{lanes}x4_u8i8i32", lanes, "uint8", "+".join(PMADD[lanes]))
+
+
 def _registered(name: str, lanes: int, activation: str, intrinsic: str) -> str:
     from tvm.s_tir import TensorIntrin
 
@@ -41,10 +59,13 @@ def _registered(name: str, lanes: int, activation: str, intrinsic: str) -> str:
 
 
 def _functions(lanes: int, activation: str, intrinsic: str) -> tuple[object, object]:
-    """(description, implementation): ``lanes`` int32 accumulators, each adding a 4-deep ``activation`` x int8 product."""
+    """(description, implementation): ``lanes`` int32 accumulators, each adding a 4-deep ``activation`` x int8 product.
+    ``intrinsic``: one LLVM intrinsic accumulating into int32 (sdot, vpdpbusd), or two joined by ``+``: a pairwise
+    product into int16 and its pairwise sum into int32, added to the accumulator (vpmaddubsw, vpmaddwd)."""
     from tvm.script import tirx as T
 
     bytes_, words = f"int8x{4 * lanes}", f"int32x{lanes}"
+    pairwise, _, widen = intrinsic.partition("+")
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -60,21 +81,42 @@ def _functions(lanes: int, activation: str, intrinsic: str) -> tuple[object, obj
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-    @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
-        B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            word = T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32")  # four inputs, one 32-bit word
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(intrinsic),
-                C.vload([0], dtype=words),
-                T.reinterpret(T.broadcast(word, lanes), dtype=bytes_),
-                B.vload([0, 0], dtype=bytes_),
-                dtype=words,
-            )
+    # only the one used is parsed: TVMScript evaluates an intrinsic's name as it parses
+    if widen:
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
+            B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                word = T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32")
+                pairs = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(pairwise),
+                    T.reinterpret(T.broadcast(word, lanes), dtype=bytes_),  # the unsigned operand comes first
+                    B.vload([0, 0], dtype=bytes_),
+                    dtype=f"int16x{2 * lanes}",
+                )
+                C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=words) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(widen), pairs, T.broadcast(T.int16(1), 2 * lanes), dtype=words
+                )
+    else:
+        @T.prim_func(s_tir=True)
+        def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+            A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
+            B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
+            C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
+            with T.sblock("root"):
+                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+                T.writes(C[0:lanes])
+                word = T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32")  # four inputs, one 32-bit word
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(pairwise),
+                    C.vload([0], dtype=words),
+                    T.reinterpret(T.broadcast(word, lanes), dtype=bytes_),
+                    B.vload([0, 0], dtype=bytes_),
+                    dtype=words,
+                )
 
     return desc, impl

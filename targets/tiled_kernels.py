@@ -383,22 +383,34 @@ class DotProduct:
     activation: str
     lanes: tuple[int, ...]
     shifted: bool = True  # whether the int8 lowering shifts activations of the other type into ``activation``
+    weight_max: int | None = None  # the largest |weight| it computes exactly (vpmaddubsw's int16 pairs); None: any
 
     def intrin(self, lanes: int) -> str:
         """The tensor intrinsic computing ``lanes`` accumulators' 4-deep step."""
-        from optc.targets.dot_intrinsics import sdot_intrin, vnni_intrin
+        from optc.targets.dot_intrinsics import pmaddubsw_intrin, sdot_intrin, vnni_intrin
 
-        return sdot_intrin() if self.name == "sdot" else vnni_intrin(lanes)
+        return sdot_intrin() if self.name == "sdot" else {"vpdpbusd": vnni_intrin, "vpmaddubsw": pmaddubsw_intrin}[self.name](lanes)
 
     def describe(self) -> str:
         other = "uint8" if self.activation == "int8" else "int8"
         how = f"{other} ones shifted by 128" if self.shifted else f"{other} ones unshifted, for oneDNN: the widening kernel"
-        return f"{self.name} ({self.activation} activations; {how})"
+        bound = "" if self.weight_max is None else f"; weights within +-{self.weight_max}, wider ones the widening kernel"
+        return f"{self.name} ({self.activation} activations; {how}{bound})"
+
+
+# A fused function's attribute: the largest |value| of the int8 constants (weights) it is called with
+# (targets/weight_bounds.py). It is part of the function's structure, so a tuning record made for 7-bit weights,
+# with vpmaddubsw in its trace, is never applied to the same layer with 8-bit ones.
+WEIGHT_MAX_ATTR = "optc.int8_weight_max"
+# Without VNNI the pairs of vpmaddubsw saturate at int16: 255 * (64 + 64) = 32640 is the most that fits.
+PMADDUBSW_WEIGHT_MAX = 64
 
 
 def dot_product(target: Any) -> DotProduct | None:
     """The 8-bit dot product ``target`` has: Armv8.2's ``sdot`` (int8 x int8, e.g. ``--cpu cortex-a76``), x86's VNNI
-    ``vpdpbusd`` (uint8 x int8; 16 lanes with AVX512-VNNI, 8 and 4 with AVX512-VL or AVX-VNNI), or None."""
+    ``vpdpbusd`` (uint8 x int8; 16 lanes with AVX512-VNNI, 8 and 4 with AVX512-VL or AVX-VNNI), without VNNI
+    ``vpmaddubsw`` + ``vpmaddwd`` (uint8 x int8, weights within +-64; 16 lanes with AVX-512BW, 8 and 4 with AVX2), or
+    None."""
     from tvm.target import codegen
 
     def has(feature: str) -> bool:
@@ -409,12 +421,20 @@ def dot_product(target: Any) -> DotProduct | None:
 
     if str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
         return DotProduct("sdot", "int8", (DOT_DEPTH,)) if has("dotprod") else None
-    # LLVM 22 declares vpdpbusd on i8 vectors (dot_intrinsics); the pinned TVM wheel links it, older builds go without
-    if str(target.kind.name) != "llvm" or codegen.llvm_version_major() < 22:
+    if str(target.kind.name) != "llvm":
         return None
-    narrow = (8, 4) if has("avxvnni") or (has("avx512vnni") and has("avx512vl")) else ()
-    wide = (16,) if has("avx512vnni") and vector_shape(target)[0] == 16 else ()
-    return DotProduct("vpdpbusd", "uint8", wide + narrow) if wide or narrow else None
+    zmm = vector_shape(target)[0] == 16
+    # LLVM 22 declares vpdpbusd on i8 vectors (dot_intrinsics); the pinned TVM wheel links it, older builds go without
+    if codegen.llvm_version_major() >= 22:
+        narrow = (8, 4) if has("avxvnni") or (has("avx512vnni") and has("avx512vl")) else ()
+        wide = (16,) if has("avx512vnni") and zmm else ()
+        if wide or narrow:
+            return DotProduct("vpdpbusd", "uint8", wide + narrow)
+    # Without VNNI (Zen 3, Skylake): three instructions for vpdpbusd's one; exact for 7-bit weights only, as the
+    # quantize pass writes them for such CPUs
+    narrow = (8, 4) if has("avx2") else ()
+    wide = (16,) if has("avx512bw") and zmm else ()
+    return DotProduct("vpmaddubsw", "uint8", wide + narrow, weight_max=PMADDUBSW_WEIGHT_MAX) if wide or narrow else None
 
 
 def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> tuple[DotProduct, int] | None:
@@ -428,6 +448,11 @@ def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> tu
     dot = dot_product(target)
     if dot is None or [str(getattr(r.source, "dtype", "")) for r in reads] != [dot.activation, "int8"]:
         return None
+    if dot.weight_max is not None:
+        attrs = sch.mod["main"].attrs
+        largest = attrs.get(WEIGHT_MAX_ATTR) if attrs is not None else None
+        if largest is None or int(largest) > dot.weight_max:
+            return None  # weights not known to fit: the widening kernel, exact for any
     lanes = next((n for n in dot.lanes if tc % n == 0), None)
     return (dot, lanes) if lanes is not None else None
 

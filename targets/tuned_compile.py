@@ -23,6 +23,7 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
 
     from optc.targets.providers.reciprocal_scale import reciprocal_quantize
     from optc.targets.tile_padding import pad_tiles
+    from optc.targets.weight_bounds import mark_weight_bounds
 
     try:
         dispatch = pipeline.library_dispatch_passes(target)
@@ -43,6 +44,8 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        # the int8 weights' bound on each function that reads them: vpmaddubsw where they fit (weight_bounds.py)
+        tvm.transform.module_pass(lambda mod, _ctx: mark_weight_bounds(mod), opt_level=0, name="MarkWeightBounds"),
     ]
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())

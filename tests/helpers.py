@@ -120,3 +120,17 @@ def onednn_or_skip():
     if os.environ.get("CI") == "true" and os.geteuid() == 0 and shutil.which("apt-get") and not os.environ.get("OPTC_DISABLE_ONEDNN"):
         pytest.fail(f"oneDNN provider unavailable in CI, where make test installs it: {avail.reason}")
     pytest.skip(f"oneDNN provider unavailable: {avail.reason}")
+
+
+def x86_cpu_runs_here(cpu: str) -> bool:
+    """Whether this machine has every vector instruction set LLVM's ``cpu`` (e.g. haswell) implies: its code runs here."""
+    import platform
+
+    import tvm
+    from tvm.target import codegen
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    wanted = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+    return all(codegen.target_has_features(f, host) for f in wanted if f.startswith(("avx", "sse", "fma")))

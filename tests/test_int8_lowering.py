@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import SAMPLE, arm_runner, make_model, onednn_or_skip, ort_run, rand
+from helpers import SAMPLE, arm_runner, make_model, onednn_or_skip, ort_run, rand, x86_cpu_runs_here
 from onnx import helper
 
 from optc.errors import TargetError
@@ -277,16 +277,20 @@ def test_float_model_is_untouched():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("kernels", "quantize"),
-    [("tvm", "quantize:reduce_range=false"), ("onednn", "quantize:reduce_range=false"),
-     ("onednn", "quantize:activation_type=int8,reduce_range=false"),
-     ("tvm", "quantize:activation_type=int8,reduce_range=false")],  # on a VNNI CPU: shifted to uint8 for vpdpbusd
-    ids=["tvm-uint8", "onednn-uint8", "onednn-int8", "tvm-int8"],
+    ("kernels", "quantize", "cpu"),
+    [("tvm", "quantize:reduce_range=false", None), ("onednn", "quantize:reduce_range=false", None),
+     ("onednn", "quantize:activation_type=int8,reduce_range=false", None),
+     ("tvm", "quantize:activation_type=int8,reduce_range=false", None),  # on a VNNI CPU: shifted to uint8 for vpdpbusd
+     # an AVX2 CPU without VNNI (Zen 3's kind; its code runs on this x86 too): 7-bit weights, the quantize default
+     # there, so vpmaddubsw's int16 pairs cannot saturate; int8 activations shifted into its uint8
+     ("tvm", "quantize", "haswell"), ("tvm", "quantize:activation_type=int8", "haswell")],
+    ids=["tvm-uint8", "onednn-uint8", "onednn-int8", "tvm-int8", "tvm-avx2-uint8", "tvm-avx2-int8"],
 )
-def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantize):
+def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantize, cpu):
     """The bundled CNN through the CLI: every region lowered, accuracy of the int8 artifact
     vs the fp32 artifact on the 1,000 test samples, outputs vs onnxruntime within a step,
-    with TVM's integer kernels and with oneDNN's (u8 and s8 activations; TVM's on a VNNI CPU shift s8 into u8)."""
+    with TVM's integer kernels and with oneDNN's (u8 and s8 activations; TVM's on a VNNI CPU shift s8 into u8), and
+    with TVM's for an AVX2 CPU without VNNI (vpmaddubsw on 7-bit weights)."""
     import json
 
     from click.testing import CliRunner
@@ -297,7 +301,10 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantiz
     if kernels == "onednn":
         onednn_or_skip()
     db = tmp_path / "db"
-    common = ["--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", str(db), "--kernels", kernels]
+    common = ["--input-shape", "input=1x1x28x28", "--target", "x86", "--no-latency", "--tuning-db", str(db), "--kernels", kernels,
+              *(["--cpu", cpu] if cpu else [])]
+    if cpu and not x86_cpu_runs_here(cpu):
+        pytest.skip(f"this machine cannot run {cpu}'s instructions")
     runner = CliRunner()
     res = runner.invoke(
         cli,
@@ -322,13 +329,18 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantiz
         # multiplies int8 itself, and the shift would be one more pass in front of it
         kinds = {w.split("/")[0] for w in [e["workload"] for e in providers["offloaded"]]}
         dot = report["target"]["int8"].get("dot_product", "")
-        assert ("shifted by 128" in dot) == (kernels == "tvm" and "vpdpbusd" in dot), dot
+        assert ("shifted by 128" in dot) == (kernels == "tvm" and ("vpdpbusd" in dot or "vpmaddubsw" in dot)), dot
         assert kernels == "tvm" or "conv2d_int8" in kinds, kinds
+    if cpu:
+        assert report["target"]["int8"]["dot_product"].startswith("vpmaddubsw (uint8 activations")
+        stored = [onnx.numpy_helper.to_array(t) for t in load_model(tmp_path / "int8" / "model.onnx").proto.graph.initializer]
+        weights = [t for t in stored if t.dtype == np.int8 and t.ndim >= 2]
+        assert weights and max(int(np.abs(t.astype(np.int16)).max()) for t in weights) <= 64  # what vpmaddubsw needs
     res = runner.invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "fp32"), *common], catch_exceptions=False)
     assert res.exit_code == 0, res.output
 
     int8, fp32 = load_artifact(tmp_path / "int8"), load_artifact(tmp_path / "fp32")
-    q = load_model(tmp_path / "int8" / "model.onnx")
+    q = load_model(tmp_path / "int8" / "model.onnx")  # the QDQ model the artifact was compiled from
     test = np.load(SAMPLE / "test.npz")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

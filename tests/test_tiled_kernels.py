@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import arm_runner, make_model, ort_run, rand
+from helpers import arm_runner, make_model, ort_run, rand, x86_cpu_runs_here
 from onnx import helper, numpy_helper
 
 from optc.cli.main import cli
@@ -336,14 +336,16 @@ def test_arm_artifact_with_the_tiled_kernels_matches_onnxruntime_under_qemu(buil
     np.testing.assert_allclose(run.outputs["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
 
-def _int8_conv(channels: int, out_channels: int, groups: int, dtype: str = "uint8", size: tuple[int, int] = (6, 7)):
+def _int8_conv(channels: int, out_channels: int, groups: int, dtype: str = "uint8", size: tuple[int, int] = (6, 7),
+               weight_max: int = 127):
     """An 8-bit NHWC convolution into int32 as the int8 lowering emits it: 1 x size x C (7 pixels: a guarded last tile),
-    3x3, int8 weights."""
+    3x3, int8 weights within +-weight_max (each bound reached)."""
     from tvm import relax
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([1, *size, channels], dtype))
-    w = np.random.default_rng(0).integers(-127, 128, (out_channels, 3, 3, channels // groups)).astype(np.int8)
+    w = np.random.default_rng(0).integers(-weight_max, weight_max + 1, (out_channels, 3, 3, channels // groups)).astype(np.int8)
+    w.flat[:2] = [weight_max, -weight_max]
     with bb.function("main", [x]):
         with bb.dataflow():
             y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1, 1, 1], groups=groups, data_layout="NHWC",
@@ -383,40 +385,50 @@ def _int8_conv_reference(x: np.ndarray, w: np.ndarray, groups: int) -> np.ndarra
     return out
 
 
-@pytest.mark.parametrize(("channels", "out_channels", "groups", "cpu", "lanes"), [
-    (32, 32, 1, "icelake-server", 16),  # AVX512-VNNI: 16-lane accumulators, two per tile
-    (24, 24, 1, "icelake-server", 8),  # 24 channels: 8-lane tiles (AVX512-VL)
-    (16, 32, 2, "icelake-server", 16),  # two groups of 8 inputs
-    (32, 32, 1, "alderlake", 8),  # AVX-VNNI without AVX-512: 256-bit
-    (32, 32, 1, "skylake-avx512", 0),  # AVX-512 without VNNI: the widening kernel
-    (16, 16, 16, "icelake-server", 0),  # depthwise: one input a group, nothing to take 4 at a time
-], ids=["zmm", "ymm-24", "grouped", "avx-vnni", "no-vnni", "depthwise"])
-def test_int8_convolutions_use_vnni_where_the_core_has_it(channels, out_channels, groups, cpu, lanes):
+@pytest.mark.parametrize(("channels", "out_channels", "groups", "cpu", "weight_max", "instruction", "lanes"), [
+    (32, 32, 1, "icelake-server", 127, "vpdpbusd", 16),  # AVX512-VNNI: 16-lane accumulators, two per tile
+    (24, 24, 1, "icelake-server", 127, "vpdpbusd", 8),  # 24 channels: 8-lane tiles (AVX512-VL)
+    (16, 32, 2, "icelake-server", 127, "vpdpbusd", 16),  # two groups of 8 inputs
+    (32, 32, 1, "alderlake", 127, "vpdpbusd", 8),  # AVX-VNNI without AVX-512: 256-bit
+    (32, 32, 1, "skylake-avx512", 64, "vpmaddubsw", 16),  # AVX-512 without VNNI, 7-bit weights: pairs into int16
+    (32, 32, 1, "haswell", 64, "vpmaddubsw", 8),  # AVX2 (Zen 3's kind), 7-bit weights
+    (24, 24, 1, "haswell", 64, "vpmaddubsw", 8),
+    (32, 32, 1, "skylake-avx512", 127, None, 0),  # 8-bit weights would saturate int16 pairs: the widening kernel
+    (32, 32, 1, "haswell", 65, None, 0),  # one step past the bound is enough
+    (16, 16, 16, "icelake-server", 127, None, 0),  # depthwise: one input a group, nothing to take 4 at a time
+], ids=["zmm", "ymm-24", "grouped", "avx-vnni", "avx512-7bit", "avx2-7bit", "avx2-24", "avx512-8bit", "avx2-65", "depthwise"])
+def test_int8_convolutions_use_the_cores_dot_product(channels, out_channels, groups, cpu, weight_max, instruction, lanes):
     """On an x86 core with VNNI an int8 NHWC convolution (uint8 activations by int8 weights) is tensorized with
-    vpdpbusd, as wide as the tile allows; without VNNI, and for a depthwise one, the vectoriser's kernel stays. Where
-    this machine can run the code, its output equals the exact integer convolution."""
+    vpdpbusd, as wide as the tile allows. Without VNNI, vpmaddubsw + vpmaddwd, but only where every weight is within
+    +-64: its int16 pairs saturate past that, so 8-bit weights keep the widening kernel, exact for any. A depthwise one
+    keeps it too. Where this machine can run the code, its output equals the exact integer convolution, on inputs that
+    reach 255 where the pairs would saturate with wider weights."""
     import tvm
     from optc.targets.cpu_schedule import schedule_function
-    from optc.targets.tiled_kernels import dot_product
+    from optc.targets.tiled_kernels import WEIGHT_MAX_ATTR, dot_product
     from optc.targets.tuned_compile import fused
     from tvm import relax
 
-    mod, w = _int8_conv(channels, out_channels, groups)
+    mod, w = _int8_conv(channels, out_channels, groups, weight_max=weight_max)
     target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": 2})
     mod = fused(mod, target, True)
     gvar, conv = next((g, f) for g, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d_nhwc" in f.script())
+    assert int(conv.attrs[WEIGHT_MAX_ATTR]) == weight_max  # weight_bounds: the constant's bound, on the function
     with target:
         scheduled = schedule_function(conv)
     text = scheduled.script()
-    assert ("llvm.x86.avx512.vpdpbusd" in text) == bool(lanes), text
-    if lanes:
-        assert f"llvm.x86.avx512.vpdpbusd.{32 * lanes}" in text
-    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-    if lanes and (dot_product(host) is None or lanes not in dot_product(host).lanes):
-        return  # this machine cannot run these instructions: the schedule's structure is what is checked here
+    names = {"vpdpbusd": f"llvm.x86.avx512.vpdpbusd.{32 * lanes}",
+             "vpmaddubsw": {16: "llvm.x86.avx512.pmaddubs.w.512", 8: "llvm.x86.avx2.pmadd.ub.sw"}.get(lanes)}
+    for name in ("llvm.x86.avx512.vpdpbusd", "pmaddubs.w.512", "pmadd.ub.sw"):
+        assert (name in text) == (instruction is not None and name in names[instruction]), (name, text)
+    have = dot_product(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+    assert instruction is None or (have is not None and have.name == instruction)
+    if not x86_cpu_runs_here(cpu):
+        return  # this machine cannot run that CPU's instructions: the schedule's structure is what is checked here
     mod[gvar] = scheduled
-    vm = relax.VirtualMachine(tvm.compile(mod, target=host), tvm.cpu())  # the TIR as scheduled, for this CPU
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())  # the TIR as scheduled, for that CPU
     x = np.random.default_rng(1).integers(0, 256, (1, 6, 7, channels)).astype(np.uint8)
+    x[0, :3] = 255  # the pairs' extreme: 255 x (64 + 64) fits int16, 255 x (65 + 65) would not
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _int8_conv_reference(x, w, groups))
 
 
