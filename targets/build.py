@@ -99,7 +99,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
     target = tvm_target(spec)
     if int8:
         from optc.targets.int8_lowering import lower_int8, weight_owners
-        from optc.targets.tiled_kernels import dot_product
+        from optc.targets.tiled_kernels import dot_product, pair_weight_max
         from optc.targets.tuning import tvm_computes_all
 
         dot = dot_product(target) if spec.device == "cpu" else None
@@ -109,7 +109,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
         if dot is not None and not tvm_computes_all(target, tune):
             dot = replace(dot, shifted=False)
         shift = dot.activation if dot is not None and dot.shifted else None
-        mod, int8_report = lower_int8(mod, weight_owners(model), activations=shift)
+        mod, int8_report = lower_int8(mod, weight_owners(model), activations=shift, weight_max=pair_weight_max(target))
         int8_summary = {**int8_report.to_dict(), **({"dot_product": dot.describe()} if dot else {})}
     try:
         with quiet_native_stderr():

@@ -44,6 +44,13 @@ of the other type enters the integer kernel shifted by 128 (uint8 ``x_q`` as the
 unchanged, so the sum, the correction and the output are exactly those of the
 unshifted kernel.
 
+x86 CPUs without VNNI (AVX2 ones such as Zen 3) multiply 8 bits with ``vpmaddubsw``, which adds each pair of
+products into int16 with saturation: oneDNN and onnxruntime do so there, and optc's kernels too, where every weight
+lies within +-64 (255 x 128 fits int16). For such targets (``weight_max``) a convolution or matmul with larger
+weights stays float: oneDNN's int8 convolution, held to AVX2, returned 471.8 for an exact 932.7 on a 3x3 layer of
+weights +-127 fed 255s. A depthwise one is exempt: one input channel a group, no pairs (oneDNN's was exact).
+The quantize pass writes 7-bit weights for these CPUs by default (``reduce_range``), which stay int8.
+
 Regions that do not fit (per-tensor activation scale and zero point, constant
 int8 weight with zero weight zero point and scales along the output channel,
 NCHW/OIHW layouts, an int32 sum that cannot overflow) stay in float and are
@@ -135,11 +142,14 @@ def weight_owners(model: Model) -> dict[str, str]:
     return owners
 
 
-def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, activations: str | None = None) -> tuple[Any, Int8Report]:
+def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, activations: str | None = None,
+               weight_max: int | None = None) -> tuple[Any, Int8Report]:
     """Rewrite every lowerable int8 region of ``mod`` (a Relax IRModule from the ONNX frontend).
 
     ``activations``: the 8-bit type the target's dot product multiplies by int8 weights (int8 for Armv8.2's ``sdot``,
     uint8 for x86's ``vpdpbusd``); activations of the other type enter the integer kernels shifted by 128.
+    ``weight_max``: the largest |weight| the target's int8 kernels multiply exactly in pairs (64 on x86 without
+    VNNI); regions with larger weights, depthwise ones aside, stay float.
 
     Returns the new module (dead float weight dequantisations removed) and a
     report of the regions lowered and those left in float, with reasons.
@@ -147,7 +157,7 @@ def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, activations
     from optc.targets import int8_relax  # imports TVM
 
     try:
-        new_mod, report = int8_relax.lower(mod, owners or {}, activations)
+        new_mod, report = int8_relax.lower(mod, owners or {}, activations, weight_max)
     except Exception as exc:  # TVM raises many kinds; the float module still compiles
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TargetError(f"int8 lowering failed ({type(exc).__name__}: {first}); compile with --no-int8-lowering to keep QDQ in float") from exc

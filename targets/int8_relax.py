@@ -56,14 +56,14 @@ class Lowered:
     computes: str = "int8"
 
 
-def lower(mod: Any, owners: Mapping[str, str], activations: str | None = None) -> tuple[Any, Int8Report]:
+def lower(mod: Any, owners: Mapping[str, str], activations: str | None = None, weight_max: int | None = None) -> tuple[Any, Int8Report]:
     """Rewrite the lowerable regions of ``mod``; the very same module when none was lowered.
 
     ``activations``: feed the integer kernels 8-bit activations of this type only (the other one shifted by 128), for
     targets whose dot-product instruction takes one: int8 for Armv8.2's ``sdot``, uint8 for x86's ``vpdpbusd``.
     """
     report = Int8Report()
-    new_mod = Int8Lowering(mod, dict(owners), report, activations).run()
+    new_mod = Int8Lowering(mod, dict(owners), report, activations, weight_max).run()
     if not report.lowered:
         return mod, report  # nothing rewritten: hand back the very same module
     return relax.transform.DeadCodeElimination()(new_mod), report
@@ -73,10 +73,12 @@ def lower(mod: Any, owners: Mapping[str, str], activations: str | None = None) -
 class Int8Lowering(relax.PyExprMutator):
     """Rewrites each lowerable conv2d/matmul of every Relax function and records each region in ``report``."""
 
-    def __init__(self, mod: Any, owners: dict[str, str], report: Int8Report, activations: str | None = None) -> None:
+    def __init__(self, mod: Any, owners: dict[str, str], report: Int8Report, activations: str | None = None,
+                 weight_max: int | None = None) -> None:
         super().__init__(mod)
         self.mod = mod
         self.activations = activations
+        self.weight_max = weight_max
         self.shifted: dict[Any, Any] = {}  # an 8-bit tensor -> its copy shifted into ``activations``
         self.owners = owners
         self.report = report
@@ -202,6 +204,8 @@ class Int8Lowering(relax.PyExprMutator):
         bb = self.builder_
         if q.shape[1] < DOT_GROUP and int(attrs.groups) == 1:
             return Lowered(self._conv2d_float(call, x, w), w, "float32 on the 8-bit input (fewer than 4 input channels)")
+        if q.shape[1] > 1 and (saturates := self._saturates(q)):  # a depthwise one multiplies no pairs
+            return saturates
         data, zero_point = self._input(x)
         padding = [int(p) for p in attrs.padding]  # top, left, bottom, right
         if zero_point != 0 and any(padding):
@@ -266,7 +270,7 @@ class Int8Lowering(relax.PyExprMutator):
             if isinstance(w, str):
                 return w
         q = w.q.astype(np.int64)
-        overflow = overflow_reason(x, np.abs(q).sum(axis=0), self.activations)
+        overflow = overflow_reason(x, np.abs(q).sum(axis=0), self.activations) or self._saturates(q)
         if overflow:
             return overflow
         bb = self.builder_
@@ -277,6 +281,14 @@ class Int8Lowering(relax.PyExprMutator):
             acc = bb.emit(relax.op.subtract(acc, relax.const(correction, "int32")))
         scale = (np.float64(x.scale) * w.scale.astype(np.float64)).astype(np.float32)
         return Lowered(relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")), relax.const(scale, "float32")), w)
+
+    def _saturates(self, q: np.ndarray) -> str:
+        """A reason when the target's int8 kernels would saturate on these weights (int8_lowering: ``weight_max``)."""
+        largest = int(np.abs(q).max(initial=0))
+        if self.weight_max is None or largest <= self.weight_max:
+            return ""
+        return (f"weights up to {largest}: on a CPU without VNNI int8 kernels add products in pairs into int16, which "
+                f"weights over {self.weight_max} can saturate (quantize's reduce_range writes 7-bit ones)")
 
     def _input(self, x: Activation) -> tuple[Any, int]:
         """The 8-bit input the integer kernel reads, and its zero point.

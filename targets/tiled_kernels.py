@@ -414,10 +414,7 @@ def dot_product(target: Any) -> DotProduct | None:
     from tvm.target import codegen
 
     def has(feature: str) -> bool:
-        try:
-            return bool(codegen.target_has_features(feature, target))
-        except Exception:  # noqa: BLE001 - a target LLVM cannot describe: no dot products assumed
-            return False
+        return _has(target, feature)
 
     if str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
         return DotProduct("sdot", "int8", (DOT_DEPTH,)) if has("dotprod") else None
@@ -435,6 +432,24 @@ def dot_product(target: Any) -> DotProduct | None:
     narrow = (8, 4) if has("avx2") else ()
     wide = (16,) if has("avx512bw") and zmm else ()
     return DotProduct("vpmaddubsw", "uint8", wide + narrow, weight_max=PMADDUBSW_WEIGHT_MAX) if wide or narrow else None
+
+
+def pair_weight_max(target: Any) -> int | None:
+    """The largest |weight| ``target``'s int8 kernels multiply exactly, None where any is: on x86 without VNNI, oneDNN
+    and optc's ``vpmaddubsw`` alike add products in pairs into saturating int16 (targets/int8_lowering.py)."""
+    if str(target.kind.name) != "llvm" or str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
+        return None
+    return None if _has(target, "avx512vnni") or _has(target, "avxvnni") else PMADDUBSW_WEIGHT_MAX
+
+
+def _has(target: Any, feature: str) -> bool:
+    """Whether LLVM says ``target`` has ``feature``; False for a target LLVM cannot describe."""
+    from tvm.target import codegen
+
+    try:
+        return bool(codegen.target_has_features(feature, target))
+    except Exception:  # noqa: BLE001 - nothing assumed
+        return False
 
 
 def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> tuple[DotProduct, int] | None:

@@ -10,6 +10,8 @@ rounds to the neighbouring step (float32 sums in onnxruntime vs exact integers h
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -217,6 +219,93 @@ def test_matmul_and_gemm_regions_become_integer_matmuls(save, tmp_path):
     assert worst <= step, f"max |diff| {worst:.3g} > one step {step:.3g}"
 
 
+def test_weights_that_would_saturate_int16_pairs_stay_float_on_a_cpu_without_vnni(save, tmp_path):
+    """Without VNNI, x86 int8 kernels (oneDNN's, optc's vpmaddubsw) add products in pairs into saturating int16, exact
+    for weights within +-64 only. With 8-bit weights the pointwise conv and the matmuls stay float, with the reason; the
+    3-channel stem computes in float already, and the depthwise conv (one input a group: no pairs) stays int8. 7-bit
+    weights (quantize's reduce_range) are lowered as on any CPU."""
+    for model, names in ((_conv_model(), ["conv1", "dw", "pw"]), (_gemm_model(), ["gemm_t", "matmul", "gemm_n"])):
+        wide = _quantize(save, tmp_path, model, reduce_range=False)
+        _, report = _lower_for(wide, 64)
+        kept = [r.name for r in report.lowered]
+        assert kept == (["conv1", "dw"] if "pw" in names else []), kept
+        left = {r.name: r.reason for r in report.left_float}
+        assert set(left) == set(names) - set(kept)
+        assert all(reason.startswith("weights up to 127: on a CPU without VNNI") for reason in left.values()), left
+        narrow = _quantize(save, tmp_path, model, reduce_range=True)
+        _, report = _lower_for(narrow, 64)
+        assert [r.name for r in report.lowered] == names and not report.left_float
+
+
+def _lower_for(model, weight_max):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from optc.targets.int8_lowering import lower_int8, weight_owners
+
+    return lower_int8(from_onnx(model.proto, keep_params_in_input=False), weight_owners(model), weight_max=weight_max)
+
+
+def _saturating_conv(weight: int, groups: int = 1):
+    """A QDQ 3x3 conv on 16 channels whose weights are +-``weight`` (the same sign along each filter: every pair of
+    products adds up), and one random filter; inputs of 5.1 quantise to 255."""
+    from onnx import TensorProto, numpy_helper
+
+    per_group = 16 // groups
+    w = np.full((16, per_group, 3, 3), weight, np.int8)
+    w[1::2] = -weight
+    w[2] = np.random.default_rng(0).integers(-weight, weight + 1, (per_group, 3, 3))
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.full(16, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(16, np.int8), "wz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], pads=[1, 1, 1, 1], group=groups, name="conv")]
+    graph = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("weight", "groups", "int8"), [(127, 1, False), (64, 1, True), (127, 16, True)],
+                         ids=["8-bit", "7-bit", "8-bit-depthwise"])
+def test_an_avx2_artifact_with_onednn_held_to_avx2_computes_exactly(tmp_path, weight, groups, int8):
+    """Compiled for an AVX2 CPU (``--cpu haswell``) and run with oneDNN held to AVX2 (``ONEDNN_MAX_CPU_ISA``, as on
+    Zen 3): the layer oneDNN would saturate (8-bit weights, every pair adding up: 471.8 for an exact 932.7) stays
+    float; 7-bit weights and a depthwise layer run oneDNN's int8 kernel, exactly. Against onnxruntime on this CPU."""
+    import json
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from optc.cli.main import cli
+
+    onednn_or_skip()
+    if not x86_cpu_runs_here("haswell"):
+        pytest.skip("this machine cannot run AVX2 code")
+    model = _saturating_conv(weight, groups)
+    onnx.save(model, tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(out), "--target", "x86", "--cpu", "haswell",
+                                   "--kernels", "onednn", "--no-latency", "--tuning-db", str(tmp_path / "db")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())["target"]
+    assert report["int8"]["lowered"] == int(int8), report["int8"]
+    assert len(report["tuning"]["providers"]["offloaded"]) == 1  # oneDNN computes it, in int8 or in float
+    x = np.full((1, 16, 8, 8), 5.1, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np; from pathlib import Path; from optc.targets.artifact import load_artifact; "
+              "np.save(sys.argv[2], load_artifact(Path(sys.argv[1])).run({'x': np.load(sys.argv[3])})['y'])")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "y.npy"), str(tmp_path / "x.npy")],
+                          env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    got, ref = np.load(tmp_path / "y.npy"), ort_run(model, {"x": x})["y"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize(("stored", "taken"), [("uint8", "int8"), ("int8", "uint8")], ids=["sdot", "vpdpbusd"])
 def test_activations_shifted_to_the_dot_products_type_compute_the_same(save, tmp_path, stored, taken):
     """Where the target's dot product takes the other 8-bit type (sdot: int8; VNNI: uint8) the activations enter the
@@ -305,6 +394,11 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantiz
               *(["--cpu", cpu] if cpu else [])]
     if cpu and not x86_cpu_runs_here(cpu):
         pytest.skip(f"this machine cannot run {cpu}'s instructions")
+    from optc.targets.presets import VNNI_FLAGS, cpu_flags
+
+    if cpu is None and not any(flag in cpu_flags() for flag in VNNI_FLAGS):
+        # without VNNI 8-bit weights would saturate int16 pairs and stay float (the test above): the 7-bit default
+        quantize = quantize.replace("reduce_range=false", "reduce_range=true")
     runner = CliRunner()
     res = runner.invoke(
         cli,
@@ -364,12 +458,15 @@ def test_no_int8_lowering_keeps_float(save, tmp_path):
     from optc.targets.build import build
     from optc.targets.spec import make_target
 
-    q = _quantize(save, tmp_path, _gemm_model(), reduce_range=False)
+    q = _quantize(save, tmp_path, _gemm_model(), reduce_range=True)
     spec = make_target("x86", cpu="core-avx2")
     _, summary = build(q, spec, None, int8=False)
     assert summary["int8"] == {"enabled": False}
     _, summary = build(q, spec, None)
     assert summary["int8"]["lowered"] == 3
+    # the same layers with 8-bit weights, for this CPU without VNNI: float (int16 pairs would saturate), said why
+    _, summary = build(_quantize(save, tmp_path, _gemm_model(), reduce_range=False), spec, None)
+    assert summary["int8"]["lowered"] == 0 and len(summary["int8"]["left_float"]) == 3
 
 
 def test_lowering_failure_is_a_target_error():

@@ -432,6 +432,21 @@ def test_int8_convolutions_use_the_cores_dot_product(channels, out_channels, gro
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), _int8_conv_reference(x, w, groups))
 
 
+@pytest.mark.parametrize(("target", "bound"), [
+    ({"kind": "llvm", "mcpu": "haswell"}, 64), ({"kind": "llvm", "mcpu": "znver3"}, 64),
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 64), ({"kind": "llvm", "mcpu": "x86-64"}, 64),  # SSE only: oneDNN too
+    ({"kind": "llvm", "mcpu": "icelake-server"}, None), ({"kind": "llvm", "mcpu": "alderlake"}, None),  # VNNI: int32
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}, None), ({"kind": "cuda"}, None),
+], ids=["haswell", "zen3", "skylake", "sse", "icelake", "alderlake", "arm", "cuda"])
+def test_which_targets_int8_kernels_saturate_8_bit_weights(target, bound):
+    """The bound the int8 lowering holds weights to: x86 without VNNI adds products in int16 pairs (oneDNN and optc's
+    vpmaddubsw alike); VNNI, Arm's dot products and CUDA accumulate in int32."""
+    import tvm
+    from optc.targets.tiled_kernels import pair_weight_max
+
+    assert pair_weight_max(tvm.target.Target(target)) == bound
+
+
 def test_a_matmul_the_template_cannot_tile_is_reported_with_why(tmp_path):
     """Attention scores over 13 tokens: Q·Kᵀ's columns are an activation's 13 tokens, which no vector tile divides and
     no weight padding can widen. It keeps TVM's default loop, correct, and the report says so instead of nothing."""
