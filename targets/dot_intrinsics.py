@@ -81,17 +81,18 @@ def _functions(lanes: int, activation: str, intrinsic: str) -> tuple[object, obj
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
-    # only the one used is parsed: TVMScript evaluates an intrinsic's name as it parses
-    if widen:
-        @T.prim_func(s_tir=True)
-        def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
-            B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
-            C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
-            with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-                T.writes(C[0:lanes])
-                word = T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32")
+    two_step = bool(widen)  # a Python bool: TVMScript parses only the branch taken (each names an LLVM intrinsic)
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            word = T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32")  # four inputs, one 32-bit word
+            if two_step:
                 pairs = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(pairwise),
                     T.reinterpret(T.broadcast(word, lanes), dtype=bytes_),  # the unsigned operand comes first
@@ -101,16 +102,7 @@ def _functions(lanes: int, activation: str, intrinsic: str) -> tuple[object, obj
                 C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=words) + T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(widen), pairs, T.broadcast(T.int16(1), 2 * lanes), dtype=words
                 )
-    else:
-        @T.prim_func(s_tir=True)
-        def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-            A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
-            B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
-            C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
-            with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-                T.writes(C[0:lanes])
-                word = T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32")  # four inputs, one 32-bit word
+            else:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(pairwise),
                     C.vload([0], dtype=words),
