@@ -15,7 +15,7 @@ lane by lane.
 - x86 without VNNI (AVX2, AVX-512BW): ``vpmaddubsw`` multiplies uint8 by int8 and adds each pair into a saturating
   int16, ``vpmaddwd`` by ones adds those pairs into int32: what oneDNN and onnxruntime's MLAS run on such cores. Exact
   only while no pair leaves int16 (255 x (64 + 64) = 32640 <= 32767): weights within +-64, the 7-bit weights optc's
-  quantize writes for such CPUs. The kernels check that bound (``tiled_kernels.WEIGHT_MAX_ATTR``) before using it.
+  quantize writes for such CPUs. The kernels use it only on functions marked as fitting (:mod:`optc.targets.weight_bounds`).
 
 TVM ships such intrinsics (``tvm.s_tir.tensor_intrin.arm_cpu``, ``.x86``), but importing one parses every target's
 intrinsics, CUDA's included: 45 s on this machine for a compile that otherwise takes 10; and x86's accumulator is a

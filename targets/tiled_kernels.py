@@ -36,7 +36,9 @@ power-of-two tile divides (8210 classes) has its weight padded with zero columns
 
 8-bit reductions on a core with dot products (an aarch64 core with ``sdot``, ``--cpu cortex-a76``; an x86 core with
 VNNI's ``vpdpbusd``) split the input channels by 4 innermost, pack the weight as ``[oc / tc, .., ic / 4, tc, 4]`` and
-compute each accumulator vector's 4-deep step with one instruction (:mod:`optc.targets.dot_intrinsics`).
+compute each accumulator vector's 4-deep step with one instruction (:mod:`optc.targets.dot_intrinsics`). An x86
+core without VNNI computes that step with ``vpmaddubsw`` and ``vpmaddwd``, where the function's weights are known
+to fit its int16 pairs (within +-64: :mod:`optc.targets.weight_bounds`); elsewhere the widening kernel stays.
 """
 from __future__ import annotations
 
@@ -60,8 +62,9 @@ PARALLEL_MACS = 1 << 21
 # 1 M multiply-adds) is bound by its 4 MB of weights, 180 us a call from L3 on one core. Threaded, each core reads
 # its own columns, and consecutive steps find them in that core's L2.
 PARALLEL_WEIGHT_BYTES = 1 << 20
-# 8-bit dot products (Armv8.2's sdot, x86's VNNI): each int32 lane adds a 4-deep product of 8-bit pairs (sdot: 16
-# multiply-adds an instruction against 4 for the widening multiply-accumulate the vectoriser emits otherwise).
+# 8-bit dot products (Armv8.2's sdot, x86's VNNI, or vpmaddubsw + vpmaddwd without it): each int32 lane adds a
+# 4-deep product of 8-bit pairs (sdot: 16 multiply-adds an instruction against 4 for the widening multiply-accumulate
+# the vectoriser emits otherwise).
 DOT_DEPTH = 4
 
 
@@ -394,14 +397,14 @@ class DotProduct:
     def describe(self) -> str:
         other = "uint8" if self.activation == "int8" else "int8"
         how = f"{other} ones shifted by 128" if self.shifted else f"{other} ones unshifted, for oneDNN: the widening kernel"
-        bound = "" if self.weight_max is None else f"; weights within +-{self.weight_max}, wider ones the widening kernel"
+        bound = "" if self.weight_max is None else f"; weights within +-{self.weight_max} only (the lowering keeps wider ones float)"
         return f"{self.name} ({self.activation} activations; {how}{bound})"
 
 
-# A fused function's attribute: the largest |value| of the int8 constants (weights) it is called with
-# (targets/weight_bounds.py). It is part of the function's structure, so a tuning record made for 7-bit weights,
-# with vpmaddubsw in its trace, is never applied to the same layer with 8-bit ones.
-WEIGHT_MAX_ATTR = "optc.int8_weight_max"
+# A fused function's attribute, set where every int8 weight it is called with is a constant within the dot product's
+# weight_max (targets/weight_bounds.py). It is part of the function's structure, so a tuning record made with
+# vpmaddubsw in its trace is never applied to the same layer with wider or unknown weights.
+PAIRS_FIT_ATTR = "optc.int8_pairs_fit"
 # Without VNNI the pairs of vpmaddubsw saturate at int16: 255 * (64 + 64) = 32640 is the most that fits.
 PMADDUBSW_WEIGHT_MAX = 64
 
@@ -437,7 +440,7 @@ def dot_product(target: Any) -> DotProduct | None:
 def pair_weight_max(target: Any) -> int | None:
     """The largest |weight| ``target``'s int8 kernels multiply exactly, None where any is: on x86 without VNNI, oneDNN
     and optc's ``vpmaddubsw`` alike add products in pairs into saturating int16 (targets/int8_lowering.py)."""
-    if str(target.kind.name) != "llvm" or str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64")):
+    if str(target.kind.name) != "llvm" or not _has(target, "sse2"):  # not x86 (an Arm board, or built on one)
         return None
     return None if _has(target, "avx512vnni") or _has(target, "avxvnni") else PMADDUBSW_WEIGHT_MAX
 
@@ -456,7 +459,8 @@ def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> tu
     """The dot product computing this block and its accumulator width, where one can: 8-bit activations of the
     instruction's type (the int8 lowering shifts the other type by 128 on such targets) times int8 weights into int32,
     a packed weight, a width dividing tc and 4 | the innermost reduction (input channels; a grouped conv's per group, its
-    tile inside one group; a depthwise one has a single input channel and stays on the widening kernels)."""
+    tile inside one group; a depthwise one has a single input channel and stays on the widening kernels). An
+    instruction with a ``weight_max`` (vpmaddubsw) only where the function is marked as fitting it."""
     reads = node.reads
     if roles.pack is None or len(reads) != 2 or int(sch.get(roles.reduce[-1]).extent) % DOT_DEPTH:
         return None
@@ -465,8 +469,7 @@ def _dot_product(sch: Any, node: Any, roles: _Roles, tc: int, target: Any) -> tu
         return None
     if dot.weight_max is not None:
         attrs = sch.mod["main"].attrs
-        largest = attrs.get(WEIGHT_MAX_ATTR) if attrs is not None else None
-        if largest is None or int(largest) > dot.weight_max:
+        if attrs is None or not bool(attrs.get(PAIRS_FIT_ATTR, False)):
             return None  # weights not known to fit: the widening kernel, exact for any
     lanes = next((n for n in dot.lanes if tc % n == 0), None)
     return (dot, lanes) if lanes is not None else None

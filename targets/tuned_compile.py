@@ -44,8 +44,8 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        # the int8 weights' bound on each function that reads them: vpmaddubsw where they fit (weight_bounds.py)
-        tvm.transform.module_pass(lambda mod, _ctx: mark_weight_bounds(mod), opt_level=0, name="MarkWeightBounds"),
+        # x86 without VNNI: the functions whose int8 weights vpmaddubsw's int16 pairs hold (weight_bounds.py)
+        tvm.transform.module_pass(lambda mod, _ctx: mark_weight_bounds(mod, target), opt_level=0, name="MarkWeightBounds"),
     ]
     if prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())

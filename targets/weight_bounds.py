@@ -1,11 +1,16 @@
-"""Mark each fused function with the largest |value| of the int8 weights it is called with.
+"""Mark the fused functions whose int8 weights x86's ``vpmaddubsw`` multiplies exactly.
 
 x86 cores without VNNI multiply 8-bit values with ``vpmaddubsw``, whose pairwise int16 sums saturate unless the
 weights stay within +-64 (:mod:`optc.targets.dot_intrinsics`). Whether they do is a property of the constants, which a
-PrimFunc does not see: its weight is a parameter. This pass, run after FuseTIR, reads the constants each ``call_tir``
-passes and records their bound on the callee (``tiled_kernels.WEIGHT_MAX_ATTR``); the tiled template uses
-``vpmaddubsw`` only where the bound fits. A function called with several weights gets the largest; one called with a
-computed int8 operand gets none, and keeps the widening kernel.
+PrimFunc does not see: its weight is a parameter. This pass, run after FuseTIR for such targets only, reads every
+``call_tir`` of each function and marks the callee (``tiled_kernels.PAIRS_FIT_ATTR``) when, at every call, each int8
+operand of two or more dimensions is a constant (directly, or through a variable bound to one) within the bound.
+A function also called with an int8 operand computed at run time, or with wider weights anywhere, is not marked and
+keeps the widening kernel, exact for any values.
+
+The mark is part of the function's structure, so a tuning record made for a marked function (vpmaddubsw in its
+trace) is never applied to an unmarked one. Targets whose int8 kernels accumulate in int32 (VNNI, Arm's dot
+products) get no mark, and their functions hash as before.
 """
 from __future__ import annotations
 
@@ -13,23 +18,30 @@ from typing import Any
 
 import numpy as np
 from tvm import relax, tirx
-from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import module_bindings
-from optc.targets.tiled_kernels import WEIGHT_MAX_ATTR
+from optc.targets.providers.chains import constant_value, dtype_of, module_bindings
+from optc.targets.tiled_kernels import PAIRS_FIT_ATTR, dot_product
 
 
-def mark_weight_bounds(mod: Any) -> Any:
-    largest: dict[Any, int] = {}
-    for value in module_bindings(mod).values():
+def mark_weight_bounds(mod: Any, target: Any) -> Any:
+    dot = dot_product(target)
+    if dot is None or dot.weight_max is None:
+        return mod
+    values = module_bindings(mod)
+    fits: dict[Any, bool] = {}
+    for value in values.values():
         if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.call_tir"):
             continue
-        callee, args = value.args[0], value.args[1]
-        constants = [a.value.numpy() for a in getattr(args, "fields", ()) if isinstance(a, Constant)]
-        weights = [w for w in constants if w.dtype == np.int8 and w.ndim >= 2 and w.size]  # not a zero point
-        if weights and isinstance(mod[callee], tirx.PrimFunc):
-            bound = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
-            largest[callee] = max(largest.get(callee, 0), bound)
-    for gvar, bound in largest.items():
-        mod[gvar] = mod[gvar].with_attr(WEIGHT_MAX_ATTR, bound)
+        callee, args = value.args[0], getattr(value.args[1], "fields", ())
+        if not isinstance(mod[callee], tirx.PrimFunc):
+            continue
+        for arg in args:
+            if dtype_of(arg) != "int8" or int(getattr(getattr(arg, "ty", None), "ndim", 0)) < 2:
+                continue  # not an int8 operand of a product (a zero point, a scalar, another type)
+            weight = constant_value(arg, values)
+            within = weight is not None and int(np.abs(weight.astype(np.int16)).max(initial=0)) <= dot.weight_max
+            fits[callee] = fits.get(callee, True) and within
+    for gvar, ok in fits.items():
+        if ok:
+            mod[gvar] = mod[gvar].with_attr(PAIRS_FIT_ATTR, True)
     return mod

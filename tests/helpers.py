@@ -123,14 +123,18 @@ def onednn_or_skip():
 
 
 def x86_cpu_runs_here(cpu: str) -> bool:
-    """Whether this machine has every vector instruction set LLVM's ``cpu`` (e.g. haswell) implies: its code runs here."""
+    """Whether this machine has every vector instruction set LLVM's ``cpu`` (e.g. haswell) implies: its code runs here.
+    Read from /proc/cpuinfo, not from LLVM's name for this CPU: a virtual machine hides some of its model's features."""
     import platform
 
     import tvm
     from tvm.target import codegen
 
+    from optc.targets.cpu_features import X86_FLAGS
+    from optc.targets.presets import cpu_flags
+
     if platform.machine() not in ("x86_64", "AMD64"):
         return False
-    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-    wanted = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
-    return all(codegen.target_has_features(f, host) for f in wanted if f.startswith(("avx", "sse", "fma")))
+    have = cpu_flags()
+    wanted = [f for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})) if f in X86_FLAGS]
+    return all(flag in have for f in wanted for flag in X86_FLAGS[f])

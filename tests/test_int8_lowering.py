@@ -430,6 +430,12 @@ def test_sample_cnn_int8_artifact_accuracy_and_report(tmp_path, kernels, quantiz
         stored = [onnx.numpy_helper.to_array(t) for t in load_model(tmp_path / "int8" / "model.onnx").proto.graph.initializer]
         weights = [t for t in stored if t.dtype == np.int8 and t.ndim >= 2]
         assert weights and max(int(np.abs(t.astype(np.int16)).max()) for t in weights) <= 64  # what vpmaddubsw needs
+        import shutil
+        import subprocess
+
+        if shutil.which("objdump"):  # binutils, beside the C++ compiler the set-up installs
+            code = subprocess.run(["objdump", "-d", str(tmp_path / "int8" / "model.so")], capture_output=True, text=True, check=True).stdout
+            assert "vpmaddubsw" in code and "vpmaddwd" in code  # the kernels did take the instruction
     res = runner.invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "fp32"), *common], catch_exceptions=False)
     assert res.exit_code == 0, res.output
 
