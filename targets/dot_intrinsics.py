@@ -50,6 +50,14 @@ def pmaddubsw_intrin(lanes: int) -> str:
     return _registered(f"optc_pmaddubsw_{lanes}x4_u8i8i32", lanes, "uint8", "+".join(PMADD[lanes]))
 
 
+def register_all() -> None:
+    """Register every intrinsic here: a tuning record's trace names the one it tensorized with."""
+    sdot_intrin()
+    for lanes in (16, 8, 4):
+        vnni_intrin(lanes)
+        pmaddubsw_intrin(lanes)
+
+
 def _registered(name: str, lanes: int, activation: str, intrinsic: str) -> str:
     from tvm.s_tir import TensorIntrin
 

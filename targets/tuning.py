@@ -165,7 +165,7 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
     from optc.targets.tuning_db import TuningDatabase, locked
 
     shared = TuningDatabase(opts.db_dir)
-    with shared.snapshot() as snapshot:
+    with shared.snapshot(target) as snapshot:
         database = snapshot.database
         mod, providers = _place_kernels(mod, target, opts, lambda m: compile_with_database(database, m, target, opts.prepack))
         tasks = ms.relax_integration.extract_tasks(fused(mod, target, opts.prepack), target)

@@ -115,19 +115,29 @@ class TuningDatabase:
         self.folder = folder
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Snapshot]:
-        """A validated private copy of the shared database, removed on exit."""
+    def snapshot(self, target: Any = None) -> Iterator[Snapshot]:
+        """A validated private copy of the shared database, removed on exit; with ``target``, of its records for that
+        target only (:func:`same_target`)."""
         private = Path(tempfile.mkdtemp(prefix="optc-tuning-"))
         try:
-            yield self._open_snapshot(private)
+            yield self._open_snapshot(private, target)
         finally:
             shutil.rmtree(private, ignore_errors=True)
 
-    def _open_snapshot(self, private: Path) -> Snapshot:
+    def _open_snapshot(self, private: Path, target: Any = None) -> Snapshot:
         health = DatabaseHealth()
         with self._reading():
             for name in (WORKLOADS, RECORDS):
                 _copy_or_empty(self.folder / name, private / name)
+        records = _raw_lines(private / RECORDS)
+        if target is not None:
+            _write_lines(private / RECORDS, [line.decode(errors="replace") for line in records if same_target(line, target)])
+        if any(b"optc_" in line for line in records):
+            # a trace that tensorizes with optc's dot products replays only once they are registered: else TVM
+            # rejects the record, and the repair below moved tuned records out of the shared database as damaged
+            from optc.targets.dot_intrinsics import register_all
+
+            register_all()
         try:
             database = _open(private)
         except Exception as exc:  # TVM raises several kinds (RuntimeError, InternalError, ...)
@@ -277,6 +287,23 @@ class Snapshot:
         self.committed = len(lines)
         logger.info("tuning database %s: %d new records merged", self.shared.folder, merged)
         return merged
+
+
+def same_target(line: bytes, target: Any) -> bool:
+    """Whether a records.json line was tuned for ``target``: the same kind, triple, CPU and features (the core count
+    aside). MetaSchedule looks records up by workload alone; from a database shared by several targets it replayed one
+    target's trace on another (an x86 trace with x86 dot-product instructions on an Arm build). A line that does not
+    parse is kept: the validation reports it."""
+    try:
+        tuned = json.loads(line)[1][2]
+    except (ValueError, IndexError, KeyError, TypeError):
+        return True
+    return isinstance(tuned, dict) and _target_key(tuned) == _target_key(target.export() if hasattr(target, "export") else dict(target))
+
+
+def _target_key(target: dict[str, Any]) -> tuple[str, str, str, tuple[str, ...]]:
+    return (str(target.get("kind", "")), str(target.get("mtriple", "")), str(target.get("mcpu", "")),
+            tuple(sorted(str(a) for a in target.get("mattr", []) or [])))
 
 
 def _open(folder: Path) -> Any:

@@ -153,3 +153,44 @@ def test_merges_renumber_workloads(concurrent_db, tmp_path):
     for line in (db / "records.json").read_text().splitlines():
         index, record = json.loads(line)
         assert [workloads.index(shared_workloads[index]), record] in records
+
+
+def test_records_tuned_for_another_cpu_are_not_replayed(concurrent_db, tmp_path):
+    """MetaSchedule finds records by workload alone: a compile for another CPU (here --cpu haswell) found this
+    machine's and replayed them, and a trace with one CPU's instructions could land in another's build. Each compile now
+    reads its own target's records; the others stay in the shared files."""
+    db = tmp_path / "db"
+    shutil.copytree(concurrent_db[0], db)
+    before = (db / "records.json").read_bytes()
+    done = subprocess.run([*compile_args(tmp_path / "hsw", db, 0), "--cpu", "haswell"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["target"]["tuning"]["reused_from_db"] == []
+    assert (db / "records.json").read_bytes() == before
+    tuning, _ = compile_from(db, tmp_path / "host")  # this machine's target still finds them
+    assert len(tuning["reused_from_db"]) >= 2
+
+
+def test_a_record_tensorized_with_optc_dot_products_is_reused_by_the_next_compile(tmp_path):
+    """A tuned int8 convolution's trace tensorizes with optc's dot-product intrinsic. The next compile, a fresh process,
+    used to reject that record as damaged (the intrinsic was not registered when the database was read) and move it
+    out of the shared files. It is now reused, and the files keep it."""
+    import tvm
+
+    from optc.targets.tiled_kernels import dot_product
+    from test_int8_lowering import _saturating_conv
+
+    model = tmp_path / "int8.onnx"
+    onnx.save_model(_saturating_conv(64), str(model))  # 7-bit weights: int8 on any x86 (VNNI, or vpmaddubsw)
+    db = tmp_path / "db"
+    args = [*OPTC, "compile", str(model), "--target", "x86", "--kernels", "tvm", "--no-latency", "--tuning-db", str(db), "--json"]
+    first = subprocess.run([*args, "-o", str(tmp_path / "a"), "--tune-trials", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = (db / "records.json").read_bytes()
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if dot_product(host) is not None:
+        assert b"optc_" in records  # the trace names the intrinsic
+    second = subprocess.run([*args, "-o", str(tmp_path / "b")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    tuning = json.loads(second.stdout)["target"]["tuning"]
+    assert tuning["db_health"]["damaged_lines"] == [] and any("conv2d" in name for name in tuning["reused_from_db"]), tuning
+    assert (db / "records.json").read_bytes() == records and not (db / "records.json.damaged").exists()
