@@ -397,7 +397,7 @@ class DotProduct:
     def describe(self) -> str:
         other = "uint8" if self.activation == "int8" else "int8"
         how = f"{other} ones shifted by 128" if self.shifted else f"{other} ones unshifted, for oneDNN: the widening kernel"
-        bound = "" if self.weight_max is None else f"; weights within +-{self.weight_max} only (the lowering keeps wider ones float)"
+        bound = "" if self.weight_max is None else f"; weights within +-{self.weight_max} only: the lowering keeps wider ones float"
         return f"{self.name} ({self.activation} activations; {how}{bound})"
 
 
