@@ -597,7 +597,8 @@ def _target_presets(passes: list[Pass], target: TargetSpec | None, notes: list[s
     for p in passes:
         given = p.options_given
         if p.name == "quantize" and given is not None and "reduce_range" not in given:
-            preset = reduce_range_for(target.name if target is not None else None, target is not None and target.cpu_from_user)
+            named = str(target.target.get("mcpu")) if target is not None and target.cpu_from_user and target.name == "x86" else None
+            preset = reduce_range_for(target.name if target is not None else None, named)
             if preset is not None and preset[0] != p.config.reduce_range:
                 replaced = type(p)(dataclasses.replace(p.config, reduce_range=preset[0]))
                 replaced.options_given = given

@@ -2,8 +2,9 @@
 
 quantize's ``reduce_range`` (7-bit weights) exists for one case only: x86 int8
 kernels without VNNI (``vpmaddubsw``) add pairs of u8·s8 products into int16,
-which 8-bit weights can saturate. ARM's dot products, VNNI, CUDA and TVM's own
-integer kernels accumulate in int32, and 7-bit weights only cost accuracy there.
+which 8-bit weights can saturate (oneDNN's and optc's own kernels alike: on such a
+target the int8 lowering keeps layers with wider weights float). ARM's dot products,
+VNNI and CUDA accumulate in int32, and 7-bit weights only cost accuracy there.
 """
 from __future__ import annotations
 
@@ -16,15 +17,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset((cpuinfo_field("flags") or "").split())
 
 
-def reduce_range_for(target: str | None, cpu_given: bool) -> tuple[bool, str] | None:
+def reduce_range_for(target: str | None, cpu: str | None) -> tuple[bool, str] | None:
     """(reduce_range, why) for a compile to ``target`` (None: onnxruntime on this machine); None: keep the default.
 
-    A ``--cpu`` named by the user is another machine, whose features are unknown here: keep the default (7-bit, safe).
+    ``cpu``: an x86 CPU named by ``--cpu`` (another machine): LLVM's features for that name decide, not this CPU's.
     """
     if target in ("arm", "gpu"):
         return False, f"--target {target} accumulates int8 products in int32"
-    if cpu_given:
-        return None
+    if cpu is not None:
+        import tvm
+        from tvm.target import codegen
+
+        features = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+        return (False, f"--cpu {cpu} has VNNI (int32 accumulation)") if features & {"avx512vnni", "avxvnni"} else None
     if any(flag in cpu_flags() for flag in VNNI_FLAGS):
         return False, "this CPU has VNNI (int32 accumulation)"
     return None

@@ -9,12 +9,15 @@ from optc.targets.spec import TargetSpec
 
 def test_reduce_range_follows_the_target_and_the_cpu(monkeypatch):
     monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert presets.reduce_range_for(None, False) is None  # onnxruntime on avx2 without VNNI: keep 7-bit weights
-    assert presets.reduce_range_for("arm", False)[0] is False
-    assert presets.reduce_range_for("gpu", False)[0] is False
+    assert presets.reduce_range_for(None, None) is None  # onnxruntime on avx2 without VNNI: keep 7-bit weights
+    assert presets.reduce_range_for("arm", None)[0] is False
+    assert presets.reduce_range_for("gpu", None)[0] is False
     monkeypatch.setattr(presets, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni"}))
-    assert presets.reduce_range_for("x86", False)[0] is False
-    assert presets.reduce_range_for("x86", True) is None  # --cpu names another machine: keep the safe default
+    assert presets.reduce_range_for("x86", None)[0] is False
+    # --cpu names another machine: its features, as LLVM knows them, decide; this CPU's VNNI does not
+    assert presets.reduce_range_for("x86", "znver3") is None and presets.reduce_range_for("x86", "haswell") is None
+    assert presets.reduce_range_for("x86", "icelake-server") == (False, "--cpu icelake-server has VNNI (int32 accumulation)")
+    assert presets.reduce_range_for("x86", "alderlake")[0] is False  # AVX-VNNI
 
 
 def test_a_written_option_is_never_preset():
