@@ -26,10 +26,11 @@ def reduce_range_for(target: str | None, cpu: str | None) -> tuple[bool, str] | 
         return False, f"--target {target} accumulates int8 products in int32"
     if cpu is not None:
         import tvm
-        from tvm.target import codegen
 
-        features = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
-        return (False, f"--cpu {cpu} has VNNI (int32 accumulation)") if features & {"avx512vnni", "avxvnni"} else None
+        from optc.targets.tiled_kernels import pair_weight_max  # the same predicate the int8 lowering holds weights to
+
+        named = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+        return (False, f"--cpu {cpu} has VNNI (int32 accumulation)") if pair_weight_max(named) is None else None
     if any(flag in cpu_flags() for flag in VNNI_FLAGS):
         return False, "this CPU has VNNI (int32 accumulation)"
     return None

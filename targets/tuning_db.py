@@ -117,7 +117,7 @@ class TuningDatabase:
     @contextlib.contextmanager
     def snapshot(self, target: Any = None) -> Iterator[Snapshot]:
         """A validated private copy of the shared database, removed on exit; with ``target``, of its records for that
-        target only (:func:`same_target`)."""
+        target only (:func:`tuned_for`)."""
         private = Path(tempfile.mkdtemp(prefix="optc-tuning-"))
         try:
             yield self._open_snapshot(private, target)
@@ -131,7 +131,8 @@ class TuningDatabase:
                 _copy_or_empty(self.folder / name, private / name)
         records = _raw_lines(private / RECORDS)
         if target is not None:
-            _write_lines(private / RECORDS, [line.decode(errors="replace") for line in records if same_target(line, target)])
+            key = _target_key(target.export())
+            _write_lines(private / RECORDS, [line.decode(errors="replace") for line in records if tuned_for(line, key)])
         if any(b"optc_" in line for line in records):
             # a trace that tensorizes with optc's dot products replays only once they are registered: else TVM
             # rejects the record, and the repair below moved tuned records out of the shared database as damaged
@@ -289,19 +290,20 @@ class Snapshot:
         return merged
 
 
-def same_target(line: bytes, target: Any) -> bool:
-    """Whether a records.json line was tuned for ``target``: the same kind, triple, CPU and features (the core count
-    aside). MetaSchedule looks records up by workload alone; from a database shared by several targets it replayed one
-    target's trace on another (an x86 trace with x86 dot-product instructions on an Arm build). A line that does not
-    parse is kept: the validation reports it."""
+def tuned_for(line: bytes, key: tuple[str, str, str, tuple[str, ...]]) -> bool:
+    """Whether a records.json line was tuned for the target of ``key`` (:func:`_target_key`): the same kind, triple, CPU
+    and features, the core count aside. MetaSchedule looks records up by workload alone; from a database shared by
+    several targets it replayed one CPU's trace in another's build. A line that does not parse is kept: the
+    validation reports it."""
     try:
         tuned = json.loads(line)[1][2]
     except (ValueError, IndexError, KeyError, TypeError):
         return True
-    return isinstance(tuned, dict) and _target_key(tuned) == _target_key(target.export() if hasattr(target, "export") else dict(target))
+    return isinstance(tuned, dict) and _target_key(tuned) == key
 
 
-def _target_key(target: dict[str, Any]) -> tuple[str, str, str, tuple[str, ...]]:
+def _target_key(target: Any) -> tuple[str, str, str, tuple[str, ...]]:
+    """A target's identity for its records, from its exported dict (or a record's)."""
     return (str(target.get("kind", "")), str(target.get("mtriple", "")), str(target.get("mcpu", "")),
             tuple(sorted(str(a) for a in target.get("mattr", []) or [])))
 

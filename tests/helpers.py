@@ -123,18 +123,14 @@ def onednn_or_skip():
 
 
 def x86_cpu_runs_here(cpu: str) -> bool:
-    """Whether this machine has every vector instruction set LLVM's ``cpu`` (e.g. haswell) implies: its code runs here.
-    Read from /proc/cpuinfo, not from LLVM's name for this CPU: a virtual machine hides some of its model's features."""
+    """Whether this machine has every feature an artifact compiled for LLVM's ``cpu`` (e.g. haswell) requires: the
+    manifest's check (``required_cpu`` against /proc/cpuinfo, not LLVM's name for this CPU: a VM hides some features)."""
     import platform
 
-    import tvm
-    from tvm.target import codegen
-
-    from optc.targets.cpu_features import X86_FLAGS
-    from optc.targets.presets import cpu_flags
+    from optc.targets.cpu_features import required_cpu
+    from optc.targets.deploy.run_artifact import host_cpu_features
+    from optc.targets.spec import make_target
 
     if platform.machine() not in ("x86_64", "AMD64"):
         return False
-    have = cpu_flags()
-    wanted = [f for f in codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})) if f in X86_FLAGS]
-    return all(flag in have for f in wanted for flag in X86_FLAGS[f])
+    return set(required_cpu(make_target("x86", cpu=cpu))["features"]) <= host_cpu_features("x86_64")
