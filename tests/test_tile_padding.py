@@ -30,6 +30,12 @@ def test_the_row_the_tiled_kernel_would_guard_is_padded_to_whole_tiles(out_shape
     (255, 1, False, 256),   # a YOLO head's 3 x 85
     (6, 1, False, 8),       # fewer than half a vector: a quarter-vector multiple
     (48, 1, False, None),   # 16 divides it
+    (24, 1, False, 32),     # tiles of 8 would fill half of each vector: two full ones take fewer instructions than three half ones
+    (12, 1, False, 16),     # one vector, not three quarter-vectors
+    (56, 1, False, 64),     # four vectors, not seven halves
+    (36, 1, False, 48),     # Basic Pitch's 36: three vectors, not nine quarter-vectors
+    (48, 2, False, 64),     # 2 groups of 24, each padded to 32
+    (96, 1, False, None),   # 32 divides it
     (136, 4, False, 192),   # ShuffleNet: 4 groups of 34, each padded to a whole vector, 48
     (10, 2, False, 16),     # 2 groups of 5, each padded to 8
     (64, 4, False, None),   # 16 divides each group's
@@ -44,10 +50,12 @@ def test_channels_no_vector_divides_are_padded_to_one(channels, groups, depthwis
 
 def test_neon_pads_channels_no_vector_of_two_or_more_lanes_divides():
     """NEON's 4 lanes: the template's narrowest tile (a quarter of a vector) is one lane, which divides anything; a
-    YOLO head's 255 channels are padded all the same (a 1-channel tile is no vector), 10 are tiled by 2."""
+    YOLO head's 255 channels are padded all the same (a 1-channel tile is no vector); 10 become 12 (three vectors,
+    not five half ones), 8 stay."""
     from optc.targets.tile_padding import padded_channels
 
-    assert padded_channels(255, 1, 4) == 256 and padded_channels(10, 1, 4) is None and padded_channels(102, 2, 4) == 104
+    assert padded_channels(255, 1, 4) == 256 and padded_channels(10, 1, 4) == 12 and padded_channels(102, 2, 4) == 104
+    assert padded_channels(8, 1, 4) is None
 
 
 def _conv(width: int, stride: int = 1, groups: int = 1, out: int = 96, channels: int = 48) -> onnx.ModelProto:
@@ -61,14 +69,15 @@ def _conv(width: int, stride: int = 1, groups: int = 1, out: int = 96, channels:
 @pytest.mark.parametrize(("width", "stride", "groups", "out", "channels", "wide"), [
     (43, 1, 1, 96, 48, "T.int64(44)"), (86, 2, 1, 96, 48, "T.int64(44)"), (43, 1, 48, 48, 48, "T.int64(44)"),
     (44, 1, 1, 10, 48, "T.int64(16)"), (43, 1, 1, 10, 48, "T.int64(44)"),
-    (44, 1, 4, 136, 136, "T.int64(192)"), (43, 1, 4, 136, 136, "T.int64(44)"),
-], ids=["43", "stride-2", "depthwise", "10-channels", "43-by-10", "4-groups-of-34", "43-by-4-groups-of-34"])
+    (44, 1, 4, 136, 136, "T.int64(192)"), (43, 1, 4, 136, 136, "T.int64(44)"), (44, 1, 1, 24, 48, "T.int64(32)"),
+], ids=["43", "stride-2", "depthwise", "10-channels", "43-by-10", "4-groups-of-34", "43-by-4-groups-of-34", "24-channels"])
 def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxruntime(width, stride, groups, out, channels,
                                                                                     wide, tmp_path):
     """43 output pixels: four tiles of 11 with the last one guarded cost 1.6x (a predicate inside the unrolled
     reduction). Widened to 44, the reduction has no predicate; bias and ReLU run over the 43 real pixels, and the
     outputs are onnxruntime's (a write past a row's end would land in the next row). A grouped convolution whose groups
-    no vector width divides (ShuffleNet's 4 x 34) gets zero filters in each group: it was left to TVM's scalar loop."""
+    no vector width divides (ShuffleNet's 4 x 34) gets zero filters in each group: it was left to TVM's scalar loop.
+    A pruned layer's 24 channels are computed as 32: tiles of 8 had filled half of each 16-lane vector."""
     model = _conv(width, stride, groups, out, channels)
     conv, text = scheduled_one(model, "conv2d_nhwc", nhwc=True)
     update = text[text.index('conv2d_nhwc_update")'):].split("T.sblock(")[0]  # grouped: group_conv2d_nhwc_update

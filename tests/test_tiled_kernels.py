@@ -388,7 +388,7 @@ def _int8_conv_reference(x: np.ndarray, w: np.ndarray, groups: int) -> np.ndarra
 
 @pytest.mark.parametrize(("channels", "out_channels", "groups", "cpu", "weight_max", "instruction", "lanes"), [
     (32, 32, 1, "icelake-server", 127, "vpdpbusd", 16),  # AVX512-VNNI: 16-lane accumulators, two per tile
-    (24, 24, 1, "icelake-server", 127, "vpdpbusd", 8),  # 24 channels: 8-lane tiles (AVX512-VL)
+    (24, 24, 1, "icelake-server", 127, "vpdpbusd", 16),  # 24 channels padded to 32: two full zmm, not three half ones
     (16, 32, 2, "icelake-server", 127, "vpdpbusd", 16),  # two groups of 8 inputs
     (32, 32, 1, "alderlake", 127, "vpdpbusd", 8),  # AVX-VNNI without AVX-512: 256-bit
     (32, 32, 1, "skylake-avx512", 64, "vpmaddubsw", 16),  # AVX-512 without VNNI, 7-bit weights: pairs into int16
@@ -397,7 +397,7 @@ def _int8_conv_reference(x: np.ndarray, w: np.ndarray, groups: int) -> np.ndarra
     (32, 32, 1, "skylake-avx512", 127, None, 0),  # 8-bit weights would saturate int16 pairs: the widening kernel
     (32, 32, 1, "haswell", 65, None, 0),  # one step past the bound is enough
     (16, 16, 16, "icelake-server", 127, None, 0),  # depthwise: one input a group, nothing to take 4 at a time
-], ids=["zmm", "ymm-24", "grouped", "avx-vnni", "avx512-7bit", "avx2-7bit", "avx2-24", "avx512-8bit", "avx2-65", "depthwise"])
+], ids=["zmm", "zmm-24", "grouped", "avx-vnni", "avx512-7bit", "avx2-7bit", "avx2-24", "avx512-8bit", "avx2-65", "depthwise"])
 def test_int8_convolutions_use_the_cores_dot_product(channels, out_channels, groups, cpu, weight_max, instruction, lanes):
     """On an x86 core with VNNI an int8 NHWC convolution (uint8 activations by int8 weights) is tensorized with
     vpdpbusd, as wide as the tile allows. Without VNNI, vpmaddubsw + vpmaddwd, but only where every weight is within
