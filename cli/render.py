@@ -117,7 +117,7 @@ def kernels_line(p: dict[str, Any]) -> str:
     if not dnnl.get("available"):
         return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
     total, sent = p.get("chains", 0), len(p.get("offloaded") or [])
-    how = "measured" if p.get("mode") == "auto" else "as asked"
+    how = shown(p["unmeasured"]) if p.get("unmeasured") else "measured" if p.get("mode") == "auto" else "as asked"
     wino = sum(1 for e in p.get("offloaded") or [] if e.get("algorithm") == "winograd")
     layout = f"layout {p.get('layout')}" + (f"; {wino} by Winograd" if wino else "")
     line = f"kernels: {sent}/{total} op chains to oneDNN {dnnl.get('version')} ({how}; {layout})"

@@ -60,7 +60,10 @@ def in_turns(fns: Mapping[str, Callable[[], Any]], budget_s: float = BUDGET_S, m
 
 
 def runs_here(spec: TargetSpec) -> bool:
-    return spec.device == "cpu" and spec.foreign_triple() is None
+    """Whether this machine can run the target's code: a CPU target of this architecture whose features it has."""
+    from optc.targets.cpu_features import missing_here
+
+    return spec.device == "cpu" and spec.foreign_triple() is None and not missing_here(spec.target)
 
 
 def versus_onnxruntime(artifact: LoadedArtifact, model: Model, feeds: Mapping[str, np.ndarray], **timing: Any) -> dict[str, Any]:

@@ -68,6 +68,28 @@ def host_x86_mattr(mcpu: str, flags: frozenset[str] | None = None) -> list[str]:
     return mattr
 
 
+def target_flags(llvm: Any) -> tuple[str, frozenset[str]]:
+    """(architecture, Linux feature names) of the code LLVM writes for ``llvm`` (a dict or ``tvm.target.Target``)."""
+    import tvm
+    from tvm.target import codegen
+
+    target = llvm if isinstance(llvm, tvm.target.Target) else tvm.target.Target(llvm)
+    arch = str(target.attrs.get("mtriple") or codegen.llvm_get_system_triple()).split("-")[0]
+    table = FLAGS_BY_ARCH.get(arch, {})
+    return arch, frozenset(flag for name in codegen.llvm_get_cpu_features(target) if name in table for flag in table[name])
+
+
+def missing_here(llvm: Any) -> list[str]:
+    """The features (Linux names) that code for the LLVM target ``llvm`` may use and this machine's CPU lacks: code for
+    ``--cpu icelake-server`` on an AVX2 machine. Such code cannot run here, not in the kernel race, the latency check or
+    a tuning trial: one AVX-512 instruction is SIGILL, the compile killed with no message. Empty where this machine runs
+    it; every feature for another architecture's target."""
+    from optc.targets.deploy.run_artifact import host_cpu_features, machine_arch
+
+    arch, used = target_flags(llvm)
+    return sorted(used - (host_cpu_features(arch) if arch == machine_arch() else frozenset()))
+
+
 def required_cpu(spec: TargetSpec) -> dict[str, Any]:
     """The manifest's ``runtime.cpu``: architecture, the LLVM ``mcpu``/``mattr`` used, and the Linux feature names they imply."""
     import tvm

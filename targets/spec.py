@@ -69,6 +69,15 @@ class TargetSpec:
                 f"tuning for {triple} measures candidates on such a board: add --rpc-tracker HOST:PORT "
                 "--rpc-key KEY, or compile with --tune-trials 0 (database records and default schedules)"
             )
+        if trials > 0 and not rpc_tracker and self.device == "cpu":
+            from optc.targets.cpu_features import missing_here
+
+            missing = missing_here(self.target)
+            if missing:
+                raise ConfigError(
+                    f"tuning for --cpu {self.target.get('mcpu')} runs candidates on such a CPU, and this one lacks "
+                    f"{', '.join(missing)}: tune on such a machine (--rpc-tracker HOST:PORT --rpc-key KEY), "
+                    "or compile with --tune-trials 0")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "host": self.host, "device": self.device, "cross_compiler": self.cross_compiler}

@@ -224,11 +224,17 @@ def tvm_computes_all(target: Any, opts: TuneOptions | None) -> bool:
 
 def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
     """Send the heavy op chains whose provider kernel measured faster to that provider (x86 hosts and targets only)."""
+    from optc.targets.cpu_features import missing_here
     from optc.targets.providers.select import ProviderReport, place, tvm_layout
 
     refused = _no_provider(target, opts)
     if refused is None:
-        mod, report = place(mod, target, opts.kernels, opts.db_dir, compile_fn)
+        missing = missing_here(target) if opts.kernels == "auto" else []
+        # Code for a CPU this one cannot run (--cpu icelake-server on an AVX2 machine) cannot race: oneDNN takes every
+        # chain it computes, since it picks its kernels for the CPU it runs on, where TVM's code is fixed at compile time.
+        mod, report = place(mod, target, "onednn" if missing else opts.kernels, opts.db_dir, compile_fn)
+        if missing:
+            report.unmeasured = f"not measured: this CPU cannot run code for {target.attrs.get('mcpu')}; oneDNN adapts to the CPU it runs on"
         return mod, report.to_dict()
     report = ProviderReport(refused[0], {"available": False, "reason": refused[1]})
     return tvm_layout(mod, target, report), report.to_dict()

@@ -1043,3 +1043,93 @@ def test_a_few_channels_go_to_nhwc_along_the_rows_they_are_read_from(shape, pad)
     want = np.round(x / np.float32(0.02)).astype(np.int8)
     want = np.pad(want, [(0, 0), (0, 0), (pad, pad), (pad, pad)], constant_values=5).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(got, want)
+
+
+def _pretend_host(monkeypatch, cpu: str) -> None:
+    """This process's view of its CPU's flags made those of LLVM's ``cpu``."""
+    from optc.targets.cpu_features import target_flags
+    from optc.targets.deploy import run_artifact
+
+    flags = target_flags({"kind": "llvm", "mcpu": cpu})[1]
+    monkeypatch.setattr(run_artifact, "host_cpu_features", lambda arch: flags)
+
+
+def test_code_for_a_cpu_this_machine_cannot_run_is_never_run_while_compiling(tmp_path, monkeypatch):
+    """``--cpu icelake-server`` on an AVX2 machine: the kernel race, the latency check and tuning trials would run
+    AVX-512 code, and the first such instruction is SIGILL (the compile killed, no message). The compile races nothing
+    (oneDNN, which picks its kernels where it runs, takes every chain) and says so; the artifact is not timed here, and
+    the note says why; tuning is refused in one line. The artifact itself, run where the CPU has those features (this
+    one, where it has), matches onnxruntime."""
+    onednn_or_skip()
+    from helpers import x86_cpu_runs_here
+    from optc.targets.artifact import load_artifact
+
+    model = residual_cnn()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    with monkeypatch.context() as patched:
+        _pretend_host(patched, "haswell")
+        res = invoke("compile", path, "-o", tmp_path / "out", "--target", "x86", "--cpu", "icelake-server", "--tuning-db", tmp_path / "db")
+        assert res.exit_code == 0, res.output
+        tuned = invoke("compile", path, "-o", tmp_path / "tuned", "--target", "x86", "--cpu", "icelake-server", "--tune-trials", "2",
+                       "--tuning-db", tmp_path / "db")
+    text = " ".join(res.output.split())
+    assert "not measured: this CPU cannot run code for icelake-server" in text, text
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    providers = report["target"]["tuning"]["providers"]
+    assert providers["measured"] == 0 and providers["chains"] == len(providers["offloaded"]) > 0 and not providers["kept"], providers
+    assert not any("tvm_ms" in e for e in providers["offloaded"])  # nothing timed
+    assert report["target"]["latency"] is None
+    assert any(n.startswith("the artifact was not run here: code for icelake-server may use avx512") for n in report["notes"]), report["notes"]
+    assert tuned.exit_code == 2 and "tuning for --cpu icelake-server runs candidates on such a CPU, and this one lacks" in tuned.output
+    assert not (tmp_path / "tuned").exists()
+    if x86_cpu_runs_here("icelake-server"):
+        given = model.graph.input[0]
+        feeds = {given.name: rand(*[d.dim_value for d in given.type.tensor_type.shape.dim], seed=3)}
+        got, want = load_artifact(tmp_path / "out").run(feeds), ort_run(model, feeds)
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("host", "cpu", "cap"), [
+    ("icelake-server", "haswell", "AVX2"),             # Zen 3's kind on an AVX-512 server: oneDNN's AVX2 kernels
+    ("icelake-server", "skylake-avx512", "AVX512_CORE"),  # no VNNI: its int8 kernels add pairs in int16
+    ("icelake-server", "alderlake", "AVX2_VNNI"),
+    ("icelake-server", "icelake-server", None),        # the same ISA: the race runs here, in the compile
+    ("haswell", "haswell", None),
+])
+def test_onednn_is_held_to_the_isa_of_the_cpu_compiled_for(host, cpu, cap, monkeypatch):
+    import tvm
+    from optc.targets.providers.select import isa_cap
+
+    _pretend_host(monkeypatch, host)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert isa_cap(tvm.target.Target({"kind": "llvm", "mcpu": cpu})) == cap
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # the user's own setting stands
+    assert isa_cap(tvm.target.Target({"kind": "llvm", "mcpu": cpu})) is None
+
+
+def test_a_race_for_a_cpu_with_fewer_instructions_times_onednn_as_that_cpu_runs_it(tmp_path, monkeypatch):
+    """``--cpu haswell`` on an AVX-512 machine: TVM's candidates run haswell's code, and oneDNN, timed in a child
+    process held to AVX2, runs the kernels it would run on such a CPU, not this one's AVX-512 ones (the race favoured it
+    by that). This compile's own process keeps its oneDNN: a later compile for this CPU in it races this CPU's kernels."""
+    onednn_or_skip()
+    import tvm
+    from helpers import x86_cpu_runs_here
+    from optc.targets.providers import onednn
+    from optc.targets.providers.select import isa_cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if not x86_cpu_runs_here("haswell") or isa_cap(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) != "AVX2":
+        pytest.skip("needs a CPU with more than AVX2 that runs haswell's code")
+    path = tmp_path / "m.onnx"
+    onnx.save(residual_cnn(), path)
+    sections = {}
+    for cpu in ("haswell", None):
+        out = tmp_path / (cpu or "host")
+        res = invoke("compile", path, "-o", out, "--target", "x86", *(["--cpu", cpu] if cpu else []), "--no-latency", "--tuning-db", tmp_path / "db")
+        assert res.exit_code == 0, res.output
+        sections[cpu] = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
+    entries = sections["haswell"]["offloaded"] + sections["haswell"]["kept"]
+    assert entries and all(e["onednn_isa"] == "avx2" and e["tvm_ms"] > 0 and e["onednn_ms"] > 0 for e in entries), entries
+    assert not any("onednn_isa" in e for e in sections[None]["offloaded"] + sections[None]["kept"])
+    assert onednn.effective_isa() != "avx2"  # this process's oneDNN was not held

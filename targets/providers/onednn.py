@@ -127,3 +127,37 @@ def check_runtime(recorded: str) -> None:
         raise TargetError(f"this artifact calls oneDNN {recorded} but {SONAME} is not installed here (Debian: apt-get install libdnnl2)")
     if found.split(".")[0] != recorded.split(".")[0]:
         raise TargetError(f"this artifact was built against oneDNN {recorded}; this machine has {found} (major versions differ)")
+
+
+# oneDNN's ISA levels (ONEDNN_MAX_CPU_ISA's names), widest first, with the Linux flags each needs. oneDNN's AVX2 kernels
+# use FMA; its AVX-512 ones need the Xeon subset (BW, VL, DQ).
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+ISA_LEVELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("AVX512_CORE_AMX", (*_AVX512, "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")),
+    ("AVX512_CORE_BF16", (*_AVX512, "avx512_vnni", "avx512_bf16")),
+    ("AVX512_CORE_VNNI", (*_AVX512, "avx512_vnni")),
+    ("AVX512_CORE", _AVX512),
+    ("AVX2_VNNI", ("avx2", "fma", "avx_vnni")),
+    ("AVX2", ("avx2", "fma")),
+    ("AVX", ("avx",)),
+    ("SSE41", ("sse4_1",)),
+)
+
+
+def isa_for(flags: frozenset[str] | set[str]) -> str | None:
+    """The widest oneDNN ISA (an ``ONEDNN_MAX_CPU_ISA`` value) a CPU with these Linux ``flags`` runs."""
+    return next((name for name, needs in ISA_LEVELS if set(needs) <= flags), None)
+
+
+def effective_isa() -> str | None:
+    """The ISA oneDNN dispatches to in this process, as its headers name it (``avx2``), or None where unknown. oneDNN
+    fixes it at its first kernel: ``ONEDNN_MAX_CPU_ISA`` set later has no effect."""
+    try:
+        lib = ctypes.CDLL(SONAME)
+        text = HEADER.with_name("dnnl_types.h").read_text()
+    except OSError:
+        return None
+    names = {int(value, 16): name for name, value in re.findall(r"dnnl_cpu_isa_(\w+) = (0x[0-9a-fA-F]+)", text)
+             if name not in ("all", "no_hints", "prefer_ymm", "default")}
+    lib.dnnl_get_effective_cpu_isa.restype = ctypes.c_int
+    return names.get(int(lib.dnnl_get_effective_cpu_isa()))

@@ -96,6 +96,7 @@ class ProviderReport:
     measure_seconds: float = 0.0
     sweep_mib: int = 0  # memory read between two timed calls in the race, as the rest of the model would
     libraries: list[dict[str, str]] = field(default_factory=list)  # linked into model.so: name, soname, version
+    unmeasured: str = ""  # why an automatic choice was made without timing the candidates here
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -436,7 +437,6 @@ def _random(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.
 def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], sweep: int = 0) -> dict[str, dict[str, Any]]:
     """Time TVM's kernel and oneDNN's (direct, and Winograd where it applies) for each chain, in one module, in alternating
     blocks, reading ``sweep`` bytes of other memory before every timed call (:func:`sweep_bytes`)."""
-    import tvm
     from tvm import relax
 
     bb = relax.BlockBuilder()
@@ -465,34 +465,65 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
     # OpenMP reads GOMP_SPINCOUNT once, when the first library that needs it loads: this race is usually that
     # load in a compile, so the candidates (and the artifact timed after them) run with the artifact's settings.
     apply_runtime_env()
+    plans = [{"workload": c.workload(), "winograd": _winograd_query(c) if c.winograd_candidate() else None} for c in chains]
+    isa = isa_cap(target)
     with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
         path = Path(tmp) / "kernels.so"
         executable.export_library(str(path), addons=[str(onednn.glue_object())], options=onednn.link_options())
-        lib = tvm.runtime.load_module(str(path))
-        share_thread_pool(lib)  # TVM's candidates on OpenMP's threads, as in the artifact: one thread count steers both
-        vm = relax.VirtualMachine(lib, tvm.cpu())
-        other = np.ones(sweep // 8) if sweep else None
-        evict = (lambda: float(other.sum())) if other is not None else None  # noqa: E731
-        results = {}
-        for i, chain in enumerate(chains):
-            args = [tvm.runtime.tensor(a) for a in inputs[i]]
-            fns = {"tvm_ms": lambda i=i, a=args: vm[f"tvm_{i}"](*a), "onednn_ms": lambda i=i, a=args: vm[f"dnn_{i}"](*a)}
-            extra: dict[str, Any] = {}
-            if chain.winograd_candidate():
-                usable, extra = _winograd_usable(lib, vm, chain, i, args)
-                if usable:
-                    fns["winograd_ms"] = lambda i=i, a=args: vm[f"wino_{i}"](*a)
-            results[chain.workload()] = {**_race(fns, evict), **extra}
-            with one_thread() as threads:
-                if threads:
-                    single = _race(fns, evict)
-                    stalled = implausible_single(results[chain.workload()], single, threads)
-                    if stalled:  # timed again, the lower figure kept
-                        again = _race({k: fns[k] for k in stalled}, evict)
-                        single.update({k: min(single[k], again[k]) for k in stalled})
-                    results[chain.workload()].update({k.replace("_ms", ONE_THREAD): v for k, v in single.items()})
-            logger.info("kernels: %s  %s", chain.workload(),
-                        "  ".join(f"{k[:-3]} {v:.3f} ms" for k, v in results[chain.workload()].items() if k.endswith("_ms")))
+        if isa is None:
+            return time_library(path, plans, inputs, sweep)
+        from optc.targets.providers.timing_child import time_in_child
+
+        return time_in_child(path, plans, inputs, sweep, isa)
+
+
+def isa_cap(target: Any) -> str | None:
+    """The ``ONEDNN_MAX_CPU_ISA`` under which oneDNN runs as on the target's CPU, where it would not here: ``--cpu haswell``
+    on an AVX-512 machine. TVM's candidates run the target's code; oneDNN, which picks its kernels by the CPU it runs on,
+    would race its AVX-512 ones against them. None for this machine's own CPU, or where the variable is set already."""
+    from optc.targets.cpu_features import target_flags
+    from optc.targets.deploy.run_artifact import host_cpu_features
+
+    if "ONEDNN_MAX_CPU_ISA" in os.environ:
+        return None
+    arch, flags = target_flags(target)
+    if arch != "x86_64":
+        return None
+    wanted = onednn.isa_for(flags) or "SSE41"  # oneDNN's narrowest: below it, its reference kernels wherever it runs
+    return None if wanted == onednn.isa_for(host_cpu_features(arch)) else wanted
+
+
+def time_library(path: Path, plans: list[dict[str, Any]], inputs: list[list[np.ndarray]], sweep: int) -> dict[str, dict[str, Any]]:
+    """Race the candidates of the kernels library at ``path`` (``tvm_i``, ``dnn_i``, ``wino_i``), one plan per chain:
+    its ``workload`` and, for a Winograd candidate, the glue's query for the kernel oneDNN would run."""
+    import tvm
+    from tvm import relax
+
+    lib = tvm.runtime.load_module(str(path))
+    share_thread_pool(lib)  # TVM's candidates on OpenMP's threads, as in the artifact: one thread count steers both
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    other = np.ones(sweep // 8) if sweep else None
+    evict = (lambda: float(other.sum())) if other is not None else None  # noqa: E731
+    results = {}
+    for i, plan in enumerate(plans):
+        workload = plan["workload"]
+        args = [tvm.runtime.tensor(a) for a in inputs[i]]
+        fns = {"tvm_ms": lambda i=i, a=args: vm[f"tvm_{i}"](*a), "onednn_ms": lambda i=i, a=args: vm[f"dnn_{i}"](*a)}
+        extra: dict[str, Any] = {}
+        if plan["winograd"] is not None:
+            usable, extra = _winograd_usable(lib, vm, plan["winograd"], i, args)
+            if usable:
+                fns["winograd_ms"] = lambda i=i, a=args: vm[f"wino_{i}"](*a)
+        results[workload] = {**_race(fns, evict), **extra}
+        with one_thread() as threads:
+            if threads:
+                single = _race(fns, evict)
+                stalled = implausible_single(results[workload], single, threads)
+                if stalled:  # timed again, the lower figure kept
+                    again = _race({k: fns[k] for k in stalled}, evict)
+                    single.update({k: min(single[k], again[k]) for k in stalled})
+                results[workload].update({k.replace("_ms", ONE_THREAD): v for k, v in single.items()})
+        logger.info("kernels: %s  %s", workload, "  ".join(f"{k[:-3]} {v:.3f} ms" for k, v in results[workload].items() if k.endswith("_ms")))
     return results
 
 
@@ -540,12 +571,16 @@ def _race(fns: dict[str, Callable[[], Any]], evict: Callable[[], Any] | None = N
     return best
 
 
-def _winograd_usable(lib: Any, vm: Any, chain: Chain, i: int, args: list[Any]) -> tuple[bool, dict[str, Any]]:
-    """Whether oneDNN runs a Winograd kernel for ``chain`` on this CPU, and its outputs agree with the direct one's."""
+def _winograd_query(chain: Chain) -> list[Any]:
+    """The glue's arguments for the kernel oneDNN would run ``chain`` with by Winograd (JSON: a child process asks too)."""
     called = replace(chain, algo=ALGO_WINOGRAD)
-    attrs = conv_attrs(called, act_attrs(called))
     assert chain.weight is not None
-    kernel = str(lib.get_function("optc_dnnl_conv2d_impl", query_imports=True)(chain.in_shapes[0], chain.weight.shape, chain.out_shape, attrs))
+    return [list(chain.in_shapes[0]), list(chain.weight.shape), list(chain.out_shape), conv_attrs(called, act_attrs(called))]
+
+
+def _winograd_usable(lib: Any, vm: Any, query: list[Any], i: int, args: list[Any]) -> tuple[bool, dict[str, Any]]:
+    """Whether oneDNN runs a Winograd kernel for chain ``i`` on this CPU, and its outputs agree with the direct one's."""
+    kernel = str(lib.get_function("optc_dnnl_conv2d_impl", query_imports=True)(*query))
     if "wino" not in kernel:
         return False, {"winograd": f"no Winograd kernel here (oneDNN runs {kernel})"}
     direct, wino = vm[f"dnn_{i}"](*args).numpy(), vm[f"wino_{i}"](*args).numpy()
