@@ -65,6 +65,25 @@ def test_arm_sample_cnn_under_qemu_matches_onnxruntime(arm_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_arm_convolutions_padded_to_whole_neon_vectors_under_qemu_match_onnxruntime(arm_root, tmp_path):
+    """NEON's 4 lanes: 10 output channels were tiles of 2 (five half-vector instructions per pixel and input) and are now
+    computed as 12, 6 as 8, the zero filters' outputs sliced away (tile_padding.padded_channels). The emulated aarch64
+    code's outputs are onnxruntime's."""
+    rng = np.random.default_rng(0)
+    weights = [(n, (rng.standard_normal(s) * 0.2).astype(np.float32))
+               for n, s in (("w1", (10, 8, 3, 3)), ("b1", (10,)), ("w2", (6, 10, 3, 3)), ("b2", (6,)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 8, 9, 12])], [("y", [1, 6, 9, 12])], weights)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    compile_arm(path, tmp_path / "arm", tmp_path / "db")
+    x = rand(1, 8, 9, 12, seed=3)
+    got = arm_root.run_artifact(tmp_path / "arm", {"x": x}).outputs["y"]
+    np.testing.assert_allclose(got, ort_run(model, {"x": x})["y"], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.slow
 def test_arm_two_outputs_under_qemu(arm_root, tmp_path):
     """A model with two outputs comes back as a tuple from the VM; both must match."""
     proto = make_model(
