@@ -697,7 +697,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
                 built = _build_target(result.model, target, staging.path, tuning, int8_lowering, seed)
                 if measure_latency:
                     built = _time_artifact(built, result.model, target, staging.path, feeds[0]) if feeds else built
-                report = dataclasses.replace(report, target=built, notes=(*report.notes, *_not_runnable_here(target)))
+                report = dataclasses.replace(report, target=built, notes=(*report.notes, *cpu_notes(target, built)))
                 if built.latency and built.latency["ratio"] > SLOWER_WARN:
                     slower = (f"the {target.name} artifact is {built.latency['ratio']:.2f}x slower than onnxruntime on this machine "
                               f"({built.latency['artifact_ms']:.3f} vs {built.latency['onnxruntime_ms']:.3f} ms): onnxruntime serves this model better here")
@@ -795,15 +795,12 @@ def _digests(files: Sequence[Path]) -> tuple[FileDigest, ...]:
     return tuple(FileDigest(str(f), driver.file_digest(f)) for f in files)
 
 
-def _not_runnable_here(spec: TargetSpec) -> list[str]:
-    """A note where this machine's CPU cannot run the x86 artifact's code, so it was neither timed nor checked here."""
-    from optc.targets.cpu_features import missing_here
+def cpu_notes(spec: TargetSpec, built: TargetReport) -> list[str]:
+    """What the compile could not do as on the target's CPU (:func:`optc.targets.compare.cpu_notes`)."""
+    from optc.targets.compare import cpu_notes as notes
 
-    if spec.device != "cpu" or spec.foreign_triple() is not None:
-        return []
-    missing = missing_here(spec.target)
-    return [f"the artifact was not run here: code for {spec.target.get('mcpu')} may use {', '.join(missing)}, which this CPU "
-            "lacks (optc bench or optc run on such a machine times and checks it)"] if missing else []
+    providers = (built.tuning or {}).get("providers") or {}
+    return notes(spec, bool(providers.get("offloaded")), built.latency is not None)
 
 
 def _time_artifact(built: TargetReport, model: Model, spec: TargetSpec, folder: Path, feeds: Mapping[str, Any]) -> TargetReport:

@@ -59,6 +59,26 @@ def in_turns(fns: Mapping[str, Callable[[], Any]], budget_s: float = BUDGET_S, m
     return best, blocks
 
 
+def cpu_notes(spec: TargetSpec, calls_onednn: bool, timed: bool) -> list[str]:
+    """Notes for an x86 artifact compiled for a CPU other than this one's: its code could not be run here (neither timed
+    nor checked), or its latency line ran oneDNN's kernels for this CPU, not the ones the target's will."""
+    import tvm
+    from optc.targets.cpu_features import missing_here
+    from optc.targets.providers import onednn
+    from optc.targets.providers.select import isa_cap
+
+    if spec.device != "cpu" or spec.foreign_triple() is not None:
+        return []
+    mcpu = spec.target.get("mcpu")
+    missing = missing_here(spec.target)
+    if missing:
+        return [(f"the artifact was not run here: code for {mcpu} may use {', '.join(missing)}, which this CPU lacks "
+                 "(optc bench or optc run on such a machine times and checks it)")]
+    cap = isa_cap(tvm.target.Target(spec.target)) if calls_onednn and timed else None
+    return [(f"the latency line ran oneDNN's kernels for this CPU ({onednn.effective_isa()}), not {mcpu}'s ({cap.lower()}); "
+             "the kernel race timed those (optc bench on such a machine times the artifact as deployed)")] if cap else []
+
+
 def runs_here(spec: TargetSpec) -> bool:
     """Whether this machine can run the target's code: a CPU target of this architecture whose features it has."""
     from optc.targets.cpu_features import missing_here

@@ -53,7 +53,8 @@ class TargetSpec:
                               "is on PATH (Debian: apt-get install g++)")
 
     def foreign_triple(self) -> str | None:
-        """The target's triple when this machine cannot run its code (an aarch64 target on x86)."""
+        """The target's triple when it is another architecture's (an aarch64 target on x86). A target of this one may
+        still name a CPU this machine cannot run (:func:`optc.targets.cpu_features.missing_here`)."""
         import platform
 
         triple = str(self.target.get("mtriple") or "")
@@ -69,15 +70,12 @@ class TargetSpec:
                 f"tuning for {triple} measures candidates on such a board: add --rpc-tracker HOST:PORT "
                 "--rpc-key KEY, or compile with --tune-trials 0 (database records and default schedules)"
             )
-        if trials > 0 and not rpc_tracker and self.device == "cpu":
-            from optc.targets.cpu_features import missing_here
+        if trials > 0 and not rpc_tracker and self.device == "cpu" and not triple:
+            from optc.targets.cpu_features import tuning_refusal
 
-            missing = missing_here(self.target)
-            if missing:
-                raise ConfigError(
-                    f"tuning for --cpu {self.target.get('mcpu')} runs candidates on such a CPU, and this one lacks "
-                    f"{', '.join(missing)}: tune on such a machine (--rpc-tracker HOST:PORT --rpc-key KEY), "
-                    "or compile with --tune-trials 0")
+            refusal = tuning_refusal(self.target)
+            if refusal:
+                raise ConfigError(refusal)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "target": self.target, "host": self.host, "device": self.device, "cross_compiler": self.cross_compiler}

@@ -160,6 +160,11 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
             f"tuning for {_foreign_triple(target)} measures candidates on such a board: add --rpc-tracker HOST:PORT "
             "--rpc-key KEY, or compile with --tune-trials 0 (database records and default schedules)"
         )
+    if opts.trials_per_task > 0 and address is None and str(target.kind.name) == "llvm":
+        from optc.targets.cpu_features import tuning_refusal
+
+        if refusal := tuning_refusal(target):  # a trial on this CPU would be SIGILL (api checks first; build() may not)
+            raise TargetError(refusal)
     if address is not None and opts.trials_per_task > 0:
         check_tracker(*address, opts.rpc_key)  # before any work
     from optc.targets.tuning_db import TuningDatabase, locked

@@ -34,7 +34,7 @@ def test_the_row_the_tiled_kernel_would_guard_is_padded_to_whole_tiles(out_shape
     (12, 1, False, 16),     # one vector, not three quarter-vectors
     (56, 1, False, 64),     # four vectors, not seven halves
     (36, 1, False, 48),     # Basic Pitch's 36: three vectors, not nine quarter-vectors
-    (48, 2, False, 64),     # 2 groups of 24, each padded to 32
+    (48, 2, False, None),   # 2 groups of 24: tiles of 8 kept (a grouped slice costs a pass of its own)
     (96, 1, False, None),   # 32 divides it
     (136, 4, False, 192),   # ShuffleNet: 4 groups of 34, each padded to a whole vector, 48
     (10, 2, False, 16),     # 2 groups of 5, each padded to 8
@@ -42,7 +42,7 @@ def test_the_row_the_tiled_kernel_would_guard_is_padded_to_whole_tiles(out_shape
     (34, 34, True, None),   # depthwise: its channels are tiled as they are
     (3, 1, False, None),    # under 4 channels the template tiles them as they are
 ])
-def test_channels_no_vector_divides_are_padded_to_one(channels, groups, depthwise, expected):
+def test_channels_are_padded_to_whole_vectors_where_that_takes_fewer_instructions(channels, groups, depthwise, expected):
     from optc.targets.tile_padding import padded_channels
 
     assert padded_channels(channels, groups, 16, depthwise) == expected

@@ -40,6 +40,7 @@ import numpy as np
 from optc.targets.artifact import apply_runtime_env
 from optc.targets.compare import in_turns
 from optc.targets.deploy.run_artifact import share_thread_pool
+from optc.errors import TargetError
 from optc.targets.presets import cpuinfo_field
 from optc.targets.providers import onednn
 from optc.targets.providers.chains import (
@@ -71,8 +72,8 @@ CLOSE_RACE, CLOSE_BLOCKS = 1.3, 6  # winners within 1.3x of the runner-up are ti
 # convolutions (oneDNN 2.6, AVX-512), against 1e-7 for the direct kernel. 1e-4 leaves room, not error.
 WINOGRAD_RTOL = 1e-4
 # The version of optc's own TVM kernels: a race against an older one is run again (2: the register-tiled conv template;
-# 3: int8 on x86's VNNI dot products).
-TVM_KERNELS = 3
+# 3: int8 on x86's VNNI dot products; 4: output channels padded to whole vectors, tile_padding.padded_channels).
+TVM_KERNELS = 4
 # A chain whose winner leads the other provider's best by less than this goes with the provider that computes most of
 # the model's other chains (:func:`settle_ties`): a hand-over between them cost up to a third of such a kernel's time.
 SWITCH_MARGIN = 1.25
@@ -235,8 +236,8 @@ def settle_ties(work: list[tuple[str, int]], timings: dict[str, dict[str, Any]],
     see. The sample CNN's int8 artifact at batch 64, 1 thread, in turns: 3.62 ms all on oneDNN, 3.78 all on TVM, 4.29
     as the race mixed them on near-ties (3 % and 4 % leads). Per call, in turns: TVM's residual convolution took 0.90 ms
     reading oneDNN's output against 0.68 in the all-TVM artifact, and oneDNN's 1x1 convolution 0.12 ms after TVM's
-    depthwise one against 0.05 after its own (oneDNN's 512-bit kernels and TVM's 256-bit ones at 24 channels: likely
-    the core's frequency changes). The race's own figures move by 10-20 % between compiles on a shared machine."""
+    depthwise one against 0.05 after its own (oneDNN's 512-bit kernels and TVM's 256-bit ones at 24 channels, before
+    tile_padding widened those to 512: likely the core's frequency changes). The race's own figures move by 10-20 % between compiles on a shared machine."""
     families = {"tvm": "tvm", "onednn": "onednn", "winograd": "onednn"}
     decided: dict[str, int] = {"tvm": 0, "onednn": 0}
     ties = {}
@@ -256,8 +257,10 @@ def settle_ties(work: list[tuple[str, int]], timings: dict[str, dict[str, Any]],
 
 
 def _key(chain: Chain, target: Any, version: str, sweep: int) -> str:
+    # the ISA oneDNN was timed with: the target's (isa_cap), or one the user held it to
+    held = [isa_cap(target), *(os.environ.get(v) for v in ISA_VARIABLES)]
     text = json.dumps([chain.workload(), str(target), cpuinfo_field("model name") or platform.processor() or platform.machine(), version,
-                       onednn.glue_digest(), TVM_KERNELS] + ([sweep] if sweep else []), sort_keys=True)
+                       onednn.glue_digest(), TVM_KERNELS] + ([sweep] if sweep else []) + ([held] if any(held) else []), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -470,11 +473,17 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
     with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
         path = Path(tmp) / "kernels.so"
         executable.export_library(str(path), addons=[str(onednn.glue_object())], options=onednn.link_options())
-        if isa is None:
-            return time_library(path, plans, inputs, sweep)
-        from optc.targets.providers.timing_child import time_in_child
+        if isa is not None:
+            from optc.targets.providers.timing_child import time_in_child
 
-        return time_in_child(path, plans, inputs, sweep, isa)
+            try:
+                return time_in_child(path, plans, inputs, sweep, isa)
+            except TargetError as exc:  # our failure, not the user's: the race as before, with this CPU's oneDNN
+                logger.warning("%s; oneDNN timed with this CPU's kernels instead", exc)
+        return time_library(path, plans, inputs, sweep)
+
+
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN reads either (the first wins)
 
 
 def isa_cap(target: Any) -> str | None:
@@ -484,8 +493,8 @@ def isa_cap(target: Any) -> str | None:
     from optc.targets.cpu_features import target_flags
     from optc.targets.deploy.run_artifact import host_cpu_features
 
-    if "ONEDNN_MAX_CPU_ISA" in os.environ:
-        return None
+    if any(v in os.environ for v in ISA_VARIABLES) or not target.attrs.get("mcpu"):
+        return None  # the user's own cap stands; a target naming no CPU runs wherever oneDNN adapts to
     arch, flags = target_flags(target)
     if arch != "x86_64":
         return None

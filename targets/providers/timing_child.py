@@ -11,6 +11,7 @@ candidates are timed here, in a fresh interpreter under the target's ISA, and on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,10 @@ from typing import Any
 import numpy as np
 from optc.errors import TargetError
 
+logger = logging.getLogger(__name__)
+# A race is a few seconds a chain (ResNet-18's 21: 31 s on 2 busy cores); past this the child is stuck, not slow.
+TIMEOUT_S = 1800
+
 
 def time_in_child(library: Path, plans: list[dict[str, Any]], inputs: list[list[np.ndarray]], sweep: int, isa: str) -> dict[str, dict[str, Any]]:
     """:func:`select.time_library` on ``library`` in a child process with oneDNN held to ``isa``; each result records the
@@ -27,8 +32,13 @@ def time_in_child(library: Path, plans: list[dict[str, Any]], inputs: list[list[
     folder = library.parent
     (folder / "plans.json").write_text(json.dumps({"plans": plans, "sweep": sweep}))
     np.savez(folder / "inputs.npz", **{f"{i}_{j}": a for i, arrays in enumerate(inputs) for j, a in enumerate(arrays)})
-    done = subprocess.run([sys.executable, "-m", __name__, str(folder)], capture_output=True, text=True, check=False,
-                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa})
+    try:
+        done = subprocess.run([sys.executable, "-m", __name__, str(folder)], capture_output=True, text=True, check=False,
+                              env={**os.environ, "ONEDNN_MAX_CPU_ISA": isa}, timeout=TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TargetError(f"timing the kernel candidates with oneDNN held to {isa} failed: {exc}") from exc
+    for line in done.stderr.splitlines():  # the race's per-chain lines, and anything else it said
+        logger.debug("timing child: %s", line)
     results = folder / "results.json"
     if done.returncode != 0 or not results.is_file():
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
@@ -37,6 +47,7 @@ def time_in_child(library: Path, plans: list[dict[str, Any]], inputs: list[list[
 
 
 def main(folder: Path) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # to stderr, which the parent logs at debug
     from optc.targets.providers import onednn
     from optc.targets.providers.select import time_library
 
