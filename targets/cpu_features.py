@@ -70,12 +70,18 @@ def host_x86_mattr(mcpu: str, flags: frozenset[str] | None = None) -> list[str]:
     return mattr
 
 
+def _as_target(llvm: Any) -> Any:
+    """``llvm`` as a ``tvm.target.Target`` (from a TargetSpec's dict, or as it is)."""
+    import tvm
+
+    return llvm if isinstance(llvm, tvm.target.Target) else tvm.target.Target(llvm)
+
+
 def target_flags(llvm: Any) -> tuple[str, frozenset[str]]:
     """(architecture, Linux feature names) of the code LLVM writes for ``llvm`` (a dict or ``tvm.target.Target``)."""
-    import tvm
     from tvm.target import codegen
 
-    target = llvm if isinstance(llvm, tvm.target.Target) else tvm.target.Target(llvm)
+    target = _as_target(llvm)
     arch = str(target.attrs.get("mtriple") or codegen.llvm_get_system_triple()).split("-")[0]
     table = FLAGS_BY_ARCH.get(arch, {})
     return arch, frozenset(flag for name in codegen.llvm_get_cpu_features(target) if name in table for flag in table[name])
@@ -99,7 +105,7 @@ def missing_here(llvm: Any) -> list[str]:
 def tuning_refusal(llvm: Any) -> str | None:
     """Why MetaSchedule's trials, which run candidates on this CPU, cannot tune for ``llvm``; None where they can."""
     missing = missing_here(llvm)
-    mcpu = (llvm.attrs.get("mcpu") if hasattr(llvm, "attrs") else llvm.get("mcpu")) or "this target"
+    mcpu = _as_target(llvm).attrs.get("mcpu") or "this target"
     return (f"tuning for --cpu {mcpu} runs candidates on such a CPU, and this one lacks {', '.join(missing)}: tune on such a "
             "machine (--rpc-tracker HOST:PORT --rpc-key KEY), or compile with --tune-trials 0") if missing else None
 

@@ -31,7 +31,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -271,11 +271,15 @@ def _family_ms(timing: dict[str, Any], family: str, families: dict[str, str]) ->
                for name, key in CANDIDATES.items() if families[name] == family and isinstance(timing.get(key), (int, float)))
 
 
-def _key(chain: Chain, target: Any, version: str, sweep: int) -> str:
-    # the ISA oneDNN was timed with: the target's (isa_cap), or one the user held it to
-    held = [isa_cap(target), *(os.environ.get(v) for v in ISA_VARIABLES)]
+def held_isa(target: Any) -> list[str | None]:
+    """The ISA oneDNN is timed with for ``target``, where held: the target's (:func:`isa_cap`), or one the user set."""
+    return [isa_cap(target), *(os.environ.get(v) for v in ISA_VARIABLES)]
+
+
+def _key(chain: Chain, target: Any, version: str, sweep: int, held: Sequence[str | None] = ()) -> str:
+    """The providers.json key of a race; ``held``: :func:`held_isa`, computed once per compile."""
     text = json.dumps([chain.workload(), str(target), cpuinfo_field("model name") or platform.processor() or platform.machine(), version,
-                       onednn.glue_digest(), TVM_KERNELS] + ([sweep] if sweep else []) + ([held] if any(held) else []), sort_keys=True)
+                       onednn.glue_digest(), TVM_KERNELS] + ([sweep] if sweep else []) + ([list(held)] if any(held) else []), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -288,15 +292,17 @@ def _measured_choices(chains: list[Chain], target: Any, db_dir: Path, compile_fn
     store = _Store(db_dir)
     known = store.read()
     load = _load()
-    todo = [c for w, c in unique.items() if _stale(known.get(_key(c, target, version, sweep)), load)]
+    held = held_isa(target)
+    keys = {w: _key(c, target, version, sweep, held) for w, c in unique.items()}
+    todo = [c for w, c in unique.items() if _stale(known.get(keys[w]), load)]
     report.reused = len(unique) - len(todo)
     if todo:
         start = time.perf_counter()
         measured = measure(todo, target, compile_fn, sweep)
         report.measure_seconds = time.perf_counter() - start
         report.measured = len(todo)
-        known = store.update({_key(c, target, version, sweep): {**measured[c.workload()], "load": round(load, 2)} for c in todo})
-    return {w: known[_key(c, target, version, sweep)] for w, c in unique.items()}
+        known = store.update({keys[c.workload()]: {**measured[c.workload()], "load": round(load, 2)} for c in todo})
+    return {w: known[keys[w]] for w in unique}
 
 
 def sweep_bytes(chains: list[Chain]) -> int:

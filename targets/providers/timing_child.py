@@ -30,7 +30,7 @@ def time_in_child(library: Path, plans: list[dict[str, Any]], inputs: list[list[
     """:func:`select.time_library` on ``library`` in a child process with oneDNN held to ``isa``; each result records the
     ISA oneDNN ran (``onednn_isa``)."""
     folder = library.parent
-    (folder / "plans.json").write_text(json.dumps({"plans": plans, "sweep": sweep}))
+    (folder / "plans.json").write_text(json.dumps({"plans": plans, "sweep": sweep, "arity": [len(arrays) for arrays in inputs]}))
     np.savez(folder / "inputs.npz", **{f"{i}_{j}": a for i, arrays in enumerate(inputs) for j, a in enumerate(arrays)})
     try:
         done = subprocess.run([sys.executable, "-m", __name__, str(folder)], capture_output=True, text=True, check=False,
@@ -53,7 +53,7 @@ def main(folder: Path) -> None:
 
     spec = json.loads((folder / "plans.json").read_text())
     with np.load(folder / "inputs.npz") as data:
-        inputs = [[data[f"{i}_{j}"] for j in range(sum(1 for k in data.files if k.startswith(f"{i}_")))] for i in range(len(spec["plans"]))]
+        inputs = [[data[f"{i}_{j}"] for j in range(arity)] for i, arity in enumerate(spec["arity"])]
     results = time_library(folder / "kernels.so", spec["plans"], inputs, spec["sweep"])
     isa = onednn.effective_isa()
     (folder / "results.json").write_text(json.dumps({w: {**r, "onednn_isa": isa} for w, r in results.items()}))
