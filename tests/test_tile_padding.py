@@ -81,7 +81,8 @@ def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxrun
     model = _conv(width, stride, groups, out, channels)
     conv, text = scheduled_one(model, "conv2d_nhwc", nhwc=True)
     update = text[text.index('conv2d_nhwc_update")'):].split("T.sblock(")[0]  # grouped: group_conv2d_nhwc_update
-    assert "T.where" not in update and wide in update and "T.vectorized" in text[:text.index("conv2d_nhwc_update")], update
+    tile = next(line for line in text.splitlines() if '_local = T.sblock_alloc_buffer(' in line)  # the accumulators
+    assert "T.where" not in update and wide in tile and "T.vectorized" in text[:text.index("conv2d_nhwc_update")], update
     # TVM inlined the epilogue past the slice into the tile's write-back, writing pixel 44 of each row into the next
     # row (and past the buffer's end): outputs came out right only because the next row's tile was written later.
     output = conv.params[-1].name
