@@ -2,8 +2,8 @@
 
 Each intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` output channels ``i`` and four inputs ``k``:
 ``A`` is four consecutive input channels of one pixel (broadcast to every lane as one 32-bit word), ``B`` the
-packed weight ``[.., ic / 4, tc, 4]`` for those channels, ``C`` the tile's accumulator, a ``local`` buffer
-(tensorize matches storage scopes). LLVM's vectoriser, without them, widens both operands to 32 bits and multiplies
+packed weight ``[.., ic / 4, tc, 4]`` for those channels, ``C`` the tile's accumulator, a buffer of the scope the
+template gives it (tensorize matches storage scopes). LLVM's vectoriser, without them, widens both operands to 32 bits and multiplies
 lane by lane.
 
 - Armv8.2's ``sdot vd.4s, vn.16b, vm.16b``: int8 by int8, four lanes, 16 multiply-adds an instruction where the
@@ -26,14 +26,24 @@ from __future__ import annotations
 SDOT_INTRIN = "optc_sdot_4x4_i8i8i32"
 
 
-def sdot_intrin() -> str:
+# The storage scope of the tile's accumulators (tiled_kernels.ACCUMULATOR_SCOPE), which tensorize matches. Names made
+# for "local" accumulators, the scope before session 21, keep their names: tuning records replay them.
+SCOPES = ("global", "local")
+
+
+def _suffix(scope: str) -> str:
+    return "" if scope == "local" else f"_{scope}"
+
+
+def sdot_intrin(scope: str = "global") -> str:
     """The registered name of the ``sdot`` intrinsic (registered on first use)."""
-    return _registered(SDOT_INTRIN, 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
+    return _registered(SDOT_INTRIN + _suffix(scope), 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", scope)
 
 
-def vnni_intrin(lanes: int) -> str:
+def vnni_intrin(lanes: int, scope: str = "global") -> str:
     """The registered name of the ``lanes``-wide ``vpdpbusd`` intrinsic (16, 8 or 4; registered on first use)."""
-    return _registered(f"optc_vpdpbusd_{lanes}x4_u8i8i32", lanes, "uint8", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}")
+    name = f"optc_vpdpbusd_{lanes}x4_u8i8i32{_suffix(scope)}"
+    return _registered(name, lanes, "uint8", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", scope)
 
 
 # lanes -> (uint8 x int8 pairs into int16, int16 pairs into int32): zmm (AVX-512BW), ymm (AVX2), xmm (SSSE3)
@@ -44,32 +54,34 @@ PMADD = {
 }
 
 
-def pmaddubsw_intrin(lanes: int) -> str:
+def pmaddubsw_intrin(lanes: int, scope: str = "global") -> str:
     """The registered name of the ``lanes``-wide ``vpmaddubsw`` + ``vpmaddwd`` intrinsic (16, 8 or 4). Exact for
     weights within +-64 only (module docstring)."""
-    return _registered(f"optc_pmaddubsw_{lanes}x4_u8i8i32", lanes, "uint8", "+".join(PMADD[lanes]))
+    return _registered(f"optc_pmaddubsw_{lanes}x4_u8i8i32{_suffix(scope)}", lanes, "uint8", "+".join(PMADD[lanes]), scope)
 
 
 def register_all() -> None:
     """Register every intrinsic here: a tuning record's trace names the one it tensorized with."""
-    sdot_intrin()
-    for lanes in (16, 8, 4):
-        vnni_intrin(lanes)
-        pmaddubsw_intrin(lanes)
+    for scope in SCOPES:
+        sdot_intrin(scope)
+        for lanes in (16, 8, 4):
+            vnni_intrin(lanes, scope)
+            pmaddubsw_intrin(lanes, scope)
 
 
-def _registered(name: str, lanes: int, activation: str, intrinsic: str) -> str:
+def _registered(name: str, lanes: int, activation: str, intrinsic: str, scope: str) -> str:
     from tvm.s_tir import TensorIntrin
 
     if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_functions(lanes, activation, intrinsic))
+        TensorIntrin.register(name, *_functions(lanes, activation, intrinsic, scope))
     return name
 
 
-def _functions(lanes: int, activation: str, intrinsic: str) -> tuple[object, object]:
+def _functions(lanes: int, activation: str, intrinsic: str, scope: str) -> tuple[object, object]:
     """(description, implementation): ``lanes`` int32 accumulators, each adding a 4-deep ``activation`` x int8 product.
     ``intrinsic``: one LLVM intrinsic accumulating into int32 (sdot, vpdpbusd), or two joined by ``+``: a pairwise
-    product into int16 and its pairwise sum into int32, added to the accumulator (vpmaddubsw, vpmaddwd)."""
+    product into int16 and its pairwise sum into int32, added to the accumulator (vpmaddubsw, vpmaddwd). ``scope``:
+    the accumulator's storage scope."""
     from tvm.script import tirx as T
 
     bytes_, words = f"int8x{4 * lanes}", f"int32x{lanes}"
@@ -79,7 +91,7 @@ def _functions(lanes: int, activation: str, intrinsic: str) -> tuple[object, obj
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
         B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope=scope)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
@@ -95,26 +107,30 @@ def _functions(lanes: int, activation: str, intrinsic: str) -> tuple[object, obj
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), dtype=activation, offset_factor=1)
         B = T.match_buffer(b, (lanes, 4), dtype="int8", offset_factor=1)
-        C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (lanes,), dtype="int32", offset_factor=1, scope=scope)
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
-            word = T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32")  # four inputs, one 32-bit word
+            # Expressions, not names: a name assigned here became a buffer of its own, taken from TVM's workspace
+            # pool on every tile (the four inputs' 32-bit word, and vpmaddubsw's int16 pairs).
             if two_step:
-                pairs = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(pairwise),
-                    T.reinterpret(T.broadcast(word, lanes), dtype=bytes_),  # the unsigned operand comes first
-                    B.vload([0, 0], dtype=bytes_),
-                    dtype=f"int16x{2 * lanes}",
-                )
                 C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=words) + T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(widen), pairs, T.broadcast(T.int16(1), 2 * lanes), dtype=words
+                    T.llvm_lookup_intrinsic_id(widen),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(pairwise),
+                        # four inputs as one 32-bit word in every lane; the unsigned operand comes first
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32"), lanes), dtype=bytes_),
+                        B.vload([0, 0], dtype=bytes_),
+                        dtype=f"int16x{2 * lanes}",
+                    ),
+                    T.broadcast(T.int16(1), 2 * lanes),
+                    dtype=words,
                 )
             else:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                     T.llvm_lookup_intrinsic_id(pairwise),
                     C.vload([0], dtype=words),
-                    T.reinterpret(T.broadcast(word, lanes), dtype=bytes_),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], f"{activation}x4"), dtype="int32"), lanes), dtype=bytes_),
                     B.vload([0, 0], dtype=bytes_),
                     dtype=words,
                 )

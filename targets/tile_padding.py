@@ -38,7 +38,7 @@ from tvm import relax
 
 from optc.targets.providers.chains import constant_value, module_bindings, op_name
 from optc.targets.providers.layout_ops import rewritten
-from optc.targets.tiled_kernels import channel_widths, tiles, vector_shape
+from optc.targets.tiled_kernels import channel_widths, reduction_steps, tiles, vector_shape
 
 
 def pad_tiles(mod: Any, target: Any) -> Any:
@@ -71,14 +71,16 @@ def padded_channels(channels: int, groups: int, lanes: int, depthwise: bool = Fa
     return padded * groups
 
 
-def padded_rows(out_shape: list[int], groups: int, weight_shape: list[int], lanes: int, registers: int) -> tuple[int, int] | None:
+def padded_rows(out_shape: list[int], groups: int, weight_shape: list[int], lanes: int, registers: int,
+                weight_dtype: str = "float32") -> tuple[int, int] | None:
     """(axis, padded extent) of the row the tiled kernel tiles in an NHWC convolution's output, where its tile does
-    not divide it; else None. ``weight_shape`` is OHWI: a grouped convolution's tile stays inside a group."""
+    not divide it; else None. ``weight_shape`` is OHWI: a grouped convolution's tile stays inside a group; with
+    ``weight_dtype`` it gives the reduction's length, which bounds the tile where it is short (tiled_kernels.tiles)."""
     n, h, w, c = out_shape
     axis = 1 if w == 1 else 2  # as tiled_kernels._conv_roles: a [N, C, L, 1] 1-D convolution tiles along L
     row = out_shape[axis]
     group = c // groups if groups > 1 and weight_shape[-1] > 1 else None  # grouped, not depthwise
-    tw, _ = tiles(row, c, lanes, registers, group)
+    tw, _ = tiles(row, c, lanes, registers, group, reduction_steps(weight_shape[1:], weight_dtype))
     if row % tw == 0:
         return None
     return axis, -(-row // tw) * tw
@@ -110,8 +112,8 @@ class _TilePadder(relax.PyExprMutator):
         if value is None:  # a weight computed at run time keeps its channels
             channels = None
         # a 1-D convolution's channels only: its rows are tiled along W, which the tiled kernel guards
-        rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers) \
-            if name == "relax.nn.conv2d" else None
+        rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers,
+                           str(call.args[1].ty.dtype)) if name == "relax.nn.conv2d" else None
         if channels is None and rows is None:
             return super().visit_call_(call)
         weight = self.visit_expr(call.args[1]) if channels is None else relax.const(_zero_filters(value, groups, channels),

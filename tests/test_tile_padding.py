@@ -12,17 +12,21 @@ from test_tiled_kernels import _compile_tvm_kernels, _w, scheduled_one
 pytestmark = pytest.mark.tvm
 
 
-@pytest.mark.parametrize(("out_shape", "groups", "weight", "expected"), [
-    ([1, 16, 43, 192], 1, [192, 3, 3, 48], (2, 44)),  # only 1 divides 43: four tiles of 11
-    ([1, 16, 44, 192], 1, [192, 3, 3, 48], None),     # 11 divides 44
-    ([1, 43, 1, 64], 1, [64, 3, 1, 64], (1, 44)),     # a 1-D convolution as [N, L, 1, C] tiles along L
-    ([1, 8, 85, 24], 1, [24, 3, 3, 24], None),        # 5 divides 85: enough accumulators, no guard
-    ([1, 16, 43, 32], 32, [32, 3, 3, 1], (2, 44)),    # depthwise
+@pytest.mark.parametrize(("out_shape", "groups", "weight", "dtype", "expected"), [
+    ([1, 16, 43, 192], 1, [192, 3, 3, 48], "float32", (2, 44)),  # only 1 divides 43: four tiles of 11
+    ([1, 16, 44, 192], 1, [192, 3, 3, 48], "float32", None),     # 11 divides 44
+    ([1, 43, 1, 64], 1, [64, 3, 1, 128], "float32", (1, 44)),    # a 1-D convolution as [N, L, 1, C] tiles along L
+    ([1, 8, 85, 24], 1, [24, 3, 3, 24], "float32", None),        # 5 divides 85: enough accumulators, no guard
+    # A short reduction keeps a tile of 32 channels on the stack: 7 pixels (tiled_kernels.SHORT_REDUCTION)
+    ([1, 16, 43, 32], 32, [32, 3, 3, 1], "float32", (2, 49)),    # depthwise, 9 multiply-adds: seven tiles of 7
+    ([1, 43, 1, 64], 1, [64, 3, 1, 64], "float32", (1, 49)),     # 192 multiply-adds
+    ([1, 43, 1, 64], 1, [64, 3, 1, 256], "int8", (1, 49)),       # 768 int8 multiply-adds, 192 dot products
+    ([1, 43, 1, 64], 1, [64, 3, 1, 512], "int8", (1, 44)),       # 384 dot products: tiles of 11
 ])
-def test_the_row_the_tiled_kernel_would_guard_is_padded_to_whole_tiles(out_shape, groups, weight, expected):
+def test_the_row_the_tiled_kernel_would_guard_is_padded_to_whole_tiles(out_shape, groups, weight, dtype, expected):
     from optc.targets.tile_padding import padded_rows
 
-    assert padded_rows(out_shape, groups, weight, 16, 32) == expected
+    assert padded_rows(out_shape, groups, weight, 16, 32, dtype) == expected
 
 
 @pytest.mark.parametrize(("channels", "groups", "depthwise", "expected"), [
@@ -81,7 +85,8 @@ def test_a_widened_convolution_has_no_guard_in_its_reduction_and_matches_onnxrun
     model = _conv(width, stride, groups, out, channels)
     conv, text = scheduled_one(model, "conv2d_nhwc", nhwc=True)
     update = text[text.index('conv2d_nhwc_update")'):].split("T.sblock(")[0]  # grouped: group_conv2d_nhwc_update
-    tile = next(line for line in text.splitlines() if '_local = T.sblock_alloc_buffer(' in line)  # the accumulators
+    accumulators = re.search(r"T\.writes\((\w+)\[", text[text.index('conv2d_nhwc_init")'):]).group(1)
+    tile = next(line for line in text.splitlines() if line.strip().startswith(f"{accumulators} = T.sblock_alloc_buffer("))
     assert "T.where" not in update and wide in tile and "T.vectorized" in text[:text.index("conv2d_nhwc_update")], update
     # TVM inlined the epilogue past the slice into the tile's write-back, writing pixel 44 of each row into the next
     # row (and past the buffer's end): outputs came out right only because the next row's tile was written later.

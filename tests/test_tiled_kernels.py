@@ -162,15 +162,16 @@ def test_a_matrix_vector_product_is_threaded_by_its_weight_bytes_not_its_multipl
 def test_rows_only_one_divides_are_covered_by_guarded_tiles_not_cut_into_single_rows(tmp_path):
     """197 tokens (a ViT's): only 1 divides 197, and 1-row tiles keep 2 accumulators. Tiles of 14 cover the rows,
     the last guarded: 197x768 @ 768x768 took 4.99 ms in 1-row tiles and 1.70 in these (onnxruntime 1.5), 1 thread.
-    Padding the rows instead (the input copied each call) was slower, 2.48 ms."""
+    Padding the rows instead (the input copied each call) was slower, 2.48 ms. (A reduction of 256: a shorter one keeps
+    its tile on the stack, 7 rows.)"""
     from optc.targets.artifact import load_artifact
 
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [197, 64])], [("y", [197, 256])],
-                       [_w("w", 64, 256, seed=1)])
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [197, 256])], [("y", [197, 256])],
+                       [_w("w", 256, 256, seed=1)])
     _, text = scheduled_one(model, 'T.sblock("matmul")')
     assert "T.unroll(T.int64(14))" in text and "< T.int64(197)" in text, text
     out, _ = _compile_tvm_kernels(model, tmp_path)
-    x = rand(197, 64, seed=4)
+    x = rand(197, 256, seed=4)
     np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
 
@@ -245,6 +246,29 @@ def test_register_tiles_fit_the_vector_registers(lanes, registers, width, channe
     assert channels % tc == 0 and tw * max(1, tc // lanes) <= registers - SPARE_REGISTERS
     covered = -(-width // tw) * tw
     assert width % tw == 0 or covered - width < -(-width // tw)  # a guarded row computes under one pixel a tile more
+
+
+@pytest.mark.parametrize(("in_channels", "pixels"), [(8, 7), (64, 14)])
+def test_a_short_reductions_accumulators_fit_the_stack(in_channels, pixels, tmp_path):
+    """The tile's accumulators are a "global" buffer: TVM puts one under 1024 bytes on the stack, where LLVM keeps it
+    in registers. A "local" one, or a larger one, was taken from TVM's workspace pool on every tile (two calls, a memset,
+    the accumulators stored and read back). Where the reduction is short (8 -> 32 channels, 3x3: 72 multiply-adds) the
+    tile is cut to fit (7 pixels x 32 channels, 896 bytes); a long one (64 input channels) keeps 14 pixels."""
+    from optc.targets.artifact import load_artifact
+    from optc.targets.tiled_kernels import STACK_BYTES
+
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    model = make_model(nodes, [("x", [1, in_channels, 6, 28])], [("y", [1, 32, 6, 28])],
+                       [_w("w", 32, in_channels, 3, 3, seed=1), _w("b", 32, seed=2)])
+    _, text = scheduled_one(model, "conv2d_nhwc", nhwc=True)
+    accumulators = re.search(r"T\.writes\((\w+)\[", text[text.index('conv2d_nhwc_init")'):]).group(1)
+    (alloc,) = [line for line in text.splitlines() if line.strip().startswith(f"{accumulators} = T.sblock_alloc_buffer(")]
+    assert "local" not in alloc, alloc
+    assert f"T.unroll(T.int64({pixels}))" in text[text.index('conv2d_nhwc_update")') - 400:], text
+    assert (pixels * 32 * 4 < STACK_BYTES) == (pixels == 7)
+    out, _ = _compile_tvm_kernels(model, tmp_path)
+    x = rand(1, in_channels, 6, 28, seed=3)
+    np.testing.assert_allclose(load_artifact(out).run({"x": x})["y"], ort_run(model, {"x": x})["y"], rtol=1e-4, atol=1e-4)
 
 
 def test_template_schedules_every_nhwc_convolution():
