@@ -22,6 +22,7 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
     from tvm.relax import pipeline
 
     from optc.targets.providers.reciprocal_scale import reciprocal_quantize
+    from optc.targets.providers.requant_round_trip import round_trips
     from optc.targets.tile_padding import pad_tiles
     from optc.targets.weight_bounds import mark_weight_bounds
 
@@ -33,6 +34,8 @@ def _fuse_passes(target: Any, prepack: bool) -> list[Any]:
         *dispatch,
         # after the providers took their chains: the quantizes left to TVM multiply by 1/scale (providers/reciprocal_scale.py)
         tvm.transform.module_pass(lambda mod, _ctx: reciprocal_quantize(mod), opt_level=0, name="ReciprocalQuantize"),
+        # a quantize read back at once keeps its value: no 8-bit round trip (providers/requant_round_trip.py)
+        tvm.transform.module_pass(lambda mod, _ctx: round_trips(mod), opt_level=0, name="RequantRoundTrip"),
         # convolutions left to the tiled kernel get whole register tiles, rows and channels (tile_padding.py)
         *([tvm.transform.module_pass(lambda mod, _ctx: pad_tiles(mod, target), opt_level=0, name="PadTiles")]
           if str(target.kind.name) == "llvm" else []),
