@@ -18,8 +18,8 @@ lane by lane.
   quantize writes for such CPUs. The kernels use it only on functions marked as fitting (:mod:`optc.targets.weight_bounds`).
 
 TVM ships such intrinsics (``tvm.s_tir.tensor_intrin.arm_cpu``, ``.x86``), but importing one parses every target's
-intrinsics, CUDA's included: 45 s on this machine for a compile that otherwise takes 10; and x86's accumulator is a
-global buffer, which tensorize does not match to the tile's local one. These are parsed once, under names of their own.
+intrinsics, CUDA's included: 45 s on this machine for a compile that otherwise takes 10. These are parsed once, under
+names of their own, and name no buffer of their own (TVM took one from its workspace pool on every tile).
 """
 from __future__ import annotations
 

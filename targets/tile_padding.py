@@ -17,8 +17,9 @@ The tiled kernel (:mod:`optc.targets.tiled_kernels`) computes ``tw`` output pixe
   where that takes fewer vector instructions (:func:`padded_channels`).
 
 Then a slice keeps the real output. Exact: each real output reads what it read before. The
-slice stops the tile's epilogue from being inlined past it (the template runs bias and
-activation as one loop of their own over the real outputs, :func:`tiled_kernels._tiled`).
+slice stops the tile's epilogue from being inlined past it: the template runs bias and
+activation as a block of their own over the tile's real outputs, under the tile loop
+(:func:`tiled_kernels._epilogue_on_tile`).
 
 Runs after the providers took their chains, so oneDNN's convolutions are left as they are; only
 NHWC ``conv2d`` (1-D convolutions exported as ``[N, C, L, 1]`` tile along their height, which
@@ -72,15 +73,16 @@ def padded_channels(channels: int, groups: int, lanes: int, depthwise: bool = Fa
 
 
 def padded_rows(out_shape: list[int], groups: int, weight_shape: list[int], lanes: int, registers: int,
-                weight_dtype: str = "float32") -> tuple[int, int] | None:
+                input_dtype: str = "float32") -> tuple[int, int] | None:
     """(axis, padded extent) of the row the tiled kernel tiles in an NHWC convolution's output, where its tile does
     not divide it; else None. ``weight_shape`` is OHWI: a grouped convolution's tile stays inside a group; with
-    ``weight_dtype`` it gives the reduction's length, which bounds the tile where it is short (tiled_kernels.tiles)."""
+    ``input_dtype`` (as tiled_kernels._tiled reads it) it gives the reduction's length, which bounds the tile where it
+    is short (tiled_kernels.tiles)."""
     n, h, w, c = out_shape
     axis = 1 if w == 1 else 2  # as tiled_kernels._conv_roles: a [N, C, L, 1] 1-D convolution tiles along L
     row = out_shape[axis]
     group = c // groups if groups > 1 and weight_shape[-1] > 1 else None  # grouped, not depthwise
-    tw, _ = tiles(row, c, lanes, registers, group, reduction_steps(weight_shape[1:], weight_dtype))
+    tw, _ = tiles(row, c, lanes, registers, group, reduction_steps(weight_shape[1:], input_dtype))
     if row % tw == 0:
         return None
     return axis, -(-row // tw) * tw
@@ -113,7 +115,7 @@ class _TilePadder(relax.PyExprMutator):
             channels = None
         # a 1-D convolution's channels only: its rows are tiled along W, which the tiled kernel guards
         rows = padded_rows([*out_shape[:3], channels or out_shape[3]], groups, weight_shape, self.lanes, self.registers,
-                           str(call.args[1].ty.dtype)) if name == "relax.nn.conv2d" else None
+                           str(call.args[0].ty.dtype)) if name == "relax.nn.conv2d" else None
         if channels is None and rows is None:
             return super().visit_call_(call)
         weight = self.visit_expr(call.args[1]) if channels is None else relax.const(_zero_filters(value, groups, channels),

@@ -11,7 +11,9 @@ schedule is what a tuned kernel converges to, written once:
   x ``tc`` channels (columns);
   each tile's accumulators live in vector registers for the whole reduction
   (``kh x kw x ic``), so every weight vector loaded serves ``tw`` pixels and every
-  input value broadcast serves ``tc / lanes`` vectors;
+  input value broadcast serves ``tc / lanes`` vectors (a tile under 1024 bytes is a
+  stack array LLVM keeps in registers; a larger one, a long reduction's 14 x 32 on
+  AVX-512, comes from TVM's workspace pool each tile: ACCUMULATOR_SCOPE);
 - weights are repacked once, at compile time, as ``[oc / tc, kh, kw, ic, tc]``
   (``[n / tc, k, tc]`` for a matmul; TVM's layout-rewrite pre-processing, folded
   into the constants), so the tile's weight loads are contiguous; a matmul's
@@ -149,7 +151,9 @@ def tiles(out_width: int, out_channels: int, lanes: int, registers: int, group: 
 
 def reduction_steps(extents: list[int], input_dtype: str) -> int:
     """The instructions an accumulator vector takes over a reduction of ``extents``: one a multiply-add in float, one
-    per 4-deep dot product on 8-bit inputs (DOT_DEPTH)."""
+    per 4-deep dot product on 8-bit inputs (DOT_DEPTH). Read from the input's type, which tile_padding sees too: the
+    widening kernel an 8-bit layer keeps without a dot product takes four times as many, so its tile is cut to the
+    stack up to 768 multiply-adds where a float one's stops at 192."""
     size = 1
     for extent in extents:
         size *= extent
@@ -422,7 +426,8 @@ def _inline_side_inputs(sch: Any, consumer: Any, block: Any) -> None:
     own): it stayed a loop of its own over the whole output, reading back the convolution's result written as float
     (a pruned CNN's 24-channel residual at 14x14, batch 64: 0.2 ms more than the same convolution without it)."""
     def others(of: Any) -> list[Any]:
-        return [p for p in sch.get_producers(of) if not sch.get(p).same_as(sch.get(block))]
+        # a producer that feeds something else too (the convolution's own input) would be inlined there as well
+        return [p for p in sch.get_producers(of) if not sch.get(p).same_as(sch.get(block)) and len(sch.get_consumers(p)) == 1]
 
     pending = others(consumer)
     while pending:

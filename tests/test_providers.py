@@ -950,19 +950,24 @@ def test_a_quantize_read_back_at_once_keeps_its_value_without_the_8_bit_round_tr
             twice = back(bb, shared, 5)
             wide = bb.emit(relax.op.astype(bb.emit(relax.op.minimum(
                 bb.emit(relax.op.round(x)), relax.const(300.0, "float32"))), "uint8"))  # clamped above 255: wraps
+            raised = bb.emit(relax.op.astype(bb.emit(relax.op.maximum(bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(
+                bb.emit(relax.op.round(x)), relax.const(0.0, "float32"))), relax.const(255.0, "float32"))),
+                relax.const(300.0, "float32"))), "uint8"))  # in range, then raised past it: 300 wraps to 44
             late = bb.emit(relax.op.astype(bb.emit(relax.op.add(bb.emit(quantize_ops(bb.emit, x, 0.05, 0, "uint8").args[0]),
                                                                  relax.const(7.0, "float32"))), "uint8"))  # add after clamps
             half = bb.emit(relax.op.astype(bb.emit(relax.op.clip(bb.emit(relax.op.round(x)), 0.5, 200.0)), "uint8"))
             out = bb.emit_output(relax.Tuple([once, signed, twice, shared, back(bb, wide, 0), back(bb, late, 0),
-                                              back(bb, half, 0)]))
+                                              back(bb, half, 0), back(bb, raised, 0)]))
         bb.emit_func_output(out)
     mod = bb.get()
     rewritten = round_trips(mod)
     text = rewritten.script()
-    # of the six read-backs, two read the clamped value: six int32 casts still, four 8-bit casts left of six
-    casts = re.findall(r'R\.astype\(\w+, dtype="(\w+)"\)', text)
-    assert casts.count("int32") == 6 and casts.count("uint8") + casts.count("int8") == 4, casts
-    assert 'R.astype(lv4, dtype="int32")' in text and 'R.astype(lv13, dtype="int32")' in text, text
+    # of the seven read-backs, two read the clamped value: seven int32 casts still, five 8-bit casts left of seven;
+    # those two read the quantizes' last clamps (R.maximum) themselves
+    casts = re.findall(r'R\.astype\((\w+), dtype="(\w+)"\)', text)
+    assert [d for _, d in casts].count("int32") == 7 and sum(d in ("uint8", "int8") for _, d in casts) == 5, casts
+    clamped = {line.split(":")[0].strip() for line in text.splitlines() if "= R.maximum(" in line}
+    assert sum(var in clamped for var, d in casts if d == "int32") == 2, text
     plain = relax_of(residual_cnn())
     assert round_trips(plain) is plain  # nothing to rewrite: the very same module
     values = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32) * 20

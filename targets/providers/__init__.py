@@ -14,5 +14,8 @@ measures them per workload on this machine and keeps the fastest
 
 :mod:`.chains` finds the chains, :mod:`.offload` rewrites the chosen ones.
 Models with convolutions are converted to NHWC first, the layout oneDNN's
-convolutions read in place, so no reorder sits between two of them.
+convolutions read in place, so no reorder sits between two of them
+(:mod:`.layout_ops`). What is left to TVM then has its quantizes multiply by
+the reciprocal scale (:mod:`.reciprocal_scale`) and a quantize read back at once
+keep its value without the 8-bit round trip (:mod:`.requant_round_trip`).
 """

@@ -158,6 +158,28 @@ def prim_number(expr: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+# What may lie between a quantize's rounding and its 8-bit cast: the zero point's add and the type's bounds (a ReLU's
+# maximum at the zero point, or relu itself where the frontend kept it).
+QUANTIZE_BETWEEN = ("relax.add", "relax.subtract", "relax.minimum", "relax.maximum", "relax.clip", "relax.nn.relu")
+
+
+def walk_to_round(expr: Any, values: dict[Any, Any], limit: int = 8) -> list[Any] | None:
+    """The calls from ``expr`` (what a quantize's 8-bit cast reads) back to its ``relax.round``, the round last: the ops
+    of :data:`QUANTIZE_BETWEEN`, each with one tensor operand, in between. None where anything else comes first."""
+    chain = []
+    for _ in range(limit):
+        call = values.get(expr, expr)
+        chain.append(call)
+        name = op_name(call)
+        if name == "relax.round":
+            return chain
+        tensors = [a for a in getattr(call, "args", ()) if isinstance(a, relax.Var)]
+        if name not in QUANTIZE_BETWEEN or len(tensors) != 1:
+            return None
+        expr = tensors[0]
+    return None
+
+
 def op_name(value: Any) -> str:
     return str(value.op.name) if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else ""
 

@@ -26,13 +26,8 @@ import numpy as np
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of, module_bindings, op_name
+from optc.targets.providers.chains import dtype_of, module_bindings, op_name, walk_to_round
 from optc.targets.providers.layout_ops import rewritten
-
-# What may lie between the rounding and the cast: the zero point and the type's bounds (a ReLU's maximum at the
-# zero point, or relu itself where the frontend kept it).
-_BETWEEN = ("relax.add", "relax.subtract", "relax.minimum", "relax.maximum", "relax.clip", "relax.nn.relu")
-
 
 def reciprocal_quantize(mod: Any) -> Any:
     """``mod`` with each quantize's division by its scale a multiplication by the reciprocal (the same module when none)."""
@@ -59,22 +54,12 @@ class _Reciprocal(relax.PyExprMutator):
         """The ``x / s`` behind ``astype(...round(x / s)..., int8|uint8)``, or None."""
         if op_name(value) != "relax.astype" or str(value.attrs.dtype) not in ("int8", "uint8"):
             return None
-        expr = value.args[0]
-        for _ in range(8):
-            call = values.get(expr, expr)
-            name = op_name(call)
-            if name == "relax.round":
-                division = values.get(call.args[0], call.args[0])
-                ok = op_name(division) == "relax.divide" and dtype_of(division) == "float32" and _scalar(division.args[1]) not in (None, 0.0)
-                return division if ok else None
-            if name not in _BETWEEN:
-                return None
-            # follow the tensor; the other argument is a constant bound or zero point
-            tensors = [a for a in call.args if isinstance(a, relax.Var)]
-            if len(tensors) != 1:
-                return None
-            expr = tensors[0]
-        return None
+        chain = walk_to_round(value.args[0], values)
+        if chain is None:
+            return None
+        division = values.get(chain[-1].args[0], chain[-1].args[0])
+        ok = op_name(division) == "relax.divide" and dtype_of(division) == "float32" and _scalar(division.args[1]) not in (None, 0.0)
+        return division if ok else None
 
     def visit_call_(self, call: Any) -> Any:
         if call in self.divisions:

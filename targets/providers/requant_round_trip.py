@@ -10,8 +10,9 @@ narrowing and widening conversions are pure cost: on a pruned CNN's int8 residua
 rest of the epilogue. ``astype(q, int32)`` becomes ``astype(c, int32)``, exactly.
 
 Only where ``c`` is proven integral and in range: a ``round`` reached through the zero
-point's add and the clamps (:data:`_BETWEEN`), with the clamps' constants inside the 8-bit
-type's range. The 8-bit value itself stays where anything else reads it.
+point's add and the clamps (:func:`.chains.walk_to_round`), with integral constants and
+every clamp's inside the 8-bit type's range; and only where nothing else reads the 8-bit
+value (then it is not computed at all).
 """
 from __future__ import annotations
 
@@ -20,12 +21,9 @@ from typing import Any
 from tvm import relax
 from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of, module_bindings, op_name, prim_number
+from optc.targets.providers.chains import dtype_of, module_bindings, op_name, prim_number, walk_to_round
 from optc.targets.providers.layout_ops import rewritten
 
-# What may lie between the rounding and the 8-bit cast (as providers/reciprocal_scale.py): the zero point's add and
-# the clamps. Each keeps an integral value integral (the zero point is an integer).
-_BETWEEN = ("relax.add", "relax.subtract", "relax.minimum", "relax.maximum", "relax.clip", "relax.nn.relu")
 RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 WIDE = ("int32", "float32")  # read back as: both hold every 8-bit value exactly
 
@@ -85,39 +83,34 @@ class _RoundTrip(relax.PyExprMutator):
             # reading the float value instead made it an output of its own, 4 bytes an element, and a cast kernel
             return None
         c = narrow.args[0]
+        if isinstance(c, relax.DataflowVar) and not isinstance(value.args[0], relax.DataflowVar):
+            return None  # the 8-bit value leaves its dataflow block, c may not: the read-back may be outside it
         if dtype_of(c) != "float32" or not self._integral_within(c, RANGES[str(narrow.attrs.dtype)]):
             return None
         return c
 
     def _integral_within(self, expr: Any, bounds: tuple[int, int]) -> bool:
-        """Whether ``expr`` is a rounded value brought into ``bounds`` by integral clamps (a lower and an upper) after
-        any integral zero point is added. Walked from ``expr`` back to the ``round``: the clamps met first are the
-        ones applied last."""
+        """Whether ``expr`` is a rounded value brought into ``bounds`` by clamps (a lower and an upper) after any
+        zero point is added. Every constant on the way is an integer, and every clamp's within ``bounds``: then each
+        clamp keeps a bounded value bounded, in whatever order they come. The walk meets the ops last-applied first."""
+        chain = walk_to_round(expr, self.values)
+        if chain is None:
+            return False
         low, high = False, False
-        for _ in range(8):
-            call = self.values.get(expr, expr)
+        for call in chain[:-1]:
             name = op_name(call)
-            if name == "relax.round":
-                return low and high
-            if name not in _BETWEEN:
-                return False
-            tensors = [a for a in call.args if isinstance(a, relax.Var)]
             consts = [_number(a) for a in call.args if not isinstance(a, relax.Var)]
-            if len(tensors) != 1 or any(c is None or not c.is_integer() for c in consts):
-                return False  # one tensor; scalar integral constants (a non-integral clamp leaves a non-integral value)
-            bound = consts[0] if consts else None
-            if name == "relax.nn.relu":
-                low = low or bounds[0] <= 0
-            elif name == "relax.clip":
-                low, high = low or bounds[0] <= consts[0], high or consts[1] <= bounds[1]
-            elif name == "relax.minimum":
-                high = high or bound <= bounds[1]
-            elif name == "relax.maximum":
-                low = low or bound >= bounds[0]
-            elif not (low and high):  # the zero point's add: only before both clamps, which then bound the sum
-                return False
-            expr = tensors[0]
-        return False
+            if any(c is None or not c.is_integer() for c in consts):
+                return False  # a non-integral constant leaves a non-integral value
+            if name in ("relax.add", "relax.subtract"):
+                if not (low and high):  # the zero point's add: only before both clamps, which then bound the sum
+                    return False
+                continue
+            if any(not bounds[0] <= c <= bounds[1] for c in consts):
+                return False  # a clamp outside the range (at 300, or a clip with swapped bounds) proves nothing
+            low = low or name in ("relax.nn.relu", "relax.clip", "relax.maximum")
+            high = high or name in ("relax.clip", "relax.minimum")
+        return low and high
 
     def visit_call_(self, call: Any) -> Any:
         source = self.targets.get(call)

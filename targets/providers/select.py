@@ -73,8 +73,9 @@ CLOSE_RACE, CLOSE_BLOCKS = 1.3, 6  # winners within 1.3x of the runner-up are ti
 WINOGRAD_RTOL = 1e-4
 # The version of optc's own TVM kernels: a race against an older one is run again (2: the register-tiled conv template;
 # 3: int8 on x86's VNNI dot products; 4: output channels padded to whole vectors, tile_padding.padded_channels;
-# 5: a padded kernel's epilogue on the tile, tiled_kernels._epilogue_on_tile).
-TVM_KERNELS = 5
+# 5: a padded kernel's epilogue on the tile, tiled_kernels._epilogue_on_tile; 6: accumulators on the stack and short
+# reductions' tiles cut to fit, a residual's add on the tile, providers/requant_round_trip.py).
+TVM_KERNELS = 6
 # A chain whose winner leads the other provider's best by less than this goes with the provider that computes most of
 # the model's other chains (:func:`settle_ties`): a hand-over between them cost up to a third of such a kernel's time.
 SWITCH_MARGIN = 1.25
