@@ -907,10 +907,19 @@ def test_per_tensor_quantize_is_element_wise_and_bit_exact():
         assert delta.max() <= 1 + 1e-5 and not delta[~on_tie].any()
 
 
+def _outputs(mods, values):
+    """Each Relax module's outputs on ``values``, compiled for this CPU."""
+    import tvm
+    from tvm import relax
+
+    target = tvm.target.Target({"kind": "llvm"})
+    return [[v.numpy() for v in relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"](tvm.runtime.tensor(values))]
+            for m in mods]
+
+
 def test_a_quantize_left_to_tvm_multiplies_by_the_reciprocal_of_its_scale():
     """A vector division is about ten multiplications' time: the requantised output of the sample's pruned int8 stem
     took 372 us of the artifact's 1.9 ms at batch 64, 250 us multiplying. A float model's own Round(Div) keeps dividing."""
-    import tvm
     from optc.targets.providers.layout_ops import quantize_ops
     from optc.targets.providers.reciprocal_scale import reciprocal_quantize
     from tvm import relax
@@ -932,10 +941,7 @@ def test_a_quantize_left_to_tvm_multiplies_by_the_reciprocal_of_its_scale():
     assert text.count("R.multiply(") == 2, text
     plain = relax_of(residual_cnn())
     assert reciprocal_quantize(plain) is plain  # nothing to rewrite: the very same module
-    values = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32) * 5
-    target = tvm.target.Target({"kind": "llvm"})
-    outs = [[v.numpy() for v in relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"](tvm.runtime.tensor(values))]
-            for m in (mod, rewritten)]
+    outs = _outputs((mod, rewritten), np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32) * 5)
     for want, have in zip(*outs):
         assert np.abs(have.astype(np.float64) - want).max() <= 1
     np.testing.assert_array_equal(outs[1][2], outs[0][2])
@@ -946,7 +952,6 @@ def test_a_quantize_read_back_at_once_keeps_its_value_without_the_8_bit_round_tr
     rounded value clamped into uint8's range; the narrowing and widening casts took 0.23 of 0.88 ms in the pruned
     sample's residual convolution. Not where the 8-bit tensor is read elsewhere too, nor where c is not proven
     integral and in range (a clamp beyond it, an add after the clamps, a clamp at a fraction)."""
-    import tvm
     from optc.targets.providers.layout_ops import quantize_ops
     from optc.targets.providers.requant_round_trip import round_trips
     from tvm import relax
@@ -984,11 +989,7 @@ def test_a_quantize_read_back_at_once_keeps_its_value_without_the_8_bit_round_tr
     assert sum(var in clamped for var, d in casts if d == "int32") == 2, text
     plain = relax_of(residual_cnn())
     assert round_trips(plain) is plain  # nothing to rewrite: the very same module
-    values = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32) * 20
-    target = tvm.target.Target({"kind": "llvm"})
-    outs = [[v.numpy() for v in relax.VirtualMachine(tvm.compile(m, target=target), tvm.cpu())["main"](tvm.runtime.tensor(values))]
-            for m in (mod, rewritten)]
-    for want, have in zip(*outs):
+    for want, have in zip(*_outputs((mod, rewritten), np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32) * 20)):
         np.testing.assert_array_equal(have, want)  # exact
 
 
