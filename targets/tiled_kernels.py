@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,9 +155,7 @@ def reduction_steps(extents: list[int], input_dtype: str) -> int:
     per 4-deep dot product on 8-bit inputs (DOT_DEPTH). Read from the input's type, which tile_padding sees too: the
     widening kernel an 8-bit layer keeps without a dot product takes four times as many, so its tile is cut to the
     stack up to 768 multiply-adds where a float one's stops at 192."""
-    size = 1
-    for extent in extents:
-        size *= extent
+    size = math.prod(extents)
     return size // DOT_DEPTH if input_dtype in ("int8", "uint8") else size
 
 
@@ -393,11 +392,8 @@ def _epilogue_on_tile(sch: Any, block: Any, write_back: Any, loop: Any | None, l
         return False
     with contextlib.suppress(Exception):  # the copy to the int32 output goes: the epilogue reads the accumulators
         sch.compute_inline(write_back)
-    last = sch.get_loops(block)[-1]
-    width = next((w for w in (lanes, lanes // 2) if w > 1 and int(sch.get(last).extent) % w == 0), None)
-    if width is not None:
-        with contextlib.suppress(Exception):  # a guarded region (a tile past the last real column): scalar, correct
-            sch.vectorize(sch.split(last, [None, width])[1])
+    with contextlib.suppress(Exception):  # a guarded region (a tile past the last real column): scalar, correct
+        _vectorize_lanes(sch, sch.get_loops(block)[-1], lanes)
     return True
 
 
@@ -444,9 +440,14 @@ def _epilogue_loop(sch: Any, block: Any, threaded: bool, lanes: int) -> None:
     *outer, last = sch.get_loops(block)
     if threaded and outer:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    width = next((w for w in (lanes, lanes // 2) if w > 1 and int(sch.get(last).extent) % w == 0), None)
+    _vectorize_lanes(sch, last, lanes)
+
+
+def _vectorize_lanes(sch: Any, loop: Any, lanes: int) -> None:
+    """An epilogue's innermost loop (channels, or columns) in vectors of ``lanes``, or half of them, where one divides."""
+    width = next((w for w in (lanes, lanes // 2) if w > 1 and int(sch.get(loop).extent) % w == 0), None)
     if width is not None:
-        sch.vectorize(sch.split(last, [None, width])[1])
+        sch.vectorize(sch.split(loop, [None, width])[1])
 
 
 def _sliced(sch: Any, write_back: Any) -> bool:

@@ -158,6 +158,14 @@ def prim_number(expr: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def scalar_number(expr: Any) -> float | None:
+    """A scalar constant's value: a tensor constant of one element, or a clip's bound (:func:`prim_number`); else None."""
+    if isinstance(expr, Constant) and hasattr(expr.value, "numpy"):  # a tensor constant (a FloatImm is a Constant too)
+        value = expr.value.numpy()
+        return float(value.reshape(())) if value.size == 1 else None
+    return prim_number(expr)
+
+
 # What may lie between a quantize's rounding and its 8-bit cast: the zero point's add and the type's bounds (a ReLU's
 # maximum at the zero point, or relu itself where the frontend kept it).
 QUANTIZE_BETWEEN = ("relax.add", "relax.subtract", "relax.minimum", "relax.maximum", "relax.clip", "relax.nn.relu")

@@ -24,21 +24,15 @@ from typing import Any
 
 import numpy as np
 from tvm import relax
-from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of, module_bindings, op_name, walk_to_round
+from optc.targets.providers.chains import dtype_of, module_bindings, op_name, scalar_number, walk_to_round
 from optc.targets.providers.layout_ops import rewritten
+
 
 def reciprocal_quantize(mod: Any) -> Any:
     """``mod`` with each quantize's division by its scale a multiplication by the reciprocal (the same module when none)."""
     rewriter = _Reciprocal(mod)
     return rewritten(rewriter, mod) if rewriter.divisions else mod
-
-
-def _scalar(expr: Any) -> float | None:
-    if isinstance(expr, Constant) and expr.value.numpy().size == 1:
-        return float(expr.value.numpy().reshape(()))
-    return None
 
 
 @relax.expr_functor.mutator
@@ -58,12 +52,12 @@ class _Reciprocal(relax.PyExprMutator):
         if chain is None:
             return None
         division = values.get(chain[-1].args[0], chain[-1].args[0])
-        ok = op_name(division) == "relax.divide" and dtype_of(division) == "float32" and _scalar(division.args[1]) not in (None, 0.0)
+        ok = op_name(division) == "relax.divide" and dtype_of(division) == "float32" and scalar_number(division.args[1]) not in (None, 0.0)
         return division if ok else None
 
     def visit_call_(self, call: Any) -> Any:
         if call in self.divisions:
             self.count += 1
-            inverse = np.float32(1.0) / np.float32(_scalar(call.args[1]))
+            inverse = np.float32(1.0) / np.float32(scalar_number(call.args[1]))
             return relax.op.multiply(self.visit_expr(call.args[0]), relax.const(inverse, "float32"))
         return super().visit_call_(call)

@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from tvm import relax
-from tvm.ir.expr import Constant
 
-from optc.targets.providers.chains import dtype_of, module_bindings, op_name, prim_number, walk_to_round
+from optc.targets.providers.chains import dtype_of, module_bindings, op_name, scalar_number, walk_to_round
 from optc.targets.providers.layout_ops import rewritten
 
 RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
@@ -47,14 +46,6 @@ def _uses(mod: Any) -> dict[Any, int]:
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func.body, visit)
     return counts
-
-
-def _number(expr: Any) -> float | None:
-    """A scalar constant's value (a tensor of one element, or a clip's bound), else None."""
-    if isinstance(expr, Constant) and hasattr(expr.value, "numpy"):  # a tensor constant (a FloatImm is a Constant too)
-        value = expr.value.numpy()
-        return float(value.reshape(())) if value.size == 1 else None
-    return prim_number(expr)
 
 
 @relax.expr_functor.mutator
@@ -99,7 +90,7 @@ class _RoundTrip(relax.PyExprMutator):
         low, high = False, False
         for call in chain[:-1]:
             name = op_name(call)
-            consts = [_number(a) for a in call.args if not isinstance(a, relax.Var)]
+            consts = [scalar_number(a) for a in call.args if not isinstance(a, relax.Var)]
             if any(c is None or not c.is_integer() for c in consts):
                 return False  # a non-integral constant leaves a non-integral value
             if name in ("relax.add", "relax.subtract"):
