@@ -1,4 +1,4 @@
-"""Rewrites that let ConvertLayout keep activations in NHWC: clips and variadic element-wise ops.
+"""Rewrites that let ConvertLayout keep activations in NHWC: clips, variadic element-wise ops, squeezes.
 
 **Clips as maximum/minimum.** TVM's ONNX frontend writes ``Clip`` (any opset) as TE
 calls of ``topi.maximum`` and ``topi.minimum``, and ``HardSigmoid``/``HardSwish``
@@ -30,6 +30,14 @@ onnx wheel, whose residuals are ``Sum``), and the stack copies every input once
 more. The frontend's own fallback for unknown shapes is the pairwise form,
 which ONNX's multidirectional broadcasting makes equivalent; a residual written
 as ``add`` is also what a provider fuses into the convolution before it.
+
+**Squeezes with negative axes, counted from the front.** TVM 0.27's layout rule
+for ``R.squeeze`` indexes the layout with the axis as given: ``axis=[-1]`` after a
+converted convolution throws ``std::bad_alloc`` and the whole model stays NCHW
+(Silero VAD's ``Squeeze(-1)`` after its last 1-D convolution: 5x onnxruntime's
+time with TVM's kernels, which have no NCHW template). ``axis=[a + rank]`` is the
+same op; every other axis-taking op tried (sum, mean, softmax, concat, take, ...)
+converts negative axes correctly.
 """
 from __future__ import annotations
 
@@ -49,7 +57,8 @@ _TE_NAME = re.compile(r"(maximum|minimum)\d*$")
 
 
 def layout_friendly(mod: Any) -> Any:
-    """``mod`` with its clips and variadic element-wise ops rewritten (the same module when there are none)."""
+    """``mod`` with its clips, variadic element-wise ops and negative squeeze axes rewritten (the same module when there
+    are none)."""
     return rewritten(_Rewriter(mod), mod)
 
 
@@ -59,12 +68,18 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.count = 0
         self.var2val = module_bindings(mod)
-        self.clip, self.call_tir, self.where, self.stack, self.broadcast_to, self.quantize, self.dequantize, self.max_pool2d = (
+        self.clip, self.call_tir, self.where, self.stack, self.broadcast_to, self.quantize, self.dequantize, self.max_pool2d, self.squeeze = (
             tvm.ir.Op.get(f"relax.{name}")
-            for name in ("clip", "call_tir", "where", "stack", "broadcast_to", "quantize", "dequantize", "nn.max_pool2d"))
+            for name in ("clip", "call_tir", "where", "stack", "broadcast_to", "quantize", "dequantize", "nn.max_pool2d", "squeeze"))
 
     def visit_call_(self, call: Any) -> Any:
-        if call.op.same_as(self.quantize) or call.op.same_as(self.dequantize):
+        if call.op.same_as(self.squeeze):
+            axes = call.attrs.axis
+            rank = int(getattr(call.args[0].ty, "ndim", -1))  # known for symbolic shapes too
+            if axes is not None and rank > 0 and any(int(a) < 0 for a in axes):
+                self.count += 1
+                return relax.op.squeeze(self.visit_expr(call.args[0]), [int(a) % rank for a in axes])
+        elif call.op.same_as(self.quantize) or call.op.same_as(self.dequantize):
             out = self._pooled(call) if call.op.same_as(self.quantize) else None
             out = out if out is not None else self._qdq(call)
             if out is not None:
