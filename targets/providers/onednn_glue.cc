@@ -162,27 +162,6 @@ bool serial_call(int64_t macs, const TensorView& w) {
   return macs < kSerialMacs && numel(w) * (w.dtype().bits / 8) < kParallelWeightBytes;
 }
 
-// A residual copied into dst for a sum post-op, on the threads the kernel runs on (one for a serial site).
-// ResNet-50 copies 22 MB per inference so (3.2 MB a 56x56x256 residual: 0.25 ms on one thread, half its
-// convolution's time); below 512 KB one thread copies as fast as two (0.4 MB: 12 us).
-constexpr size_t kParallelCopyBytes = size_t{1} << 19;
-
-void copy_residual(void* dst, const void* src, size_t bytes) {
-  int threads = omp_get_max_threads();
-  if (threads < 2 || bytes < kParallelCopyBytes) {
-    std::memcpy(dst, src, bytes);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    size_t n = static_cast<size_t>(omp_get_num_threads()), t = static_cast<size_t>(omp_get_thread_num());
-    size_t chunk = (bytes / n + 63) & ~size_t{63};  // whole cache lines
-    size_t begin = std::min(bytes, chunk * t), end = std::min(bytes, begin + chunk);
-    if (t + 1 == n) end = bytes;
-    if (end > begin) std::memcpy(static_cast<char*>(dst) + begin, static_cast<const char*>(src) + begin, end - begin);
-  }
-}
-
 // While alive, primitives made or run on this thread use one OpenMP thread when `serial`.
 class SerialScope {
  public:
@@ -209,10 +188,6 @@ struct Conv {
   dnnl::primitive prim;  // a convolution_forward, or a deconvolution_forward (ConvTranspose)
   dnnl::memory weights, bias;  // reordered once into the layout the kernel reads
   bool src_reorder = false, dst_reorder = false;
-  // The residual read by a binary-add post-op (the first post-op) where it lies, not copied into dst for a sum
-  // post-op first: that copy ran on one thread before every residual convolution (ResNet-50's 1x1 64->256 at
-  // 56x56: 3.2 MB, 1.29 ms a call against onnxruntime's 0.54, which writes its sum in place).
-  bool binary_residual = false;
   dnnl::memory::desc src_md, dst_md;  // the kernel's own layouts, where they differ from the plain ones
   dnnl::memory::desc src_plain, dst_plain;
   // Made once: building a reorder's primitive descriptor costs microseconds, a tenth of a small convolution.
@@ -353,14 +328,10 @@ void check_operands(const char* op, const TensorView& x, const TensorView& w, co
   check_f32(out, (name + " output").c_str());
 }
 
-// Post-ops (a residual sum, an activation) and, for int8, per-output-channel scales on dst's axis 1. The residual
-// is a sum post-op (added to what dst holds: run_conv copies it there first), or, given `residual`, a binary add
-// that reads it where it lies (Conv::binary_residual).
-dnnl::primitive_attr make_attr(bool sum, int64_t act, int64_t lo_bits, int64_t hi_bits, const TensorView* scales, int64_t channels,
-                               const dnnl::memory::desc* residual = nullptr) {
+// Post-ops (a residual sum, an activation) and, for int8, per-output-channel scales on dst's axis 1.
+dnnl::primitive_attr make_attr(bool sum, int64_t act, int64_t lo_bits, int64_t hi_bits, const TensorView* scales, int64_t channels) {
   dnnl::post_ops po;
-  if (sum && residual) po.append_binary(dnnl::algorithm::binary_add, *residual);
-  else if (sum) po.append_sum(1.f);
+  if (sum) po.append_sum(1.f);
   append_act(po, act, bits_to_float(lo_bits), bits_to_float(hi_bits));
   dnnl::primitive_attr attr;
   attr.set_post_ops(po);
@@ -438,24 +409,8 @@ std::shared_ptr<Conv> make_conv(const TensorView& x, const TensorView& w, const 
   auto b_md = dnnl::memory::desc({wd[0]}, dt::f32, tag::x);
   auto pd = conv_pd(nchw_dims(x, nhwc), nchw_dims(out, nhwc), src_dt, w_any, b ? &b_md : nullptr, a,
                     make_attr(sum, a[9], a[10], a[11], scales, wd[0]), nhwc, dst_dt);
-  auto c = std::make_shared<Conv>();
-  // A float residual in the output's own layout goes to a binary add, where oneDNN runs the very kernel it runs
-  // for the sum (some kernels take no binary post-op, or only a slower one: those keep the sum and its copy).
-  auto residual_md = dnnl::memory::desc(nchw_dims(out, nhwc), dst_dt, plain);
-  if (sum && !scales && dst_dt == dt::f32 && pd.dst_desc() == residual_md) {
-    try {
-      auto binary = conv_pd(nchw_dims(x, nhwc), nchw_dims(out, nhwc), src_dt, w_any, b ? &b_md : nullptr, a,
-                            make_attr(sum, a[9], a[10], a[11], scales, wd[0], &residual_md), nhwc, dst_dt);
-      if (binary.impl_info_str() == pd.impl_info_str() && binary.dst_desc() == pd.dst_desc() && binary.src_desc() == pd.src_desc()
-          && binary.weights_desc() == pd.weights_desc()) {
-        pd = binary;
-        c->binary_residual = true;
-      }
-    } catch (const dnnl::error&) {
-      // no kernel takes the binary post-op here: the sum post-op as before
-    }
-  }
 
+  auto c = std::make_shared<Conv>();
   c->prim = dnnl::convolution_forward(pd);
   c->weights = packed({wdims, w_dt, wtag}, raw_of(w), pd.weights_desc());
   if (b) c->bias = packed(b_md, data_of(*b), b_md);
@@ -525,14 +480,13 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
       m.args = {{DNNL_ARG_SRC, c.src_reorder ? dnnl::memory(c.src_md, eng) : m.user[0]}, {DNNL_ARG_WEIGHTS, c.weights},
                 {DNNL_ARG_DST, c.dst_reorder ? dnnl::memory(c.dst_md, eng) : m.user[1]}};
       if (b) m.args[DNNL_ARG_BIAS] = c.bias;
-      if (c.binary_residual) m.args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] = m.user[2];
     });
     dnnl::memory& src = m.args[DNNL_ARG_SRC];
     dnnl::memory& dst = m.args[DNNL_ARG_DST];
     if (c.src_reorder) c.to_src.execute(s, m.user[0], src);
-    if (res && !c.binary_residual) {
+    if (res) {
       if (c.dst_reorder) c.to_dst.execute(s, m.user[2], dst);
-      else copy_residual(data_of(out), data_of(*res), c.dst_plain.get_size());
+      else std::memcpy(data_of(out), data_of(*res), c.dst_plain.get_size());
     }
     c.prim.execute(s, m.args);
     if (c.dst_reorder) c.from_dst.execute(s, dst, m.user[1]);
