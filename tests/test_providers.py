@@ -1122,6 +1122,42 @@ def test_squeezes_with_negative_axes_no_longer_keep_the_model_in_nchw(tmp_path):
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5)
 
 
+def test_a_call_the_layout_conversion_throws_on_keeps_nchw_alone(tmp_path, monkeypatch):
+    """Without layout_ops' rewrite, TVM's rule for Squeeze(-1) throws: the two squeezes are found by bisection and
+    legalised to call_tir (no layout rule: their inputs go back to NCHW), the convolutions still convert, the report
+    says which calls kept NCHW and why, and the artifact computes onnxruntime's outputs."""
+    import tvm
+    from optc.targets.artifact import load_artifact
+    from optc.targets.providers import select
+    from optc.targets.providers.layout_fallback import convert_layout
+    from optc.targets.providers.select import NHWC_LAYOUTS, ProviderReport, to_nhwc
+
+    model = squeezed_heads()
+    mod = relax_of(model)
+    converted, kept, why = convert_layout(mod, NHWC_LAYOUTS)
+    assert kept == ["relax.squeeze", "relax.squeeze"] and "bad_alloc" in why, (kept, why)
+    text = converted["main"].script()
+    assert text.count("R.call_tir(squeeze") == 2 and "R.squeeze(" not in text
+    assert "R.permute_dims(x, axes=[0, 2, 1])" in text and "R.permute_dims(img, axes=[0, 2, 3, 1])" in text  # inputs to NHWC
+    plain, _, _ = convert_layout(relax_of(conv1d_silu()), NHWC_LAYOUTS)  # nothing throws: nothing kept, the same as TVM's
+    assert plain.script() == tvm.relax.transform.ConvertLayout(NHWC_LAYOUTS)(relax_of(conv1d_silu())).script()
+
+    monkeypatch.setattr(select, "layout_friendly", lambda m: m)
+    report = ProviderReport("tvm")
+    with tvm.target.Target({"kind": "llvm"}) as target:
+        to_nhwc(mod, target, report)
+    assert report.layout == "NHWC (relax.squeeze, relax.squeeze kept in NCHW: std::bad_alloc)", report.layout
+    path, out = tmp_path / "m.onnx", tmp_path / "out"
+    onnx.save(model, path)
+    res = invoke("compile", path, "-o", out, "--target", "x86", "--kernels", "tvm", "--no-latency")
+    assert res.exit_code == 0, res.output
+    assert "kept in NCHW" in json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]["layout"]
+    feeds = {"x": rand(1, 8, 64, seed=3), "img": rand(1, 3, 8, 8, seed=4)}
+    got, want = load_artifact(out).run(feeds), ort_run(model, feeds)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5)
+
+
 def test_sigmoid_is_a_vectorisable_polynomial_within_a_micro():
     """TVM lowers R.sigmoid to one libm expf per element (FastMathTransform skips it); optc's legalisation uses
     fast_exp. Checked over the whole range, saturation and infinities included."""

@@ -52,6 +52,7 @@ from optc.targets.providers.chains import (
     ALGO_WINOGRAD,
     Chain,
 )
+from optc.targets.providers.layout_fallback import convert_layout, last_line
 from optc.targets.providers.layout_ops import deconvs_as_matmuls, layout_friendly, quantize_ops
 from optc.targets.providers.offload import (
     act_attrs,
@@ -149,20 +150,21 @@ def tvm_layout(mod: Any, target: Any, report: ProviderReport) -> Any:
 def to_nhwc(mod: Any, target: Any, report: ProviderReport) -> Any:
     """``mod`` with its convolutions in NHWC, which both oneDNN (in place, no reorders) and optc's own
     register-tiled kernel (targets.tiled_kernels, vectorised over the channels) read; NCHW where TVM cannot."""
-    from tvm import relax
-
     if not any(c.kind == "conv2d" for c in find_chains(mod)):
         return mod
-    # Clips and variadic sums first become binary ops, which ConvertLayout keeps in NHWC (layout_ops).
+    # Clips and variadic sums first become binary ops, which ConvertLayout keeps in NHWC (layout_ops); a call its
+    # rules throw on keeps its layout alone (layout_fallback).
     try:
-        converted = relax.transform.ConvertLayout(NHWC_LAYOUTS)(layout_friendly(mod))
+        converted, kept, why = convert_layout(layout_friendly(mod), NHWC_LAYOUTS)
         stuck = unlegalizable(converted, target)
         if stuck:
             raise ValueError(f"no NHWC kernel for {', '.join(stuck)}")
-        report.layout = "NHWC"
+        report.layout = "NHWC" + (f" ({', '.join(kept)} kept in NCHW: {why[:80]})" if kept else "")
+        if kept:
+            logger.warning("TVM's layout conversion throws on %s (%s): kept in NCHW, the rest in NHWC", ", ".join(kept), why[:160])
         return converted
     except Exception as exc:  # noqa: BLE001 - TVM's layout rules fail on some ops (Magika's 3-D reductions): NCHW is correct
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        first = last_line(exc)
         logger.warning("TVM cannot convert this model's layout to NHWC (%s): its convolutions run in NCHW", first[:160])
         report.layout = f"NCHW (NHWC conversion failed: {first[:100]})"  # the why, in the report and the CLI's line
         return mod
