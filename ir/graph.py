@@ -160,6 +160,8 @@ class GraphEditor:
         # leaves their consumers reading the old names (Silero VAD's nested Ifs: a model onnxruntime refuses).
         options = dict(fold_shapes=fold_shapes, size_threshold=max_bytes, should_exclude_node=exclude, flatten_subgraphs=False,
                        recurse_subgraphs=bodies)
+        if fold_shapes:
+            self._split_shape_slices(self.graph, bodies)
         with quiet_graphsurgeon():
             toposort(self.graph)
             try:
@@ -171,6 +173,30 @@ class GraphEditor:
                 # out of memory, with large weights); "recursive" drops a node per retry: bounded.
                 self.graph.fold_constants(partitioning="recursive", error_ok=True, **options)
             self.graph.cleanup(remove_unused_graph_inputs=False)
+
+    def _split_shape_slices(self, graph: gs.Graph, bodies: bool) -> None:
+        """Each ``Shape`` with ``start``/``end`` (opset 15) of a static tensor as a plain ``Shape`` and a ``Slice`` of it,
+        which both fold to the same values (Slice clamps negative and outlying bounds as Shape does). onnx-graphsurgeon
+        0.6's shape folding ignores the two attributes: ``Shape(x, start=1, end=2)`` of a static 2x3 ``x`` folded to
+        [2, 3], not [3], and the model computed 5 where onnxruntime computes 3, with no error."""
+        for node in list(graph.nodes):
+            if bodies:
+                for attr in node.attrs.values():
+                    for value in attr if isinstance(attr, list) else [attr]:
+                        if isinstance(value, gs.Graph):
+                            self._split_shape_slices(value, bodies)
+            if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)):
+                continue
+            shape = node.inputs[0].shape if node.inputs else None
+            if shape is None or not all(isinstance(d, int) for d in shape):
+                continue  # not folded: left as it is, so a fold that folds nothing changes nothing
+            start, end = int(node.attrs.pop("start", 0)), int(node.attrs.pop("end", np.iinfo(np.int64).max))
+            whole = gs.Variable(self.fresh_name(f"{node.outputs[0].name}_whole"), dtype=np.int64)
+            sliced = node.outputs[0]
+            node.outputs = [whole]
+            bounds = [gs.Constant(self.fresh_name(f"{sliced.name}_{what}"), np.array([v], np.int64)) for what, v in
+                      (("start", start), ("end", end), ("axis", 0))]
+            graph.nodes.append(gs.Node("Slice", self.fresh_name(f"{node.name or 'shape'}_slice"), inputs=[whole, *bounds], outputs=[sliced]))
 
     def remove_dead_code(self) -> None:
         """Drop nodes no graph output depends on, and unused initializers; graph inputs stay."""
