@@ -659,6 +659,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
             )
             baseline_session = None
         driver.check_finite(baseline, final)
+        driver.check_exact(passes, baseline, final)
         evaluation_section = Evaluation.from_dict(
             driver.compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other", feeds_source)
         )

@@ -526,6 +526,31 @@ def check_finite(before: Measurement, after: Measurement) -> None:
             raise RuntimeError(f"the compressed model computes NaN/inf on output '{name}' where the input model does not; nothing was written")
 
 
+EXACT_PIPELINE_RTOL = 1e-3  # of an output's largest magnitude: float reassociation (folded batch norms) stays far below
+
+
+def check_exact(passes: Sequence[Any], before: Measurement, after: Measurement) -> None:
+    """Refuse to write a model that a pipeline of exact passes (canonicalize) computes differently: an optc bug
+    (onnx-graphsurgeon once folded ``Shape(x, start=1, end=2)`` of a 2x3 ``x`` to [2, 3], and the model computed 5
+    where onnxruntime computes 3, with exit 0). Lossy passes are judged by their budgets instead."""
+    if not passes or not all(getattr(p, "exact", False) for p in passes):
+        return
+    for name, ref in before.outputs.items():
+        got = after.outputs.get(name)
+        if got is None or not np.issubdtype(ref.dtype, np.number) or got.shape != ref.shape:
+            continue
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        finite = np.isfinite(ref64) & np.isfinite(got64)
+        if not finite.any():
+            continue
+        scale = float(np.abs(ref64[finite]).max())
+        worst = float(np.abs(got64[finite] - ref64[finite]).max())
+        if worst > EXACT_PIPELINE_RTOL * max(scale, 1e-6):
+            names = ", ".join(p.name for p in passes)
+            raise RuntimeError(f"the passes ({names}) are exact, but output '{name}' differs from the input model's by up to {worst:.3g} "
+                               f"(its values reach {scale:.3g}): an optc bug; nothing was written (--verify-each names the pass)")
+
+
 def compare(before: Measurement, after: Measurement, samples_labelled: int, timing: str, feeds_source: str) -> dict[str, Any]:
     """report.json's ``evaluation`` section."""
     samples = len(next(iter(before.outputs.values()))) if before.outputs else 0

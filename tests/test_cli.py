@@ -296,6 +296,37 @@ def test_a_model_computing_nan_is_not_written(tmp_path):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@register_pass("test-exact-but-wrong")
+class _ExactButWrong(Pass):
+    """Declared exact (the default) but scales the first weight: a canonicalisation gone wrong."""
+
+    def run(self, model, ctx):
+        out = model.copy()
+        first = out.graph.initializer[0]
+        first.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first) * np.float32(1.5), first.name))
+        return PassResult(out, modified=True)
+
+
+@register_pass("test-lossy-scale")
+class _LossyScale(_ExactButWrong):
+    exact = False
+
+
+def test_an_exact_pipeline_that_changes_the_outputs_is_not_written(tmp_path):
+    """Exact passes must give the input model's outputs (up to float reassociation): otherwise optc has a bug, and
+    says so rather than writing a model that computes something else. A lossy pass is judged by its budget instead."""
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out), "--pass", "canonicalize",
+                                   "--pass", "test-exact-but-wrong", "--no-latency"])
+    assert res.exit_code == 1, res.output
+    assert "internal error" in res.output and "are exact, but output 'logits' differs" in res.output and "nothing was written" in res.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    res = CliRunner().invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out), "--pass", "test-lossy-scale", "--no-latency"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "canon"), "--no-latency"])
+    assert res.exit_code == 0, res.output  # canonicalize's folded batch norms stay within the check
+
+
 def test_fidelity_is_measured_on_data_the_passes_did_not_fit(tmp_path):
     common = ["compile", SAMPLE / "mnist_cnn.onnx", "--calib", SAMPLE / "calib.npz", "--no-latency", "--json"]
     held = json.loads(invoke(*common, "-o", tmp_path / "a", "--eval", SAMPLE / "test.npz").output)
