@@ -225,6 +225,17 @@ def test_max_drop_keeps_sensitive_layers_float(save, tmp_path):
     assert any("kept float" in s for s in record.skipped)
 
 
+def test_sensitivities_are_measured_only_for_a_fallback_and_within_its_time(save, tmp_path):
+    """A model within its budget needs no fallback: no layer's sensitivity is measured (each is a run of the model on
+    the evaluation samples). One that misses it measures them on the search's clock, which may end the measuring."""
+    _, within = _run(save, tmp_path, _conv_gemm_model(), max_drop=0.5, eval_samples=32)
+    assert within.stats["sensitivity"] == {} and not within.stats["float"]
+    _, asked = _run(save, tmp_path, _conv_gemm_model(), max_drop=0.5, eval_samples=32, sensitivity=True)
+    assert set(asked.stats["sensitivity"]) == {"conv", "gemm", "mm"}
+    _, spent = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-7, eval_samples=32, time_budget_s=0.0)
+    assert len(spent.stats["sensitivity"]) < 3 and not spent.stats["float"] and spent.stats["budget_met"] is False
+
+
 def test_a_fixed_batch_of_one_is_judged_on_every_sample(save, tmp_path):
     """Once the fallback of a batch-1 model measured its first sample only: 22 frames of ddddocr's OCR
     said every layer could stay int8, and 352 held-out frames disagreed."""
@@ -241,7 +252,8 @@ def test_a_tighter_fallback_reuses_the_drops_measured_and_writes_the_same_model(
     from optc.passes.quantize.quantize import _DROPS
     _DROPS.clear()
     misses, hits = _DROPS.misses, _DROPS.hits
-    _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-3, metric="fidelity", eval_samples=32)
+    _, first = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-7, metric="fidelity", eval_samples=32)
+    assert len(first.stats["sensitivity"]) == 3  # it missed: every layer's sensitivity measured
     measured = _DROPS.misses - misses
     tight, record = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-9, metric="fidelity", eval_samples=32)
     assert _DROPS.hits - hits >= 4  # the full drop and the 3 one-layer ones, at least
