@@ -69,6 +69,10 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     console.print(table)
     ev = report["evaluation"]
     lines = []
+    for rec in report["passes"]:  # a pass that found nothing to do says why, here and not only in report.json
+        if not rec["modified"] and rec["skipped"]:
+            more = f" (and {len(rec['skipped']) - 1} more in report.json)" if len(rec["skipped"]) > 1 else ""
+            lines.append(f"note: {shown(rec['pass'])} changed nothing: {shown(rec['skipped'][0])}{more}")
     fid = ev.get("fidelity", {})
     if fid:
         worst = max(m["max_abs"] for m in fid.values())

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import BAD, SAMPLE, load_tool, ort_run
 
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from optc.cli.main import cli
 from optc.passes import Pass, PassResult, register_pass
@@ -325,6 +325,27 @@ def test_an_exact_pipeline_that_changes_the_outputs_is_not_written(tmp_path):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(tmp_path / "canon"), "--no-latency"])
     assert res.exit_code == 0, res.output  # canonicalize's folded batch norms stay within the check
+
+
+def test_a_pass_with_nothing_to_do_on_an_already_quantized_model_says_why(tmp_path):
+    """onnxruntime's dynamic quantization (ConvInteger, as in ddddocr's common_old.onnx) leaves no float layer: the
+    lossy passes change nothing, and each says why on the terminal, not only in report.json."""
+    w = numpy_helper.from_array(np.random.default_rng(0).integers(0, 255, (4, 3, 3, 3)).astype(np.uint8), "w")
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("ConvInteger", ["xq", "w", "xz"], ["acc"], pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=onnx.TensorProto.FLOAT), helper.make_node("Mul", ["accf", "xs"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    for name in ("sparsify", "quantize", "prune-channels"):
+        res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / name), "--pass", name,
+                                       "--calib", str(tmp_path / "calib.npz"), "--no-latency"])
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.split())
+        assert f"note: {name} changed nothing: no float Conv/ConvTranspose/Gemm/MatMul layer: the model is already quantized (ConvInteger x1)" in text, text
 
 
 def test_fidelity_is_measured_on_data_the_passes_did_not_fit(tmp_path):

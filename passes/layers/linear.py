@@ -10,6 +10,7 @@ that OBS/SparseGPT, GPTQ, least-squares refits and activation-aware SVD use.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +23,9 @@ from optc.ir.stats import shape_map
 from optc.ir.view import attributes, graph_nodes, initializers
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Integer kernels of an already quantized model (onnxruntime's dynamic and static quantization): no float weight to compress.
+QUANTIZED_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
+                           "QGemm", "QAttention", "MatMulIntegerToFloat"})
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,11 @@ def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[
                 skipped.append(f"{node.name}: batched MatMul weight of rank {len(wshape)}")
                 continue
             layers.append(LinearLayer(node.name, "MatMul", node.input[0], node.output[0], node.input[1], None, wshape))
+    if not layers and not skipped:  # the pass changes nothing: say why (ddddocr's common_old.onnx is already int8)
+        quantized = Counter(n.op_type for n in graph_nodes(model) if n.op_type in QUANTIZED_OPS)
+        skipped.append(f"no float {'/'.join(LINEAR_OPS)} layer: the model is already quantized ("
+                       + ", ".join(f"{op} x{count}" for op, count in sorted(quantized.items())) + ")" if quantized
+                       else f"no {'/'.join(LINEAR_OPS)} layer with a constant weight in the main graph")
     return layers, skipped
 
 

@@ -118,6 +118,8 @@ class PruneChannels(Pass[PruneChannelsConfig]):
         graph = analyse_channels(model, protect=frozenset(cfg.exclude))
         skipped = [f"{g.name}: {g.frozen[0]}" for g in graph.groups if g.frozen and g.sources and not _placeholder(g)]
         candidates = [g for g in graph.groups if g.prunable and g.size > 1]
+        if not candidates and not skipped:  # nothing to prune: say why (an already quantized model has no float layer)
+            skipped = find_linear_layers(model)[1][:1] or ["no channel group with a producer optc can prune (Conv, Gemm, MatMul)"]
         unchanged = PassResult(model, modified=False, stats={"groups": [], "prunable_groups": len(candidates)}, skipped=skipped)
         if not candidates or cfg.ratio == 0:
             return unchanged

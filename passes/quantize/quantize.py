@@ -177,6 +177,8 @@ class Quantize(Pass[QuantizeConfig]):
         for n in graph_nodes(model):
             if n.op_type == "MatMul" and wanted(n.name, n.op_type) and len(n.input) > 1 and n.input[1] not in inits:
                 skipped.append(f"{n.name}: both inputs are activations (only weight MatMuls are quantized)")
+        if not layers and not skipped:  # nothing to quantize: say why (an already quantized model: find_linear_layers')
+            skipped = found_skipped[:1] if not all_layers else [f"no layer of the op types {', '.join(cfg.op_types)}"]
         return layers, skipped
 
     def _calibrate(self, model: Model, calib: CalibrationSet, tensors: list[str]) -> dict[str, ActivationParams]:
