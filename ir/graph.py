@@ -180,11 +180,9 @@ class GraphEditor:
         0.6's shape folding ignores the two attributes: ``Shape(x, start=1, end=2)`` of a static 2x3 ``x`` folded to
         [2, 3], not [3], and the model computed 5 where onnxruntime computes 3, with no error."""
         for node in list(graph.nodes):
-            if bodies:
-                for attr in node.attrs.values():
-                    for value in attr if isinstance(attr, list) else [attr]:
-                        if isinstance(value, gs.Graph):
-                            self._split_shape_slices(value, bodies)
+            for body in _attribute_values(node) if bodies else ():
+                if isinstance(body, gs.Graph):
+                    self._split_shape_slices(body, bodies)
             if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)):
                 continue
             shape = node.inputs[0].shape if node.inputs else None
@@ -346,19 +344,24 @@ def _detach_tensor_attributes(graph: gs.Graph) -> None:
     (loading lifts the weights held in ``Constant`` nodes into initializers).
     """
     for node in graph.nodes:
-        for attr in node.attrs.values():
-            for value in attr if isinstance(attr, list) else [attr]:
-                if isinstance(value, gs.Graph):
-                    _detach_tensor_attributes(value)
-                elif isinstance(value, gs.Constant) and type(value._values) is LazyValues:
-                    source = value._values.tensor
-                    names = {value.name}
-                    if node.op == "Constant":
-                        names |= {t.name for t in node.outputs}
-                    if not source.HasField("name") or names != {source.name}:
-                        copy = onnx.TensorProto()
-                        copy.CopyFrom(source)
-                        value._values = LazyValues(copy)
+        for value in _attribute_values(node):
+            if isinstance(value, gs.Graph):
+                _detach_tensor_attributes(value)
+            elif isinstance(value, gs.Constant) and type(value._values) is LazyValues:
+                source = value._values.tensor
+                names = {value.name}
+                if node.op == "Constant":
+                    names |= {t.name for t in node.outputs}
+                if not source.HasField("name") or names != {source.name}:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(source)
+                    value._values = LazyValues(copy)
+
+
+def _attribute_values(node: gs.Node) -> Iterator[Any]:
+    """Every value of ``node``'s attributes, a list's items one by one (an If's branches, a Constant's tensor)."""
+    for attr in node.attrs.values():
+        yield from attr if isinstance(attr, list) else (attr,)
 
 
 def to_networkx(model: Model) -> nx.MultiDiGraph:

@@ -137,9 +137,11 @@ def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[
             layers.append(LinearLayer(node.name, "MatMul", node.input[0], node.output[0], node.input[1], None, wshape))
     if not layers and not skipped:  # the pass changes nothing: say why (ddddocr's common_old.onnx is already int8)
         quantized = Counter(n.op_type for n in graph_nodes(model) if n.op_type in QUANTIZED_OPS)
-        skipped.append(f"no float {'/'.join(LINEAR_OPS)} layer: the model is already quantized ("
-                       + ", ".join(f"{op} x{count}" for op, count in sorted(quantized.items())) + ")" if quantized
-                       else f"no {'/'.join(LINEAR_OPS)} layer with a constant weight in the main graph")
+        if quantized:
+            found = ", ".join(f"{op} x{count}" for op, count in sorted(quantized.items()))
+            skipped.append(f"no float {'/'.join(LINEAR_OPS)} layer: the model is already quantized ({found})")
+        else:
+            skipped.append(f"no {'/'.join(LINEAR_OPS)} layer with a constant weight in the main graph")
     return layers, skipped
 
 
