@@ -569,7 +569,7 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     except _DefaultBudgetMissed as missed:
         logger.warning(missed.message)
         # A default held to the default budget: strengths to 1/8 of the default are precise enough, in 3 steps.
-        implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop, search_steps=3)
+        implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop, search_steps=3, hold=missed.guard.runner.hold)
         # The redo opens the same data and splits it the same way, so the run that missed is the search's
         # first point as it stands: the search need not run every pass of it again.
         ran, missed.ran = missed.ran, None

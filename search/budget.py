@@ -196,6 +196,8 @@ FALLBACK_TIGHTEN = 4  # the second fallback holds a quarter of the first's drop
 def _fallback_metric(budget: Budget) -> str:
     """The pass's own fidelity measure closest to what the budget holds: an argmax budget is not met by a cosine."""
     name = budget.runner.metric.name
+    if budget.runner.hold:  # outputs top-k does not read, held by their cosine: fidelity sees them, top1 does not
+        return "fidelity"
     return "top1" if name in ("top1", "top5") else "fidelity" if name == "fidelity" else "cosine"
 
 

@@ -39,6 +39,7 @@ class BudgetSpec:
     time_budget_s: float | None = None
     objective: str = "size"
     search_steps: int = 6  # bisection steps of the common strength scale (resolution 2**-steps)
+    hold: tuple[str, ...] = ()  # outputs the metric does not read, held by their cosine too (MetricRunner's hold: the default budget's)
 
     def __post_init__(self) -> None:
         if self.max_drop is not None and self.min_fidelity is not None:
@@ -91,13 +92,15 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
         raise ConfigError("an accuracy budget is measured on held-out data: give --eval LABELLED.npz (data no pass fits on)")
     metric, drop = spec.resolve()
     metric = bounded(metric)  # the budget's data is a sample of the user's: held with a confidence bound
-    runner = MetricRunner(metric, labelled.inputs, labelled.labels, model)
+    runner = MetricRunner(metric, labelled.inputs, labelled.labels, model, hold=spec.hold)
     prefix = PrefixRunner(model, ctx)
     if ran is not None:
         prefix.remember(*ran)
     budget = Budget(runner, drop)
     section: dict[str, Any] = {"metric": metric.name, "max_drop": drop, "baseline": runner.baseline, "samples": labelled.inputs.num_samples,
                                "objective": {"size": "bytes"}.get(spec.objective, spec.objective)}
+    if runner.hold:
+        section["held_by_cosine"] = list(runner.hold)
     if metric.bounded:
         section["score"] = ("the mean; the drop is the 90 % upper confidence bound of the paired per-sample drop" if metric.per_sample
                             else "the 90 % lower confidence bound of the per-sample mean")

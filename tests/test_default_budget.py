@@ -78,7 +78,7 @@ def test_default_that_misses_is_scaled_down_and_held_on_the_test_set(tmp_path):
 def test_without_eval_the_default_is_held_on_held_out_calibration_samples(tmp_path):
     report, output = compile_(tmp_path, "q", "--pass", "quantize")
     assert report.get("search") is None  # int8 of the sample keeps cosine 0.99: nothing searched
-    assert any("within the default budget (the 90 % lower confidence bound of the mean output cosine at least 0.99 and argmax "
+    assert any("within the default budget (the 90 % lower confidence bound of the mean cosine of each output at least 0.99 and argmax "
                "agreement at least 0.99 (logits) on 64 held-out calibration samples): cosine 0.99" in n for n in report["notes"])
     report, _ = compile_(tmp_path, "mf", "--pass", "prune-channels:ratio=0.6", "--min-fidelity", "0.995")
     assert report["search"]["metric"] == "cosine" and report["search"]["samples"] == 64
@@ -262,7 +262,7 @@ def test_label_free_guard_holds_argmax_decisions_not_only_cosine(tmp_path):
     cosine, agreement = (float(f.split()[-1]) for f in means.removesuffix(" (scores)").split(", "))
     # One decision per sample: the bound of 64 samples' agreement sits below their mean, and is what is held.
     assert figures.startswith("cosine ") and cosine > 0.999 and agreement > score and float(bound) == pytest.approx(score, abs=1e-4)
-    assert guard.describe() == ("the 90 % lower confidence bound of the mean output cosine at least 0.99 and argmax agreement "
+    assert guard.describe() == ("the 90 % lower confidence bound of the mean cosine of each output at least 0.99 and argmax agreement "
                                 "at least 0.99 (scores) on 64 held-out calibration samples")
     assert guard.check(model)[2]
 
