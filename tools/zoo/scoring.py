@@ -232,7 +232,8 @@ def compare(entry: Entry, candidate: Path, limit: int | None = None) -> dict:
     Returns ``{"metric", "before", "after", "drop_points"}`` for accuracy metrics
     (drop in percentage points) or ``{"metric", "cosine"}`` for fidelity ones;
     every model also gets ``cosine`` (outputs vs the original's), ``max_abs`` (the
-    largest output difference) and ``ref_max_abs`` (the original's largest output).
+    largest output difference) and ``ref_max_abs`` (the original's largest output); a labelled model
+    with more than one output also ``cosine_unscored``, the least cosine of the outputs after the first.
     """
     ref = run_outputs(entry.model, entry, limit)
     got = run_outputs(candidate, entry, limit)
@@ -241,12 +242,16 @@ def compare(entry: Entry, candidate: Path, limit: int | None = None) -> dict:
              "ref_max_abs": max(float(np.abs(r).max()) for ro in ref for r in ro if r.size)}
     if entry.metric in ACCURACY_METRICS:
         before, after = score(entry, ref), score(entry, got)
-        return {"metric": entry.metric, "before": before, "after": after, "drop_points": 100 * (before - after), "cosine": cos, **diffs}
+        result = {"metric": entry.metric, "before": before, "after": after, "drop_points": 100 * (before - after), "cosine": cos, **diffs}
+        if ref and len(ref[0]) > 1:  # the labels score the first output; the others (MTCNN's boxes) are held by their cosine
+            result["cosine_unscored"] = min(output_cosines(got, ref)[1:])
+        return result
     return {"metric": "cosine", "cosine": cos, **diffs}
 
 
 def meets_goal(result: dict) -> bool:
-    """The issue's goal for a lossy pass: at most 1 point lost, or held-out cosine at least 0.99 (of every output)."""
-    if "drop_points" in result:
-        return round(result["drop_points"], 9) <= 1.0  # 2 of 200 samples is 1 point, not 1.0000000000000009
+    """The issue's goal for a lossy pass: at most 1 point lost (and the outputs the labels do not score at cosine
+    0.99), or held-out cosine at least 0.99 (of every output)."""
+    if "drop_points" in result:  # 2 of 200 samples is 1 point, not 1.0000000000000009
+        return round(result["drop_points"], 9) <= 1.0 and result.get("cosine_unscored", 1.0) >= 0.99
     return result["cosine"] >= 0.99
