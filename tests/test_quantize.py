@@ -248,9 +248,11 @@ def test_a_fixed_batch_of_one_is_judged_on_every_sample(save, tmp_path):
 
 
 def test_a_tighter_fallback_reuses_the_drops_measured_and_writes_the_same_model(save, tmp_path):
-    """The default budget tightens a fallback that missed: the same model, data and options measure nothing again."""
-    from optc.passes.quantize.quantize import _DROPS
+    """The default budget tightens a fallback that missed: the same model, data and options measure nothing again,
+    calibration included (PicoDet's took 60-100 s a try)."""
+    from optc.passes.quantize.quantize import _CALIBRATIONS, _DROPS
     _DROPS.clear()
+    _CALIBRATIONS.clear()
     misses, hits = _DROPS.misses, _DROPS.hits
     _, first = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-7, metric="fidelity", eval_samples=32)
     assert len(first.stats["sensitivity"]) == 3  # it missed: every layer's sensitivity measured
@@ -258,7 +260,9 @@ def test_a_tighter_fallback_reuses_the_drops_measured_and_writes_the_same_model(
     tight, record = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-9, metric="fidelity", eval_samples=32)
     assert _DROPS.hits - hits >= 4  # the full drop and the 3 one-layer ones, at least
     assert _DROPS.misses - misses - measured < measured
+    assert _CALIBRATIONS.hits >= 2  # the second run's activation ranges and input means
     _DROPS.clear()
+    _CALIBRATIONS.clear()
     fresh, again = _run(save, tmp_path, _conv_gemm_model(), max_drop=1e-9, metric="fidelity", eval_samples=32)
     assert tight.proto.SerializeToString() == fresh.proto.SerializeToString()
     assert record.stats["float"] == again.stats["float"]
@@ -295,3 +299,39 @@ def test_mnist_cnn_keeps_accuracy():
     test = np.load(SAMPLE / "test.npz")
     logits = ort_run(q.proto, {"input": test["input"]})[q.outputs[0].name]
     assert (logits.argmax(1) == test["label"]).mean() >= 0.975  # fp32: 0.980
+
+
+def test_the_fallback_finds_the_fewest_float_layers_in_about_two_log2_runs():
+    """PicoDet needed 40 of its ~100 layers float and took 40 runs of the model at 8 s each: its time budget ended first."""
+    from optc.passes.quantize.quantize import _fewest_float
+
+    order = [f"l{i}" for i in range(100)]
+    for needed in (1, 3, 40, 64, 99):
+        runs = []
+        value = lambda k, needed=needed: 0.0 if k >= needed else 0.1 * (1 - k / 200)  # noqa: E731
+        k, trials = _fewest_float(order, lambda k: runs.append(k) or value(k), 0.1, 0.01, lambda: False)
+        assert k == needed and trials == [(n, value(n)) for n in runs]
+        assert len(runs) <= 2 * np.log2(needed) + 2, (needed, runs)
+    # no count is within: the one with the least drop; ties go to the fewer layers; every layer float is not tried
+    k, trials = _fewest_float(order[:6], lambda k: [0.5, 0.2, 0.3, 0.25, 0.2, 0.2, 0.0][k], 0.5, 0.01, lambda: False)
+    assert k == 1 and [n for n, _ in trials] == [1, 2, 4, 5]
+    assert _fewest_float(order[:1], lambda k: 0.0, 0.1, 0.01, lambda: False) == (0, [])
+    # a spent clock measures nothing more: the model as it was
+    assert _fewest_float(order, lambda k: 0.0, 0.1, 0.01, lambda: True) == (0, [])
+
+
+def test_sensitivities_take_at_most_half_the_time_budget_worst_rounded_first(monkeypatch):
+    from types import SimpleNamespace
+
+    from optc.passes.quantize import quantize as q
+
+    clock = [0.0]
+    monkeypatch.setattr(q.time, "perf_counter", lambda: clock[0])
+    plans = {f"l{i}": SimpleNamespace(sqnr_db=40.0 - i) for i in range(10)}  # l9 is the worst rounded
+
+    def measure(name):
+        clock[0] += 10.0
+        return 1.0
+    sens = q.Quantize._sensitivities(plans, measure, 0.0, 35.0)
+    assert list(sens) == ["l9", "l8", "l7", "l6"]  # at 40 s the half budget is spent: measured worst-rounded first
+    assert len(q.Quantize._sensitivities(plans, measure, clock[0], None)) == 10  # asked for (sensitivity=true): all

