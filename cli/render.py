@@ -87,7 +87,7 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     if "latency_ms" in ev:
         lat = ev["latency_ms"]
         how = "timed in turns" if lat.get("timing") == "in turns" else "median, timed one after the other"
-        lines.append(f"latency (onnxruntime CPU, {how}): {lat['before']:.3f} ms -> {lat['after']:.3f} ms (x{lat['speedup']:.2f})")
+        lines.append(f"latency (onnxruntime CPU, {how}): {lat['before']:.3f} ms -> {lat['after']:.3f} ms ({_faster(lat['before'], lat['after'])})")
     int8 = (report.get("target") or {}).get("int8")
     if int8 and int8.get("enabled"):
         line = f"int8 (TVM): {int8['lowered']} regions lowered to integer kernels"
@@ -106,7 +106,8 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     timed = (report.get("target") or {}).get("latency")
     if timed:
         lines.append(f"artifact ({shown(report['target']['name'])}) on this machine: {timed['artifact_ms']:.3f} ms vs onnxruntime "
-                     f"{timed['onnxruntime_ms']:.3f} ms (x{timed['ratio']:.2f}, timed in turns), outputs within {timed['max_abs_diff']:.1e}")
+                     f"{timed['onnxruntime_ms']:.3f} ms ({_faster(timed['onnxruntime_ms'], timed['artifact_ms'])}, timed in turns), "
+                     f"outputs within {timed['max_abs_diff']:.1e}")
     for note in report.get("notes", []):
         lines.append(f"note: {shown(note, limit=None)}")
     for line in lines:
@@ -174,3 +175,12 @@ def render_passes(passes: list[dict[str, Any]], console: Console) -> None:
         for opt in p["options"]:
             kind = f"{opt['type']} {opt['range']}" if opt.get("range") else opt["type"]  # "float in [0, 1)", "int >= 1"
             console.print(shown(f"    {opt['name']} ({kind}, default {opt['default']!r}): {opt['help']}", limit=None))
+
+
+def _faster(reference_ms: float, measured_ms: float) -> str:
+    """How ``measured_ms`` compares with ``reference_ms`` in words: one convention for every time the summary
+    shows (the latency line printed a speed-up and the artifact line a ratio of times, both as "xN")."""
+    if reference_ms <= 0 or measured_ms <= 0:
+        return "not comparable"
+    ratio = reference_ms / measured_ms
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"

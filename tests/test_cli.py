@@ -274,6 +274,10 @@ def test_large_input_model_is_timed_one_after_the_other(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "latency (onnxruntime CPU, median, timed one after the other)" in res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    lat = report["evaluation"]["latency_ms"]  # one convention for times: "N.NNx faster/slower", never a bare "xN"
+    ratio = lat["before"] / lat["after"]
+    said = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    assert f"{lat['after']:.3f} ms ({said})" in " ".join(res.output.split())
     assert report["evaluation"]["latency_ms"]["timing"] == "one after the other"
 
 

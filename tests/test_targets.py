@@ -343,6 +343,9 @@ def test_compile_report_times_the_artifact_against_onnxruntime(tmp_path):
     assert timed["onnxruntime_ms"] == min(timed["onnxruntime_quiet_ms"], timed["onnxruntime_spinning_ms"])
     assert timed["max_abs_diff"] < 1e-4
     assert "artifact (x86) on this machine:" in res.output
+    ratio = timed["onnxruntime_ms"] / timed["artifact_ms"]
+    said = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    assert f"({said}, timed in turns)" in " ".join(res.output.split())
     arm = tmp_path / "arm"
     if __import__("shutil").which("aarch64-linux-gnu-g++"):
         res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", arm, "--input-shape", "input=1x1x28x28", "--target", "arm", "--tuning-db", tmp_path / "db")
