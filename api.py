@@ -647,6 +647,9 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         else:
             result = PassManager(passes, all_instruments).run(holder.pop(), ctx)
         notes += run_notes
+        # A guarded pass that changed nothing has nothing to hold: its note says why, and no budget line claims it held.
+        if guard is not None and not any(r.modified for r in result.records if r.name in guard.passes):
+            guard = None
         if guard is not None:
             _, drop, within, figures = guard.check(result.model)
             if not within:

@@ -350,6 +350,7 @@ def test_a_pass_with_nothing_to_do_on_an_already_quantized_model_says_why(tmp_pa
         assert res.exit_code == 0, res.output
         text = " ".join(res.output.split())
         assert f"note: {name} changed nothing: no float Conv/ConvTranspose/Gemm/MatMul layer: the model is already quantized (ConvInteger x1)" in text, text
+        assert "default budget" not in text  # nothing changed, nothing held: no line saying it was within a budget
 
 
 def test_fidelity_is_measured_on_data_the_passes_did_not_fit(tmp_path):
