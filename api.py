@@ -569,7 +569,8 @@ def compile(  # noqa: A001 - the library's entry point; optc.compile_model from 
     except _DefaultBudgetMissed as missed:
         logger.warning(missed.message)
         # A default held to the default budget: strengths to 1/8 of the default are precise enough, in 3 steps.
-        implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop, search_steps=3, hold=missed.guard.runner.hold)
+        implicit = BudgetSpec(metric=missed.guard.runner.metric, max_drop=missed.guard.max_drop, search_steps=3, hold=missed.guard.runner.hold,
+                              search_limit_s=default_budget_guard.SEARCH_LIMIT_S)
         # The redo opens the same data and splits it the same way, so the run that missed is the search's
         # first point as it stands: the search need not run every pass of it again.
         ran, missed.ran = missed.ran, None
@@ -637,15 +638,22 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         opsets, notes, bound_values = model.opset_imports, list(model.notes), describe_values(model)
         holder = [model]
         del model
-        if searched is not None and not all_instruments:
+        if searched is not None and all(i.display_only for i in all_instruments):
             # The search ran this pipeline on this model and context and measured it within the budget: its run
             # is what running the passes again would give (same bytes, records and stats), without the time.
             # Instruments (verify, timing, dumps, the caller's) are there to see passes run, so with any of
-            # them the passes run again.
+            # them the passes run again; one that only shows progress (the CLI's) is not.
             result = searched
             holder.clear()
         else:
             result = PassManager(passes, all_instruments).run(holder.pop(), ctx)
+            if searched is not None and result.model.fingerprint() != searched.model.fingerprint():
+                # A pass bounded by time (quantize's fallback) may choose otherwise the second time: the budget
+                # held the model the search measured, so that one is written.
+                notes.append("the passes ran again for --verify-each / --time-passes / --dump-after and gave another model "
+                             "(a fallback bounded by time chose otherwise); the model the budget measured was written, "
+                             "and those figures are of the second run")
+                result = searched
         notes += run_notes
         # A guarded pass that changed nothing has nothing to hold: its note says why, and no budget line claims it held.
         if guard is not None and not any(r.modified for r in result.records if r.name in guard.passes):

@@ -31,6 +31,7 @@ class ProgressInstrument(Instrument):
     """
 
     LOG_EVERY_S = 5.0
+    display_only = True
 
     def __init__(self, console: Console, total: int, stream: TextIO | None = None):
         self.console = console

@@ -130,8 +130,15 @@ class _Evaluator:
         return point
 
 
-def fit_to_budget(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, *, steps: int = 6, on_point: OnPoint | None = None) -> BudgetResult:
-    """The configuration with the most compression found within ``budget`` (see module docstring)."""
+def fit_to_budget(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, *, steps: int = 6, on_point: OnPoint | None = None,
+                  limit_s: float | None = None) -> BudgetResult:
+    """The configuration with the most compression found within ``budget`` (see module docstring).
+
+    ``limit_s``: the time the search may take. Past it, lossy passes without a scalable strength that still
+    miss the budget are left out and the bisection stops at the best point found; a fallback started before
+    it gets at most the time left (its own ``time_budget_s`` otherwise).
+    """
+    clock = _Clock(limit_s)
     evaluate = _Evaluator(passes, runner, budget, on_point)
     notes: list[str] = []
     full = evaluate(1.0, frozenset(), {})
@@ -146,13 +153,22 @@ def fit_to_budget(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, 
         floor = evaluate(0.0, off, fallback) if scalable else (full if not off and not fallback else evaluate(1.0, off, fallback))
         if floor.feasible:
             break
-        step = _relax_fixed(evaluate, passes, fixed, off, fallback, budget)
+        if clock.spent() and any(i not in off for i in fixed):
+            left = [i for i in fixed if i not in off]
+            off, fallback = off | frozenset(left), {i: p for i, p in fallback.items() if i not in left}
+            notes.append(f"{', '.join(passes[i].name for i in left)}: left out, the search's {limit_s:g} s ran out before "
+                         f"the budget held with it (give --max-drop, or the pass's own max_drop, to search longer)")
+            continue
+        step = _relax_fixed(evaluate, passes, fixed, off, fallback, budget, clock)
         if step is None:  # nothing left to relax: only exact passes remain, which cannot miss a budget
             return _result(evaluate, floor, 0.0, off, fallback, notes)
         off, fallback, note = step
         notes.append(note)
     lo, hi, best = 0.0, 1.0, floor
     for _ in range(steps if scalable else 0):
+        if clock.spent():
+            notes.append(f"the search's {limit_s:g} s ran out: strengths bisected to {lo:.3f}, not finer")
+            break
         mid = (lo + hi) / 2
         point = evaluate(mid, off, fallback)
         if point.feasible:
@@ -164,8 +180,21 @@ def fit_to_budget(passes: Sequence[Pass], runner: PrefixRunner, budget: Budget, 
     return _result(evaluate, best, lo, off, fallback, notes)
 
 
+class _Clock:
+    """The time a search has left (None: no limit)."""
+
+    def __init__(self, limit_s: float | None):
+        self.deadline = None if limit_s is None else time.monotonic() + limit_s
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def spent(self) -> bool:
+        return self.left() == 0.0
+
+
 def _relax_fixed(evaluate: _Evaluator, passes: Sequence[Pass], fixed: list[int], off: frozenset[int], fallback: dict[int, Pass],
-                 budget: Budget) -> tuple[frozenset[int], dict[int, Pass], str] | None:
+                 budget: Budget, clock: _Clock | None = None) -> tuple[frozenset[int], dict[int, Pass], str] | None:
     """One step back for a lossy pass without a scalable strength: its own fallback first, tightened
     once when that misses, else leave it out."""
     for i in fixed:
@@ -181,6 +210,9 @@ def _relax_fixed(evaluate: _Evaluator, passes: Sequence[Pass], fixed: list[int],
         changes: dict[str, Any] = {"max_drop": level}
         if "metric" in _fields(p):
             changes["metric"] = _fallback_metric(budget)
+        left = clock.left() if clock is not None else None
+        if left is not None and "time_budget_s" in _fields(p):
+            changes["time_budget_s"] = min(p.config.time_budget_s, left)
         return off, {**fallback, i: type(p)(dataclasses.replace(p.config, **changes))}, f"{p.name}: its most sensitive layers fall back (max_drop={level:g})"
     candidates = [i for i in fixed if i not in off]
     if not candidates:

@@ -44,6 +44,10 @@ from optc.passes.framework import Pass
 
 DEFAULT_MAX_DROP = 0.01
 DEFAULT_MIN_FIDELITY = 0.99
+# How long the search a missed default may take: the user asked for a pass, not for a search. PicoDet's quantize
+# (102 layers, 800x608) ran over 1,000 s of fallback tries before its fallback was bounded; past this a pass that
+# still misses is left out, saying so.
+SEARCH_LIMIT_S = 600.0
 
 
 def at_default_strength(p: Pass) -> bool:

@@ -39,6 +39,7 @@ class BudgetSpec:
     time_budget_s: float | None = None
     objective: str = "size"
     search_steps: int = 6  # bisection steps of the common strength scale (resolution 2**-steps)
+    search_limit_s: float | None = None  # the time the strength search may take (the default budget's: guard.SEARCH_LIMIT_S)
     hold: tuple[str, ...] = ()  # outputs the metric does not read, held by their cosine too (MetricRunner's hold: the default budget's)
 
     def __post_init__(self) -> None:
@@ -52,6 +53,8 @@ class BudgetSpec:
             raise ConfigError(f"--time-budget must be a positive number of seconds (at most a week), not {self.time_budget_s}")
         if self.time_budget_s is not None and not self.active:
             raise ConfigError("--time-budget searches within an accuracy budget: give --max-drop or --min-fidelity too")
+        if self.search_limit_s is not None and not self.search_limit_s > 0:
+            raise ConfigError(f"the search's time limit must be a positive number of seconds, not {self.search_limit_s}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
 
@@ -112,7 +115,9 @@ def choose_pipeline(passes: Sequence[Pass], model: Model, ctx: PassContext, labe
                        chosen=found.best.to_dict(), notes=[])
         chosen, run = found.passes, found.run
     else:
-        fitted = fit_to_budget(passes, prefix, budget, steps=spec.search_steps)
+        fitted = fit_to_budget(passes, prefix, budget, steps=spec.search_steps, limit_s=spec.search_limit_s)
+        if spec.search_limit_s is not None:
+            section["limit_s"] = spec.search_limit_s
         section.update(points=[p.to_dict() for p in fitted.points], chosen=fitted.chosen.to_dict(), notes=fitted.notes)
         chosen, run = fitted.passes, fitted.run
     section["passes_run"], section["passes_reused"] = prefix.passes_run, prefix.passes_reused

@@ -99,6 +99,22 @@ def test_a_lossy_pass_without_a_scalable_strength_that_misses_is_left_out(sample
     assert all(p.name != "quantize" for p in result.passes)
 
 
+@pytest.mark.slow
+def test_a_search_out_of_time_leaves_out_what_still_misses_and_gives_a_fallback_only_the_time_left(sample):
+    """The default budget's search is bounded (guard.SEARCH_LIMIT_S): PicoDet's quantize tried fallbacks for
+    over 1,000 s. Out of time, a pass without a scalable strength that still misses is left out, saying so."""
+    model, calib, budget_set, _ = sample
+    passes = parse_pass_specs(["canonicalize", "quantize:reduce_range=true,calibrator=minmax"])
+    budget = Budget(MetricRunner(load_metric("cosine"), budget_set.inputs, None, model), 1e-7)
+    spent = fit_to_budget(passes, PrefixRunner(model, PassContext(calibration=calib)), budget, limit_s=1e-9)
+    assert len(spent.points) == 2 and not spent.points[0].feasible and spent.chosen.feasible  # as asked, then without it
+    assert all(p.name != "quantize" for p in spent.passes)
+    assert spent.notes[0].startswith("quantize: left out, the search's 1e-09 s ran out before the budget held with it")
+    timed = fit_to_budget(passes, PrefixRunner(model, PassContext(calibration=calib)), budget, limit_s=120)
+    budgets = [float(p.passes[-1].split("time_budget_s=")[1].split(",")[0].rstrip(")")) for p in timed.points[1:3]]
+    assert len(budgets) == 2 and all(0 < b <= 120 for b in budgets), budgets  # each fallback had at most the search's time left, not its 300 s
+
+
 def test_other_orders_move_only_the_float_passes():
     from optc.search.explore import other_orders
 

@@ -68,6 +68,10 @@ class PipelineResult:
 class Instrument:
     """Hooks around every pass (timing, verification, dumps). Default: do nothing."""
 
+    # An instrument that only shows progress needs no run of its own: a pipeline a budget search already ran
+    # is written as measured instead of being run again for it (api._run).
+    display_only = False
+
     def before_pipeline(self, model: Model, ctx: PassContext) -> None: ...
 
     def before_pass(self, p: Pass, model: Model, ctx: PassContext) -> None: ...
