@@ -303,26 +303,26 @@ def test_mnist_cnn_keeps_accuracy():
 
 def test_the_fallback_finds_the_fewest_float_layers_in_about_two_log2_runs():
     """PicoDet needed 40 of its ~100 layers float and took 40 runs of the model at 8 s each: its time budget ended first."""
-    from optc.passes.quantize.quantize import _fewest_float
+    from optc.passes.quantize.fallback import fewest_float
 
     order = [f"l{i}" for i in range(100)]
     for needed in (1, 3, 40, 64, 99):
         runs = []
         value = lambda k, needed=needed: 0.0 if k >= needed else 0.1 * (1 - k / 200)  # noqa: E731
-        k, trials = _fewest_float(order, lambda k: runs.append(k) or value(k), 0.1, 0.01, lambda: False)
+        k, trials = fewest_float(order, lambda k: runs.append(k) or value(k), 0.1, 0.01, lambda: False)
         assert k == needed and trials == [(n, value(n)) for n in runs]
         assert len(runs) <= 2 * np.log2(needed) + 2, (needed, runs)
     # no count is within: the one with the least drop; ties go to the fewer layers; every layer float is not tried
-    k, trials = _fewest_float(order[:6], lambda k: [0.5, 0.2, 0.3, 0.25, 0.2, 0.2, 0.0][k], 0.5, 0.01, lambda: False)
+    k, trials = fewest_float(order[:6], lambda k: [0.5, 0.2, 0.3, 0.25, 0.2, 0.2, 0.0][k], 0.5, 0.01, lambda: False)
     assert k == 1 and [n for n, _ in trials] == [1, 2, 4, 5]
-    assert _fewest_float(order[:1], lambda k: 0.0, 0.1, 0.01, lambda: False) == (0, [])
+    assert fewest_float(order[:1], lambda k: 0.0, 0.1, 0.01, lambda: False) == (0, [])
     # a spent clock measures nothing more: the model as it was
-    assert _fewest_float(order, lambda k: 0.0, 0.1, 0.01, lambda: True) == (0, [])
+    assert fewest_float(order, lambda k: 0.0, 0.1, 0.01, lambda: True) == (0, [])
 
 
 def test_sensitivities_take_at_most_half_the_time_budget_worst_rounded_first(monkeypatch):
     """The fallback's search gets the other half; the half measures the layers most likely to matter first."""
-    from optc.passes.quantize import quantize as q
+    from optc.passes.quantize import fallback as q
 
     clock = [0.0]
     monkeypatch.setattr(q.time, "perf_counter", lambda: clock[0])
@@ -331,15 +331,15 @@ def test_sensitivities_take_at_most_half_the_time_budget_worst_rounded_first(mon
     def measure(name):
         clock[0] += 10.0
         return 1.0
-    sens = q.Quantize._sensitivities(rounding, measure, 0.0, 35.0)
+    sens = q.measure_sensitivities(rounding, measure, 0.0, 35.0)
     assert list(sens) == ["l9", "l8", "l7", "l6"]  # at 40 s the half budget is spent: measured worst-rounded first
-    assert len(q.Quantize._sensitivities(rounding, measure, clock[0], None)) == 10  # asked for (sensitivity=true): all
+    assert len(q.measure_sensitivities(rounding, measure, clock[0], None)) == 10  # asked for (sensitivity=true): all
 
 
 def test_rounding_sqnr_counts_the_input_activations_rounding_too(save, tmp_path):
     """PicoDet's sparse hard-swish activations (RMS 0.06 on a range of 3.6) round at 15 dB while its weights round
     above 38 dB: ordered by the weights alone, the fallback measured the wrong layers first and kept 101 of 102 float."""
-    from optc.passes.quantize.quantize import activation_noise
+    from optc.passes.quantize.fallback import activation_noise
 
     rng = np.random.default_rng(0)
     sparse = (0.03 * rng.standard_normal((64, 16))).astype(np.float32)  # its range is set by rare peaks (below)

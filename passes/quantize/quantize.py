@@ -27,9 +27,9 @@ first output, or with ``fidelity`` also the disagreement of every output holding
 class scores, per position: a CTC model's frames). A layer's sensitivity is the
 drop with only that layer quantised. With ``max_drop`` set, the fewest of the most sensitive layers
 that bring the drop within budget are put back to float: 1, 2, 4, ... of them until one count is
-within it, then bisected (:func:`_fewest_float`), until ``time_budget_s`` runs out; the best model
-seen is kept. Sensitivities take at most half of that time; layers left unmeasured are ordered by
-their weights' rounding error.
+within it, then bisected, until ``time_budget_s`` runs out; the best model seen is kept.
+Sensitivities take at most half of that time, the worst rounded layers first (weights and input
+activation together); layers left unmeasured follow in that order (:mod:`optc.passes.quantize.fallback`).
 """
 from __future__ import annotations
 
@@ -57,13 +57,13 @@ from optc.passes.quantize.qdq import (
     activation_params,
     bias_int32,
     dequantized_constant,
-    fake_quantize,
     gptq_quantize,
     insert_activation_qdq,
     round_weights,
     sqnr_db,
     weight_scales,
 )
+from optc.passes.quantize.fallback import activation_noise, combined_sqnr_db, fewest_float, measure_sensitivities
 from optc.passes.quantize.placement import Placement, place_qdq
 from optc.passes.quantize.smoothquant import SmoothQuantConfig, smooth_model, smoothing_stats
 
@@ -234,13 +234,13 @@ class Quantize(Pass[QuantizeConfig]):
             return quantized, {}, search
         rounding = self._rounding_sqnr(model, calib, plans, acts)
         search["rounding_sqnr_db"] = {n: round(v, 2) for n, v in rounding.items()}
-        sens = self._sensitivities(rounding, lambda n: drop(None, only=n), start, cfg.time_budget_s / 2 if missed else None)
+        sens = measure_sensitivities(rounding, lambda n: drop(None, only=n), start, cfg.time_budget_s / 2 if missed else None)
         search["sensitivity"] = {n: round(v, 6) for n, v in sens.items()}
         if not missed:
             return quantized, {}, search
         # Most sensitive first; layers the half budget left unmeasured follow, the worst rounded first.
         order = sorted(sens, key=sens.get, reverse=True) + sorted((n for n in plans if n not in sens), key=rounding.get)
-        k, trials = _fewest_float(order, lambda k: drop(frozenset(order[:k])), full_drop, cfg.max_drop,
+        k, trials = fewest_float(order, lambda k: drop(frozenset(order[:k])), full_drop, cfg.max_drop,
                                   lambda: time.perf_counter() - start > cfg.time_budget_s)
         search["trials"] = [[n, round(d, 6)] for n, d in trials]
         best_drop = min((d for n, d in trials if n == k), default=full_drop)
@@ -265,60 +265,13 @@ class Quantize(Pass[QuantizeConfig]):
         measured the fallback kept 101 layers float.
         """
         cfg = self.config
-        fitted = (model.fingerprint(), calib.digest, repr(_fitting_form(cfg)), tuple(sorted(plans)))
         where = placement(model, [p.layer for p in plans.values()], set(), cfg)  # a layer input's range may be its source's
         inputs = {p.layer.input: acts[where.source(p.layer.input)] for p in plans.values()}
+        fitted = (model.fingerprint(), calib.digest, cfg.batch_size, cfg.max_batches, tuple(sorted((t, repr(a)) for t, a in inputs.items())))
         noise = _CALIBRATIONS.get_or_compute(("activation noise", *fitted), lambda: activation_noise(
             model, calib, inputs, batch_size=cfg.batch_size, max_batches=cfg.max_batches), array_bytes)
-        out = {}
-        for n, p in plans.items():
-            relative = 10 ** (-p.sqnr_db / 10) + noise.get(p.layer.input, 0.0)  # noise powers relative to the signal add
-            out[n] = float(-10 * np.log10(max(relative, 1e-30)))
-        return out
+        return {n: combined_sqnr_db(p.sqnr_db, noise.get(p.layer.input, 0.0)) for n, p in plans.items()}
 
-    @staticmethod
-    def _sensitivities(rounding: dict[str, float], measure, start: float, limit_s: float | None) -> dict[str, float]:
-        """Each layer's drop with only it quantized, the worst rounded first (``rounding``: SQNR in dB), until
-        ``limit_s`` after ``start``."""
-        sens: dict[str, float] = {}
-        for n in sorted(rounding, key=rounding.get):
-            if limit_s is not None and time.perf_counter() - start > limit_s:
-                logger.warning("quantize: half the time budget spent measuring the layers' sensitivity (%d of %d); "
-                               "the others are ordered by their rounding error", len(sens), len(rounding))
-                break
-            sens[n] = measure(n)
-        return sens
-
-
-def _fewest_float(order: list[str], drop_with, full_drop: float, max_drop: float, spent) -> tuple[int, list[tuple[int, float]]]:
-    """How many of ``order``'s first layers to keep float: the fewest found whose drop is within ``max_drop``, else
-    the count with the least drop measured, and every ``(count, drop)`` measured. At least one layer stays int8.
-
-    The drop falls, by and large, as more of the most sensitive layers stay float: counts double (1, 2, 4, ...)
-    until one is within budget, then the gap is bisected, so a fallback of k layers costs about 2 log2 k runs of
-    the model rather than k (PicoDet's 40 took 40 runs at 8 s each, and its time budget ended first).
-    """
-    trials: list[tuple[int, float]] = [(0, full_drop)]
-    most = len(order) - 1  # every layer float is no quantization: leaving the pass out is the caller's decision
-    lo, hi = 0, None
-    while hi is None and lo < most and not spent():
-        count = min(max(1, 2 * lo), most)
-        d = drop_with(count)
-        trials.append((count, d))
-        if d <= max_drop:
-            hi = count
-        else:
-            lo = count
-    while hi is not None and hi - lo > 1 and not spent():
-        mid = (lo + hi) // 2
-        d = drop_with(mid)
-        trials.append((mid, d))
-        if d <= max_drop:
-            hi = mid
-        else:
-            lo = mid
-    within = [n for n, d in trials if d <= max_drop]
-    return (min(within) if within else min(trials, key=lambda t: (t[1], t[0]))[0]), trials[1:]
 
 
 def _fitting_form(cfg: QuantizeConfig) -> QuantizeConfig:
@@ -353,21 +306,6 @@ def input_means(model: Model, calib: CalibrationSet, layers: list[LinearLayer], 
 
     capture_activations(model, calib, list(by_tensor), reduce, batch_size=batch_size, max_batches=max_batches)
     return {n: s / max(rows[n], 1) for n, s in sums.items()}
-
-
-def activation_noise(model: Model, calib: CalibrationSet, params: dict[str, ActivationParams], *, batch_size: int,
-                     max_batches: int | None) -> dict[str, float]:
-    """Per tensor, the power of its int8 rounding error relative to its own: ``E[(x - q(x))^2] / E[x^2]``."""
-    signal: dict[str, float] = {}
-    error: dict[str, float] = {}
-
-    def reduce(tensor: str, value: np.ndarray) -> None:
-        x = value.astype(np.float64, copy=False)
-        signal[tensor] = signal.get(tensor, 0.0) + float(np.sum(x * x))
-        error[tensor] = error.get(tensor, 0.0) + float(np.sum((x - fake_quantize(x, params[tensor])) ** 2))
-
-    capture_activations(model, calib, list(params), reduce, batch_size=batch_size, max_batches=max_batches)
-    return {t: error[t] / signal[t] if signal[t] > 0 else 0.0 for t in signal}
 
 
 def plan_layer(model: Model, layer: LinearLayer, cfg: QuantizeConfig, mean: np.ndarray | None, hessian: np.ndarray | None) -> LayerQuant:
