@@ -69,22 +69,19 @@ def fewest_float(order: list[str], drop_with: Callable[[int], float], full_drop:
     """
     trials: list[tuple[int, float]] = [(0, full_drop)]
     most = len(order) - 1  # every layer float is no quantization: leaving the pass out is the caller's decision
-    lo, hi = 0, None
-    while hi is None and lo < most and not spent():
-        count = min(max(1, 2 * lo), most)
-        d = drop_with(count)
-        trials.append((count, d))
-        if d <= max_drop:
+    lo, hi = 0, None  # the most layers float found missing the budget, the fewest found within it
+
+    def probe(count: int) -> None:
+        nonlocal lo, hi
+        trials.append((count, drop_with(count)))
+        if trials[-1][1] <= max_drop:
             hi = count
         else:
             lo = count
+
+    while hi is None and lo < most and not spent():
+        probe(min(max(1, 2 * lo), most))
     while hi is not None and hi - lo > 1 and not spent():
-        mid = (lo + hi) // 2
-        d = drop_with(mid)
-        trials.append((mid, d))
-        if d <= max_drop:
-            hi = mid
-        else:
-            lo = mid
+        probe((lo + hi) // 2)
     within = [n for n, d in trials if d <= max_drop]
     return (min(within) if within else min(trials, key=lambda t: (t[1], t[0]))[0]), trials[1:]
