@@ -9,6 +9,7 @@ TVM's default pipeline (untuned: see the targets issue for MetaSchedule).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -60,10 +61,18 @@ def to_relax(model: Model) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
 
     try:
-        return from_onnx(model.proto, keep_params_in_input=False)
+        # The frontend prints the failing operator's inputs (a page of Relax) before raising: the error line says it.
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            return from_onnx(model.proto, keep_params_in_input=False)
     except Exception as exc:  # the frontend raises many kinds
+        logger.debug("TVM's ONNX frontend printed:\n%s", printed.getvalue())
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TargetError(f"TVM's ONNX frontend failed: {type(exc).__name__}: {first}") from exc
+        hint = ""
+        if "requires the input new shape to be Shape" in first:
+            # a Reshape/Expand whose shape is computed at run time: folded away when shapes are static (the default)
+            hint = ("; the shape is computed in the graph: run fold-constants with fold_shapes on (its default, "
+                    "and canonicalize's) so that the static input shapes fold it to a constant")
+        raise TargetError(f"TVM's ONNX frontend failed: {type(exc).__name__}: {first}{hint}") from exc
 
 
 def tvm_target(spec: TargetSpec) -> Any:

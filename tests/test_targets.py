@@ -128,6 +128,21 @@ def test_dynamic_non_batch_dims_refused_before_work(tmp_path, save):
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_a_shape_computed_in_the_graph_says_to_fold_it(tmp_path, save):
+    """With shape folding off (pipecat's smart-turn, Whisper's Reshape to Concat(Shape(x)[1], ...)), TVM's frontend
+    refuses the Reshape: one line saying how to get past it, not the page of Relax the frontend prints."""
+    shape = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i1"], ["d1"], axis=0),
+             helper.make_node("Concat", ["c1", "d1", "m1"], ["shape"], axis=0), helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    ones = [("i1", np.array([1], np.int64)), ("c1", np.array([1], np.int64)), ("m1", np.array([-1], np.int64))]
+    path = save(make_model(shape, [("x", [1, 4, 6])], [("y", [1, 4, 6])], ones))
+    res = invoke("compile", path, "-o", tmp_path / "o", "--target", "x86", "--pass", "fold-constants:fold_shapes=false", "--no-latency")
+    assert res.exit_code == 2 and not (tmp_path / "o").exists()
+    assert "Reshape requires the input new shape to be Shape" in res.output and "fold_shapes on" in res.output, res.output
+    assert "Error converting operator" not in res.output and "relax" not in res.output.split("relax.TensorType")[1]
+    res = invoke("compile", path, "-o", tmp_path / "folded", "--target", "x86", "--no-latency")  # the default folds it
+    assert res.exit_code == 0, res.output
+
+
 def test_unsupported_ops_listed_before_compilation(save):
     from optc.ir import load_model
     from optc.targets.build import check_compilable
