@@ -35,8 +35,8 @@ scores over that axis, every position of the leading axes one decision, when
 One value per sample in [0, 1] (``[N]`` or ``[N, 1]``: a sigmoid, Silero VAD's
 speech probability) is a binary decision at 0.5, read as the two scores
 ``[1 - p, p]``. Such an output's per-sample cosine would only compare signs, so
-:func:`sample_cosines` scores an output of one value per sample by the cosine
-over the samples instead.
+:func:`sample_cosines` scores an output of one value per sample over the samples
+instead, by their :func:`concordance`, which unlike the cosine sees a change of scale.
 
 Measured on the zoo: softmax heads (the ImageNet classifiers, MTCNN's face
 probability, Magika, RapidOCR's CTC recogniser) pass the first test, ddddocr's
@@ -94,11 +94,21 @@ def sample_cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
     r = reference.astype(np.float64).reshape(n, -1)
     a = actual.astype(np.float64).reshape(n, -1)
     if r.shape[1] == 1 and n > 1:  # one value per sample: its cosine is a sign test; score the samples together
-        r, a = r.reshape(1, -1), a.reshape(1, -1)
-        denom = float(np.linalg.norm(r) * np.linalg.norm(a))
-        return np.full(n, float((r * a).sum() / denom) if denom > 0 else 1.0)
+        return np.full(n, concordance(r.ravel(), a.ravel()))
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1)
     return np.where(denom > 0, np.sum(r * a, axis=1) / np.maximum(denom, 1e-300), 1.0)
+
+
+def concordance(reference: np.ndarray, actual: np.ndarray) -> float:
+    """``2 <r, a> / (|r|^2 + |a|^2)``: the cosine times ``2 |r| |a| / (|r|^2 + |a|^2)``, which sees magnitude.
+
+    The cosine of one score per sample taken over the samples cannot see a change of scale: openWakeWord's
+    detector, its scores near 0 but for the few clips that say the word, kept cosine 1.000000 while sparsify
+    halved the detections at the 0.5 threshold. Halving every score reads 0.8 here; equal vectors read 1.
+    """
+    r, a = reference.astype(np.float64).ravel(), actual.astype(np.float64).ravel()
+    energy = float(r @ r + a @ a)
+    return float(2 * (r @ a) / energy) if energy > 0 else 1.0
 
 
 PROBABILITY_TOLERANCE = 1e-3  # how far from 1 a softmax's sum may be (float32 rounding over many classes)

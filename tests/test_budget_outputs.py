@@ -44,6 +44,20 @@ def test_the_cosine_a_budget_holds_is_the_least_outputs():
     assert mean_cosine({"k": np.ones((4, 2), np.int64)}, {"k": np.zeros((4, 2), np.int64)}) == 1.0
 
 
+def test_one_score_per_sample_is_judged_with_its_magnitude():
+    """openWakeWord's detector: scores near 0 but for the few clips that say the word. Sparsify halved its
+    detections at 0.5 while the cosine over the samples stayed 1.000000: it cannot see a change of scale."""
+    scores = np.full((48, 1), 0.002, np.float32)
+    scores[::8] = 0.95
+    halved = np.where(scores > 0.5, 0.45, scores).astype(np.float32)  # every detection now below the threshold
+    r, a = scores.ravel().astype(np.float64), halved.ravel().astype(np.float64)
+    assert r @ a / (np.linalg.norm(r) * np.linalg.norm(a)) > 0.9999  # what the cosine read
+    held = sample_cosines(scores, halved)
+    assert held.shape == (48,) and np.all(held < 0.9) and held[0] == pytest.approx(2 * (r @ a) / (r @ r + a @ a))
+    assert np.all(sample_cosines(scores, scores) == 1.0)
+    assert mean_cosine({"p": halved}, {"p": scores}) < 0.9
+
+
 def test_top_k_leaves_unread_only_the_outputs_after_the_first():
     reference = {"scores": np.zeros((4, 3), np.float32), "box": np.zeros((4, 4), np.float32), "index": np.zeros(4, np.int64)}
     assert unread_outputs(load_metric("top1"), reference) == ("box",)

@@ -209,12 +209,14 @@ def score(entry: Entry, outputs: list[list[np.ndarray]], reference: list[list[np
 
 def output_cosines(outputs: list[list[np.ndarray]], reference: list[list[np.ndarray]]) -> list[float]:
     """Per output, its per-sample cosine to the reference averaged over the samples; an output of one value
-    per sample (a speech probability), whose per-sample cosine would only compare signs, over the samples together."""
+    per sample (a speech probability), whose per-sample cosine would only compare signs, over the samples together
+    and by a measure that sees a change of scale."""
     out = []
     for j in range(len(reference[0]) if reference else 0):
         got, ref = [o[j] for o in outputs], [r[j] for r in reference]
-        if all(r.size == 1 for r in ref):
-            out.append(_cosine(np.concatenate(got), np.concatenate(ref)))
+        if all(r.size == 1 for r in ref):  # as optc's budget scores it: 2<a, b> / (|a|^2 + |b|^2), which sees scale
+            a, b = np.concatenate(got).astype(np.float64), np.concatenate(ref).astype(np.float64)
+            out.append(float(2 * (a @ b) / (a @ a + b @ b)) if (a @ a + b @ b) > 0 else 1.0)
         else:
             out.append(float(np.mean([_cosine(g, r) for g, r in zip(got, ref)])))
     return out
