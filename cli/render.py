@@ -69,8 +69,14 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     console.print(table)
     ev = report["evaluation"]
     lines = []
-    for rec in report["passes"]:  # a pass that found nothing to do says why, here and not only in report.json
-        if not rec["modified"] and rec["skipped"]:
+    scaled_at = _scaled_strengths(report)
+    for i, rec in enumerate(report["passes"]):  # a pass that found nothing to do says why, here and not only in report.json
+        scaled = scaled_at.get(i)
+        if not rec["modified"] and isinstance(scaled, (int, float)) and scaled > 0:
+            # the budget's search scaled it so far down that nothing was taken: that, not a skipped layer, is why
+            lines.append(f"note: {shown(rec['pass'])} changed nothing at {scaled:g}, the strongest setting the budget allowed "
+                         "(too little to take anything)")
+        elif not rec["modified"] and rec["skipped"]:
             more = f" (and {len(rec['skipped']) - 1} more in report.json)" if len(rec["skipped"]) > 1 else ""
             lines.append(f"note: {shown(rec['pass'])} changed nothing: {shown(rec['skipped'][0])}{more}")
     fid = ev.get("fidelity", {})
@@ -184,3 +190,17 @@ def _faster(reference_ms: float, measured_ms: float) -> str:
         return "not comparable"
     ratio = reference_ms / measured_ms
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _scaled_strengths(report: dict[str, Any]) -> dict[int, float]:
+    """Record index -> the strength a budget search chose for that pass (``name#index`` counts the pipeline as
+    asked; a pass the search left out, at 0, has no record, so those after it move up one)."""
+    strengths = ((report.get("search") or {}).get("chosen") or {}).get("strengths") or {}
+    keyed = sorted((int(k.rpartition("#")[2]), v) for k, v in strengths.items() if k.rpartition("#")[2].isdigit())
+    out, left_out = {}, 0
+    for index, value in keyed:
+        if value == 0:
+            left_out += 1
+        elif isinstance(value, (int, float)):
+            out[index - left_out] = float(value)
+    return out

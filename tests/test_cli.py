@@ -377,3 +377,13 @@ def test_x86_without_a_host_compiler_fails_before_any_pass(tmp_path, monkeypatch
     assert res.exit_code == 2 and not out.exists()
     assert "needs a C++ compiler to link model.so" in res.output and "apt-get install g++" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_pass_scaled_to_nothing_by_the_budget_says_so_not_a_skipped_layer():
+    """openWakeWord's embedding: prune-channels at the budget's ratio 0.0375 removed nothing, and the note blamed
+    one of its skipped layers. The strength the search chose is looked up by the pass's record."""
+    from optc.cli.render import _scaled_strengths
+
+    report = {"search": {"chosen": {"strengths": {"quantize#4": 0, "prune-channels#5": 0.0375, "sparsify#6": "as configured"}}}}
+    assert _scaled_strengths(report) == {4: 0.0375}  # quantize left out: prune-channels' record is the fifth
+    assert _scaled_strengths({"search": None}) == {} and _scaled_strengths({}) == {}
