@@ -116,13 +116,14 @@ class DetailedStats(Stats):
     weight_zero_fraction: float
     weights: tuple[WeightSparsity, ...]
     op_histogram: Mapping[str, int]
+    macs_symbolic: tuple[str, ...] = ()  # symbolic dims past the batch that MACs count as 1 (ir.stats)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DetailedStats:
         return cls(
             d["params"], d["nonzero_params"], d["param_bytes"], d["macs"], d["nodes"], dict(d["macs_per_node"]), tuple(d["macs_unknown"]),
             d["weight_zero_fraction"], tuple(WeightSparsity(w["name"], tuple(w["shape"]), w["zero_fraction"]) for w in d["weights"]),
-            dict(d["op_histogram"]),
+            dict(d["op_histogram"]), tuple(d.get("macs_symbolic", ())),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class DetailedStats(Stats):
             "macs": self.macs,
             "macs_per_node": dict(self.macs_per_node),
             "macs_unknown": list(self.macs_unknown),
+            "macs_symbolic": list(self.macs_symbolic),
             "weight_zero_fraction": self.weight_zero_fraction,
             "weights": [{"name": w.name, "shape": list(w.shape), "zero_fraction": w.zero_fraction} for w in self.weights],
             "op_histogram": dict(self.op_histogram),

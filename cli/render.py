@@ -17,7 +17,7 @@ from rich.table import Table
 from optc.errors import visible_text
 from optc.reporting.format import describe_stats as _describe_stats
 from optc.reporting.format import drift_summary as _drift
-from optc.reporting.format import human_bytes, human_count, macs_label
+from optc.reporting.format import human_bytes, human_count, macs_footnote, macs_label
 from optc.reporting.format import params_text as _params
 
 # Longer names are cut in the middle for display (JSON output keeps them whole).
@@ -68,7 +68,7 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         table.add_row(*row)
     console.print(table)
     ev = report["evaluation"]
-    lines = []
+    lines = [footnote] if (footnote := macs_footnote(report)) else []
     scaled_at = _scaled_strengths(report)
     for i, rec in enumerate(report["passes"]):  # a pass that found nothing to do says why, here and not only in report.json
         scaled = scaled_at.get(i)

@@ -213,8 +213,13 @@ def freeze_input_shapes(model: Model, shapes: dict[str, tuple[int, ...]]) -> boo
                     raise ConfigError(f"--input-shape {name}: dim {i} is fixed to {have} in the model, {want} given")
         if current == dims:
             continue
-        # Symbolic dims held elsewhere (value_info, outputs) are stale now.
+        # Symbolic dims held elsewhere (value_info, outputs) are stale now: an output's named dim stays
+        # named through shape inference, and MACs counted it as 1 (a frozen 1-D conv's `frames`).
         del model.graph.value_info[:]
+        for out in model.graph.output:
+            for d in out.type.tensor_type.shape.dim:
+                if d.HasField("dim_param"):
+                    d.Clear()
         shape = vi.type.tensor_type.shape
         shape.Clear()
         for d in dims:

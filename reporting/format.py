@@ -61,7 +61,19 @@ def _fmt(value: Any) -> str:
 
 def macs_label(report: dict[str, Any]) -> str:
     """What the MACs column counts: shapes frozen with a leading dim above 1 (``--input-shape input=64x...``) are
-    counted whole, a run of that batch; otherwise a symbolic batch counts as 1, a sample."""
+    counted whole, a run of that batch; otherwise a symbolic batch counts as 1, a sample. Other symbolic dims
+    (a sequence, an image size) also count as 1: the label then ends in ``*`` (:func:`macs_footnote`)."""
     shapes = report.get("input_shapes") or {}
     batches = {int(s[0]) for s in shapes.values() if isinstance(s, (list, tuple)) and s and isinstance(s[0], int)}
-    return f"MACs/run of {max(batches)}" if batches and max(batches) > 1 else "MACs/sample"
+    label = f"MACs/run of {max(batches)}" if batches and max(batches) > 1 else "MACs/sample"
+    symbolic = (report.get("before") or {}).get("macs_symbolic") or []
+    return label + ("*" if symbolic else "")  # a sequence or image size left symbolic counts as 1: macs_footnote says so
+
+
+def macs_footnote(report: dict[str, Any]) -> str | None:
+    """The symbolic dims MACs counted as 1, when there are any (a count 200x too small otherwise passes unremarked)."""
+    symbolic = (report.get("before") or {}).get("macs_symbolic") or []
+    if not symbolic:
+        return None
+    names = ", ".join(n if len(n) <= 24 else n[:21] + "..." for n in symbolic[:3]) + (f" and {len(symbolic) - 3} more" if len(symbolic) > 3 else "")
+    return f"* MACs count the symbolic dims {names} as 1: freeze them with --input-shape for the real size"

@@ -387,3 +387,22 @@ def test_a_pass_scaled_to_nothing_by_the_budget_says_so_not_a_skipped_layer():
     report = {"search": {"chosen": {"strengths": {"quantize#4": 0, "prune-channels#5": 0.0375, "sparsify#6": "as configured"}}}}
     assert _scaled_strengths(report) == {4: 0.0375}  # quantize left out: prune-channels' record is the fifth
     assert _scaled_strengths({"search": None}) == {} and _scaled_strengths({}) == {}
+
+
+def test_macs_counted_with_a_symbolic_length_at_1_say_so(tmp_path):
+    """openWakeWord's melspectrogram read 271k MACs per sample with its `samples` dim counted as 1 (53.5M at 32,000
+    samples): the table marks the column and a footnote names the dims; a frozen shape needs no footnote."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 1, 16)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", strides=[4])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 1, "samples"])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8, "frames"])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "a"), "--no-latency"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "MACs/sample*" in text and "* MACs count the symbolic dims samples, frames as 1: freeze them with --input-shape" in text, text
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["before"]["macs_symbolic"] == ["samples", "frames"]
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "b"), "--no-latency", "--input-shape", "x=1x1x400"])
+    assert res.exit_code == 0 and "MACs count the symbolic" not in res.output and "MACs/sample*" not in res.output, res.output
