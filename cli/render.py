@@ -71,8 +71,8 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     lines = [footnote] if (footnote := macs_footnote(report)) else []
     scaled_at = _scaled_strengths(report)
     for i, rec in enumerate(report["passes"]):  # a pass that found nothing to do says why, here and not only in report.json
-        scaled = scaled_at.get(i)
-        if not rec["modified"] and isinstance(scaled, (int, float)) and scaled > 0:
+        scaled = scaled_at.get(i)  # only strengths above 0: a pass left out has no record
+        if not rec["modified"] and scaled:
             # the budget's search scaled it so far down that nothing was taken: that, not a skipped layer, is why
             lines.append(f"note: {shown(rec['pass'])} changed nothing at {scaled:g}, the strongest setting the budget allowed "
                          "(too little to take anything)")

@@ -85,10 +85,7 @@ class Guard:
                 figures += f" (drop {mean_drop:.4f}, upper bound {own:.4f})"
             if self.runner.hold:
                 held = {n: c for n, c in output_cosines(outputs, reference).items() if n in self.runner.hold}
-                worst = min(held, key=held.get)
-                which = f"the least of {len(held)} outputs" if len(held) > 1 else "an output"
-                figures += (f", cosine {held[worst]:.4f} ({worst}, {which} {self.runner.metric.name} does not read; "
-                            f"lower bound {self.runner.held_cosine(outputs):.4f})")
+                figures += ", " + _cosine_figure(held, unread_by=self.runner.metric.name, bound=self.runner.held_cosine(outputs))
         return score, drop, drop <= self.max_drop + 1e-12, figures
 
     def describe(self) -> str:
@@ -110,12 +107,18 @@ class Guard:
         return f"{what} on {self.data.inputs.num_samples} held-out {self.data.inputs.kind.removeprefix('held-out ')} samples"
 
 
-def _cosine_figure(cosines: dict[str, float]) -> str:
-    """The cosine the budget holds (the least output's), naming that output when there are several."""
-    if len(cosines) < 2:
-        return f"cosine {min(cosines.values(), default=1.0):.4f}"
+def _cosine_figure(cosines: dict[str, float], unread_by: str | None = None, bound: float | None = None) -> str:
+    """The cosine the budget holds (the least output's), naming that output when there are several or when they
+    are the outputs ``unread_by`` (a top-k) does not read, with the ``bound`` held where one is given."""
+    if not cosines:
+        return "cosine 1.0000"
     worst = min(cosines, key=cosines.get)
-    return f"cosine {cosines[worst]:.4f} ({worst}, the least of {len(cosines)} outputs)"
+    which = f"the least of {len(cosines)} outputs" if len(cosines) > 1 else "an output" if unread_by else None
+    if which is None:
+        return f"cosine {cosines[worst]:.4f}"
+    which += f" {unread_by} does not read" if unread_by else ""
+    which += f"; lower bound {bound:.4f}" if bound is not None else ""
+    return f"cosine {cosines[worst]:.4f} ({worst}, {which})"
 
 
 def held_out(calib: CalibrationSet | None, model: Model, count: int | None = None) -> tuple[CalibrationSet, LabelledSet]:

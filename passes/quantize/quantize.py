@@ -140,7 +140,8 @@ class Quantize(Pass[QuantizeConfig]):
                 layers, skipped = self._select(model)
         # The default budget runs this pass again with a tighter max_drop on the same model and data: calibration
         # (PicoDet: two passes over its 18 samples, 60-100 s) is remembered with the fallback's drops.
-        tensors = placement(model, layers, set(), cfg).tensors  # every tensor any trial may quantize
+        everything = placement(model, layers, set(), cfg)  # every tensor any trial may quantize, and where its range comes from
+        tensors = everything.tensors
         fitted = (model.fingerprint(), calib.digest, ctx.seed, repr(_fitting_form(cfg)), tuple(tensors), tuple(l.node for l in layers))
         acts = _CALIBRATIONS.get_or_compute(("ranges", *fitted), lambda: self._calibrate(model, calib, tensors), array_bytes)
         hessians = means = None
@@ -158,7 +159,7 @@ class Quantize(Pass[QuantizeConfig]):
         float_nodes: dict[str, str] = {}
         result = write_qdq(model, plans, acts, cfg, set())
         if cfg.max_drop is not None or cfg.sensitivity:
-            result, float_nodes, search = self._fallback(reference, model, result, plans, acts, calib, ctx.seed)
+            result, float_nodes, search = self._fallback(reference, model, result, plans, acts, everything, calib, ctx.seed)
             stats.update(search)
         stats.update(summarise(reference, result, plans, acts, float_nodes))
         stats["int8_chain_nodes"] = list(placement(model, layers, set(float_nodes), cfg).chain_nodes)
@@ -200,7 +201,7 @@ class Quantize(Pass[QuantizeConfig]):
             out[t] = activation_params(lo, hi, unsigned=unsigned, symmetric=cfg.symmetric_activations)
         return out
 
-    def _fallback(self, original, model, quantized, plans, acts, calib, seed):
+    def _fallback(self, original, model, quantized, plans, acts, everything, calib, seed):
         """Sensitivity of each layer and the float fallback search; ``model`` is the (smoothed) base the plans apply to."""
         cfg = self.config
         # every sample up to eval_samples, in several feeds where the batch is fixed: a batch-1 model judged
@@ -232,7 +233,7 @@ class Quantize(Pass[QuantizeConfig]):
         # PicoDet: ~100 layers at 8 s each; measuring all of them took the whole budget and the search never ran).
         if not (missed or cfg.sensitivity):
             return quantized, {}, search
-        rounding = self._rounding_sqnr(model, calib, plans, acts)
+        rounding = self._rounding_sqnr(model, calib, plans, acts, everything)
         search["rounding_sqnr_db"] = {n: round(v, 2) for n, v in rounding.items()}
         sens = measure_sensitivities(rounding, lambda n: drop(None, only=n), start, cfg.time_budget_s / 2 if missed else None)
         search["sensitivity"] = {n: round(v, 6) for n, v in sens.items()}
@@ -256,7 +257,8 @@ class Quantize(Pass[QuantizeConfig]):
         search["budget_met"] = best_drop <= cfg.max_drop
         return best, float_nodes, search
 
-    def _rounding_sqnr(self, model: Model, calib: CalibrationSet, plans: dict[str, LayerQuant], acts: dict[str, ActivationParams]) -> dict[str, float]:
+    def _rounding_sqnr(self, model: Model, calib: CalibrationSet, plans: dict[str, LayerQuant], acts: dict[str, ActivationParams],
+                       where: Placement) -> dict[str, float]:
         """Per layer, the SQNR (dB) of its int8 weights and input activation together, on the calibration data.
 
         It orders the sensitivities a fallback measures, and the layers its half of the time budget leaves
@@ -265,8 +267,7 @@ class Quantize(Pass[QuantizeConfig]):
         measured the fallback kept 101 layers float.
         """
         cfg = self.config
-        where = placement(model, [p.layer for p in plans.values()], set(), cfg)  # a layer input's range may be its source's
-        inputs = {p.layer.input: acts[where.source(p.layer.input)] for p in plans.values()}
+        inputs = {p.layer.input: acts[where.source(p.layer.input)] for p in plans.values()}  # a layer input's range may be its source's
         fitted = (model.fingerprint(), calib.digest, cfg.batch_size, cfg.max_batches, tuple(sorted((t, repr(a)) for t, a in inputs.items())))
         noise = _CALIBRATIONS.get_or_compute(("activation noise", *fitted), lambda: activation_noise(
             model, calib, inputs, batch_size=cfg.batch_size, max_batches=cfg.max_batches), array_bytes)
