@@ -40,7 +40,7 @@ from zoo import scoring  # noqa: E402
 from zoo.sources import cache_root  # noqa: E402
 
 LOSSY = ("prune-channels", "sparsify", "quantize", "distill")
-CANON = ("fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code")
+from optc.passes.framework.pipeline import CANONICALIZE as CANON  # noqa: E402
 OPTC = [str(Path(sys.executable).with_name("optc"))]
 
 

@@ -270,7 +270,7 @@ def test_eliminate_dead_code(save):
     assert_same_outputs(proto, result.model.proto, {"x": rand(2, 2)}, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code"])
+@pytest.mark.parametrize("name", ["fold-constants", "conv3d-to-2d", "fold-batchnorm", "remove-identity", "eliminate-dead-code"])
 def test_no_change_means_byte_identical(save, name):
     proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [2])], [("y", [2])])
     model, result = run_pass(name, proto, save)

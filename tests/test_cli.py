@@ -34,7 +34,7 @@ def test_compile_sample_end_to_end(tmp_path):
     assert {".optc-output.json", "model.onnx", "pipeline.yaml", "report.json"} <= names
     assert set(json.loads((out / ".optc-output.json").read_text())["files"]) == names - {".optc-output.json"}
     assert json.loads((out / "report.json").read_text())["passes"] == report["passes"]
-    assert [p["pass"] for p in report["passes"]] == ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code"]
+    assert [p["pass"] for p in report["passes"]] == ["fold-constants", "conv3d-to-2d", "fold-batchnorm", "remove-identity", "eliminate-dead-code"]
     assert report["after"]["op_histogram"].get("BatchNormalization") is None
     acc = report["evaluation"]["accuracy"]
     assert acc["samples"] == 1000 and acc["before"] > 0.95 and abs(acc["delta"]) < 1e-9
@@ -91,7 +91,7 @@ def test_inspect_counts_constant_weights(tmp_path):
 def test_passes_listing():
     res = invoke("passes")
     assert res.exit_code == 0
-    for name in ("fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code", "canonicalize"):
+    for name in ("fold-constants", "conv3d-to-2d", "fold-batchnorm", "remove-identity", "eliminate-dead-code", "canonicalize"):
         assert name in res.output
     described = json.loads(invoke("passes", "--describe", "fold-constants", "--json").output)["passes"][0]
     assert [o["name"] for o in described["options"]] == ["max_bytes", "fold_shapes"]

@@ -62,7 +62,7 @@ def test_default_that_misses_is_scaled_down_and_held_on_the_test_set(tmp_path):
     search = report["search"]
     assert search["max_drop"] == pytest.approx(0.01) and search["metric"] == "top1"
     chosen = search["chosen"]
-    assert chosen["feasible"] and 0 < chosen["strengths"]["distill#4"] < 0.05  # some distillation kept, less than asked
+    assert chosen["feasible"] and 0 < chosen["strengths"]["distill#5"] < 0.05  # some distillation kept, less than asked
     acc = report["evaluation"]["accuracy"]
     assert acc["before"] - acc["after"] <= 0.01 + 1e-9
     assert report["after"]["macs"] < report["before"]["macs"]
@@ -83,12 +83,12 @@ def test_without_eval_the_default_is_held_on_held_out_calibration_samples(tmp_pa
     report, _ = compile_(tmp_path, "mf", "--pass", "prune-channels:ratio=0.6", "--min-fidelity", "0.995")
     assert report["search"]["metric"] == "cosine" and report["search"]["samples"] == 64
     assert "lower confidence bound" in report["search"]["score"]  # a handful of split-off samples: their bound, not their mean
-    assert report["search"]["chosen"]["strengths"]["prune-channels#4"] < 0.6
+    assert report["search"]["chosen"]["strengths"]["prune-channels#5"] < 0.6
     # The metric a missed label-free default is searched with, named: held out of the calibration data too.
     report, _ = compile_(tmp_path, "fid", "--pass", "prune-channels:ratio=0.6", "--metric", "fidelity", "--max-drop", "0.01")
     search = report["search"]
     assert search["metric"] == "fidelity" and search["samples"] == 64 and search["chosen"]["metric"] >= 0.99
-    assert 0 < search["chosen"]["strengths"]["prune-channels#4"] < 0.6
+    assert 0 < search["chosen"]["strengths"]["prune-channels#5"] < 0.6
 
 
 def _scores(n: int, flips: dict[int, int], noise: dict[int, float]) -> tuple[dict, dict]:
@@ -337,7 +337,7 @@ def test_a_default_that_misses_runs_no_pipeline_twice(tmp_path, monkeypatch):
     assert len(runs) == len(asked) + search["passes_run"]
     assert search["passes_reused"] >= len(asked)
     distills = [r for r in runs if r.startswith("distill")]
-    assert len(distills) == len(set(distills)) == sum(1 for p in search["points"] if p["strengths"]["distill#4"]) >= 3
+    assert len(distills) == len(set(distills)) == sum(1 for p in search["points"] if p["strengths"]["distill#5"]) >= 3
     chosen = search["chosen"]["passes"]
     assert auto.report.pipeline == tuple(chosen) and [p.name for p in auto.report.passes] == [s.split(":")[0] for s in chosen]
     assert auto.report.passes[-1].modified and auto.report.after.macs < auto.report.before.macs

@@ -60,7 +60,7 @@ def test_option_docs():
 
 def test_parse_specs_and_named_pipeline():
     passes = parse_pass_specs(["canonicalize", "fold-constants:max_bytes=2048,fold_shapes=false"])
-    assert [p.name for p in passes] == ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code", "fold-constants"]
+    assert [p.name for p in passes] == ["fold-constants", "conv3d-to-2d", "fold-batchnorm", "remove-identity", "eliminate-dead-code", "fold-constants"]
     assert passes[-1].config.max_bytes == 2048 and passes[-1].config.fold_shapes is False
 
 
@@ -199,9 +199,9 @@ def test_records_and_dump_after(save, tmp_path):
     # Every committed edit ends with cleanup(), so the unused initializer is already gone.
     assert not by_name["eliminate-dead-code"].modified
     assert by_name["remove-identity"].drift["within_exact_tolerance"]
-    assert [p.name for p in dumps.iterdir()] == ["03-remove-identity.onnx"]
+    assert [p.name for p in dumps.iterdir()] == ["04-remove-identity.onnx"]
     assert result.final.params == 0 and result.initial.params == 4
-    np.testing.assert_equal(len(result.records), 4)
+    np.testing.assert_equal(len(result.records), 5)
 
 
 @register_pass("test-needs-opset-13")

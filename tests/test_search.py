@@ -47,7 +47,7 @@ def test_budget_scales_an_overreaching_pipeline_back_and_holds_on_held_out_data(
     full = result.points[0]
     assert not full.feasible, "ratio=0.7 should cost more than a point on this model"
     assert result.chosen.feasible and result.chosen.drop <= 0.01
-    assert 0 < result.chosen.strengths["prune-channels#4"] < 0.7
+    assert 0 < result.chosen.strengths["prune-channels#5"] < 0.7
     assert result.chosen.macs < result.points[1].macs  # compressed, not left alone (points[1]: strength 0)
     assert any("scaled to" in n for n in result.notes)
     # Judged on digits no pass and no search step saw.
@@ -63,7 +63,7 @@ def test_a_pipeline_within_budget_is_kept_as_asked(sample):
     passes = parse_pass_specs(["canonicalize", "prune-channels:ratio=0.2"])
     runner = PrefixRunner(model, PassContext(calibration=calib))
     result = fit_to_budget(passes, runner, Budget(MetricRunner(load_metric("top1"), budget_set.inputs, budget_set.labels, model), 0.02))
-    assert len(result.points) == 1 and result.chosen.strengths == {"prune-channels#4": 0.2}
+    assert len(result.points) == 1 and result.chosen.strengths == {"prune-channels#5": 0.2}
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_other_orders_move_only_the_float_passes():
 
     passes = parse_pass_specs(["canonicalize", "distill", "prune-channels", "quantize"])
     names = [[p.name for p in order] for order in other_orders(passes)]
-    canon = ["fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code"]
+    canon = ["fold-constants", "conv3d-to-2d", "fold-batchnorm", "remove-identity", "eliminate-dead-code"]
     assert names == [canon + ["prune-channels", "distill", "quantize"]]
     assert other_orders(parse_pass_specs(["prune-channels", "quantize"])) == []
     assert len(other_orders(parse_pass_specs(["distill", "prune-channels", "sparsify", "quantize"]))) == 5
@@ -156,7 +156,7 @@ def test_a_search_captures_each_input_gram_and_factor_once(sample, monkeypatch):
     passes = parse_pass_specs(["canonicalize", "sparsify:sparsity=0.95"])
     cosine = MetricRunner(load_metric("cosine"), calib, None, model)
     result = fit_to_budget(passes, PrefixRunner(model, PassContext(calibration=calib)), Budget(cosine, 1e-4), steps=3)
-    runs = sum(1 for p in result.points if p.strengths["sparsify#4"] > 0)
+    runs = sum(1 for p in result.points if p.strengths["sparsify#5"] > 0)
     assert runs >= 3
     assert len(captures) == 1
     assert factors and len(factors) == len(set(factors))  # each distinct Hessian factored once, not once per run

@@ -39,7 +39,7 @@ from optc.passes.framework.options import build_config
 # Larger pipeline files are refused unread (a hand-written one is a few hundred bytes).
 MAX_PIPELINE_FILE_BYTES = 1 << 20
 
-CANONICALIZE = ("fold-constants", "fold-batchnorm", "remove-identity", "eliminate-dead-code")
+CANONICALIZE = ("fold-constants", "conv3d-to-2d", "fold-batchnorm", "remove-identity", "eliminate-dead-code")
 
 # Named pipelines usable wherever a pass name is (``--pass canonicalize``).
 NAMED_PIPELINES: dict[str, tuple[str, ...]] = {

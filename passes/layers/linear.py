@@ -110,7 +110,12 @@ def find_linear_layers(model: Model, exclude: Sequence[str] = ()) -> tuple[list[
             kernel = wshape[2:]
             nd = len(kernel)
             if nd not in (1, 2):
-                skipped.append(f"{node.name}: only 1-D and 2-D convolutions are supported")
+                in_shape = shapes.get(node.input[0])
+                if nd == 3 and kernel[0] == 1 and in_shape is not None and len(in_shape) == 5 and in_shape[2] == 1:
+                    skipped.append(f"{node.name}: a 3-D convolution over a depth of 1: run conv3d-to-2d (in canonicalize) "
+                                   "before this pass to make it a 2-D one")
+                else:
+                    skipped.append(f"{node.name}: only 1-D and 2-D convolutions are supported")
                 continue
             pads = _conv_pads(node, attrs, shapes.get(node.input[0]), kernel)
             if pads is None:
