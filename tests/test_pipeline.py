@@ -213,12 +213,33 @@ class _NeedsOpset13(Pass):
         return PassResult(model, modified=False)
 
 
+@register_pass("test-needs-opset-13-changes")
+class _NeedsOpset13Changes(Pass):
+    min_opset = 13
+
+    def run(self, model, ctx):
+        assert model.opset >= 13
+        changed = model.copy()
+        changed.proto.graph.node[0].name = "renamed"
+        return PassResult(changed, modified=True)
+
+
 def test_manager_upgrades_old_opsets_for_passes_that_need_it(save):
     proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [2, 3])], [("y", [2, 3])], opset=11)
     model = load_model(save(proto))
-    result = PassManager(parse_pass_specs(["test-needs-opset-13"]), [VerifyEach(sample_feeds(model))]).run(model)
+    result = PassManager(parse_pass_specs(["test-needs-opset-13-changes"]), [VerifyEach(sample_feeds(model))]).run(model)
     assert result.model.opset == 13 and model.opset == 11
     assert "upgraded opset to 13" in result.model.notes
+
+
+def test_a_pass_that_changes_nothing_leaves_the_opset_as_it_was(save):
+    """quantize on a model with nothing to quantize said "changed nothing" and wrote it at opset 13 anyway."""
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [("x", [2, 3])], [("y", [2, 3])], opset=11)
+    model = load_model(save(proto))
+    result = PassManager(parse_pass_specs(["test-needs-opset-13"]), [VerifyEach(sample_feeds(model))]).run(model)
+    assert result.model is model and result.model.opset == 11
+    assert not any("upgraded opset" in n for n in result.model.notes)
+    assert not result.records[0].modified
 
 
 def test_networkx_view(save):

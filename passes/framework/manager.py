@@ -122,6 +122,7 @@ class PassManager:
             inst.before_pipeline(model, ctx)
         records: list[PassRecord] = []
         for index, p in enumerate(self.passes):
+            unchanged = model  # what a pass that changes nothing hands on: its opset upgrade is undone too
             if p.min_opset and model.opset < p.min_opset:
                 # A functional upgrade: earlier stages (and VerifyEach's reference) are untouched.
                 model = model.copy()
@@ -165,5 +166,5 @@ class PassManager:
                 inst.after_pass(p, model, result, record, ctx)
             logger.info("%s: %s in %.3fs", p.name, "modified" if result.modified else "no change", seconds)
             records.append(record)
-            model, current_stats = result.model, new_stats
+            model, current_stats = (result.model if result.modified else unchanged), new_stats
         return PipelineResult(model, records, initial, current_stats)
