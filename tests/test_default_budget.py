@@ -306,6 +306,24 @@ def test_which_outputs_hold_class_scores():
     assert class_scores(rng.normal(0, 3, (32, 1))) is None and class_scores(rng.normal(0, 3, (32,))) is None  # one logit
     assert class_scores(logits.astype(np.int64)) is None  # class indices already decided: not scores
     assert class_scores(np.concatenate([logits, [[[np.nan] * 50]]])) is None
+    # Features of a large scale: their softmax picks a top value as decisively as logits do, but it stands
+    # barely above the next (openWakeWord's 96-value speech embedding, its 32-bin log-mel frames).
+    wide = 8 * rng.normal(0, 1, (64, 96))
+    assert np.mean(1 / np.exp(wide - wide.max(1, keepdims=True)).sum(1) >= 0.5) > 0.5  # the softmax test alone passes
+    assert class_scores(wide) is None
+    mel = np.cumsum(rng.normal(0, 4, (16, 50, 32)), axis=-1)  # neighbouring bins close: a smooth spectrum
+    assert class_scores(mel) is None
+
+
+def test_a_trained_classifiers_logits_are_class_scores():
+    import onnx
+    from helpers import ort_run
+
+    from optc.evaluation.fidelity import class_scores
+
+    test = np.load(SAMPLE / "test.npz")
+    logits = next(iter(ort_run(onnx.load(str(SAMPLE / "mnist_cnn.onnx")), {"input": test["input"][:200]}).values()))
+    assert class_scores(logits) is not None
 
 
 def ort_scores(model, x):
