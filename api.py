@@ -182,15 +182,25 @@ class OutputFidelity:
     cosine: float
     shape_changed: bool = False
     agreement: float | None = None  # outputs holding class scores: share of positions with the input model's argmax
+    change_of: str | None = None  # an output that is this input plus a change (a watermark encoder's marked frame)
+    change_cosine: float | None = None  # ... and the cosine of that change, which is what the model does
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OutputFidelity:
-        return cls(d["max_abs"], d["max_rel"], d["cosine"], bool(d.get("shape_changed")), d.get("agreement"))
+        return cls(d["max_abs"], d["max_rel"], d["cosine"], bool(d.get("shape_changed")), d.get("agreement"),
+                   d.get("change_of"), d.get("change_cosine"))
+
+    @property
+    def judged_cosine(self) -> float:
+        """The cosine budgets and warnings read: of the change, for an output that is an input plus a change."""
+        return self.change_cosine if self.change_cosine is not None else self.cosine
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"max_abs": self.max_abs, "max_rel": self.max_rel, "cosine": self.cosine}
         if self.agreement is not None:
             out["agreement"] = self.agreement
+        if self.change_of is not None:
+            out.update(change_of=self.change_of, change_cosine=self.change_cosine)
         return {**out, "shape_changed": 1.0} if self.shape_changed else out
 
 
@@ -674,7 +684,8 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         driver.check_finite(baseline, final)
         driver.check_exact(passes, baseline, final)
         evaluation_section = Evaluation.from_dict(
-            driver.compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other", feeds_source)
+            driver.compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other", feeds_source,
+                           feeds)
         )
         warnings = _quality_warnings(evaluation_section, feeds_source) + _size_warnings(result, passes) + _speed_warnings(evaluation_section, passes)
         for line in warnings:
@@ -739,10 +750,12 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
 def _quality_warnings(evaluation: Evaluation, feeds_source: str) -> list[str]:
     """One line each when the output lost more than a user would accept without being told."""
     out = []
-    cosines = [f.cosine for f in evaluation.fidelity.values()]
-    worst = min(cosines) if cosines else 1.0
-    if not worst >= FIDELITY_WARN:
-        out.append(f"fidelity to the input model is {worst:.4f} (cosine, {evaluation.fidelity_samples} samples of {feeds_source}), "
+    cosines = {name: f.judged_cosine for name, f in evaluation.fidelity.items()}
+    least = min(cosines, key=lambda n: (cosines[n] >= FIDELITY_WARN, cosines[n])) if cosines else None
+    if least is not None and not cosines[least] >= FIDELITY_WARN:
+        change = evaluation.fidelity[least].change_of
+        what = f"cosine of what '{least}' adds to '{change}'" if change else "cosine"
+        out.append(f"fidelity to the input model is {cosines[least]:.4f} ({what}, {evaluation.fidelity_samples} samples of {feeds_source}), "
                    f"below {FIDELITY_WARN}: check accuracy on your data, or give --max-drop / --min-fidelity")
     agreements = {name: f.agreement for name, f in evaluation.fidelity.items() if f.agreement is not None}
     if agreements and not min(agreements.values()) >= FIDELITY_WARN:

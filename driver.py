@@ -58,6 +58,7 @@ from optc.data.calibration import sample_axes
 from optc.data.images import ImagePreprocess
 from optc.errors import ConfigError, OptcError
 from optc.evaluation import accuracy, compare_outputs, latency_ms
+from optc.evaluation.fidelity import changes, joined_feeds, residual_bases
 from optc.ir.io import load_model
 from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session, run, sample_feeds as random_feeds, unrunnable_reason
@@ -551,10 +552,19 @@ def check_exact(passes: Sequence[Any], before: Measurement, after: Measurement) 
                                f"(its values reach {scale:.3g}): an optc bug; nothing was written (--verify-each names the pass)")
 
 
-def compare(before: Measurement, after: Measurement, samples_labelled: int, timing: str, feeds_source: str) -> dict[str, Any]:
-    """report.json's ``evaluation`` section."""
+def compare(before: Measurement, after: Measurement, samples_labelled: int, timing: str, feeds_source: str,
+            feeds: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """report.json's ``evaluation`` section. An output that is an input plus a change (a watermark encoder's
+    marked frame) is also compared by its change (``change_of``, ``change_cosine``), as budgets judge it."""
     samples = len(next(iter(before.outputs.values()))) if before.outputs else 0
-    out: dict[str, Any] = {"fidelity": compare_outputs(before.outputs, after.outputs), "fidelity_samples": samples}
+    fidelity = compare_outputs(before.outputs, after.outputs)
+    given = joined_feeds(feeds)
+    bases = residual_bases(given, before.outputs)
+    if bases:
+        changed = compare_outputs(changes(before.outputs, given, bases), changes(after.outputs, given, bases))
+        for name, base in bases.items():
+            fidelity[name].update(change_of=base, change_cosine=changed[name]["cosine"])
+    out: dict[str, Any] = {"fidelity": fidelity, "fidelity_samples": samples}
     if before.accuracy is not None and after.accuracy is not None:
         out["accuracy"] = {"samples": samples_labelled, "before": before.accuracy, "after": after.accuracy, "delta": after.accuracy - before.accuracy}
     if before.latency_ms is not None and after.latency_ms is not None:

@@ -40,7 +40,7 @@ import numpy as np
 
 from optc.data.calibration import CalibrationSet, feed_samples
 from optc.errors import ConfigError
-from optc.evaluation.fidelity import class_scores, decision_agreement, lower_bound, sample_agreements, sample_cosines
+from optc.evaluation.fidelity import changes, class_scores, decision_agreement, lower_bound, residual_bases, sample_agreements, sample_cosines
 from optc.ir.model import Model
 from optc.ir.session import make_session
 
@@ -204,6 +204,18 @@ def model_outputs(model: Model, inputs: CalibrationSet, batch_size: int = 64, na
     return {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in parts.items() if v}
 
 
+def model_inputs(inputs: CalibrationSet, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Every sample of ``inputs`` as :func:`model_outputs` feeds them, concatenated on axis 0 (inputs given
+    whole, a state shaped for one run, are left out: no output is one of them plus a change)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for feed, real in inputs.padded_batches(batch_size):
+        fed = feed_samples(feed, inputs.inputs)
+        for name, value in feed.items():
+            if value.ndim and len(value) == fed:
+                parts.setdefault(name, []).append(value[:real])
+    return {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in parts.items()}
+
+
 def unread_outputs(metric: Metric, reference: Mapping[str, np.ndarray]) -> tuple[str, ...]:
     """The float outputs ``metric`` does not read: all but the first for ``top1``/``top5`` (a face detector's
     boxes and landmarks beside its face score), none for the others (``cosine`` and ``fidelity`` read every
@@ -220,6 +232,9 @@ class MetricRunner:
     lower bound of their per-sample cosine to the input model's: the drop :meth:`judge` returns is then the
     larger of the metric's and ``1 -`` the least such cosine. The default budget holds them (MTCNN's boxes
     reached cosine 0.970 while the top-1 of its face scores stayed within a point).
+
+    Cosines (``cosine``, ``fidelity``, the held outputs) read an output that is an input plus a change by
+    its change (``bases``, :func:`~optc.evaluation.fidelity.residual_bases`); a custom metric gets the outputs.
     """
 
     def __init__(self, metric: Metric, inputs: CalibrationSet, labels: np.ndarray | None, reference_model: Model, hold: tuple[str, ...] = ()):
@@ -227,7 +242,11 @@ class MetricRunner:
             raise ConfigError(f"metric {metric.name} needs labelled data: give --eval with a 'label' array, or --metric cosine")
         self.metric, self.inputs, self.labels, self.hold = metric, inputs, labels, tuple(hold)
         self.reference = model_outputs(reference_model, inputs)
-        self.baseline = self.metric(self.reference, labels, self.reference)
+        given = model_inputs(inputs)
+        self.bases = residual_bases(given, self.reference)
+        self._bases_given = {b: given[b] for b in self.bases.values()}
+        self.judged_reference = self.judged(self.reference)
+        self.baseline = self._score(self.reference)
         paired = metric.bounded and metric.per_sample is not None
         self._baseline_hits = metric.per_sample(self.reference, labels) if paired else None  # type: ignore[misc]
 
@@ -241,9 +260,18 @@ class MetricRunner:
         score, drop = self.judge_metric(outputs)
         return score, max(drop, 1.0 - self.held_cosine(outputs)) if self.hold else drop
 
+    def judged(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``outputs`` as cosines read them: an output that is an input plus a change (``bases``) as its change."""
+        return changes(outputs, self._bases_given, self.bases) if self.bases else dict(outputs)
+
+    def _score(self, outputs: Mapping[str, np.ndarray]) -> float:
+        if self.metric.needs_reference:
+            return self.metric(self.judged(outputs), self.labels, self.judged_reference)
+        return self.metric(outputs, self.labels, self.reference)
+
     def judge_metric(self, outputs: Mapping[str, np.ndarray]) -> tuple[float, float]:
         """:meth:`judge` of the metric alone, without the ``hold`` outputs."""
-        score = self.metric(outputs, self.labels, self.reference)
+        score = self._score(outputs)
         if self._baseline_hits is None:
             return score, self.baseline - score
         drops = self._baseline_hits - self.metric.per_sample(outputs, self.labels)  # type: ignore[misc]
@@ -251,7 +279,8 @@ class MetricRunner:
 
     def held_cosine(self, outputs: Mapping[str, np.ndarray]) -> float:
         """The least 90 % lower bound of the per-sample cosine over the ``hold`` outputs (1 without any)."""
-        return _bounded_cosine({n: outputs[n] for n in self.hold}, {n: self.reference[n] for n in self.hold})
+        judged = self.judged(outputs)
+        return _bounded_cosine({n: judged[n] for n in self.hold}, {n: self.judged_reference[n] for n in self.hold})
 
     def drop(self, model: Model) -> float:
         """How much the metric fell from the input model's (positive: worse)."""

@@ -32,6 +32,15 @@ def drift_summary(record: dict[str, Any]) -> str:
     return f"{worst:.1e} cos {cos:.6f}"
 
 
+def least_fidelity(fidelity: dict[str, dict[str, Any]]) -> tuple[float, str]:
+    """The least cosine of report.json's ``evaluation.fidelity``, as budgets read it (of the change, for an output
+    that is an input plus a change), and words saying whose when it is such a change ("" otherwise; NaN comes first)."""
+    judged = {n: m.get("change_cosine", m["cosine"]) for n, m in fidelity.items()}
+    least = min(judged, key=lambda n: (judged[n] == judged[n], judged[n]))
+    whose = f" (of what {least} adds to {fidelity[least]['change_of']})" if "change_of" in fidelity[least] else ""
+    return judged[least], whose
+
+
 def describe_stats(stats: dict[str, Any]) -> str:
     """Top-level scalar figures and small counters; per-layer detail stays in report.json."""
     parts = []

@@ -72,8 +72,9 @@ class Guard:
         outputs = model_outputs(model, self.runner.inputs)
         score, drop = self.runner.judge(outputs)
         reference = self.runner.reference
+        cosines = output_cosines(self.runner.judged(outputs), self.runner.judged_reference)
         if self.runner.metric.name == "fidelity":
-            figures = ", ".join([_cosine_figure(output_cosines(outputs, reference))] + [
+            figures = ", ".join([_cosine_figure(cosines)] + [
                 f"argmax agreement {decision_agreement(reference[n], outputs[n]):.4f} ({n})" for n in decision_outputs(reference)])
             if self.runner.metric.bounded:
                 figures += f" (lower bound {score:.4f})"
@@ -84,7 +85,7 @@ class Guard:
             if abs(own - mean_drop) > 1e-12:
                 figures += f" (drop {mean_drop:.4f}, upper bound {own:.4f})"
             if self.runner.hold:
-                held = {n: c for n, c in output_cosines(outputs, reference).items() if n in self.runner.hold}
+                held = {n: c for n, c in cosines.items() if n in self.runner.hold}
                 figures += ", " + _cosine_figure(held, unread_by=self.runner.metric.name, bound=self.runner.held_cosine(outputs))
         return score, drop, drop <= self.max_drop + 1e-12, figures
 
@@ -104,6 +105,9 @@ class Guard:
             if self.runner.hold:
                 what += (f" and the 90 % lower confidence bound of the mean cosine of {', '.join(self.runner.hold)} "
                          f"(not read by {name}) at least {floor:g}")
+        by_change = [o for o in self.runner.bases if self.runner.metric.needs_reference or o in self.runner.hold]
+        if by_change:
+            what += ", judging " + ", ".join(f"{o} by what it adds to {self.runner.bases[o]}" for o in by_change) + ","
         return f"{what} on {self.data.inputs.num_samples} held-out {self.data.inputs.kind.removeprefix('held-out ')} samples"
 
 

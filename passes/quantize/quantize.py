@@ -44,7 +44,7 @@ import numpy as np
 from optc.errors import ConfigError
 from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
-from optc.evaluation.fidelity import fidelity_drop
+from optc.evaluation.fidelity import changes, fidelity_drop, joined_feeds, residual_bases
 from optc.ir.session import make_session
 from optc.ir.view import graph_nodes
 from optc.passes.framework.analyses import AnalysisCache, array_bytes
@@ -213,15 +213,21 @@ class Quantize(Pass[QuantizeConfig]):
         base = original.fingerprint()
         identity = (base, base if model is original else model.fingerprint(), calib.digest, seed, repr(_fitting_form(cfg)), cfg.metric, cfg.eval_samples)
 
+        names = [o.name for o in original.proto.graph.output]
+        judged = _Changes()
+
         def drop(float_set: frozenset[str] | None, only: str | None = None) -> float:
             def measure() -> float:
                 if "reference" not in outputs:
-                    outputs["reference"] = _outputs(original, feeds)
+                    reference = _outputs(original, feeds)
+                    if cfg.metric != "top1":  # cosines read an output that is an input plus a change by its change, as budgets do
+                        judged.find(feeds, dict(zip(names, reference)))
+                    outputs["reference"] = judged(names, reference)
                 if only is not None:
                     trial = write_qdq(model, {only: plans[only]}, acts, cfg, set())
                 else:
                     trial = write_qdq(model, plans, acts, cfg, set(float_set or ()))
-                return fidelity_drop(outputs["reference"], _outputs(trial, feeds), cfg.metric)
+                return fidelity_drop(outputs["reference"], judged(names, _outputs(trial, feeds)), cfg.metric)
             return _DROPS.get_or_compute((identity, float_set, only), measure, lambda _: 64)
 
         start = time.perf_counter()
@@ -378,6 +384,24 @@ def placement(model: Model, layers: list[LinearLayer], float_nodes: set[str], cf
 
 def _unit_gemm(node) -> bool:
     return node.op != "Gemm" or (float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0)
+
+
+class _Changes:
+    """Outputs that are an input plus a change, read as the change (:func:`~optc.evaluation.fidelity.residual_bases`)."""
+
+    def __init__(self):
+        self.bases: dict[str, str] = {}
+        self.given: dict[str, np.ndarray] = {}
+
+    def find(self, feeds: list[dict[str, np.ndarray]], reference: dict[str, np.ndarray]) -> None:
+        given = joined_feeds(feeds)
+        self.bases = residual_bases(given, reference)
+        self.given = {b: given[b] for b in self.bases.values()}
+
+    def __call__(self, names: list[str], values: list[np.ndarray]) -> list[np.ndarray]:
+        if not self.bases:
+            return values
+        return list(changes(dict(zip(names, values)), self.given, self.bases).values())
 
 
 def _outputs(model: Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
