@@ -34,19 +34,27 @@ def interleaved_latency_ms(sessions: Sequence[Any], feeds: Mapping[str, np.ndarr
     neighbour's job slows them alike, and the lowest block median drops the
     disturbed blocks. Ratios of the results are what to quote. With
     ``budget_s`` the runs per block (at most ``runs``, at least 3) are sized
-    from the warm-up times so the whole measurement takes about that long.
+    from the warm-up times so the whole measurement takes about that long; a
+    model so slow that 3 runs a block do not fit gets fewer blocks (at least 2)
+    and runs, and only the warm-up that sized them (RivaGAN's decoder on 16
+    frames of 256x256, 7.6 s a round: 10 blocks of 3 runs and 5 warm-ups took
+    270 s of a 4 s budget).
     """
     feeds = dict(feeds)
-    spent = 0.0
-    for s in sessions:
-        for i in range(warmup):
+    spent, rounds = 0.0, 0
+    for i in range(warmup):
+        for s in sessions:
             start = time.perf_counter()
             s.run(None, feeds)
             if i:  # the first run pays for allocations
                 spent += time.perf_counter() - start
+        rounds += bool(i)
+        if budget_s is not None and rounds and spent / rounds * (3 * blocks) > budget_s:
+            break  # a slow model: what it costs is known, and more warm-up is more of the budget
     if budget_s is not None and spent > 0:
-        per_round = spent / max(warmup - 1, 1)  # one run of every session
-        runs = int(np.clip(budget_s / (blocks * per_round), 3, runs))
+        affordable = budget_s / (spent / rounds)  # rounds (one run of every session) within the budget
+        blocks = int(np.clip(affordable // 3, 2, blocks))
+        runs = int(np.clip(affordable / blocks, 1 if affordable < 3 * blocks else 3, runs))
     medians: list[list[float]] = [[] for _ in sessions]
     for _ in range(blocks):
         for s, block in zip(sessions, medians):
