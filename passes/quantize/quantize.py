@@ -213,7 +213,7 @@ class Quantize(Pass[QuantizeConfig]):
         base = original.fingerprint()
         identity = (base, base if model is original else model.fingerprint(), calib.digest, seed, repr(_fitting_form(cfg)), cfg.metric, cfg.eval_samples)
 
-        names = [o.name for o in original.proto.graph.output]
+        names = [o.name for o in original.outputs]
         judged = _Changes()
 
         def drop(float_set: frozenset[str] | None, only: str | None = None) -> float:
