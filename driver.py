@@ -693,8 +693,8 @@ def _data_section(raw: Any, path: Path) -> tuple[ImagePreprocess | None, int | N
         raise ConfigError(f"pipeline file {path}: 'data' takes 'images' (how image folders become inputs) and 'held_out' "
                           "(the last calibration samples no pass fits on)")
     held_out = raw.get("held_out")
-    if held_out is not None and (isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 1):
-        raise ConfigError(f"pipeline file {path}: data.held_out must be a positive number of samples, not {held_out!r}")
+    if held_out is not None and (isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 0):
+        raise ConfigError(f"pipeline file {path}: data.held_out must be a number of samples (0: none), not {held_out!r}")
     images = ImagePreprocess.from_dict(raw["images"], f"pipeline file {path}: data.images") if raw.get("images") is not None else None
     return images, held_out
 

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 from optc.passes.layers.grams import input_grams, paired_grams
-from optc.passes.layers.linear import LINEAR_OPS, LinearLayer, find_linear_layers, input_rows, matrix_to_weight, weight_matrix
+from optc.passes.layers.linear import LINEAR_OPS, LinearLayer, find_linear_layers, input_row_sums, input_rows, matrix_to_weight, weight_matrix
 from optc.passes.numerics.grams import InputGram, PairedGram
 
 __all__ = [
-    "LINEAR_OPS", "InputGram", "LinearLayer", "PairedGram", "find_linear_layers", "input_grams", "input_rows",
+    "LINEAR_OPS", "InputGram", "LinearLayer", "PairedGram", "find_linear_layers", "input_grams", "input_row_sums", "input_rows",
     "matrix_to_weight", "paired_grams", "weight_matrix",
 ]

@@ -51,7 +51,7 @@ from optc.passes.framework.analyses import AnalysisCache, array_bytes
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
 from optc.data.calibration import CalibrationSet, capture_activations, feed_samples
 from optc.passes.quantize.calibrators import CalibratorName, make_calibrator
-from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, input_rows, weight_matrix
+from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, input_row_sums, weight_matrix
 from optc.passes.quantize.qdq import (
     ActivationParams,
     activation_params,
@@ -307,9 +307,9 @@ def input_means(model: Model, calib: CalibrationSet, layers: list[LinearLayer], 
 
     def reduce(tensor: str, value: np.ndarray) -> None:
         for layer in by_tensor[tensor]:
-            r = input_rows(layer, value.astype(np.float64, copy=False))
-            sums[layer.node] = sums.get(layer.node, 0.0) + r.sum(axis=1)
-            rows[layer.node] = rows.get(layer.node, 0) + r.shape[1]
+            total, count = input_row_sums(layer, value)
+            sums[layer.node] = sums.get(layer.node, 0.0) + total
+            rows[layer.node] = rows.get(layer.node, 0) + count
 
     capture_activations(model, calib, list(by_tensor), reduce, batch_size=batch_size, max_batches=max_batches)
     return {n: s / max(rows[n], 1) for n, s in sums.items()}
