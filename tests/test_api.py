@@ -133,12 +133,34 @@ def test_pipeline_yaml_replays_a_run_that_held_calibration_samples_out(tmp_path)
     assert read_pipeline_file(again / "pipeline.yaml").held_out == 64  # and a replay of the replay does the same
 
     # What the file cannot mean is refused in one line, before any work.
-    for value, message in (("0", "data.held_out must be a positive number"), ("100000", "cannot hold the last 100000 out")):
+    for value, message in (("-1", "data.held_out must be a number of samples (0: none)"), ("100000", "cannot hold the last 100000 out")):
         bad = tmp_path / f"bad{value}.yaml"
         bad.write_text((first / "pipeline.yaml").read_text().replace("held_out: 64", f"held_out: {value}"))
         res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", tmp_path / f"out{value}", "--pipeline", bad,
                      "--calib", SAMPLE / "calib.npz", "--no-latency")
         assert res.exit_code == 2 and message in res.output and not (tmp_path / f"out{value}").exists(), res.output
+
+
+@pytest.mark.slow
+def test_lossy_passes_at_strengths_set_are_measured_on_samples_they_did_not_fit(tmp_path):
+    """Without --eval the fidelity line read the calibration samples a pass fitted on: prune-channels:ratio=0.0375 refit
+    a keyword model's 32 samples and read cosine 1.000000 where 128 others read 0.947. A quarter is held out now; a
+    replay of the run fits on the same samples, and one that held none out (0) holds none out again."""
+    from optc.driver import read_pipeline_file
+
+    first = tmp_path / "first"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", first, "--pass", "prune-channels:ratio=0.5",
+                 "--calib", SAMPLE / "calib.npz", "--no-latency")
+    assert res.exit_code == 0, res.output
+    assert "held-out calibration data, which no pass fitted on" in " ".join(res.output.split())
+    assert read_pipeline_file(first / "pipeline.yaml").held_out == 64
+    _replay(first, tmp_path / "again")
+    whole = tmp_path / "whole"
+    res = invoke("compile", SAMPLE / "mnist_cnn.onnx", "-o", whole, "--pass", "prune-channels:ratio=0.5", "--calib", SAMPLE / "calib.npz",
+                 "--eval", SAMPLE / "test.npz", "--no-latency")
+    assert res.exit_code == 0, res.output
+    assert read_pipeline_file(whole / "pipeline.yaml").held_out == 0  # --eval measured it: every sample fitted
+    _replay(whole, tmp_path / "whole_again")
 
 
 def test_pipeline_yaml_records_seed_and_frozen_shapes(tmp_path):

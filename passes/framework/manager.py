@@ -99,6 +99,8 @@ class PassManager:
         for p in self.passes:
             if (Requirement.CALIBRATION in p.requirements() or Requirement.TEACHER in p.requirements()) and ctx.calibration is None:
                 raise ConfigError(f"pass '{p.name}' needs calibration data: give --calib FILE.npz")
+            if ctx.calibration is not None and ctx.calibration.num_samples < p.min_calibration_samples:
+                raise ConfigError(f"{p.name} needs at least {p.min_calibration_samples} calibration samples, got {ctx.calibration.num_samples}")
             if Requirement.STATIC_SHAPES in p.requirements():
                 dynamic = [s.describe() for s in model.inputs if not s.is_static]
                 if dynamic:

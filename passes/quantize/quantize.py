@@ -119,6 +119,7 @@ class Quantize(Pass[QuantizeConfig]):
     config_class = QuantizeConfig
     requires = frozenset({Requirement.CALIBRATION, Requirement.SHAPES})
     min_opset = 13  # per-axis DequantizeLinear
+    min_calibration_samples = MIN_SAMPLES
     exact = False
     strength_options = frozenset({"max_drop"})
 
