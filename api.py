@@ -621,8 +621,8 @@ class _DefaultBudgetMissed(Exception):
         self.ran: tuple[Sequence[Pass], PipelineResult] | None = ran  # the pipeline that missed and its run, for the search
         shown = "" if "upper bound" in figures else f" (drop {drop:.4f})"  # a bounded labelled figure says its drops
         self.message = (f"{', '.join(guard.passes)} at default strength: {figures} on held-out data"
-                        f"{shown} misses the default budget ({guard.describe()}); took the strongest setting "
-                        "within it (set the strength to run as asked, or give --max-drop / --min-fidelity)")
+                        f"{shown} misses the default budget ({guard.describe()}); searching for the strongest "
+                        "setting within it (set the strength to run as asked, or give --max-drop / --min-fidelity)")
         super().__init__(self.message)
 
 

@@ -79,6 +79,7 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
         elif not rec["modified"] and rec["skipped"]:
             more = f" (and {len(rec['skipped']) - 1} more in report.json)" if len(rec["skipped"]) > 1 else ""
             lines.append(f"note: {shown(rec['pass'])} changed nothing: {shown(rec['skipped'][0])}{more}")
+    lines += _left_out(report)
     fid = ev.get("fidelity", {})
     if fid:
         worst = max(m["max_abs"] for m in fid.values())
@@ -191,6 +192,24 @@ def _faster(reference_ms: float, measured_ms: float) -> str:
         return "not comparable"
     ratio = reference_ms / measured_ms
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def _left_out(report: dict[str, Any]) -> list[str]:
+    """One note per pass a budget search scaled to nothing: the least strength tried and what it measured (the search's
+    own note says only how far the strengths were scaled)."""
+    search = report.get("search") or {}
+    chosen = (search.get("chosen") or {}).get("strengths") or {}
+    out = []
+    for key, value in chosen.items():
+        if value != 0:
+            continue
+        tried = [(p["strengths"][key], p["metric"]) for p in search.get("points") or []
+                 if isinstance(p.get("strengths", {}).get(key), (int, float)) and p["strengths"][key] > 0]
+        if tried:  # a pass without a scalable strength says itself why it was left out (search.notes)
+            strength, metric = min(tried)
+            out.append(f"note: {key.rpartition('#')[0]} left out by the budget: its least strength tried, {strength:g}, "
+                       f"measured {search.get('metric', 'metric')} {metric:.4f}")
+    return out
 
 
 def _scaled_strengths(report: dict[str, Any]) -> dict[int, float]:

@@ -389,6 +389,20 @@ def test_a_pass_scaled_to_nothing_by_the_budget_says_so_not_a_skipped_layer():
     assert _scaled_strengths({"search": None}) == {} and _scaled_strengths({}) == {}
 
 
+def test_a_pass_the_budget_left_out_says_what_its_least_strength_measured():
+    """EfficientWord-Net's ResNet-50: the search scaled prune-channels to 0 and the only line said it 'took the
+    strongest setting within' the budget, with no prune row in the table."""
+    from optc.cli.render import _left_out
+
+    points = [{"strengths": {"prune-channels#0": s}, "metric": m} for s, m in ((0.3, 0.4963), (0.15, 0.7410), (0.0375, 0.9160), (0.0, 1.0))]
+    report = {"search": {"metric": "fidelity", "points": points, "chosen": {"strengths": {"prune-channels#0": 0.0}}}}
+    assert _left_out(report) == ["note: prune-channels left out by the budget: its least strength tried, 0.0375, measured fidelity 0.9160"]
+    kept = {"search": {"metric": "fidelity", "points": points, "chosen": {"strengths": {"prune-channels#0": 0.0375}}}}
+    assert _left_out(kept) == [] and _left_out({}) == []
+    fixed = {"search": {"points": [{"strengths": {"quantize#0": "as configured"}, "metric": 0.9}], "chosen": {"strengths": {"quantize#0": 0}}}}
+    assert _left_out(fixed) == []  # its fallback's own note says why
+
+
 def test_macs_counted_with_a_symbolic_length_at_1_say_so(tmp_path):
     """openWakeWord's melspectrogram read 271k MACs per sample with its `samples` dim counted as 1 (53.5M at 32,000
     samples): the table marks the column and a footnote names the dims; a frozen shape needs no footnote."""
