@@ -152,7 +152,38 @@ def sample_cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
     if r.shape[1] == 1 and n > 1:  # one value per sample: its cosine is a sign test; score the samples together
         return _jackknife(r.ravel(), a.ravel())
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1)
-    return np.where(denom > 0, np.sum(r * a, axis=1) / np.maximum(denom, 1e-300), 1.0)
+    cosines = np.where(denom > 0, np.sum(r * a, axis=1) / np.maximum(denom, 1e-300), 1.0)
+    if 2 <= r.shape[1] <= FEW_VALUES and n > 2:
+        # A few scores a sample (DNSMOS's three opinion scores, a box): their cosine cannot see a shift that
+        # moves every score alike. Each score is also held over the samples, by its concordance correlation.
+        agreement = _jackknife_ccc(r, a)
+        if agreement.mean() < cosines.mean():
+            return agreement
+    return cosines
+
+
+FEW_VALUES = 4  # outputs of at most this many values a sample are also judged score by score (sample_cosines)
+
+
+def _jackknife_ccc(r: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """The least over the columns of Lin's concordance correlation ``2 cov(r, a) / (var r + var a + (mean r - mean a)^2)``,
+    as jackknife pseudo-values over the samples (rows) so that a bound over them is as wide as the samples warrant.
+
+    It sees a shift and a change of scale, relative to how much each score varies over the samples: DNSMOS's
+    scores (spread 0.7-1.0 over clips) kept per-sample cosine 0.9987 under sparsify while every score fell by
+    0.2 and one by 1.34; a column that does not vary at all agrees when it does not move (1), else not (0)."""
+    n = len(r)
+
+    def ccc(sr, sa, srr, saa, sra, m):
+        mr, ma = sr / m, sa / m
+        vr, va, cov = srr / m - mr * mr, saa / m - ma * ma, sra / m - mr * ma
+        denom = vr + va + (mr - ma) ** 2
+        return np.where(denom > 1e-300, 2 * cov / np.where(denom > 1e-300, denom, 1.0), 1.0)
+
+    sums = (r.sum(0), a.sum(0), (r * r).sum(0), (a * a).sum(0), (r * a).sum(0))
+    whole = ccc(*sums, n).min()
+    left_out = ccc(*(s[None] - t for s, t in zip(sums, (r, a, r * r, a * a, r * a))), n - 1).min(axis=1)
+    return n * whole - (n - 1) * left_out
 
 
 def concordance(reference: np.ndarray, actual: np.ndarray) -> float:

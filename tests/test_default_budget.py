@@ -250,11 +250,12 @@ def _label_free_guard(model, x):
 def test_label_free_guard_holds_argmax_decisions_not_only_cosine(tmp_path):
     """CTC-like scores: most positions a confident 'blank', every 10th a near-tie between two characters.
     The twin scales one class by 0.9: the mean cosine stays above 0.999, the near-ties flip."""
-    x = np.where((np.r_[0:256] % 10 == 0)[:, None], np.float32([0, 1, 0.95]), np.float32([8, 0.5, 0.2]))
-    model, twin = _head(tmp_path, "model", np.eye(3)), _head(tmp_path, "twin", np.diag([1, 0.9, 1]))
+    # five classes: outputs of at most four values a sample are also held score by score, which would see the scaling
+    x = np.where((np.r_[0:256] % 10 == 0)[:, None], np.float32([0, 1, 0.95, 0, 0]), np.float32([8, 0.5, 0.2, 0.1, 0]))
+    model, twin = _head(tmp_path, "model", np.eye(5)), _head(tmp_path, "twin", np.diag([1, 0.9, 1, 1, 1]))
     guard = _label_free_guard(model, x)
     held = guard.data.inputs.take(64)["x"]
-    assert ((held @ np.diag([1, 0.9, 1])).argmax(1) != held.argmax(1)).mean() > 0.05  # decisions flip beyond one point
+    assert ((held @ np.diag([1, 0.9, 1, 1, 1])).argmax(1) != held.argmax(1)).mean() > 0.05  # decisions flip beyond one point
     assert load_metric("cosine")(ort_scores(twin, held), None, ort_scores(model, held)) > 0.999  # which cosine cannot see
     score, drop, within, figures = guard.check(twin)
     assert not within and score == pytest.approx(1 - drop) and score < 0.95
