@@ -242,14 +242,15 @@ class CalibrationSet:
             with self.open(index) as data:
                 yield _per_sample(self.inputs, {s.name: data.read(s.name) for s in self.inputs})
 
-    def first_samples(self, count: int) -> list[dict[str, np.ndarray]]:
-        """Feeds holding the first ``count`` samples (all when the set is smaller), one batch each.
+    def first_samples(self, count: int, batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+        """Feeds holding the first ``count`` samples (all when the set is smaller), one batch each (of at most
+        ``batch_size``: :func:`samples_per_run`).
 
         A model whose batch is fixed at 1 gets ``count`` feeds: figures measured on a
         single sample mean little.
         """
         feeds, seen = [], 0
-        for feed in self.batches(count):
+        for feed in self.batches(min(count, batch_size or count)):
             feeds.append(feed)
             seen += feed_samples(feed, self.inputs)
             if seen >= count:
@@ -554,8 +555,9 @@ def capture_activations(
     mask_name = calibration.token_mask if drop_padding else None
     sizes = tensor_bytes if tensor_bytes is not None else _sample_bytes(model, tensors)
     largest = max(sizes.values(), default=0)
-    if largest and largest * batch_size > max_bytes_per_run:
-        asked, batch_size = batch_size, max(1, max_bytes_per_run // largest)
+    fits = min(samples_per_run(model, batch_size), max(1, max_bytes_per_run // largest) if largest else batch_size)
+    if fits < batch_size:
+        asked, batch_size = batch_size, fits
         if max_batches is not None:
             max_batches = -(-max_batches * asked // batch_size)
     groups = _group_by_size(list(tensors), sizes, max_bytes_per_run // max(batch_size, 1))
@@ -578,11 +580,23 @@ def capture_activations(
         del session
 
 
-def _sample_bytes(model: Model, tensors: Sequence[str]) -> dict[str, int]:
-    """Bytes of each tensor per sample (4 a value, the leading axis the batch), where its inferred shape is known."""
+RUN_BYTES = 1 << 30  # about what one run of a model may hold in activations (samples_per_run)
+
+
+def samples_per_run(model: Model, wanted: int, max_bytes: int = RUN_BYTES) -> int:
+    """How many samples one run of ``model`` should take, at most ``wanted``: onnxruntime's arena keeps a run's
+    peak, taken as three of its largest activations (an input, an output, a workspace). DNSMOS (74 MB a clip in
+    its largest activations) run on 48 clips at once held 20.5 GB."""
+    largest = max(_sample_bytes(model).values(), default=0)
+    return wanted if not largest else int(np.clip(max_bytes // (3 * largest), 1, max(wanted, 1)))
+
+
+def _sample_bytes(model: Model, tensors: Sequence[str] | None = None) -> dict[str, int]:
+    """Bytes of each tensor (all the model's by default) per sample (4 a value, the leading axis the batch), where its
+    inferred shape is known."""
     shapes = shape_map(model)
     sizes = {}
-    for name in tensors:
+    for name in (tensors if tensors is not None else shapes):
         dims = shapes.get(name)
         if dims and all(isinstance(d, int) and d >= 0 for d in dims[1:]):
             sizes[name] = 4 * int(np.prod(dims[1:], dtype=np.int64))

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from optc.data.calibration import CalibrationSet, feed_samples
+from optc.data.calibration import CalibrationSet, feed_samples, samples_per_run
 from optc.errors import ConfigError
 from optc.evaluation.fidelity import changes, class_scores, decision_agreement, lower_bound, residual_bases, sample_agreements, sample_cosines
 from optc.ir.model import Model
@@ -195,7 +195,7 @@ def model_outputs(model: Model, inputs: CalibrationSet, batch_size: int = 64, na
     session = make_session(model)
     names = names or [o.name for o in session.get_outputs()]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed, real in inputs.padded_batches(batch_size):
+    for feed, real in inputs.padded_batches(samples_per_run(model, batch_size)):
         fed = feed_samples(feed, inputs.inputs)
         for name, value in zip(names, session.run(names, feed)):
             value = value if value.ndim else value[None]

@@ -96,6 +96,17 @@ def test_capture_activations_sizes_batches_by_the_inferred_shapes():
     assert sum(seen) == 32  # max_batches counts batches of the size asked
 
 
+def test_samples_a_run_takes_follow_the_largest_activation():
+    from optc.data.calibration import samples_per_run
+
+    model = load_model(SAMPLE / "mnist_cnn.onnx")
+    infer_shapes(model)
+    assert samples_per_run(model, 64) == 64  # a small model: as asked
+    one = 4 * 28 * 28  # its input alone, a lower bound of its largest activation
+    assert samples_per_run(model, 64, max_bytes=3 * one * 8) <= 8
+    assert samples_per_run(model, 64, max_bytes=1) == 1
+
+
 def _token_model(save):
     """ids [b, s] float features, attention_mask [b, s] int64; y = x * 2 per token."""
     nodes = [helper.make_node("Mul", ["x", "two"], ["y"], name="m")]

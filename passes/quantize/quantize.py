@@ -49,7 +49,7 @@ from optc.ir.session import make_session
 from optc.ir.view import graph_nodes
 from optc.passes.framework.analyses import AnalysisCache, array_bytes
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
-from optc.data.calibration import CalibrationSet, capture_activations, feed_samples
+from optc.data.calibration import CalibrationSet, capture_activations, feed_samples, samples_per_run
 from optc.passes.quantize.calibrators import CalibratorName, make_calibrator
 from optc.passes.layers import LinearLayer, find_linear_layers, input_grams, input_row_sums, weight_matrix
 from optc.passes.quantize.qdq import (
@@ -211,7 +211,7 @@ class Quantize(Pass[QuantizeConfig]):
         cfg = self.config
         # every sample up to eval_samples, in several feeds where the batch is fixed: a batch-1 model judged
         # on its first sample alone kept every layer int8 (ddddocr's OCR: held-out agreement 0.9886 < 0.99)
-        feeds = calib.first_samples(cfg.eval_samples)
+        feeds = calib.first_samples(cfg.eval_samples, batch_size=samples_per_run(original, cfg.eval_samples))
         outputs: dict[str, list[np.ndarray]] = {}
         # The default budget runs this search again with a tighter max_drop on the same model and data: the
         # drops it measured are remembered (rapidocr's recogniser: 47 sensitivities and 8 trials, 144 s a run).
