@@ -205,10 +205,13 @@ def _left_out(report: dict[str, Any]) -> list[str]:
             continue
         tried = [(p["strengths"][key], p["metric"]) for p in search.get("points") or []
                  if isinstance(p.get("strengths", {}).get(key), (int, float)) and p["strengths"][key] > 0]
-        if tried:  # a pass without a scalable strength says itself why it was left out (search.notes)
+        name = key.rpartition("#")[0]
+        if tried:
             strength, metric = min(tried)
-            out.append(f"note: {key.rpartition('#')[0]} left out by the budget: its least strength tried, {strength:g}, "
+            out.append(f"note: {name} left out by the budget: its least strength tried, {strength:g}, "
                        f"measured {search.get('metric', 'metric')} {metric:.4f}")
+        else:  # a pass without a scalable strength (quantize): the search's own note says why
+            out += [f"note: {n}" for n in search.get("notes") or [] if n.startswith(f"{name}: left out")][:1]
     return out
 
 

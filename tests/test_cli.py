@@ -399,8 +399,11 @@ def test_a_pass_the_budget_left_out_says_what_its_least_strength_measured():
     assert _left_out(report) == ["note: prune-channels left out by the budget: its least strength tried, 0.0375, measured fidelity 0.9160"]
     kept = {"search": {"metric": "fidelity", "points": points, "chosen": {"strengths": {"prune-channels#0": 0.0375}}}}
     assert _left_out(kept) == [] and _left_out({}) == []
-    fixed = {"search": {"points": [{"strengths": {"quantize#0": "as configured"}, "metric": 0.9}], "chosen": {"strengths": {"quantize#0": 0}}}}
-    assert _left_out(fixed) == []  # its fallback's own note says why
+    fixed = {"search": {"points": [{"strengths": {"quantize#0": "as configured"}, "metric": 0.9}], "chosen": {"strengths": {"quantize#0": 0}},
+                        "notes": ["quantize: its most sensitive layers fall back (max_drop=0.005)",
+                                  "quantize: left out, the budget cannot hold with it (metric 1.0000 without it)"]}}
+    # DNSMOS: the search's own reason, which the terminal did not show (only 'searching for the strongest setting')
+    assert _left_out(fixed) == ["note: quantize: left out, the budget cannot hold with it (metric 1.0000 without it)"]
 
 
 def test_macs_counted_with_a_symbolic_length_at_1_say_so(tmp_path):
