@@ -164,3 +164,27 @@ def test_constant_subgraphs_are_typed_as_with_full_data_propagation():
     got = _shapes(model.proto)
     assert got["y"][1:] == (48,) and got["r"][1:] == (64,)
     assert got == _shapes(expected)
+
+
+@pytest.mark.parametrize("op,gates,direction", [("LSTM", 4, "forward"), ("GRU", 3, "bidirectional"), ("RNN", 1, "forward")])
+def test_recurrent_layers_count_their_macs(save, op, gates, direction):
+    """Resemblyzer keeps 96 % of its weights in 3 LSTMs and read 65.5k MACs a sample against about 216M."""
+    from onnx import helper as h
+
+    from optc.ir import infer_shapes, load_model
+    from optc.ir.stats import compute_stats
+
+    steps, features, hidden = 7, 5, 6
+    dirs = 2 if direction == "bidirectional" else 1
+    w = np.zeros((dirs, gates * hidden, features), np.float32)
+    r = np.zeros((dirs, gates * hidden, hidden), np.float32)
+    graph = h.make_graph([h.make_node(op, ["x", "W", "R"], ["y"], hidden_size=hidden, direction=direction, name="rnn")], "g",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [steps, "batch", features])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [steps, dirs, "batch", hidden])],
+                         [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(r, "R")])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 14)])
+    model = load_model(save(proto))
+    infer_shapes(model)
+    stats = compute_stats(model)
+    assert stats.macs == steps * dirs * gates * hidden * (features + hidden)  # per sample: the batch counts as 1
+    assert stats.macs_symbolic == [] and stats.macs_unknown == []
