@@ -58,7 +58,7 @@ from optc.data.calibration import sample_axes
 from optc.data.images import ImagePreprocess
 from optc.errors import ConfigError, OptcError
 from optc.evaluation import accuracy, compare_outputs, latency_ms
-from optc.evaluation.fidelity import changes, joined_feeds, residual_bases
+from optc.evaluation.fidelity import Changes, joined_feeds
 from optc.ir.io import load_model
 from optc.ir.model import Model, TensorSpec
 from optc.ir.session import make_session, run, sample_feeds as random_feeds, unrunnable_reason
@@ -558,11 +558,10 @@ def compare(before: Measurement, after: Measurement, samples_labelled: int, timi
     marked frame) is also compared by its change (``change_of``, ``change_cosine``), as budgets judge it."""
     samples = len(next(iter(before.outputs.values()))) if before.outputs else 0
     fidelity = compare_outputs(before.outputs, after.outputs)
-    given = joined_feeds(feeds)
-    bases = residual_bases(given, before.outputs)
-    if bases:
-        changed = compare_outputs(changes(before.outputs, given, bases), changes(after.outputs, given, bases))
-        for name, base in bases.items():
+    found = Changes.find(joined_feeds(feeds), before.outputs)
+    if found.bases:
+        changed = compare_outputs(found.view(before.outputs), found.view(after.outputs))
+        for name, base in found.bases.items():
             fidelity[name].update(change_of=base, change_cosine=changed[name]["cosine"])
     out: dict[str, Any] = {"fidelity": fidelity, "fidelity_samples": samples}
     if before.accuracy is not None and after.accuracy is not None:

@@ -57,6 +57,7 @@ looser than the cosine.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -101,7 +102,7 @@ def residual_bases(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.nd
     What such a model does is the change: a watermark encoder's mark, the noise a denoiser removes. Its whole
     output's cosine is the input's: on invisible-watermark's RivaGAN encoder, which adds 2.5 % to a frame,
     quantize read cosine 1.0000 while the mark it adds moved to 0.976. Such an output is judged by its change
-    (:func:`changes`). It is one when, at every sample, it differs from a float input of its shape by at most
+    (:class:`Changes`). It is one when, at every sample, it differs from a float input of its shape by at most
     :data:`RESIDUAL_SHARE` of its own norm, and by something.
     """
     bases: dict[str, str] = {}
@@ -132,13 +133,29 @@ def joined_feeds(feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndar
     return joined
 
 
-def changes(outputs: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray], bases: Mapping[str, str]) -> dict[str, np.ndarray]:
-    """``outputs`` with each output of ``bases`` (:func:`residual_bases`) replaced by what it adds to its input."""
-    out = dict(outputs)
-    for name, base in bases.items():
-        if name in out and out[name].shape == np.shape(inputs[base]):
-            out[name] = out[name].astype(np.float64) - np.asarray(inputs[base], dtype=np.float64)
-    return out
+@dataclass(frozen=True)
+class Changes:
+    """The outputs that are an input plus a change (:func:`residual_bases`) and the inputs they change: :meth:`view`
+    reads such outputs as their change, for every cosine that judges them (budgets, quantize's fallback, the report)."""
+
+    bases: Mapping[str, str]  # output name -> input name
+    given: Mapping[str, np.ndarray]  # those inputs' values, joined on axis 0 as the outputs are
+
+    @classmethod
+    def find(cls, inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Changes:
+        bases = residual_bases(inputs, reference)
+        return cls(bases, {b: np.asarray(inputs[b]) for b in bases.values()})
+
+    def view(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``outputs`` with each output of ``bases`` replaced by what it adds to its input."""
+        out = dict(outputs)
+        for name, base in self.bases.items():
+            if name in out and out[name].shape == self.given[base].shape:
+                out[name] = out[name].astype(np.float64) - self.given[base].astype(np.float64)
+        return out
+
+
+NO_CHANGES = Changes({}, {})
 
 
 def sample_cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:

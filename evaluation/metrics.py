@@ -40,7 +40,7 @@ import numpy as np
 
 from optc.data.calibration import CalibrationSet, feed_samples, samples_per_run
 from optc.errors import ConfigError
-from optc.evaluation.fidelity import changes, class_scores, decision_agreement, lower_bound, residual_bases, sample_agreements, sample_cosines
+from optc.evaluation.fidelity import Changes, class_scores, decision_agreement, lower_bound, sample_agreements, sample_cosines
 from optc.ir.model import Model
 from optc.ir.session import make_session
 
@@ -234,7 +234,7 @@ class MetricRunner:
     reached cosine 0.970 while the top-1 of its face scores stayed within a point).
 
     Cosines (``cosine``, ``fidelity``, the held outputs) read an output that is an input plus a change by
-    its change (``bases``, :func:`~optc.evaluation.fidelity.residual_bases`); a custom metric gets the outputs.
+    its change (``changes``, :class:`~optc.evaluation.fidelity.Changes`); a custom metric gets the outputs.
     """
 
     def __init__(self, metric: Metric, inputs: CalibrationSet, labels: np.ndarray | None, reference_model: Model, hold: tuple[str, ...] = ()):
@@ -242,9 +242,7 @@ class MetricRunner:
             raise ConfigError(f"metric {metric.name} needs labelled data: give --eval with a 'label' array, or --metric cosine")
         self.metric, self.inputs, self.labels, self.hold = metric, inputs, labels, tuple(hold)
         self.reference = model_outputs(reference_model, inputs)
-        given = model_inputs(inputs)
-        self.bases = residual_bases(given, self.reference)
-        self._bases_given = {b: given[b] for b in self.bases.values()}
+        self.changes = Changes.find(model_inputs(inputs), self.reference)
         self.judged_reference = self.judged(self.reference)
         self.baseline = self._score(self.reference)
         paired = metric.bounded and metric.per_sample is not None
@@ -261,8 +259,8 @@ class MetricRunner:
         return score, max(drop, 1.0 - self.held_cosine(outputs)) if self.hold else drop
 
     def judged(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``outputs`` as cosines read them: an output that is an input plus a change (``bases``) as its change."""
-        return changes(outputs, self._bases_given, self.bases) if self.bases else dict(outputs)
+        """``outputs`` as cosines read them: an output that is an input plus a change (``changes``) as its change."""
+        return self.changes.view(outputs)
 
     def _score(self, outputs: Mapping[str, np.ndarray]) -> float:
         if self.metric.needs_reference:

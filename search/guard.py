@@ -105,9 +105,10 @@ class Guard:
             if self.runner.hold:
                 what += (f" and the 90 % lower confidence bound of the mean cosine of {', '.join(self.runner.hold)} "
                          f"(not read by {name}) at least {floor:g}")
-        by_change = [o for o in self.runner.bases if self.runner.metric.needs_reference or o in self.runner.hold]
+        bases = self.runner.changes.bases
+        by_change = [o for o in bases if self.runner.metric.needs_reference or o in self.runner.hold]
         if by_change:
-            what += ", judging " + ", ".join(f"{o} by what it adds to {self.runner.bases[o]}" for o in by_change) + ","
+            what += ", judging " + ", ".join(f"{o} by what it adds to {bases[o]}" for o in by_change) + ","
         return f"{what} on {self.data.inputs.num_samples} held-out {self.data.inputs.kind.removeprefix('held-out ')} samples"
 
 

@@ -13,7 +13,7 @@ from helpers import make_model, ort_run, rand
 from onnx import helper
 
 from optc.cli.main import cli
-from optc.evaluation.fidelity import changes, residual_bases, sample_cosines
+from optc.evaluation.fidelity import Changes, residual_bases, sample_cosines
 
 
 def test_which_outputs_are_an_input_plus_a_change():
@@ -28,7 +28,9 @@ def test_which_outputs_are_an_input_plus_a_change():
         "score": rng.normal(0, 1, (8, 32)),
     }
     assert residual_bases(inputs, outputs) == {"marked": "frame"}
-    judged = changes(outputs, inputs, {"marked": "frame"})
+    found = Changes.find(inputs, outputs)
+    assert dict(found.bases) == {"marked": "frame"} and list(found.given) == ["frame"]
+    judged = found.view(outputs)
     np.testing.assert_allclose(judged["marked"], outputs["marked"] - frame)
     assert judged["features"] is outputs["features"]
 

@@ -44,7 +44,7 @@ import numpy as np
 from optc.errors import ConfigError
 from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
-from optc.evaluation.fidelity import changes, fidelity_drop, joined_feeds, residual_bases
+from optc.evaluation.fidelity import NO_CHANGES, Changes, fidelity_drop, joined_feeds
 from optc.ir.session import make_session
 from optc.ir.view import graph_nodes
 from optc.passes.framework.analyses import AnalysisCache, array_bytes
@@ -212,27 +212,29 @@ class Quantize(Pass[QuantizeConfig]):
         # every sample up to eval_samples, in several feeds where the batch is fixed: a batch-1 model judged
         # on its first sample alone kept every layer int8 (ddddocr's OCR: held-out agreement 0.9886 < 0.99)
         feeds = calib.first_samples(cfg.eval_samples, batch_size=samples_per_run(original, cfg.eval_samples))
-        outputs: dict[str, list[np.ndarray]] = {}
+        names = [o.name for o in original.outputs]
+        # on first need: the input model's outputs as cosines read them, and which of them are an input plus a change
+        reference: dict[str, Any] = {}
         # The default budget runs this search again with a tighter max_drop on the same model and data: the
         # drops it measured are remembered (rapidocr's recogniser: 47 sensitivities and 8 trials, 144 s a run).
         base = original.fingerprint()
         identity = (base, base if model is original else model.fingerprint(), calib.digest, seed, repr(_fitting_form(cfg)), cfg.metric, cfg.eval_samples)
 
-        names = [o.name for o in original.outputs]
-        judged = _Changes()
+        def judged(values: list[np.ndarray]) -> list[np.ndarray]:
+            return list(reference["changes"].view(dict(zip(names, values))).values())
 
         def drop(float_set: frozenset[str] | None, only: str | None = None) -> float:
             def measure() -> float:
-                if "reference" not in outputs:
-                    reference = _outputs(original, feeds)
-                    if cfg.metric != "top1":  # cosines read an output that is an input plus a change by its change, as budgets do
-                        judged.find(feeds, dict(zip(names, reference)))
-                    outputs["reference"] = judged(names, reference)
+                if "outputs" not in reference:
+                    given = dict(zip(names, _outputs(original, feeds)))
+                    # cosines read an output that is an input plus a change by its change, as budgets do
+                    reference["changes"] = Changes.find(joined_feeds(feeds), given) if cfg.metric != "top1" else NO_CHANGES
+                    reference["outputs"] = judged(list(given.values()))
                 if only is not None:
                     trial = write_qdq(model, {only: plans[only]}, acts, cfg, set())
                 else:
                     trial = write_qdq(model, plans, acts, cfg, set(float_set or ()))
-                return fidelity_drop(outputs["reference"], judged(names, _outputs(trial, feeds)), cfg.metric)
+                return fidelity_drop(reference["outputs"], judged(_outputs(trial, feeds)), cfg.metric)
             return _DROPS.get_or_compute((identity, float_set, only), measure, lambda _: 64)
 
         start = time.perf_counter()
@@ -389,24 +391,6 @@ def placement(model: Model, layers: list[LinearLayer], float_nodes: set[str], cf
 
 def _unit_gemm(node) -> bool:
     return node.op != "Gemm" or (float(node.attrs.get("alpha", 1.0)) == 1.0 and float(node.attrs.get("beta", 1.0)) == 1.0)
-
-
-class _Changes:
-    """Outputs that are an input plus a change, read as the change (:func:`~optc.evaluation.fidelity.residual_bases`)."""
-
-    def __init__(self):
-        self.bases: dict[str, str] = {}
-        self.given: dict[str, np.ndarray] = {}
-
-    def find(self, feeds: list[dict[str, np.ndarray]], reference: dict[str, np.ndarray]) -> None:
-        given = joined_feeds(feeds)
-        self.bases = residual_bases(given, reference)
-        self.given = {b: given[b] for b in self.bases.values()}
-
-    def __call__(self, names: list[str], values: list[np.ndarray]) -> list[np.ndarray]:
-        if not self.bases:
-            return values
-        return list(changes(dict(zip(names, values)), self.given, self.bases).values())
 
 
 def _outputs(model: Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
