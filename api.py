@@ -49,6 +49,7 @@ from optc.passes.framework import Instrument, Pass, PassContext, PassManager, Pa
 from optc.passes.framework.instruments import DumpAfter, TimePasses, VerifyEach
 from optc.passes.framework.pipeline import NAMED_PIPELINES, parse_pass_spec
 from optc.reporting import render_html
+from optc.reporting.format import least_fidelity
 from optc.search import guard as default_budget_guard
 from optc.search.run import BudgetMissed, BudgetSpec, choose_pipeline
 from optc.targets.spec import TargetSpec
@@ -189,11 +190,6 @@ class OutputFidelity:
     def from_dict(cls, d: Mapping[str, Any]) -> OutputFidelity:
         return cls(d["max_abs"], d["max_rel"], d["cosine"], bool(d.get("shape_changed")), d.get("agreement"),
                    d.get("change_of"), d.get("change_cosine"))
-
-    @property
-    def judged_cosine(self) -> float:
-        """The cosine budgets and warnings read: of the change, for an output that is an input plus a change."""
-        return self.change_cosine if self.change_cosine is not None else self.cosine
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"max_abs": self.max_abs, "max_rel": self.max_rel, "cosine": self.cosine}
@@ -774,12 +770,11 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
 def _quality_warnings(evaluation: Evaluation, feeds_source: str) -> list[str]:
     """One line each when the output lost more than a user would accept without being told."""
     out = []
-    cosines = {name: f.judged_cosine for name, f in evaluation.fidelity.items()}
-    least = min(cosines, key=lambda n: (cosines[n] >= FIDELITY_WARN, cosines[n])) if cosines else None
-    if least is not None and not cosines[least] >= FIDELITY_WARN:
+    least, worst = least_fidelity({n: f.to_dict() for n, f in evaluation.fidelity.items()}) if evaluation.fidelity else (None, 1.0)
+    if least is not None and not worst >= FIDELITY_WARN:
         change = evaluation.fidelity[least].change_of
         what = f"cosine of what '{least}' adds to '{change}'" if change else "cosine"
-        out.append(f"fidelity to the input model is {cosines[least]:.4f} ({what}, {evaluation.fidelity_samples} samples of {feeds_source}), "
+        out.append(f"fidelity to the input model is {worst:.4f} ({what}, {evaluation.fidelity_samples} samples of {feeds_source}), "
                    f"below {FIDELITY_WARN}: check accuracy on your data, or give --max-drop / --min-fidelity")
     agreements = {name: f.agreement for name, f in evaluation.fidelity.items() if f.agreement is not None}
     if agreements and not min(agreements.values()) >= FIDELITY_WARN:

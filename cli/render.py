@@ -17,7 +17,7 @@ from rich.table import Table
 from optc.errors import visible_text
 from optc.reporting.format import describe_stats as _describe_stats
 from optc.reporting.format import drift_summary as _drift
-from optc.reporting.format import human_bytes, human_count, least_fidelity, macs_footnote, macs_label
+from optc.reporting.format import change_words, human_bytes, human_count, least_fidelity, macs_footnote, macs_label
 from optc.reporting.format import params_text as _params
 
 # Longer names are cut in the middle for display (JSON output keeps them whole).
@@ -83,8 +83,8 @@ def render_compile_report(report: dict[str, Any], console: Console, *, show_time
     fid = ev.get("fidelity", {})
     if fid:
         worst = max(m["max_abs"] for m in fid.values())
-        least, whose = least_fidelity(fid)
-        cos = f"{least:.6f}{whose}"
+        name, least = least_fidelity(fid)
+        cos = f"{least:.6f}{change_words(fid, name)}"
         data = f", {shown(ev['fidelity_data'])}" if ev.get("fidelity_data") else ""
         agree = [m["agreement"] for m in fid.values() if m.get("agreement") is not None]
         decisions = f", argmax agreement {min(agree):.4f}" if agree else ""

@@ -32,13 +32,17 @@ def drift_summary(record: dict[str, Any]) -> str:
     return f"{worst:.1e} cos {cos:.6f}"
 
 
-def least_fidelity(fidelity: dict[str, dict[str, Any]]) -> tuple[float, str]:
-    """The least cosine of report.json's ``evaluation.fidelity``, as budgets read it (of the change, for an output
-    that is an input plus a change), and words saying whose when it is such a change ("" otherwise; NaN comes first)."""
+def least_fidelity(fidelity: dict[str, dict[str, Any]]) -> tuple[str, float]:
+    """The output of report.json's ``evaluation.fidelity`` whose cosine is least as budgets read it (of the change, for an
+    output that is an input plus a change), and that cosine; a NaN comes first."""
     judged = {n: m.get("change_cosine", m["cosine"]) for n, m in fidelity.items()}
     least = min(judged, key=lambda n: (judged[n] == judged[n], judged[n]))
-    whose = f" (of what {least} adds to {fidelity[least]['change_of']})" if "change_of" in fidelity[least] else ""
-    return judged[least], whose
+    return least, judged[least]
+
+
+def change_words(fidelity: dict[str, dict[str, Any]], name: str) -> str:
+    """" (of what NAME adds to INPUT)" when ``name`` is judged by its change, else ""."""
+    return f" (of what {name} adds to {fidelity[name]['change_of']})" if "change_of" in fidelity[name] else ""
 
 
 def describe_stats(stats: dict[str, Any]) -> str:

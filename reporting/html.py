@@ -13,7 +13,7 @@ import json
 from html import escape
 from typing import Any, Mapping
 
-from optc.reporting.format import describe_stats, drift_summary, human_bytes, human_count, least_fidelity, macs_label, params_text
+from optc.reporting.format import change_words, describe_stats, drift_summary, human_bytes, human_count, least_fidelity, macs_label, params_text
 from optc.reporting.svg import bar_chart, scatter
 
 STYLE = """
@@ -66,7 +66,8 @@ def _summary(report: Mapping[str, Any]) -> str:
                          f'<span class="{cls}">{delta:+.2f} points</span>'))
     fid = ev.get("fidelity") or {}
     if fid:
-        cos, whose = least_fidelity(fid)
+        name, cos = least_fidelity(fid)
+        whose = change_words(fid, name)
         cls = "warn" if not cos >= 0.99 else "ok"
         rows.append(_row(f"fidelity to the input model ({ev.get('fidelity_samples', '?')} samples, {escape(str(ev.get('fidelity_data', '')))})",
                          "1", f"{cos:.6f}", f'<span class="{cls}">cosine{escape(whose)}</span>'))
@@ -150,7 +151,7 @@ def _fidelity_points(report: Mapping[str, Any]) -> list[tuple[float, float, str]
         if drift.get("outputs"):
             cos *= min(m["cosine"] for m in drift["outputs"].values())  # a lower bound on the chained cosine's trend
             points.append((rec["after"].get("bytes", 0) / 1024, cos, f"after {rec['pass']} (chained drift)"))
-    points.append((after.get("param_bytes", 0) / 1024, least_fidelity(fid)[0], "output (measured)"))
+    points.append((after.get("param_bytes", 0) / 1024, least_fidelity(fid)[1], "output (measured)"))
     return points
 
 
