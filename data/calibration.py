@@ -553,9 +553,10 @@ def capture_activations(
     ``[1, real_tokens, features]`` (see :func:`real_tokens`) unless ``drop_padding`` is off.
     """
     mask_name = calibration.token_mask if drop_padding else None
-    sizes = tensor_bytes if tensor_bytes is not None else _sample_bytes(model, tensors)
+    every = _sample_bytes(model)
+    sizes = tensor_bytes if tensor_bytes is not None else {t: every[t] for t in tensors if t in every}
     largest = max(sizes.values(), default=0)
-    fits = min(samples_per_run(model, batch_size), max(1, max_bytes_per_run // largest) if largest else batch_size)
+    fits = min(_runs_fit(every, batch_size, RUN_BYTES), max(1, max_bytes_per_run // largest) if largest else batch_size)
     if fits < batch_size:
         asked, batch_size = batch_size, fits
         if max_batches is not None:
@@ -587,18 +588,21 @@ def samples_per_run(model: Model, wanted: int, max_bytes: int = RUN_BYTES) -> in
     """How many samples one run of ``model`` should take, at most ``wanted``: onnxruntime's arena keeps a run's
     peak, taken as three of its largest activations (an input, an output, a workspace). DNSMOS (74 MB a clip in
     its largest activations) run on 48 clips at once held 20.5 GB."""
-    largest = max(_sample_bytes(model).values(), default=0)
+    return _runs_fit(_sample_bytes(model), wanted, max_bytes)
+
+
+def _runs_fit(sizes: Mapping[str, int], wanted: int, max_bytes: int) -> int:
+    largest = max(sizes.values(), default=0)
     return wanted if not largest else int(np.clip(max_bytes // (3 * largest), 1, max(wanted, 1)))
 
 
-def _sample_bytes(model: Model, tensors: Sequence[str] | None = None) -> dict[str, int]:
-    """Bytes of each tensor (all the model's by default) per sample (4 a value, the leading axis the batch), where its
-    inferred shape is known."""
-    shapes = shape_map(model)
+def _sample_bytes(model: Model) -> dict[str, int]:
+    """Bytes of each of the model's activations per sample (4 a value, the leading axis the batch), where its inferred
+    shape is known (a weight has no batch axis: it is left out)."""
     sizes = {}
-    for name in (tensors if tensors is not None else shapes):
-        dims = shapes.get(name)
-        if dims and all(isinstance(d, int) and d >= 0 for d in dims[1:]):
+    weights = model.initializer_names
+    for name, dims in shape_map(model).items():
+        if name not in weights and dims and all(isinstance(d, int) and d >= 0 for d in dims[1:]):
             sizes[name] = 4 * int(np.prod(dims[1:], dtype=np.int64))
     return sizes
 

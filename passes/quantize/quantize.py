@@ -46,6 +46,7 @@ from optc.ir.graph import GraphEditor
 from optc.ir.model import Model
 from optc.evaluation.fidelity import NO_CHANGES, Changes, fidelity_drop, joined_feeds
 from optc.ir.session import make_session
+from optc.ir.stats import RECURRENT_OPS
 from optc.ir.view import graph_nodes
 from optc.passes.framework.analyses import AnalysisCache, array_bytes
 from optc.passes.framework import Pass, PassConfig, PassContext, PassResult, Requirement, option, register_pass
@@ -70,7 +71,6 @@ from optc.passes.quantize.smoothquant import SmoothQuantConfig, smooth_model, sm
 logger = logging.getLogger(__name__)
 
 MIN_SAMPLES = 8
-RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,7 +188,7 @@ class Quantize(Pass[QuantizeConfig]):
         for n in graph_nodes(model):
             if n.op_type == "MatMul" and wanted(n.name, n.op_type) and len(n.input) > 1 and n.input[1] not in inits:
                 skipped.append(f"{n.name}: both inputs are activations (only weight MatMuls are quantized)")
-            elif n.op_type in RECURRENT and n.domain in ("", "ai.onnx"):
+            elif n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx"):
                 # Resemblyzer keeps 96 % of its weights in 3 LSTMs: quantize's 3 % saving said nothing of them
                 skipped.append(f"{n.name}: {n.op_type} weights stay float (quantize writes int8 for Conv, Gemm and MatMul)")
         if not layers and not skipped:  # nothing to quantize: say why (an already quantized model: find_linear_layers')
