@@ -131,8 +131,10 @@ def kernels_line(p: dict[str, Any]) -> str:
         return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
     total, sent = p.get("chains", 0), len(p.get("offloaded") or [])
     how = shown(p["unmeasured"]) if p.get("unmeasured") else "measured" if p.get("mode") == "auto" else "as asked"
-    wino = sum(1 for e in p.get("offloaded") or [] if e.get("algorithm") == "winograd")
-    layout = f"layout {p.get('layout')}" + (f"; {wino} by Winograd" if wino else "")
+    algorithms = [e.get("algorithm") for e in p.get("offloaded") or []]
+    by = [f"{n} by {who}" for n, who in ((algorithms.count("winograd"), "oneDNN's Winograd"),
+                                          (algorithms.count("winograd F(4x4,3x3)"), "optc's Winograd F(4x4,3x3)")) if n]
+    layout = f"layout {p.get('layout')}" + (f"; {', '.join(by)}" if by else "")
     line = f"kernels: {sent}/{total} op chains to oneDNN {dnnl.get('version')} ({how}; {layout})"
     if p.get("measured"):
         line += f", {p['measured']} workloads timed in {p.get('measure_seconds', 0):.1f} s"

@@ -25,8 +25,9 @@ from tvm.ir.expr import Constant
 # Activation codes shared with onednn_glue.cc (enum Act).
 ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_GELU_ERF, ACT_SWISH = 0, 1, 2, 3, 4, 5
 ACT_NAMES = {ACT_NONE: "", ACT_RELU: "relu", ACT_CLIP: "clip", ACT_SIGMOID: "sigmoid", ACT_GELU_ERF: "gelu", ACT_SWISH: "swish"}
-# Convolution algorithms shared with onednn_glue.cc (enum Algo).
-ALGO_DIRECT, ALGO_WINOGRAD = 0, 1
+# Convolution algorithms shared with onednn_glue.cc (enum Algo): oneDNN's direct and Winograd kernels, and optc's own
+# Winograd F(4x4, 3x3) (winograd_f43.h, in the glue).
+ALGO_DIRECT, ALGO_WINOGRAD, ALGO_WINOGRAD_F43 = 0, 1, 2
 
 
 @dataclass
@@ -89,6 +90,11 @@ class Chain:
         c = self.conv
         return (self.weight.shape[2:] == (3, 3) and self.weight.shape[1] >= 4 and c["strides"] == (1, 1) and c["dilation"] == (1, 1)
                 and c["groups"] == 1)
+
+    def winograd_f43_candidate(self) -> bool:
+        """A Winograd candidate optc's own F(4x4, 3x3) kernel takes: NHWC, with no activation, ReLU or a clip (the
+        epilogues it applies on its output tiles)."""
+        return self.winograd_candidate() and bool(self.conv.get("nhwc")) and self.act in (ACT_NONE, ACT_RELU, ACT_CLIP)
 
     def workload_key(self) -> str:
         return hashlib.sha256(self.workload().encode()).hexdigest()[:16]

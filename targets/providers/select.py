@@ -50,6 +50,7 @@ from optc.targets.providers.chains import (
     ACT_SIGMOID,
     ACT_SWISH,
     ALGO_WINOGRAD,
+    ALGO_WINOGRAD_F43,
     Chain,
 )
 from optc.targets.providers.layout_fallback import convert_layout, last_line
@@ -85,7 +86,11 @@ SWITCH_MARGIN = 1.25
 # in 2 of 5 compiles once TVM's kernels got faster, among oneDNN's layer norms (decided, 2x): 11.3 ms against 8.7.
 RACE_NOISE = 0.10
 SWEEP_CAP = 64 << 20  # more than a process's share of a server's last-level cache: the model's weights come from memory
-CANDIDATES = {"tvm": "tvm_ms", "onednn": "onednn_ms", "winograd": "winograd_ms"}
+CANDIDATES = {"tvm": "tvm_ms", "onednn": "onednn_ms", "winograd": "winograd_ms", "winograd_f43": "winograd_f43_ms"}
+# Which kernels' call each candidate is: oneDNN's glue computes its own Winograd kernel and optc's F(4x4, 3x3), in the same
+# NHWC layout as its direct one (hand-overs between them cost nothing).
+FAMILIES = {"tvm": "tvm", "onednn": "onednn", "winograd": "onednn", "winograd_f43": "onednn"}
+ALGORITHMS = {"winograd": (ALGO_WINOGRAD, "winograd"), "winograd_f43": (ALGO_WINOGRAD_F43, "winograd F(4x4,3x3)")}
 ONE_THREAD = "_1t_ms"  # the same candidates timed on one thread: "tvm_1t_ms", ...
 
 
@@ -193,13 +198,13 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     raced = {c.workload(): winner(timings.get(c.workload())) for c in chains}
     choice = settle_ties([(c.workload(), c.macs()) for c in chains], timings, raced)
     for chain in chains:
-        if choice[chain.workload()] == "winograd":
-            chain.algo = ALGO_WINOGRAD
+        if choice[chain.workload()] in ALGORITHMS:
+            chain.algo = ALGORITHMS[choice[chain.workload()]][0]
     mod, taken = offload(mod, chains, lambda c: choice[c.workload()] != "tvm")
     for chain in chains:
         entry = {"workload": chain.workload(), "macs": chain.macs(), **timings.get(chain.workload(), {})}
-        if chain.algo == ALGO_WINOGRAD:
-            entry["algorithm"] = "winograd"
+        if choice[chain.workload()] in ALGORITHMS:
+            entry["algorithm"] = ALGORITHMS[choice[chain.workload()]][1]
         if choice[chain.workload()] != raced[chain.workload()]:  # the report's timings alone would contradict the choice
             entry["near_tie"] = (f"{raced[chain.workload()]} led by less than {SWITCH_MARGIN}x; "
                                  f"{choice[chain.workload()]}, which computes most of the model, kept")
@@ -210,7 +215,7 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
 
 
 def winner(timing: dict[str, Any] | None) -> str:
-    """The measured candidate (``tvm``, ``onednn``, ``winograd``) that loses least to the fastest at either thread count,
+    """The measured candidate (``tvm``, ``onednn``, ``winograd``, ``winograd_f43``) that loses least to the fastest at either thread count,
     all threads or one; oneDNN's direct kernel when unmeasured.
 
     The artifact may run on either: a deployer sets OMP_NUM_THREADS, and the pacer runs a loaded machine's calls on one
@@ -248,7 +253,7 @@ def settle_ties(work: list[tuple[str, int]], timings: dict[str, dict[str, Any]],
     tile_padding widened those to 512: likely the core's frequency changes). The race's own figures move by 10-20 %
     between compiles on a shared machine. Where the ties hold more multiply-adds than the clearly decided chains, those
     cannot speak for the model: the ties go together to the provider whose kernels for them sum to less time."""
-    families = {"tvm": "tvm", "onednn": "onednn", "winograd": "onednn"}
+    families = FAMILIES
     decided: dict[str, int] = {"tvm": 0, "onednn": 0}
     ties = {}
     for workload, macs in work:
@@ -490,7 +495,8 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
         dtypes = [chain.src_dtype] + ["float32"] * (len(shapes) - 1)
         arrays = [_random(rng, s, d) for s, d in zip(shapes, dtypes)]
         inputs.append(arrays)
-        for kind in ("tvm", "dnn", "wino") if chain.winograd_candidate() else ("tvm", "dnn"):
+        kinds = ("tvm", "dnn") + (("wino",) if chain.winograd_candidate() else ()) + (("wf43",) if chain.winograd_f43_candidate() else ())
+        for kind in kinds:
             params = [relax.Var(f"a{j}", relax.TensorType(list(s), d)) for j, (s, d) in enumerate(zip(shapes, dtypes))]
             x = params[0]
             other = params[1] if chain.other is not None else None
@@ -500,7 +506,7 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
                     if kind == "tvm":
                         y = reference(bb, chain, x, other, residual)
                     else:
-                        called = replace(chain, algo=ALGO_WINOGRAD) if kind == "wino" else chain
+                        called = replace(chain, algo={"wino": ALGO_WINOGRAD, "wf43": ALGO_WINOGRAD_F43}.get(kind, chain.algo))
                         y = bb.emit(provider_call(called, x, other, residual))
                     out = bb.emit_output(y)
                 bb.emit_func_output(out)
@@ -508,7 +514,8 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
     # OpenMP reads GOMP_SPINCOUNT once, when the first library that needs it loads: this race is usually that
     # load in a compile, so the candidates (and the artifact timed after them) run with the artifact's settings.
     apply_runtime_env()
-    plans = [{"workload": c.workload(), "winograd": _winograd_query(c) if c.winograd_candidate() else None} for c in chains]
+    plans = [{"workload": c.workload(), "winograd": _winograd_query(c) if c.winograd_candidate() else None,
+              "winograd_f43": _winograd_query(c, ALGO_WINOGRAD_F43) if c.winograd_f43_candidate() else None} for c in chains]
     isa = isa_cap(target)
     with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
         path = Path(tmp) / "kernels.so"
@@ -563,6 +570,11 @@ def time_library(path: Path, plans: list[dict[str, Any]], inputs: list[list[np.n
             usable, extra = _winograd_usable(lib, vm, plan["winograd"], i, args)
             if usable:
                 fns["winograd_ms"] = lambda i=i, a=args: vm[f"wino_{i}"](*a)
+        if plan.get("winograd_f43") is not None:
+            usable, more = _winograd_usable(lib, vm, plan["winograd_f43"], i, args, "wf43")
+            extra.update(more)
+            if usable:
+                fns["winograd_f43_ms"] = lambda i=i, a=args: vm[f"wf43_{i}"](*a)
         results[workload] = {**_race(fns, evict), **extra}
         with one_thread() as threads:
             if threads:
@@ -620,21 +632,29 @@ def _race(fns: dict[str, Callable[[], Any]], evict: Callable[[], Any] | None = N
     return best
 
 
-def _winograd_query(chain: Chain) -> list[Any]:
-    """The glue's arguments for the kernel oneDNN would run ``chain`` with by Winograd (JSON: a child process asks too)."""
-    called = replace(chain, algo=ALGO_WINOGRAD)
+def _winograd_query(chain: Chain, algo: int = ALGO_WINOGRAD) -> list[Any]:
+    """The glue's arguments for the kernel it would run ``chain`` with by Winograd ``algo`` (JSON: a child process asks too)."""
+    called = replace(chain, algo=algo)
     assert chain.weight is not None
     return [list(chain.in_shapes[0]), list(chain.weight.shape), list(chain.out_shape), conv_attrs(called, act_attrs(called))]
 
 
-def _winograd_usable(lib: Any, vm: Any, query: list[Any], i: int, args: list[Any]) -> tuple[bool, dict[str, Any]]:
-    """Whether oneDNN runs a Winograd kernel for chain ``i`` on this CPU, and its outputs agree with the direct one's."""
-    kernel = str(lib.get_function("optc_dnnl_conv2d_impl", query_imports=True)(*query))
-    if "wino" not in kernel:
-        return False, {"winograd": f"no Winograd kernel here (oneDNN runs {kernel})"}
-    direct, wino = vm[f"dnn_{i}"](*args).numpy(), vm[f"wino_{i}"](*args).numpy()
+def _winograd_usable(lib: Any, vm: Any, query: list[Any], i: int, args: list[Any], kind: str = "wino") -> tuple[bool, dict[str, Any]]:
+    """Whether the glue runs a Winograd kernel for chain ``i`` on this CPU (``wino``: oneDNN's; ``wf43``: optc's F(4x4, 3x3),
+    on AVX2 or AVX-512), and its outputs agree with oneDNN's direct kernel's. The report's keys: ``winograd_kernel``,
+    ``winograd_error`` (or ``winograd``, why not), ``winograd_f43_``... for optc's."""
+    name = "winograd" if kind == "wino" else "winograd_f43"
+    if kind == "wino":
+        kernel = str(lib.get_function("optc_dnnl_conv2d_impl", query_imports=True)(*query))
+        if "wino" not in kernel:
+            return False, {name: f"no Winograd kernel here (oneDNN runs {kernel})"}
+    else:
+        kernel = str(lib.get_function("optc_wino_f43_impl", query_imports=True)(query[1], query[3]))
+        if not kernel.startswith("optc_wino"):
+            return False, {name: kernel}
+    direct, wino = vm[f"dnn_{i}"](*args).numpy(), vm[f"{kind}_{i}"](*args).numpy()
     scale = max(float(np.abs(direct).max()), 1e-30)
     error = float(np.abs(direct.astype(np.float64) - wino).max()) / scale
     if not error <= WINOGRAD_RTOL:
-        return False, {"winograd": f"{kernel}: error {error:.1e} of the output range, above {WINOGRAD_RTOL:g}"}
-    return True, {"winograd_kernel": kernel, "winograd_error": error}
+        return False, {name: f"{kernel}: error {error:.1e} of the output range, above {WINOGRAD_RTOL:g}"}
+    return True, {f"{name}_kernel": kernel, f"{name}_error": error}

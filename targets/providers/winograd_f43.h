@@ -1,0 +1,244 @@
+// Winograd F(4x4, 3x3) for NHWC float32 convolutions: stride 1, dilation 1, groups 1, any padding.
+// Included by onednn_glue.cc once per instruction set, inside a namespace and a GCC target region that define
+// kW, the vector width in floats (16: AVX-512, 8: AVX2); the glue picks one when a call site is made. WinoDims
+// (the shapes and padding) is the glue's. oneDNN 2.x has F(4x4, 3x3) only from a batch of 4 up; at batch 1 its
+// F(2x2, 3x3) saves 2.25x of the multiplies before its transforms and reorders, this one 4x.
+//
+// Each 6x6 input patch becomes V = Bᵀ d B, each filter U = G g Gᵀ (once, when the call site is made), the 36
+// positions of a tile multiply as 36 small matrix products over the channels (the work: 4x fewer multiply-adds
+// than the direct convolution), and Y = Aᵀ M A gives a 4x4 output tile. Tiles go in blocks that keep V and M in
+// the core's L2; each OpenMP thread takes whole blocks.
+
+typedef float vec __attribute__((vector_size(kW * 4)));
+constexpr int kMR = kW == 16 ? 12 : 6;  // rows of the register tile (tiles), each two vectors of output channels wide
+constexpr int kNR = 2 * kW;
+
+inline vec load(const float* p) {
+  vec v;
+  __builtin_memcpy(&v, p, sizeof(vec));
+  return v;
+}
+inline void store(float* p, vec v) { __builtin_memcpy(p, &v, sizeof(vec)); }
+inline vec splat(float x) { return x - vec{}; }  // a broadcast: x - 0 is x for every x (x + 0 is not, for -0)
+
+// U[36][Kp/kNR][C][kNR] from OIHW weights w[K][C][3][3]; Kp: K rounded up to kNR, the padding zero.
+inline void pack_weights(const float* w, int64_t K, int64_t C, float* U) {
+  const int64_t Kp = (K + kNR - 1) / kNR * kNR;
+  static const float G[6][3] = {{1.f / 4, 0, 0},          {-1.f / 6, -1.f / 6, -1.f / 6}, {-1.f / 6, 1.f / 6, -1.f / 6},
+                                {1.f / 24, 1.f / 12, 1.f / 6}, {1.f / 24, -1.f / 12, 1.f / 6}, {0, 0, 1}};
+  for (int64_t i = 0; i < 36 * Kp * C; ++i) U[i] = 0.f;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c) {
+      const float* g = w + (k * C + c) * 9;
+      double t[6][3];
+      for (int i = 0; i < 6; ++i)
+        for (int j = 0; j < 3; ++j) t[i][j] = G[i][0] * g[0 * 3 + j] + G[i][1] * g[1 * 3 + j] + G[i][2] * g[2 * 3 + j];
+      for (int i = 0; i < 6; ++i)
+        for (int j = 0; j < 6; ++j) {
+          double u = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
+          U[(((i * 6 + j) * (Kp / kNR) + k / kNR) * C + c) * kNR + k % kNR] = static_cast<float>(u);
+        }
+    }
+}
+
+struct Geometry : WinoDims {
+  explicit Geometry(const WinoDims& d) : WinoDims(d) {}
+  int64_t tiles_h() const { return (OH + 3) / 4; }
+  int64_t tiles_w() const { return (OW + 3) / 4; }
+  int64_t tiles() const { return N * tiles_h() * tiles_w(); }
+  int64_t Cp() const { return (C + kW - 1) / kW * kW; }
+  int64_t Kp() const { return (K + kNR - 1) / kNR * kNR; }
+};
+
+// V[36][TB][Cp] for tiles t0 .. t0+tb of the image batch.
+inline void input_transform(const Geometry& g, const float* x, int64_t t0, int64_t tb, int64_t TB, float* V) {
+  const int64_t th = g.tiles_h(), tw = g.tiles_w(), Cp = g.Cp();
+  for (int64_t t = 0; t < tb; ++t) {
+    int64_t id = t0 + t, n = id / (th * tw), r = id % (th * tw);
+    int64_t y0 = r / tw * 4 - g.pt, x0 = r % tw * 4 - g.pl;
+    for (int64_t c = 0; c < Cp; c += kW) {
+      vec d[6][6];
+      const bool whole = c + kW <= g.C;
+      for (int i = 0; i < 6; ++i)
+        for (int j = 0; j < 6; ++j) {
+          int64_t yy = y0 + i, xx = x0 + j;
+          if (yy < 0 || yy >= g.H || xx < 0 || xx >= g.W) {
+            d[i][j] = vec{};
+            continue;
+          }
+          const float* p = x + ((n * g.H + yy) * g.W + xx) * g.C + c;
+          if (whole) {
+            d[i][j] = load(p);
+          } else {
+            vec v{};
+            for (int64_t q = 0; q < g.C - c; ++q) v[q] = p[q];
+            d[i][j] = v;
+          }
+        }
+      vec s[6][6];
+      for (int j = 0; j < 6; ++j) {  // Bᵀ d, column by column
+        vec d0 = d[0][j], d1 = d[1][j], d2 = d[2][j], d3 = d[3][j], d4 = d[4][j], d5 = d[5][j];
+        s[0][j] = 4.f * d0 - 5.f * d2 + d4;
+        s[1][j] = -4.f * (d1 + d2) + d3 + d4;
+        s[2][j] = 4.f * (d1 - d2) - d3 + d4;
+        s[3][j] = 2.f * (d3 - d1) - d2 + d4;
+        s[4][j] = 2.f * (d1 - d3) - d2 + d4;
+        s[5][j] = 4.f * d1 - 5.f * d3 + d5;
+      }
+      for (int i = 0; i < 6; ++i) {  // (Bᵀ d) B, row by row
+        vec d0 = s[i][0], d1 = s[i][1], d2 = s[i][2], d3 = s[i][3], d4 = s[i][4], d5 = s[i][5];
+        float* o = V + ((i * 6) * TB + t) * Cp + c;
+        const int64_t step = TB * Cp;
+        store(o + 0 * step, 4.f * d0 - 5.f * d2 + d4);
+        store(o + 1 * step, -4.f * (d1 + d2) + d3 + d4);
+        store(o + 2 * step, 4.f * (d1 - d2) - d3 + d4);
+        store(o + 3 * step, 2.f * (d3 - d1) - d2 + d4);
+        store(o + 4 * step, 2.f * (d1 - d3) - d2 + d4);
+        store(o + 5 * step, 4.f * d1 - 5.f * d3 + d5);
+      }
+    }
+  }
+}
+
+// M[xi] (rows × kNR at column block kb) = V[xi] (rows × Cp) · U[xi][kb] (Cp × kNR), a register tile of R rows.
+template <int R>
+inline void micro(const float* v, int64_t ldv, const float* u, int64_t C, float* m, int64_t ldm) {
+  vec acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = vec{};
+  for (int64_t c = 0; c < C; ++c) {
+    vec b0 = load(u + c * kNR), b1 = load(u + c * kNR + kW);
+    for (int r = 0; r < R; ++r) {
+      vec a = splat(v[r * ldv + c]);
+      acc0[r] += a * b0;
+      acc1[r] += a * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store(m + r * ldm, acc0[r]);
+    store(m + r * ldm + kW, acc1[r]);
+  }
+}
+
+template <int R>
+inline void rows_left(int64_t left, const float* v, int64_t ldv, const float* u, int64_t C, float* m, int64_t ldm) {
+  if constexpr (R > 0) {
+    if (left == R) return micro<R>(v, ldv, u, C, m, ldm);
+    rows_left<R - 1>(left, v, ldv, u, C, m, ldm);
+  }
+}
+
+// One of the 36 x (Kp / kNR) products: position xi, output channels kb * kNR .. + kNR, for tb tiles.
+inline void multiply_one(const Geometry& g, const float* V, const float* U, int64_t tb, int64_t TB, float* M, int xi, int64_t kb) {
+  const int64_t Cp = g.Cp(), Kp = g.Kp(), kblocks = Kp / kNR;
+  const float* v = V + xi * TB * Cp;
+  float* m = M + xi * TB * Kp + kb * kNR;
+  const float* u = U + (xi * kblocks + kb) * g.C * kNR;
+  int64_t r = 0;
+  for (; r + kMR <= tb; r += kMR) micro<kMR>(v + r * Cp, Cp, u, g.C, m + r * Kp, Kp);
+  if (r < tb) rows_left<kMR - 1>(tb - r, v + r * Cp, Cp, u, g.C, m + r * Kp, Kp);
+}
+
+inline void multiply(const Geometry& g, const float* V, const float* U, int64_t tb, int64_t TB, float* M) {
+  const int64_t kblocks = g.Kp() / kNR;
+  for (int xi = 0; xi < 36; ++xi)
+    for (int64_t kb = 0; kb < kblocks; ++kb) multiply_one(g, V, U, tb, TB, M, xi, kb);
+}
+
+// Epilogue codes as onednn_glue.cc's Act (chains.py's ACT_*): none, relu, clip.
+inline vec activate(vec y, int act, float lo, float hi) {
+  if (act == 1) return y > 0.f ? y : vec{};
+  if (act == 2) {
+    y = y < lo ? splat(lo) : y;
+    return y > hi ? splat(hi) : y;
+  }
+  return y;
+}
+
+inline void output_transform(const Geometry& g, const float* M, int64_t t0, int64_t tb, int64_t TB, const float* bias,
+                             const float* res, int act, float lo, float hi, float* out) {
+  const int64_t th = g.tiles_h(), tw = g.tiles_w(), Kp = g.Kp();
+  for (int64_t t = 0; t < tb; ++t) {
+    int64_t id = t0 + t, n = id / (th * tw), r = id % (th * tw);
+    int64_t oy0 = r / tw * 4, ox0 = r % tw * 4;
+    for (int64_t k = 0; k < Kp && k < g.K; k += kW) {
+      vec s[4][6];
+      const float* mp = M + t * Kp + k;
+      const int64_t step = TB * Kp;
+      for (int j = 0; j < 6; ++j) {  // Aᵀ m, column by column
+        vec m0 = load(mp + (0 * 6 + j) * step), m1 = load(mp + (1 * 6 + j) * step), m2 = load(mp + (2 * 6 + j) * step);
+        vec m3 = load(mp + (3 * 6 + j) * step), m4 = load(mp + (4 * 6 + j) * step), m5 = load(mp + (5 * 6 + j) * step);
+        vec a = m1 + m2, b = m1 - m2, c = m3 + m4, e = m3 - m4;
+        s[0][j] = m0 + a + c;
+        s[1][j] = b + 2.f * e;
+        s[2][j] = a + 4.f * c;
+        s[3][j] = b + 8.f * e + m5;
+      }
+      vec bv{};
+      const bool whole = k + kW <= g.K;
+      if (bias) {
+        if (whole) bv = load(bias + k);
+        else for (int64_t q = 0; q < g.K - k; ++q) bv[q] = bias[k + q];
+      }
+      for (int i = 0; i < 4; ++i) {
+        int64_t oy = oy0 + i;
+        if (oy >= g.OH) break;
+        vec m0 = s[i][0], m1 = s[i][1], m2 = s[i][2], m3 = s[i][3], m4 = s[i][4], m5 = s[i][5];
+        vec a = m1 + m2, b = m1 - m2, c = m3 + m4, e = m3 - m4;
+        vec y[4] = {m0 + a + c, b + 2.f * e, a + 4.f * c, b + 8.f * e + m5};
+        for (int j = 0; j < 4; ++j) {
+          int64_t ox = ox0 + j;
+          if (ox >= g.OW) break;
+          int64_t at = ((n * g.OH + oy) * g.OW + ox) * g.K + k;
+          vec v = y[j] + bv;
+          if (whole) {
+            if (res) v += load(res + at);
+            store(out + at, activate(v, act, lo, hi));
+          } else {
+            for (int64_t q = 0; q < g.K - k; ++q) {
+              float f = v[q] + (res ? res[at + q] : 0.f);
+              vec one = activate(splat(f), act, lo, hi);
+              out[at + q] = one[0];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Entry points (the glue sees these through the namespace): the packed weights' size, the scratch one block of TB
+// tiles needs (V, then M), and one block: tiles t0 .. t0+tb transformed, multiplied and written to `out`.
+inline int64_t packed_floats(const WinoDims& d) { return 36 * Geometry(d).Kp() * d.C; }
+inline void pack(const WinoDims& d, const float* w, float* U) { pack_weights(w, d.K, d.C, U); }
+inline int64_t scratch_floats(const WinoDims& d, int64_t TB) {
+  Geometry g(d);
+  return 36 * TB * (g.Cp() + g.Kp());
+}
+inline int register_rows() { return kMR; }
+inline int64_t products(const WinoDims& d) { return 36 * (Geometry(d).Kp() / kNR); }
+inline void run_block(const WinoDims& d, const float* U, int64_t t0, int64_t tb, int64_t TB, float* scratch, const float* x,
+                      const float* bias, const float* res, int act, float lo, float hi, float* out) {
+  Geometry g(d);
+  float* V = scratch;
+  float* M = scratch + 36 * TB * g.Cp();
+  input_transform(g, x, t0, tb, TB, V);
+  multiply(g, V, U, tb, TB, M);
+  output_transform(g, M, t0, tb, TB, bias, res, act, lo, hi, out);
+}
+
+// The same in stages, for one block of all T tiles that threads share: tile t's input transform, product j of
+// products(d), tile t's output transform. Each thread then reads only its products' share of the weights.
+inline void stage_input(const WinoDims& d, const float* x, int64_t t, int64_t T, float* scratch) {
+  Geometry g(d);
+  input_transform(g, x, t, 1, T, scratch + t * g.Cp());
+}
+inline void stage_multiply(const WinoDims& d, const float* U, int64_t j, int64_t T, float* scratch) {
+  Geometry g(d);
+  const int64_t kblocks = g.Kp() / kNR;
+  multiply_one(g, scratch, U, T, T, scratch + 36 * T * g.Cp(), static_cast<int>(j / kblocks), j % kblocks);
+}
+inline void stage_output(const WinoDims& d, int64_t t, int64_t T, const float* scratch, const float* bias, const float* res, int act,
+                         float lo, float hi, float* out) {
+  Geometry g(d);
+  output_transform(g, scratch + 36 * T * g.Cp() + t * g.Kp(), t, 1, T, bias, res, act, lo, hi, out);
+}
