@@ -24,6 +24,8 @@ CASES = [
     (1, 6, 6, 4, 4, (1, 1, 1, 1), 1, (0.0, 0.0), True, True),  # smaller than one register tile
     (1, 30, 30, 64, 64, (1, 1, 1, 1), 1, (0.0, 0.0), True, True),  # threaded, tiles in blocks
     (1, 14, 14, 160, 300, (1, 1, 1, 1), 1, (0.0, 0.0), True, False),  # 1.7 MB of transformed weights: staged
+    (1, 11, 11, 24, 48, (1, 1, 1, 1), 5, (0.0, 0.0), True, False),  # SiLU (YOLO-style)
+    (1, 10, 10, 32, 20, (1, 1, 1, 1), 3, (0.0, 0.0), True, True),  # sigmoid after a residual
 ]
 
 
@@ -44,6 +46,10 @@ def reference(x, w, b, res, pads, act, clip):
         y = np.maximum(y, 0)
     elif act == 2:
         y = np.clip(y, *clip)
+    elif act == 3:
+        y = 1 / (1 + np.exp(-y))
+    elif act == 5:
+        y = y / (1 + np.exp(-y))
     return y
 
 
@@ -141,15 +147,15 @@ def test_f43_matches_the_convolution_at_each_instruction_set(isa, needs, kernel,
 
 
 def test_f43_is_offered_for_nhwc_3x3_stride_1_chains_with_epilogues_it_applies():
-    from optc.targets.providers.chains import ACT_CLIP, ACT_RELU, ACT_SWISH, Chain
+    from optc.targets.providers.chains import ACT_CLIP, ACT_GELU_ERF, ACT_RELU, ACT_SWISH, Chain
 
     def chain(act=ACT_RELU, nhwc=1, strides=(1, 1), kernel=3):
         w = np.zeros((16, 16, kernel, kernel), np.float32)
         return Chain("conv2d", None, None, (1, 8, 8, 16), weight=w, act=act, in_shapes=((1, 8, 8, 16),),
                      conv={"strides": strides, "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1, "nhwc": nhwc})
 
-    assert chain().winograd_f43_candidate() and chain(act=ACT_CLIP).winograd_f43_candidate()
-    assert not chain(act=ACT_SWISH).winograd_f43_candidate()  # an epilogue it does not apply: oneDNN's kernels keep it
+    assert chain().winograd_f43_candidate() and chain(act=ACT_CLIP).winograd_f43_candidate() and chain(act=ACT_SWISH).winograd_f43_candidate()
+    assert not chain(act=ACT_GELU_ERF).winograd_f43_candidate()  # an epilogue it does not apply: oneDNN's kernels keep it
     assert not chain(nhwc=0).winograd_f43_candidate()
     assert not chain(strides=(2, 2)).winograd_f43_candidate()
     assert not chain(kernel=1).winograd_f43_candidate()

@@ -92,9 +92,9 @@ class Chain:
                 and c["groups"] == 1)
 
     def winograd_f43_candidate(self) -> bool:
-        """A Winograd candidate optc's own F(4x4, 3x3) kernel takes: NHWC, with no activation, ReLU or a clip (the
-        epilogues it applies on its output tiles)."""
-        return self.winograd_candidate() and bool(self.conv.get("nhwc")) and self.act in (ACT_NONE, ACT_RELU, ACT_CLIP)
+        """A Winograd candidate optc's own F(4x4, 3x3) kernel takes: NHWC, with no activation, ReLU, a clip, sigmoid or
+        SiLU (the epilogues it applies on its output tiles; not GELU)."""
+        return self.winograd_candidate() and bool(self.conv.get("nhwc")) and self.act in (ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_SWISH)
 
     def workload_key(self) -> str:
         return hashlib.sha256(self.workload().encode()).hexdigest()[:16]

@@ -508,12 +508,15 @@ int f43_width() {
   return width;
 }
 
+// The activations the kernel applies on its output tiles (winograd_f43.h's activate).
+bool f43_epilogue(int64_t act) { return act == kNone || act == kRelu || act == kClip || act == kSigmoid || act == kSwish; }
+
 // Whether the kernel computes this call: 3x3, stride 1, undilated, ungrouped, NHWC, an activation it applies
-// itself, on a CPU with one of its instruction sets. Anything else goes to oneDNN's direct kernel, which computes
+// itself (f43_epilogue), on a CPU with one of its instruction sets. Anything else goes to oneDNN's direct kernel, which computes
 // the same (an artifact carried to another CPU).
 bool f43_applies(const Shape& a, const TensorView& w) {
   return f43_width() > 0 && a.size() == 14 && a[13] == kWinogradF43 && a[12] != 0 && w.ndim() == 4 && w.shape()[2] == 3 &&
-         w.shape()[3] == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 && a[8] == 1 && (a[9] == kNone || a[9] == kRelu || a[9] == kClip);
+         w.shape()[3] == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 && a[8] == 1 && f43_epilogue(a[9]);
 }
 
 struct F43 {
@@ -600,8 +603,8 @@ void conv_f43(const TensorView&, const TensorView&, const TensorView*, const Ten
 tvm::ffi::String conv2d_f43_impl(Shape w, Shape attrs) {
   if (f43_width() == 0) return "no AVX2 or AVX-512 here (or oneDNN held below them)";
   if (attrs.size() != 14 || w.size() != 4 || w[2] != 3 || w[3] != 3 || attrs[12] == 0 || attrs[0] != 1 || attrs[1] != 1 ||
-      attrs[6] != 1 || attrs[7] != 1 || attrs[8] != 1 || (attrs[9] != kNone && attrs[9] != kRelu && attrs[9] != kClip))
-    return "not a 3x3 stride-1 NHWC convolution with no, ReLU or clip activation";
+      attrs[6] != 1 || attrs[7] != 1 || attrs[8] != 1 || !f43_epilogue(attrs[9]))
+    return "not a 3x3 stride-1 NHWC convolution with no activation, ReLU, a clip, sigmoid or SiLU";
   return f43_width() == 16 ? "optc_wino_4x3:avx512" : "optc_wino_4x3:avx2";
 }
 

@@ -157,13 +157,39 @@ inline void multiply(const Geometry& g, const float* V, const float* U, int64_t 
     for (int64_t kb = 0; kb < kblocks; ++kb) multiply_one(g, V, U, tb, TB, M, xi, kb);
 }
 
-// Epilogue codes as onednn_glue.cc's Act (chains.py's ACT_*): none, relu, clip.
+typedef int32_t ivec __attribute__((vector_size(kW * 4)));
+
+// e^x to about 2 ulp (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, 2^n built in the exponent bits);
+// 0 below -88 and e^88 above 88, which sigmoid and SiLU read as 0 and 1.
+inline vec exp_approx(vec x) {
+  x = x < -88.f ? splat(-88.f) : x;
+  x = x > 88.f ? splat(88.f) : x;
+  vec fx = x * 1.44269504088896341f + 0.5f;
+  vec t = __builtin_convertvector(__builtin_convertvector(fx, ivec), vec);  // toward zero
+  fx = t > fx ? t - 1.f : t;                                                 // floor
+  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  vec y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.f;
+  ivec n = (__builtin_convertvector(fx, ivec) + 127) << 23;
+  vec scale;
+  __builtin_memcpy(&scale, &n, sizeof scale);
+  return y * scale;
+}
+
+// Epilogue codes as onednn_glue.cc's Act (chains.py's ACT_*): none, relu, clip, sigmoid, SiLU (x · sigmoid(x)).
 inline vec activate(vec y, int act, float lo, float hi) {
   if (act == 1) return y > 0.f ? y : vec{};
   if (act == 2) {
     y = y < lo ? splat(lo) : y;
     return y > hi ? splat(hi) : y;
   }
+  if (act == 3) return 1.f / (1.f + exp_approx(-y));
+  if (act == 5) return y / (1.f + exp_approx(-y));
   return y;
 }
 
