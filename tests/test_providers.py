@@ -790,7 +790,10 @@ def test_winograd_artifact_matches_onnxruntime(tmp_path):
     by = [f"{algorithms.count(a)} by {who}" for a, who in (("winograd", "oneDNN's Winograd"), ("winograd F(4x4,3x3)", "optc's Winograd F(4x4,3x3)"))
           if a in algorithms]
     line = " ".join(next(ln for ln in res.output.split("\n\n") if "kernels:" in ln).split())
-    assert ("; " + ", ".join(by) + ")" in line) if by else "Winograd" not in line, line
+    assert ("; " + ", ".join(by) in line) if by else "Winograd" not in line, line
+    # the transformed weights optc's kernels hold at run time, in the report and the line
+    f43 = algorithms.count("winograd F(4x4,3x3)")
+    assert (providers["winograd_f43_bytes"] == f43 * 36 * 64 * 64 * 4) and (("holding" in line) == bool(f43)), line
     from optc.targets.artifact import load_artifact
 
     feeds = {"x": rand(1, 64, 28, 28, seed=5)}

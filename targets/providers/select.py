@@ -110,6 +110,9 @@ class ProviderReport:
     sweep_mib: int = 0  # memory read between two timed calls in the race, as the rest of the model would
     libraries: list[dict[str, str]] = field(default_factory=list)  # linked into model.so: name, soname, version
     unmeasured: str = ""  # why an automatic choice was made without timing the candidates here
+    # memory optc's Winograd F(4x4, 3x3) kernels hold at run time for their transformed weights (4x the weights' own
+    # 3x3 taps, output channels padded to 32): the artifact's resident size grows by it
+    winograd_f43_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -205,6 +208,9 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
         entry = {"workload": chain.workload(), "macs": chain.macs(), **timings.get(chain.workload(), {})}
         if choice[chain.workload()] in ALGORITHMS:
             entry["algorithm"] = ALGORITHMS[choice[chain.workload()]][1]
+        if chain.algo == ALGO_WINOGRAD_F43 and chain.weight is not None:
+            k, c = chain.weight.shape[:2]
+            report.winograd_f43_bytes += 36 * -(-k // 32) * 32 * c * 4
         if choice[chain.workload()] != raced[chain.workload()]:  # the report's timings alone would contradict the choice
             entry["near_tie"] = (f"{raced[chain.workload()]} led by less than {SWITCH_MARGIN}x; "
                                  f"{choice[chain.workload()]}, which computes most of the model, kept")
