@@ -268,11 +268,13 @@ class CalibrationSet:
         return _fixed_batch(self.inputs) or max(1, min(wanted, self.num_samples))
 
     def hold_out(self, model: Model, count: int | None = None) -> tuple["CalibrationSet", "CalibrationSet"]:
-        """Split off the last samples as held-out data no pass fits on: ``(fit, held_out)``.
+        """Split off samples spread evenly over the set as held-out data no pass fits on: ``(fit, held_out)``.
 
         A quarter of the samples (at least :data:`HOLD_OUT_MIN`, at most
         :data:`HOLD_OUT_MAX`) are held out, or ``count`` of them (a replayed
         ``pipeline.yaml`` fits on what its run fitted on); both parts are held in memory.
+        Spread, not the last ones: a set in the order its files were listed (an image folder sorted
+        by class) held out its last classes and fitted on the others (:func:`spread`).
 
         Raises:
             ConfigError: too few samples to split, or more bytes than a split should hold in memory.
@@ -296,16 +298,18 @@ class CalibrationSet:
                                   "instead of splitting it off in memory")
         if count is None:
             count = min(HOLD_OUT_MAX, max(HOLD_OUT_MIN, self.num_samples // 4))
-        fit_chunks, held_chunks = list(chunks), []
+        fit_chunks, held_chunks = [], []
         whole = _whole_inputs(self.inputs)
-        while count:  # the last samples, taken from the last chunks (which may differ in dynamic dims)
-            last = fit_chunks.pop()
-            n = _samples_in(last, whole)
-            take = min(n, count)
-            held_chunks.insert(0, {k: v if k in whole else v[n - take:] for k, v in last.items()})
-            if take < n:
-                fit_chunks.append({k: v if k in whole else v[: n - take] for k, v in last.items()})
-            count -= take
+        held_at = spread(self.num_samples, count)
+        start = 0
+        for chunk in chunks:  # each chunk split in two (chunks may differ in dynamic dims, so they stay apart)
+            n = _samples_in(chunk, whole)
+            mine = held_at[(held_at >= start) & (held_at < start + n)] - start
+            keep = np.setdiff1d(np.arange(n), mine)
+            for rows, into in ((keep, fit_chunks), (mine, held_chunks)):
+                if len(rows):
+                    into.append({k: v if k in whole else v[rows] for k, v in chunk.items()})
+            start += n
         mask = self.token_mask
         fit = CalibrationSet.from_chunks([self._as_given(c) for c in fit_chunks], model, kind=self.kind, token_mask=mask)
         held = CalibrationSet.from_chunks([self._as_given(c) for c in held_chunks], model, kind=f"held-out {self.kind}", token_mask=mask)
@@ -315,6 +319,13 @@ class CalibrationSet:
         """A chunk as :meth:`_chunks` gives it (samples on axis 0) back in the layout the model takes."""
         moved = _moved_axes(self.inputs)
         return {k: np.moveaxis(v, 0, moved[k]) if k in moved else v for k, v in chunk.items()}
+
+
+def spread(total: int, count: int) -> np.ndarray:
+    """``count`` sample indices spread evenly over ``total`` (the middle of each of ``count`` equal stretches):
+    every fourth of a set held out by a quarter, whatever order its samples came in. Deterministic, so a replay
+    that holds out as many holds out the same samples."""
+    return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64)
 
 
 def _fixed_batch(specs: Sequence[TensorSpec]) -> int | None:

@@ -297,7 +297,8 @@ def test_a_state_with_its_batch_on_axis_1_is_given_once_or_per_sample(tmp_path):
         np.testing.assert_array_equal(feed["x"], x[i:i + 1])
     fit, held = per_sample.hold_out(model)
     assert (fit.num_samples, held.num_samples) == (8, 4)
-    np.testing.assert_array_equal(np.concatenate([f["state"] for f in held.batches(1)], axis=1), states[:, 8:])
+    np.testing.assert_array_equal(np.concatenate([f["state"] for f in held.batches(1)], axis=1), states[:, [1, 4, 7, 10]])
+    np.testing.assert_array_equal(np.concatenate([f["state"] for f in fit.batches(1)], axis=1), states[:, [0, 2, 3, 5, 6, 8, 9, 11]])
     assert len(per_sample.first_samples(3)) == 3
 
     # Python feeds, one run each, join along the state's sample axis.

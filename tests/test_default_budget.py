@@ -42,13 +42,25 @@ def test_which_passes_run_at_default_strength():
     assert not at_default_strength(make_pass("fold-constants"))  # exact
 
 
-def test_hold_out_splits_off_the_last_quarter_and_refuses_what_it_cannot_split(tmp_path):
+def test_hold_out_splits_off_a_quarter_spread_over_the_set_and_refuses_what_it_cannot_split(tmp_path):
+    """Samples spread evenly, not the last ones: a set sorted by class (an image folder listed in order) held out
+    its last classes and fitted on the others."""
     model = load_model(MODEL)
     fit, held = CalibrationSet.from_path(CALIB, model).hold_out(model)
     with np.load(CALIB) as data:
         everything = data["input"]
     assert fit.num_samples + held.num_samples == len(everything) and held.num_samples == 64
-    np.testing.assert_array_equal(held.take(64)["input"], everything[-64:])
+    at = np.floor((np.arange(64) + 0.5) * 500 / 64).astype(int)  # 3, 11, 19, 27, 35, ...: one in each stretch of 7.8
+    assert list(at[:5]) == [3, 11, 19, 27, 35] and at[-1] == 496
+    np.testing.assert_array_equal(held.take(64)["input"], everything[at])
+    np.testing.assert_array_equal(fit.take(436)["input"], np.delete(everything, at, axis=0))
+    # ten classes in order, 12 samples each: 30 held out, every class among them, 9 of each left to fit on
+    labels = np.repeat(np.arange(10), 12)
+    np.savez(tmp_path / "sorted.npz", input=everything[:120] + labels[:, None, None, None].astype(np.float32) * 1000)
+    fit, held = CalibrationSet.from_path(tmp_path / "sorted.npz", model).hold_out(model)
+    held_classes = np.round(held.take(30)["input"].reshape(30, -1).max(axis=1) / 1000).astype(int)
+    fit_classes = np.round(fit.take(90)["input"].reshape(90, -1).max(axis=1) / 1000).astype(int)
+    assert sorted(set(held_classes)) == list(range(10)) and np.bincount(fit_classes).min() >= 8, (held_classes, fit_classes)
     np.savez(tmp_path / "few.npz", input=everything[:7])
     with pytest.raises(ConfigError, match="too few to hold 4 out"):
         CalibrationSet.from_path(tmp_path / "few.npz", model).hold_out(model)
