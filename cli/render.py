@@ -133,9 +133,10 @@ def kernels_line(p: dict[str, Any]) -> str:
     how = shown(p["unmeasured"]) if p.get("unmeasured") else "measured" if p.get("mode") == "auto" else "as asked"
     algorithms = [e.get("algorithm") for e in p.get("offloaded") or []]
     by = [f"{n} by {who}" for n, who in ((algorithms.count("winograd"), "oneDNN's Winograd"),
-                                          (algorithms.count("winograd F(4x4,3x3)"), "optc's Winograd F(4x4,3x3)")) if n]
-    if p.get("winograd_f43_bytes"):  # the transformed weights those kernels keep: the artifact's memory grows by them
-        by[-1] += f" holding {p['winograd_f43_bytes'] / (1 << 20):.1f} MiB of transformed weights"
+                                          (algorithms.count("winograd F(4x4,3x3)"), "optc's Winograd F(4x4,3x3)"),
+                                          (algorithms.count("winograd F(2x2,3x3)"), "optc's F(2x2,3x3)")) if n]
+    if p.get("winograd_optc_bytes"):  # the transformed weights optc's kernels keep: the artifact's memory grows by them
+        by[-1] += f" holding {p['winograd_optc_bytes'] / (1 << 20):.1f} MiB of transformed weights"
     layout = f"layout {p.get('layout')}" + (f"; {', '.join(by)}" if by else "")
     line = f"kernels: {sent}/{total} op chains to oneDNN {dnnl.get('version')} ({how}; {layout})"
     if p.get("measured"):

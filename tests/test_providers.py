@@ -784,16 +784,17 @@ def test_winograd_artifact_matches_onnxruntime(tmp_path):
     assert res.exit_code == 0, res.output
     providers = json.loads((out / "report.json").read_text())["target"]["tuning"]["providers"]
     assert all("winograd_ms" in e or "winograd" in e for e in providers["offloaded"] + providers["kept"]), providers
-    # optc's own F(4x4, 3x3) raced too, where this CPU has AVX2 or AVX-512 (or said why not)
-    assert all("winograd_f43_ms" in e or "winograd_f43" in e for e in providers["offloaded"] + providers["kept"]), providers
+    # optc's own F(4x4, 3x3) and F(2x2, 3x3) raced too, where this CPU has AVX2 or AVX-512 (or said why not)
+    for name in ("winograd_f43", "winograd_f23"):
+        assert all(f"{name}_ms" in e or name in e for e in providers["offloaded"] + providers["kept"]), providers
     algorithms = [e.get("algorithm") for e in providers["offloaded"]]
-    by = [f"{algorithms.count(a)} by {who}" for a, who in (("winograd", "oneDNN's Winograd"), ("winograd F(4x4,3x3)", "optc's Winograd F(4x4,3x3)"))
-          if a in algorithms]
+    by = [f"{algorithms.count(a)} by {who}" for a, who in (("winograd", "oneDNN's Winograd"), ("winograd F(4x4,3x3)", "optc's Winograd F(4x4,3x3)"),
+                                                          ("winograd F(2x2,3x3)", "optc's F(2x2,3x3)")) if a in algorithms]
     line = " ".join(next(ln for ln in res.output.split("\n\n") if "kernels:" in ln).split())
     assert ("; " + ", ".join(by) in line) if by else "Winograd" not in line, line
     # the transformed weights optc's kernels hold at run time, in the report and the line
-    f43 = algorithms.count("winograd F(4x4,3x3)")
-    assert (providers["winograd_f43_bytes"] == f43 * 36 * 64 * 64 * 4) and (("holding" in line) == bool(f43)), line
+    f43, f23 = algorithms.count("winograd F(4x4,3x3)"), algorithms.count("winograd F(2x2,3x3)")
+    assert providers["winograd_optc_bytes"] == (f43 * 36 + f23 * 16) * 64 * 64 * 4 and ("holding" in line) == bool(f43 + f23), line
     from optc.targets.artifact import load_artifact
 
     feeds = {"x": rand(1, 64, 28, 28, seed=5)}

@@ -26,8 +26,8 @@ from tvm.ir.expr import Constant
 ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_GELU_ERF, ACT_SWISH = 0, 1, 2, 3, 4, 5
 ACT_NAMES = {ACT_NONE: "", ACT_RELU: "relu", ACT_CLIP: "clip", ACT_SIGMOID: "sigmoid", ACT_GELU_ERF: "gelu", ACT_SWISH: "swish"}
 # Convolution algorithms shared with onednn_glue.cc (enum Algo): oneDNN's direct and Winograd kernels, and optc's own
-# Winograd F(4x4, 3x3) (winograd_f43.h, in the glue).
-ALGO_DIRECT, ALGO_WINOGRAD, ALGO_WINOGRAD_F43 = 0, 1, 2
+# Winograd F(4x4, 3x3) and F(2x2, 3x3) (winograd.h, in the glue).
+ALGO_DIRECT, ALGO_WINOGRAD, ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23 = 0, 1, 2, 3
 
 
 @dataclass
@@ -91,9 +91,9 @@ class Chain:
         return (self.weight.shape[2:] == (3, 3) and self.weight.shape[1] >= 4 and c["strides"] == (1, 1) and c["dilation"] == (1, 1)
                 and c["groups"] == 1)
 
-    def winograd_f43_candidate(self) -> bool:
-        """A Winograd candidate optc's own F(4x4, 3x3) kernel takes: NHWC, with no activation, ReLU, a clip, sigmoid or
-        SiLU (the epilogues it applies on its output tiles; not GELU)."""
+    def optc_winograd_candidate(self) -> bool:
+        """A Winograd candidate optc's own F(4x4, 3x3) and F(2x2, 3x3) kernels take: NHWC, with no activation, ReLU, a
+        clip, sigmoid or SiLU (the epilogues they apply on their output tiles; not GELU)."""
         return self.winograd_candidate() and bool(self.conv.get("nhwc")) and self.act in (ACT_NONE, ACT_RELU, ACT_CLIP, ACT_SIGMOID, ACT_SWISH)
 
     def workload_key(self) -> str:

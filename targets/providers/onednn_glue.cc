@@ -361,7 +361,7 @@ dnnl::memory::dims nchw_dims(const TensorView& t, bool nhwc) {
 }
 
 // Convolution algorithms (attribute 13), shared with optc/targets/providers/chains.py (ALGO_*).
-enum Algo : int64_t { kDirect = 0, kWinograd = 1, kWinogradF43 = 2 };
+enum Algo : int64_t { kDirect = 0, kWinograd = 1, kWinogradF43 = 2, kWinogradF23 = 3 };
 
 // The convolution's primitive descriptor: Winograd when asked and oneDNN has a Winograd kernel for this
 // CPU and shape (AVX-512 only in oneDNN 2.x, fp32, 3x3 stride 1), else the direct algorithm. Winograd
@@ -466,8 +466,8 @@ std::shared_ptr<Conv> make_deconv(const TensorView& x, const TensorView& w, cons
   return c;
 }
 
-// ---- optc's own Winograd F(4x4, 3x3) kernel (winograd_f43.h), for NHWC float32 3x3 stride-1 convolutions ----
-// The shapes and padding of one such convolution (winograd_f43.h's Geometry extends it).
+// ---- optc's own Winograd kernels (winograd.h), F(4x4, 3x3) and F(2x2, 3x3), for NHWC float32 3x3 stride-1
+// convolutions. The shapes and padding of one such convolution (winograd.h's Geometry extends it):
 struct WinoDims {
   int64_t N, H, W, C, K, OH, OW, pt, pl;
 };
@@ -475,22 +475,30 @@ struct WinoDims {
 #if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
-namespace f43_avx512 {
-constexpr int kW = 16;
-#include "winograd_f43.h"
-}  // namespace f43_avx512
+namespace wino_avx512_m4 {
+constexpr int kW = 16, kM = 4;
+#include "winograd.h"
+}  // namespace wino_avx512_m4
+namespace wino_avx512_m2 {
+constexpr int kW = 16, kM = 2;
+#include "winograd.h"
+}  // namespace wino_avx512_m2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-namespace f43_avx2 {
-constexpr int kW = 8;
-#include "winograd_f43.h"
-}  // namespace f43_avx2
+namespace wino_avx2_m4 {
+constexpr int kW = 8, kM = 4;
+#include "winograd.h"
+}  // namespace wino_avx2_m4
+namespace wino_avx2_m2 {
+constexpr int kW = 8, kM = 2;
+#include "winograd.h"
+}  // namespace wino_avx2_m2
 #pragma GCC pop_options
 
-// The vector width the kernel runs at here: 16 floats (AVX-512), 8 (AVX2 with FMA), or 0 (neither). Capped as
+// The vector width the kernels run at here: 16 floats (AVX-512), 8 (AVX2 with FMA), or 0 (neither). Capped as
 // oneDNN is by ONEDNN_MAX_CPU_ISA: optc's race sets it for a target CPU with fewer instructions than this one.
-int f43_width() {
+int wino_width() {
   static const int width = [] {
     const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
     if (!cap) cap = std::getenv("DNNL_MAX_CPU_ISA");
@@ -508,68 +516,69 @@ int f43_width() {
   return width;
 }
 
-// The activations the kernel applies on its output tiles (winograd_f43.h's activate).
-bool f43_epilogue(int64_t act) { return act == kNone || act == kRelu || act == kClip || act == kSigmoid || act == kSwish; }
+// The output tile's side an algorithm code asks for: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)), or 0 (not one of optc's).
+int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
 
-// Whether the kernel computes this call: 3x3, stride 1, undilated, ungrouped, NHWC, an activation it applies
-// itself (f43_epilogue), on a CPU with one of its instruction sets. Anything else goes to oneDNN's direct kernel, which computes
-// the same (an artifact carried to another CPU).
-bool f43_applies(const Shape& a, const TensorView& w) {
-  return f43_width() > 0 && a.size() == 14 && a[13] == kWinogradF43 && a[12] != 0 && w.ndim() == 4 && w.shape()[2] == 3 &&
-         w.shape()[3] == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 && a[8] == 1 && f43_epilogue(a[9]);
+// The activations the kernels apply on their output tiles (winograd.h's activate).
+bool wino_epilogue(int64_t act) { return act == kNone || act == kRelu || act == kClip || act == kSigmoid || act == kSwish; }
+
+// Whether one of optc's kernels computes this call: asked for, 3x3, stride 1, undilated, ungrouped, NHWC, an
+// activation it applies itself, on a CPU with one of its instruction sets. Anything else goes to oneDNN's direct
+// kernel, which computes the same (an artifact carried to another CPU).
+bool wino_applies(const Shape& a, const TensorView& w) {
+  return wino_width() > 0 && a.size() == 14 && wino_tile(a[13]) && a[12] != 0 && w.ndim() == 4 && w.shape()[2] == 3 &&
+         w.shape()[3] == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 && a[8] == 1 && wino_epilogue(a[9]);
 }
 
-struct F43 {
+struct Wino {
   WinoDims d{};
-  int width = 0;
-  int64_t tiles = 0, block = 0;  // 4x4 output tiles, and how many a thread transforms and multiplies at a time
+  int width = 0, m = 4;  // vector width (floats) and output tile side: which of the four builds runs
+  int64_t tiles = 0, block = 0;  // output tiles, and how many a thread transforms and multiplies at a time
   bool staged = false;  // one block of all tiles, its stages shared by the threads (large weights)
   std::shared_ptr<std::vector<float>> U;  // transformed weights, shared with the single-thread twin
-  std::shared_ptr<F43> serial;  // as Conv::serial
+  std::shared_ptr<Wino> serial;  // as Conv::serial
   int threads = 0;
   pacing::Pacer pacer;
 };
-void share_weights(F43& twin, const F43& site) { twin.U = site.U; }
-Cache<F43> f43_cache;
+void share_weights(Wino& twin, const Wino& site) { twin.U = site.U; }
+Cache<Wino> wino_cache;
 
-std::shared_ptr<F43> make_f43(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
-  auto c = std::make_shared<F43>();
-  c->width = f43_width();
+#define WINO_CALL(c, fn, ...)                                                                           \
+  ((c).width == 16 ? ((c).m == 4 ? wino_avx512_m4::fn(__VA_ARGS__) : wino_avx512_m2::fn(__VA_ARGS__)) \
+                   : ((c).m == 4 ? wino_avx2_m4::fn(__VA_ARGS__) : wino_avx2_m2::fn(__VA_ARGS__)))
+
+std::shared_ptr<Wino> make_wino(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
+  auto c = std::make_shared<Wino>();
+  c->width = wino_width();
+  c->m = wino_tile(a[13]);
   c->d = {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
-  c->tiles = c->d.N * ((c->d.OH + 3) / 4) * ((c->d.OW + 3) / 4);
-  if (c->width == 16) {
-    c->U = std::make_shared<std::vector<float>>(f43_avx512::packed_floats(c->d));
-    f43_avx512::pack(c->d, data_of(w), c->U->data());
-  } else {
-    c->U = std::make_shared<std::vector<float>>(f43_avx2::packed_floats(c->d));
-    f43_avx2::pack(c->d, data_of(w), c->U->data());
-  }
+  c->tiles = WINO_CALL(*c, tiles, c->d);
+  c->U = std::make_shared<std::vector<float>>(WINO_CALL(*c, packed_floats, c->d));
+  WINO_CALL(*c, pack, c->d, data_of(w), c->U->data());
   // Blocks of 12 tiles keep a block's transformed inputs and products in L1/L2, and each thread takes whole blocks
-  // (64 channels at 56x56, 1 thread: 0.69 ms against 0.76 in blocks of 48). Past 1 MB of transformed weights, each
-  // block would read them all again from L3: all tiles are one block, and the threads share its stages, each
-  // multiplying its share of the weights (256 channels at 14x14, 1 thread: 0.84 ms against 1.13 in blocks of 12).
+  // (F(4x4) on 64 channels at 56x56, 1 thread: 0.69 ms against 0.76 in blocks of 48). Past 1 MB of transformed
+  // weights, each block would read them all again from L3: all tiles are one block, and the threads share its
+  // stages, each multiplying its share of the weights (256 channels at 14x14, 1 thread: 0.84 ms against 1.13).
   c->staged = static_cast<int64_t>(c->U->size()) * 4 > (int64_t{1} << 20);
   c->block = c->staged ? c->tiles : std::min<int64_t>(12, c->tiles);
   return c;
 }
 
-#define F43_CALL(fn, ...) (c.width == 16 ? f43_avx512::fn(__VA_ARGS__) : f43_avx2::fn(__VA_ARGS__))
-
-void run_f43(const F43& c, const float* x, const float* bias, const float* res, int act, float lo, float hi, float* out) {
-  const size_t need = static_cast<size_t>(F43_CALL(scratch_floats, c.d, c.block));
+void run_wino(const Wino& c, const float* x, const float* bias, const float* res, int act, float lo, float hi, float* out) {
+  const size_t need = static_cast<size_t>(WINO_CALL(c, scratch_floats, c.d, c.block));
   if (c.staged) {
     thread_local std::vector<float> shared;  // the calling thread's, which its OpenMP team shares
     if (shared.size() < need) shared.resize(need);
     float* scratch = shared.data();
-    const int64_t T = c.tiles, jobs = F43_CALL(products, c.d);
+    const int64_t T = c.tiles, jobs = WINO_CALL(c, products, c.d);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < T; ++t) F43_CALL(stage_input, c.d, x, t, T, scratch);
+      for (int64_t t = 0; t < T; ++t) WINO_CALL(c, stage_input, c.d, x, t, T, scratch);
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < jobs; ++j) F43_CALL(stage_multiply, c.d, c.U->data(), j, T, scratch);
+      for (int64_t j = 0; j < jobs; ++j) WINO_CALL(c, stage_multiply, c.d, c.U->data(), j, T, scratch);
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < T; ++t) F43_CALL(stage_output, c.d, t, T, scratch, bias, res, act, lo, hi, out);
+      for (int64_t t = 0; t < T; ++t) WINO_CALL(c, stage_output, c.d, t, T, scratch, bias, res, act, lo, hi, out);
     }
     return;
   }
@@ -579,40 +588,44 @@ void run_f43(const F43& c, const float* x, const float* bias, const float* res, 
     thread_local std::vector<float> scratch;
     if (scratch.size() < need) scratch.resize(need);
     int64_t t0 = b * c.block, tb = std::min(c.block, c.tiles - t0);
-    F43_CALL(run_block, c.d, c.U->data(), t0, tb, c.block, scratch.data(), x, bias, res, act, lo, hi, out);
+    WINO_CALL(c, run_block, c.d, c.U->data(), t0, tb, c.block, scratch.data(), x, bias, res, act, lo, hi, out);
   }
 }
-#undef F43_CALL
+#undef WINO_CALL
 
-void conv_f43(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out) {
+void conv_wino(const TensorView& x, const TensorView& w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out) {
   bool small = serial_call(numel(out) * w.shape()[1] * 9, w);
-  auto make = [&] { return make_f43(x, w, out, a); };
-  auto run = [&](F43& c) {
-    run_f43(c, data_of(x), b ? data_of(*b) : nullptr, res ? data_of(*res) : nullptr, static_cast<int>(a[9]), bits_to_float(a[10]),
-            bits_to_float(a[11]), data_of(out));
+  auto make = [&] { return make_wino(x, w, out, a); };
+  auto run = [&](Wino& c) {
+    run_wino(c, data_of(x), b ? data_of(*b) : nullptr, res ? data_of(*res) : nullptr, static_cast<int>(a[9]), bits_to_float(a[10]),
+             bits_to_float(a[11]), data_of(out));
   };
-  call_site(f43_cache, key_of(res ? 'V' : b ? 'W' : 'X', &w, {&x, &w, &out}, a), small, make, run);
+  call_site(wino_cache, key_of(res ? 'V' : b ? 'W' : 'X', &w, {&x, &w, &out}, a), small, make, run);
 }
 #else  // another architecture (an aarch64 host with its own libdnnl): oneDNN's kernels compute every convolution
-int f43_width() { return 0; }
-bool f43_applies(const Shape&, const TensorView&) { return false; }
-void conv_f43(const TensorView&, const TensorView&, const TensorView*, const TensorView*, const Shape&, TensorView) {}
+int wino_width() { return 0; }
+int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
+bool wino_epilogue(int64_t) { return false; }
+bool wino_applies(const Shape&, const TensorView&) { return false; }
+void conv_wino(const TensorView&, const TensorView&, const TensorView*, const TensorView*, const Shape&, TensorView) {}
 #endif
 
-// The kernel a convolution asking for optc's Winograd would run here, for the race's report: its name, or why not.
-tvm::ffi::String conv2d_f43_impl(Shape w, Shape attrs) {
-  if (f43_width() == 0) return "no AVX2 or AVX-512 here (or oneDNN held below them)";
-  if (attrs.size() != 14 || w.size() != 4 || w[2] != 3 || w[3] != 3 || attrs[12] == 0 || attrs[0] != 1 || attrs[1] != 1 ||
-      attrs[6] != 1 || attrs[7] != 1 || attrs[8] != 1 || !f43_epilogue(attrs[9]))
+// The kernel a convolution asking for one of optc's Winograd algorithms (attrs[13]) would run here, for the race's
+// report: its name, or why not.
+tvm::ffi::String conv2d_wino_impl(Shape w, Shape attrs) {
+  if (wino_width() == 0) return "no AVX2 or AVX-512 here (or oneDNN held below them)";
+  if (attrs.size() != 14 || !wino_tile(attrs[13]) || w.size() != 4 || w[2] != 3 || w[3] != 3 || attrs[12] == 0 || attrs[0] != 1 ||
+      attrs[1] != 1 || attrs[6] != 1 || attrs[7] != 1 || attrs[8] != 1 || !wino_epilogue(attrs[9]))
     return "not a 3x3 stride-1 NHWC convolution with no activation, ReLU, a clip, sigmoid or SiLU";
-  return f43_width() == 16 ? "optc_wino_4x3:avx512" : "optc_wino_4x3:avx2";
+  std::string name = wino_tile(attrs[13]) == 4 ? "optc_wino_4x3:" : "optc_wino_2x3:";
+  return name + (wino_width() == 16 ? "avx512" : "avx2");
 }
 
 void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out,
               const TensorView* scales = nullptr, bool transposed = false) {
   check_operands("conv2d", x, w, scales, out);
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4) TVM_FFI_THROW(ValueError) << "optc oneDNN conv2d: 4-d tensors only";
-  if (!scales && !transposed && f43_applies(a, w)) return conv_f43(x, w, b, res, a, out);
+  if (!scales && !transposed && wino_applies(a, w)) return conv_wino(x, w, b, res, a, out);
   bool small = serial_call((transposed ? numel(x) * w.shape()[1] : numel(out) * w.shape()[1]) * w.shape()[2] * w.shape()[3], w);
   auto make = [&] { return transposed ? make_deconv(x, w, b, out, a) : make_conv(x, w, b, out, a, res != nullptr, scales); };
   auto run = [&](Conv& c) {
@@ -854,6 +867,6 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_softmax, softmax);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_layer_norm, layer_norm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_version, version);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_conv2d_impl, conv2d_impl);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_wino_f43_impl, conv2d_f43_impl);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_wino_impl, conv2d_wino_impl);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_pacing, paced_runs);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_dnnl_thread_pool, thread_pool);

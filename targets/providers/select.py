@@ -50,6 +50,7 @@ from optc.targets.providers.chains import (
     ACT_SIGMOID,
     ACT_SWISH,
     ALGO_WINOGRAD,
+    ALGO_WINOGRAD_F23,
     ALGO_WINOGRAD_F43,
     Chain,
 )
@@ -86,11 +87,16 @@ SWITCH_MARGIN = 1.25
 # in 2 of 5 compiles once TVM's kernels got faster, among oneDNN's layer norms (decided, 2x): 11.3 ms against 8.7.
 RACE_NOISE = 0.10
 SWEEP_CAP = 64 << 20  # more than a process's share of a server's last-level cache: the model's weights come from memory
-CANDIDATES = {"tvm": "tvm_ms", "onednn": "onednn_ms", "winograd": "winograd_ms", "winograd_f43": "winograd_f43_ms"}
-# Which kernels' call each candidate is: oneDNN's glue computes its own Winograd kernel and optc's F(4x4, 3x3), in the same
-# NHWC layout as its direct one (hand-overs between them cost nothing).
-FAMILIES = {"tvm": "tvm", "onednn": "onednn", "winograd": "onednn", "winograd_f43": "onednn"}
-ALGORITHMS = {"winograd": (ALGO_WINOGRAD, "winograd"), "winograd_f43": (ALGO_WINOGRAD_F43, "winograd F(4x4,3x3)")}
+CANDIDATES = {"tvm": "tvm_ms", "onednn": "onednn_ms", "winograd": "winograd_ms", "winograd_f43": "winograd_f43_ms",
+              "winograd_f23": "winograd_f23_ms"}
+# Which kernels' call each candidate is: oneDNN's glue computes its own Winograd kernel and optc's F(4x4, 3x3) and
+# F(2x2, 3x3), in the same NHWC layout as its direct one (hand-overs between them cost nothing).
+FAMILIES = {"tvm": "tvm", "onednn": "onednn", "winograd": "onednn", "winograd_f43": "onednn", "winograd_f23": "onednn"}
+ALGORITHMS = {"winograd": (ALGO_WINOGRAD, "winograd"), "winograd_f43": (ALGO_WINOGRAD_F43, "winograd F(4x4,3x3)"),
+              "winograd_f23": (ALGO_WINOGRAD_F23, "winograd F(2x2,3x3)")}
+# optc's Winograd kernels: the race's kind, the glue's algorithm, and the positions of a tile (its transformed weights
+# are that many times the filters' 9 taps; output channels padded to 32)
+OPTC_WINOGRAD = {"winograd_f43": ("wf43", ALGO_WINOGRAD_F43, 36), "winograd_f23": ("wf23", ALGO_WINOGRAD_F23, 16)}
 ONE_THREAD = "_1t_ms"  # the same candidates timed on one thread: "tvm_1t_ms", ...
 
 
@@ -110,9 +116,9 @@ class ProviderReport:
     sweep_mib: int = 0  # memory read between two timed calls in the race, as the rest of the model would
     libraries: list[dict[str, str]] = field(default_factory=list)  # linked into model.so: name, soname, version
     unmeasured: str = ""  # why an automatic choice was made without timing the candidates here
-    # memory optc's Winograd F(4x4, 3x3) kernels hold at run time for their transformed weights (4x the weights' own
-    # 3x3 taps, output channels padded to 32): the artifact's resident size grows by it
-    winograd_f43_bytes: int = 0
+    # memory optc's Winograd kernels hold at run time for their transformed weights (4x the weights' own 3x3 taps for
+    # F(4x4, 3x3), 1.8x for F(2x2, 3x3), output channels padded to 32): the artifact's resident size grows by it
+    winograd_optc_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -208,9 +214,9 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
         entry = {"workload": chain.workload(), "macs": chain.macs(), **timings.get(chain.workload(), {})}
         if choice[chain.workload()] in ALGORITHMS:
             entry["algorithm"] = ALGORITHMS[choice[chain.workload()]][1]
-        if chain.algo == ALGO_WINOGRAD_F43 and chain.weight is not None:
+        if choice[chain.workload()] in OPTC_WINOGRAD and chain.weight is not None:
             k, c = chain.weight.shape[:2]
-            report.winograd_f43_bytes += 36 * -(-k // 32) * 32 * c * 4
+            report.winograd_optc_bytes += OPTC_WINOGRAD[choice[chain.workload()]][2] * -(-k // 32) * 32 * c * 4
         if choice[chain.workload()] != raced[chain.workload()]:  # the report's timings alone would contradict the choice
             entry["near_tie"] = (f"{raced[chain.workload()]} led by less than {SWITCH_MARGIN}x; "
                                  f"{choice[chain.workload()]}, which computes most of the model, kept")
@@ -221,7 +227,7 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
 
 
 def winner(timing: dict[str, Any] | None) -> str:
-    """The measured candidate (``tvm``, ``onednn``, ``winograd``, ``winograd_f43``) that loses least to the fastest at either thread count,
+    """The measured candidate (``tvm``, ``onednn``, ``winograd``, ``winograd_f43``, ``winograd_f23``) that loses least to the fastest at either thread count,
     all threads or one; oneDNN's direct kernel when unmeasured.
 
     The artifact may run on either: a deployer sets OMP_NUM_THREADS, and the pacer runs a loaded machine's calls on one
@@ -501,7 +507,7 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
         dtypes = [chain.src_dtype] + ["float32"] * (len(shapes) - 1)
         arrays = [_random(rng, s, d) for s, d in zip(shapes, dtypes)]
         inputs.append(arrays)
-        kinds = ("tvm", "dnn") + (("wino",) if chain.winograd_candidate() else ()) + (("wf43",) if chain.winograd_f43_candidate() else ())
+        kinds = ("tvm", "dnn") + (("wino",) if chain.winograd_candidate() else ()) + (("wf43", "wf23") if chain.optc_winograd_candidate() else ())
         for kind in kinds:
             params = [relax.Var(f"a{j}", relax.TensorType(list(s), d)) for j, (s, d) in enumerate(zip(shapes, dtypes))]
             x = params[0]
@@ -512,7 +518,7 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
                     if kind == "tvm":
                         y = reference(bb, chain, x, other, residual)
                     else:
-                        called = replace(chain, algo={"wino": ALGO_WINOGRAD, "wf43": ALGO_WINOGRAD_F43}.get(kind, chain.algo))
+                        called = replace(chain, algo={"wino": ALGO_WINOGRAD, "wf43": ALGO_WINOGRAD_F43, "wf23": ALGO_WINOGRAD_F23}.get(kind, chain.algo))
                         y = bb.emit(provider_call(called, x, other, residual))
                     out = bb.emit_output(y)
                 bb.emit_func_output(out)
@@ -521,7 +527,8 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
     # load in a compile, so the candidates (and the artifact timed after them) run with the artifact's settings.
     apply_runtime_env()
     plans = [{"workload": c.workload(), "winograd": _winograd_query(c) if c.winograd_candidate() else None,
-              "winograd_f43": _winograd_query(c, ALGO_WINOGRAD_F43) if c.winograd_f43_candidate() else None} for c in chains]
+              **{name: _winograd_query(c, algo) if c.optc_winograd_candidate() else None for name, (_, algo, _) in OPTC_WINOGRAD.items()}}
+             for c in chains]
     isa = isa_cap(target)
     with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
         path = Path(tmp) / "kernels.so"
@@ -576,11 +583,12 @@ def time_library(path: Path, plans: list[dict[str, Any]], inputs: list[list[np.n
             usable, extra = _winograd_usable(lib, vm, plan["winograd"], i, args)
             if usable:
                 fns["winograd_ms"] = lambda i=i, a=args: vm[f"wino_{i}"](*a)
-        if plan.get("winograd_f43") is not None:
-            usable, more = _winograd_usable(lib, vm, plan["winograd_f43"], i, args, "wf43")
-            extra.update(more)
-            if usable:
-                fns["winograd_f43_ms"] = lambda i=i, a=args: vm[f"wf43_{i}"](*a)
+        for name, (kind, _, _) in OPTC_WINOGRAD.items():
+            if plan.get(name) is not None:
+                usable, more = _winograd_usable(lib, vm, plan[name], i, args, kind)
+                extra.update(more)
+                if usable:
+                    fns[f"{name}_ms"] = lambda i=i, a=args, kind=kind: vm[f"{kind}_{i}"](*a)
         results[workload] = {**_race(fns, evict), **extra}
         with one_thread() as threads:
             if threads:
@@ -646,16 +654,16 @@ def _winograd_query(chain: Chain, algo: int = ALGO_WINOGRAD) -> list[Any]:
 
 
 def _winograd_usable(lib: Any, vm: Any, query: list[Any], i: int, args: list[Any], kind: str = "wino") -> tuple[bool, dict[str, Any]]:
-    """Whether the glue runs a Winograd kernel for chain ``i`` on this CPU (``wino``: oneDNN's; ``wf43``: optc's F(4x4, 3x3),
-    on AVX2 or AVX-512), and its outputs agree with oneDNN's direct kernel's. The report's keys: ``winograd_kernel``,
-    ``winograd_error`` (or ``winograd``, why not), ``winograd_f43_``... for optc's."""
-    name = "winograd" if kind == "wino" else "winograd_f43"
+    """Whether the glue runs a Winograd kernel for chain ``i`` on this CPU (``wino``: oneDNN's; ``wf43`` / ``wf23``: optc's
+    F(4x4, 3x3) / F(2x2, 3x3), on AVX2 or AVX-512), and its outputs agree with oneDNN's direct kernel's. The report's
+    keys: ``winograd_kernel``, ``winograd_error`` (or ``winograd``, why not), ``winograd_f43_``... for optc's."""
+    name = "winograd" if kind == "wino" else next(n for n, (k, _, _) in OPTC_WINOGRAD.items() if k == kind)
     if kind == "wino":
         kernel = str(lib.get_function("optc_dnnl_conv2d_impl", query_imports=True)(*query))
         if "wino" not in kernel:
             return False, {name: f"no Winograd kernel here (oneDNN runs {kernel})"}
     else:
-        kernel = str(lib.get_function("optc_wino_f43_impl", query_imports=True)(query[1], query[3]))
+        kernel = str(lib.get_function("optc_wino_impl", query_imports=True)(query[1], query[3]))
         if not kernel.startswith("optc_wino"):
             return False, {name: kernel}
     direct, wino = vm[f"dnn_{i}"](*args).numpy(), vm[f"{kind}_{i}"](*args).numpy()

@@ -1,4 +1,4 @@
-"""optc's own Winograd F(4x4, 3x3) kernel (targets/providers/winograd_f43.h, called through the oneDNN glue).
+"""optc's own Winograd kernels, F(4x4, 3x3) and F(2x2, 3x3) (targets/providers/winograd.h, called through the oneDNN glue).
 
 Each case runs in a fresh process: the glue picks the kernel's instruction set once, capped like oneDNN by
 ``ONEDNN_MAX_CPU_ISA`` (AVX-512, AVX2, or none: then the request computes oneDNN's direct convolution)."""
@@ -54,13 +54,13 @@ def reference(x, w, b, res, pads, act, clip):
 
 
 def worker() -> None:
-    """Builds one module with every case as the direct and the F(4x4, 3x3) call, runs both, prints the errors."""
+    """Builds one module with every case as the direct, the F(4x4, 3x3) and the F(2x2, 3x3) call, runs them, prints the errors."""
     import tempfile
     from pathlib import Path
 
     import tvm
     from optc.targets.providers import onednn
-    from optc.targets.providers.chains import ALGO_DIRECT, ALGO_WINOGRAD_F43
+    from optc.targets.providers.chains import ALGO_DIRECT, ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43
     from tvm import relax
 
     def bits(v: float) -> int:
@@ -76,7 +76,7 @@ def worker() -> None:
         x = rng.standard_normal((n, h, wd, c)).astype(np.float32)
         res = rng.standard_normal((n, oh, ow, k)).astype(np.float32) if has_r else None
         data.append((x, w, b, res))
-        for algo in (ALGO_DIRECT, ALGO_WINOGRAD_F43):
+        for algo in (ALGO_DIRECT, ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23):
             xv = relax.Var("x", relax.TensorType(list(x.shape), "float32"))
             params = [xv] + ([relax.Var("r", relax.TensorType(list(res.shape), "float32"))] if has_r else [])
             attrs = relax.ShapeExpr([1, 1, *pads, 1, 1, 1, act, bits(clip[0]), bits(clip[1]), 1, algo])
@@ -98,12 +98,13 @@ def worker() -> None:
             want = reference(x, w, b, res, pads, act, clip)
             inputs = [tvm.runtime.tensor(x)] + ([tvm.runtime.tensor(res)] if res is not None else [])
             errors = []
-            for algo in (ALGO_DIRECT, ALGO_WINOGRAD_F43):
+            for algo in (ALGO_DIRECT, ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23):
                 for _ in range(2):  # the second call runs the kernel the first one made
                     got = vm[f"case{i}_{algo}"](*inputs).numpy()
                 errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
-            kernel = str(lib.get_function("optc_wino_f43_impl", query_imports=True)(list(w.shape), [1, 1, *pads, 1, 1, 1, act, 0, 0, 1, 2]))
-            results.append({"direct": errors[0], "f43": errors[1], "kernel": kernel})
+            kernels = [str(lib.get_function("optc_wino_impl", query_imports=True)(list(w.shape), [1, 1, *pads, 1, 1, 1, act, 0, 0, 1, algo]))
+                       for algo in (ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23)]
+            results.append({"direct": errors[0], "f43": errors[1], "f23": errors[2], "kernels": kernels})
     print(json.dumps(results))
 
 
@@ -126,27 +127,28 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-@pytest.mark.parametrize(("isa", "needs", "kernel", "threads"), [
-    (None, {"avx512f", "avx512bw", "avx512dq", "avx512vl"}, "optc_wino_4x3:avx512", 2),
-    ("AVX2", {"avx2", "fma"}, "optc_wino_4x3:avx2", 1),
-    ("SSE41", set(), "no AVX2 or AVX-512 here", 2),  # the request computes oneDNN's direct convolution
+@pytest.mark.parametrize(("isa", "needs", "isa_name", "threads"), [
+    (None, {"avx512f", "avx512bw", "avx512dq", "avx512vl"}, "avx512", 2),
+    ("AVX2", {"avx2", "fma"}, "avx2", 1),
+    ("SSE41", set(), None, 2),  # the request computes oneDNN's direct convolution
 ])
-def test_f43_matches_the_convolution_at_each_instruction_set(isa, needs, kernel, threads):
+def test_optc_winograd_matches_the_convolution_at_each_instruction_set(isa, needs, isa_name, threads):
     """Against the float64 convolution, on every case (padding, channel tails, epilogues, tiles in blocks and staged),
-    to 2e-5 of the output's range: F(4x4, 3x3)'s transforms round more than the direct kernel (1e-6) but far less than
-    the race's WINOGRAD_RTOL (1e-4)."""
+    to 2e-5 of the output's range for F(4x4, 3x3) and 5e-6 for F(2x2, 3x3): their transforms round more than the direct
+    kernel (1e-6) but far less than the race's WINOGRAD_RTOL (1e-4)."""
     onednn_or_skip()
     if not needs <= cpu_flags():
         pytest.skip(f"this CPU lacks {sorted(needs - cpu_flags())}")
     for case, got in zip(CASES, run_cases(isa, threads)):
-        assert got["kernel"].startswith(kernel), got
+        want = [f"optc_wino_4x3:{isa_name}", f"optc_wino_2x3:{isa_name}"] if isa_name else ["no AVX2 or AVX-512 here"] * 2
+        assert all(k.startswith(w) for k, w in zip(got["kernels"], want)), got
         assert got["direct"] < 2e-6, (case, got)
-        assert got["f43"] < 2e-5, (case, got)
-        if not kernel.startswith("optc"):
-            assert got["f43"] == got["direct"], (case, got)  # the same kernel ran
+        assert got["f43"] < 2e-5 and got["f23"] < 5e-6, (case, got)
+        if not isa_name:
+            assert got["f43"] == got["direct"] == got["f23"], (case, got)  # the same kernel ran
 
 
-def test_f43_is_offered_for_nhwc_3x3_stride_1_chains_with_epilogues_it_applies():
+def test_optc_winograd_is_offered_for_nhwc_3x3_stride_1_chains_with_epilogues_it_applies():
     from optc.targets.providers.chains import ACT_CLIP, ACT_GELU_ERF, ACT_RELU, ACT_SWISH, Chain
 
     def chain(act=ACT_RELU, nhwc=1, strides=(1, 1), kernel=3):
@@ -154,11 +156,11 @@ def test_f43_is_offered_for_nhwc_3x3_stride_1_chains_with_epilogues_it_applies()
         return Chain("conv2d", None, None, (1, 8, 8, 16), weight=w, act=act, in_shapes=((1, 8, 8, 16),),
                      conv={"strides": strides, "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1, "nhwc": nhwc})
 
-    assert chain().winograd_f43_candidate() and chain(act=ACT_CLIP).winograd_f43_candidate() and chain(act=ACT_SWISH).winograd_f43_candidate()
-    assert not chain(act=ACT_GELU_ERF).winograd_f43_candidate()  # an epilogue it does not apply: oneDNN's kernels keep it
-    assert not chain(nhwc=0).winograd_f43_candidate()
-    assert not chain(strides=(2, 2)).winograd_f43_candidate()
-    assert not chain(kernel=1).winograd_f43_candidate()
+    assert chain().optc_winograd_candidate() and chain(act=ACT_CLIP).optc_winograd_candidate() and chain(act=ACT_SWISH).optc_winograd_candidate()
+    assert not chain(act=ACT_GELU_ERF).optc_winograd_candidate()  # an epilogue it does not apply: oneDNN's kernels keep it
+    assert not chain(nhwc=0).optc_winograd_candidate()
+    assert not chain(strides=(2, 2)).optc_winograd_candidate()
+    assert not chain(kernel=1).optc_winograd_candidate()
 
 
 if __name__ == "__main__":
