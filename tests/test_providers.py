@@ -396,6 +396,25 @@ def test_missing_or_mismatched_library_is_a_clear_error(monkeypatch):
     check_libraries({})  # artifacts from before providers: nothing to check
 
 
+def test_a_glue_that_does_not_compile_says_which_error(tmp_path, monkeypatch):
+    """The compiler's first error, not its last line (a source line's caret, "| ^", was all a user saw)."""
+    from optc.targets.providers import onednn
+
+    broken = tmp_path / "glue.cc"
+    broken.write_text("int f() {\n  return undeclared_name;\n}\n")
+    monkeypatch.setattr(onednn, "GLUE", broken)
+    monkeypatch.setattr(onednn, "GLUE_HEADERS", ())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    onednn.glue_digest.cache_clear()
+    try:
+        with pytest.raises(TargetError, match=r"building the oneDNN glue failed: .*glue.cc:2:\d+: error: .undeclared_name. was not declared"):
+            onednn.glue_object()
+    finally:
+        onednn.glue_digest.cache_clear()
+    assert onednn.compiler_error("x.cc: In function 'int f()':\n x.cc:2:10: error: boom\n  2 | a\n    | ^\n") == "x.cc:2:10: error: boom"
+    assert onednn.compiler_error("") == "(no message)"
+
+
 def test_default_cpu_schedule_keeps_results():
     """Light functions get threads and vectors; the numbers must not move."""
     import tvm
@@ -613,6 +632,10 @@ def test_the_kernel_choice_weighs_one_thread_and_all_threads():
     assert winner({"tvm_ms": 1.0, "onednn_ms": 1.1, "tvm_1t_ms": 1.0, "onednn_1t_ms": 1.1}) == "tvm"
     assert winner({"tvm_ms": 1.0, "onednn_ms": 1.0, "tvm_1t_ms": 1.0, "onednn_1t_ms": 1.0}) in ("tvm", "onednn")
     assert winner(None) == "onednn"
+    # a kernel that stalled on two busy cores (captcha_crnn's 128->128 at 8x20, as timed beside another process): the
+    # artifact's pacer runs such a call site on one thread, so its one-thread figure stands for both
+    stalled = {"tvm_ms": 1.9, "onednn_ms": 0.62, "winograd_f43_ms": 5.5, "tvm_1t_ms": 1.9, "onednn_1t_ms": 0.653, "winograd_f43_1t_ms": 0.544}
+    assert winner(stalled) == "winograd_f43"
 
 
 def test_near_ties_go_to_the_provider_of_most_of_the_model():

@@ -108,10 +108,17 @@ def glue_object() -> Path:
     done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode != 0:
         os.unlink(tmp)
-        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise TargetError(f"building the oneDNN glue failed: {last}")
+        raise TargetError(f"building the oneDNN glue failed: {compiler_error(done.stderr)}")
     os.replace(tmp, target)  # atomic: a concurrent compile sees the whole object or none
     return target
+
+
+def compiler_error(stderr: str) -> str:
+    """The line of a failed compile that says what failed: its first ``error:`` (the last line is often the
+    source line's caret, ``| ^``), else its last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    first = next((line for line in lines if "error:" in line), None)
+    return first or (lines[-1] if lines else "(no message)")
 
 
 def link_options() -> list[str]:
