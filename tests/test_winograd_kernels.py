@@ -1,4 +1,4 @@
-"""optc's own Winograd kernels, F(4x4, 3x3) and F(2x2, 3x3) (targets/providers/winograd.h, called through the oneDNN glue).
+"""optc's own Winograd kernels, F(4x4, 3x3) and F(2x2, 3x3) (targets/providers/winograd_tile.h, called through the oneDNN glue).
 
 Each case runs in a fresh process: the glue picks the kernel's instruction set once, capped like oneDNN by
 ``ONEDNN_MAX_CPU_ISA`` (AVX-512, AVX2, or none: then the request computes oneDNN's direct convolution)."""

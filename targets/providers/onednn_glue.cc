@@ -466,8 +466,8 @@ std::shared_ptr<Conv> make_deconv(const TensorView& x, const TensorView& w, cons
   return c;
 }
 
-// ---- optc's own Winograd kernels (winograd.h), F(4x4, 3x3) and F(2x2, 3x3), for NHWC float32 3x3 stride-1
-// convolutions. The shapes and padding of one such convolution (winograd.h's Geometry extends it):
+// ---- optc's own Winograd kernels (winograd.h, winograd_tile.h), F(4x4, 3x3) and F(2x2, 3x3), for NHWC float32 3x3 stride-1
+// convolutions. The shapes and padding of one such convolution (winograd_tile.h's Geometry extends it):
 struct WinoDims {
   int64_t N, H, W, C, K, OH, OW, pt, pl;
 };
@@ -475,25 +475,17 @@ struct WinoDims {
 #if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
-namespace wino_avx512_m4 {
-constexpr int kW = 16, kM = 4;
+namespace wino_avx512 {
+constexpr int kW = 16;
 #include "winograd.h"
-}  // namespace wino_avx512_m4
-namespace wino_avx512_m2 {
-constexpr int kW = 16, kM = 2;
-#include "winograd.h"
-}  // namespace wino_avx512_m2
+}  // namespace wino_avx512
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-namespace wino_avx2_m4 {
-constexpr int kW = 8, kM = 4;
+namespace wino_avx2 {
+constexpr int kW = 8;
 #include "winograd.h"
-}  // namespace wino_avx2_m4
-namespace wino_avx2_m2 {
-constexpr int kW = 8, kM = 2;
-#include "winograd.h"
-}  // namespace wino_avx2_m2
+}  // namespace wino_avx2
 #pragma GCC pop_options
 
 // The vector width the kernels run at here: 16 floats (AVX-512), 8 (AVX2 with FMA), or 0 (neither). Capped as
@@ -519,7 +511,7 @@ int wino_width() {
 // The output tile's side an algorithm code asks for: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)), or 0 (not one of optc's).
 int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
 
-// The activations the kernels apply on their output tiles (winograd.h's activate).
+// The activations the kernels apply on their output tiles (winograd_tile.h's activate).
 bool wino_epilogue(int64_t act) { return act == kNone || act == kRelu || act == kClip || act == kSigmoid || act == kSwish; }
 
 // Whether one of optc's kernels computes this call: asked for, 3x3, stride 1, undilated, ungrouped, NHWC, an
@@ -544,8 +536,8 @@ void share_weights(Wino& twin, const Wino& site) { twin.U = site.U; }
 Cache<Wino> wino_cache;
 
 #define WINO_CALL(c, fn, ...)                                                                           \
-  ((c).width == 16 ? ((c).m == 4 ? wino_avx512_m4::fn(__VA_ARGS__) : wino_avx512_m2::fn(__VA_ARGS__)) \
-                   : ((c).m == 4 ? wino_avx2_m4::fn(__VA_ARGS__) : wino_avx2_m2::fn(__VA_ARGS__)))
+  ((c).width == 16 ? ((c).m == 4 ? wino_avx512::m4::fn(__VA_ARGS__) : wino_avx512::m2::fn(__VA_ARGS__)) \
+                   : ((c).m == 4 ? wino_avx2::m4::fn(__VA_ARGS__) : wino_avx2::m2::fn(__VA_ARGS__)))
 
 std::shared_ptr<Wino> make_wino(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
   auto c = std::make_shared<Wino>();
