@@ -43,7 +43,8 @@ One value per sample in [0, 1] (``[N]`` or ``[N, 1]``: a sigmoid, Silero VAD's
 speech probability) is a binary decision at 0.5, read as the two scores
 ``[1 - p, p]``. Such an output's per-sample cosine would only compare signs, so
 :func:`sample_cosines` scores an output of one value per sample over the samples
-instead, by their :func:`concordance`, which unlike the cosine sees a change of scale.
+instead, by their :func:`concordance`, which unlike the cosine sees a change of scale, and, where it
+varies over the samples, by Lin's concordance correlation too, which sees a shift relative to that spread.
 
 Measured on the zoo: softmax heads (the ImageNet classifiers, MTCNN's face
 probability, Magika, RapidOCR's CTC recogniser) pass the first test, ddddocr's
@@ -167,7 +168,14 @@ def sample_cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
     r = reference.astype(np.float64).reshape(n, -1)
     a = actual.astype(np.float64).reshape(n, -1)
     if r.shape[1] == 1 and n > 1:  # one value per sample: its cosine is a sign test; score the samples together
-        return _jackknife(r.ravel(), a.ravel())
+        together = _jackknife(r.ravel(), a.ravel())
+        # The concordance about zero cannot see a shift that is small beside the values themselves (a quality score of
+        # 3 +- 0.3 shifted by 0.2 reads 0.998); held by Lin's concordance about the mean too, where the score varies.
+        if n > 2 and r.std() > SPREAD * np.sqrt(np.mean(r * r)):
+            centred = _jackknife_ccc(r, a)
+            if centred.mean() < together.mean():
+                return centred
+        return together
     denom = np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1)
     cosines = np.where(denom > 0, np.sum(r * a, axis=1) / np.maximum(denom, 1e-300), 1.0)
     if 2 <= r.shape[1] <= FEW_VALUES and n > 2:
@@ -180,6 +188,9 @@ def sample_cosines(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
 
 
 FEW_VALUES = 4  # outputs of at most this many values a sample are also judged score by score (sample_cosines)
+# A one-value output is held by its concordance about the mean only where it varies over the samples by more than this
+# share of its magnitude: about a near-constant output, rounding alone reads as disagreement.
+SPREAD = 1e-3
 
 
 def _jackknife_ccc(r: np.ndarray, a: np.ndarray) -> np.ndarray:
