@@ -56,14 +56,17 @@ KNOWN: dict[tuple[str, str], str] = {
     ('crepe_tiny', 'distill'): 'nothing changed: distill at default strength: top1 0.0300 (drop 0.6533, upper bound 0.6912) on held-out data misses the default budget (the 90 % upper confidence bound of the top1 drop at most 0.01 on 300 held-out evaluation samples); took the strongest setting within it (set the strength to run as ',
     ('magika', 'prune-channels'): "nothing changed: jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Dense_0/einsum/Einsum: reshaped by Reshape 'jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Reshape' (only a flatten of [N, C, ...] into [N, features] is followed); jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Conv_0/Conv2D: ReduceSum 'jax2t",
     ('magika', 'quantize'): 'nothing changed: quantize at default strength: top1 0.8953 (drop 0.0055, upper bound 0.0105) on held-out data misses the default budget (the 90 % upper confidence bound of the top1 drop at most 0.01 on 363 held-out evaluation samples); took the strongest setting within it (set the strength to run as',
-    ('minilm', 'sparsify'): 'cos 0.9900',
     ('minilm', 'distill'): 'nothing changed: distill at default strength: cosine 0.7135 (lower bound 0.6879) on held-out data (drop 0.3121) misses the default budget (the 90 % lower confidence bound of the mean cosine of each output at least 0.99 (no output holds class scores to hold by argmax) on 32 held-out calibration samples); too',
     # session 24: boxes held score by score (concordance over the samples): at the default strength distill's R-net boxes
     # kept per-sample cosine 0.911 while their x offsets fell to correlation 0.56 / 0.41; no strength holds them at 0.99
     ('mtcnn_rnet', 'distill'): 'distill left out: box concordance 0.3426 (lower bound 0.2509) at default strength',
     ('mtcnn_onet', 'distill'): 'distill left out: box concordance 0.6479 (lower bound 0.5422) at default strength',
-    ('light_resnet50', 'prune-channels'): 'nothing changed: prune-channels at default strength: cosine 0.9960, argmax agreement 0.0000 (gpu_0/softmax_1) (lower bound 0.0000) on held-out data (drop 1.0000) misses the default budget (the 90 % lower confidence bound of the mean cosine of each output at least 0.99 and argmax agreement at least 0.99 (gpu',
-    ('light_resnet50', 'distill'): 'nothing changed: distill at default strength: cosine 0.9990, argmax agreement 0.7500 (gpu_0/softmax_1) (lower bound 0.3405) on held-out data (drop 0.6595) misses the default budget (the 90 % lower confidence bound of the mean cosine of each output at least 0.99 and argmax agreement at least 0.99 (gpu_0/soft',
+    # session 25: held-out calibration samples spread over the set instead of its last quarter (a set in class order held
+    # out its last classes). Three rows that missed now pass (MiniLM's sparsify, ResNet-50's prune-channels and distill,
+    # which held out 4 samples) and three that passed now miss on the other samples:
+    ('ddddocr_ocr', 'prune-channels'): 'prune-channels left out: argmax agreement 0.9489 (lower bound 0.9338) on 16 held-out samples at default strength',
+    ('silero_vad_seq', 'quantize'): 'quantize left out: speech_probs argmax agreement 0.9062 (lower bound 0.8377) on 32 held-out samples (with its last quarter held out, it passed)',
+    ('light_shufflenet', 'distill'): 'distill left out: argmax agreement 0.5000 (lower bound 0.0272) on 4 held-out calibration samples at default strength',
     ('light_squeezenet', 'distill'): 'nothing changed: distill at default strength: cosine 0.9990, argmax agreement 0.7500 (softmaxout_1) (lower bound 0.3405) on held-out data (drop 0.6595) misses the default budget (the 90 % lower confidence bound of the mean cosine of each output at least 0.99 and argmax agreement at least 0.99 (softmaxout_1)',
 }
 
