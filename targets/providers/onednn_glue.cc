@@ -472,6 +472,19 @@ struct WinoDims {
   int64_t N, H, W, C, K, OH, OW, pt, pl;
 };
 
+// The output tile's side an algorithm code asks for: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)), or 0 (not one of optc's).
+int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
+
+// The activations the kernels apply on their output tiles (winograd_tile.h's activate).
+bool wino_epilogue(int64_t act) { return act == kNone || act == kRelu || act == kClip || act == kSigmoid || act == kSwish; }
+
+// Whether a convolution of kh x kw taps with attributes `a` is one optc's kernels take when asked: 3x3, stride 1,
+// undilated, ungrouped, NHWC, an activation they apply themselves.
+bool wino_takes(const Shape& a, int64_t kh, int64_t kw) {
+  return a.size() == 14 && wino_tile(a[13]) && a[12] != 0 && kh == 3 && kw == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 &&
+         a[8] == 1 && wino_epilogue(a[9]);
+}
+
 #if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
@@ -508,19 +521,6 @@ int wino_width() {
   return width;
 }
 
-// The output tile's side an algorithm code asks for: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)), or 0 (not one of optc's).
-int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
-
-// The activations the kernels apply on their output tiles (winograd_tile.h's activate).
-bool wino_epilogue(int64_t act) { return act == kNone || act == kRelu || act == kClip || act == kSigmoid || act == kSwish; }
-
-// Whether one of optc's kernels computes this call: asked for, 3x3, stride 1, undilated, ungrouped, NHWC, an
-// activation it applies itself, on a CPU with one of its instruction sets. Anything else goes to oneDNN's direct
-// kernel, which computes the same (an artifact carried to another CPU).
-bool wino_applies(const Shape& a, const TensorView& w) {
-  return wino_width() > 0 && a.size() == 14 && wino_tile(a[13]) && a[12] != 0 && w.ndim() == 4 && w.shape()[2] == 3 &&
-         w.shape()[3] == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 && a[8] == 1 && wino_epilogue(a[9]);
-}
 
 struct Wino {
   WinoDims d{};
@@ -546,7 +546,7 @@ std::shared_ptr<Wino> make_wino(const TensorView& x, const TensorView& w, const 
   c->d = {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
   c->tiles = WINO_CALL(*c, tiles, c->d);
   c->U = std::make_shared<std::vector<float>>(WINO_CALL(*c, packed_floats, c->d));
-  WINO_CALL(*c, pack, c->d, data_of(w), c->U->data());
+  WINO_CALL(*c, pack_weights, c->d, data_of(w), c->U->data());
   // Blocks of 12 tiles keep a block's transformed inputs and products in L1/L2, and each thread takes whole blocks
   // (F(4x4) on 64 channels at 56x56, 1 thread: 0.69 ms against 0.76 in blocks of 48). Past 1 MB of transformed
   // weights, each block would read them all again from L3: all tiles are one block, and the threads share its
@@ -596,18 +596,19 @@ void conv_wino(const TensorView& x, const TensorView& w, const TensorView* b, co
 }
 #else  // another architecture (an aarch64 host with its own libdnnl): oneDNN's kernels compute every convolution
 int wino_width() { return 0; }
-int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
-bool wino_epilogue(int64_t) { return false; }
-bool wino_applies(const Shape&, const TensorView&) { return false; }
 void conv_wino(const TensorView&, const TensorView&, const TensorView*, const TensorView*, const Shape&, TensorView) {}
 #endif
+
+// Whether one of optc's kernels computes this call: asked for, a shape they take (wino_takes), on a CPU with one of
+// their instruction sets. Anything else goes to oneDNN's direct kernel, which computes the same (an artifact carried
+// to another CPU).
+bool wino_applies(const Shape& a, const TensorView& w) { return wino_width() > 0 && w.ndim() == 4 && wino_takes(a, w.shape()[2], w.shape()[3]); }
 
 // The kernel a convolution asking for one of optc's Winograd algorithms (attrs[13]) would run here, for the race's
 // report: its name, or why not.
 tvm::ffi::String conv2d_wino_impl(Shape w, Shape attrs) {
   if (wino_width() == 0) return "no AVX2 or AVX-512 here (or oneDNN held below them)";
-  if (attrs.size() != 14 || !wino_tile(attrs[13]) || w.size() != 4 || w[2] != 3 || w[3] != 3 || attrs[12] == 0 || attrs[0] != 1 ||
-      attrs[1] != 1 || attrs[6] != 1 || attrs[7] != 1 || attrs[8] != 1 || !wino_epilogue(attrs[9]))
+  if (w.size() != 4 || !wino_takes(attrs, w[2], w[3]))
     return "not a 3x3 stride-1 NHWC convolution with no activation, ReLU, a clip, sigmoid or SiLU";
   std::string name = wino_tile(attrs[13]) == 4 ? "optc_wino_4x3:" : "optc_wino_2x3:";
   return name + (wino_width() == 16 ? "avx512" : "avx2");

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from optc.targets.artifact import apply_runtime_env
@@ -92,11 +92,25 @@ CANDIDATES = {"tvm": "tvm_ms", "onednn": "onednn_ms", "winograd": "winograd_ms",
 # Which kernels' call each candidate is: oneDNN's glue computes its own Winograd kernel and optc's F(4x4, 3x3) and
 # F(2x2, 3x3), in the same NHWC layout as its direct one (hand-overs between them cost nothing).
 FAMILIES = {"tvm": "tvm", "onednn": "onednn", "winograd": "onednn", "winograd_f43": "onednn", "winograd_f23": "onednn"}
-ALGORITHMS = {"winograd": (ALGO_WINOGRAD, "winograd"), "winograd_f43": (ALGO_WINOGRAD_F43, "winograd F(4x4,3x3)"),
-              "winograd_f23": (ALGO_WINOGRAD_F23, "winograd F(2x2,3x3)")}
-# optc's Winograd kernels: the race's kind, the glue's algorithm, and the positions of a tile (its transformed weights
-# are that many times the filters' 9 taps; output channels padded to 32)
-OPTC_WINOGRAD = {"winograd_f43": ("wf43", ALGO_WINOGRAD_F43, 36), "winograd_f23": ("wf23", ALGO_WINOGRAD_F23, 16)}
+
+
+class Winograd(NamedTuple):
+    """A Winograd candidate of a 3x3 stride-1 convolution: the race's function prefix, the glue's algorithm, the name
+    the report gives it, and for optc's own kernels the positions of a tile (their transformed weights are that many
+    times the filters' 9 taps, output channels padded to 32; 0 for oneDNN's, which keeps its own)."""
+
+    kind: str
+    algo: int
+    label: str
+    positions: int
+
+    def offered(self, chain: Chain) -> bool:
+        return chain.optc_winograd_candidate() if self.positions else chain.winograd_candidate()
+
+
+WINOGRAD = {"winograd": Winograd("wino", ALGO_WINOGRAD, "winograd", 0),
+            "winograd_f43": Winograd("wf43", ALGO_WINOGRAD_F43, "winograd F(4x4,3x3)", 36),
+            "winograd_f23": Winograd("wf23", ALGO_WINOGRAD_F23, "winograd F(2x2,3x3)", 16)}
 ONE_THREAD = "_1t_ms"  # the same candidates timed on one thread: "tvm_1t_ms", ...
 
 
@@ -207,16 +221,17 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     raced = {c.workload(): winner(timings.get(c.workload())) for c in chains}
     choice = settle_ties([(c.workload(), c.macs()) for c in chains], timings, raced)
     for chain in chains:
-        if choice[chain.workload()] in ALGORITHMS:
-            chain.algo = ALGORITHMS[choice[chain.workload()]][0]
+        if choice[chain.workload()] in WINOGRAD:
+            chain.algo = WINOGRAD[choice[chain.workload()]].algo
     mod, taken = offload(mod, chains, lambda c: choice[c.workload()] != "tvm")
     for chain in chains:
         entry = {"workload": chain.workload(), "macs": chain.macs(), **timings.get(chain.workload(), {})}
-        if choice[chain.workload()] in ALGORITHMS:
-            entry["algorithm"] = ALGORITHMS[choice[chain.workload()]][1]
-        if choice[chain.workload()] in OPTC_WINOGRAD and chain.weight is not None:
-            k, c = chain.weight.shape[:2]
-            report.winograd_optc_bytes += OPTC_WINOGRAD[choice[chain.workload()]][2] * -(-k // 32) * 32 * c * 4
+        wino = WINOGRAD.get(choice[chain.workload()])
+        if wino is not None:
+            entry["algorithm"] = wino.label
+            if wino.positions and chain.weight is not None:
+                k, c = chain.weight.shape[:2]
+                report.winograd_optc_bytes += wino.positions * -(-k // 32) * 32 * c * 4
         if choice[chain.workload()] != raced[chain.workload()]:  # the report's timings alone would contradict the choice
             entry["near_tie"] = (f"{raced[chain.workload()]} led by less than {SWITCH_MARGIN}x; "
                                  f"{choice[chain.workload()]}, which computes most of the model, kept")
@@ -245,16 +260,15 @@ def _regrets(timing: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """Each measured candidate's (regret, all-thread ms): its worse ratio to the fastest over the two thread counts;
     with all-thread figures only, the all-thread time for both.
 
-    An all-thread figure above the same kernel's one-thread figure counts as the one-thread figure: in the artifact
-    a call site that loses on all threads runs on the calling thread alone (pacer.h, for the glue's calls and TVM's
-    loops alike). On cores another process kept busy, optc's Winograd kernels timed 5.5-12.9 ms on two threads
+    An all-thread figure above the same kernel's one-thread figure counts as the one-thread figure (:func:`_all_threads`).
+    On cores another process kept busy, optc's Winograd kernels timed 5.5-12.9 ms on two threads
     against 0.54-0.84 on one, and five chains they won went to oneDNN's direct kernel (0.65-0.96 ms)."""
     present = {name: timing[key] for name, key in CANDIDATES.items() if isinstance(timing.get(key), (int, float))}
     single = {name: timing[key.replace("_ms", ONE_THREAD)] for name, key in CANDIDATES.items()
               if isinstance(timing.get(key.replace("_ms", ONE_THREAD)), (int, float))}
     if single.keys() != present.keys():
         return {name: (ms, ms) for name, ms in present.items()}
-    present = {name: min(ms, single[name]) for name, ms in present.items()}
+    present = {name: _all_threads(timing, key) for name, key in CANDIDATES.items() if name in present}
     return {name: (max(present[name] / min(present.values()), single[name] / min(single.values())), present[name])
             for name in present}
 
@@ -308,13 +322,16 @@ def _handovers(work: list[tuple[str, int]], choice: dict[str, str], ties: dict[s
 
 
 def _family_ms(timing: dict[str, Any], family: str, families: dict[str, str]) -> float:
-    """A chain's time with the provider ``family``'s fastest candidate: all threads (at most its one-thread time, as
-    :func:`_regrets` reads it) plus one thread where measured."""
-    def both(key: str) -> float:
-        single = timing.get(key.replace("_ms", ONE_THREAD), timing[key])
-        return min(timing[key], single) + single
+    """A chain's time with the provider ``family``'s fastest candidate: all threads (:func:`_all_threads`) plus one
+    thread where measured."""
+    return min(_all_threads(timing, key) + timing.get(key.replace("_ms", ONE_THREAD), timing[key])
+               for name, key in CANDIDATES.items() if families[name] == family and isinstance(timing.get(key), (int, float)))
 
-    return min(both(key) for name, key in CANDIDATES.items() if families[name] == family and isinstance(timing.get(key), (int, float)))
+
+def _all_threads(timing: dict[str, Any], key: str) -> float:
+    """A candidate's all-thread figure as the artifact meets it: at most its one-thread figure, where measured (a call
+    site that loses on all threads runs on the calling thread alone: pacer.h, for the glue's calls and TVM's loops)."""
+    return min(timing[key], timing.get(key.replace("_ms", ONE_THREAD), timing[key]))
 
 
 def held_isa(target: Any) -> list[str | None]:
@@ -517,8 +534,8 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
         dtypes = [chain.src_dtype] + ["float32"] * (len(shapes) - 1)
         arrays = [_random(rng, s, d) for s, d in zip(shapes, dtypes)]
         inputs.append(arrays)
-        kinds = ("tvm", "dnn") + (("wino",) if chain.winograd_candidate() else ()) + (("wf43", "wf23") if chain.optc_winograd_candidate() else ())
-        for kind in kinds:
+        algos = {w.kind: w.algo for w in WINOGRAD.values() if w.offered(chain)}
+        for kind in ("tvm", "dnn", *algos):
             params = [relax.Var(f"a{j}", relax.TensorType(list(s), d)) for j, (s, d) in enumerate(zip(shapes, dtypes))]
             x = params[0]
             other = params[1] if chain.other is not None else None
@@ -528,7 +545,7 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
                     if kind == "tvm":
                         y = reference(bb, chain, x, other, residual)
                     else:
-                        called = replace(chain, algo={"wino": ALGO_WINOGRAD, "wf43": ALGO_WINOGRAD_F43, "wf23": ALGO_WINOGRAD_F23}.get(kind, chain.algo))
+                        called = replace(chain, algo=algos.get(kind, chain.algo))
                         y = bb.emit(provider_call(called, x, other, residual))
                     out = bb.emit_output(y)
                 bb.emit_func_output(out)
@@ -536,8 +553,7 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
     # OpenMP reads GOMP_SPINCOUNT once, when the first library that needs it loads: this race is usually that
     # load in a compile, so the candidates (and the artifact timed after them) run with the artifact's settings.
     apply_runtime_env()
-    plans = [{"workload": c.workload(), "winograd": _winograd_query(c) if c.winograd_candidate() else None,
-              **{name: _winograd_query(c, algo) if c.optc_winograd_candidate() else None for name, (_, algo, _) in OPTC_WINOGRAD.items()}}
+    plans = [{"workload": c.workload(), **{name: _winograd_query(c, w.algo) if w.offered(c) else None for name, w in WINOGRAD.items()}}
              for c in chains]
     isa = isa_cap(target)
     with tempfile.TemporaryDirectory(prefix="optc-kernels-") as tmp:
@@ -589,16 +605,12 @@ def time_library(path: Path, plans: list[dict[str, Any]], inputs: list[list[np.n
         args = [tvm.runtime.tensor(a) for a in inputs[i]]
         fns = {"tvm_ms": lambda i=i, a=args: vm[f"tvm_{i}"](*a), "onednn_ms": lambda i=i, a=args: vm[f"dnn_{i}"](*a)}
         extra: dict[str, Any] = {}
-        if plan["winograd"] is not None:
-            usable, extra = _winograd_usable(lib, vm, plan["winograd"], i, args)
-            if usable:
-                fns["winograd_ms"] = lambda i=i, a=args: vm[f"wino_{i}"](*a)
-        for name, (kind, _, _) in OPTC_WINOGRAD.items():
+        for name, wino in WINOGRAD.items():
             if plan.get(name) is not None:
-                usable, more = _winograd_usable(lib, vm, plan[name], i, args, kind)
+                usable, more = _winograd_usable(lib, vm, plan[name], i, args, name)
                 extra.update(more)
                 if usable:
-                    fns[f"{name}_ms"] = lambda i=i, a=args, kind=kind: vm[f"{kind}_{i}"](*a)
+                    fns[f"{name}_ms"] = lambda i=i, a=args, kind=wino.kind: vm[f"{kind}_{i}"](*a)
         results[workload] = {**_race(fns, evict), **extra}
         with one_thread() as threads:
             if threads:
@@ -656,19 +668,19 @@ def _race(fns: dict[str, Callable[[], Any]], evict: Callable[[], Any] | None = N
     return best
 
 
-def _winograd_query(chain: Chain, algo: int = ALGO_WINOGRAD) -> list[Any]:
+def _winograd_query(chain: Chain, algo: int) -> list[Any]:
     """The glue's arguments for the kernel it would run ``chain`` with by Winograd ``algo`` (JSON: a child process asks too)."""
     called = replace(chain, algo=algo)
     assert chain.weight is not None
     return [list(chain.in_shapes[0]), list(chain.weight.shape), list(chain.out_shape), conv_attrs(called, act_attrs(called))]
 
 
-def _winograd_usable(lib: Any, vm: Any, query: list[Any], i: int, args: list[Any], kind: str = "wino") -> tuple[bool, dict[str, Any]]:
-    """Whether the glue runs a Winograd kernel for chain ``i`` on this CPU (``wino``: oneDNN's; ``wf43`` / ``wf23``: optc's
-    F(4x4, 3x3) / F(2x2, 3x3), on AVX2 or AVX-512), and its outputs agree with oneDNN's direct kernel's. The report's
+def _winograd_usable(lib: Any, vm: Any, query: list[Any], i: int, args: list[Any], name: str) -> tuple[bool, dict[str, Any]]:
+    """Whether the glue runs the Winograd candidate ``name`` (:data:`WINOGRAD`: oneDNN's, or optc's F(4x4, 3x3) / F(2x2, 3x3)
+    on AVX2 or AVX-512) for chain ``i`` on this CPU, and its outputs agree with oneDNN's direct kernel's. The report's
     keys: ``winograd_kernel``, ``winograd_error`` (or ``winograd``, why not), ``winograd_f43_``... for optc's."""
-    name = "winograd" if kind == "wino" else next(n for n, (k, _, _) in OPTC_WINOGRAD.items() if k == kind)
-    if kind == "wino":
+    kind = WINOGRAD[name].kind
+    if not WINOGRAD[name].positions:
         kernel = str(lib.get_function("optc_dnnl_conv2d_impl", query_imports=True)(*query))
         if "wino" not in kernel:
             return False, {name: f"no Winograd kernel here (oneDNN runs {kernel})"}

@@ -25,9 +25,18 @@ inline vec load(const float* p) {
 inline void store(float* p, vec v) { __builtin_memcpy(p, &v, sizeof(vec)); }
 inline vec splat(float x) { return x - vec{}; }  // a broadcast: x - 0 is x for every x (x + 0 is not, for -0)
 
+struct Geometry : WinoDims {
+  explicit Geometry(const WinoDims& d) : WinoDims(d) {}
+  int64_t tiles_h() const { return (OH + kM - 1) / kM; }
+  int64_t tiles_w() const { return (OW + kM - 1) / kM; }
+  int64_t tiles() const { return N * tiles_h() * tiles_w(); }
+  int64_t Cp() const { return (C + kW - 1) / kW * kW; }
+  int64_t Kp() const { return (K + kNR - 1) / kNR * kNR; }
+};
+
 // U[kP][Kp/kNR][C][kNR] from OIHW weights w[K][C][3][3]; Kp: K rounded up to kNR, the padding zero.
-inline void pack_weights(const float* w, int64_t K, int64_t C, float* U) {
-  const int64_t Kp = (K + kNR - 1) / kNR * kNR;
+inline void pack_weights(const WinoDims& d, const float* w, float* U) {
+  const int64_t K = d.K, C = d.C, Kp = Geometry(d).Kp();
   static const double G4[6][3] = {{1. / 4, 0, 0},          {-1. / 6, -1. / 6, -1. / 6}, {-1. / 6, 1. / 6, -1. / 6},
                                   {1. / 24, 1. / 12, 1. / 6}, {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
   static const double G2[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
@@ -77,15 +86,6 @@ inline void output_rows(const vec* m, vec* y) {
     y[1] = m[1] - m[2] - m[3];
   }
 }
-
-struct Geometry : WinoDims {
-  explicit Geometry(const WinoDims& d) : WinoDims(d) {}
-  int64_t tiles_h() const { return (OH + kM - 1) / kM; }
-  int64_t tiles_w() const { return (OW + kM - 1) / kM; }
-  int64_t tiles() const { return N * tiles_h() * tiles_w(); }
-  int64_t Cp() const { return (C + kW - 1) / kW * kW; }
-  int64_t Kp() const { return (K + kNR - 1) / kNR * kNR; }
-};
 
 // V[kP][TB][Cp] for tiles t0 .. t0+tb of the image batch.
 inline void input_transform(const Geometry& g, const float* x, int64_t t0, int64_t tb, int64_t TB, float* V) {
@@ -271,15 +271,13 @@ inline void output_transform(const Geometry& g, const float* M, int64_t t0, int6
   }
 }
 
-// Entry points (the glue sees these through the namespace): the packed weights' size, the scratch one block of TB
-// tiles needs (V, then M), and one block: tiles t0 .. t0+tb transformed, multiplied and written to `out`.
+// Entry points (the glue sees these and pack_weights through the namespace): the packed weights' size, the scratch
+// one block of TB tiles needs (V, then M), and one block: tiles t0 .. t0+tb transformed, multiplied and written to `out`.
 inline int64_t packed_floats(const WinoDims& d) { return kP * Geometry(d).Kp() * d.C; }
-inline void pack(const WinoDims& d, const float* w, float* U) { pack_weights(w, d.K, d.C, U); }
 inline int64_t scratch_floats(const WinoDims& d, int64_t TB) {
   Geometry g(d);
   return kP * TB * (g.Cp() + g.Kp());
 }
-inline int register_rows() { return kMR; }
 inline int64_t products(const WinoDims& d) { return kP * (Geometry(d).Kp() / kNR); }
 inline int64_t tiles(const WinoDims& d) { return Geometry(d).tiles(); }
 inline void run_block(const WinoDims& d, const float* U, int64_t t0, int64_t tb, int64_t TB, float* scratch, const float* x,
