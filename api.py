@@ -860,7 +860,7 @@ def _time_artifact(built: TargetReport, model: Model, spec: TargetSpec, folder: 
 
 def _build_target(model: Model, spec: TargetSpec, folder: Path, tuning: TuningOptions, int8: bool, seed: int) -> TargetReport:
     """Build and export the TVM library into ``folder``; returns the report's target section."""
-    from optc.targets.build import build, export, linked_libraries
+    from optc.targets.build import build, export, linked_libraries, own_kernels
     from optc.targets.tuning import TuneOptions, default_tuning_db
 
     tune = TuneOptions(
@@ -872,7 +872,7 @@ def _build_target(model: Model, spec: TargetSpec, folder: Path, tuning: TuningOp
     int8_section = summary.pop("int8", None)
     lowered = summary.pop("lowered", None)
     built = time.perf_counter()
-    export(executable, folder / "model.so", spec, linked_libraries(summary))
+    export(executable, folder / "model.so", spec, linked_libraries(summary), own_kernels(summary))
     return TargetReport.from_dict({
         **spec.to_dict(), "build_seconds": built - start, "export_seconds": time.perf_counter() - built,
         "tuning": {**summary, "db": str(tune.db_dir)}, "int8": int8_section, "lowered": lowered or None,

@@ -127,16 +127,14 @@ def kernels_line(p: dict[str, Any]) -> str:
     dnnl = p.get("onednn") or {}
     if p.get("mode") == "tvm" and not dnnl.get("reason"):
         return "kernels: TVM for every op (--kernels tvm)"
+    if p.get("glue") == "neon":  # an ARM target: optc's own Winograd kernels beside TVM's, by a cost model
+        return (f"kernels: TVM for every op but {len(p.get('offloaded') or [])} of {p.get('chains', 0)} convolutions, "
+                f"{', '.join(_winograd_counts(p))} (NEON; {shown(p.get('unmeasured') or '')})")
     if not dnnl.get("available"):
         return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
     total, sent = p.get("chains", 0), len(p.get("offloaded") or [])
     how = shown(p["unmeasured"]) if p.get("unmeasured") else "measured" if p.get("mode") == "auto" else "as asked"
-    algorithms = [e.get("algorithm") for e in p.get("offloaded") or []]
-    by = [f"{n} by {who}" for n, who in ((algorithms.count("winograd"), "oneDNN's Winograd"),
-                                          (algorithms.count("winograd F(4x4,3x3)"), "optc's Winograd F(4x4,3x3)"),
-                                          (algorithms.count("winograd F(2x2,3x3)"), "optc's F(2x2,3x3)")) if n]
-    if p.get("winograd_optc_bytes"):  # the transformed weights optc's kernels keep: the artifact's memory grows by them
-        by[-1] += f" holding {p['winograd_optc_bytes'] / (1 << 20):.1f} MiB of transformed weights"
+    by = _winograd_counts(p)
     layout = f"layout {p.get('layout')}" + (f"; {', '.join(by)}" if by else "")
     line = f"kernels: {sent}/{total} op chains to oneDNN {dnnl.get('version')} ({how}; {layout})"
     if p.get("measured"):
@@ -144,6 +142,18 @@ def kernels_line(p: dict[str, Any]) -> str:
     if p.get("reused"):
         line += f", {p['reused']} choices from the tuning database"
     return line
+
+
+def _winograd_counts(p: dict[str, Any]) -> list[str]:
+    """"N by <kernel>" for each Winograd kernel the offloaded chains ask for, the last with the memory optc's own hold
+    for their transformed weights (the artifact's resident size grows by it)."""
+    algorithms = [e.get("algorithm") for e in p.get("offloaded") or []]
+    by = [f"{n} by {who}" for n, who in ((algorithms.count("winograd"), "oneDNN's Winograd"),
+                                          (algorithms.count("winograd F(4x4,3x3)"), "optc's Winograd F(4x4,3x3)"),
+                                          (algorithms.count("winograd F(2x2,3x3)"), "optc's F(2x2,3x3)")) if n]
+    if by and p.get("winograd_optc_bytes"):
+        by[-1] += f" holding {p['winograd_optc_bytes'] / (1 << 20):.1f} MiB of transformed weights"
+    return by
 
 
 def render_inspect(info: dict[str, Any], console: Console) -> None:

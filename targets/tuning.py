@@ -242,7 +242,12 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
             report.unmeasured = f"not measured: this CPU cannot run code for {target.attrs.get('mcpu')}; oneDNN adapts to the CPU it runs on"
         return mod, report.to_dict()
     report = ProviderReport(refused[0], {"available": False, "reason": refused[1]})
-    return tvm_layout(mod, target, report), report.to_dict()
+    mod = tvm_layout(mod, target, report)
+    if str(target.attrs.get("mtriple") or "").startswith("aarch64") and opts.kernels == "auto" and not opts.rpc_tracker:
+        from optc.targets.providers import neon
+
+        mod = neon.place(mod, report)  # optc's own Winograd kernels, where its model of the board expects them to pay
+    return mod, report.to_dict()
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ def find_chains(mod: Any) -> list[Chain]:
 
 
 def offload(mod: Any, chains: list[Chain], chosen: Callable[[Chain], bool]) -> tuple[Any, list[Chain]]:
-    """``mod`` with every chain ``chosen`` accepts sent to oneDNN; the chains sent."""
+    """``mod`` with every chain ``chosen`` accepts sent to its glue (oneDNN's, or optc's NEON kernels); the chains sent."""
     taken = [c for c in chains if chosen(c)]
     if not taken:
         return mod, []
@@ -58,11 +58,11 @@ def _call(chain: Chain, data: Any, other: Any, residual: Any) -> Any:
         args = [data, relax.const(chain.weight)]
         if residual is not None:
             bias = chain.bias if chain.bias is not None else np.zeros(chain.weight.shape[0], np.float32)
-            name, args = "optc_dnnl_conv2d_sum", [*args, relax.const(bias), residual]
+            name, args = f"{chain.glue}_conv2d_sum", [*args, relax.const(bias), residual]
         elif chain.bias is not None:
-            name, args = "optc_dnnl_conv2d", [*args, relax.const(chain.bias)]
+            name, args = f"{chain.glue}_conv2d", [*args, relax.const(chain.bias)]
         else:
-            name = "optc_dnnl_conv2d_nobias"
+            name = f"{chain.glue}_conv2d_nobias"
     elif chain.kind == "conv2d_transpose":
         assert chain.weight is not None
         attrs, args = conv_attrs(chain, act), [data, relax.const(chain.weight)]

@@ -17,16 +17,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import hashlib
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from optc.errors import TargetError
+from optc.targets.providers.glue_build import compiled, compiler_error, source_digest  # noqa: F401 (compiler_error: the glue's errors)
 
 NAME = "onednn"
 SONAME = "libdnnl.so.2"
@@ -81,44 +79,14 @@ def header_version() -> str:
     return ".".join(m.group(1) if m else "?" for m in parts)
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "optc" / "glue"
-
-
 @functools.lru_cache(maxsize=1)
 def glue_digest() -> str:
-    return hashlib.sha256(b"".join(p.read_bytes() for p in (GLUE, *GLUE_HEADERS))).hexdigest()[:16]
+    return source_digest(GLUE, GLUE_HEADERS)
 
 
 def glue_object() -> Path:
     """The compiled glue, built on first use and cached by everything that shapes its code."""
-    import tvm_ffi
-
-    include = tvm_ffi.libinfo.find_include_path()
-    flags = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-c"]
-    key = hashlib.sha256((glue_digest() + header_version() + str(include) + " ".join(flags)).encode()).hexdigest()[:20]
-    target = _cache_dir() / f"onednn_glue-{key}.o"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".o", dir=target.parent)
-    os.close(fd)
-    cmd = [COMPILER, *flags, str(GLUE), f"-I{include}", "-o", tmp]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        os.unlink(tmp)
-        raise TargetError(f"building the oneDNN glue failed: {compiler_error(done.stderr)}")
-    os.replace(tmp, target)  # atomic: a concurrent compile sees the whole object or none
-    return target
-
-
-def compiler_error(stderr: str) -> str:
-    """The line of a failed compile that says what failed: its first ``error:`` (the last line is often the
-    source line's caret, ``| ^``), else its last line."""
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    first = next((line for line in lines if "error:" in line), None)
-    return first or (lines[-1] if lines else "(no message)")
+    return compiled(GLUE, glue_digest(), COMPILER, ["-O3", "-std=c++17", "-fPIC", "-fopenmp"], "oneDNN glue", header_version())
 
 
 def link_options() -> list[str]:

@@ -133,6 +133,7 @@ class ProviderReport:
     # memory optc's Winograd kernels hold at run time for their transformed weights (4x the weights' own 3x3 taps for
     # F(4x4, 3x3), 1.8x for F(2x2, 3x3), output channels padded to 32): the artifact's resident size grows by it
     winograd_optc_bytes: int = 0
+    glue: str = ""  # "neon": optc's own kernels (ARM targets, targets/providers/neon.py) are linked into model.so
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -1,0 +1,197 @@
+// optc's Winograd kernels for ARM artifacts (aarch64, NEON), called from Relax with call_dps_packed.
+//
+// ARM targets have no vendor library (Debian's oneDNN does not accelerate aarch64 without SVE-512), so TVM's
+// tiled kernels compute every op there; this glue adds the one family of kernels optc writes itself: Winograd
+// F(4x4, 3x3) and F(2x2, 3x3) for NHWC float32 3x3 stride-1 convolutions, the same source as the x86 glue's
+// (winograd.h, winograd_tile.h) built at 4 floats a vector. It is cross-compiled (aarch64-linux-gnu-g++ -O3 -c)
+// and linked into the exported model.so; the TVM runtime resolves each call through this library's own
+// __tvm_ffi_<name> symbols, so nothing is registered globally and nothing beyond the TVM runtime is needed.
+//
+// Threads: the kernels run on TVM's own pool (TVMBackendParallelLaunch, as TVM's generated loops do), so the
+// artifact keeps one pool and TVM_NUM_THREADS governs both. A call site's transformed weights are made on its
+// first call and cached under the weight buffer's address (constants of a loaded artifact do not move), its
+// shapes and attributes and a sample of its bytes.
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/function.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+extern "C" {  // TVM's runtime (tvm/runtime/c_backend_api.h), declared here: the glue builds against tvm-ffi's headers alone
+typedef struct {
+  void* sync_handle;
+  int32_t num_task;
+} TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void* cdata, int num_task);
+}
+
+namespace {
+
+using tvm::ffi::Shape;
+using tvm::ffi::TensorView;
+
+// The shapes and padding of one convolution (winograd_tile.h's Geometry extends it).
+struct WinoDims {
+  int64_t N, H, W, C, K, OH, OW, pt, pl;
+};
+
+// Activation and algorithm codes shared with optc/targets/providers/chains.py (ACT_*, ALGO_*).
+enum Act : int64_t { kNone = 0, kRelu = 1, kClip = 2, kSigmoid = 3, kGeluErf = 4, kSwish = 5 };
+enum Algo : int64_t { kWinogradF43 = 2, kWinogradF23 = 3 };
+
+// Floats in a NEON register. The same source built for x86-64 (SSE, 4 floats too) is what the kernels' unit tests
+// call here, without a cross compiler or qemu.
+constexpr int kW = 4;
+#include "winograd.h"
+
+float* data_of(const TensorView& t) { return reinterpret_cast<float*>(static_cast<char*>(t.data_ptr()) + t.byte_offset()); }
+
+float bits_to_float(int64_t v) {
+  uint32_t u = static_cast<uint32_t>(v);
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+void check_f32(const TensorView& t, const char* what) {
+  DLDataType d = t.dtype();
+  if (d.code != kDLFloat || d.bits != 32 || d.lanes != 1) TVM_FFI_THROW(TypeError) << "optc NEON: " << what << " must be float32";
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "optc NEON: " << what << " must be contiguous";
+}
+
+int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
+
+// Whether a convolution with attributes `a` (the x86 glue's 14: strides, padding t/l/b/r, dilation, groups,
+// activation, clip bits, NHWC, algorithm) and kh x kw taps is one these kernels take.
+bool takes(const Shape& a, int64_t kh, int64_t kw) {
+  if (a.size() != 14) return false;
+  bool act = a[9] == kNone || a[9] == kRelu || a[9] == kClip || a[9] == kSigmoid || a[9] == kSwish;
+  return wino_tile(a[13]) && a[12] != 0 && kh == 3 && kw == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 &&
+         a[8] == 1 && act;
+}
+
+// Below this many multiply-adds a call runs on the calling thread alone: waking the pool costs more than it saves
+// (the x86 glue's line, kSerialMacs).
+constexpr int64_t kSerialMacs = int64_t{2} << 20;
+
+// f(i) for i in [0, n) on TVM's pool, in contiguous shares; on the calling thread where n is 1 or `serial`.
+template <class F>
+void parallel_for(int64_t n, bool serial, F&& f) {
+  if (n <= 1 || serial) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  struct Ctx {
+    F* f;
+    int64_t n;
+  } ctx{&f, n};
+  auto share = [](int task, TVMParallelGroupEnv* env, void* cdata) -> int {
+    auto* c = static_cast<Ctx*>(cdata);
+    int64_t per = (c->n + env->num_task - 1) / env->num_task, lo = task * per, hi = std::min(c->n, lo + per);
+    for (int64_t i = lo; i < hi; ++i) (*c->f)(i);
+    return 0;
+  };
+  TVMBackendParallelLaunch(share, &ctx, 0);
+}
+
+struct Site {
+  WinoDims d{};
+  int m = 4;
+  int64_t tiles = 0, block = 0;
+  bool staged = false;  // one block of all tiles, its stages shared by the threads (large weights)
+  bool serial = false;   // below kSerialMacs
+  std::vector<float> U;  // transformed weights
+};
+
+#define TILE_CALL(m, fn, ...) ((m) == 4 ? m4::fn(__VA_ARGS__) : m2::fn(__VA_ARGS__))
+
+std::shared_ptr<Site> make_site(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
+  auto s = std::make_shared<Site>();
+  s->m = wino_tile(a[13]);
+  s->d = {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
+  s->tiles = TILE_CALL(s->m, tiles, s->d);
+  s->U.resize(static_cast<size_t>(TILE_CALL(s->m, packed_floats, s->d)));
+  TILE_CALL(s->m, pack_weights, s->d, data_of(w), s->U.data());
+  // As the x86 glue: blocks of 12 tiles keep a block's transformed inputs and products in L1/L2; past 1 MB of
+  // transformed weights (more than a Cortex-A76's L2) the tiles are one block whose stages the threads share, so
+  // each thread reads only its share of the weights.
+  s->staged = static_cast<int64_t>(s->U.size()) * 4 > (int64_t{1} << 20);
+  s->block = s->staged ? s->tiles : std::min<int64_t>(12, s->tiles);
+  s->serial = s->tiles * s->d.C * s->d.K * (s->m + 2) * (s->m + 2) < kSerialMacs;
+  return s;
+}
+
+std::mutex sites_mu;
+std::unordered_map<std::string, std::shared_ptr<Site>> sites;
+
+std::shared_ptr<Site> site_for(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
+  std::string key(reinterpret_cast<const char*>(a.data()), a.size() * sizeof(int64_t));
+  const float* wp = data_of(w);
+  int64_t n = w.numel();
+  const float sample[4] = {wp[0], wp[n / 3], wp[2 * n / 3], wp[n - 1]};  // a later artifact's constant can land at a freed one's address
+  const void* addr = wp;
+  key.append(reinterpret_cast<const char*>(&addr), sizeof addr).append(reinterpret_cast<const char*>(sample), sizeof sample);
+  for (const TensorView* t : {&x, &w, &out})
+    for (int i = 0; i < t->ndim(); ++i) {
+      int64_t dim = t->shape()[i];
+      key.append(reinterpret_cast<const char*>(&dim), sizeof dim);
+    }
+  std::lock_guard<std::mutex> lock(sites_mu);
+  auto& s = sites[key];
+  if (!s) s = make_site(x, w, out, a);
+  return s;
+}
+
+void run(const Site& s, const float* x, const float* bias, const float* res, int act, float lo, float hi, float* out) {
+  const size_t need = static_cast<size_t>(TILE_CALL(s.m, scratch_floats, s.d, s.block));
+  if (s.staged) {
+    std::vector<float> scratch(need);  // shared by the threads' stages
+    float* p = scratch.data();
+    const int64_t T = s.tiles;
+    parallel_for(T, s.serial, [&](int64_t t) { TILE_CALL(s.m, stage_input, s.d, x, t, T, p); });
+    parallel_for(TILE_CALL(s.m, products, s.d), s.serial, [&](int64_t j) { TILE_CALL(s.m, stage_multiply, s.d, s.U.data(), j, T, p); });
+    parallel_for(T, s.serial, [&](int64_t t) { TILE_CALL(s.m, stage_output, s.d, t, T, p, bias, res, act, lo, hi, out); });
+    return;
+  }
+  parallel_for((s.tiles + s.block - 1) / s.block, s.serial, [&](int64_t b) {
+    thread_local std::vector<float> scratch;
+    if (scratch.size() < need) scratch.resize(need);
+    int64_t t0 = b * s.block, tb = std::min(s.block, s.tiles - t0);
+    TILE_CALL(s.m, run_block, s.d, s.U.data(), t0, tb, s.block, scratch.data(), x, bias, res, act, lo, hi, out);
+  });
+}
+#undef TILE_CALL
+
+void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out) {
+  check_f32(x, "input");
+  check_f32(w, "weight");
+  check_f32(out, "output");
+  if (b) check_f32(*b, "bias");
+  if (res) check_f32(*res, "residual");
+  if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4 || a.size() != 14 || !takes(a, w.shape()[2], w.shape()[3]) ||
+      w.shape()[1] != x.shape()[3] || w.shape()[0] != out.shape()[3])
+    TVM_FFI_THROW(ValueError) << "optc NEON conv2d: only NHWC 3x3 stride-1 convolutions asking for Winograd F(4x4) or F(2x2)";
+  auto s = site_for(x, w, out, a);
+  run(*s, data_of(x), b ? data_of(*b) : nullptr, res ? data_of(*res) : nullptr, static_cast<int>(a[9]), bits_to_float(a[10]),
+      bits_to_float(a[11]), data_of(out));
+}
+
+void conv2d(TensorView x, TensorView w, TensorView b, Shape attrs, TensorView out) { run_conv(x, w, &b, nullptr, attrs, out); }
+void conv2d_nobias(TensorView x, TensorView w, Shape attrs, TensorView out) { run_conv(x, w, nullptr, nullptr, attrs, out); }
+void conv2d_sum(TensorView x, TensorView w, TensorView b, TensorView res, Shape attrs, TensorView out) {
+  run_conv(x, w, &b, &res, attrs, out);
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_neon_conv2d, conv2d);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_neon_conv2d_nobias, conv2d_nobias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_neon_conv2d_sum, conv2d_sum);
