@@ -22,6 +22,7 @@ from helpers import SAMPLE, arm_runner, make_model, ort_run, rand
 from onnx import helper
 
 from optc.cli.main import cli
+from optc.cli.render import kernels_line
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
@@ -120,6 +121,8 @@ def test_arm_3x3_convolutions_by_optc_winograd_under_qemu_match_onnxruntime(arm_
     assert algorithms == ["winograd F(2x2,3x3)"] + ["winograd F(4x4,3x3)"] * 4, providers["offloaded"]
     assert {e["workload"].split("/")[2] for e in providers["kept"]} == {"w24x24x3x3", "w256x24x1x1"}
     assert providers["glue"] == "neon" and providers["libraries"] == [] and providers["winograd_optc_bytes"] > 4 << 20
+    assert kernels_line(providers).startswith("kernels: TVM for every op but 5 of 7 convolutions, 4 by optc's Winograd F(4x4,3x3), "
+                                              "1 by optc's F(2x2,3x3) holding 4.3 MiB of transformed weights (NEON; chosen by a cost model")
     x = rand(2, 13, 11, 12, seed=4)
     got = arm_root.run_artifact(tmp_path / "arm", {"x": x}, repeats=2).outputs["y"]
     want = ort_run(model, {"x": x})["y"]
