@@ -127,9 +127,11 @@ def kernels_line(p: dict[str, Any]) -> str:
     dnnl = p.get("onednn") or {}
     if p.get("mode") == "tvm" and not dnnl.get("reason"):
         return "kernels: TVM for every op (--kernels tvm)"
-    if p.get("glue") == "neon":  # an ARM target: optc's own Winograd kernels beside TVM's, by a cost model
+    if p.get("glue") == "winograd":  # no oneDNN: optc's own Winograd kernels beside TVM's
+        how = shown(p["unmeasured"]) if p.get("unmeasured") else "measured"
+        why = f"; oneDNN not used: {shown(dnnl['reason'])}" if dnnl.get("reason") and not p.get("unmeasured") else ""
         return (f"kernels: TVM for every op but {len(p.get('offloaded') or [])} of {p.get('chains', 0)} convolutions, "
-                f"{', '.join(_winograd_counts(p))} (NEON; {shown(p.get('unmeasured') or '')})")
+                f"{', '.join(_winograd_counts(p))} ({how}){why}")
     if not dnnl.get("available"):
         return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
     total, sent = p.get("chains", 0), len(p.get("offloaded") or [])

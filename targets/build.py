@@ -162,13 +162,13 @@ def linked_libraries(summary: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def own_kernels(summary: dict[str, Any]) -> bool:
-    """Whether a build's kernels call optc's own glue (the NEON Winograd kernels of an ARM target)."""
-    return (summary.get("providers") or {}).get("glue") == "neon"
+    """Whether a build's kernels call optc's own glue (its Winograd kernels, where no vendor library computes them)."""
+    return (summary.get("providers") or {}).get("glue") == "winograd"
 
 
 def export(executable: Any, path: Path, spec: TargetSpec, libraries: list[dict[str, str]] | None = None, own: bool = False) -> None:
     """Write the shared library (cross-linked for ARM), with the glue of the kernel providers it calls (``own``:
-    optc's NEON kernels)."""
+    optc's Winograd kernels)."""
     import shutil
 
     kwargs: dict[str, Any] = {}
@@ -178,9 +178,9 @@ def export(executable: Any, path: Path, spec: TargetSpec, libraries: list[dict[s
         # fresh lists: export_library appends to them in place (TVM_NOTES.md)
         kwargs.update(addons=[str(onednn.glue_object())], options=onednn.link_options())
     if own:
-        from optc.targets.providers import neon
+        from optc.targets.providers import winograd_glue
 
-        kwargs["addons"] = [str(neon.glue_object(spec.cross_compiler or "g++", "aarch64" if spec.cross_compiler else "x86_64"))]
+        kwargs["addons"] = [str(winograd_glue.glue_object(spec.cross_compiler or "g++", "aarch64" if spec.cross_compiler else "x86_64"))]
     if spec.cross_compiler:
         if shutil.which(spec.cross_compiler) is None:
             raise TargetError(f"{spec.name} needs the cross compiler '{spec.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")

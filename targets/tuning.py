@@ -244,9 +244,9 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
     report = ProviderReport(refused[0], {"available": False, "reason": refused[1]})
     mod = tvm_layout(mod, target, report)
     if str(target.attrs.get("mtriple") or "").startswith("aarch64") and opts.kernels == "auto" and not opts.rpc_tracker:
-        from optc.targets.providers import neon
+        from optc.targets.providers import winograd_glue
 
-        mod = neon.place(mod, report)  # optc's own Winograd kernels, where its model of the board expects them to pay
+        mod = winograd_glue.place_for_board(mod, report)  # optc's own Winograd kernels, where a model of the board expects them to pay
     return mod, report.to_dict()
 
 

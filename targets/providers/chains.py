@@ -58,7 +58,7 @@ class Chain:
     axis: int = -1  # softmax: the (non-negative) axis
     eps: float = 0.0  # layer_norm
     algo: int = ALGO_DIRECT  # conv2d: which algorithm the provider runs (a choice made by measurement, not part of the workload)
-    glue: str = "optc_dnnl"  # the prefix of the glue functions that compute it: oneDNN's (x86), or optc_neon (ARM's Winograd)
+    glue: str = "optc_dnnl"  # the prefix of the glue functions that compute it: oneDNN's, or optc_winograd (no oneDNN)
     # conv2d along H of a width-1 map, handed to the provider along W (see columns_as_rows), or a conv1d handed over as a
     # conv2d of height 1 (_conv1d): the output shape the graph has.
     given_out_shape: tuple[int, ...] | None = None

@@ -29,7 +29,7 @@ from optc.targets.providers.glue_build import compiled, compiler_error, source_d
 NAME = "onednn"
 SONAME = "libdnnl.so.2"
 GLUE = Path(__file__).with_name("onednn_glue.cc")
-GLUE_HEADERS = tuple(Path(__file__).with_name(h) for h in ("openmp_pool.h", "pacer.h", "winograd.h", "winograd_tile.h"))  # included by the glue: part of its cache key
+GLUE_HEADERS = tuple(Path(__file__).with_name(h) for h in ("openmp_pool.h", "pacer.h", "winograd_builds.h", "winograd.h", "winograd_tile.h"))  # included by the glue: part of its cache key
 HEADER = Path("/usr/include/oneapi/dnnl/dnnl.hpp")
 VERSION_HEADER = Path("/usr/include/oneapi/dnnl/dnnl_version.h")
 COMPILER = "g++"

@@ -485,43 +485,19 @@ bool wino_takes(const Shape& a, int64_t kh, int64_t kw) {
          a[8] == 1 && wino_epilogue(a[9]);
 }
 
-#if defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
-namespace wino_avx512 {
-constexpr int kW = 16;
-#include "winograd.h"
-}  // namespace wino_avx512
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace wino_avx2 {
-constexpr int kW = 8;
-#include "winograd.h"
-}  // namespace wino_avx2
-#pragma GCC pop_options
+#include "winograd_builds.h"
 
-// The vector width the kernels run at here: 16 floats (AVX-512), 8 (AVX2 with FMA), or 0 (neither). Capped as
-// oneDNN is by ONEDNN_MAX_CPU_ISA: optc's race sets it for a target CPU with fewer instructions than this one.
-int wino_width() {
-  static const int width = [] {
-    const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
-    if (!cap) cap = std::getenv("DNNL_MAX_CPU_ISA");
-    std::string c = cap ? cap : "ALL";
-    for (char& ch : c) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
-    bool below_avx2 = c == "SSE41" || c == "AVX";
-    bool below_avx512 = below_avx2 || c.rfind("AVX2", 0) == 0;
-    __builtin_cpu_init();
-    if (!below_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      return 16;
-    if (!below_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 8;
-    return 0;
-  }();
-  return width;
+// The width optc's kernels run at in this glue: AVX-512's or AVX2's, else 0 (oneDNN's direct kernel computes the
+// request; the 4-float build is winograd_glue.cc's, for CPUs without a vendor library).
+int wino_vector() {
+#if defined(__x86_64__)
+  return wino_width() >= 8 ? wino_width() : 0;
+#else
+  return 0;
+#endif
 }
 
-
+#if defined(__x86_64__)
 struct Wino {
   WinoDims d{};
   int width = 0, m = 4;  // vector width (floats) and output tile side: which of the four builds runs
@@ -535,18 +511,15 @@ struct Wino {
 void share_weights(Wino& twin, const Wino& site) { twin.U = site.U; }
 Cache<Wino> wino_cache;
 
-#define WINO_CALL(c, fn, ...)                                                                           \
-  ((c).width == 16 ? ((c).m == 4 ? wino_avx512::m4::fn(__VA_ARGS__) : wino_avx512::m2::fn(__VA_ARGS__)) \
-                   : ((c).m == 4 ? wino_avx2::m4::fn(__VA_ARGS__) : wino_avx2::m2::fn(__VA_ARGS__)))
 
 std::shared_ptr<Wino> make_wino(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
   auto c = std::make_shared<Wino>();
-  c->width = wino_width();
+  c->width = wino_vector();
   c->m = wino_tile(a[13]);
   c->d = {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
-  c->tiles = WINO_CALL(*c, tiles, c->d);
-  c->U = std::make_shared<std::vector<float>>(WINO_CALL(*c, packed_floats, c->d));
-  WINO_CALL(*c, pack_weights, c->d, data_of(w), c->U->data());
+  c->tiles = WINO_CALL(c->width, c->m, tiles, c->d);
+  c->U = std::make_shared<std::vector<float>>(WINO_CALL(c->width, c->m, packed_floats, c->d));
+  WINO_CALL(c->width, c->m, pack_weights, c->d, data_of(w), c->U->data());
   // Blocks of 12 tiles keep a block's transformed inputs and products in L1/L2, and each thread takes whole blocks
   // (F(4x4) on 64 channels at 56x56, 1 thread: 0.69 ms against 0.76 in blocks of 48). Past 1 MB of transformed
   // weights, each block would read them all again from L3: all tiles are one block, and the threads share its
@@ -557,20 +530,20 @@ std::shared_ptr<Wino> make_wino(const TensorView& x, const TensorView& w, const 
 }
 
 void run_wino(const Wino& c, const float* x, const float* bias, const float* res, int act, float lo, float hi, float* out) {
-  const size_t need = static_cast<size_t>(WINO_CALL(c, scratch_floats, c.d, c.block));
+  const size_t need = static_cast<size_t>(WINO_CALL(c.width, c.m, scratch_floats, c.d, c.block));
   if (c.staged) {
     thread_local std::vector<float> shared;  // the calling thread's, which its OpenMP team shares
     if (shared.size() < need) shared.resize(need);
     float* scratch = shared.data();
-    const int64_t T = c.tiles, jobs = WINO_CALL(c, products, c.d);
+    const int64_t T = c.tiles, jobs = WINO_CALL(c.width, c.m, products, c.d);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < T; ++t) WINO_CALL(c, stage_input, c.d, x, t, T, scratch);
+      for (int64_t t = 0; t < T; ++t) WINO_CALL(c.width, c.m, stage_input, c.d, x, t, T, scratch);
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < jobs; ++j) WINO_CALL(c, stage_multiply, c.d, c.U->data(), j, T, scratch);
+      for (int64_t j = 0; j < jobs; ++j) WINO_CALL(c.width, c.m, stage_multiply, c.d, c.U->data(), j, T, scratch);
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < T; ++t) WINO_CALL(c, stage_output, c.d, t, T, scratch, bias, res, act, lo, hi, out);
+      for (int64_t t = 0; t < T; ++t) WINO_CALL(c.width, c.m, stage_output, c.d, t, T, scratch, bias, res, act, lo, hi, out);
     }
     return;
   }
@@ -580,7 +553,7 @@ void run_wino(const Wino& c, const float* x, const float* bias, const float* res
     thread_local std::vector<float> scratch;
     if (scratch.size() < need) scratch.resize(need);
     int64_t t0 = b * c.block, tb = std::min(c.block, c.tiles - t0);
-    WINO_CALL(c, run_block, c.d, c.U->data(), t0, tb, c.block, scratch.data(), x, bias, res, act, lo, hi, out);
+    WINO_CALL(c.width, c.m, run_block, c.d, c.U->data(), t0, tb, c.block, scratch.data(), x, bias, res, act, lo, hi, out);
   }
 }
 #undef WINO_CALL
@@ -595,23 +568,22 @@ void conv_wino(const TensorView& x, const TensorView& w, const TensorView* b, co
   call_site(wino_cache, key_of(res ? 'V' : b ? 'W' : 'X', &w, {&x, &w, &out}, a), small, make, run);
 }
 #else  // another architecture (an aarch64 host with its own libdnnl): oneDNN's kernels compute every convolution
-int wino_width() { return 0; }
 void conv_wino(const TensorView&, const TensorView&, const TensorView*, const TensorView*, const Shape&, TensorView) {}
 #endif
 
 // Whether one of optc's kernels computes this call: asked for, a shape they take (wino_takes), on a CPU with one of
 // their instruction sets. Anything else goes to oneDNN's direct kernel, which computes the same (an artifact carried
 // to another CPU).
-bool wino_applies(const Shape& a, const TensorView& w) { return wino_width() > 0 && w.ndim() == 4 && wino_takes(a, w.shape()[2], w.shape()[3]); }
+bool wino_applies(const Shape& a, const TensorView& w) { return wino_vector() > 0 && w.ndim() == 4 && wino_takes(a, w.shape()[2], w.shape()[3]); }
 
 // The kernel a convolution asking for one of optc's Winograd algorithms (attrs[13]) would run here, for the race's
 // report: its name, or why not.
 tvm::ffi::String conv2d_wino_impl(Shape w, Shape attrs) {
-  if (wino_width() == 0) return "no AVX2 or AVX-512 here (or oneDNN held below them)";
+  if (wino_vector() == 0) return "no AVX2 or AVX-512 here (or oneDNN held below them)";
   if (w.size() != 4 || !wino_takes(attrs, w[2], w[3]))
     return "not a 3x3 stride-1 NHWC convolution with no activation, ReLU, a clip, sigmoid or SiLU";
   std::string name = wino_tile(attrs[13]) == 4 ? "optc_wino_4x3:" : "optc_wino_2x3:";
-  return name + (wino_width() == 16 ? "avx512" : "avx2");
+  return name + (wino_vector() == 16 ? "avx512" : "avx2");
 }
 
 void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out,

@@ -133,7 +133,7 @@ class ProviderReport:
     # memory optc's Winograd kernels hold at run time for their transformed weights (4x the weights' own 3x3 taps for
     # F(4x4, 3x3), 1.8x for F(2x2, 3x3), output channels padded to 32): the artifact's resident size grows by it
     winograd_optc_bytes: int = 0
-    glue: str = ""  # "neon": optc's own kernels (ARM targets, targets/providers/neon.py) are linked into model.so
+    glue: str = ""  # "winograd": optc's own Winograd kernels (winograd_glue.py; no oneDNN) are linked into model.so
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -210,6 +210,11 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
     if mode == "tvm":
         return mod, report
     if not avail.ok:
+        if mode == "auto":  # optc's own Winograd kernels raced against TVM's for the 3x3 convolutions
+            from optc.targets.providers.winograd_race import place_measured
+
+            logger.warning("oneDNN kernels unavailable (%s): TVM's own kernels, and optc's Winograd where it wins", avail.reason)
+            return place_measured(mod, target, db_dir, compile_fn, report), report
         logger.warning("oneDNN kernels unavailable (%s): every op compiles with TVM's own kernels", avail.reason)
         return mod, report
     chains = find_chains(mod)
@@ -348,8 +353,12 @@ def _key(chain: Chain, target: Any, version: str, sweep: int, held: Sequence[str
 
 
 def _measured_choices(chains: list[Chain], target: Any, db_dir: Path, compile_fn: Callable[[Any], Any],
-                      report: ProviderReport) -> dict[str, dict[str, Any]]:
-    version = report.onednn["version"]
+                      report: ProviderReport, version: str | None = None, timer: Callable[..., dict[str, dict[str, Any]]] | None = None
+                      ) -> dict[str, dict[str, Any]]:
+    """Each workload's race figures: from ``providers.json`` where fresh, else timed by ``timer`` (:func:`measure`,
+    oneDNN's against TVM's; ``version`` names the other provider, oneDNN's by default) and stored."""
+    version = version or report.onednn["version"]
+    timer = timer or measure
     unique = {c.workload(): c for c in chains}
     sweep = sweep_bytes(chains)
     report.sweep_mib = sweep >> 20
@@ -362,7 +371,7 @@ def _measured_choices(chains: list[Chain], target: Any, db_dir: Path, compile_fn
     report.reused = len(unique) - len(todo)
     if todo:
         start = time.perf_counter()
-        measured = measure(todo, target, compile_fn, sweep)
+        measured = timer(todo, target, compile_fn, sweep)
         report.measure_seconds = time.perf_counter() - start
         report.measured = len(todo)
         known = store.update({keys[c.workload()]: {**measured[c.workload()], "load": round(load, 2)} for c in todo})

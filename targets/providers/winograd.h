@@ -1,4 +1,4 @@
-// optc's Winograd kernels for one vector width: included by onednn_glue.cc once per instruction set, inside a
+// optc's Winograd kernels for one vector width: included by winograd_builds.h once per instruction set, inside a
 // namespace and a GCC target region that define kW (floats a vector holds). Each tile is winograd_tile.h built
 // with its own kM, the output tile's side.
 namespace m4 {

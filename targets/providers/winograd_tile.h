@@ -1,6 +1,6 @@
 // Winograd F(4x4, 3x3) and F(2x2, 3x3) for NHWC float32 convolutions: stride 1, dilation 1, groups 1, any padding.
-// Included once per instruction set and tile (by winograd.h, which onednn_glue.cc includes per instruction set),
-// inside namespaces and a GCC target region that define kW, the vector width in floats (16: AVX-512, 8: AVX2, 4: NEON), and
+// Included once per instruction set and tile (by winograd.h, which winograd_builds.h includes per instruction set),
+// inside namespaces and a GCC target region that define kW, the vector width in floats (16: AVX-512, 8: AVX2, 4: NEON or SSE2), and
 // kM, the output tile's side (4 or 2); the glue picks one when a call site is made. WinoDims (the shapes and
 // padding) is the glue's. oneDNN 2.x has F(4x4, 3x3) only from a batch of 4 up; at batch 1 its F(2x2, 3x3) saves
 // 2.25x of the multiplies before its transforms and reorders into a blocked layout, F(4x4, 3x3) 4x.
@@ -13,10 +13,14 @@
 
 typedef float vec __attribute__((vector_size(kW * 4)));
 // Rows of the register tile (tiles), each two vectors of output channels wide: its 2 x kMR accumulators and operands
-// within the registers (AVX-512: 32, each row's input broadcast from memory into its FMA; AVX2: 16). NEON (32) takes
-// each row's input into a register of its own for its by-element FMA: 12 rows spilled 4 accumulators to the stack
-// every channel (GCC 12), 8 rows keep all 16 in registers.
-constexpr int kMR = kW == 16 ? 12 : kW == 8 ? 6 : 8;
+// within the registers. AVX-512 (32 registers) broadcasts each row's input from memory into its FMA; AVX2 and SSE
+// have 16. NEON (32) takes each row's input into a register of its own for its by-element FMA: 12 rows spilled 4
+// accumulators to the stack every channel (GCC 12), 8 rows keep all 16 in registers.
+#if defined(__aarch64__)
+constexpr int kMR = 8;
+#else
+constexpr int kMR = kW == 16 ? 12 : 6;
+#endif
 constexpr int kNR = 2 * kW;
 constexpr int kA = kM + 2;   // the input patch's side
 constexpr int kP = kA * kA;  // positions of a tile: 36 or 16

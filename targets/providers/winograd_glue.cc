@@ -1,11 +1,10 @@
-// optc's Winograd kernels for ARM artifacts (aarch64, NEON), called from Relax with call_dps_packed.
-//
-// ARM targets have no vendor library (Debian's oneDNN does not accelerate aarch64 without SVE-512), so TVM's
-// tiled kernels compute every op there; this glue adds the one family of kernels optc writes itself: Winograd
-// F(4x4, 3x3) and F(2x2, 3x3) for NHWC float32 3x3 stride-1 convolutions, the same source as the x86 glue's
-// (winograd.h, winograd_tile.h) built at 4 floats a vector. It is cross-compiled (aarch64-linux-gnu-g++ -O3 -c)
-// and linked into the exported model.so; the TVM runtime resolves each call through this library's own
-// __tvm_ffi_<name> symbols, so nothing is registered globally and nothing beyond the TVM runtime is needed.
+// optc's own Winograd kernels where no vendor library computes the convolutions, called from Relax with
+// call_dps_packed: ARM artifacts (aarch64, NEON; Debian's oneDNN does not accelerate aarch64 without SVE-512) and x86
+// ones built without oneDNN. F(4x4, 3x3) and F(2x2, 3x3) for NHWC float32 3x3 stride-1 convolutions, the same source
+// as the oneDNN glue's (winograd_builds.h: AVX-512, AVX2 or SSE2 on x86-64 by the CPU it runs on; NEON on aarch64).
+// Compiled (g++ or aarch64-linux-gnu-g++ -O3 -c) and linked into the exported model.so; the TVM runtime resolves each
+// call through this library's own __tvm_ffi_<name> symbols, so nothing is registered globally and nothing beyond the
+// TVM runtime is needed.
 //
 // Threads: the kernels run on TVM's own pool (TVMBackendParallelLaunch, as TVM's generated loops do), so the
 // artifact keeps one pool and TVM_NUM_THREADS governs both. A call site's transformed weights are made on its
@@ -16,7 +15,9 @@
 #include <tvm/ffi/function.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -47,10 +48,7 @@ struct WinoDims {
 enum Act : int64_t { kNone = 0, kRelu = 1, kClip = 2, kSigmoid = 3, kGeluErf = 4, kSwish = 5 };
 enum Algo : int64_t { kWinogradF43 = 2, kWinogradF23 = 3 };
 
-// Floats in a NEON register. The same source built for x86-64 (SSE, 4 floats too) is what the kernels' unit tests
-// call here, without a cross compiler or qemu.
-constexpr int kW = 4;
-#include "winograd.h"
+#include "winograd_builds.h"
 
 float* data_of(const TensorView& t) { return reinterpret_cast<float*>(static_cast<char*>(t.data_ptr()) + t.byte_offset()); }
 
@@ -63,13 +61,13 @@ float bits_to_float(int64_t v) {
 
 void check_f32(const TensorView& t, const char* what) {
   DLDataType d = t.dtype();
-  if (d.code != kDLFloat || d.bits != 32 || d.lanes != 1) TVM_FFI_THROW(TypeError) << "optc NEON: " << what << " must be float32";
-  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "optc NEON: " << what << " must be contiguous";
+  if (d.code != kDLFloat || d.bits != 32 || d.lanes != 1) TVM_FFI_THROW(TypeError) << "optc Winograd: " << what << " must be float32";
+  if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "optc Winograd: " << what << " must be contiguous";
 }
 
 int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
 
-// Whether a convolution with attributes `a` (the x86 glue's 14: strides, padding t/l/b/r, dilation, groups,
+// Whether a convolution with attributes `a` (the oneDNN glue's 14: strides, padding t/l/b/r, dilation, groups,
 // activation, clip bits, NHWC, algorithm) and kh x kw taps is one these kernels take.
 bool takes(const Shape& a, int64_t kh, int64_t kw) {
   if (a.size() != 14) return false;
@@ -79,7 +77,7 @@ bool takes(const Shape& a, int64_t kh, int64_t kw) {
 }
 
 // Below this many multiply-adds a call runs on the calling thread alone: waking the pool costs more than it saves
-// (the x86 glue's line, kSerialMacs).
+// (the oneDNN glue's line, kSerialMacs).
 constexpr int64_t kSerialMacs = int64_t{2} << 20;
 
 // f(i) for i in [0, n) on TVM's pool, in contiguous shares; on the calling thread where n is 1 or `serial`.
@@ -104,23 +102,23 @@ void parallel_for(int64_t n, bool serial, F&& f) {
 
 struct Site {
   WinoDims d{};
-  int m = 4;
+  int width = 4, m = 4;  // vector width (floats) and output tile side: which build runs
   int64_t tiles = 0, block = 0;
   bool staged = false;  // one block of all tiles, its stages shared by the threads (large weights)
   bool serial = false;   // below kSerialMacs
   std::vector<float> U;  // transformed weights
 };
 
-#define TILE_CALL(m, fn, ...) ((m) == 4 ? m4::fn(__VA_ARGS__) : m2::fn(__VA_ARGS__))
 
 std::shared_ptr<Site> make_site(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
   auto s = std::make_shared<Site>();
+  s->width = wino_width();
   s->m = wino_tile(a[13]);
   s->d = {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
-  s->tiles = TILE_CALL(s->m, tiles, s->d);
-  s->U.resize(static_cast<size_t>(TILE_CALL(s->m, packed_floats, s->d)));
-  TILE_CALL(s->m, pack_weights, s->d, data_of(w), s->U.data());
-  // As the x86 glue: blocks of 12 tiles keep a block's transformed inputs and products in L1/L2; past 1 MB of
+  s->tiles = WINO_CALL(s->width, s->m, tiles, s->d);
+  s->U.resize(static_cast<size_t>(WINO_CALL(s->width, s->m, packed_floats, s->d)));
+  WINO_CALL(s->width, s->m, pack_weights, s->d, data_of(w), s->U.data());
+  // As the oneDNN glue: blocks of 12 tiles keep a block's transformed inputs and products in L1/L2; past 1 MB of
   // transformed weights (more than a Cortex-A76's L2) the tiles are one block whose stages the threads share, so
   // each thread reads only its share of the weights.
   s->staged = static_cast<int64_t>(s->U.size()) * 4 > (int64_t{1} << 20);
@@ -151,24 +149,23 @@ std::shared_ptr<Site> site_for(const TensorView& x, const TensorView& w, const T
 }
 
 void run(const Site& s, const float* x, const float* bias, const float* res, int act, float lo, float hi, float* out) {
-  const size_t need = static_cast<size_t>(TILE_CALL(s.m, scratch_floats, s.d, s.block));
+  const size_t need = static_cast<size_t>(WINO_CALL(s.width, s.m, scratch_floats, s.d, s.block));
   if (s.staged) {
     std::vector<float> scratch(need);  // shared by the threads' stages
     float* p = scratch.data();
     const int64_t T = s.tiles;
-    parallel_for(T, s.serial, [&](int64_t t) { TILE_CALL(s.m, stage_input, s.d, x, t, T, p); });
-    parallel_for(TILE_CALL(s.m, products, s.d), s.serial, [&](int64_t j) { TILE_CALL(s.m, stage_multiply, s.d, s.U.data(), j, T, p); });
-    parallel_for(T, s.serial, [&](int64_t t) { TILE_CALL(s.m, stage_output, s.d, t, T, p, bias, res, act, lo, hi, out); });
+    parallel_for(T, s.serial, [&](int64_t t) { WINO_CALL(s.width, s.m, stage_input, s.d, x, t, T, p); });
+    parallel_for(WINO_CALL(s.width, s.m, products, s.d), s.serial, [&](int64_t j) { WINO_CALL(s.width, s.m, stage_multiply, s.d, s.U.data(), j, T, p); });
+    parallel_for(T, s.serial, [&](int64_t t) { WINO_CALL(s.width, s.m, stage_output, s.d, t, T, p, bias, res, act, lo, hi, out); });
     return;
   }
   parallel_for((s.tiles + s.block - 1) / s.block, s.serial, [&](int64_t b) {
     thread_local std::vector<float> scratch;
     if (scratch.size() < need) scratch.resize(need);
     int64_t t0 = b * s.block, tb = std::min(s.block, s.tiles - t0);
-    TILE_CALL(s.m, run_block, s.d, s.U.data(), t0, tb, s.block, scratch.data(), x, bias, res, act, lo, hi, out);
+    WINO_CALL(s.width, s.m, run_block, s.d, s.U.data(), t0, tb, s.block, scratch.data(), x, bias, res, act, lo, hi, out);
   });
 }
-#undef TILE_CALL
 
 void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView* res, const Shape& a, TensorView out) {
   check_f32(x, "input");
@@ -178,7 +175,7 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
   if (res) check_f32(*res, "residual");
   if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4 || a.size() != 14 || !takes(a, w.shape()[2], w.shape()[3]) ||
       w.shape()[1] != x.shape()[3] || w.shape()[0] != out.shape()[3])
-    TVM_FFI_THROW(ValueError) << "optc NEON conv2d: only NHWC 3x3 stride-1 convolutions asking for Winograd F(4x4) or F(2x2)";
+    TVM_FFI_THROW(ValueError) << "optc Winograd conv2d: only NHWC 3x3 stride-1 convolutions asking for Winograd F(4x4) or F(2x2)";
   auto s = site_for(x, w, out, a);
   run(*s, data_of(x), b ? data_of(*b) : nullptr, res ? data_of(*res) : nullptr, static_cast<int>(a[9]), bits_to_float(a[10]),
       bits_to_float(a[11]), data_of(out));
@@ -192,6 +189,6 @@ void conv2d_sum(TensorView x, TensorView w, TensorView b, TensorView res, Shape 
 
 }  // namespace
 
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_neon_conv2d, conv2d);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_neon_conv2d_nobias, conv2d_nobias);
-TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_neon_conv2d_sum, conv2d_sum);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_winograd_conv2d, conv2d);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_winograd_conv2d_nobias, conv2d_nobias);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_winograd_conv2d_sum, conv2d_sum);

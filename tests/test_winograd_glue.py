@@ -1,0 +1,166 @@
+"""optc's Winograd kernels without a vendor library (targets/providers/winograd_glue.cc): ARM artifacts' 3x3
+convolutions, chosen by a cost model of the board, and x86 ones built without oneDNN, chosen by the race.
+
+The glue is built here for x86-64 and checked against the float64 convolution on every case of
+test_winograd_kernels.py at each width it has (16 floats: AVX-512, 8: AVX2, 4: SSE2, NEON's width), each in a fresh
+process that picks it once; the aarch64 build is checked end to end under qemu in test_targets_arm.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_model, ort_run, rand
+from onnx import helper
+from test_winograd_kernels import CASES, cpu_flags, reference
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+
+def bits(v: float) -> int:
+    return int(np.array(v, np.float32).view(np.int32))
+
+
+def worker() -> None:
+    """Every case as an F(4x4, 3x3) and an F(2x2, 3x3) call of the glue, each run twice (the second reads the
+    transformed weights the first cached, and must agree bit for bit); prints each case's errors."""
+    import tvm
+    from optc.targets.providers import winograd_glue
+    from optc.targets.providers.chains import ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43
+    from tvm import relax
+
+    rng = np.random.default_rng(1)
+    bb = relax.BlockBuilder()
+    data = []
+    prefix = winograd_glue.PREFIX
+    for i, (n, h, wd, c, k, pads, act, clip, has_b, has_r) in enumerate(CASES):
+        oh, ow = h + pads[0] + pads[2] - 2, wd + pads[1] + pads[3] - 2
+        w = (rng.standard_normal((k, c, 3, 3)) * 0.2).astype(np.float32)
+        b = rng.standard_normal(k).astype(np.float32) if has_b else None
+        x = rng.standard_normal((n, h, wd, c)).astype(np.float32)
+        res = rng.standard_normal((n, oh, ow, k)).astype(np.float32) if has_r else None
+        data.append((x, w, b, res))
+        for algo in (ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23):
+            xv = relax.Var("x", relax.TensorType(list(x.shape), "float32"))
+            params = [xv] + ([relax.Var("r", relax.TensorType(list(res.shape), "float32"))] if has_r else [])
+            attrs = relax.ShapeExpr([1, 1, *pads, 1, 1, 1, act, bits(clip[0]), bits(clip[1]), 1, algo])
+            name = f"{prefix}_conv2d_sum" if has_r else f"{prefix}_conv2d" if has_b else f"{prefix}_conv2d_nobias"
+            args = [xv, relax.const(w)] + ([relax.const(b)] if has_b else []) + params[1:] + [attrs]
+            with bb.function(f"case{i}_{algo}", params):
+                with bb.dataflow():
+                    out = bb.emit_output(bb.emit(relax.call_dps_packed(name, args, relax.TensorType([n, oh, ow, k], "float32"))))
+                bb.emit_func_output(out)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.so"
+        tvm.compile(bb.get(), target=tvm.target.Target({"kind": "llvm"})).export_library(str(path), addons=[str(winograd_glue.glue_object())])
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+        for i, (x, w, b, res) in enumerate(data):
+            *_, pads, act, clip, _, _ = CASES[i]
+            want = reference(x, w, b, res, pads, act, clip)
+            inputs = [tvm.runtime.tensor(x)] + ([tvm.runtime.tensor(res)] if res is not None else [])
+            errors = {}
+            for algo in (ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23):
+                first = vm[f"case{i}_{algo}"](*inputs).numpy()
+                got = vm[f"case{i}_{algo}"](*inputs).numpy()
+                errors[algo] = float(np.abs(got - want).max() / np.abs(want).max()) if np.array_equal(got, first) else float("nan")
+            results.append(errors)
+    print(json.dumps([[r[2], r[3]] for r in results]))
+
+
+@pytest.mark.parametrize(("isa", "needs", "threads"), [
+    (None, {"avx512f", "avx512bw", "avx512dq", "avx512vl"}, 2),
+    ("AVX2", {"avx2", "fma"}, 1),
+    ("SSE41", set(), 2),  # 4 floats a vector, NEON's width
+])
+def test_winograd_glue_matches_the_convolution_at_each_width(isa, needs, threads):
+    """To 2e-5 of the output's range for F(4x4, 3x3) and 5e-6 for F(2x2, 3x3), as the oneDNN glue's builds, on TVM's
+    thread pool; the glue picks its width by the CPU, capped like oneDNN by ONEDNN_MAX_CPU_ISA."""
+    if not needs <= cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - cpu_flags())}")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    env["TVM_NUM_THREADS"] = str(threads)
+    if isa:
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, (f43, f23) in zip(CASES, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert f43 < 2e-5 and f23 < 5e-6, (case, f43, f23)  # nan: a second call differed from the first
+
+
+def conv_chain(c, k, hw, batch=1, act=1, strides=(1, 1), kernel=3):
+    from optc.targets.providers.chains import Chain
+
+    w = np.zeros((k, c, kernel, kernel), np.float32)
+    out = (batch, hw // strides[0], hw // strides[1], k)
+    return Chain("conv2d", None, None, out, weight=w, act=act, in_shapes=((batch, hw, hw, c),),
+                 conv={"strides": strides, "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1, "nhwc": 1})
+
+
+def test_the_board_cost_model_picks_the_tile_by_work_and_weight_traffic():
+    """ResNet-18's 3x3 stride-1 layers at batch 1: F(4x4, 3x3) up to 128 channels (2.4 MB of transformed weights),
+    F(2x2, 3x3) at 256 channels (F(4x4)'s 9.4 MB are over the cap), TVM's direct kernel at 512 (both over it); nothing
+    where the transforms and the call outweigh what a layer saves (8 channels: the race on this machine measured
+    F(4x4) 0.83x of TVM's kernel), for strides, 1x1 or GELU."""
+    from optc.targets.providers import winograd_glue as g
+    from optc.targets.providers.chains import ACT_GELU_ERF, ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43
+
+    assert g.choose(conv_chain(64, 64, 56)) == ALGO_WINOGRAD_F43
+    assert g.choose(conv_chain(128, 128, 28)) == ALGO_WINOGRAD_F43
+    assert g.transformed_bytes(conv_chain(256, 256, 14), ALGO_WINOGRAD_F43) > g.MAX_TRANSFORMED_BYTES
+    assert g.choose(conv_chain(256, 256, 14)) == ALGO_WINOGRAD_F23
+    assert g.choose(conv_chain(512, 512, 7)) is None
+    assert g.cost(conv_chain(64, 64, 56), ALGO_WINOGRAD_F43) * 2.5 < g.cost(conv_chain(64, 64, 56), None)
+    assert g.choose(conv_chain(8, 8, 56)) is None and g.choose(conv_chain(4, 4, 6)) is None
+    assert g.choose(conv_chain(64, 64, 56, strides=(2, 2))) is None
+    assert g.choose(conv_chain(64, 64, 56, kernel=1)) is None
+    assert g.choose(conv_chain(64, 64, 56, act=ACT_GELU_ERF)) is None
+
+
+@pytest.mark.slow
+def test_x86_without_onednn_races_optc_winograd_against_tvm(tmp_path, monkeypatch):
+    """Without oneDNN the default x86 compile times F(4x4, 3x3) and F(2x2, 3x3) against TVM's kernel for each 3x3
+    stride-1 convolution and keeps the faster; 64 channels at 56x56 are F(4x4)'s on any CPU here (2.8x TVM's kernel in
+    the calibration race), and the artifact is onnxruntime's to 1e-4 of its range."""
+    from click.testing import CliRunner
+    from optc.cli.main import cli
+
+    monkeypatch.setenv("OPTC_DISABLE_ONEDNN", "1")
+    rng = np.random.default_rng(0)
+    weights = [("w1", (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)), ("b1", rng.standard_normal(64).astype(np.float32)),
+               ("w2", (rng.standard_normal((8, 64, 3, 3)) / 24).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])]
+    model = make_model(nodes, [("x", [1, 64, 56, 56])], [("y", [1, 8, 28, 28])], weights)
+    onnx.save(model, tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--target", "x86", "--tune-trials", "0",
+                                   "--tuning-db", str(tmp_path / "db"), "--no-latency", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    providers = json.loads(res.stdout)["target"]["tuning"]["providers"]
+    assert providers["onednn"]["reason"] == "disabled by OPTC_DISABLE_ONEDNN" and providers["glue"] == "winograd"
+    assert providers["measured"] == 1 and providers["chains"] == 2
+    (sent,) = providers["offloaded"]
+    assert sent["algorithm"] == "winograd F(4x4,3x3)" and sent["winograd_f43_ms"] * 1.1 < sent["tvm_ms"], sent
+    assert sent["winograd_f43_error"] < 1e-4 and "winograd_f23_ms" in sent
+    (kept,) = providers["kept"]
+    assert "s2_2" in kept["workload"] and "tvm_ms" not in kept  # not a candidate: nothing raced
+
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "out" / "model.so")), tvm.cpu())
+    x = rand(1, 64, 56, 56, seed=2)
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    want = ort_run(model, {"x": x})["y"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+if __name__ == "__main__":
+    worker()
