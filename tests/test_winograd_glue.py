@@ -18,14 +18,10 @@ import onnx
 import pytest
 from helpers import make_model, ort_run, rand
 from onnx import helper
-from test_winograd_kernels import CASES, cpu_flags, reference
+from test_winograd_kernels import CASES, case_functions, cpu_flags, reference
 
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
-
-
-def bits(v: float) -> int:
-    return int(np.array(v, np.float32).view(np.int32))
 
 
 def worker() -> None:
@@ -36,27 +32,8 @@ def worker() -> None:
     from optc.targets.providers.chains import ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43
     from tvm import relax
 
-    rng = np.random.default_rng(1)
     bb = relax.BlockBuilder()
-    data = []
-    prefix = winograd_glue.PREFIX
-    for i, (n, h, wd, c, k, pads, act, clip, has_b, has_r) in enumerate(CASES):
-        oh, ow = h + pads[0] + pads[2] - 2, wd + pads[1] + pads[3] - 2
-        w = (rng.standard_normal((k, c, 3, 3)) * 0.2).astype(np.float32)
-        b = rng.standard_normal(k).astype(np.float32) if has_b else None
-        x = rng.standard_normal((n, h, wd, c)).astype(np.float32)
-        res = rng.standard_normal((n, oh, ow, k)).astype(np.float32) if has_r else None
-        data.append((x, w, b, res))
-        for algo in (ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23):
-            xv = relax.Var("x", relax.TensorType(list(x.shape), "float32"))
-            params = [xv] + ([relax.Var("r", relax.TensorType(list(res.shape), "float32"))] if has_r else [])
-            attrs = relax.ShapeExpr([1, 1, *pads, 1, 1, 1, act, bits(clip[0]), bits(clip[1]), 1, algo])
-            name = f"{prefix}_conv2d_sum" if has_r else f"{prefix}_conv2d" if has_b else f"{prefix}_conv2d_nobias"
-            args = [xv, relax.const(w)] + ([relax.const(b)] if has_b else []) + params[1:] + [attrs]
-            with bb.function(f"case{i}_{algo}", params):
-                with bb.dataflow():
-                    out = bb.emit_output(bb.emit(relax.call_dps_packed(name, args, relax.TensorType([n, oh, ow, k], "float32"))))
-                bb.emit_func_output(out)
+    data = case_functions(bb, winograd_glue.PREFIX, (ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23), np.random.default_rng(1))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.so"
@@ -124,15 +101,26 @@ def test_the_board_cost_model_picks_the_tile_by_work_and_weight_traffic():
     assert g.choose(conv_chain(64, 64, 56, act=ACT_GELU_ERF)) is None
 
 
+@pytest.fixture
+def without_onednn(monkeypatch):
+    """OPTC_DISABLE_ONEDNN for one test: onednn.availability is cached per process, so cleared before and after."""
+    from optc.targets.providers import onednn
+
+    monkeypatch.setenv("OPTC_DISABLE_ONEDNN", "1")
+    onednn.availability.cache_clear()
+    yield
+    monkeypatch.delenv("OPTC_DISABLE_ONEDNN")
+    onednn.availability.cache_clear()
+
+
 @pytest.mark.slow
-def test_x86_without_onednn_races_optc_winograd_against_tvm(tmp_path, monkeypatch):
+def test_x86_without_onednn_races_optc_winograd_against_tvm(tmp_path, without_onednn):
     """Without oneDNN the default x86 compile times F(4x4, 3x3) and F(2x2, 3x3) against TVM's kernel for each 3x3
     stride-1 convolution and keeps the faster; 64 channels at 56x56 are F(4x4)'s on any CPU here (2.8x TVM's kernel in
     the calibration race), and the artifact is onnxruntime's to 1e-4 of its range."""
     from click.testing import CliRunner
     from optc.cli.main import cli
 
-    monkeypatch.setenv("OPTC_DISABLE_ONEDNN", "1")
     rng = np.random.default_rng(0)
     weights = [("w1", (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)), ("b1", rng.standard_normal(64).astype(np.float32)),
                ("w2", (rng.standard_normal((8, 64, 3, 3)) / 24).astype(np.float32))]

@@ -53,6 +53,35 @@ def reference(x, w, b, res, pads, act, clip):
     return y
 
 
+def case_functions(bb, prefix: str, algos, rng) -> list[tuple]:
+    """One function ``case{i}_{algo}`` in ``bb`` per case and algorithm, calling the glue whose functions start with
+    ``prefix``; each case's data (x, w, b, res), random from ``rng``."""
+    from tvm import relax
+
+    def bits(v: float) -> int:
+        return int(np.array(v, np.float32).view(np.int32))
+
+    data = []
+    for i, (n, h, wd, c, k, pads, act, clip, has_b, has_r) in enumerate(CASES):
+        oh, ow = h + pads[0] + pads[2] - 2, wd + pads[1] + pads[3] - 2
+        w = (rng.standard_normal((k, c, 3, 3)) * 0.2).astype(np.float32)
+        b = rng.standard_normal(k).astype(np.float32) if has_b else None
+        x = rng.standard_normal((n, h, wd, c)).astype(np.float32)
+        res = rng.standard_normal((n, oh, ow, k)).astype(np.float32) if has_r else None
+        data.append((x, w, b, res))
+        for algo in algos:
+            xv = relax.Var("x", relax.TensorType(list(x.shape), "float32"))
+            params = [xv] + ([relax.Var("r", relax.TensorType(list(res.shape), "float32"))] if has_r else [])
+            attrs = relax.ShapeExpr([1, 1, *pads, 1, 1, 1, act, bits(clip[0]), bits(clip[1]), 1, algo])
+            name = f"{prefix}_conv2d_sum" if has_r else f"{prefix}_conv2d" if has_b else f"{prefix}_conv2d_nobias"
+            args = [xv, relax.const(w)] + ([relax.const(b)] if has_b else []) + params[1:] + [attrs]
+            with bb.function(f"case{i}_{algo}", params):
+                with bb.dataflow():
+                    out = bb.emit_output(bb.emit(relax.call_dps_packed(name, args, relax.TensorType([n, oh, ow, k], "float32"))))
+                bb.emit_func_output(out)
+    return data
+
+
 def worker() -> None:
     """Builds one module with every case as the direct, the F(4x4, 3x3) and the F(2x2, 3x3) call, runs them, prints the errors."""
     import tempfile
@@ -63,29 +92,8 @@ def worker() -> None:
     from optc.targets.providers.chains import ALGO_DIRECT, ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43
     from tvm import relax
 
-    def bits(v: float) -> int:
-        return int(np.array(v, np.float32).view(np.int32))
-
-    rng = np.random.default_rng(0)
     bb = relax.BlockBuilder()
-    data = []
-    for i, (n, h, wd, c, k, pads, act, clip, has_b, has_r) in enumerate(CASES):
-        oh, ow = h + pads[0] + pads[2] - 2, wd + pads[1] + pads[3] - 2
-        w = (rng.standard_normal((k, c, 3, 3)) * 0.2).astype(np.float32)
-        b = rng.standard_normal(k).astype(np.float32) if has_b else None
-        x = rng.standard_normal((n, h, wd, c)).astype(np.float32)
-        res = rng.standard_normal((n, oh, ow, k)).astype(np.float32) if has_r else None
-        data.append((x, w, b, res))
-        for algo in (ALGO_DIRECT, ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23):
-            xv = relax.Var("x", relax.TensorType(list(x.shape), "float32"))
-            params = [xv] + ([relax.Var("r", relax.TensorType(list(res.shape), "float32"))] if has_r else [])
-            attrs = relax.ShapeExpr([1, 1, *pads, 1, 1, 1, act, bits(clip[0]), bits(clip[1]), 1, algo])
-            name = "optc_dnnl_conv2d_sum" if has_r else "optc_dnnl_conv2d" if has_b else "optc_dnnl_conv2d_nobias"
-            args = [xv, relax.const(w)] + ([relax.const(b)] if has_b else []) + params[1:] + [attrs]
-            with bb.function(f"case{i}_{algo}", params):
-                with bb.dataflow():
-                    out = bb.emit_output(bb.emit(relax.call_dps_packed(name, args, relax.TensorType([n, oh, ow, k], "float32"))))
-                bb.emit_func_output(out)
+    data = case_functions(bb, "optc_dnnl", (ALGO_DIRECT, ALGO_WINOGRAD_F43, ALGO_WINOGRAD_F23), np.random.default_rng(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.so"
         tvm.compile(bb.get(), target=tvm.target.Target({"kind": "llvm"})).export_library(

@@ -472,19 +472,6 @@ struct WinoDims {
   int64_t N, H, W, C, K, OH, OW, pt, pl;
 };
 
-// The output tile's side an algorithm code asks for: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)), or 0 (not one of optc's).
-int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
-
-// The activations the kernels apply on their output tiles (winograd_tile.h's activate).
-bool wino_epilogue(int64_t act) { return act == kNone || act == kRelu || act == kClip || act == kSigmoid || act == kSwish; }
-
-// Whether a convolution of kh x kw taps with attributes `a` is one optc's kernels take when asked: 3x3, stride 1,
-// undilated, ungrouped, NHWC, an activation they apply themselves.
-bool wino_takes(const Shape& a, int64_t kh, int64_t kw) {
-  return a.size() == 14 && wino_tile(a[13]) && a[12] != 0 && kh == 3 && kw == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 &&
-         a[8] == 1 && wino_epilogue(a[9]);
-}
-
 #include "winograd_builds.h"
 
 // The width optc's kernels run at in this glue: AVX-512's or AVX2's, else 0 (oneDNN's direct kernel computes the
@@ -498,12 +485,7 @@ int wino_vector() {
 }
 
 #if defined(__x86_64__)
-struct Wino {
-  WinoDims d{};
-  int width = 0, m = 4;  // vector width (floats) and output tile side: which of the four builds runs
-  int64_t tiles = 0, block = 0;  // output tiles, and how many a thread transforms and multiplies at a time
-  bool staged = false;  // one block of all tiles, its stages shared by the threads (large weights)
-  std::shared_ptr<std::vector<float>> U;  // transformed weights, shared with the single-thread twin
+struct Wino : WinoPlan {
   std::shared_ptr<Wino> serial;  // as Conv::serial
   int threads = 0;
   pacing::Pacer pacer;
@@ -514,18 +496,8 @@ Cache<Wino> wino_cache;
 
 std::shared_ptr<Wino> make_wino(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
   auto c = std::make_shared<Wino>();
-  c->width = wino_vector();
-  c->m = wino_tile(a[13]);
-  c->d = {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
-  c->tiles = WINO_CALL(c->width, c->m, tiles, c->d);
-  c->U = std::make_shared<std::vector<float>>(WINO_CALL(c->width, c->m, packed_floats, c->d));
-  WINO_CALL(c->width, c->m, pack_weights, c->d, data_of(w), c->U->data());
-  // Blocks of 12 tiles keep a block's transformed inputs and products in L1/L2, and each thread takes whole blocks
-  // (F(4x4) on 64 channels at 56x56, 1 thread: 0.69 ms against 0.76 in blocks of 48). Past 1 MB of transformed
-  // weights, each block would read them all again from L3: all tiles are one block, and the threads share its
-  // stages, each multiplying its share of the weights (256 channels at 14x14, 1 thread: 0.84 ms against 1.13).
-  c->staged = static_cast<int64_t>(c->U->size()) * 4 > (int64_t{1} << 20);
-  c->block = c->staged ? c->tiles : std::min<int64_t>(12, c->tiles);
+  WinoDims d{x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
+  plan_wino(*c, wino_vector(), wino_tile(a[13]), d, data_of(w));
   return c;
 }
 

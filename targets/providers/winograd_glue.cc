@@ -65,17 +65,6 @@ void check_f32(const TensorView& t, const char* what) {
   if (!t.IsContiguous()) TVM_FFI_THROW(ValueError) << "optc Winograd: " << what << " must be contiguous";
 }
 
-int wino_tile(int64_t algo) { return algo == kWinogradF43 ? 4 : algo == kWinogradF23 ? 2 : 0; }
-
-// Whether a convolution with attributes `a` (the oneDNN glue's 14: strides, padding t/l/b/r, dilation, groups,
-// activation, clip bits, NHWC, algorithm) and kh x kw taps is one these kernels take.
-bool takes(const Shape& a, int64_t kh, int64_t kw) {
-  if (a.size() != 14) return false;
-  bool act = a[9] == kNone || a[9] == kRelu || a[9] == kClip || a[9] == kSigmoid || a[9] == kSwish;
-  return wino_tile(a[13]) && a[12] != 0 && kh == 3 && kw == 3 && a[0] == 1 && a[1] == 1 && a[6] == 1 && a[7] == 1 &&
-         a[8] == 1 && act;
-}
-
 // Below this many multiply-adds a call runs on the calling thread alone: waking the pool costs more than it saves
 // (the oneDNN glue's line, kSerialMacs).
 constexpr int64_t kSerialMacs = int64_t{2} << 20;
@@ -100,30 +89,15 @@ void parallel_for(int64_t n, bool serial, F&& f) {
   TVMBackendParallelLaunch(share, &ctx, 0);
 }
 
-struct Site {
-  WinoDims d{};
-  int width = 4, m = 4;  // vector width (floats) and output tile side: which build runs
-  int64_t tiles = 0, block = 0;
-  bool staged = false;  // one block of all tiles, its stages shared by the threads (large weights)
-  bool serial = false;   // below kSerialMacs
-  std::vector<float> U;  // transformed weights
+struct Site : WinoPlan {
+  bool serial = false;  // below kSerialMacs
 };
-
 
 std::shared_ptr<Site> make_site(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
   auto s = std::make_shared<Site>();
-  s->width = wino_width();
-  s->m = wino_tile(a[13]);
-  s->d = {x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
-  s->tiles = WINO_CALL(s->width, s->m, tiles, s->d);
-  s->U.resize(static_cast<size_t>(WINO_CALL(s->width, s->m, packed_floats, s->d)));
-  WINO_CALL(s->width, s->m, pack_weights, s->d, data_of(w), s->U.data());
-  // As the oneDNN glue: blocks of 12 tiles keep a block's transformed inputs and products in L1/L2; past 1 MB of
-  // transformed weights (more than a Cortex-A76's L2) the tiles are one block whose stages the threads share, so
-  // each thread reads only its share of the weights.
-  s->staged = static_cast<int64_t>(s->U.size()) * 4 > (int64_t{1} << 20);
-  s->block = s->staged ? s->tiles : std::min<int64_t>(12, s->tiles);
-  s->serial = s->tiles * s->d.C * s->d.K * (s->m + 2) * (s->m + 2) < kSerialMacs;
+  WinoDims d{x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
+  plan_wino(*s, wino_width(), wino_tile(a[13]), d, data_of(w));
+  s->serial = s->tiles * d.C * d.K * (s->m + 2) * (s->m + 2) < kSerialMacs;
   return s;
 }
 
@@ -155,7 +129,7 @@ void run(const Site& s, const float* x, const float* bias, const float* res, int
     float* p = scratch.data();
     const int64_t T = s.tiles;
     parallel_for(T, s.serial, [&](int64_t t) { WINO_CALL(s.width, s.m, stage_input, s.d, x, t, T, p); });
-    parallel_for(WINO_CALL(s.width, s.m, products, s.d), s.serial, [&](int64_t j) { WINO_CALL(s.width, s.m, stage_multiply, s.d, s.U.data(), j, T, p); });
+    parallel_for(WINO_CALL(s.width, s.m, products, s.d), s.serial, [&](int64_t j) { WINO_CALL(s.width, s.m, stage_multiply, s.d, s.U->data(), j, T, p); });
     parallel_for(T, s.serial, [&](int64_t t) { WINO_CALL(s.width, s.m, stage_output, s.d, t, T, p, bias, res, act, lo, hi, out); });
     return;
   }
@@ -163,7 +137,7 @@ void run(const Site& s, const float* x, const float* bias, const float* res, int
     thread_local std::vector<float> scratch;
     if (scratch.size() < need) scratch.resize(need);
     int64_t t0 = b * s.block, tb = std::min(s.block, s.tiles - t0);
-    WINO_CALL(s.width, s.m, run_block, s.d, s.U.data(), t0, tb, s.block, scratch.data(), x, bias, res, act, lo, hi, out);
+    WINO_CALL(s.width, s.m, run_block, s.d, s.U->data(), t0, tb, s.block, scratch.data(), x, bias, res, act, lo, hi, out);
   });
 }
 
@@ -173,7 +147,7 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
   check_f32(out, "output");
   if (b) check_f32(*b, "bias");
   if (res) check_f32(*res, "residual");
-  if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4 || a.size() != 14 || !takes(a, w.shape()[2], w.shape()[3]) ||
+  if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4 || a.size() != 14 || !wino_takes(a, w.shape()[2], w.shape()[3]) ||
       w.shape()[1] != x.shape()[3] || w.shape()[0] != out.shape()[3])
     TVM_FFI_THROW(ValueError) << "optc Winograd conv2d: only NHWC 3x3 stride-1 convolutions asking for Winograd F(4x4) or F(2x2)";
   auto s = site_for(x, w, out, a);

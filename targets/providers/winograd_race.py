@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 from optc.targets.providers.chains import ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43, Chain
 from optc.targets.providers.offload import find_chains, provider_call
-from optc.targets.providers.select import (RACE_NOISE, WINOGRAD, WINOGRAD_RTOL, ProviderReport, _measured_choices, _race,
-                                           reference, sweep_bytes)
+from optc.targets.providers.select import RACE_NOISE, WINOGRAD, WINOGRAD_RTOL, ProviderReport, _measured_choices, _race, reference
 from optc.targets.providers.winograd_glue import PREFIX, glue_digest, glue_object, send, takes
 
 logger = logging.getLogger(__name__)
