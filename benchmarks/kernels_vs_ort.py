@@ -25,9 +25,10 @@ that model's fp32 artifact (and onnxruntime's fp32) in the same blocks.
 ``--avx2`` measures as on a CPU with AVX2 and FMA but neither AVX-512 nor VNNI (the issue's Zen 3), on this one:
 every compile gets ``--cpu haswell`` and oneDNN runs under ``ONEDNN_MAX_CPU_ISA=AVX2``, in the compile's provider
 race and in the timings. onnxruntime cannot be held to AVX2 so: its figures stay this CPU's, and only the
-int8-over-fp32 ratios are the AVX2 machine's. ``--kernels tvm`` compiles with TVM's kernels only (the ARM path's).
+int8-over-fp32 ratios are the AVX2 machine's. ``--kernels tvm`` compiles with TVM's kernels only. ``--no-onednn``
+compiles as where oneDNN is missing (``OPTC_DISABLE_ONEDNN``): TVM's kernels, and optc's Winograd where it wins.
 
-    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product] [--product-batch 1,64] [--int8] [--avx2] [--kernels tvm]
+    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product] [--product-batch 1,64] [--int8] [--avx2] [--kernels tvm] [--no-onednn]
 """
 from __future__ import annotations
 
@@ -187,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="also quantize each model and time its int8 artifact against the fp32 one")
     parser.add_argument("--avx2", action="store_true", help="compile and run as on an AVX2 CPU without AVX-512 or VNNI")
     parser.add_argument("--kernels", choices=("auto", "tvm", "onednn"), default="auto")
+    parser.add_argument("--no-onednn", action="store_true", help="compile as without oneDNN (OPTC_DISABLE_ONEDNN)")
     args = parser.parse_args(argv)
+    if args.no_onednn:
+        ENV.update(OPTC_DISABLE_ONEDNN="1")
     if args.avx2:
         COMPILE_FLAGS.extend(["--cpu", "haswell"])
         ENV.update(ONEDNN_MAX_CPU_ISA="AVX2", DNNL_MAX_CPU_ISA="AVX2")
