@@ -132,6 +132,11 @@ def kernels_line(p: dict[str, Any]) -> str:
         why = f"; oneDNN not used: {shown(dnnl['reason'])}" if dnnl.get("reason") and not p.get("unmeasured") else ""
         return (f"kernels: TVM for every op but {len(p.get('offloaded') or [])} of {p.get('chains', 0)} convolutions, "
                 f"{', '.join(_winograd_counts(p))} ({how}){why}")
+    if "cost model" in (p.get("unmeasured") or ""):  # an ARM target where the model expects no Winograd kernel to pay
+        if not p.get("chains"):
+            return "kernels: TVM for every op (no float convolution for optc's Winograd kernels)"
+        return (f"kernels: TVM for every op; none of its {p['chains']} float convolutions is one optc's Winograd kernels are "
+                f"expected to speed up ({shown(p['unmeasured'])})")
     if not dnnl.get("available"):
         return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
     total, sent = p.get("chains", 0), len(p.get("offloaded") or [])

@@ -241,13 +241,17 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
         if missing:
             report.unmeasured = f"not measured: this CPU cannot run code for {target.attrs.get('mcpu')}; oneDNN adapts to the CPU it runs on"
         return mod, report.to_dict()
-    report = ProviderReport(refused[0], {"available": False, "reason": refused[1]})
-    mod = tvm_layout(mod, target, report)
-    if str(target.attrs.get("mtriple") or "").startswith("aarch64") and opts.kernels == "auto" and not opts.rpc_tracker:
+    board = str(target.attrs.get("mtriple") or "").startswith("aarch64")
+    if board and refused[0] == "auto":  # no tracker: optc's own Winograd kernels, where a model of the board expects them to pay
         from optc.targets.providers import winograd_glue
 
-        mod = winograd_glue.place_for_board(mod, report)  # optc's own Winograd kernels, where a model of the board expects them to pay
-    return mod, report.to_dict()
+        report = ProviderReport("auto")
+        return winograd_glue.place_for_board(tvm_layout(mod, target, report), report), report.to_dict()
+    if board and opts.kernels == "tvm":  # the user's choice, not a missing library
+        report = ProviderReport("tvm")
+    else:
+        report = ProviderReport(refused[0], {"available": False, "reason": refused[1]})
+    return tvm_layout(mod, target, report), report.to_dict()
 
 
 @contextlib.contextmanager

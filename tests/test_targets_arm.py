@@ -13,6 +13,7 @@ not bit-equal; the sample CNN differs by about 1e-6 and its argmax never.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -126,12 +127,26 @@ def test_arm_3x3_convolutions_by_optc_winograd_under_qemu_match_onnxruntime(arm_
     assert kernels_line(providers).startswith("kernels: TVM for every op but 5 of 8 convolutions, 4 by optc's Winograd F(4x4,3x3), "
                                               "1 by optc's F(2x2,3x3) holding ")
     assert kernels_line(providers).endswith("(chosen by a cost model of the board: an ARM target cannot be timed here)")
-    compile_arm(path, tmp_path / "tvm", tmp_path / "db", "--kernels", "tvm")
+    assert kernels_line(compile_arm(path, tmp_path / "tvm", tmp_path / "db", "--kernels", "tvm")["target"]["tuning"]["providers"]) == \
+        "kernels: TVM for every op (--kernels tvm)"
     x = rand(2, 13, 32, 32, seed=4)
     want = ort_run(model, {"x": x})["y"]
     for folder in ("arm", "tvm"):
         got = arm_root.run_artifact(tmp_path / folder, {"x": x}, repeats=2).outputs["y"]
         assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (folder, np.abs(got - want).max())
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler (Debian: g++-aarch64-linux-gnu)")
+def test_arm_kernels_line_says_the_board_model_took_no_convolution(tmp_path):
+    """8 channels at 20x20: the model has F(4x4, 3x3) no faster than TVM's kernel (the race here measured 0.83x at 56x56)."""
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], [("x", [1, 8, 20, 20])], [("y", [1, 8, 20, 20])],
+                       [("w", rng.standard_normal((8, 8, 3, 3)).astype(np.float32))])
+    onnx.save(model, tmp_path / "m.onnx")
+    providers = compile_arm(tmp_path / "m.onnx", tmp_path / "arm", tmp_path / "db")["target"]["tuning"]["providers"]
+    assert providers["offloaded"] == [] and providers["glue"] == ""
+    assert kernels_line(providers) == ("kernels: TVM for every op; none of its 1 float convolutions is one optc's Winograd kernels are "
+                                       "expected to speed up (chosen by a cost model of the board: an ARM target cannot be timed here)")
 
 
 @pytest.mark.slow
@@ -145,9 +160,10 @@ def test_arm_two_outputs_under_qemu(arm_root, tmp_path):
     )
     path = tmp_path / "mlp.onnx"
     onnx.save_model(proto, str(path))
-    compile_arm(path, tmp_path / "arm", tmp_path / "db")
+    report = compile_arm(path, tmp_path / "arm", tmp_path / "db")
     x = rand(4, 64, seed=5)
     run = arm_root.run_artifact(tmp_path / "arm", {"x": x})
+    assert kernels_line(report["target"]["tuning"]["providers"]) == "kernels: TVM for every op (no float convolution for optc's Winograd kernels)"
     expected = ort_run(proto, {"x": x})
     for name in ("h", "y"):
         np.testing.assert_allclose(run.outputs[name], expected[name], atol=ATOL, rtol=RTOL)

@@ -101,6 +101,7 @@ def test_the_board_cost_model_picks_the_tile_by_work_and_weight_traffic():
     assert g.choose(conv_chain(64, 64, 56, act=ACT_GELU_ERF)) is None
 
 
+
 @pytest.fixture
 def without_onednn(monkeypatch):
     """OPTC_DISABLE_ONEDNN for one test: onednn.availability is cached per process, so cleared before and after."""
