@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in threads:
                 t = timed(work / f"{key}-b", work / f"{key}-b" / "model.onnx", n, args.blocks, args.runs)
                 rows.append({"model": key, "threads": n, "cold_s": cold, "warm_s": warm, **t, "ratio": t["optc"] / t["ort"],
-                             "offloaded": len(providers["offloaded"]), "chains": providers["chains"]})
+                             "offloaded": len(providers["offloaded"]), "chains": providers["chains"],
+                             "to": "optc's Winograd" if providers.get("glue") == "winograd" else "oneDNN"})
                 print(json.dumps(rows[-1]), flush=True)
             if args.int8:
                 rows += int8_rows(key, model, shapes, work, threads, args.blocks, args.runs)
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'model':32} {'thr':>3} {'cold':>6} {'warm':>6} {'optc ms':>8} {'ort ms':>8} {'ratio':>6} {'load':>5}  notes")
     for r in rows:
         if "chains" in r:
-            notes = f"{r['offloaded']}/{r['chains']} chains to oneDNN"
+            notes = f"{r['offloaded']}/{r['chains']} chains to {r['to']}"
         elif "int8_speedup" in r:
             notes = f"fp32 artifact {r['fp32']:.2f} ms: int8 x{r['int8_speedup']:.2f} faster"
         else:
