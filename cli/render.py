@@ -128,7 +128,7 @@ def kernels_line(p: dict[str, Any]) -> str:
     if p.get("mode") == "tvm" and not dnnl.get("reason"):
         return "kernels: TVM for every op (--kernels tvm)"
     if p.get("glue") == "winograd":  # no oneDNN: optc's own Winograd kernels beside TVM's
-        how = shown(p["unmeasured"]) if p.get("unmeasured") else "measured"
+        how = shown(p.get("unmeasured") or p.get("board") or "measured")
         why = f"; oneDNN not used: {shown(dnnl['reason'])}" if dnnl.get("reason") and not p.get("unmeasured") else ""
         return (f"kernels: TVM for every op but {len(p.get('offloaded') or [])} of {p.get('chains', 0)} convolutions, "
                 f"{', '.join(_winograd_counts(p))} ({how}){why}")

@@ -214,8 +214,9 @@ def _no_provider(target: Any, opts: TuneOptions) -> tuple[str, str] | None:
     if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
         return opts.kernels, "kernel providers serve x86 targets only"
     if opts.rpc_tracker and opts.kernels == "auto":
-        # Candidates would be timed here, not on the board, and the board may lack the library.
-        return "tvm", "with --rpc-tracker every op is tuned on the board (TVM kernels)"
+        # oneDNN's candidates would be timed here, not on the board, and the board may lack the library: optc's own
+        # Winograd kernels race TVM's there (_place_kernels)
+        return "auto", "with --rpc-tracker the candidates are timed on the board, which may lack oneDNN"
     return None
 
 
@@ -241,13 +242,23 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
         if missing:
             report.unmeasured = f"not measured: this CPU cannot run code for {target.attrs.get('mcpu')}; oneDNN adapts to the CPU it runs on"
         return mod, report.to_dict()
-    board = str(target.attrs.get("mtriple") or "").startswith("aarch64")
-    if board and refused[0] == "auto":  # no tracker: optc's own Winograd kernels, where a model of the board expects them to pay
+    arm = str(target.attrs.get("mtriple") or "").startswith("aarch64")
+    address = tracker_address(opts)
+    if refused[0] == "auto" and (arm or address is not None):
+        # optc's own Winograd kernels: raced against TVM's on the board behind the tracker, else (an ARM target, which
+        # cannot run here) where a model of the board expects them to pay
         from optc.targets.providers import winograd_glue
+        from optc.targets.providers.winograd_race import Board, place_measured
 
-        report = ProviderReport("auto")
-        return winograd_glue.place_for_board(tvm_layout(mod, target, report), report), report.to_dict()
-    if board and opts.kernels == "tvm":  # the user's choice, not a missing library
+        report = ProviderReport("auto", {"available": False, "reason": refused[1]})
+        mod = tvm_layout(mod, target, report)
+        if address is None:
+            return winograd_glue.place_for_board(mod, report), report.to_dict()
+        check_tracker(*address, str(opts.rpc_key))
+        compiler, arch = ("aarch64-linux-gnu-g++", "aarch64") if arm else ("g++", "x86_64")
+        board = Board(*address, str(opts.rpc_key), compiler, arch)
+        return place_measured(mod, target, opts.db_dir, compile_fn, report, board), report.to_dict()
+    if arm and opts.kernels == "tvm":  # the user's choice, not a missing library
         report = ProviderReport("tvm")
     else:
         report = ProviderReport(refused[0], {"available": False, "reason": refused[1]})

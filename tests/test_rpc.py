@@ -139,6 +139,29 @@ def test_tuning_through_a_loopback_rpc_tracker(loopback_tracker, tmp_path):
     np.testing.assert_allclose(load_artifact(tmp_path / "a").run({"x": x})["y"], ort_run(proto, {"x": x})["y"], atol=1e-4, rtol=1e-4)
 
 
+def test_winograd_raced_on_the_board_behind_the_tracker(loopback_tracker, tmp_path):
+    """With --rpc-tracker the default compile races optc's Winograd kernels against TVM's on the board (the loopback
+    server here; no vendor library assumed there): the race's module is uploaded and loaded there, the figures come
+    back from its time_evaluator, F(4x4, 3x3) wins the 64-channel layer, and the artifact matches onnxruntime."""
+    from optc.cli.render import kernels_line
+    from test_winograd_glue import check_conv64_race, conv64_model
+
+    port, server = loopback_tracker
+    model = conv64_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli, list(map(str, [
+        "compile", tmp_path / "m.onnx", "-o", tmp_path / "a", "--target", "x86", "--tune-trials", "0", "--tuning-db", tmp_path / "db",
+        "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", KEY, "--json", "--no-latency"])), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    providers = json.loads(res.stdout)["target"]["tuning"]["providers"]
+    assert providers["board"] == f"measured on the board '{KEY}' through the RPC tracker at 127.0.0.1:{port}" and providers["measured"] == 1
+    assert "kernels.so" in server.log.read_text(errors="replace"), server.tail()  # uploaded to and loaded on the server
+    check_conv64_race(providers, model, tmp_path / "a")
+    assert kernels_line(providers) == (
+        f"kernels: TVM for every op but 1 of 2 convolutions, 1 by optc's Winograd F(4x4,3x3) holding 0.6 MiB of transformed weights "
+        f"({providers['board']}); oneDNN not used: with --rpc-tracker the candidates are timed on the board, which may lack oneDNN")
+
+
 def test_unreachable_tracker_fails_fast(tmp_path):
     """A closed port is refused in seconds (TVM's own client retries for 60 s), before any tuning."""
     from optc.targets.tuning import check_tracker

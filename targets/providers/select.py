@@ -134,6 +134,7 @@ class ProviderReport:
     # F(4x4, 3x3), 1.8x for F(2x2, 3x3), output channels padded to 32): the artifact's resident size grows by it
     winograd_optc_bytes: int = 0
     glue: str = ""  # "winograd": optc's own Winograd kernels (winograd_glue.py; no oneDNN) are linked into model.so
+    board: str = ""  # where the race ran when not here: a board behind --rpc-tracker (winograd_race.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
