@@ -125,8 +125,9 @@ std::shared_ptr<Site> site_for(const TensorView& x, const TensorView& w, const T
 void run(const Site& s, const float* x, const float* bias, const float* res, int act, float lo, float hi, float* out) {
   const size_t need = static_cast<size_t>(WINO_CALL(s.width, s.m, scratch_floats, s.d, s.block));
   if (s.staged) {
-    std::vector<float> scratch(need);  // shared by the threads' stages
-    float* p = scratch.data();
+    thread_local std::vector<float> shared;  // the calling thread's, which the pool's tasks share (no allocation per call)
+    if (shared.size() < need) shared.resize(need);
+    float* p = shared.data();
     const int64_t T = s.tiles;
     parallel_for(T, s.serial, [&](int64_t t) { WINO_CALL(s.width, s.m, stage_input, s.d, x, t, T, p); });
     parallel_for(WINO_CALL(s.width, s.m, products, s.d), s.serial, [&](int64_t j) { WINO_CALL(s.width, s.m, stage_multiply, s.d, s.U->data(), j, T, p); });
