@@ -138,7 +138,9 @@ def kernels_line(p: dict[str, Any]) -> str:
         return (f"kernels: TVM for every op; none of its {p['chains']} float convolutions is one optc's Winograd kernels are "
                 f"expected to speed up ({shown(p['unmeasured'])})")
     if not dnnl.get("available"):
-        return f"kernels: TVM for every op; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
+        raced = sum(1 for e in p.get("kept") or [] if "tvm_ms" in e)  # optc's Winograd timed against TVM's kernel, and lost
+        lost = f" ({raced} convolution{'s' if raced > 1 else ''} raced against optc's Winograd, which won none)" if raced else ""
+        return f"kernels: TVM for every op{lost}; oneDNN not used: {shown(dnnl.get('reason') or 'unavailable')}"
     total, sent = p.get("chains", 0), len(p.get("offloaded") or [])
     how = shown(p["unmeasured"]) if p.get("unmeasured") else "measured" if p.get("mode") == "auto" else "as asked"
     by = _winograd_counts(p)

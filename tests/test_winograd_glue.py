@@ -101,6 +101,24 @@ def test_the_board_cost_model_picks_the_tile_by_work_and_weight_traffic():
     assert g.choose(conv_chain(64, 64, 56, act=ACT_GELU_ERF)) is None
 
 
+def test_transformed_weights_over_the_cap_are_never_raced_on_x86():
+    """ResNet-50's 512-channel layers held 36 MiB each with F(4x4, 3x3), 100 MiB in all, before the cap: both races
+    (oneDNN's and, without oneDNN, TVM's) offer optc's kernels only where a layer's transformed weights fit 8 MiB."""
+    from optc.cli.render import kernels_line
+    from optc.targets.providers.chains import ALGO_WINOGRAD_F43
+    from optc.targets.providers.select import WINOGRAD
+    from optc.targets.providers.winograd_glue import over_cap
+
+    assert over_cap(conv_chain(512, 512, 7), ALGO_WINOGRAD_F43, 32) == "36.0 MiB of transformed weights, over 8 MiB a layer"
+    assert not WINOGRAD["winograd_f43"].offered(conv_chain(512, 512, 7)) and not WINOGRAD["winograd_f23"].offered(conv_chain(512, 512, 7))
+    assert not WINOGRAD["winograd_f43"].offered(conv_chain(256, 256, 14)) and WINOGRAD["winograd_f23"].offered(conv_chain(256, 256, 14))
+    assert WINOGRAD["winograd_f43"].offered(conv_chain(64, 64, 56)) and WINOGRAD["winograd"].offered(conv_chain(512, 512, 7))
+    lost = {"mode": "auto", "onednn": {"available": False, "reason": "disabled by OPTC_DISABLE_ONEDNN"}, "chains": 3, "offloaded": [],
+            "kept": [{"workload": "a", "tvm_ms": 0.1, "winograd_f43_ms": 0.2}, {"workload": "b"}, {"workload": "c"}]}
+    assert kernels_line(lost) == ("kernels: TVM for every op (1 convolution raced against optc's Winograd, which won none); "
+                                  "oneDNN not used: disabled by OPTC_DISABLE_ONEDNN")
+
+
 
 @pytest.fixture
 def without_onednn(monkeypatch):

@@ -56,6 +56,7 @@ from optc.targets.providers.chains import (
 )
 from optc.targets.providers.layout_fallback import convert_layout, last_line
 from optc.targets.providers.layout_ops import deconvs_as_matmuls, layout_friendly, quantize_ops
+from optc.targets.providers.winograd_glue import over_cap, transformed_bytes
 from optc.targets.providers.offload import (
     act_attrs,
     conv_attrs,
@@ -105,9 +106,13 @@ class Winograd(NamedTuple):
     positions: int
 
     def offered(self, chain: Chain) -> bool:
-        return chain.optc_winograd_candidate() if self.positions else chain.winograd_candidate()
+        """Whether the race tries it on ``chain``: optc's kernels only where their transformed weights fit the cap."""
+        if not self.positions:
+            return chain.winograd_candidate()
+        return chain.optc_winograd_candidate() and not over_cap(chain, self.algo, OPTC_WINOGRAD_NR)
 
 
+OPTC_WINOGRAD_NR = 32  # output channels an AVX-512 register tile of optc's kernels covers: their weights are padded to it
 WINOGRAD = {"winograd": Winograd("wino", ALGO_WINOGRAD, "winograd", 0),
             "winograd_f43": Winograd("wf43", ALGO_WINOGRAD_F43, "winograd F(4x4,3x3)", 36),
             "winograd_f23": Winograd("wf23", ALGO_WINOGRAD_F23, "winograd F(2x2,3x3)", 16)}
@@ -237,8 +242,7 @@ def place(mod: Any, target: Any, mode: str, db_dir: Path, compile_fn: Callable[[
         if wino is not None:
             entry["algorithm"] = wino.label
             if wino.positions and chain.weight is not None:
-                k, c = chain.weight.shape[:2]
-                report.winograd_optc_bytes += wino.positions * -(-k // 32) * 32 * c * 4
+                report.winograd_optc_bytes += transformed_bytes(chain, wino.algo, OPTC_WINOGRAD_NR)
         if choice[chain.workload()] != raced[chain.workload()]:  # the report's timings alone would contradict the choice
             entry["near_tie"] = (f"{raced[chain.workload()]} led by less than {SWITCH_MARGIN}x; "
                                  f"{choice[chain.workload()]}, which computes most of the model, kept")

@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 from optc.targets.providers.chains import ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43, Chain
 from optc.targets.providers.offload import find_chains, provider_call
-from optc.targets.providers.select import BLOCKS, RACE_NOISE, WINOGRAD, WINOGRAD_RTOL, ProviderReport, _measured_choices, _race, reference
-from optc.targets.providers.winograd_glue import PREFIX, glue_digest, glue_object, send, takes
+from optc.targets.providers.select import (BLOCKS, OPTC_WINOGRAD_NR, RACE_NOISE, WINOGRAD, WINOGRAD_RTOL, ProviderReport, _measured_choices,
+                                           _race, reference)
+from optc.targets.providers.winograd_glue import PREFIX, glue_digest, glue_object, over_cap, send, takes
 
 logger = logging.getLogger(__name__)
 
 KINDS = {"winograd_f43": ALGO_WINOGRAD_F43, "winograd_f23": ALGO_WINOGRAD_F23}  # race names, as select.WINOGRAD's
-NR = 32  # output channels an AVX-512 register tile covers: the report's transformed weights are padded to it
+NR = OPTC_WINOGRAD_NR  # output channels an AVX-512 register tile covers: the transformed weights are padded to it
 BOARD_REPEAT_MS = 20  # each timed block on a board runs the call for at least this long
 
 
@@ -97,13 +98,17 @@ def race_module(chains: list[Chain]) -> tuple[Any, list[list[np.ndarray]]]:
     return bb.get(), inputs
 
 
-def checked(vm: Any, i: int, args: list[Any]) -> tuple[list[str], dict[str, Any]]:
-    """The candidates of chain ``i`` to race (function names): TVM's, and each Winograd kernel whose outputs are
-    TVM's to ``WINOGRAD_RTOL`` of the range; and the report's errors, or why a kernel is not raced."""
+def checked(vm: Any, chain: Chain, i: int, args: list[Any]) -> tuple[list[str], dict[str, Any]]:
+    """The candidates of chain ``i`` to race: TVM's, and each Winograd kernel whose transformed weights fit the cap
+    and whose outputs are TVM's to ``WINOGRAD_RTOL`` of the range; and the report's errors, or why a kernel is not
+    raced."""
     want = vm[f"tvm_{i}"](*args).numpy().astype(np.float64)
     scale = max(float(np.abs(want).max()), 1e-30)
     names, extra = ["tvm"], {}
-    for name in KINDS:
+    for name, algo in KINDS.items():
+        if why := over_cap(chain, algo, NR):
+            extra[name] = why
+            continue
         error = float(np.abs(vm[f"{WINOGRAD[name].kind}_{i}"](*args).numpy() - want).max()) / scale
         if error <= WINOGRAD_RTOL:
             names.append(name)
@@ -134,7 +139,7 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
         results: dict[str, dict[str, Any]] = {}
         for i, chain in enumerate(chains):
             args = [tvm.runtime.tensor(a) for a in inputs[i]]
-            names, extra = checked(vm, i, args)
+            names, extra = checked(vm, chain, i, args)
             fns = {f"{n}_ms": (lambda fn=function_of(n, i), a=args: vm[fn](*a)) for n in names}
             results[chain.workload()] = {**_race(fns, evict), **extra}
             _log(chain, results[chain.workload()])
@@ -163,7 +168,7 @@ def measure_on_board(chains: list[Chain], compile_fn: Callable[[Any], Any], boar
     results: dict[str, dict[str, Any]] = {}
     for i, chain in enumerate(chains):
         args = [tvm.runtime.tensor(a, dev) for a in inputs[i]]
-        names, extra = checked(vm, i, args)
+        names, extra = checked(vm, chain, i, args)
         timers = {n: vm.time_evaluator(function_of(n, i), dev, number=1, repeat=1, min_repeat_ms=BOARD_REPEAT_MS) for n in names}
         best = {n: float("inf") for n in names}
         for _ in range(BLOCKS):
