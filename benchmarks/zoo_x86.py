@@ -21,9 +21,11 @@ model, with its own int8 kernels.
 
 ``--avx2`` compiles as for a CPU with AVX2 but neither AVX-512 nor VNNI (``--cpu haswell``, oneDNN held to
 ``ONEDNN_MAX_CPU_ISA=AVX2``), on this one; onnxruntime keeps this CPU's kernels, so read the ratio as indicative
-and the output difference as the check. ``--kernels tvm`` compiles with TVM's kernels only (the ARM path's).
+and the output difference as the check. ``--kernels tvm`` compiles with TVM's kernels only. ``--no-onednn`` compiles
+as where oneDNN is missing (``OPTC_DISABLE_ONEDNN``): TVM's kernels, and optc's Winograd where it wins the race (the
+chains column then counts the convolutions sent to optc's Winograd).
 
-Usage: python benchmarks/zoo_x86.py [--cache DIR] [--only NAME,...] [--timeout 900] [--int8] [--avx2] [--kernels tvm]
+Usage: python benchmarks/zoo_x86.py [--cache DIR] [--only NAME,...] [--timeout 900] [--int8] [--avx2] [--kernels tvm] [--no-onednn]
 Nothing is downloaded: a missing cache prints how to build it.
 """
 from __future__ import annotations
@@ -82,9 +84,12 @@ def main() -> int:
     parser.add_argument("--int8", action="store_true", help="quantize first (canonicalize + quantize with the zoo's calib.npz)")
     parser.add_argument("--avx2", action="store_true", help="compile as for an AVX2 CPU without AVX-512 or VNNI")
     parser.add_argument("--kernels", choices=("auto", "tvm", "onednn"), default="auto")
+    parser.add_argument("--no-onednn", action="store_true", help="compile as without oneDNN (OPTC_DISABLE_ONEDNN)")
     args = parser.parse_args()
     flags = (*(("--cpu", "haswell") if args.avx2 else ()), *(("--kernels", args.kernels) if args.kernels != "auto" else ()))
     env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"} if args.avx2 else {}
+    if args.no_onednn:
+        env["OPTC_DISABLE_ONEDNN"] = "1"
     entries = scoring.chosen_entries(args.cache or cache_root(), args.only)
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")

@@ -120,6 +120,24 @@ def test_transformed_weights_over_the_cap_are_never_raced_on_x86():
 
 
 
+@pytest.mark.slow
+def test_x86_without_onednn_races_the_build_a_narrower_target_runs(tmp_path, without_onednn):
+    """``--cpu haswell`` on an AVX-512 machine: the race times the glue's AVX2 build, the one a Haswell would run."""
+    from click.testing import CliRunner
+    from optc.cli.main import cli
+
+    if not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX-512 to hold back")
+    onnx.save(conv64_model(), tmp_path / "m.onnx")
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--target", "x86", "--cpu", "haswell",
+                                   "--tune-trials", "0", "--tuning-db", str(tmp_path / "db"), "--no-latency", "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    (raced,) = [e for e in json.loads(res.stdout)["target"]["tuning"]["providers"]["offloaded"] + json.loads(res.stdout)["target"]["tuning"]["providers"]["kept"]
+                if "tvm_ms" in e]
+    assert raced["winograd_f43_kernel"] == raced["winograd_f23_kernel"] == "optc_winograd:avx2", raced
+    assert os.environ.get("ONEDNN_MAX_CPU_ISA") is None  # restored after the race
+
+
 @pytest.fixture
 def without_onednn(monkeypatch):
     """OPTC_DISABLE_ONEDNN for one test: onednn.availability is cached per process, so cleared before and after."""
@@ -171,6 +189,7 @@ def check_conv64_race(providers, model, out):
     (sent,) = providers["offloaded"]
     assert sent["algorithm"] == "winograd F(4x4,3x3)" and sent["winograd_f43_ms"] * 1.1 < sent["tvm_ms"], sent
     assert sent["winograd_f43_error"] < 1e-4 and "winograd_f23_ms" in sent
+    assert sent["winograd_f43_kernel"] in {f"optc_winograd:{b}" for b in ("avx512", "avx2", "sse2")}
     (kept,) = providers["kept"]
     assert "s2_2" in kept["workload"] and "tvm_ms" not in kept  # not a candidate: nothing raced
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())

@@ -162,8 +162,18 @@ void conv2d_sum(TensorView x, TensorView w, TensorView b, TensorView res, Shape 
   run_conv(x, w, &b, &res, attrs, out);
 }
 
+// The build a call runs here, for the race's report: "avx512", "avx2", "sse2" or "neon".
+tvm::ffi::String impl() {
+#if defined(__x86_64__)
+  return wino_width() == 16 ? "avx512" : wino_width() == 8 ? "avx2" : "sse2";
+#else
+  return "neon";
+#endif
+}
+
 }  // namespace
 
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_winograd_impl, impl);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_winograd_conv2d, conv2d);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_winograd_conv2d_nobias, conv2d_nobias);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(optc_winograd_conv2d_sum, conv2d_sum);

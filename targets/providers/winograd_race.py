@@ -13,9 +13,11 @@ outputs stray from TVM's by more than ``WINOGRAD_RTOL`` of the range is not race
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ from typing import Any
 import numpy as np
 from optc.targets.providers.chains import ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43, Chain
 from optc.targets.providers.offload import find_chains, provider_call
-from optc.targets.providers.select import (BLOCKS, OPTC_WINOGRAD_NR, RACE_NOISE, WINOGRAD, WINOGRAD_RTOL, ProviderReport, _measured_choices,
-                                           _race, reference)
+from optc.targets.providers.select import (BLOCKS, ISA_VARIABLES, OPTC_WINOGRAD_NR, RACE_NOISE, WINOGRAD, WINOGRAD_RTOL, ProviderReport,
+                                           _measured_choices, _race, isa_cap, reference)
 from optc.targets.providers.winograd_glue import PREFIX, glue_digest, glue_object, over_cap, send, takes
 
 logger = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def race_module(chains: list[Chain]) -> tuple[Any, list[list[np.ndarray]]]:
     return bb.get(), inputs
 
 
-def checked(vm: Any, chain: Chain, i: int, args: list[Any]) -> tuple[list[str], dict[str, Any]]:
+def checked(vm: Any, chain: Chain, i: int, args: list[Any], build: str) -> tuple[list[str], dict[str, Any]]:
     """The candidates of chain ``i`` to race: TVM's, and each Winograd kernel whose transformed weights fit the cap
     and whose outputs are TVM's to ``WINOGRAD_RTOL`` of the range; and the report's errors, or why a kernel is not
     raced."""
@@ -112,10 +114,29 @@ def checked(vm: Any, chain: Chain, i: int, args: list[Any]) -> tuple[list[str], 
         error = float(np.abs(vm[f"{WINOGRAD[name].kind}_{i}"](*args).numpy() - want).max()) / scale
         if error <= WINOGRAD_RTOL:
             names.append(name)
-            extra[f"{name}_error"] = error
+            extra.update({f"{name}_error": error, f"{name}_kernel": f"optc_winograd:{build}"})
         else:
             extra[name] = f"error {error:.1e} of the output range, above {WINOGRAD_RTOL:g}"
     return names, extra
+
+
+@contextlib.contextmanager
+def held_to(isa: str | None) -> Iterator[None]:
+    """``ONEDNN_MAX_CPU_ISA`` set to ``isa`` while the race runs (nothing when None): the glue fixes its vector width at
+    its first call by this CPU, capped by it, so a target CPU narrower than this one (``--cpu haswell`` here) is raced
+    with the build it would run (AVX2), not this CPU's AVX-512 one."""
+    if isa is None:
+        yield
+        return
+    before = os.environ.get(ISA_VARIABLES[0])
+    os.environ[ISA_VARIABLES[0]] = isa
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ISA_VARIABLES[0], None)
+        else:
+            os.environ[ISA_VARIABLES[0]] = before
 
 
 def function_of(name: str, i: int) -> str:
@@ -130,16 +151,18 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
 
     module, inputs = race_module(chains)
     executable = compile_fn(module)
-    with tempfile.TemporaryDirectory(prefix="optc-winograd-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="optc-winograd-") as tmp, held_to(isa_cap(target)):
         path = Path(tmp) / "kernels.so"
         executable.export_library(str(path), addons=[str(glue_object())])
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+        lib = tvm.runtime.load_module(str(path))
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+        build = str(lib.get_function("optc_winograd_impl", query_imports=True)())
         other = np.ones(sweep // 8) if sweep else None
         evict = (lambda: float(other.sum())) if other is not None else None  # noqa: E731
         results: dict[str, dict[str, Any]] = {}
         for i, chain in enumerate(chains):
             args = [tvm.runtime.tensor(a) for a in inputs[i]]
-            names, extra = checked(vm, chain, i, args)
+            names, extra = checked(vm, chain, i, args, build)
             fns = {f"{n}_ms": (lambda fn=function_of(n, i), a=args: vm[fn](*a)) for n in names}
             results[chain.workload()] = {**_race(fns, evict), **extra}
             _log(chain, results[chain.workload()])
@@ -164,11 +187,13 @@ def measure_on_board(chains: list[Chain], compile_fn: Callable[[Any], Any], boar
         session = rpc.connect_tracker(board.host, board.port).request(board.key, session_timeout=600)
         session.upload(str(path))
         dev = session.cpu()
-        vm = relax.VirtualMachine(session.load_module(path.name), dev)
+        lib = session.load_module(path.name)
+        vm = relax.VirtualMachine(lib, dev)
+        build = str(lib.get_function("optc_winograd_impl", query_imports=True)())
     results: dict[str, dict[str, Any]] = {}
     for i, chain in enumerate(chains):
         args = [tvm.runtime.tensor(a, dev) for a in inputs[i]]
-        names, extra = checked(vm, chain, i, args)
+        names, extra = checked(vm, chain, i, args, build)
         timers = {n: vm.time_evaluator(function_of(n, i), dev, number=1, repeat=1, min_repeat_ms=BOARD_REPEAT_MS) for n in names}
         best = {n: float("inf") for n in names}
         for _ in range(BLOCKS):
