@@ -138,6 +138,31 @@ def test_x86_without_onednn_races_the_build_a_narrower_target_runs(tmp_path, wit
     assert os.environ.get("ONEDNN_MAX_CPU_ISA") is None  # restored after the race
 
 
+@pytest.mark.slow
+def test_a_winograd_glue_that_does_not_build_leaves_tvm_kernels(tmp_path, monkeypatch, without_onednn):
+    """Without oneDNN, a glue that fails to compile (a machine's compiler refusing it) costs the race, not the compile:
+    TVM's kernels compute every op and a warning names the compiler's error."""
+    from click.testing import CliRunner
+    from optc.cli.main import cli
+    from optc.targets.providers import winograd_glue
+
+    broken = tmp_path / "glue.cc"
+    broken.write_text("int f() { return undeclared_name; }\n")
+    monkeypatch.setattr(winograd_glue, "GLUE", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    winograd_glue.glue_digest.cache_clear()
+    try:
+        onnx.save(conv64_model(), tmp_path / "m.onnx")
+        res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--target", "x86", "--tune-trials", "0",
+                                       "--tuning-db", str(tmp_path / "db"), "--no-latency"], catch_exceptions=False)
+    finally:
+        winograd_glue.glue_digest.cache_clear()
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0, res.output
+    assert "optc's Winograd kernels not raced: building the Winograd kernels' glue failed:" in said and "undeclared_name" in said
+    assert "kernels: TVM for every op; oneDNN not used: disabled by OPTC_DISABLE_ONEDNN" in said
+
+
 @pytest.fixture
 def without_onednn(monkeypatch):
     """OPTC_DISABLE_ONEDNN for one test: onednn.availability is cached per process, so cleared before and after."""
