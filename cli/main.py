@@ -93,7 +93,7 @@ class _LogFormat(logging.Formatter):
 @click.option("--rpc-tracker", metavar="HOST:PORT", help="Measure tuning candidates on boards registered with this TVM RPC tracker.")
 @click.option("--rpc-key", metavar="KEY", help="Device key of the boards at the RPC tracker.")
 @click.option("--default-budget/--no-default-budget", default=True, show_default=True, help="Hold lossy passes left at their default strength to one point of --eval's metric (else output cosine 0.99, and argmax agreement 0.99 on outputs holding class scores, on held-out calibration samples); a default that misses is scaled down.")
-@click.option("--kernels", type=click.Choice(["auto", "tvm", "onednn"]), default="auto", show_default=True, help="Who computes convolutions and matmuls on x86: auto measures oneDNN against TVM's kernel per op and keeps the faster; tvm never offloads.")
+@click.option("--kernels", type=click.Choice(["auto", "tvm", "onednn"]), default="auto", show_default=True, help="Who computes convolutions and matmuls: auto measures oneDNN against TVM's kernel per op on x86 and keeps the faster (without oneDNN, or on a board behind --rpc-tracker, optc's Winograd kernels race TVM's for 3x3 convolutions; for arm a cost model of the board chooses them); tvm never offloads.")
 @click.option("--weight-prepack/--no-weight-prepack", default=True, show_default=True, help="Let tuned kernels store weights in the layout their loops read (packed at compile time).")
 @click.option("--int8-lowering/--no-int8-lowering", default=True, show_default=True, help="Compile int8 QDQ regions to integer conv2d/matmul (int32 accumulation) instead of float.")
 @click.option("--verify-each", is_flag=True, help="Check the model and compare with onnxruntime after every pass.")
