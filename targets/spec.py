@@ -16,6 +16,8 @@ from optc.errors import ConfigError, TargetError
 HOST_COMPILERS = ("g++", "gcc", "clang++", "clang", "c++", "cc")
 
 
+
+ARM_CROSS_COMPILER = "aarch64-linux-gnu-g++"  # links ARM artifacts and builds their glue (Debian: g++-aarch64-linux-gnu)
 @dataclass(frozen=True)
 class TargetSpec:
     """What to compile for.
@@ -128,7 +130,7 @@ def make_target(name: str, *, cpu: str | None = None, arch: str | None = None, a
         if cpu is not None:
             check_cpu(cpu, target, "arm", "cortex-a53, cortex-a76, neoverse-n1")
             target = {**target, "mcpu": cpu}
-        return TargetSpec("arm", target, cross_compiler="aarch64-linux-gnu-g++", cpu_from_user=cpu is not None)
+        return TargetSpec("arm", target, cross_compiler=ARM_CROSS_COMPILER, cpu_from_user=cpu is not None)
     if name == "gpu":
         arch = arch or "sm_80"
         if not arch.startswith("sm_"):

@@ -207,12 +207,29 @@ def tune_and_compile(mod: Any, target: Any, opts: TuneOptions) -> tuple[Any, Tun
     return executable, report
 
 
+def _own_winograd(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callable[[Any], Any], report: Any, arm: bool,
+                  address: tuple[str, int] | None) -> Any:
+    """``mod`` with the convolutions optc's Winograd kernels take: raced on the board at ``address``, else chosen by
+    the board's cost model (an ARM target)."""
+    from optc.targets.providers import winograd_glue
+    from optc.targets.providers.winograd_race import Board, place_measured
+    from optc.targets.spec import ARM_CROSS_COMPILER
+
+    compiler, arch = (ARM_CROSS_COMPILER, "aarch64") if arm else ("g++", "x86_64")
+    winograd_glue.glue_object(compiler, arch)  # built now: a failure costs the kernels, not the compile at export
+    if address is None:
+        return winograd_glue.place_for_board(mod, report)
+    check_tracker(*address, str(opts.rpc_key))
+    return place_measured(mod, target, opts.db_dir, compile_fn, report, Board(*address, str(opts.rpc_key), compiler, arch))
+
+
 def _no_provider(target: Any, opts: TuneOptions) -> tuple[str, str] | None:
-    """(kernel mode, reason) where no provider may take a chain of this compile whatever the library; else None."""
+    """(kernel mode, reason) where oneDNN may take no chain of this compile whatever the library (optc's own Winograd
+    kernels may still take its fp32 3x3 convolutions: _place_kernels); else None."""
     import platform
 
     if _foreign_triple(target) or platform.machine() not in ("x86_64", "AMD64"):
-        return opts.kernels, "kernel providers serve x86 targets only"
+        return opts.kernels, "oneDNN serves x86 targets only"
     if opts.rpc_tracker and opts.kernels == "auto":
         # oneDNN's candidates would be timed here, not on the board, and the board may lack the library: optc's own
         # Winograd kernels race TVM's there (_place_kernels)
@@ -221,15 +238,16 @@ def _no_provider(target: Any, opts: TuneOptions) -> tuple[str, str] | None:
 
 
 def tvm_computes_all(target: Any, opts: TuneOptions | None) -> bool:
-    """Whether TVM's kernels compute every heavy op of this compile: no provider can take a chain (:func:`_no_provider`,
-    ``--kernels tvm``, or no oneDNN here)."""
+    """Whether TVM's kernels compute every int8 op of this compile (what the int8 lowering asks): oneDNN can take no
+    chain (:func:`_no_provider`, ``--kernels tvm``, or no oneDNN here); optc's Winograd kernels take only fp32 ones."""
     from optc.targets.providers import onednn
 
     return opts is None or opts.kernels == "tvm" or _no_provider(target, opts) is not None or not onednn.availability().ok
 
 
 def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
-    """Send the heavy op chains whose provider kernel measured faster to that provider (x86 hosts and targets only)."""
+    """Send the heavy op chains whose provider kernel measured faster to that provider: oneDNN's (x86 hosts and
+    targets), or optc's own Winograd kernels (an ARM target, a board behind --rpc-tracker)."""
     from optc.targets.cpu_features import missing_here
     from optc.targets.providers.select import ProviderReport, place, tvm_layout
 
@@ -247,17 +265,15 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
     if refused[0] == "auto" and (arm or address is not None):
         # optc's own Winograd kernels: raced against TVM's on the board behind the tracker, else (an ARM target, which
         # cannot run here) where a model of the board expects them to pay
-        from optc.targets.providers import winograd_glue
-        from optc.targets.providers.winograd_race import Board, place_measured
-
         report = ProviderReport("auto", {"available": False, "reason": refused[1]})
         mod = tvm_layout(mod, target, report)
-        if address is None:
-            return winograd_glue.place_for_board(mod, report), report.to_dict()
-        check_tracker(*address, str(opts.rpc_key))
-        compiler, arch = ("aarch64-linux-gnu-g++", "aarch64") if arm else ("g++", "x86_64")
-        board = Board(*address, str(opts.rpc_key), compiler, arch)
-        return place_measured(mod, target, opts.db_dir, compile_fn, report, board), report.to_dict()
+        try:
+            return _own_winograd(mod, target, opts, compile_fn, report, arm, address), report.to_dict()
+        except (TargetError, RuntimeError, OSError) as exc:  # its glue did not build, or the board failed: TVM's kernels
+            if isinstance(exc, TargetError) and "RPC tracker" in str(exc):
+                raise  # the user's tracker is unreachable or lacks the key: one line, exit 2
+            logger.warning("optc's Winograd kernels not used: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            return mod, ProviderReport("auto", {"available": False, "reason": refused[1]}).to_dict()
     if arm and opts.kernels == "tvm":  # the user's choice, not a missing library
         report = ProviderReport("tvm")
     else:

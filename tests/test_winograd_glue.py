@@ -114,7 +114,8 @@ def test_transformed_weights_over_the_cap_are_never_raced_on_x86():
     assert not WINOGRAD["winograd_f43"].offered(conv_chain(256, 256, 14)) and WINOGRAD["winograd_f23"].offered(conv_chain(256, 256, 14))
     assert WINOGRAD["winograd_f43"].offered(conv_chain(64, 64, 56)) and WINOGRAD["winograd"].offered(conv_chain(512, 512, 7))
     lost = {"mode": "auto", "onednn": {"available": False, "reason": "disabled by OPTC_DISABLE_ONEDNN"}, "chains": 3, "offloaded": [],
-            "kept": [{"workload": "a", "tvm_ms": 0.1, "winograd_f43_ms": 0.2}, {"workload": "b"}, {"workload": "c"}]}
+            "kept": [{"workload": "a", "tvm_ms": 0.1, "winograd_f43_ms": 0.2}, {"workload": "b"},
+                     {"workload": "c", "tvm_ms": 0.3, "winograd_f43": "36.0 MiB of transformed weights, over 8 MiB a layer"}]}
     assert kernels_line(lost) == ("kernels: TVM for every op (1 convolution raced against optc's Winograd, which won none); "
                                   "oneDNN not used: disabled by OPTC_DISABLE_ONEDNN")
 
@@ -206,14 +207,16 @@ def conv64_model():
 
 
 def check_conv64_race(providers, model, out):
-    """The race's record of conv64_model: F(4x4, 3x3) won it, the stride-2 convolution was not raced, and the
-    artifact at ``out`` is onnxruntime's to 1e-4 of its range."""
+    """The race's record of conv64_model: one of optc's Winograd kernels won it (F(4x4, 3x3) on a quiet machine; which
+    one moves with the load), the stride-2 convolution was not raced, and the artifact at ``out`` is onnxruntime's to
+    1e-4 of its range."""
     import tvm
     from tvm import relax
 
     (sent,) = providers["offloaded"]
-    assert sent["algorithm"] == "winograd F(4x4,3x3)" and sent["winograd_f43_ms"] * 1.1 < sent["tvm_ms"], sent
-    assert sent["winograd_f43_error"] < 1e-4 and "winograd_f23_ms" in sent
+    won = {"winograd F(4x4,3x3)": "winograd_f43", "winograd F(2x2,3x3)": "winograd_f23"}[sent["algorithm"]]  # either, by load
+    assert sent[f"{won}_ms"] * 1.1 < sent["tvm_ms"] and sent[f"{won}_ms"] <= min(sent["winograd_f43_ms"], sent["winograd_f23_ms"]), sent
+    assert sent["winograd_f43_error"] < 1e-4 and sent["winograd_f23_error"] < 1e-4
     assert sent["winograd_f43_kernel"] in {f"optc_winograd:{b}" for b in ("avx512", "avx2", "sse2")}
     (kept,) = providers["kept"]
     assert "s2_2" in kept["workload"] and "tvm_ms" not in kept  # not a candidate: nothing raced

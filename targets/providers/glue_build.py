@@ -1,7 +1,8 @@
 """Compile a kernel glue source once into optc's cache (``$XDG_CACHE_HOME/optc/glue``), keyed by everything that
 shapes its code: the source, the headers it includes, the compiler, its flags and whatever else the caller names
-(a vendor library's version). Both glues (oneDNN's for x86, optc's NEON kernels for ARM) are built this way and
-linked into each ``model.so`` that calls them."""
+(a vendor library's version). Both glues (oneDNN's for x86, and optc's Winograd kernels where no vendor library
+is used: ARM targets, x86 without oneDNN, boards) are built this way and linked into each ``model.so`` that calls
+them."""
 from __future__ import annotations
 
 import hashlib

@@ -29,7 +29,7 @@ def find_chains(mod: Any) -> list[Chain]:
 
 
 def offload(mod: Any, chains: list[Chain], chosen: Callable[[Chain], bool]) -> tuple[Any, list[Chain]]:
-    """``mod`` with every chain ``chosen`` accepts sent to its glue (oneDNN's, or optc's NEON kernels); the chains sent."""
+    """``mod`` with every chain ``chosen`` accepts sent to its glue (oneDNN's, or optc's Winograd kernels); the chains sent."""
     taken = [c for c in chains if chosen(c)]
     if not taken:
         return mod, []

@@ -96,7 +96,9 @@ inline void plan_wino(WinoPlan& p, int width, int m, const WinoDims& d, const fl
   // (F(4x4) on 64 channels at 56x56, 1 thread: 0.69 ms against 0.76 in blocks of 48). Past 1 MB of transformed
   // weights (more than a Cortex-A76's L2), each block would read them all again from L3: all tiles are one block, and
   // the threads share its stages, each multiplying its share of the weights (256 channels at 14x14, 1 thread: 0.84
-  // ms against 1.13).
-  p.staged = static_cast<int64_t>(p.U->size()) * 4 > (int64_t{1} << 20);
+  // ms against 1.13). Only while that one block's scratch stays under 16 MB: at batch 64, 128 channels at 28x28 would
+  // stage 115 MB.
+  const bool large = static_cast<int64_t>(p.U->size()) * 4 > (int64_t{1} << 20);
+  p.staged = large && WINO_CALL(width, m, scratch_floats, d, p.tiles) * 4 <= (int64_t{16} << 20);
   p.block = p.staged ? p.tiles : std::min<int64_t>(12, p.tiles);
 }

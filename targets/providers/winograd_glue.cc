@@ -15,6 +15,7 @@
 #include <tvm/ffi/function.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstdint>
 #include <cstdlib>
@@ -69,7 +70,9 @@ void check_f32(const TensorView& t, const char* what) {
 // (the oneDNN glue's line, kSerialMacs).
 constexpr int64_t kSerialMacs = int64_t{2} << 20;
 
-// f(i) for i in [0, n) on TVM's pool, in contiguous shares; on the calling thread where n is 1 or `serial`.
+// f(i) for i in [0, n) on TVM's pool, in contiguous shares; on the calling thread where n is 1 or `serial`. An
+// exception in a share (a scratch buffer's allocation) must not cross the pool's C boundary: the share stops, and the
+// calling thread throws once every share has returned.
 template <class F>
 void parallel_for(int64_t n, bool serial, F&& f) {
   if (n <= 1 || serial) {
@@ -79,14 +82,21 @@ void parallel_for(int64_t n, bool serial, F&& f) {
   struct Ctx {
     F* f;
     int64_t n;
+    std::atomic<bool> failed{false};
   } ctx{&f, n};
   auto share = [](int task, TVMParallelGroupEnv* env, void* cdata) -> int {
     auto* c = static_cast<Ctx*>(cdata);
     int64_t per = (c->n + env->num_task - 1) / env->num_task, lo = task * per, hi = std::min(c->n, lo + per);
-    for (int64_t i = lo; i < hi; ++i) (*c->f)(i);
+    try {
+      for (int64_t i = lo; i < hi; ++i) (*c->f)(i);
+    } catch (...) {
+      c->failed = true;
+      return -1;
+    }
     return 0;
   };
-  TVMBackendParallelLaunch(share, &ctx, 0);
+  if (TVMBackendParallelLaunch(share, &ctx, 0) != 0 || ctx.failed)
+    TVM_FFI_THROW(RuntimeError) << "optc Winograd: a thread's share of the convolution failed (out of memory?)";
 }
 
 struct Site : WinoPlan {
@@ -148,9 +158,14 @@ void run_conv(TensorView x, TensorView w, const TensorView* b, const TensorView*
   check_f32(out, "output");
   if (b) check_f32(*b, "bias");
   if (res) check_f32(*res, "residual");
-  if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4 || a.size() != 14 || !wino_takes(a, w.shape()[2], w.shape()[3]) ||
-      w.shape()[1] != x.shape()[3] || w.shape()[0] != out.shape()[3])
+  if (x.ndim() != 4 || w.ndim() != 4 || out.ndim() != 4 || a.size() != 14 || !wino_takes(a, w.shape()[2], w.shape()[3]))
     TVM_FFI_THROW(ValueError) << "optc Winograd conv2d: only NHWC 3x3 stride-1 convolutions asking for Winograd F(4x4) or F(2x2)";
+  // Shapes that agree, so that no call writes or reads past a buffer: the output is the padded input less 2 a side.
+  const int64_t K = w.shape()[0];
+  if (w.shape()[1] != x.shape()[3] || out.shape()[3] != K || out.shape()[0] != x.shape()[0] ||
+      out.shape()[1] != x.shape()[1] + a[2] + a[4] - 2 || out.shape()[2] != x.shape()[2] + a[3] + a[5] - 2 ||
+      (b && b->numel() != K) || (res && (res->ndim() != 4 || res->numel() != out.numel())))
+    TVM_FFI_THROW(ValueError) << "optc Winograd conv2d: input, weight, bias, residual and output shapes do not agree";
   auto s = site_for(x, w, out, a);
   run(*s, data_of(x), b ? data_of(*b) : nullptr, res ? data_of(*res) : nullptr, static_cast<int>(a[9]), bits_to_float(a[10]),
       bits_to_float(a[11]), data_of(out));

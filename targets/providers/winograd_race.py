@@ -27,12 +27,12 @@ from optc.targets.providers.chains import ALGO_WINOGRAD_F23, ALGO_WINOGRAD_F43, 
 from optc.targets.providers.offload import find_chains, provider_call
 from optc.targets.providers.select import (BLOCKS, ISA_VARIABLES, OPTC_WINOGRAD_NR, RACE_NOISE, WINOGRAD, WINOGRAD_RTOL, ProviderReport,
                                            _measured_choices, _race, isa_cap, reference)
+from optc.targets.providers.winograd_glue import NR as NEON_NR
 from optc.targets.providers.winograd_glue import PREFIX, glue_digest, glue_object, over_cap, send, takes
 
 logger = logging.getLogger(__name__)
 
 KINDS = {"winograd_f43": ALGO_WINOGRAD_F43, "winograd_f23": ALGO_WINOGRAD_F23}  # race names, as select.WINOGRAD's
-NR = OPTC_WINOGRAD_NR  # output channels an AVX-512 register tile covers: the transformed weights are padded to it
 BOARD_REPEAT_MS = 20  # each timed block on a board runs the call for at least this long
 
 
@@ -53,24 +53,34 @@ class Board:
 def place_measured(mod: Any, target: Any, db_dir: Path, compile_fn: Callable[[Any], Any], report: ProviderReport,
                    board: Board | None = None) -> Any:
     """``mod`` (NHWC) with the 3x3 convolutions where optc's Winograd beat TVM's kernel sent to the glue."""
+    nr = padding(board)
     chains = [c for c in find_chains(mod) if c.kind == "conv2d" and c.src_dtype == "float32"]
-    candidates = [c for c in chains if takes(c)]
+    candidates = [c for c in chains if takes(c) and not all(over_cap(c, a, nr) for a in KINDS.values())]
     timings: dict[str, dict[str, Any]] = {}
     if candidates:
+        glue_object(*((board.compiler, board.arch) if board else ()))  # a glue that does not build costs the race, now
         version = f"optc-winograd-{glue_digest()}" + (f"-board-{board.key}-{board.arch}" if board else "")
         timer = measure if board is None else lambda todo, tgt, fn, sweep: measure_on_board(todo, fn, board)
         timings = _measured_choices(candidates, target, db_dir, compile_fn, report, version=version, timer=timer)
     if board is not None:
         report.sweep_mib, report.board = 0, board.describe()
-    picks = {id(c): fastest(timings.get(c.workload())) for c in chains}
-    return send(mod, chains, picks, report, timings, NR)
+    picks = {id(c): fastest(timings.get(c.workload()), c, nr) for c in chains}
+    return send(mod, chains, picks, report, timings, nr)
 
 
-def fastest(timing: dict[str, Any] | None) -> int | None:
-    """The Winograd algorithm that beat TVM's kernel by ``RACE_NOISE``, the faster of the two; None for TVM's."""
+def padding(board: Board | None) -> int:
+    """Output channels the glue's register tile covers where it runs (its transformed weights are padded to them):
+    NEON's 8, else AVX-512's 32 (this machine's widest; AVX2 pads to 16)."""
+    return NEON_NR if board is not None and board.arch == "aarch64" else OPTC_WINOGRAD_NR
+
+
+def fastest(timing: dict[str, Any] | None, chain: Chain, nr: int) -> int | None:
+    """The Winograd algorithm that beat TVM's kernel by ``RACE_NOISE``, the faster of the two, among those within the
+    memory cap (figures stored before a tighter cap do not count); None for TVM's."""
     if not timing or "tvm_ms" not in timing:
         return None
-    times = {name: timing[f"{name}_ms"] for name in KINDS if isinstance(timing.get(f"{name}_ms"), (int, float))}
+    times = {name: timing[f"{name}_ms"] for name, algo in KINDS.items()
+             if isinstance(timing.get(f"{name}_ms"), (int, float)) and not over_cap(chain, algo, nr)}
     best = min(times, key=times.__getitem__, default=None)
     return KINDS[best] if best is not None and times[best] * (1 + RACE_NOISE) < timing["tvm_ms"] else None
 
@@ -100,7 +110,7 @@ def race_module(chains: list[Chain]) -> tuple[Any, list[list[np.ndarray]]]:
     return bb.get(), inputs
 
 
-def checked(vm: Any, chain: Chain, i: int, args: list[Any], build: str) -> tuple[list[str], dict[str, Any]]:
+def checked(vm: Any, chain: Chain, i: int, args: list[Any], build: str, nr: int) -> tuple[list[str], dict[str, Any]]:
     """The candidates of chain ``i`` to race: TVM's, and each Winograd kernel whose transformed weights fit the cap
     and whose outputs are TVM's to ``WINOGRAD_RTOL`` of the range; and the report's errors, or why a kernel is not
     raced."""
@@ -108,7 +118,7 @@ def checked(vm: Any, chain: Chain, i: int, args: list[Any], build: str) -> tuple
     scale = max(float(np.abs(want).max()), 1e-30)
     names, extra = ["tvm"], {}
     for name, algo in KINDS.items():
-        if why := over_cap(chain, algo, NR):
+        if why := over_cap(chain, algo, nr):
             extra[name] = why
             continue
         error = float(np.abs(vm[f"{WINOGRAD[name].kind}_{i}"](*args).numpy() - want).max()) / scale
@@ -162,7 +172,7 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
         results: dict[str, dict[str, Any]] = {}
         for i, chain in enumerate(chains):
             args = [tvm.runtime.tensor(a) for a in inputs[i]]
-            names, extra = checked(vm, chain, i, args, build)
+            names, extra = checked(vm, chain, i, args, build, OPTC_WINOGRAD_NR)
             fns = {f"{n}_ms": (lambda fn=function_of(n, i), a=args: vm[fn](*a)) for n in names}
             results[chain.workload()] = {**_race(fns, evict), **extra}
             _log(chain, results[chain.workload()])
@@ -193,7 +203,7 @@ def measure_on_board(chains: list[Chain], compile_fn: Callable[[Any], Any], boar
     results: dict[str, dict[str, Any]] = {}
     for i, chain in enumerate(chains):
         args = [tvm.runtime.tensor(a, dev) for a in inputs[i]]
-        names, extra = checked(vm, chain, i, args, build)
+        names, extra = checked(vm, chain, i, args, build, padding(board))
         timers = {n: vm.time_evaluator(function_of(n, i), dev, number=1, repeat=1, min_repeat_ms=BOARD_REPEAT_MS) for n in names}
         best = {n: float("inf") for n in names}
         for _ in range(BLOCKS):
