@@ -1,6 +1,7 @@
 """Shared helpers for optc's tests: tiny model builders and onnxruntime references."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -134,3 +135,20 @@ def x86_cpu_runs_here(cpu: str) -> bool:
     if platform.machine() not in ("x86_64", "AMD64"):
         return False
     return set(required_cpu(make_target("x86", cpu=cpu))["features"]) <= host_cpu_features("x86_64")
+
+
+@contextlib.contextmanager
+def broken_winograd_glue(tmp_path: Path, monkeypatch):
+    """optc's Winograd glue replaced by a source no compiler accepts (``undeclared_name``), built into a cache of
+    its own: for the tests that a glue failing to build costs the kernels, never the compile."""
+    from optc.targets.providers import winograd_glue
+
+    broken = tmp_path / "glue.cc"
+    broken.write_text("int f() { return undeclared_name; }\n")
+    monkeypatch.setattr(winograd_glue, "GLUE", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    winograd_glue.glue_digest.cache_clear()
+    try:
+        yield
+    finally:
+        winograd_glue.glue_digest.cache_clear()

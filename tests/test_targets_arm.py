@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from helpers import SAMPLE, arm_runner, make_model, ort_run, rand
+from helpers import SAMPLE, arm_runner, broken_winograd_glue, make_model, ort_run, rand
 from onnx import helper
 
 from optc.cli.main import cli
@@ -153,19 +153,9 @@ def test_arm_kernels_line_says_the_board_model_took_no_convolution(tmp_path):
 def test_arm_winograd_glue_that_does_not_build_leaves_tvm_kernels(tmp_path, monkeypatch, caplog):
     """A glue the cross compiler refuses costs optc's Winograd kernels, not the compile: built before the choice (not
     first at export), it fails with a warning naming the compiler's error, and TVM's kernels compute every op."""
-    from optc.targets.providers import winograd_glue
-
-    broken = tmp_path / "glue.cc"
-    broken.write_text("int f() { return undeclared_name; }\n")
-    monkeypatch.setattr(winograd_glue, "GLUE", broken)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    winograd_glue.glue_digest.cache_clear()
-    try:
-        model = winograd_model(np.random.default_rng(0))
-        onnx.save(model, tmp_path / "m.onnx")
+    with broken_winograd_glue(tmp_path, monkeypatch):
+        onnx.save(winograd_model(np.random.default_rng(0)), tmp_path / "m.onnx")
         providers = compile_arm(tmp_path / "m.onnx", tmp_path / "arm", tmp_path / "db")["target"]["tuning"]["providers"]
-    finally:
-        winograd_glue.glue_digest.cache_clear()
     assert providers["offloaded"] == [] and providers["glue"] == ""
     assert "optc's Winograd kernels not used: building the Winograd kernels' glue failed:" in caplog.text and "undeclared_name" in caplog.text
     assert (tmp_path / "arm" / "model.so").is_file()

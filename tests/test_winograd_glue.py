@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import make_model, ort_run, rand
+from helpers import broken_winograd_glue, make_model, ort_run, rand
 from onnx import helper
 from test_winograd_kernels import CASES, case_functions, cpu_flags, reference
 
@@ -145,19 +145,10 @@ def test_a_winograd_glue_that_does_not_build_leaves_tvm_kernels(tmp_path, monkey
     TVM's kernels compute every op and a warning names the compiler's error."""
     from click.testing import CliRunner
     from optc.cli.main import cli
-    from optc.targets.providers import winograd_glue
-
-    broken = tmp_path / "glue.cc"
-    broken.write_text("int f() { return undeclared_name; }\n")
-    monkeypatch.setattr(winograd_glue, "GLUE", broken)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    winograd_glue.glue_digest.cache_clear()
-    try:
+    with broken_winograd_glue(tmp_path, monkeypatch):
         onnx.save(conv64_model(), tmp_path / "m.onnx")
         res = CliRunner().invoke(cli, ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--target", "x86", "--tune-trials", "0",
                                        "--tuning-db", str(tmp_path / "db"), "--no-latency"], catch_exceptions=False)
-    finally:
-        winograd_glue.glue_digest.cache_clear()
     said = " ".join((res.output + caplog.text).split())  # the warning reaches pytest's log capture, or the CLI's stderr
     assert res.exit_code == 0, res.output
     assert "optc's Winograd kernels not raced: building the Winograd kernels' glue failed:" in said and "undeclared_name" in said
