@@ -126,7 +126,7 @@ def test_arm_3x3_convolutions_by_optc_winograd_under_qemu_match_onnxruntime(arm_
     assert providers["glue"] == "winograd" and providers["libraries"] == [] and providers["winograd_optc_bytes"] > 4 << 20
     assert kernels_line(providers).startswith("kernels: TVM for every op but 5 of 8 convolutions, 4 by optc's Winograd F(4x4,3x3), "
                                               "1 by optc's F(2x2,3x3) holding ")
-    assert kernels_line(providers).endswith("(chosen by a cost model of the board: an ARM target cannot be timed here)")
+    assert kernels_line(providers).endswith("(chosen by a cost model of the board: no board timed them; --rpc-tracker races them on one)")
     assert kernels_line(compile_arm(path, tmp_path / "tvm", tmp_path / "db", "--kernels", "tvm")["target"]["tuning"]["providers"]) == \
         "kernels: TVM for every op (--kernels tvm)"
     x = rand(2, 13, 32, 32, seed=4)
@@ -146,7 +146,7 @@ def test_arm_kernels_line_says_the_board_model_took_no_convolution(tmp_path):
     providers = compile_arm(tmp_path / "m.onnx", tmp_path / "arm", tmp_path / "db")["target"]["tuning"]["providers"]
     assert providers["offloaded"] == [] and providers["glue"] == ""
     assert kernels_line(providers) == ("kernels: TVM for every op; optc's Winograd kernels are expected to speed up none of its 1 float "
-                                       "convolution (chosen by a cost model of the board: an ARM target cannot be timed here)")
+                                       "convolution (chosen by a cost model of the board: no board timed them; --rpc-tracker races them on one)")
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler (Debian: g++-aarch64-linux-gnu)")
