@@ -9,7 +9,7 @@
 // Threads: the kernels run on TVM's own pool (TVMBackendParallelLaunch, as TVM's generated loops do), so the
 // artifact keeps one pool and TVM_NUM_THREADS governs both. A call site's transformed weights are made on its
 // first call and cached under the weight buffer's address (constants of a loaded artifact do not move), its
-// shapes and attributes and a sample of its bytes.
+// shapes and attributes and a sample of its values (site_for).
 #include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/function.h>
@@ -111,14 +111,19 @@ std::shared_ptr<Site> make_site(const TensorView& x, const TensorView& w, const 
   return s;
 }
 
+// Call sites: made once per process under a lock (their weights transformed once), then found through the calling
+// thread's own map, its key built in a buffer the thread reuses: a call allocates nothing and takes no lock.
 std::mutex sites_mu;
 std::unordered_map<std::string, std::shared_ptr<Site>> sites;
 
 std::shared_ptr<Site> site_for(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
-  std::string key(reinterpret_cast<const char*>(a.data()), a.size() * sizeof(int64_t));
+  thread_local std::string key;
+  thread_local std::unordered_map<std::string, std::shared_ptr<Site>> mine;
+  key.assign(reinterpret_cast<const char*>(a.data()), a.size() * sizeof(int64_t));
   const float* wp = data_of(w);
   int64_t n = w.numel();
-  const float sample[4] = {wp[0], wp[n / 3], wp[2 * n / 3], wp[n - 1]};  // a later artifact's constant can land at a freed one's address
+  // a sample of the weight's values: a later artifact's constant can land at a freed one's address
+  const float sample[8] = {wp[0], wp[n / 7], wp[2 * n / 7], wp[3 * n / 7], wp[4 * n / 7], wp[5 * n / 7], wp[6 * n / 7], wp[n - 1]};
   const void* addr = wp;
   key.append(reinterpret_cast<const char*>(&addr), sizeof addr).append(reinterpret_cast<const char*>(sample), sizeof sample);
   for (const TensorView* t : {&x, &w, &out})
@@ -126,10 +131,17 @@ std::shared_ptr<Site> site_for(const TensorView& x, const TensorView& w, const T
       int64_t dim = t->shape()[i];
       key.append(reinterpret_cast<const char*>(&dim), sizeof dim);
     }
-  std::lock_guard<std::mutex> lock(sites_mu);
-  auto& s = sites[key];
-  if (!s) s = make_site(x, w, out, a);
-  return s;
+  auto found = mine.find(key);
+  if (found != mine.end()) return found->second;
+  std::shared_ptr<Site> site;
+  {
+    std::lock_guard<std::mutex> lock(sites_mu);
+    auto& s = sites[key];
+    if (!s) s = make_site(x, w, out, a);
+    site = s;
+  }
+  mine.emplace(key, site);
+  return site;
 }
 
 void run(const Site& s, const float* x, const float* bias, const float* res, int act, float lo, float hi, float* out) {
