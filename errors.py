@@ -15,6 +15,12 @@ import unicodedata
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its message, before any backtrace), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
 def visible_text(text: str, *, keep: str = "") -> str:
     """``text`` with control and format characters written as Python escapes (``\\x1b``, ``\\u202e``).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 from onnx import version_converter
 
-from optc.errors import ModelLoadError, OptcError
+from optc.errors import ModelLoadError, OptcError, first_line
 from optc.ir.model import Model
 
 # Opsets below this predate the broadcasting rules passes rely on.
@@ -21,7 +21,7 @@ def _convert(proto: onnx.ModelProto, target: int) -> onnx.ModelProto:
     try:
         return version_converter.convert_version(proto, target)
     except Exception as exc:  # the converter raises RuntimeError, ValueError and its own types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise OptcError(f"onnx's version converter cannot take opset {_opset(proto)} to {target}: {first}") from exc
 
 

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from optc.errors import OptcError
+from optc.errors import OptcError, first_line
 from optc.ir.model import EXTERNAL_SAVE_ABOVE_BYTES, Model, TensorSpec, iter_all_nodes, iter_graphs
 
 logger = logging.getLogger(__name__)
@@ -49,11 +49,6 @@ _ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
 )
 
 
-def _runtime_message(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class Session(ort.InferenceSession):
     """An onnxruntime session whose run errors are :class:`OptcError` (bad input), not crashes."""
 
@@ -61,7 +56,7 @@ class Session(ort.InferenceSession):
         try:
             return super().run(output_names, input_feed, run_options)
         except _ORT_ERRORS as exc:
-            raise OptcError(f"onnxruntime cannot run the model: {_runtime_message(exc)}") from exc
+            raise OptcError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -124,7 +119,7 @@ def make_session(
                 save_model(model, path, external_data=True)
                 return Session(str(path), options, providers=providers)
         except (*_ORT_ERRORS, RuntimeError, ValueError) as exc:
-            raise OptcError(f"onnxruntime cannot load the model: {_runtime_message(exc)}{_frozen_branch_hint(model)}") from exc
+            raise OptcError(f"onnxruntime cannot load the model: {first_line(exc)}{_frozen_branch_hint(model)}") from exc
 
 
 def _frozen_branch_hint(model: Model) -> str:
@@ -196,7 +191,7 @@ def run(
     try:
         values = session.run(names, dict(feeds))
     except _ORT_ERRORS as exc:  # a plain InferenceSession handed in
-        raise OptcError(f"onnxruntime cannot run the model: {_runtime_message(exc)}") from exc
+        raise OptcError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
     return dict(zip(names, values))
 
 

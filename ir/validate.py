@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 
-from optc.errors import ModelLoadError
+from optc.errors import ModelLoadError, first_line
 from optc.ir.model import Model, iter_all_tensors, iter_graphs
 from optc.ir.opset import check_upgradable
 from optc.ir.weights import PLACEHOLDER_LOCATION, skeleton_copy
@@ -306,7 +306,7 @@ def run_checker(proto: onnx.ModelProto) -> None:
         try:
             onnx.checker.check_model(str(path))
         except onnx.checker.ValidationError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ModelLoadError(f"fails the ONNX checker: {first}") from exc
     _check_shape_consistency(skeleton)
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from optc.errors import TargetError
+from optc.errors import TargetError, first_line
 from optc.ir.model import Model
 from optc.targets.recurrent import unroll_recurrent
 from optc.targets.spec import TargetSpec
@@ -66,7 +66,7 @@ def to_relax(model: Model) -> Any:
             return from_onnx(model.proto, keep_params_in_input=False)
     except Exception as exc:  # the frontend raises many kinds
         logger.debug("TVM's ONNX frontend printed:\n%s", printed.getvalue())
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         hint = ""
         if "requires the input new shape to be Shape" in first:
             # a Reshape/Expand whose shape is computed at run time: folded away when shapes are static (the default)
@@ -138,7 +138,7 @@ def build(model: Model, spec: TargetSpec, tune: TuneOptions | None = None, *, in
     except TargetError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise TargetError(f"TVM compilation for {spec.name} failed: {type(exc).__name__}: {first}") from exc
     _warn_db_health(tune, summary.get("db_health") or {})
     return executable, {**summary, "int8": int8_summary, "lowered": unrolled}
@@ -180,7 +180,7 @@ def export(executable: Any, path: Path, spec: TargetSpec, libraries: list[dict[s
     if own:
         from optc.targets.providers import winograd_glue
 
-        kwargs["addons"] = [str(winograd_glue.glue_object(spec.cross_compiler or "g++", "aarch64" if spec.cross_compiler else "x86_64"))]
+        kwargs["addons"] = [str(winograd_glue.glue_object(*winograd_glue.toolchain(spec.cross_compiler)))]
     if spec.cross_compiler:
         if shutil.which(spec.cross_compiler) is None:
             raise TargetError(f"{spec.name} needs the cross compiler '{spec.cross_compiler}' (Debian: apt-get install g++-aarch64-linux-gnu)")

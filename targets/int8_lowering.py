@@ -69,7 +69,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from optc.errors import TargetError
+from optc.errors import TargetError, first_line
 from optc.ir.model import Model
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def lower_int8(mod: Any, owners: Mapping[str, str] | None = None, *, activations
     try:
         new_mod, report = int8_relax.lower(mod, owners or {}, activations, weight_max)
     except Exception as exc:  # TVM raises many kinds; the float module still compiles
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise TargetError(f"int8 lowering failed ({type(exc).__name__}: {first}); compile with --no-int8-lowering to keep QDQ in float") from exc
     logger.info("int8 lowering: %d regions lowered, %d left in float", len(report.lowered), len(report.left_float))
     return new_mod, report

@@ -14,10 +14,9 @@ from optc.errors import ConfigError, TargetError
 
 
 HOST_COMPILERS = ("g++", "gcc", "clang++", "clang", "c++", "cc")
-
-
-
 ARM_CROSS_COMPILER = "aarch64-linux-gnu-g++"  # links ARM artifacts and builds their glue (Debian: g++-aarch64-linux-gnu)
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """What to compile for.

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from optc.errors import TargetError
+from optc.errors import TargetError, first_line
 from optc.targets.tiled_kernels import recording_failures
 from optc.targets.tuned_compile import compile_with_database, fused
 from optc.targets.tuning_progress import ProgressTracker, TuneProgress, progress_callback
@@ -215,11 +215,10 @@ def _own_winograd(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callable
     from optc.targets.providers.winograd_race import Board, place_measured
     from optc.targets.spec import ARM_CROSS_COMPILER
 
-    compiler, arch = (ARM_CROSS_COMPILER, "aarch64") if arm else ("g++", "x86_64")
+    compiler, arch = winograd_glue.toolchain(ARM_CROSS_COMPILER if arm else None)
     winograd_glue.glue_object(compiler, arch)  # built now: a failure costs the kernels, not the compile at export
     if address is None:
         return winograd_glue.place_for_board(mod, report)
-    check_tracker(*address, str(opts.rpc_key))
     return place_measured(mod, target, opts.db_dir, compile_fn, report, Board(*address, str(opts.rpc_key), compiler, arch))
 
 
@@ -265,14 +264,14 @@ def _place_kernels(mod: Any, target: Any, opts: TuneOptions, compile_fn: Callabl
     if refused[0] == "auto" and (arm or address is not None):
         # optc's own Winograd kernels: raced against TVM's on the board behind the tracker, else (an ARM target, which
         # cannot run here) where a model of the board expects them to pay
+        if address is not None:
+            check_tracker(*address, str(opts.rpc_key))  # the user's tracker unreachable or lacking the key: one line, exit 2
         report = ProviderReport("auto", {"available": False, "reason": refused[1]})
         mod = tvm_layout(mod, target, report)
         try:
             return _own_winograd(mod, target, opts, compile_fn, report, arm, address), report.to_dict()
         except (TargetError, RuntimeError, OSError) as exc:  # its glue did not build, or the board failed: TVM's kernels
-            if isinstance(exc, TargetError) and "RPC tracker" in str(exc):
-                raise  # the user's tracker is unreachable or lacks the key: one line, exit 2
-            logger.warning("optc's Winograd kernels not used: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            logger.warning("optc's Winograd kernels not used: %s", first_line(exc))
             return mod, ProviderReport("auto", {"available": False, "reason": refused[1]}).to_dict()
     if arm and opts.kernels == "tvm":  # the user's choice, not a missing library
         report = ProviderReport("tvm")

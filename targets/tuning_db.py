@@ -58,7 +58,7 @@ from typing import Any, Iterator
 
 from tvm.s_tir import meta_schedule as ms
 
-from optc.errors import TargetError
+from optc.errors import TargetError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -402,5 +402,4 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return first_line(exc)[:200]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optc.errors import TargetError
-from optc.targets.providers.glue_build import compiled, compiler_error, source_digest  # noqa: F401 (compiler_error: the glue's errors)
+from optc.targets.providers.glue_build import compiled, source_digest
 
 NAME = "onednn"
 SONAME = "libdnnl.so.2"

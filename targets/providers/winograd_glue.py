@@ -54,6 +54,12 @@ def glue_digest() -> str:
     return source_digest(GLUE, GLUE_HEADERS)
 
 
+def toolchain(cross_compiler: str | None) -> tuple[str, str]:
+    """(compiler, architecture) the glue is built with for a target: its cross compiler's aarch64 (ARM), else this
+    machine's g++ for x86-64."""
+    return (cross_compiler, "aarch64") if cross_compiler else ("g++", "x86_64")
+
+
 def glue_object(compiler: str = "g++", arch: str = "x86_64") -> Path:
     """The glue compiled for ``arch`` by ``compiler``, built on first use and cached."""
     if shutil.which(compiler) is None:
