@@ -23,6 +23,7 @@ CASES = [
     (1, 8, 8, 16, 32, (2, 1, 0, 1), 2, (0.0, 6.0), True, True),  # uneven padding, a clip, a residual
     (1, 6, 6, 4, 4, (1, 1, 1, 1), 1, (0.0, 0.0), True, True),  # smaller than one register tile
     (1, 30, 30, 64, 64, (1, 1, 1, 1), 1, (0.0, 0.0), True, True),  # threaded, tiles in blocks
+    (1, 14, 14, 64, 64, (1, 1, 1, 1), 1, (0.0, 0.0), True, False),  # threaded, blocks evened out (8 + 8, 5 x 9 + 4)
     (1, 14, 14, 160, 300, (1, 1, 1, 1), 1, (0.0, 0.0), True, False),  # 1.7 MB of transformed weights: staged
     (1, 11, 11, 24, 48, (1, 1, 1, 1), 5, (0.0, 0.0), True, False),  # SiLU (YOLO-style)
     (1, 10, 10, 32, 20, (1, 1, 1, 1), 3, (0.0, 0.0), True, True),  # sigmoid after a residual

@@ -497,7 +497,7 @@ Cache<Wino> wino_cache;
 std::shared_ptr<Wino> make_wino(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
   auto c = std::make_shared<Wino>();
   WinoDims d{x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
-  plan_wino(*c, wino_vector(), wino_tile(a[13]), d, data_of(w));
+  plan_wino(*c, wino_vector(), wino_tile(a[13]), d, data_of(w), omp_get_max_threads());  // 1 for a serial twin
   return c;
 }
 

@@ -99,6 +99,20 @@ void parallel_for(int64_t n, bool serial, F&& f) {
     TVM_FFI_THROW(RuntimeError) << "optc Winograd: a thread's share of the convolution failed (out of memory?)";
 }
 
+// How many tasks TVM's pool splits a launch into (TVM_NUM_THREADS, or OpenMP's threads where the oneDNN glue put
+// the pool on them): asked of the pool itself, once.
+int pool_tasks() {
+  static const int tasks = [] {
+    std::atomic<int> seen{1};
+    auto ask = [](int, TVMParallelGroupEnv* env, void* cdata) -> int {
+      static_cast<std::atomic<int>*>(cdata)->store(env->num_task);
+      return 0;
+    };
+    return TVMBackendParallelLaunch(ask, &seen, 0) == 0 ? std::max(1, seen.load()) : 1;
+  }();
+  return tasks;
+}
+
 struct Site : WinoPlan {
   bool serial = false;  // below kSerialMacs
 };
@@ -106,8 +120,10 @@ struct Site : WinoPlan {
 std::shared_ptr<Site> make_site(const TensorView& x, const TensorView& w, const TensorView& out, const Shape& a) {
   auto s = std::make_shared<Site>();
   WinoDims d{x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3], out.shape()[3], out.shape()[1], out.shape()[2], a[2], a[3]};
-  plan_wino(*s, wino_width(), wino_tile(a[13]), d, data_of(w));
-  s->serial = s->tiles * d.C * d.K * (s->m + 2) * (s->m + 2) < kSerialMacs;
+  const int m = wino_tile(a[13]);
+  const bool serial = WINO_CALL(wino_width(), m, tiles, d) * d.C * d.K * (m + 2) * (m + 2) < kSerialMacs;
+  plan_wino(*s, wino_width(), m, d, data_of(w), serial ? 1 : pool_tasks());
+  s->serial = serial;
   return s;
 }
 
