@@ -8,29 +8,22 @@ BIN := $(VENV)/bin
 # zoo (tests/test_zoo.py, ~20 models from PyPI wheels) runs with `make test-zoo`.
 PYTEST_ARGS ?= -m "not gpu" -n auto --ignore=tests/test_zoo.py
 
-# What the default `--target x86` path links: oneDNN's convolutions and matmuls (without it
-# optc compiles every op with TVM's own kernels and the report says so). Defined before the
-# list below: `:=` expands at once, and that list had silently lost it (the tests then ran
-# without oneDNN, its tests skipping).
-RUNTIME_PACKAGES := libdnnl-dev
 # Debian packages some tests need: the aarch64 cross compiler and qemu (ARM artifacts
 # are cross-compiled and run under emulation) and Chromium (report.html is checked in a
 # real headless browser). Installed where this runs as root with apt-get; elsewhere
-# those tests skip and say what is missing.
-SYSTEM_PACKAGES := g++-aarch64-linux-gnu qemu-user-static chromium $(RUNTIME_PACKAGES)
+# those tests skip and say what is missing. What the default `--target x86` path links,
+# oneDNN, comes from PyPI with the tvm extra (onednn-cpu-gomp): no root needed.
+SYSTEM_PACKAGES := g++-aarch64-linux-gnu qemu-user-static chromium
 
-.PHONY: demo test test-zoo setup setup-test setup-system setup-runtime clean
+.PHONY: demo test test-zoo setup setup-test setup-system clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # The tvm extra: `make demo` compiles the sample for this CPU, as `optc compile --target x86` does.
-setup: $(BIN)/python setup-runtime
+setup: $(BIN)/python
 	$(BIN)/pip install -q -e ".[tvm]"
-
-setup-runtime:
-	@$(MAKE) --no-print-directory setup-system SYSTEM_PACKAGES="$(RUNTIME_PACKAGES)"
 
 # torch (CPU build, from this machine's disk) is a test-tool dependency only:
 # it exports the MiniLM sentence model the real-model tests run on.

@@ -132,7 +132,7 @@ def kernels_line(p: dict[str, Any]) -> str:
         why = f"; oneDNN not used: {shown(dnnl['reason'])}" if dnnl.get("reason") and not p.get("unmeasured") else ""
         return (f"kernels: TVM for every op but {len(p.get('offloaded') or [])} of {p.get('chains', 0)} convolutions, "
                 f"{', '.join(_winograd_counts(p))} ({how}){why}")
-    if "cost model" in (p.get("unmeasured") or ""):  # an ARM target where the model expects no Winograd kernel to pay
+    if p.get("cost_model"):  # an ARM target where the board's cost model expects no Winograd kernel to pay
         if not p.get("chains"):
             return "kernels: TVM for every op (no float convolution for optc's Winograd kernels)"
         return (f"kernels: TVM for every op; optc's Winograd kernels are expected to speed up none of its {p['chains']} float "

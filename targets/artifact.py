@@ -364,8 +364,8 @@ def load_verified(verified: VerifiedArtifact) -> LoadedArtifact:
 
         if platform.machine() not in ("aarch64", "arm64"):
             raise TargetError("this artifact is for aarch64; run it on an ARM board (or under qemu-aarch64)")
+    apply_runtime_env()  # first: OpenMP reads GOMP_SPINCOUNT once, when libgomp loads, and check_libraries loads oneDNN's
     check_libraries(manifest)
-    apply_runtime_env()
     # tvm_ffi's loader, not tvm.runtime.load_module: that one resolves symbolic links, and the
     # memfd behind ours has no path of its own that ends in ".so".
     try:

@@ -21,6 +21,11 @@ LOWERED_BY_OPTC = frozenset({"LSTM", "GRU", "RNN"})
 
 def require_tvm() -> None:
     """Fail with the install command when TVM cannot be imported (called before a target's first use of TVM)."""
+    from optc.targets.artifact import apply_runtime_env
+
+    # first: importing TVM can load libgomp (tvm_ffi imports torch where it is installed, and torch's libgomp.so.1 is
+    # then the one oneDNN uses), and libgomp reads the artifacts' OpenMP settings once, when it loads
+    apply_runtime_env()
     try:
         import tvm  # noqa: F401
     except ImportError as exc:

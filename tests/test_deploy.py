@@ -70,6 +70,12 @@ def python_runner(tmp_path_factory):
             (site / libs.name).symlink_to(libs)
     alone = tmp_path_factory.mktemp("deployed")
     shutil.copy(DEPLOY / "run_artifact.py", alone)
+    from optc.targets.providers import onednn
+
+    found = onednn.library()
+    if found and found[1]:  # the onednn-cpu-gomp wheel's library, which no site-less Python finds: beside the runner
+        (alone / "lib").mkdir()
+        (alone / "lib" / found[1].name).symlink_to(found[1])
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(alone)}
     cannot = subprocess.run([sys.executable, "-S", "-c", "import optc"], env=env, capture_output=True, text=True, check=False)
     assert cannot.returncode == 1 and "No module named 'optc'" in cannot.stderr
@@ -260,3 +266,26 @@ def test_cpp_runner_reads_an_output_dim_shape_inference_could_not_tell(cpp_runne
     done = cpp_runner(out, "--input", f"x={tmp_path / 'x.npy'}", "--output-dir", tmp_path)
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "output_0.npy"), np.maximum(x, 0))
+
+
+def test_a_library_the_loader_cannot_find_is_loaded_from_the_environments_wheels(tmp_path, monkeypatch):
+    """The runners' vendor libraries: the loader's own search first, then where pip puts a wheel's libraries (the
+    onednn-cpu-gomp wheel's libdnnl.so.2 in <env>/lib), kept loaded so that model.so's dependency on the soname
+    resolves to that copy."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build a probe library")
+    from optc.targets.deploy import run_artifact as ra
+
+    lib = tmp_path / "env" / "lib"
+    lib.mkdir(parents=True)
+    (tmp_path / "probe.c").write_text("int optc_probe(void) { return 42; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,liboptcprobe.so.1", str(tmp_path / "probe.c"), "-o",
+                    str(lib / "liboptcprobe.so.1")], check=True)
+    with pytest.raises(OSError):
+        ra.load_library("liboptcprobe.so.1")
+    monkeypatch.setattr(ra, "wheel_library_dirs", lambda: [tmp_path / "nowhere", lib])
+    handle, path = ra.load_library("liboptcprobe.so.1")
+    assert path == lib / "liboptcprobe.so.1" and handle.optc_probe() == 42
+    assert ra.load_library("liboptcprobe.so.1")[0] is handle  # loaded once
+    with pytest.raises(ra.Refused, match=r"needs probe 1.0 \(liboptcprobe.so.2\), which cannot be loaded here"):
+        ra.check_libraries({"runtime": {"libraries": [{"name": "probe", "version": "1.0", "soname": "liboptcprobe.so.2"}]}})

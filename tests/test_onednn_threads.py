@@ -189,3 +189,41 @@ def test_two_libraries_in_one_process_each_share_the_pool(tmp_path):
     and running both starts OpenMP's one extra thread and no TVM worker."""
     result = run_compiled(conv_pool_model(), tmp_path, TWO_COPIES, OMP_NUM_THREADS="2", TVM_NUM_THREADS="2")
     assert result == {"pools": ["openmp", "openmp"], "started": 1}, result
+
+
+# After 20 inferences, the CPU time the process spends in a half-second sleep: OpenMP's idle workers spin for as long as
+# GOMP_SPINCOUNT says ("infinite": the whole sleep), then block.
+SPIN = """
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np
+loader, folder, x = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+if loader == "optc":
+    from optc.targets import artifact
+    artifact.RUNTIME_ENV = {"GOMP_SPINCOUNT": "infinite"}
+    loaded = artifact.load_artifact(folder)
+    for _ in range(20):
+        loaded.run({"x": np.load(x)})
+else:
+    from optc.targets.deploy import run_artifact as ra
+    ra.run(folder, [f"x={x}"], repeats=20)
+start = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+time.sleep(0.5)
+print(json.dumps({"spun_s": resource.getrusage(resource.RUSAGE_SELF).ru_utime - start}))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no OpenMP worker to spin")
+def test_the_runtime_env_reaches_openmp_in_optc_and_the_python_runner(tmp_path):
+    """libgomp reads GOMP_SPINCOUNT once, when it loads, and loading oneDNN loads it: the loaders used to load oneDNN to
+    check it before setting the artifact's environment, which then never reached OpenMP. Set to "infinite", an idle
+    worker now spins through the sleep."""
+    artifact = compile_onednn(conv_model(64, 56), tmp_path)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["runtime"]["env"] = {"GOMP_SPINCOUNT": "infinite"}  # not hashed: the runner's refusals are about the files
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    np.save(tmp_path / "x.npy", np.ones((1, 64, 56, 56), np.float32))
+    for loader in ("optc", "python runner"):
+        spun = run_script(artifact, SPIN.replace("sys.argv[1], Path(sys.argv[2]), sys.argv[3]", f"{loader!r}, Path(sys.argv[1]), sys.argv[2]"),
+                          str(tmp_path / "x.npy"), OMP_NUM_THREADS="2")["spun_s"]
+        assert spun > 0.1, (loader, spun)

@@ -10,6 +10,8 @@ The result is a folder that runs artifacts without Python, cached outside the re
     optc-runner            runner.cc, compiled with this machine's g++
     lib/libtvm_runtime.so  from the installed apache-tvm wheel
     lib/libtvm_ffi.so      from the installed apache-tvm-ffi wheel
+    lib/libdnnl.so.2       from the onednn-cpu-gomp wheel, where it is installed (artifacts that call oneDNN
+                           load it; the system's libdnnl2 serves where the wheel is not)
     runner.json            what it was built from (SHA-256 of the source and the libraries)
 
 The runner finds its libraries in ``lib/`` beside it (rpath ``$ORIGIN/lib``), so the folder can
@@ -64,12 +66,19 @@ def _package_dir(name: str) -> Path:
 
 
 def _inputs() -> tuple[Path, dict[str, Path]]:
-    """The tvm-ffi headers and the two runtime libraries of the installed wheels."""
+    """The tvm-ffi headers and the runtime libraries of the installed wheels: TVM's two, and oneDNN's where its wheel is
+    installed (the runner finds it in ``lib/`` as it finds TVM's; the runner's own dlopen of it searches its rpath)."""
+    from optc.targets.deploy.run_artifact import wheel_library_dirs
+    from optc.targets.providers.onednn import SONAME
+
     ffi, tvm = _package_dir("tvm_ffi"), _package_dir("tvm")
     libraries = {"libtvm_runtime.so": tvm / "lib" / "libtvm_runtime.so", "libtvm_ffi.so": ffi / "lib" / "libtvm_ffi.so"}
     for path in [ffi / "include", *libraries.values()]:
         if not path.exists():
             raise RunnerBuildError(f"{path} is missing from the installed wheels")
+    dnnl = next((d / SONAME for d in wheel_library_dirs() if (d / SONAME).is_file()), None)
+    if dnnl is not None:
+        libraries[SONAME] = dnnl
     return ffi / "include", libraries
 
 

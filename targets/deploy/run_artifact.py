@@ -237,12 +237,43 @@ def check_cpu(manifest: Mapping[str, Any], arch: str | None = None, features: fr
         raise Refused(f"this CPU lacks {', '.join(missing)}, which the artifact's code uses (compiled for {compiled_for}); compile it for this CPU{hint}")
 
 
+def wheel_library_dirs() -> list[Path]:
+    """Where a vendor library is looked for when the loader's own search has none: this Python environment's ``lib/``
+    (where pip puts a wheel's data files: the ``onednn-cpu-gomp`` wheel's ``libdnnl.so.2``), the user's with
+    ``--user``, and ``lib/`` beside this file (a deployed runner's folder, laid out as the C++ runner's)."""
+    import site
+
+    bases = [sys.prefix, getattr(site, "USER_BASE", None) or "", str(Path(__file__).resolve().parent)]
+    return [Path(b) / "lib" for b in dict.fromkeys(bases) if b]
+
+
+_LOADED: dict[str, tuple[ctypes.CDLL, Path | None]] = {}
+
+
+def load_library(soname: str) -> tuple[ctypes.CDLL, Path | None]:
+    """``soname`` loaded into this process and kept there, with its path where it came from a wheel (None: the loader's
+    search path found it). Once loaded, the dependency of every ``model.so`` on it resolves to this copy, which the
+    loader's own search (``LD_LIBRARY_PATH``, the system's libraries) is tried for first. Raises OSError when neither
+    has it."""
+    if soname in _LOADED:
+        return _LOADED[soname]
+    try:
+        _LOADED[soname] = (ctypes.CDLL(soname, mode=ctypes.RTLD_GLOBAL), None)
+    except OSError as missing:
+        path = next((d / soname for d in wheel_library_dirs() if (d / soname).is_file()), None)
+        if path is None:
+            raise missing
+        _LOADED[soname] = (ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL), path)
+    return _LOADED[soname]
+
+
 def check_libraries(manifest: Mapping[str, Any]) -> None:
-    """Refuse, in one line, an artifact whose vendor library (``runtime.libraries``) cannot be loaded here."""
+    """Refuse, in one line, an artifact whose vendor library (``runtime.libraries``) cannot be loaded here; load the
+    ones it needs (from this environment's wheels where the system has none)."""
     for lib in (manifest.get("runtime") or {}).get("libraries") or ():
         soname = lib.get("soname")
         try:
-            ctypes.CDLL(soname or f"<{lib.get('name')}: no soname in the manifest>")
+            load_library(soname or f"<{lib.get('name')}: no soname in the manifest>")
         except OSError as exc:
             raise Refused(f"this artifact needs {lib.get('name')} {lib.get('version') or ''} ({soname}), which cannot be loaded here: {exc}") from exc
 
@@ -279,10 +310,13 @@ def vm_outputs(result: Any) -> list[Any]:
 # --- the runner ------------------------------------------------------------------------------------
 
 def load_vm(folder: Path, manifest: Mapping[str, Any]) -> tuple[Any, Any]:
-    """(VM, device) running the verified bytes of the manifest's library."""
+    """(VM, device) running the verified bytes of the manifest's library (its vendor libraries loaded first: see
+    :func:`check_libraries`; set the manifest's ``runtime.env`` before, as :func:`run` does)."""
     import tvm
     import tvm_ffi
     from tvm import relax
+
+    check_libraries(manifest)
 
     device = tvm.cuda(0) if (manifest.get("target") or {}).get("device") == "cuda" else tvm.cpu(0)
     if not device.exist:
@@ -332,8 +366,9 @@ def run(folder: Path, inputs: Sequence[str], repeats: int = 1) -> tuple[dict[str
             raise Refused(f"--input {name} is given twice")
         feeds[name] = read_npy(file)
     values = check_feeds(manifest["inputs"], feeds)
-    check_libraries(manifest)
+    # the environment first: OpenMP reads GOMP_SPINCOUNT once, when libgomp loads, and check_libraries loads oneDNN's
     apply_env((manifest.get("runtime") or {}).get("env") or {})
+    check_libraries(manifest)
     vm, device = load_vm(folder, manifest)
     import tvm
 

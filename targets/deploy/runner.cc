@@ -270,6 +270,10 @@ void CheckMachine(const json::Object& runtime) {
                     (compiled_for.empty() ? "a generic CPU" : compiled_for) + "); compile it for this CPU" + hint);
     }
   }
+  // The environment first: OpenMP reads GOMP_SPINCOUNT once, when libgomp loads, and a vendor library below loads it.
+  if (auto env = ObjectField(runtime, "env"))
+    for (const auto& kv : *env)
+      setenv(std::string(kv.first.cast<ffi::String>()).c_str(), std::string(kv.second.cast<ffi::String>()).c_str(), 0);
   for (const ffi::Any& item : ArrayField(runtime, "libraries")) {
     json::Object lib = AsObject(item, "runtime.libraries");
     std::string soname = StringField(lib, "soname", "runtime.libraries");
@@ -277,9 +281,6 @@ void CheckMachine(const json::Object& runtime) {
       throw Refused("this artifact needs " + StringField(lib, "name", "runtime.libraries") + " (" + soname +
                     "), which cannot be loaded here: " + dlerror());
   }
-  if (auto env = ObjectField(runtime, "env"))
-    for (const auto& kv : *env)
-      setenv(std::string(kv.first.cast<ffi::String>()).c_str(), std::string(kv.second.cast<ffi::String>()).c_str(), 0);
 }
 
 // ---- .npy ------------------------------------------------------------------------------------

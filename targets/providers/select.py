@@ -140,6 +140,7 @@ class ProviderReport:
     winograd_optc_bytes: int = 0
     glue: str = ""  # "winograd": optc's own Winograd kernels (winograd_glue.py; no oneDNN) are linked into model.so
     board: str = ""  # where the race ran when not here: a board behind --rpc-tracker (winograd_race.py)
+    cost_model: bool = False  # optc's Winograd kernels placed by the board's cost model (winograd_glue.py), not timed
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -578,8 +579,8 @@ def measure(chains: list[Chain], target: Any, compile_fn: Callable[[Any], Any], 
                     out = bb.emit_output(y)
                 bb.emit_func_output(out)
     executable = compile_fn(bb.get())
-    # OpenMP reads GOMP_SPINCOUNT once, when the first library that needs it loads: this race is usually that
-    # load in a compile, so the candidates (and the artifact timed after them) run with the artifact's settings.
+    # The artifact's thread settings for the candidates (and the artifact timed after them): OpenMP's were applied when
+    # onednn.library() first loaded libdnnl (libgomp reads them once, then); TVM's pool reads its own when it starts.
     apply_runtime_env()
     plans = [{"workload": c.workload(), **{name: _winograd_query(c, w.algo) if w.offered(c) else None for name, w in WINOGRAD.items()}}
              for c in chains]
@@ -622,6 +623,7 @@ def time_library(path: Path, plans: list[dict[str, Any]], inputs: list[list[np.n
     import tvm
     from tvm import relax
 
+    onednn.library()  # in timing_child's fresh process too: the library's libdnnl.so.2 then resolves to the copy optc found
     lib = tvm.runtime.load_module(str(path))
     share_thread_pool(lib)  # TVM's candidates on OpenMP's threads, as in the artifact: one thread count steers both
     vm = relax.VirtualMachine(lib, tvm.cpu())

@@ -145,4 +145,5 @@ def place_for_board(mod: Any, report: Any) -> Any:
     figures = {c.workload(): {"model_direct": cost(c, None), **({"model_winograd": cost(c, a)} if a else {})}
                for c in chains for a in [picks[id(c)]]}
     report.unmeasured = "chosen by a cost model of the board: no board timed them; --rpc-tracker races them on one"
+    report.cost_model = True
     return send(mod, chains, picks, report, figures)
