@@ -28,7 +28,10 @@ race and in the timings. onnxruntime cannot be held to AVX2 so: its figures stay
 int8-over-fp32 ratios are the AVX2 machine's. ``--kernels tvm`` compiles with TVM's kernels only. ``--no-onednn``
 compiles as where oneDNN is missing (``OPTC_DISABLE_ONEDNN``): TVM's kernels, and optc's Winograd where it wins.
 
-    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product] [--product-batch 1,64] [--int8] [--avx2] [--kernels tvm] [--no-onednn]
+``--families`` prints, per model (and its int8 build), what each provider gave per op family, from the cold compile's
+own race (``op_families.py``).
+
+    python benchmarks/kernels_vs_ort.py [--models resnet18,bert,sample] [--threads 1,2] [--product] [--product-batch 1,64] [--int8] [--avx2] [--kernels tvm] [--no-onednn] [--families]
 """
 from __future__ import annotations
 
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--avx2", action="store_true", help="compile and run as on an AVX2 CPU without AVX-512 or VNNI")
     parser.add_argument("--kernels", choices=("auto", "tvm", "onednn"), default="auto")
     parser.add_argument("--no-onednn", action="store_true", help="compile as without oneDNN (OPTC_DISABLE_ONEDNN)")
+    parser.add_argument("--families", action="store_true", help="also print what each provider gave per op family (op_families.py)")
     args = parser.parse_args(argv)
     if args.no_onednn:
         ENV.update(OPTC_DISABLE_ONEDNN="1")
@@ -217,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows += int8_rows(key, model, shapes, work, threads, args.blocks, args.runs)
         if args.product:
             rows += product(work, threads, args.blocks, args.runs, [int(b) for b in args.product_batch.split(",")])
+        if args.families:
+            from op_families import table
+
+            for key in args.models.split(","):
+                for name, label in ((f"{key}-a", key), (f"{key}-int8", f"{key} int8")):
+                    if (work / name / "report.json").is_file():
+                        print("\n" + table(label, json.loads((work / name / "report.json").read_text())["target"]["tuning"]["providers"]))
     print(f"\n{'model':32} {'thr':>3} {'cold':>6} {'warm':>6} {'optc ms':>8} {'ort ms':>8} {'ratio':>6} {'load':>5}  notes")
     for r in rows:
         if "chains" in r:
