@@ -78,18 +78,35 @@ class Metric:
 
 
 def topk_hits(k: int) -> MetricFn:
-    """Per sample, the share of its positions whose label is among the first output's ``k`` largest scores."""
+    """Per sample, the share of its positions whose label is among the ``k`` best classes of the model's prediction:
+    the first output holding class scores (floats, several a label: ``[N, classes]``, ``[N, T, classes]``), else the
+    first holding one integer a label (predicted class indices: scikit-learn's converters put ``label [N]`` before
+    ``probabilities [N, classes]``), else the first holding one probability a label (a binary decision at 0.5)."""
     def hits(outputs: Mapping[str, np.ndarray], labels: Any) -> np.ndarray:
-        first = next(iter(outputs.values()))
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iu":
             raise ConfigError(f"top{k} needs integer class labels, got {labels.dtype}")
-        if labels.size == 0 or first.size % labels.size:
-            raise ConfigError(f"top{k}: {labels.size} labels cannot index the first output's {first.size} scores "
-                              f"(shape {list(first.shape)}): one label per sample (or per position of a sequence)")
-        scores = first.reshape(*labels.shape, -1) if first.size != labels.size else first.reshape(*labels.shape, 1)
-        best = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
-        correct = (best == labels[..., None]).any(axis=-1)
+        if labels.size == 0:
+            raise ConfigError(f"top{k}: no labels")
+        values = list(outputs.values())
+        scores = next((v for v in values if v.dtype.kind == "f" and v.size > labels.size and v.size % labels.size == 0), None)
+        if scores is not None:
+            scores = scores.reshape(*labels.shape, -1)
+            best = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+            correct = (best == labels[..., None]).any(axis=-1)
+        else:
+            classes = next((v for v in values if v.dtype.kind in "iub" and v.size == labels.size), None)
+            if classes is None:
+                classes = next((v for v in values if v.dtype.kind == "f" and v.size == labels.size and np.isfinite(v).all()
+                                and v.size and v.min() >= 0 and v.max() <= 1), None)
+                classes = None if classes is None else (classes >= 0.5).astype(np.int64)
+            if classes is None:
+                shapes = ", ".join(f"{n} {v.dtype} {list(v.shape)}" for n, v in outputs.items())
+                raise ConfigError(f"top{k}: no output holds class scores, class indices or probabilities for the {labels.size} "
+                                  f"labels (one label per sample, or per position of a sequence); outputs: {shapes}")
+            if k > 1 and labels.size > 0:
+                raise ConfigError(f"top{k} needs class scores; the model outputs only one class a sample: use top1")
+            correct = classes.reshape(labels.shape) == labels
         return correct.reshape(len(labels), -1).mean(axis=1) if labels.ndim > 1 else correct.astype(np.float64)
 
     return hits  # type: ignore[return-value]
