@@ -70,7 +70,7 @@ def infer_shapes(model: Model) -> ShapeReport:
             report.output_mismatches.append(msg)
             logger.warning(msg)
             out.type.tensor_type.shape.CopyFrom(new.type.tensor_type.shape)
-        elif old is None:
+        elif old is None or all(d is None for d in old):  # undeclared, or dims unknown (freeze_input_shapes clears them)
             out.type.tensor_type.shape.CopyFrom(new.type.tensor_type.shape)
     known = {vi.name for vi in graph.value_info} | {o.name for o in graph.output} | {i.name for i in graph.input}
     known |= {t.name for t in graph.initializer}
@@ -213,13 +213,14 @@ def freeze_input_shapes(model: Model, shapes: dict[str, tuple[int, ...]]) -> boo
                     raise ConfigError(f"--input-shape {name}: dim {i} is fixed to {have} in the model, {want} given")
         if current == dims:
             continue
-        # Symbolic dims held elsewhere (value_info, outputs) are stale now: an output's named dim stays
-        # named through shape inference, and MACs counted it as 1 (a frozen 1-D conv's `frames`).
+        # Dims held elsewhere (value_info, outputs) are stale now, named or fixed: an output's named dim stays
+        # named through shape inference, and MACs counted it as 1 (a frozen 1-D conv's `frames`); a fixed one is
+        # often the exporter's trace (LORE's table model declares [batch, 54, 4], the 54 cells of its example),
+        # and contradicts the dims inferred from the frozen input ("Inferred=16 Declared=54": onnxruntime refused it).
         del model.graph.value_info[:]
         for out in model.graph.output:
             for d in out.type.tensor_type.shape.dim:
-                if d.HasField("dim_param"):
-                    d.Clear()
+                d.Clear()
         shape = vi.type.tensor_type.shape
         shape.Clear()
         for d in dims:

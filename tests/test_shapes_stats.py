@@ -188,3 +188,33 @@ def test_recurrent_layers_count_their_macs(save, op, gates, direction):
     stats = compute_stats(model)
     assert stats.macs == steps * dirs * gates * hidden * (features + hidden)  # per sample: the batch counts as 1
     assert stats.macs_symbolic == [] and stats.macs_unknown == []
+
+
+def test_freezing_an_input_drops_the_exporters_fixed_output_dims(save, tmp_path):
+    """A tracer writes the output dims of its example: LORE's table model (the lineless-table-rec wheel) takes
+    [1, cells, 256] and declares its outputs [batch, 54, 4] (54 cells in the trace). onnxruntime runs the original;
+    frozen at 16 cells, onnxruntime refused the model ("Concat_354 ... Inferred=16 Declared=54"), so no --input-shape
+    but 54 cells could compile it. Freezing now forgets every output dim, fixed or named, and the outputs take the
+    inferred ones. (This small model does not reach onnxruntime's strict merge that LORE's opset-9 graph does, checked
+    by hand there: the frozen model runs and matches the original within 2e-6; here the dims are checked.)"""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from optc.cli.main import cli
+
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [("x", [1, "cells", 8])], [("y", [1, 54, 4])],
+                       [("W", rand(8, 4))])
+    path = save(model)
+    frozen = load_model(path)
+    assert freeze_input_shapes(frozen, {"x": (1, 16, 8)})
+    assert [d.HasField("dim_value") or d.HasField("dim_param") for d in frozen.graph.output[0].type.tensor_type.shape.dim] == [False] * 3
+    x = np.random.default_rng(0).standard_normal((1, 16, 8)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # the original runs
+    res = CliRunner().invoke(cli, ["compile", str(path), "-o", str(tmp_path / "out"), "--input-shape", "x=1x16x8",
+                                   "--pass", "canonicalize", "--no-latency"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    written = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    onnx.checker.check_model(written, full_check=True)
+    assert [d.dim_value for d in written.graph.output[0].type.tensor_type.shape.dim] == [1, 16, 4]
+    got = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
