@@ -44,7 +44,7 @@ class OptcGroup(click.Group):
         except Exception as exc:  # a bug: say so, keep it to one line
             if debug:
                 raise
-            click.echo(f"optc: internal error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", err=True)
+            click.echo(f"optc: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun as `optc --debug {ctx.invoked_subcommand or 'COMMAND'} ...` for the traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
 
 

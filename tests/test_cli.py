@@ -297,6 +297,7 @@ def test_a_model_computing_nan_is_not_written(tmp_path):
     res = CliRunner().invoke(cli, ["compile", str(SAMPLE / "mnist_cnn.onnx"), "-o", str(out), "--pass", "test-nan-weights", "--no-latency"])
     assert res.exit_code == 1, res.output
     assert "internal error" in res.output and "NaN/inf on output 'logits'" in res.output and "nothing was written" in res.output
+    assert "(rerun as `optc --debug compile ...` for the traceback)" in res.output  # `compile --debug` is not an option
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 

@@ -166,3 +166,28 @@ def test_budget_that_cannot_be_met_replaces_nothing(save):
     model, result = run_distill(proto, save, {"x": rand(128, 12, seed=5)}, budget=1e-6, students=("mlp",))
     assert not result.modified and result.model is model
     assert any(s.startswith("fc2: mlp: width") and "does not reduce params" in s for s in result.skipped)
+
+
+def test_chained_blocks_share_their_middle_layer(save):
+    """A 3-layer MLP (scikit-learn's MLPClassifier exports one) is two blocks sharing fc2: the first refits fc2, the
+    second keeps some of fc2's units. fc2's refit must reproduce the teacher's rows of the kept units: against every
+    row, the shapes disagreed and the pass crashed (exit 1 on scikit-learn's digits MLP)."""
+    rng = np.random.default_rng(11)
+    w1, b1, w2 = _weights(12, 32, 24, live=10, seed=12)
+    b2 = rng.standard_normal(24).astype(np.float32)
+    w2[:, 8:] = 0.0  # fc2's units beyond 8: dead or constant, as fc1's beyond 10
+    b2[8::2], b2[9::2] = -1.0, 0.7
+    w3, b3 = rand(24, 6, seed=13), rand(6, seed=14)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["z1"], name="fc1"), helper.make_node("Add", ["z1", "b1"], ["y1"], name="fc1_bias"),
+             helper.make_node("Relu", ["y1"], ["a1"], name="relu1"),
+             helper.make_node("MatMul", ["a1", "W2"], ["z2"], name="fc2"), helper.make_node("Add", ["z2", "b2"], ["y2"], name="fc2_bias"),
+             helper.make_node("Relu", ["y2"], ["a2"], name="relu2"),
+             helper.make_node("MatMul", ["a2", "W3"], ["z3"], name="fc3"), helper.make_node("Add", ["z3", "b3"], ["y"], name="fc3_bias")]
+    proto = make_model(nodes, [("x", ["N", 12])], [("y", ["N", 6])], [("W1", w1), ("b1", b1), ("W2", w2), ("b2", b2), ("W3", w3), ("b3", b3)])
+    _, result = run_distill(proto, save, {"x": rand(256, 12, seed=15)}, budget=1e-7, students=("mlp",))
+    layers = {layer["node"]: layer for layer in result.stats["layers"]}
+    assert set(layers) == {"fc2", "fc3"} and layers["fc2"]["hidden"] <= 10 and layers["fc3"]["hidden"] <= 8, layers
+    shapes = sorted(list(t.dims) for t in result.model.graph.initializer if len(t.dims) == 2)
+    assert shapes == sorted([[12, layers["fc2"]["hidden"]], [layers["fc2"]["hidden"], layers["fc3"]["hidden"]], [layers["fc3"]["hidden"], 6]])
+    xt = rand(40, 12, seed=16)
+    np.testing.assert_allclose(ort_run(result.model.proto, {"x": xt})["y"], ort_run(proto, {"x": xt})["y"], atol=2e-4, rtol=1e-4)

@@ -49,7 +49,7 @@ from optc.passes.framework.analyses import AnalysisCache, array_bytes
 from optc.data.calibration import CalibrationSet
 from optc.passes.distill.allocation import KEEP, allocate
 from optc.passes.distill.lowrank_rules import RULES, low_rank_candidate
-from optc.passes.distill.mlp import match_mlp_blocks, mlp_candidate
+from optc.passes.distill.mlp import MlpPlan, match_mlp_blocks, mlp_candidate
 from optc.passes.layers import LinearLayer, find_linear_layers, input_grams
 from optc.passes.layers.sequential_refit import RefitTarget, refit_in_graph_order
 from optc.data.teacher import TeacherOutputs
@@ -260,10 +260,14 @@ class Distill(Pass[DistillConfig]):
         if self.config.reconstruct == "none":
             return student, {}
         order = {n.name: i for i, n in enumerate(graph_nodes(teacher))}
-        targets = [
-            RefitTarget(key, bias_already=getattr(plans[key], "bias_delta", None))
-            for key in sorted(plans, key=lambda k: order.get(k, len(order)))
-        ]
+        # Chained MLP blocks (a 3-layer MLP: L1 -> L2 -> L3) share a layer: the first plan refits L2, the second keeps
+        # some of L2's output units. L2's refit then reproduces the teacher's rows of those units (its bias already holds
+        # the first refit's delta for them); refit against every row, the shapes disagreed (scikit-learn's MLP: a crash).
+        narrowed = {p.block.first.node: p.keep for p in plans.values() if isinstance(p, MlpPlan)}
+        targets = []
+        for key in sorted(plans, key=lambda k: order.get(k, len(order))):
+            rows, delta = narrowed.get(key), getattr(plans[key], "bias_delta", None)
+            targets.append(RefitTarget(key, rows=rows, bias_already=delta[rows] if delta is not None and rows is not None else delta))
         student, fits = refit_in_graph_order(
             student, teacher, targets, ctx.calibration, ridge=self.config.ridge, max_batches=self.config.max_batches, seed=ctx.seed
         )
