@@ -667,6 +667,8 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
         elif verify_each:
             all_instruments.insert(len(instruments), VerifyEach(feeds[0]))
         baseline_session = make_session(model) if in_turns else None
+        # the input model's own float noise, for check_exact, measured while the model is here (it is let go below)
+        noise = driver.float_noise(model, feeds, baseline) if feeds and driver.exact_only(passes) else None
         opsets, notes, bound_values = model.opset_imports, list(model.notes), describe_values(model)
         holder = [model]
         del model
@@ -702,7 +704,7 @@ def _run(passes, model, ctx, feeds, feeds_source, labelled, guard, run_notes, se
             )
             baseline_session = None
         driver.check_finite(baseline, final)
-        driver.check_exact(passes, baseline, final)
+        notes += driver.check_exact(passes, baseline, final, noise)
         evaluation_section = Evaluation.from_dict(
             driver.compare(baseline, final, labelled.inputs.num_samples if labelled else 0, "in turns" if in_turns else "one after the other", feeds_source,
                            feeds)

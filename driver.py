@@ -530,12 +530,38 @@ def check_finite(before: Measurement, after: Measurement) -> None:
 EXACT_PIPELINE_RTOL = 1e-3  # of an output's largest magnitude: float reassociation (folded batch norms) stays far below
 
 
-def check_exact(passes: Sequence[Any], before: Measurement, after: Measurement) -> None:
+def float_noise(model: Model, feeds: Sequence[Mapping[str, Any]], before: Measurement) -> dict[str, float]:
+    """Per numeric output, how far the input model's outputs move when onnxruntime runs it without its graph
+    optimisations (its fusions reassociate float sums): the model's own float noise, which an exact rewrite may also
+    show. An autoregressive decoder amplifies it: RapidTable's SLANet moves by 0.019 on decoder steps past its end token."""
+    session = make_session(model, optimize=False)
+    runs = [run(session, feed) for feed in feeds]
+    noise = {}
+    for name, ref in before.outputs.items():
+        if not np.issubdtype(ref.dtype, np.number) or not runs or name not in runs[0]:
+            continue
+        plain = np.concatenate([np.atleast_1d(r[name]) for r in runs]).astype(np.float64)
+        both = np.isfinite(plain) & np.isfinite(ref.astype(np.float64)) if plain.shape == ref.shape else None
+        if both is not None and both.any():
+            noise[name] = float(np.abs(plain[both] - ref.astype(np.float64)[both]).max())
+    return noise
+
+
+def exact_only(passes: Sequence[Any]) -> bool:
+    """A pipeline of exact passes (canonicalize): :func:`check_exact` holds its output to the input model's."""
+    return bool(passes) and all(getattr(p, "exact", False) for p in passes)
+
+
+def check_exact(passes: Sequence[Any], before: Measurement, after: Measurement, noise: Mapping[str, float] | None = None) -> list[str]:
     """Refuse to write a model that a pipeline of exact passes (canonicalize) computes differently: an optc bug
     (onnx-graphsurgeon once folded ``Shape(x, start=1, end=2)`` of a 2x3 ``x`` to [2, 3], and the model computed 5
-    where onnxruntime computes 3, with exit 0). Lossy passes are judged by their budgets instead."""
-    if not passes or not all(getattr(p, "exact", False) for p in passes):
-        return
+    where onnxruntime computes 3, with exit 0). Lossy passes are judged by their budgets instead.
+
+    A difference within twice the input model's own float noise (``noise``: :func:`float_noise`) is float
+    reassociation the model amplifies, not a bug: accepted, and said in the notes returned."""
+    notes: list[str] = []
+    if not exact_only(passes):
+        return notes
     for name, ref in before.outputs.items():
         got = after.outputs.get(name)
         if got is None or not np.issubdtype(ref.dtype, np.number) or got.shape != ref.shape:
@@ -546,10 +572,18 @@ def check_exact(passes: Sequence[Any], before: Measurement, after: Measurement) 
             continue
         scale = float(np.abs(ref64[finite]).max())
         worst = float(np.abs(got64[finite] - ref64[finite]).max())
-        if worst > EXACT_PIPELINE_RTOL * max(scale, 1e-6):
-            names = ", ".join(p.name for p in passes)
-            raise RuntimeError(f"the passes ({names}) are exact, but output '{name}' differs from the input model's by up to {worst:.3g} "
-                               f"(its values reach {scale:.3g}): an optc bug; nothing was written (--verify-each names the pass)")
+        if worst <= EXACT_PIPELINE_RTOL * max(scale, 1e-6):
+            continue
+        floor = (noise or {}).get(name)
+        names = ", ".join(p.name for p in passes)
+        if floor is not None and worst <= 2 * floor:
+            notes.append(f"output '{name}' differs from the input model's by up to {worst:.3g} after the exact passes ({names}), "
+                         f"within its own float noise: onnxruntime's graph optimisations alone move it by {floor:.3g}")
+            continue
+        own = f"; onnxruntime's own optimisations move it by {floor:.3g}" if floor is not None else ""
+        raise RuntimeError(f"the passes ({names}) are exact, but output '{name}' differs from the input model's by up to {worst:.3g} "
+                           f"(its values reach {scale:.3g}{own}): an optc bug; nothing was written (--verify-each names the pass)")
+    return notes
 
 
 def compare(before: Measurement, after: Measurement, samples_labelled: int, timing: str, feeds_source: str,
