@@ -70,9 +70,10 @@ KNOWN: dict[tuple[str, str], str] = {
     ('light_squeezenet', 'distill'): 'nothing changed: distill at default strength: cosine 0.9990, argmax agreement 0.7500 (softmaxout_1) (lower bound 0.3405) on held-out data (drop 0.6595) misses the default budget (the 90 % lower confidence bound of the mean cosine of each output at least 0.99 and argmax agreement at least 0.99 (softmaxout_1)',
 }
 
-# Entries at the budget's edge, which one zoo build passes and another misses: non-strict xfails. (ddddocr's
-# prune-channels, which session 12 measured missing, now passes at the strength the budget settles on: removed.)
-BORDERLINE = {('ddddocr_ocr', 'quantize')}
+# Entries at the budget's edge, which one zoo build passes and another misses: non-strict xfails. ddddocr's
+# prune-channels has crossed that edge four times: missing in session 12, passing in 17, missing in 25 (16 held-out
+# samples, lower bound 0.9338), passing in 27 on a fresh zoo build.
+BORDERLINE = {('ddddocr_ocr', 'quantize'), ('ddddocr_ocr', 'prune-channels')}
 
 pytestmark = pytest.mark.slow
 
