@@ -1,7 +1,7 @@
 """optc's own Winograd kernels (:mod:`.winograd_glue`) raced against TVM's tiled kernel, where no vendor library is
 raced: x86 without oneDNN, timed here, and any board behind ``--rpc-tracker``, timed on the board.
 
-Where oneDNN is missing (no ``libdnnl-dev``, or ``OPTC_DISABLE_ONEDNN``), TVM's kernels compute every op, and a 3x3
+Where oneDNN is missing (not on x86-64 Linux, no ``onednn-cpu-gomp`` wheel, or ``OPTC_DISABLE_ONEDNN``), TVM's kernels compute every op, and a 3x3
 convolution is a direct one; a board reached through an RPC tracker may have no vendor library at all. optc's
 Winograd kernels need none: for each fp32 3x3 stride-1 convolution they take, F(4x4, 3x3) and F(2x2, 3x3) are timed
 beside TVM's kernel in one module, in alternating blocks, as the oneDNN race does, and the figures are kept in the
