@@ -1,6 +1,7 @@
 """How figures of a report are written for people: counts, bytes, drift, a pass's statistics."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -88,5 +89,10 @@ def macs_footnote(report: dict[str, Any]) -> str | None:
     symbolic = (report.get("before") or {}).get("macs_symbolic") or []
     if not symbolic:
         return None
-    names = ", ".join(n if len(n) <= 24 else n[:21] + "..." for n in symbolic[:3]) + (f" and {len(symbolic) - 3} more" if len(symbolic) > 3 else "")
-    return f"* MACs count the symbolic dims {names} as 1: freeze them with --input-shape for the real size"
+    # onnx's shape inference names the dims it derives from the inputs' sizes unk__0, unk__1, ...: no name of the model's
+    named = [n for n in symbolic if not re.fullmatch(r"unk__\d+", n)]
+    derived = len(symbolic) - len(named)
+    names = ", ".join(n if len(n) <= 24 else n[:21] + "..." for n in named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    unnamed = f"{derived} dim{'s' if derived > 1 else ''} computed from the inputs' sizes"
+    what = f"the symbolic dims {names}" + (f" and {unnamed}" if derived else "") if named else unnamed
+    return f"* MACs count {what} as 1: freeze the inputs with --input-shape for the real size"
