@@ -104,7 +104,7 @@ def topk_hits(k: int) -> MetricFn:
                 shapes = ", ".join(f"{n} {v.dtype} {list(v.shape)}" for n, v in outputs.items())
                 raise ConfigError(f"top{k}: no output holds class scores, class indices or probabilities for the {labels.size} "
                                   f"labels (one label per sample, or per position of a sequence); outputs: {shapes}")
-            if k > 1 and labels.size > 0:
+            if k > 1:
                 raise ConfigError(f"top{k} needs class scores; the model outputs only one class a sample: use top1")
             correct = classes.reshape(labels.shape) == labels
         return correct.reshape(len(labels), -1).mean(axis=1) if labels.ndim > 1 else correct.astype(np.float64)

@@ -68,7 +68,7 @@ def _package_dir(name: str) -> Path:
 def _inputs() -> tuple[Path, dict[str, Path]]:
     """The tvm-ffi headers and the runtime libraries of the installed wheels: TVM's two, and oneDNN's where its wheel is
     installed (the runner finds it in ``lib/`` as it finds TVM's; the runner's own dlopen of it searches its rpath)."""
-    from optc.targets.deploy.run_artifact import wheel_library_dirs
+    from optc.targets.deploy.run_artifact import wheel_library
     from optc.targets.providers.onednn import SONAME
 
     ffi, tvm = _package_dir("tvm_ffi"), _package_dir("tvm")
@@ -76,7 +76,7 @@ def _inputs() -> tuple[Path, dict[str, Path]]:
     for path in [ffi / "include", *libraries.values()]:
         if not path.exists():
             raise RunnerBuildError(f"{path} is missing from the installed wheels")
-    dnnl = next((d / SONAME for d in wheel_library_dirs() if (d / SONAME).is_file()), None)
+    dnnl = wheel_library(SONAME)
     if dnnl is not None:
         libraries[SONAME] = dnnl
     return ffi / "include", libraries

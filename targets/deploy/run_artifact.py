@@ -247,6 +247,11 @@ def wheel_library_dirs() -> list[Path]:
     return [Path(b) / "lib" for b in dict.fromkeys(bases) if b]
 
 
+def wheel_library(soname: str) -> Path | None:
+    """``soname`` in the first of :func:`wheel_library_dirs` that holds it, or None."""
+    return next((d / soname for d in wheel_library_dirs() if (d / soname).is_file()), None)
+
+
 _LOADED: dict[str, tuple[ctypes.CDLL, Path | None]] = {}
 
 
@@ -260,7 +265,7 @@ def load_library(soname: str) -> tuple[ctypes.CDLL, Path | None]:
     try:
         _LOADED[soname] = (ctypes.CDLL(soname, mode=ctypes.RTLD_GLOBAL), None)
     except OSError as missing:
-        path = next((d / soname for d in wheel_library_dirs() if (d / soname).is_file()), None)
+        path = wheel_library(soname)
         if path is None:
             raise missing
         _LOADED[soname] = (ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL), path)
@@ -312,11 +317,10 @@ def vm_outputs(result: Any) -> list[Any]:
 def load_vm(folder: Path, manifest: Mapping[str, Any]) -> tuple[Any, Any]:
     """(VM, device) running the verified bytes of the manifest's library (its vendor libraries loaded first: see
     :func:`check_libraries`; set the manifest's ``runtime.env`` before, as :func:`run` does)."""
+    check_libraries(manifest)  # before TVM's import (seconds): a missing library is refused at once
     import tvm
     import tvm_ffi
     from tvm import relax
-
-    check_libraries(manifest)
 
     device = tvm.cuda(0) if (manifest.get("target") or {}).get("device") == "cuda" else tvm.cpu(0)
     if not device.exist:
@@ -366,9 +370,8 @@ def run(folder: Path, inputs: Sequence[str], repeats: int = 1) -> tuple[dict[str
             raise Refused(f"--input {name} is given twice")
         feeds[name] = read_npy(file)
     values = check_feeds(manifest["inputs"], feeds)
-    # the environment first: OpenMP reads GOMP_SPINCOUNT once, when libgomp loads, and check_libraries loads oneDNN's
+    # the environment first: OpenMP reads GOMP_SPINCOUNT once, when libgomp loads, and load_vm loads oneDNN's first
     apply_env((manifest.get("runtime") or {}).get("env") or {})
-    check_libraries(manifest)
     vm, device = load_vm(folder, manifest)
     import tvm
 

@@ -245,11 +245,12 @@ class _DeconvRewriter(relax.PyExprMutator):
         n, _, h, wd = x_shape
         plain = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout)) == ("NCHW", "IOHW", "NCHW") and int(a.groups) == 1
         plain = plain and w.dtype == np.float32 and dtype_of(call.args[0]) == "float32" and all(int(v) == 1 for v in a.dilation)
-        if plain and [int(v) for v in a.strides] != [kh, kw] and out_shape == (n, o, h * int(a.strides[0]), wd * int(a.strides[1])):
-            sub = _subpixel(self, call, w, [int(v) for v in a.strides], [int(v) for v in a.padding])
+        strides = [int(v) for v in a.strides]
+        if plain and strides != [kh, kw] and out_shape == (n, o, h * strides[0], wd * strides[1]):
+            sub = _subpixel(self, call, x_shape, w, strides, [int(v) for v in a.padding])
             if sub is not None:
                 return sub
-        if not plain or [int(v) for v in a.strides] != [kh, kw] or any(int(v) for v in a.padding) or any(int(v) for v in a.output_padding) \
+        if not plain or strides != [kh, kw] or any(int(v) for v in a.padding) or any(int(v) for v in a.output_padding) \
                 or out_shape != (n, o, h * kh, wd * kw):
             return super().visit_call_(call)
         self.count += 1
@@ -277,7 +278,7 @@ def _phase_taps(k: int, s: int, p: int) -> tuple[int, int, np.ndarray]:
     return t_min, t_max, taps
 
 
-def _subpixel(rewriter: Any, call: Any, w: np.ndarray, strides: list[int], padding: list[int]) -> Any:
+def _subpixel(rewriter: Any, call: Any, x_shape: tuple[int, ...], w: np.ndarray, strides: list[int], padding: list[int]) -> Any:
     """A transposed convolution whose output is stride times its input (4x4 stride 2 padding 1: CenterNet's and DLA's
     upsampling, GAN generators) as one NHWC convolution to stride x stride phases of the output channels, then a pixel
     shuffle: output pixel (q*s + a, r*s + b) is phase (a, b) of input pixel (q, r), a small convolution over the input
@@ -301,7 +302,7 @@ def _subpixel(rewriter: Any, call: Any, w: np.ndarray, strides: list[int], paddi
                     if ky >= 0 and kx >= 0:
                         wn[:, a, b, ty, tx, :] = w[:, :, ky, kx].T
     rewriter.count += 1
-    n, _, h, wd = static_shape(call.args[0])
+    n, _, h, wd = x_shape
     R = relax.op
     emit = rewriter.builder_.emit
     x = emit(R.permute_dims(rewriter.visit_expr(call.args[0]), [0, 2, 3, 1]))
