@@ -77,8 +77,17 @@ def table(title: str, providers: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if not argv or any(a.startswith("-") for a in argv):
+        print("usage: python benchmarks/op_families.py ARTIFACT [ARTIFACT ...]  (folders written by optc compile --target x86)",
+              file=sys.stderr)
+        return 2
     for folder in map(Path, argv):
-        providers = json.loads((folder / "report.json").read_text())["target"]["tuning"]["providers"]
+        try:
+            providers = json.loads((folder / "report.json").read_text())["target"]["tuning"]["providers"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "no kernel providers in it" if isinstance(exc, (KeyError, TypeError)) else "not JSON"
+            print(f"op_families: {folder / 'report.json'}: {why} (an artifact folder of optc compile --target x86?)", file=sys.stderr)
+            return 2
         print(table(str(folder), providers))
     return 0
 
